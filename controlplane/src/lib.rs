@@ -1,0 +1,1 @@
+//! remoteingress control plane: gRPC services over the hub and edge.

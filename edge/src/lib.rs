@@ -1,0 +1,1 @@
+//! remoteingress edge: tunnel client, port listeners.

@@ -1,0 +1,1 @@
+//! remoteingress hub: tunnel listeners, edge sessions, forwarding to targets.

@@ -1,0 +1,9 @@
+#![no_main]
+use libfuzzer_sys::fuzz_target;
+use remoteingress_wire::handshake::{find_line_end, parse_reply, EdgeHello};
+
+fuzz_target!(|data: &[u8]| {
+    let _ = find_line_end(data);
+    let _ = EdgeHello::parse(data);
+    let _ = parse_reply(data);
+});

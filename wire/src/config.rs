@@ -1,0 +1,527 @@
+//! The edge configuration the hub sends in its handshake reply and in CONFIG frames.
+//!
+//! JSON keys are exactly those of the original system (`listenPorts`, `firewallConfig`, …);
+//! unknown keys are ignored so that newer hubs can talk to older edges.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// Default seconds between STUN public-IP refreshes.
+pub const DEFAULT_STUN_INTERVAL_SECS: u64 = 300;
+
+/// Ports, STUN interval and firewall rules of one edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EdgeConfig {
+    /// TCP ports the edge listens on.
+    #[serde(default)]
+    pub listen_ports: Vec<u16>,
+    /// UDP ports the edge listens on.
+    #[serde(default)]
+    pub listen_ports_udp: Vec<u16>,
+    /// Seconds between STUN public-IP refreshes; 0 disables refreshing.
+    #[serde(default = "default_stun_interval")]
+    pub stun_interval_secs: u64,
+    /// Firewall rules the edge applies with nftables.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub firewall_config: Option<FirewallConfig>,
+    /// Per-edge increasing config version (our extension; acknowledged with CONFIG_ACK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+}
+
+fn default_stun_interval() -> u64 {
+    DEFAULT_STUN_INTERVAL_SECS
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        Self {
+            listen_ports: Vec::new(),
+            listen_ports_udp: Vec::new(),
+            stun_interval_secs: DEFAULT_STUN_INTERVAL_SECS,
+            firewall_config: None,
+            version: None,
+        }
+    }
+}
+
+/// Addresses to block, rate limits and explicit rules for an edge's nftables table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FirewallConfig {
+    /// IPv4/IPv6 addresses or CIDRs whose packets are dropped on input.
+    #[serde(default)]
+    pub blocked_ips: Vec<String>,
+    /// Rate limits per destination port.
+    #[serde(default)]
+    pub rate_limits: Vec<RateLimit>,
+    /// Explicit accept/drop/reject rules.
+    #[serde(default)]
+    pub rules: Vec<FirewallRule>,
+}
+
+/// A transport protocol a firewall entry applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+}
+
+/// A rate limit on one destination port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimit {
+    /// Unique id within the config.
+    pub id: String,
+    /// Destination port.
+    pub port: u16,
+    /// Protocol; both when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// `N/second`, `N/minute` or `N/hour`.
+    pub rate: String,
+    /// Packets allowed above the rate in a burst.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Limit each source address separately.
+    #[serde(default, rename = "perSourceIP")]
+    pub per_source_ip: bool,
+}
+
+/// Which hook a rule applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Packets to this host.
+    Input,
+    /// Packets from this host.
+    Output,
+    /// Packets routed through this host.
+    Forward,
+}
+
+/// What a rule does with matching packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Let the packet through.
+    Accept,
+    /// Silently discard it.
+    Drop,
+    /// Discard it and tell the sender.
+    Reject,
+}
+
+/// An explicit firewall rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FirewallRule {
+    /// Unique id within the config.
+    pub id: String,
+    /// Hook the rule applies to.
+    pub direction: Direction,
+    /// Verdict for matching packets.
+    pub action: Action,
+    /// Source address or CIDR to match.
+    #[serde(default, rename = "sourceIP", skip_serializing_if = "Option::is_none")]
+    pub source_ip: Option<String>,
+    /// Destination port to match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dest_port: Option<u16>,
+    /// Protocol to match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<Protocol>,
+    /// Free text kept with the rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comment: Option<String>,
+}
+
+/// The unit of a rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateUnit {
+    /// Per second.
+    Second,
+    /// Per minute.
+    Minute,
+    /// Per hour.
+    Hour,
+}
+
+/// A parsed `N/unit` rate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Packets per unit.
+    pub count: u32,
+    /// Time unit.
+    pub unit: RateUnit,
+}
+
+impl Rate {
+    /// Parses `N/second`, `N/minute` or `N/hour` with N ≥ 1.
+    pub fn parse(text: &str) -> Option<Self> {
+        let (count, unit) = text.split_once('/')?;
+        if count.is_empty() || !count.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let count: u32 = count.parse().ok().filter(|&n| n > 0)?;
+        let unit = match unit {
+            "second" => RateUnit::Second,
+            "minute" => RateUnit::Minute,
+            "hour" => RateUnit::Hour,
+            _ => return None,
+        };
+        Some(Self { count, unit })
+    }
+}
+
+/// Parses an address or CIDR as used in `blockedIps` and `sourceIP`.
+pub fn parse_cidr(text: &str) -> Option<IpNet> {
+    text.parse::<IpNet>()
+        .ok()
+        .or_else(|| text.parse::<IpAddr>().ok().map(IpNet::from))
+}
+
+/// Everything wrong with a configuration, each naming the field at fault.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub struct ConfigError {
+    /// One entry per problem, `field: what is wrong`.
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.problems.join("; "))
+    }
+}
+
+const MAX_ID_LEN: usize = 64;
+const MAX_COMMENT_LEN: usize = 128;
+
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, field: impl fmt::Display, message: impl fmt::Display) {
+        self.0.push(format!("{field}: {message}"));
+    }
+
+    fn ports(&mut self, field: &str, ports: &[u16]) {
+        let mut seen = HashSet::new();
+        for (i, port) in ports.iter().enumerate() {
+            if *port == 0 {
+                self.add(format_args!("{field}[{i}]"), "port 0 is not a usable port");
+            } else if !seen.insert(port) {
+                self.add(
+                    format_args!("{field}[{i}]"),
+                    format_args!("port {port} is listed twice"),
+                );
+            }
+        }
+    }
+
+    fn cidr(&mut self, field: impl fmt::Display, text: &str) {
+        if parse_cidr(text).is_none() {
+            self.add(
+                field,
+                format_args!("{text:?} is not an IPv4/IPv6 address or CIDR (e.g. 10.0.0.0/8)"),
+            );
+        }
+    }
+
+    fn ids<'a>(&mut self, field: &str, ids: impl Iterator<Item = &'a str>) {
+        let mut seen = HashSet::new();
+        for (i, id) in ids.enumerate() {
+            let valid = !id.is_empty()
+                && id.len() <= MAX_ID_LEN
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !valid {
+                self.add(
+                    format_args!("{field}[{i}].id"),
+                    format_args!("{id:?} must be 1-{MAX_ID_LEN} characters of A-Z a-z 0-9 . _ -"),
+                );
+            } else if !seen.insert(id) {
+                self.add(
+                    format_args!("{field}[{i}].id"),
+                    format_args!("id {id:?} is used twice"),
+                );
+            }
+        }
+    }
+}
+
+impl EdgeConfig {
+    /// Checks ports, addresses, rates and ids, reporting every problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Problems::default();
+        problems.ports("listenPorts", &self.listen_ports);
+        problems.ports("listenPortsUdp", &self.listen_ports_udp);
+        if let Some(firewall) = &self.firewall_config {
+            firewall.check(&mut problems);
+        }
+        if problems.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError {
+                problems: problems.0,
+            })
+        }
+    }
+}
+
+impl FirewallConfig {
+    fn check(&self, problems: &mut Problems) {
+        for (i, ip) in self.blocked_ips.iter().enumerate() {
+            problems.cidr(format_args!("firewallConfig.blockedIps[{i}]"), ip);
+        }
+        let limits = "firewallConfig.rateLimits";
+        problems.ids(limits, self.rate_limits.iter().map(|l| l.id.as_str()));
+        for (i, limit) in self.rate_limits.iter().enumerate() {
+            if limit.port == 0 {
+                problems.add(
+                    format_args!("{limits}[{i}].port"),
+                    "port 0 is not a usable port",
+                );
+            }
+            if Rate::parse(&limit.rate).is_none() {
+                problems.add(
+                    format_args!("{limits}[{i}].rate"),
+                    format_args!(
+                        "{:?} is not a rate like 100/second, 1000/minute or 5000/hour",
+                        limit.rate
+                    ),
+                );
+            }
+            if limit.burst == Some(0) {
+                problems.add(
+                    format_args!("{limits}[{i}].burst"),
+                    "burst must be at least 1",
+                );
+            }
+        }
+        let rules = "firewallConfig.rules";
+        problems.ids(rules, self.rules.iter().map(|r| r.id.as_str()));
+        for (i, rule) in self.rules.iter().enumerate() {
+            if let Some(source) = &rule.source_ip {
+                problems.cidr(format_args!("{rules}[{i}].sourceIP"), source);
+            }
+            if rule.dest_port == Some(0) {
+                problems.add(
+                    format_args!("{rules}[{i}].destPort"),
+                    "port 0 is not a usable port",
+                );
+            }
+            if rule.dest_port.is_some() && rule.protocol.is_none() {
+                problems.add(
+                    format_args!("{rules}[{i}].protocol"),
+                    "a rule with destPort needs protocol tcp or udp",
+                );
+            }
+            if let Some(comment) = &rule.comment {
+                if comment.len() > MAX_COMMENT_LEN || comment.chars().any(char::is_control) {
+                    problems.add(
+                        format_args!("{rules}[{i}].comment"),
+                        format_args!("must be at most {MAX_COMMENT_LEN} bytes of printable text"),
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const EXAMPLE: &str = r#"{"listenPorts":[80,443],"listenPortsUdp":[53],"stunIntervalSecs":300,
+ "firewallConfig":{"blockedIps":["10.0.0.0/8"],
+   "rateLimits":[{"id":"http","port":80,"protocol":"tcp","rate":"100/second","burst":50,"perSourceIP":true}],
+   "rules":[{"id":"ssh","direction":"input","action":"accept","sourceIP":"10.0.0.0/24","destPort":22,"protocol":"tcp"}]}}"#;
+
+    #[test]
+    fn parses_the_design_example() {
+        let config: EdgeConfig = serde_json::from_str(EXAMPLE).unwrap();
+        assert_eq!(config.listen_ports, vec![80, 443]);
+        assert_eq!(config.listen_ports_udp, vec![53]);
+        let firewall = config.firewall_config.as_ref().unwrap();
+        assert!(firewall.rate_limits[0].per_source_ip);
+        assert_eq!(firewall.rules[0].source_ip.as_deref(), Some("10.0.0.0/24"));
+        assert_eq!(config.validate(), Ok(()));
+        let json = serde_json::to_value(&config).unwrap();
+        assert_eq!(json["firewallConfig"]["rateLimits"][0]["perSourceIP"], true);
+        assert_eq!(
+            json["firewallConfig"]["rules"][0]["sourceIP"],
+            "10.0.0.0/24"
+        );
+        assert_eq!(json["firewallConfig"]["rules"][0]["destPort"], 22);
+    }
+
+    #[test]
+    fn ignores_unknown_keys_and_fills_defaults() {
+        let config: EdgeConfig =
+            serde_json::from_str(r#"{"listenPorts":[8080],"futureKey":{"x":1}}"#).unwrap();
+        assert_eq!(config.listen_ports, vec![8080]);
+        assert_eq!(config.stun_interval_secs, DEFAULT_STUN_INTERVAL_SECS);
+        assert_eq!(config.firewall_config, None);
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(
+            Rate::parse("100/second"),
+            Some(Rate {
+                count: 100,
+                unit: RateUnit::Second
+            })
+        );
+        assert!(Rate::parse("1/hour").is_some());
+        for bad in [
+            "0/second",
+            "100/sec",
+            "/second",
+            "-1/minute",
+            "1e3/hour",
+            "100",
+            "+5/second",
+        ] {
+            assert_eq!(Rate::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn reports_every_problem_with_its_field() {
+        let config: EdgeConfig = serde_json::from_str(
+            r#"{"listenPorts":[0,80,80],
+                "firewallConfig":{"blockedIps":["10.0.0.0/33","::1","nope"],
+                  "rateLimits":[{"id":"a","port":80,"rate":"fast"},{"id":"a","port":81,"rate":"1/hour","burst":0}],
+                  "rules":[{"id":"r","direction":"input","action":"drop","sourceIP":"300.1.1.1","destPort":22}]}}"#,
+        )
+        .unwrap();
+        let problems = config.validate().unwrap_err().problems;
+        let expected = [
+            "listenPorts[0]: port 0",
+            "listenPorts[2]: port 80 is listed twice",
+            "firewallConfig.blockedIps[0]: \"10.0.0.0/33\"",
+            "firewallConfig.blockedIps[2]: \"nope\"",
+            "firewallConfig.rateLimits[1].id: id \"a\" is used twice",
+            "firewallConfig.rateLimits[0].rate: \"fast\" is not a rate",
+            "firewallConfig.rateLimits[1].burst",
+            "firewallConfig.rules[0].sourceIP: \"300.1.1.1\"",
+            "firewallConfig.rules[0].protocol",
+        ];
+        for needle in expected {
+            assert!(
+                problems.iter().any(|p| p.starts_with(needle)),
+                "missing {needle:?} in {problems:#?}"
+            );
+        }
+        assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+    }
+
+    #[test]
+    fn rejects_unknown_enum_values_clearly() {
+        let err = serde_json::from_str::<EdgeConfig>(
+            r#"{"firewallConfig":{"rules":[{"id":"r","direction":"sideways","action":"drop"}]}}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("sideways"), "{err}");
+    }
+
+    fn arb_config() -> impl Strategy<Value = EdgeConfig> {
+        let limit = (
+            "[a-z]{1,8}",
+            1u16..,
+            proptest::option::of(prop_oneof![Just(Protocol::Tcp), Just(Protocol::Udp)]),
+            (
+                1u32..10_000,
+                prop_oneof![Just("second"), Just("minute"), Just("hour")],
+            ),
+            proptest::option::of(1u32..1000),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(id, port, protocol, (n, unit), burst, per_source_ip)| RateLimit {
+                    id,
+                    port,
+                    protocol,
+                    rate: format!("{n}/{unit}"),
+                    burst,
+                    per_source_ip,
+                },
+            );
+        let rule = (
+            "[a-z]{1,8}",
+            prop_oneof![
+                Just(Direction::Input),
+                Just(Direction::Output),
+                Just(Direction::Forward)
+            ],
+            prop_oneof![
+                Just(Action::Accept),
+                Just(Action::Drop),
+                Just(Action::Reject)
+            ],
+            proptest::option::of(
+                any::<[u8; 4]>().prop_map(|o| format!("{}.{}.{}.{}/32", o[0], o[1], o[2], o[3])),
+            ),
+            proptest::option::of("[ -~]{0,20}"),
+        )
+            .prop_map(|(id, direction, action, source_ip, comment)| FirewallRule {
+                id,
+                direction,
+                action,
+                source_ip,
+                dest_port: Some(443),
+                protocol: Some(Protocol::Tcp),
+                comment,
+            });
+        (
+            proptest::collection::vec(any::<u16>(), 0..5),
+            proptest::collection::vec(any::<u16>(), 0..5),
+            any::<u64>(),
+            proptest::option::of((
+                proptest::collection::vec("[0-9]{1,3}\\.[0-9]{1,3}\\.0\\.0/16", 0..3),
+                proptest::collection::vec(limit, 0..3),
+                proptest::collection::vec(rule, 0..3),
+            )),
+            proptest::option::of(any::<u64>()),
+        )
+            .prop_map(|(tcp, udp, stun, firewall, version)| EdgeConfig {
+                listen_ports: tcp,
+                listen_ports_udp: udp,
+                stun_interval_secs: stun,
+                firewall_config: firewall.map(|(blocked_ips, rate_limits, rules)| FirewallConfig {
+                    blocked_ips,
+                    rate_limits,
+                    rules,
+                }),
+                version,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn json_round_trip(config in arb_config()) {
+            let json = serde_json::to_string(&config).unwrap();
+            prop_assert_eq!(serde_json::from_str::<EdgeConfig>(&json).unwrap(), config);
+        }
+
+        #[test]
+        fn random_json_never_panics(text in "\\PC{0,200}") {
+            if let Ok(config) = serde_json::from_str::<EdgeConfig>(&text) {
+                let _ = config.validate();
+            }
+        }
+    }
+}

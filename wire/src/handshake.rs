@@ -1,0 +1,270 @@
+//! The tunnel handshake: the edge's `EDGE <edgeId> <secret>\n` line and the hub's one-line JSON
+//! reply (the edge's configuration, or `{"error":"…"}`).
+
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+use thiserror::Error;
+
+use crate::config::EdgeConfig;
+
+/// Longest handshake line, newline included.
+pub const MAX_LINE_LEN: usize = 4096;
+/// Longest edge id.
+pub const MAX_EDGE_ID_LEN: usize = 128;
+/// The reply the hub sends for any authentication failure.
+pub const UNAUTHORIZED: &str = "unauthorized";
+
+/// Why a handshake line or reply was refused.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum HandshakeError {
+    /// The line is longer than [`MAX_LINE_LEN`].
+    #[error("handshake line exceeds {MAX_LINE_LEN} bytes")]
+    TooLong,
+    /// The line is not `EDGE <edgeId> <secret>\n`.
+    #[error("handshake line is not of the form `EDGE <edgeId> <secret>`")]
+    Malformed,
+    /// The edge id has characters outside `[A-Za-z0-9._-]` or a bad length.
+    #[error("edge id must be 1-128 characters of A-Z a-z 0-9 . _ -")]
+    BadEdgeId,
+    /// The secret is empty or has whitespace or control characters.
+    #[error("secret must be non-empty printable ASCII without spaces")]
+    BadSecret,
+    /// The hub refused the edge.
+    #[error("hub refused the edge: {0}")]
+    Rejected(String),
+    /// The hub's reply is not the expected JSON.
+    #[error("hub reply is not valid: {0}")]
+    BadReply(String),
+}
+
+/// The credentials an edge presents.
+#[derive(Clone, PartialEq, Eq)]
+pub struct EdgeHello {
+    /// Edge id.
+    pub edge_id: String,
+    /// Shared secret.
+    pub secret: String,
+}
+
+impl std::fmt::Debug for EdgeHello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeHello")
+            .field("edge_id", &self.edge_id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Checks an edge id against `[A-Za-z0-9._-]{1,128}`.
+pub fn validate_edge_id(id: &str) -> Result<(), HandshakeError> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_EDGE_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(HandshakeError::BadEdgeId)
+    }
+}
+
+/// Checks that a secret fits in a handshake line: printable ASCII, no spaces.
+pub fn validate_secret(secret: &str) -> Result<(), HandshakeError> {
+    let ok = !secret.is_empty()
+        && secret.len() < MAX_LINE_LEN - MAX_EDGE_ID_LEN - 8
+        && secret.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(HandshakeError::BadSecret)
+    }
+}
+
+impl EdgeHello {
+    /// Credentials after checking both parts.
+    pub fn new(edge_id: &str, secret: &str) -> Result<Self, HandshakeError> {
+        validate_edge_id(edge_id)?;
+        validate_secret(secret)?;
+        Ok(Self {
+            edge_id: edge_id.to_owned(),
+            secret: secret.to_owned(),
+        })
+    }
+
+    /// The wire line, newline included.
+    pub fn to_line(&self) -> String {
+        format!("EDGE {} {}\n", self.edge_id, self.secret)
+    }
+
+    /// Parses one line (with or without its trailing `\n`; a `\r` before it is tolerated).
+    pub fn parse(line: &[u8]) -> Result<Self, HandshakeError> {
+        if line.len() > MAX_LINE_LEN {
+            return Err(HandshakeError::TooLong);
+        }
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let text = std::str::from_utf8(line).map_err(|_| HandshakeError::Malformed)?;
+        let mut parts = text.split(' ');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("EDGE"), Some(id), Some(secret), None) => Self::new(id, secret),
+            _ => Err(HandshakeError::Malformed),
+        }
+    }
+}
+
+/// Compares two secrets in time that depends only on their lengths.
+pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
+    a.ct_eq(b).into()
+}
+
+/// Finds the end of a line in `buf`: the index just past `\n`, or an error once the line is
+/// longer than [`MAX_LINE_LEN`] without one.
+pub fn find_line_end(buf: &[u8]) -> Result<Option<usize>, HandshakeError> {
+    match buf.iter().take(MAX_LINE_LEN).position(|&b| b == b'\n') {
+        Some(pos) => Ok(Some(pos + 1)),
+        None if buf.len() >= MAX_LINE_LEN => Err(HandshakeError::TooLong),
+        None => Ok(None),
+    }
+}
+
+/// The hub's reply to a successful handshake: the edge's configuration as one JSON line.
+pub fn accept_reply(config: &EdgeConfig) -> String {
+    let mut line = serde_json::to_string(config).unwrap_or_else(|_| "{}".to_owned());
+    line.push('\n');
+    line
+}
+
+/// The hub's reply to a refused handshake.
+pub fn error_reply(reason: &str) -> String {
+    let mut line = serde_json::json!({ "error": reason }).to_string();
+    line.push('\n');
+    line
+}
+
+/// Interprets the hub's reply line on the edge.
+pub fn parse_reply(line: &[u8]) -> Result<EdgeConfig, HandshakeError> {
+    #[derive(Deserialize)]
+    struct MaybeError {
+        error: Option<String>,
+    }
+    let bad = |e: serde_json::Error| HandshakeError::BadReply(e.to_string());
+    if let Some(reason) = serde_json::from_slice::<MaybeError>(line)
+        .map_err(bad)?
+        .error
+    {
+        return Err(HandshakeError::Rejected(reason));
+    }
+    serde_json::from_slice(line).map_err(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn builds_and_parses_the_line() {
+        let hello = EdgeHello::new("edge-nyc-01", "s3cr3t").unwrap();
+        assert_eq!(hello.to_line(), "EDGE edge-nyc-01 s3cr3t\n");
+        assert_eq!(
+            EdgeHello::parse(b"EDGE edge-nyc-01 s3cr3t\n").unwrap(),
+            hello
+        );
+        assert_eq!(
+            EdgeHello::parse(b"EDGE edge-nyc-01 s3cr3t\r\n").unwrap(),
+            hello
+        );
+    }
+
+    #[test]
+    fn rejects_bad_lines() {
+        assert_eq!(
+            EdgeHello::parse(b"HELLO a b\n"),
+            Err(HandshakeError::Malformed)
+        );
+        assert_eq!(
+            EdgeHello::parse(b"EDGE a\n"),
+            Err(HandshakeError::Malformed)
+        );
+        assert_eq!(
+            EdgeHello::parse(b"EDGE a b c\n"),
+            Err(HandshakeError::Malformed)
+        );
+        assert_eq!(
+            EdgeHello::parse(b"EDGE a/b c\n"),
+            Err(HandshakeError::BadEdgeId)
+        );
+        assert_eq!(
+            EdgeHello::parse(b"EDGE  c\n"),
+            Err(HandshakeError::BadEdgeId)
+        );
+        assert_eq!(
+            EdgeHello::parse(b"EDGE a \x01\n"),
+            Err(HandshakeError::BadSecret)
+        );
+        let long_id = format!("EDGE {} s\n", "a".repeat(129));
+        assert_eq!(
+            EdgeHello::parse(long_id.as_bytes()),
+            Err(HandshakeError::BadEdgeId)
+        );
+        let huge = vec![b'a'; MAX_LINE_LEN + 1];
+        assert_eq!(EdgeHello::parse(&huge), Err(HandshakeError::TooLong));
+        assert_eq!(
+            EdgeHello::parse(b"EDGE \xff\xfe s\n"),
+            Err(HandshakeError::Malformed)
+        );
+    }
+
+    #[test]
+    fn finds_line_ends_within_the_limit() {
+        assert_eq!(find_line_end(b"EDGE a b"), Ok(None));
+        assert_eq!(find_line_end(b"EDGE a b\nrest"), Ok(Some(9)));
+        assert_eq!(
+            find_line_end(&vec![b'x'; MAX_LINE_LEN]),
+            Err(HandshakeError::TooLong)
+        );
+    }
+
+    #[test]
+    fn constant_time_comparison() {
+        assert!(secrets_equal(b"abc", b"abc"));
+        assert!(!secrets_equal(b"abc", b"abd"));
+        assert!(!secrets_equal(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn replies() {
+        let config = EdgeConfig {
+            listen_ports: vec![80],
+            ..EdgeConfig::default()
+        };
+        let line = accept_reply(&config);
+        assert!(line.ends_with('\n'));
+        assert_eq!(parse_reply(line.as_bytes()).unwrap(), config);
+        assert_eq!(error_reply(UNAUTHORIZED), "{\"error\":\"unauthorized\"}\n");
+        assert_eq!(
+            parse_reply(error_reply(UNAUTHORIZED).as_bytes()),
+            Err(HandshakeError::Rejected("unauthorized".into()))
+        );
+        assert!(matches!(
+            parse_reply(b"nope"),
+            Err(HandshakeError::BadReply(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn line_round_trip(id in "[A-Za-z0-9._-]{1,128}", secret in "[!-~]{1,200}") {
+            let hello = EdgeHello::new(&id, &secret).unwrap();
+            prop_assert_eq!(EdgeHello::parse(hello.to_line().as_bytes()).unwrap(), hello);
+        }
+
+        #[test]
+        fn random_lines_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..5000)) {
+            let _ = EdgeHello::parse(&bytes);
+            let _ = find_line_end(&bytes);
+            let _ = parse_reply(&bytes);
+        }
+    }
+}
