@@ -1,30 +1,173 @@
 //! `remoteingress`: the command line. It parses arguments and wires the library crates together.
 
+mod demo;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use remoteingress_edge::{BackoffPolicy, Edge, EdgeOptions};
+use remoteingress_hub::{Hub, HubOptions};
+use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions};
 use remoteingress_wire::token::{normalize_pin, ConnectionToken};
 
-/// Edge ingress tunnel: an edge on a public machine carries TCP and UDP over one TLS or QUIC
-/// tunnel to a hub in a private network, which hands each connection to a local reverse proxy
-/// with a PROXY protocol header.
+/// Edge ingress tunnel: an edge on a public machine carries TCP over one TLS tunnel to a hub in
+/// a private network, which hands each connection to a local reverse proxy with a PROXY
+/// protocol header.
 #[derive(Parser)]
 #[command(name = "remoteingress", version, about, long_about = None)]
 struct Cli {
+    #[command(flatten)]
+    log: LogArgs,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Args)]
+struct LogArgs {
+    /// Log filter: a level (error, warn, info, debug, trace) or a RUST_LOG-style directive.
+    #[arg(
+        long,
+        global = true,
+        env = "REMOTEINGRESS_LOG_LEVEL",
+        default_value = "info"
+    )]
+    log_level: String,
+    /// Log line format.
+    #[arg(long, global = true, env = "REMOTEINGRESS_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Run the hub: accept edge tunnels and forward their connections to targets.
-    Hub,
+    Hub(HubArgs),
     /// Run an edge: connect to the hub and listen on the ports it assigns.
-    Edge,
+    Edge(EdgeArgs),
     /// Create or inspect connection tokens.
     #[command(subcommand)]
     Token(TokenCommand),
     /// Start a hub, an edge and a sample target on loopback and show a request going through.
-    Demo,
+    Demo(demo::DemoArgs),
+}
+
+#[derive(Args)]
+struct TunnelTimers {
+    /// Seconds without any frame from the peer after which the tunnel is considered dead.
+    #[arg(long, env = "REMOTEINGRESS_IDLE_TIMEOUT_SECS", default_value_t = 45)]
+    idle_timeout_secs: u64,
+    /// Most concurrent streams per tunnel.
+    #[arg(long, env = "REMOTEINGRESS_MAX_STREAMS", default_value_t = 10_000)]
+    max_streams: usize,
+    /// Memory budget for unconsumed bytes per tunnel, in MiB.
+    #[arg(long, env = "REMOTEINGRESS_FLOW_BUDGET_MIB", default_value_t = 200)]
+    flow_budget_mib: u64,
+}
+
+impl TunnelTimers {
+    fn session(&self, ping_interval: Duration) -> SessionOptions {
+        SessionOptions {
+            budget: self.flow_budget_mib * 1024 * 1024,
+            max_streams: self.max_streams,
+            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
+            ping_interval,
+            ..SessionOptions::default()
+        }
+    }
+}
+
+#[derive(Args)]
+struct HubArgs {
+    /// Address the tunnel listener binds to.
+    #[arg(long, env = "REMOTEINGRESS_LISTEN_ADDRESS", default_value = "0.0.0.0")]
+    listen_address: IpAddr,
+    /// Port edges connect to.
+    #[arg(long, env = "REMOTEINGRESS_TUNNEL_PORT", default_value_t = 8443)]
+    tunnel_port: u16,
+    /// Host tunnelled connections are forwarded to (your reverse proxy).
+    #[arg(long, env = "REMOTEINGRESS_TARGET_HOST", default_value = "127.0.0.1")]
+    target_host: String,
+    /// Directory for the generated certificate (use /var/lib/remoteingress in production).
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_STATE_DIR",
+        default_value = "./remoteingress-state"
+    )]
+    state_dir: PathBuf,
+    /// PEM certificate chain of the hub (instead of the generated one).
+    #[arg(long, env = "REMOTEINGRESS_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of the hub.
+    #[arg(long, env = "REMOTEINGRESS_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// JSON or TOML file of allowed edges, reloaded when it changes.
+    #[arg(long, env = "REMOTEINGRESS_EDGES_FILE")]
+    edges_file: Option<PathBuf>,
+    /// Seconds between PINGs to each edge.
+    #[arg(long, env = "REMOTEINGRESS_PING_INTERVAL_SECS", default_value_t = 15)]
+    ping_interval_secs: u64,
+    /// Seconds an edge has for TLS and its handshake line.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_HANDSHAKE_TIMEOUT_SECS",
+        default_value_t = 10
+    )]
+    handshake_timeout_secs: u64,
+    #[command(flatten)]
+    timers: TunnelTimers,
+}
+
+#[derive(Args)]
+struct EdgeArgs {
+    /// Connection token from `remoteingress token encode` (or the hub's API).
+    #[arg(long, env = "REMOTEINGRESS_TOKEN", hide_env_values = true,
+          conflicts_with_all = ["hub_host", "edge_id", "secret"])]
+    token: Option<String>,
+    /// Hub host name or address.
+    #[arg(long, env = "REMOTEINGRESS_HUB_HOST")]
+    hub_host: Option<String>,
+    /// Hub tunnel port.
+    #[arg(long, env = "REMOTEINGRESS_HUB_PORT", default_value_t = 8443)]
+    hub_port: u16,
+    /// Edge id.
+    #[arg(long, env = "REMOTEINGRESS_EDGE_ID")]
+    edge_id: Option<String>,
+    /// Edge secret.
+    #[arg(long, env = "REMOTEINGRESS_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// SHA-256 pin of the hub certificate (overrides the token's).
+    #[arg(long, env = "REMOTEINGRESS_HUB_PIN")]
+    hub_pin: Option<String>,
+    /// PEM file of CAs that sign the hub certificate (instead of a pin).
+    #[arg(long, env = "REMOTEINGRESS_CA_FILE", conflicts_with = "hub_pin")]
+    ca_file: Option<PathBuf>,
+    /// Do not verify the hub at all. The secret may reach an impostor; for tests only.
+    #[arg(long, env = "REMOTEINGRESS_INSECURE")]
+    insecure: bool,
+    /// Address the public listeners bind to.
+    #[arg(long, env = "REMOTEINGRESS_BIND_ADDRESS", default_value = "0.0.0.0")]
+    bind_address: IpAddr,
+    /// First reconnect delay in milliseconds (doubles up to --reconnect-max-secs).
+    #[arg(long, env = "REMOTEINGRESS_RECONNECT_MIN_MS", default_value_t = 1000)]
+    reconnect_min_ms: u64,
+    /// Largest reconnect delay in seconds.
+    #[arg(long, env = "REMOTEINGRESS_RECONNECT_MAX_SECS", default_value_t = 30)]
+    reconnect_max_secs: u64,
+    /// Client connections allowed at once.
+    #[arg(long, env = "REMOTEINGRESS_MAX_CONNECTIONS", default_value_t = 10_000)]
+    max_connections: usize,
+    #[command(flatten)]
+    timers: TunnelTimers,
 }
 
 #[derive(Subcommand)]
@@ -34,7 +177,7 @@ enum TokenCommand {
     /// Print a token's contents as JSON.
     Decode {
         /// The token.
-        #[arg(env = "REMOTEINGRESS_TOKEN")]
+        #[arg(env = "REMOTEINGRESS_TOKEN", hide_env_values = true)]
         token: String,
     },
 }
@@ -59,28 +202,53 @@ struct EncodeArgs {
 }
 
 fn main() -> Result<()> {
-    match Cli::parse().command {
-        Command::Token(TokenCommand::Encode(args)) => {
-            remoteingress_wire::handshake::EdgeHello::new(&args.edge_id, &args.secret)
-                .context("invalid edge credentials")?;
-            let token = ConnectionToken {
-                hub_host: args.hub_host,
-                hub_port: args.hub_port,
-                edge_id: args.edge_id,
-                secret: args.secret,
-                pin: args.pin.as_deref().map(normalize_pin).transpose()?,
-            };
-            println!("{}", token.encode());
-        }
+    let cli = Cli::parse();
+    init_logging(&cli.log)?;
+    match cli.command {
+        Command::Token(TokenCommand::Encode(args)) => println!("{}", encode_token(args)?),
         Command::Token(TokenCommand::Decode { token }) => {
             let token = ConnectionToken::decode(&token)?;
             println!("{}", serde_json::to_string_pretty(&token_json(&token))?);
         }
-        Command::Hub | Command::Edge | Command::Demo => {
-            bail!("this command is not implemented yet")
-        }
+        Command::Hub(args) => runtime()?.block_on(run_hub(args))?,
+        Command::Edge(args) => runtime()?.block_on(run_edge(args))?,
+        Command::Demo(args) => runtime()?.block_on(demo::run(args))?,
     }
     Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn init_logging(args: &LogArgs) -> Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log_level))
+        .context("invalid --log-level")?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    Ok(())
+}
+
+fn encode_token(args: EncodeArgs) -> Result<String> {
+    remoteingress_wire::handshake::EdgeHello::new(&args.edge_id, &args.secret)
+        .context("invalid edge credentials")?;
+    let token = ConnectionToken {
+        hub_host: args.hub_host,
+        hub_port: args.hub_port,
+        edge_id: args.edge_id,
+        secret: args.secret,
+        pin: args.pin.as_deref().map(normalize_pin).transpose()?,
+    };
+    Ok(token.encode())
 }
 
 /// The token's contents with readable key names.
@@ -92,4 +260,87 @@ fn token_json(token: &ConnectionToken) -> serde_json::Value {
         "secret": token.secret,
         "pin": token.pin,
     })
+}
+
+async fn run_hub(args: HubArgs) -> Result<()> {
+    let identity = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => HubIdentity::from_pem_files(cert, key)?,
+        _ => HubIdentity::load_or_generate(&args.state_dir)?,
+    };
+    let options = HubOptions {
+        listen_addr: SocketAddr::new(args.listen_address, args.tunnel_port),
+        target_host: args.target_host,
+        handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
+        session: args
+            .timers
+            .session(Duration::from_secs(args.ping_interval_secs.max(1))),
+        ..HubOptions::default()
+    };
+    let hub = Hub::start(options, &identity).await?;
+    println!("hub listening on {}", hub.local_addr());
+    println!("certificate pin (sha256): {}", hub.pin());
+    if let Some(path) = args.edges_file {
+        hub.watch_edges_file(path, Duration::from_secs(1)).await?;
+    }
+    shutdown_signal().await?;
+    hub.shutdown().await;
+    Ok(())
+}
+
+async fn run_edge(args: EdgeArgs) -> Result<()> {
+    let (hub_host, hub_port, edge_id, secret, token_pin) = match args.token {
+        Some(token) => {
+            let token = ConnectionToken::decode(&token)?;
+            (
+                token.hub_host,
+                token.hub_port,
+                token.edge_id,
+                token.secret,
+                token.pin,
+            )
+        }
+        None => match (args.hub_host, args.edge_id, args.secret) {
+            (Some(host), Some(id), Some(secret)) => (host, args.hub_port, id, secret, None),
+            _ => bail!("give --token, or all of --hub-host, --edge-id and --secret"),
+        },
+    };
+    let trust = match (args.ca_file, args.hub_pin.or(token_pin), args.insecure) {
+        (Some(ca), _, _) => HubTrust::CaFile(ca),
+        (None, Some(pin), _) => HubTrust::Pin(pin),
+        (None, None, true) => HubTrust::Insecure,
+        (None, None, false) => bail!(
+            "refusing to send the secret to an unverified hub: give --hub-pin (or a token with a pin), \
+             --ca-file, or --insecure for tests"
+        ),
+    };
+    let mut options = EdgeOptions::new(&hub_host, hub_port, &edge_id, &secret, trust);
+    options.bind_address = args.bind_address;
+    options.max_connections = args.max_connections;
+    options.backoff = BackoffPolicy {
+        min: Duration::from_millis(args.reconnect_min_ms.max(1)),
+        max: Duration::from_secs(args.reconnect_max_secs.max(1)),
+        ..BackoffPolicy::default()
+    };
+    options.session = args.timers.session(Duration::from_secs(15));
+    let edge = Edge::start(options)?;
+    shutdown_signal().await?;
+    edge.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() -> Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result?,
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    tracing::info!("shutting down");
+    Ok(())
 }

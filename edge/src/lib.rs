@@ -1,1 +1,413 @@
-//! remoteingress edge: tunnel client, port listeners.
+//! The edge: keeps one tunnel to the hub up (reconnecting with backoff), listens on the ports
+//! the hub assigns, and carries every client connection through the tunnel with a PROXY v1
+//! header that names the real client.
+
+mod backoff;
+mod ports;
+
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use remoteingress_tunnel::line::read_line;
+use remoteingress_tunnel::tls::{client_config, TlsError};
+use remoteingress_tunnel::{
+    spawn_session, HubTrust, Role, SessionEvent, SessionHandle, SessionOptions,
+};
+use remoteingress_wire::frame::FrameType;
+use remoteingress_wire::handshake::{parse_reply, EdgeHello, HandshakeError};
+use remoteingress_wire::EdgeConfig;
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::task::JoinHandle;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tokio_util::sync::CancellationToken;
+
+pub use backoff::BackoffPolicy;
+use ports::PortSet;
+
+/// Longest handshake reply (the edge's configuration) accepted from the hub.
+const MAX_REPLY_LEN: usize = 1024 * 1024;
+
+/// Why the edge cannot start.
+#[derive(Debug, Error)]
+pub enum EdgeError {
+    /// Edge id or secret unusable.
+    #[error("invalid credentials: {0}")]
+    Credentials(#[from] HandshakeError),
+    /// TLS trust material unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The hub host is not a valid TLS server name.
+    #[error("hub host {0:?} is not a valid host name or address")]
+    HubHost(String),
+}
+
+/// How the edge reaches its hub and serves clients.
+#[derive(Debug, Clone)]
+pub struct EdgeOptions {
+    /// Hub host name or address.
+    pub hub_host: String,
+    /// Hub tunnel port.
+    pub hub_port: u16,
+    /// Edge id.
+    pub edge_id: String,
+    /// Edge secret.
+    pub secret: String,
+    /// How the hub's certificate is verified.
+    pub trust: HubTrust,
+    /// Address the public listeners bind to.
+    pub bind_address: IpAddr,
+    /// Reconnect delays.
+    pub backoff: BackoffPolicy,
+    /// Time allowed for TCP connect, TLS and the handshake.
+    pub connect_timeout: Duration,
+    /// Client connections allowed at once.
+    pub max_connections: usize,
+    /// Limits and timers of the tunnel session.
+    pub session: SessionOptions,
+}
+
+impl EdgeOptions {
+    /// Options with defaults for everything but the hub and credentials.
+    pub fn new(
+        hub_host: &str,
+        hub_port: u16,
+        edge_id: &str,
+        secret: &str,
+        trust: HubTrust,
+    ) -> Self {
+        Self {
+            hub_host: hub_host.to_owned(),
+            hub_port,
+            edge_id: edge_id.to_owned(),
+            secret: secret.to_owned(),
+            trust,
+            bind_address: IpAddr::from([0, 0, 0, 0]),
+            backoff: BackoffPolicy::default(),
+            connect_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            session: SessionOptions::default(),
+        }
+    }
+}
+
+/// Something that happened on the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EdgeEvent {
+    /// The tunnel is up.
+    TunnelConnected,
+    /// The tunnel went down (the edge reconnects).
+    TunnelDisconnected {
+        /// Why.
+        reason: String,
+    },
+    /// Listening on these TCP ports after connecting.
+    PortsAssigned {
+        /// The ports.
+        listen_ports: Vec<u16>,
+    },
+    /// Listening on these TCP ports after a configuration change.
+    PortsUpdated {
+        /// The ports.
+        listen_ports: Vec<u16>,
+    },
+    /// A configuration could not be applied; the previous one stays.
+    ConfigRejected {
+        /// Its version, if it had one.
+        version: Option<u64>,
+        /// Why.
+        error: String,
+    },
+}
+
+/// The edge's state at a glance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EdgeStatus {
+    /// True until shutdown.
+    pub running: bool,
+    /// Whether the tunnel is up.
+    pub connected: bool,
+    /// `tcpTls` while connected.
+    pub transport: Option<&'static str>,
+    /// Streams open now.
+    pub active_streams: usize,
+    /// TCP ports listened on.
+    pub listen_ports: Vec<u16>,
+    /// Last connection or configuration error.
+    pub last_error: Option<String>,
+    /// Tunnels established since start.
+    pub connections: u64,
+}
+
+struct EdgeInner {
+    options: EdgeOptions,
+    hello: EdgeHello,
+    tls: TlsConnector,
+    server_name: ServerName<'static>,
+    events: broadcast::Sender<EdgeEvent>,
+    status: Mutex<EdgeStatus>,
+    session: Mutex<Option<SessionHandle>>,
+    connections: Arc<Semaphore>,
+    shutdown: CancellationToken,
+}
+
+impl EdgeInner {
+    fn update(&self, change: impl FnOnce(&mut EdgeStatus)) {
+        change(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn emit(&self, event: EdgeEvent) {
+        let _ = self.events.send(event);
+    }
+}
+
+/// Entry point: [`Edge::start`].
+#[derive(Debug)]
+pub struct Edge;
+
+impl Edge {
+    /// Checks the options and starts connecting (in the background, with retries).
+    pub fn start(options: EdgeOptions) -> Result<EdgeHandle, EdgeError> {
+        let hello = EdgeHello::new(&options.edge_id, &options.secret)?;
+        let tls = TlsConnector::from(client_config(&options.trust)?);
+        let server_name = ServerName::try_from(options.hub_host.clone())
+            .map_err(|_| EdgeError::HubHost(options.hub_host.clone()))?;
+        let (events, _) = broadcast::channel(1024);
+        let inner = Arc::new(EdgeInner {
+            connections: Arc::new(Semaphore::new(options.max_connections)),
+            options,
+            hello,
+            tls,
+            server_name,
+            events,
+            status: Mutex::new(EdgeStatus {
+                running: true,
+                ..EdgeStatus::default()
+            }),
+            session: Mutex::new(None),
+            shutdown: CancellationToken::new(),
+        });
+        let task = tokio::spawn(supervise(inner.clone()));
+        Ok(EdgeHandle {
+            inner,
+            task: Arc::new(Mutex::new(Some(task))),
+        })
+    }
+}
+
+/// Control over a running edge; cheap to clone.
+#[derive(Clone)]
+pub struct EdgeHandle {
+    inner: Arc<EdgeInner>,
+    task: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl std::fmt::Debug for EdgeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EdgeHandle")
+            .field("edge_id", &self.inner.options.edge_id)
+            .finish()
+    }
+}
+
+impl EdgeHandle {
+    /// Events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<EdgeEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Current state.
+    pub fn status(&self) -> EdgeStatus {
+        let mut status = self
+            .inner
+            .status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(session) = &*self.inner.session.lock().unwrap_or_else(|p| p.into_inner()) {
+            status.active_streams = session.active_streams();
+        }
+        status
+    }
+
+    /// Closes the tunnel and all listeners, and stops reconnecting.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        self.inner.update(|s| s.running = false);
+    }
+}
+
+/// Connects, serves, and reconnects until shutdown.
+async fn supervise(inner: Arc<EdgeInner>) {
+    let mut backoff = backoff::Backoff::new(inner.options.backoff);
+    loop {
+        let attempt = tokio::select! {
+            attempt = connect(&inner) => attempt,
+            () = inner.shutdown.cancelled() => return,
+        };
+        match attempt {
+            Ok((session, events, config)) => {
+                let started = Instant::now();
+                let reason = serve(&inner, session, events, config).await;
+                backoff.connection_ended(started.elapsed());
+                tracing::warn!(%reason, "tunnel disconnected");
+                inner.update(|s| {
+                    s.connected = false;
+                    s.transport = None;
+                    s.listen_ports.clear();
+                    s.last_error = Some(reason.clone());
+                });
+                inner.emit(EdgeEvent::TunnelDisconnected { reason });
+            }
+            Err(error) => {
+                tracing::warn!(hub = %inner.options.hub_host, port = inner.options.hub_port, %error, "cannot reach the hub");
+                inner.update(|s| s.last_error = Some(error));
+            }
+        }
+        let delay = backoff.next_delay(rand::random::<f64>());
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = inner.shutdown.cancelled() => return,
+        }
+    }
+}
+
+type Connected = (SessionHandle, mpsc::Receiver<SessionEvent>, EdgeConfig);
+
+/// One attempt: TCP, TLS (verifying the hub), the handshake, and the session.
+async fn connect(inner: &EdgeInner) -> Result<Connected, String> {
+    let options = &inner.options;
+    if options.trust == HubTrust::Insecure {
+        tracing::warn!(
+            "--insecure: the hub's certificate is NOT verified; the secret may reach an impostor"
+        );
+    }
+    let attempt = async {
+        let tcp = TcpStream::connect((options.hub_host.as_str(), options.hub_port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = tcp.set_nodelay(true);
+        let mut tls = inner
+            .tls
+            .connect(inner.server_name.clone(), tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        tls.write_all(inner.hello.to_line().as_bytes())
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (line, rest) = read_line(&mut tls, MAX_REPLY_LEN)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let config = parse_reply(&line).map_err(|e| e.to_string())?;
+        Ok::<_, String>((tls, rest, config))
+    };
+    let (tls, rest, config) = tokio::time::timeout(options.connect_timeout, attempt)
+        .await
+        .map_err(|_| "connecting to the hub timed out".to_owned())??;
+    let (session, events) = spawn_session(tls, rest, Role::Edge, options.session.clone());
+    Ok((session, events, config))
+}
+
+/// Runs one tunnel until it ends; returns why it ended.
+async fn serve(
+    inner: &EdgeInner,
+    session: SessionHandle,
+    mut events: mpsc::Receiver<SessionEvent>,
+    config: EdgeConfig,
+) -> String {
+    tracing::info!(hub = %inner.options.hub_host, "tunnel connected");
+    *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.clone());
+    inner.update(|s| {
+        s.connected = true;
+        s.transport = Some("tcpTls");
+        s.connections += 1;
+        s.last_error = None;
+    });
+    inner.emit(EdgeEvent::TunnelConnected);
+    let mut ports = PortSet::new(
+        inner.options.bind_address,
+        session.clone(),
+        inner.connections.clone(),
+    );
+    apply_config(inner, &session, &mut ports, &config, true).await;
+    loop {
+        tokio::select! {
+            event = events.recv() => match event {
+                Some(SessionEvent::Config(json)) => match serde_json::from_slice::<EdgeConfig>(&json) {
+                    Ok(config) => apply_config(inner, &session, &mut ports, &config, false).await,
+                    Err(e) => reject(inner, &session, None, format!("unreadable configuration: {e}")).await,
+                },
+                Some(_) => {}
+                None => break,
+            },
+            () = inner.shutdown.cancelled() => {
+                session.close("edge shutting down");
+                break;
+            }
+        }
+    }
+    drop(ports);
+    *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    session
+        .close_reason()
+        .unwrap_or_else(|| "tunnel closed".to_owned())
+}
+
+/// Validates and applies a configuration whole, or keeps the previous one; acknowledges it.
+async fn apply_config(
+    inner: &EdgeInner,
+    session: &SessionHandle,
+    ports: &mut PortSet,
+    config: &EdgeConfig,
+    initial: bool,
+) {
+    let applied = config
+        .validate()
+        .map_err(|e| e.to_string())
+        .and_then(|()| ports.apply(&config.listen_ports));
+    if let Err(error) = applied {
+        return reject(inner, session, config.version, error).await;
+    }
+    let listen_ports = ports.ports();
+    tracing::info!(ports = ?listen_ports, version = ?config.version, "configuration applied");
+    inner.update(|s| s.listen_ports = listen_ports.clone());
+    inner.emit(if initial {
+        EdgeEvent::PortsAssigned { listen_ports }
+    } else {
+        EdgeEvent::PortsUpdated { listen_ports }
+    });
+    if let Some(version) = config.version {
+        acknowledge(session, serde_json::json!({ "version": version })).await;
+    }
+}
+
+async fn reject(inner: &EdgeInner, session: &SessionHandle, version: Option<u64>, error: String) {
+    tracing::error!(?version, %error, "configuration rejected; keeping the previous one");
+    inner.update(|s| s.last_error = Some(error.clone()));
+    inner.emit(EdgeEvent::ConfigRejected {
+        version,
+        error: error.clone(),
+    });
+    if let Some(version) = version {
+        acknowledge(
+            session,
+            serde_json::json!({ "version": version, "error": error }),
+        )
+        .await;
+    }
+}
+
+async fn acknowledge(session: &SessionHandle, ack: serde_json::Value) {
+    let _ = session
+        .send_control(FrameType::ConfigAck, Bytes::from(ack.to_string()))
+        .await;
+}

@@ -1,1 +1,385 @@
-//! remoteingress hub: tunnel listeners, edge sessions, forwarding to targets.
+//! The hub: accepts edge tunnels, authenticates edges, pushes their configuration, and forwards
+//! every tunnelled connection to its target with a PROXY v1 header in front.
+//!
+//! [`Hub::start`] returns a [`HubHandle`]: the Rust API over allowed edges, status and events
+//! that the CLI and the gRPC control plane drive.
+
+mod edges;
+mod registry;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use remoteingress_tunnel::{HubIdentity, SessionOptions};
+use remoteingress_wire::EdgeConfig;
+use thiserror::Error;
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub use edges::{load_edges_file, validate_all, AllowedEdge};
+use registry::Registry;
+
+/// Why a hub operation failed.
+#[derive(Debug, Error)]
+pub enum HubError {
+    /// The tunnel listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address asked for.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] remoteingress_tunnel::tls::TlsError),
+    /// An edge entry is invalid; nothing was changed.
+    #[error("edge {edge:?}: {message}")]
+    InvalidEdge {
+        /// Edge id.
+        edge: String,
+        /// Field and problem.
+        message: String,
+    },
+    /// The edges file could not be read or parsed.
+    #[error("edges file {path}: {message}")]
+    EdgesFile {
+        /// File.
+        path: PathBuf,
+        /// Problem.
+        message: String,
+    },
+}
+
+/// How the hub listens and forwards.
+#[derive(Debug, Clone)]
+pub struct HubOptions {
+    /// Address of the tunnel listener.
+    pub listen_addr: SocketAddr,
+    /// Host that tunnelled connections are forwarded to.
+    pub target_host: String,
+    /// Time allowed for TLS plus the handshake line.
+    pub handshake_timeout: Duration,
+    /// Time allowed to connect to a target.
+    pub connect_timeout: Duration,
+    /// Unauthenticated tunnel connections allowed at once.
+    pub max_unauthenticated: usize,
+    /// Unauthenticated tunnel connections allowed at once from one address.
+    pub max_unauthenticated_per_source: usize,
+    /// Limits and timers of each edge session.
+    pub session: SessionOptions,
+}
+
+impl Default for HubOptions {
+    fn default() -> Self {
+        Self {
+            listen_addr: SocketAddr::from(([0, 0, 0, 0], 8443)),
+            target_host: "127.0.0.1".to_owned(),
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            max_unauthenticated: 256,
+            max_unauthenticated_per_source: 16,
+            session: SessionOptions::default(),
+        }
+    }
+}
+
+/// Something that happened on the hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HubEvent {
+    /// An edge authenticated and its tunnel is up.
+    EdgeConnected {
+        /// Edge id.
+        edge_id: String,
+        /// Address it connected from.
+        remote_addr: SocketAddr,
+    },
+    /// An edge's tunnel ended.
+    EdgeDisconnected {
+        /// Edge id.
+        edge_id: String,
+        /// Why.
+        reason: String,
+    },
+    /// A tunnel connection failed to authenticate.
+    AuthFailed {
+        /// Address it came from.
+        remote_addr: SocketAddr,
+        /// What was wrong (never the secret).
+        reason: String,
+    },
+    /// A tunnelled connection started.
+    StreamOpened {
+        /// Edge id.
+        edge_id: String,
+        /// Stream id.
+        stream_id: u32,
+    },
+    /// A tunnelled connection ended.
+    StreamClosed {
+        /// Edge id.
+        edge_id: String,
+        /// Stream id.
+        stream_id: u32,
+    },
+    /// A configuration was sent to a connected edge.
+    ConfigPushed {
+        /// Edge id.
+        edge_id: String,
+        /// Its version.
+        version: u64,
+    },
+    /// An edge acknowledged a configuration, or reported why it could not apply it.
+    ConfigApplied {
+        /// Edge id.
+        edge_id: String,
+        /// The version acknowledged.
+        version: u64,
+        /// The edge's error, if it kept its previous configuration.
+        error: Option<String>,
+    },
+}
+
+/// A configured edge as the hub sees it (no secret).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EdgeInfo {
+    /// Edge id.
+    pub id: String,
+    /// Configuration sent to it.
+    pub config: EdgeConfig,
+    /// Target port per edge port, where they differ.
+    pub target_ports: std::collections::BTreeMap<u16, u16>,
+    /// Whether its tunnel is up.
+    pub connected: bool,
+    /// Version of the configuration the hub wants it to run.
+    pub desired_version: u64,
+    /// Version it last acknowledged.
+    pub applied_version: Option<u64>,
+    /// Error of its last rejected configuration.
+    pub last_error: Option<String>,
+}
+
+/// A connected edge's tunnel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnectedEdge {
+    /// Edge id.
+    pub id: String,
+    /// When the tunnel came up.
+    pub connected_since: SystemTime,
+    /// Address it connected from.
+    pub remote_addr: SocketAddr,
+    /// `tcpTls`.
+    pub transport: &'static str,
+    /// Streams open now.
+    pub active_streams: usize,
+    /// Payload bytes received from the edge.
+    pub bytes_in: u64,
+    /// Payload bytes sent to the edge.
+    pub bytes_out: u64,
+    /// Largest number of unconsumed bytes one stream held on the hub.
+    pub peak_stream_buffer: u64,
+    /// Last PING round trip.
+    pub rtt: Option<Duration>,
+}
+
+/// The hub's state at a glance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubStatus {
+    /// True until shutdown.
+    pub running: bool,
+    /// Port of the tunnel listener.
+    pub tunnel_port: u16,
+    /// Edges whose tunnel is up.
+    pub connected_edges: Vec<ConnectedEdge>,
+}
+
+pub(crate) struct HubInner {
+    options: HubOptions,
+    local_addr: SocketAddr,
+    pin: String,
+    registry: Mutex<Registry>,
+    events: broadcast::Sender<HubEvent>,
+    shutdown: CancellationToken,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl HubInner {
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn emit(&self, event: HubEvent) {
+        let _ = self.events.send(event);
+    }
+}
+
+/// Entry point: [`Hub::start`].
+#[derive(Debug)]
+pub struct Hub;
+
+impl Hub {
+    /// Binds the tunnel listener and starts accepting edges.
+    pub async fn start(options: HubOptions, identity: &HubIdentity) -> Result<HubHandle, HubError> {
+        let tls = identity.server_config()?;
+        let listener = tokio::net::TcpListener::bind(options.listen_addr)
+            .await
+            .map_err(|source| HubError::Bind {
+                addr: options.listen_addr,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| HubError::Bind {
+            addr: options.listen_addr,
+            source,
+        })?;
+        let (events, _) = broadcast::channel(4096);
+        let inner = Arc::new(HubInner {
+            options,
+            local_addr,
+            pin: identity.pin(),
+            registry: Mutex::new(Registry::default()),
+            events,
+            shutdown: CancellationToken::new(),
+            tasks: Mutex::new(Vec::new()),
+        });
+        let accept = tokio::spawn(server::accept_loop(inner.clone(), listener, tls));
+        inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(accept);
+        tracing::info!(addr = %local_addr, pin = %inner.pin, "hub listening for edges");
+        Ok(HubHandle { inner })
+    }
+}
+
+/// Control over a running hub; cheap to clone.
+#[derive(Clone)]
+pub struct HubHandle {
+    inner: Arc<HubInner>,
+}
+
+impl std::fmt::Debug for HubHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubHandle")
+            .field("local_addr", &self.inner.local_addr)
+            .finish()
+    }
+}
+
+impl HubHandle {
+    /// Address of the tunnel listener.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// SHA-256 pin of the hub certificate.
+    pub fn pin(&self) -> &str {
+        &self.inner.pin
+    }
+
+    /// Events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<HubEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Replaces the whole allowed-edge set (validated first; on error nothing changes).
+    /// Connected edges get their new configuration; removed edges and edges whose secret
+    /// changed are disconnected.
+    pub async fn update_allowed_edges(&self, edges: Vec<AllowedEdge>) -> Result<(), HubError> {
+        validate_all(&edges)?;
+        let actions = self.inner.registry().replace_all(edges);
+        registry::perform(&self.inner, actions).await;
+        Ok(())
+    }
+
+    /// Adds or replaces one edge.
+    pub async fn upsert_edge(&self, edge: AllowedEdge) -> Result<(), HubError> {
+        edge.validate()?;
+        let actions = self.inner.registry().upsert(edge);
+        registry::perform(&self.inner, actions).await;
+        Ok(())
+    }
+
+    /// Removes an edge (disconnecting it); false if it was not configured.
+    pub async fn delete_edge(&self, id: &str) -> bool {
+        let (found, actions) = self.inner.registry().delete(id);
+        registry::perform(&self.inner, actions).await;
+        found
+    }
+
+    /// Drops an edge's tunnel (it may reconnect); false if it was not connected.
+    pub fn disconnect_edge(&self, id: &str) -> bool {
+        self.inner
+            .registry()
+            .disconnect(id, "disconnected by the operator")
+    }
+
+    /// The configured edges.
+    pub fn list_edges(&self) -> Vec<EdgeInfo> {
+        self.inner.registry().list()
+    }
+
+    /// Running state and connected edges.
+    pub fn status(&self) -> HubStatus {
+        HubStatus {
+            running: !self.inner.shutdown.is_cancelled(),
+            tunnel_port: self.inner.local_addr.port(),
+            connected_edges: self.inner.registry().connected(),
+        }
+    }
+
+    /// Follows `path`: applies it now (an error leaves the hub unchanged), then re-applies it
+    /// whenever its modification time changes, checking every `poll`.
+    pub async fn watch_edges_file(&self, path: PathBuf, poll: Duration) -> Result<(), HubError> {
+        let modified = |path: &PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        self.update_allowed_edges(load_edges_file(&path)?).await?;
+        let mut seen = modified(&path);
+        let hub = self.clone();
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(poll);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    () = hub.inner.shutdown.cancelled() => return,
+                }
+                let now = modified(&path);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                match load_edges_file(&path) {
+                    Ok(edges) => match hub.update_allowed_edges(edges).await {
+                        Ok(()) => tracing::info!(path = %path.display(), "edges file reloaded"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "edges file rejected; keeping the previous edges")
+                        }
+                    },
+                    Err(e) => {
+                        tracing::error!(error = %e, "edges file rejected; keeping the previous edges")
+                    }
+                }
+            }
+        });
+        self.inner
+            .tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+        Ok(())
+    }
+
+    /// Stops accepting, closes every tunnel and releases the listener.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.registry().disconnect_all("hub shutting down");
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}

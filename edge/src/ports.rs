@@ -1,0 +1,140 @@
+//! The public TCP listeners of an edge, reconciled to the ports the hub assigns: new ports open,
+//! removed ports close (ending their connections), unchanged ports are left alone.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use remoteingress_tunnel::{pipe, SessionHandle};
+use remoteingress_wire::proxy::ProxyV1;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Listeners bound for one tunnel session.
+pub(crate) struct PortSet {
+    bind_address: IpAddr,
+    session: SessionHandle,
+    connections: Arc<Semaphore>,
+    listeners: BTreeMap<u16, CancellationToken>,
+}
+
+impl PortSet {
+    pub(crate) fn new(
+        bind_address: IpAddr,
+        session: SessionHandle,
+        connections: Arc<Semaphore>,
+    ) -> Self {
+        Self {
+            bind_address,
+            session,
+            connections,
+            listeners: BTreeMap::new(),
+        }
+    }
+
+    /// The ports listened on.
+    pub(crate) fn ports(&self) -> Vec<u16> {
+        self.listeners.keys().copied().collect()
+    }
+
+    /// Makes the listeners match `ports`. All new ports are bound before anything changes, so
+    /// on error the previous set stays whole.
+    pub(crate) fn apply(&mut self, ports: &[u16]) -> Result<(), String> {
+        let mut fresh = Vec::new();
+        for &port in ports {
+            if self.listeners.contains_key(&port) || fresh.iter().any(|(p, _)| *p == port) {
+                continue;
+            }
+            let addr = SocketAddr::new(self.bind_address, port);
+            let listener = bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            fresh.push((port, listener));
+        }
+        let removed: Vec<u16> = self
+            .listeners
+            .keys()
+            .filter(|port| !ports.contains(port))
+            .copied()
+            .collect();
+        for port in removed {
+            if let Some(cancel) = self.listeners.remove(&port) {
+                cancel.cancel();
+            }
+        }
+        for (port, listener) in fresh {
+            let cancel = self.session.cancellation();
+            self.listeners.insert(port, cancel.clone());
+            let session = self.session.clone();
+            let connections = self.connections.clone();
+            tokio::spawn(accept_loop(listener, session, connections, cancel));
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PortSet {
+    fn drop(&mut self) {
+        for cancel in self.listeners.values() {
+            cancel.cancel();
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let listener = std::net::TcpListener::bind(addr)?;
+    listener.set_nonblocking(true)?;
+    TcpListener::from_std(listener)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    session: SessionHandle,
+    connections: Arc<Semaphore>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = cancel.cancelled() => return,
+        };
+        match accepted {
+            Ok((client, peer)) => match connections.clone().try_acquire_owned() {
+                Ok(permit) => {
+                    let session = session.clone();
+                    let cancel = cancel.clone();
+                    tokio::spawn(serve_client(client, peer, session, cancel, permit));
+                }
+                Err(_) => tracing::warn!("client connection limit reached; connection dropped"),
+            },
+            Err(e) => {
+                // Usually out of file descriptors: pause accepting instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                    () = cancel.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn serve_client(
+    client: TcpStream,
+    peer: SocketAddr,
+    session: SessionHandle,
+    cancel: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let _ = client.set_nodelay(true);
+    let Ok(local) = client.local_addr() else {
+        return;
+    };
+    let header = Bytes::from(ProxyV1::tcp(peer, local).to_line());
+    match session.open(header).await {
+        Ok((reader, writer)) => {
+            pipe(client, reader, writer, cancel).await;
+        }
+        Err(e) => tracing::debug!(error = %e, %peer, "client refused"),
+    }
+}

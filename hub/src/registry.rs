@@ -1,0 +1,286 @@
+//! Allowed edges and their live tunnels, and the reconciliation between the two when the
+//! allowed set changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use remoteingress_tunnel::SessionHandle;
+use remoteingress_wire::frame::FrameType;
+use remoteingress_wire::handshake::secrets_equal;
+use remoteingress_wire::EdgeConfig;
+
+use crate::{AllowedEdge, ConnectedEdge, EdgeInfo, HubEvent, HubInner};
+
+struct EdgeRecord {
+    edge: AllowedEdge,
+    version: u64,
+    applied_version: Option<u64>,
+    last_error: Option<String>,
+}
+
+impl EdgeRecord {
+    fn versioned_config(&self) -> EdgeConfig {
+        EdgeConfig {
+            version: Some(self.version),
+            ..self.edge.config.clone()
+        }
+    }
+}
+
+/// A live tunnel of an edge.
+pub(crate) struct Connection {
+    pub(crate) id: u64,
+    pub(crate) session: SessionHandle,
+    pub(crate) since: SystemTime,
+    pub(crate) remote_addr: SocketAddr,
+    pub(crate) sent_version: u64,
+    pub(crate) rtt: Option<Duration>,
+}
+
+/// A configuration to send to a connected edge.
+pub(crate) struct Push {
+    session: SessionHandle,
+    edge_id: String,
+    config: EdgeConfig,
+}
+
+#[derive(Default)]
+pub(crate) struct Registry {
+    edges: BTreeMap<String, EdgeRecord>,
+    connections: HashMap<String, Connection>,
+    next_connection_id: u64,
+}
+
+impl Registry {
+    pub(crate) fn replace_all(&mut self, edges: Vec<AllowedEdge>) -> Vec<Push> {
+        let keep: std::collections::HashSet<&str> = edges.iter().map(|e| e.id.as_str()).collect();
+        let removed: Vec<String> = self
+            .edges
+            .keys()
+            .filter(|id| !keep.contains(id.as_str()))
+            .cloned()
+            .collect();
+        for id in removed {
+            self.delete(&id);
+        }
+        edges
+            .into_iter()
+            .filter_map(|edge| self.upsert(edge).pop())
+            .collect()
+    }
+
+    pub(crate) fn upsert(&mut self, edge: AllowedEdge) -> Vec<Push> {
+        let id = edge.id.clone();
+        let Some(record) = self.edges.get_mut(&id) else {
+            self.edges.insert(
+                id,
+                EdgeRecord {
+                    edge,
+                    version: 1,
+                    applied_version: None,
+                    last_error: None,
+                },
+            );
+            return Vec::new();
+        };
+        let secret_changed = record.edge.secret != edge.secret;
+        let config_changed = record.edge.config != edge.config;
+        record.edge = edge;
+        if config_changed {
+            record.version += 1;
+        }
+        if secret_changed {
+            self.disconnect(&id, "edge secret changed");
+            return Vec::new();
+        }
+        match self.connections.get_mut(&id) {
+            Some(connection) if config_changed => {
+                let record = &self.edges[&id];
+                connection.sent_version = record.version;
+                vec![Push {
+                    session: connection.session.clone(),
+                    edge_id: id,
+                    config: record.versioned_config(),
+                }]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    pub(crate) fn delete(&mut self, id: &str) -> (bool, Vec<Push>) {
+        let found = self.edges.remove(id).is_some();
+        self.disconnect(id, "edge removed");
+        (found, Vec::new())
+    }
+
+    pub(crate) fn disconnect(&mut self, id: &str, reason: &str) -> bool {
+        match self.connections.remove(id) {
+            Some(connection) => {
+                connection.session.close(reason);
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub(crate) fn disconnect_all(&mut self, reason: &str) {
+        for (_, connection) in self.connections.drain() {
+            connection.session.close(reason);
+        }
+    }
+
+    /// Checks credentials in constant time; the versioned config to send on success.
+    pub(crate) fn authenticate(&self, id: &str, secret: &str) -> Option<EdgeConfig> {
+        match self.edges.get(id) {
+            Some(record) if secrets_equal(record.edge.secret.as_bytes(), secret.as_bytes()) => {
+                Some(record.versioned_config())
+            }
+            Some(_) => None,
+            None => {
+                // Same work for unknown ids, so timing does not tell whether an id exists.
+                let _ = secrets_equal(secret.as_bytes(), secret.as_bytes());
+                None
+            }
+        }
+    }
+
+    /// Registers a new tunnel, replacing any previous one of the same edge. Fails if the edge
+    /// was removed or its secret changed since it authenticated. May return a newer config.
+    pub(crate) fn attach(
+        &mut self,
+        edge_id: &str,
+        secret: &str,
+        session: SessionHandle,
+        remote_addr: SocketAddr,
+        sent_version: u64,
+    ) -> Result<(u64, Option<Push>), ()> {
+        let record = self.edges.get(edge_id).ok_or(())?;
+        if !secrets_equal(record.edge.secret.as_bytes(), secret.as_bytes()) {
+            return Err(());
+        }
+        let newer = (record.version != sent_version).then(|| Push {
+            session: session.clone(),
+            edge_id: edge_id.to_owned(),
+            config: record.versioned_config(),
+        });
+        let version = record.version;
+        self.next_connection_id += 1;
+        let id = self.next_connection_id;
+        let previous = self.connections.insert(
+            edge_id.to_owned(),
+            Connection {
+                id,
+                session,
+                since: SystemTime::now(),
+                remote_addr,
+                sent_version: version,
+                rtt: None,
+            },
+        );
+        if let Some(previous) = previous {
+            previous
+                .session
+                .close("replaced by a newer connection of the same edge");
+        }
+        Ok((id, newer))
+    }
+
+    /// Forgets a tunnel if it is still the edge's current one.
+    pub(crate) fn detach(&mut self, edge_id: &str, connection_id: u64) {
+        if self
+            .connections
+            .get(edge_id)
+            .is_some_and(|c| c.id == connection_id)
+        {
+            self.connections.remove(edge_id);
+        }
+    }
+
+    pub(crate) fn record_ack(&mut self, edge_id: &str, version: u64, error: Option<String>) {
+        if let Some(record) = self.edges.get_mut(edge_id) {
+            match error {
+                None => {
+                    record.applied_version = Some(version);
+                    record.last_error = None;
+                }
+                Some(error) => record.last_error = Some(error),
+            }
+        }
+    }
+
+    pub(crate) fn record_rtt(&mut self, edge_id: &str, connection_id: u64, rtt: Duration) {
+        if let Some(connection) = self.connections.get_mut(edge_id) {
+            if connection.id == connection_id {
+                connection.rtt = Some(rtt);
+            }
+        }
+    }
+
+    /// Where a connection the edge accepted on `edge_port` goes.
+    pub(crate) fn target_port(&self, edge_id: &str, edge_port: u16) -> Option<u16> {
+        self.edges
+            .get(edge_id)
+            .map(|r| r.edge.target_port(edge_port))
+    }
+
+    pub(crate) fn list(&self) -> Vec<EdgeInfo> {
+        self.edges
+            .values()
+            .map(|record| EdgeInfo {
+                id: record.edge.id.clone(),
+                config: record.edge.config.clone(),
+                target_ports: record.edge.target_ports.clone(),
+                connected: self.connections.contains_key(&record.edge.id),
+                desired_version: record.version,
+                applied_version: record.applied_version,
+                last_error: record.last_error.clone(),
+            })
+            .collect()
+    }
+
+    pub(crate) fn connected(&self) -> Vec<ConnectedEdge> {
+        let mut edges: Vec<ConnectedEdge> = self
+            .connections
+            .iter()
+            .map(|(id, c)| {
+                let stats = c.session.stats();
+                ConnectedEdge {
+                    id: id.clone(),
+                    connected_since: c.since,
+                    remote_addr: c.remote_addr,
+                    transport: "tcpTls",
+                    active_streams: c.session.active_streams(),
+                    bytes_in: stats.bytes_in.load(Ordering::Relaxed),
+                    bytes_out: stats.bytes_out.load(Ordering::Relaxed),
+                    peak_stream_buffer: stats.peak_stream_buffer.load(Ordering::Relaxed),
+                    rtt: c.rtt,
+                }
+            })
+            .collect();
+        edges.sort_by(|a, b| a.id.cmp(&b.id));
+        edges
+    }
+}
+
+/// Sends the configurations to their edges.
+pub(crate) async fn perform(inner: &HubInner, pushes: Vec<Push>) {
+    for push in pushes {
+        let version = push.config.version.unwrap_or_default();
+        let json = serde_json::to_vec(&push.config).unwrap_or_default();
+        if push
+            .session
+            .send_control(FrameType::Config, Bytes::from(json))
+            .await
+            .is_ok()
+        {
+            tracing::info!(edge = %push.edge_id, version, "configuration pushed");
+            inner.emit(HubEvent::ConfigPushed {
+                edge_id: push.edge_id,
+                version,
+            });
+        }
+    }
+}

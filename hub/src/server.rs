@@ -1,0 +1,291 @@
+//! The tunnel listener: admission limits, TLS, the handshake, the session of each edge, and
+//! forwarding of each stream to its target.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use remoteingress_tunnel::line::read_line;
+use remoteingress_tunnel::{pipe, spawn_session, MuxReader, MuxWriter, Role, SessionEvent};
+use remoteingress_wire::handshake::{
+    accept_reply, error_reply, EdgeHello, MAX_LINE_LEN, UNAUTHORIZED,
+};
+use remoteingress_wire::proxy::ProxyV1;
+use serde::Deserialize;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::TlsAcceptor;
+
+use crate::{HubEvent, HubInner};
+
+/// Counts unauthenticated connections per source address.
+#[derive(Default)]
+struct PerSource(Mutex<HashMap<IpAddr, usize>>);
+
+/// Holds one unauthenticated slot (global and per source) until dropped.
+struct Admission {
+    _global: OwnedSemaphorePermit,
+    source: IpAddr,
+    per_source: Arc<PerSource>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        let mut counts = self.per_source.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = counts.get_mut(&self.source) {
+            *count -= 1;
+            if *count == 0 {
+                counts.remove(&self.source);
+            }
+        }
+    }
+}
+
+pub(crate) async fn accept_loop(
+    inner: Arc<HubInner>,
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let global = Arc::new(Semaphore::new(inner.options.max_unauthenticated));
+    let per_source = Arc::new(PerSource::default());
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = inner.shutdown.cancelled() => return,
+        };
+        let (tcp, remote_addr) = match accepted {
+            Ok(pair) => pair,
+            Err(e) => {
+                // Out of file descriptors and the like: pause instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Some(admission) = admit(&inner, &global, &per_source, remote_addr.ip()) else {
+            tracing::warn!(%remote_addr, "too many unauthenticated tunnel connections; dropped");
+            continue;
+        };
+        let inner = inner.clone();
+        let acceptor = acceptor.clone();
+        tokio::spawn(async move {
+            handle_connection(inner, acceptor, tcp, remote_addr, admission).await;
+        });
+    }
+}
+
+fn admit(
+    inner: &HubInner,
+    global: &Arc<Semaphore>,
+    per_source: &Arc<PerSource>,
+    source: IpAddr,
+) -> Option<Admission> {
+    let permit = global.clone().try_acquire_owned().ok()?;
+    let mut counts = per_source.0.lock().unwrap_or_else(|p| p.into_inner());
+    let count = counts.entry(source).or_default();
+    if *count >= inner.options.max_unauthenticated_per_source {
+        return None;
+    }
+    *count += 1;
+    Some(Admission {
+        _global: permit,
+        source,
+        per_source: per_source.clone(),
+    })
+}
+
+async fn handle_connection(
+    inner: Arc<HubInner>,
+    acceptor: TlsAcceptor,
+    tcp: TcpStream,
+    remote_addr: SocketAddr,
+    admission: Admission,
+) {
+    let _ = tcp.set_nodelay(true);
+    let auth_failed = |reason: String| {
+        tracing::warn!(%remote_addr, %reason, "edge authentication failed");
+        inner.emit(HubEvent::AuthFailed {
+            remote_addr,
+            reason,
+        });
+    };
+    let handshake = async {
+        let mut tls = acceptor
+            .accept(tcp)
+            .await
+            .map_err(|e| format!("TLS: {e}"))?;
+        let (line, rest) = read_line(&mut tls, MAX_LINE_LEN)
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        Ok::<_, String>((tls, line, rest))
+    };
+    let (mut tls, line, rest) =
+        match tokio::time::timeout(inner.options.handshake_timeout, handshake).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(reason)) => return auth_failed(reason),
+            Err(_) => return auth_failed("handshake not finished in time".into()),
+        };
+    let hello = EdgeHello::parse(&line);
+    let config = hello
+        .as_ref()
+        .ok()
+        .and_then(|hello| inner.registry().authenticate(&hello.edge_id, &hello.secret));
+    let (Ok(hello), Some(config)) = (hello, config) else {
+        let _ = tls.write_all(error_reply(UNAUTHORIZED).as_bytes()).await;
+        let _ = tls.shutdown().await;
+        return auth_failed(match EdgeHello::parse(&line) {
+            Ok(hello) => format!("bad credentials for edge {:?}", hello.edge_id),
+            Err(e) => e.to_string(),
+        });
+    };
+    if let Err(e) = tls.write_all(accept_reply(&config).as_bytes()).await {
+        return auth_failed(format!("writing the reply failed: {e}"));
+    }
+    drop(admission);
+    let edge_id = hello.edge_id.clone();
+    let (session, events) = spawn_session(tls, rest, Role::Hub, inner.options.session.clone());
+    let attached = inner.registry().attach(
+        &edge_id,
+        &hello.secret,
+        session.clone(),
+        remote_addr,
+        config.version.unwrap_or_default(),
+    );
+    let Ok((connection_id, newer)) = attached else {
+        session.close("edge removed or its secret changed during the handshake");
+        return;
+    };
+    tracing::info!(edge = %edge_id, %remote_addr, "edge connected");
+    inner.emit(HubEvent::EdgeConnected {
+        edge_id: edge_id.clone(),
+        remote_addr,
+    });
+    crate::registry::perform(&inner, newer.into_iter().collect()).await;
+    serve_session(&inner, &edge_id, connection_id, events).await;
+    inner.registry().detach(&edge_id, connection_id);
+    let reason = session
+        .close_reason()
+        .unwrap_or_else(|| "tunnel closed".into());
+    session.close(reason.clone());
+    tracing::info!(edge = %edge_id, %reason, "edge disconnected");
+    inner.emit(HubEvent::EdgeDisconnected { edge_id, reason });
+}
+
+#[derive(Deserialize)]
+struct ConfigAck {
+    version: u64,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+async fn serve_session(
+    inner: &Arc<HubInner>,
+    edge_id: &str,
+    connection_id: u64,
+    mut events: tokio::sync::mpsc::Receiver<SessionEvent>,
+) {
+    while let Some(event) = events.recv().await {
+        match event {
+            SessionEvent::Opened {
+                reader,
+                writer,
+                header,
+            } => {
+                let inner = inner.clone();
+                let edge_id = edge_id.to_owned();
+                tokio::spawn(async move { forward(inner, edge_id, reader, writer, header).await });
+            }
+            SessionEvent::ConfigAck(json) => match serde_json::from_slice::<ConfigAck>(&json) {
+                Ok(ack) => {
+                    match &ack.error {
+                        None => {
+                            tracing::info!(edge = %edge_id, version = ack.version, "configuration applied")
+                        }
+                        Some(error) => {
+                            tracing::warn!(edge = %edge_id, version = ack.version, %error, "edge rejected its configuration")
+                        }
+                    }
+                    inner
+                        .registry()
+                        .record_ack(edge_id, ack.version, ack.error.clone());
+                    inner.emit(HubEvent::ConfigApplied {
+                        edge_id: edge_id.to_owned(),
+                        version: ack.version,
+                        error: ack.error,
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(edge = %edge_id, error = %e, "unreadable CONFIG_ACK ignored")
+                }
+            },
+            SessionEvent::RoundTrip(rtt) => {
+                inner.registry().record_rtt(edge_id, connection_id, rtt)
+            }
+            SessionEvent::Config(_) => {}
+        }
+    }
+}
+
+/// Connects a stream to its target: PROXY line first, then bytes both ways.
+async fn forward(
+    inner: Arc<HubInner>,
+    edge_id: String,
+    reader: MuxReader,
+    mut writer: MuxWriter,
+    header: Bytes,
+) {
+    let stream_id = reader.id();
+    inner.emit(HubEvent::StreamOpened {
+        edge_id: edge_id.clone(),
+        stream_id,
+    });
+    match connect_target(&inner, &edge_id, &header).await {
+        Ok(socket) => {
+            let cancel = inner.shutdown.child_token();
+            pipe(socket, reader, writer, cancel).await;
+        }
+        Err(reason) => {
+            tracing::debug!(edge = %edge_id, stream = stream_id, %reason, "stream refused");
+            writer.finish().await;
+        }
+    }
+    inner.emit(HubEvent::StreamClosed { edge_id, stream_id });
+}
+
+async fn connect_target(
+    inner: &HubInner,
+    edge_id: &str,
+    header: &[u8],
+) -> Result<TcpStream, String> {
+    let (proxy, len) = ProxyV1::parse(header)
+        .map_err(|e| e.to_string())?
+        .ok_or("incomplete PROXY line")?;
+    if len != header.len() {
+        return Err("bytes after the PROXY line in OPEN".into());
+    }
+    let edge_port = proxy
+        .destination_port()
+        .ok_or("PROXY UNKNOWN has no destination port")?;
+    let port = inner
+        .registry()
+        .target_port(edge_id, edge_port)
+        .ok_or("edge no longer configured")?;
+    let host = inner.options.target_host.as_str();
+    let mut socket = tokio::time::timeout(
+        inner.options.connect_timeout,
+        TcpStream::connect((host, port)),
+    )
+    .await
+    .map_err(|_| format!("connecting to {host}:{port} timed out"))?
+    .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
+    let _ = socket.set_nodelay(true);
+    socket
+        .write_all(header)
+        .await
+        .map_err(|e| format!("writing the PROXY line to {host}:{port}: {e}"))?;
+    Ok(socket)
+}

@@ -1,0 +1,73 @@
+//! Moves bytes between a TCP socket and a tunnelled stream, both ways, with half-close.
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::mux::{MuxReader, MuxWriter};
+
+/// Bytes moved by one [`pipe`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Piped {
+    /// Socket → tunnel.
+    pub to_tunnel: u64,
+    /// Tunnel → socket.
+    pub from_tunnel: u64,
+}
+
+/// Pipes `socket` and the stream until both directions have finished, or `cancel` fires.
+///
+/// The socket's EOF becomes our CLOSE; the peer's CLOSE becomes a write shutdown on the socket.
+/// A socket that stops reading stops returning credit, so the peer stops sending.
+pub async fn pipe(
+    socket: TcpStream,
+    reader: MuxReader,
+    mut writer: MuxWriter,
+    cancel: CancellationToken,
+) -> Piped {
+    let (socket_rd, mut socket_wr) = socket.into_split();
+    let upload = async {
+        let mut total = 0u64;
+        loop {
+            let Ok(credit) = writer.reserve().await else {
+                break;
+            };
+            if socket_rd.readable().await.is_err() {
+                break;
+            }
+            // The buffer exists only while bytes are ready, so idle streams hold none.
+            let mut buf = BytesMut::with_capacity(credit);
+            match socket_rd.try_read_buf(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    total += n as u64;
+                    if writer.send(buf.freeze()).await.is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(_) => break,
+            }
+        }
+        writer.finish().await;
+        total
+    };
+    let download = async {
+        let mut total = 0u64;
+        while let Some(chunk) = reader.recv().await {
+            if socket_wr.write_all(&chunk).await.is_err() {
+                break;
+            }
+            total += chunk.len() as u64;
+            reader.consumed(chunk.len()).await;
+        }
+        let _ = socket_wr.shutdown().await;
+        total
+    };
+    let both = async { tokio::join!(upload, download) };
+    tokio::select! {
+        (to_tunnel, from_tunnel) = both => Piped { to_tunnel, from_tunnel },
+        () = cancel.cancelled() => Piped::default(),
+    }
+}
