@@ -236,10 +236,8 @@ impl Shared {
 
     /// Forgets a stream once both directions are closed.
     fn release_if_done(&self, slot: &StreamSlot, state: &StreamState) {
-        if state.peer_closed && state.local_closed {
-            if self.streams().remove(&slot.id).is_some() {
-                self.active.fetch_sub(1, Ordering::Relaxed);
-            }
+        if state.peer_closed && state.local_closed && self.streams().remove(&slot.id).is_some() {
+            self.active.fetch_sub(1, Ordering::Relaxed);
         }
     }
 
@@ -306,11 +304,7 @@ where
         data: data_rx,
         sustained: sustained_rx,
     };
-    tokio::spawn(run_task(
-        shared.clone(),
-        "writer",
-        write_loop(write_half, lanes, shared.clone()),
-    ));
+    tokio::spawn(write_task(write_half, lanes, shared.clone()));
     let reader = Reader {
         shared: shared.clone(),
         events: events_tx,
@@ -645,13 +639,26 @@ struct Lanes {
 
 /// Bytes gathered before one write to the TLS stream.
 const WRITE_BATCH: usize = 256 * 1024;
+/// Time allowed for a clean TLS close when the session ends.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// Runs the writer until the session ends, then closes the connection cleanly (TLS
+/// close_notify) so the peer sees an orderly end rather than a broken connection.
+async fn write_task<W: AsyncWrite>(io: W, lanes: Lanes, shared: Arc<Shared>) {
+    tokio::pin!(io);
+    let result = tokio::select! {
+        result = write_loop(&mut io, lanes, &shared) => result,
+        () = shared.closed.cancelled() => Ok(()),
+    };
+    let _ = tokio::time::timeout(CLOSE_GRACE, io.shutdown()).await;
+    shared.shutdown(result.err().unwrap_or_else(|| "writer finished".to_owned()));
+}
 
 async fn write_loop<W: AsyncWrite>(
-    io: W,
+    io: &mut std::pin::Pin<&mut W>,
     mut lanes: Lanes,
-    shared: Arc<Shared>,
+    shared: &Shared,
 ) -> Result<(), String> {
-    tokio::pin!(io);
     let mut scheduler: Scheduler<Outgoing> = Scheduler::new(shared.options.lanes);
     let mut buf = BytesMut::with_capacity(WRITE_BATCH);
     let mut flushed = Vec::new();

@@ -1,0 +1,202 @@
+//! Helpers for the end-to-end tests: a hub and edges on loopback, targets, and polling.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use remoteingress_edge::{BackoffPolicy, Edge, EdgeHandle, EdgeOptions};
+use remoteingress_hub::{AllowedEdge, Hub, HubHandle, HubOptions};
+use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions};
+use remoteingress_wire::proxy::ProxyV1;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Edge listeners live here so they never collide with targets on 127.0.0.1.
+pub const EDGE_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
+pub const SECRET: &str = "s3cr3t-for-tests";
+
+/// Polls `check` until it yields a value; fails the test after 20 s.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn hub_options(port: u16) -> HubOptions {
+    HubOptions {
+        listen_addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        handshake_timeout: Duration::from_secs(2),
+        session: SessionOptions {
+            ping_interval: Duration::from_millis(500),
+            idle_timeout: Duration::from_secs(5),
+            ..SessionOptions::default()
+        },
+        ..HubOptions::default()
+    }
+}
+
+pub async fn start_hub(state_dir: &Path, port: u16) -> HubHandle {
+    let identity = HubIdentity::load_or_generate(state_dir).unwrap();
+    Hub::start(hub_options(port), &identity).await.unwrap()
+}
+
+pub fn edge_options(hub: &HubHandle, id: &str, secret: &str) -> EdgeOptions {
+    let mut options = EdgeOptions::new(
+        "127.0.0.1",
+        hub.local_addr().port(),
+        id,
+        secret,
+        HubTrust::Pin(hub.pin().to_owned()),
+    );
+    options.bind_address = EDGE_IP;
+    options.backoff = BackoffPolicy {
+        min: Duration::from_millis(50),
+        max: Duration::from_millis(500),
+        stable_after: Duration::from_secs(60),
+    };
+    options.session.idle_timeout = Duration::from_secs(5);
+    options
+}
+
+pub async fn start_edge(hub: &HubHandle, id: &str) -> EdgeHandle {
+    Edge::start(edge_options(hub, id, SECRET)).unwrap()
+}
+
+/// An edge entry whose edge ports map to the given target ports.
+pub fn allowed(id: &str, ports: &[(u16, u16)]) -> AllowedEdge {
+    let mut edge = AllowedEdge::new(id, SECRET, ports.iter().map(|(edge, _)| *edge).collect());
+    edge.target_ports = ports.iter().copied().collect::<BTreeMap<_, _>>();
+    edge
+}
+
+/// A port that is free on `ip` right now.
+pub fn free_port(ip: IpAddr) -> u16 {
+    std::net::TcpListener::bind((ip, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until the edge listens on `port`.
+pub async fn wait_listening(edge: &EdgeHandle, port: u16) {
+    eventually(&format!("edge listening on {port}"), || async {
+        edge.status().listen_ports.contains(&port).then_some(())
+    })
+    .await;
+}
+
+/// A target that records each connection's PROXY header and echoes its bytes until EOF.
+pub struct EchoTarget {
+    pub addr: SocketAddr,
+    pub headers: Arc<Mutex<Vec<ProxyV1>>>,
+}
+
+pub async fn echo_target() -> EchoTarget {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let headers = Arc::new(Mutex::new(Vec::new()));
+    let seen = headers.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move { echo(socket, seen).await });
+        }
+    });
+    EchoTarget { addr, headers }
+}
+
+async fn echo(mut socket: TcpStream, seen: Arc<Mutex<Vec<ProxyV1>>>) {
+    let mut buf = Vec::new();
+    let (header, used) = loop {
+        if let Some(parsed) = ProxyV1::parse(&buf).expect("valid PROXY line") {
+            break parsed;
+        }
+        if socket.read_buf(&mut buf).await.unwrap_or(0) == 0 {
+            return;
+        }
+    };
+    seen.lock().unwrap().push(header);
+    if socket.write_all(&buf[used..]).await.is_err() {
+        return;
+    }
+    let (mut rd, mut wr) = socket.split();
+    let _ = tokio::io::copy(&mut rd, &mut wr).await;
+    let _ = wr.shutdown().await;
+}
+
+/// Sends `data`, half-closes, and returns everything received until EOF.
+pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut rd, mut wr) = stream.into_split();
+    let data = data.to_vec();
+    let writer = tokio::spawn(async move {
+        wr.write_all(&data).await.unwrap();
+        wr.shutdown().await.unwrap();
+    });
+    let mut received = Vec::new();
+    rd.read_to_end(&mut received).await.unwrap();
+    writer.await.unwrap();
+    received
+}
+
+/// A standard setup: a hub, one echo target, one edge "e1" forwarding `edge_port` to it.
+pub struct Setup {
+    pub state: tempfile::TempDir,
+    pub hub: HubHandle,
+    pub edge: EdgeHandle,
+    pub target: EchoTarget,
+    pub edge_port: u16,
+}
+
+impl Setup {
+    pub async fn new() -> Self {
+        let state = tempfile::tempdir().unwrap();
+        let hub = start_hub(state.path(), 0).await;
+        let target = echo_target().await;
+        let edge_port = free_port(EDGE_IP);
+        hub.update_allowed_edges(vec![allowed("e1", &[(edge_port, target.addr.port())])])
+            .await
+            .unwrap();
+        let edge = start_edge(&hub, "e1").await;
+        wait_listening(&edge, edge_port).await;
+        Self {
+            state,
+            hub,
+            edge,
+            target,
+            edge_port,
+        }
+    }
+
+    pub fn edge_addr(&self) -> SocketAddr {
+        SocketAddr::new(EDGE_IP, self.edge_port)
+    }
+}
+
+/// Deterministic pseudo-random bytes.
+pub fn pattern(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
