@@ -20,6 +20,14 @@ use tokio::net::{TcpListener, TcpStream};
 pub const EDGE_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
 pub const SECRET: &str = "s3cr3t-for-tests";
 
+/// Shows the crates' logs in failing tests (filter with RUST_LOG).
+pub fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
+}
+
 /// Polls `check` until it yields a value; fails the test after 20 s.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
 where
@@ -165,6 +173,7 @@ pub struct Setup {
 
 impl Setup {
     pub async fn new() -> Self {
+        init_logs();
         let state = tempfile::tempdir().unwrap();
         let hub = start_hub(state.path(), 0).await;
         let target = echo_target().await;

@@ -185,7 +185,10 @@ struct Shared {
     options: SessionOptions,
     streams: Mutex<HashMap<u32, Arc<StreamSlot>>>,
     active: AtomicUsize,
-    next_id: AtomicU32,
+    /// Next stream id to open; held while the OPEN is queued so ids reach the peer in order.
+    next_id: tokio::sync::Mutex<u32>,
+    /// Highest stream id opened so far (for telling stale frames from bogus ones).
+    last_opened: AtomicU32,
     control_tx: mpsc::Sender<Outgoing>,
     data_tx: mpsc::Sender<Outgoing>,
     sustained_tx: mpsc::Sender<Outgoing>,
@@ -287,7 +290,8 @@ where
         role,
         streams: Mutex::new(HashMap::new()),
         active: AtomicUsize::new(0),
-        next_id: AtomicU32::new(1),
+        next_id: tokio::sync::Mutex::new(1),
+        last_opened: AtomicU32::new(0),
         control_tx,
         data_tx,
         sustained_tx,
@@ -351,18 +355,22 @@ impl SessionHandle {
         if shared.active.load(Ordering::Relaxed) >= shared.options.max_streams {
             return Err(SessionError::TooManyStreams(shared.options.max_streams));
         }
-        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let send = |frame| shared.control_tx.send(Outgoing::Frame(frame));
+        let mut next_id = shared.next_id.lock().await;
+        let id = *next_id;
+        *next_id = id.checked_add(1).ok_or(SessionError::Closed)?;
         let slot = StreamSlot::new(id);
         shared.register(slot.clone());
+        shared.last_opened.store(id, Ordering::Relaxed);
         let raise = {
             let mut state = slot.lock();
             let window = shared.window(&state);
             state.recv.top_up(window)
         };
-        let send = |frame| shared.control_tx.send(Outgoing::Frame(frame));
         send(Frame::new(id, FrameType::Open, header))
             .await
             .map_err(|_| SessionError::Closed)?;
+        drop(next_id);
         if let Some(increment) = raise {
             send(Frame::window_update(
                 id,
@@ -878,7 +886,7 @@ impl Reader {
     fn is_past_stream(&self, id: u32) -> bool {
         match self.shared.role {
             Role::Hub => id != 0 && id <= self.last_peer_id,
-            Role::Edge => id != 0 && id < self.shared.next_id.load(Ordering::Relaxed),
+            Role::Edge => id != 0 && id <= self.shared.last_opened.load(Ordering::Relaxed),
         }
     }
 
