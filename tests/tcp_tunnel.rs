@@ -88,7 +88,12 @@ async fn five_hundred_concurrent_connections() {
             tokio::spawn(async move {
                 let data = pattern(1000 + i as usize * 37, i);
                 let got = round_trip(addr, &data).await;
-                assert!(got == data, "connection {i}: sent {} got {}", data.len(), got.len());
+                assert!(
+                    got == data,
+                    "connection {i}: sent {} got {}",
+                    data.len(),
+                    got.len()
+                );
             })
         })
         .collect();
