@@ -6,7 +6,8 @@ use std::path::Path;
 
 use remoteingress_wire::handshake::{validate_edge_id, validate_secret};
 use remoteingress_wire::EdgeConfig;
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::HubError;
 
@@ -22,8 +23,25 @@ pub struct AllowedEdge {
     #[serde(flatten)]
     pub config: EdgeConfig,
     /// Target port per edge port, where they differ.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "port_map"
+    )]
     pub target_ports: BTreeMap<u16, u16>,
+}
+
+/// Reads `{"80": 8080}`: map keys are strings in JSON and TOML.
+fn port_map<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<u16, u16>, D::Error> {
+    BTreeMap::<String, u16>::deserialize(deserializer)?
+        .into_iter()
+        .map(|(key, value)| match key.parse::<u16>() {
+            Ok(port) => Ok((port, value)),
+            Err(_) => Err(D::Error::custom(format!(
+                "targetPorts key {key:?} is not a port"
+            ))),
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for AllowedEdge {
