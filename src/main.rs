@@ -8,10 +8,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use remoteingress_controlplane::{serve_edge_status, serve_hub_admin, AdminOptions};
 use remoteingress_edge::{BackoffPolicy, Edge, EdgeOptions};
 use remoteingress_hub::{Hub, HubOptions};
 use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions};
 use remoteingress_wire::token::{normalize_pin, ConnectionToken};
+use tokio_util::sync::CancellationToken;
 
 /// Edge ingress tunnel: an edge on a public machine carries TCP over one TLS tunnel to a hub in
 /// a private network, which hands each connection to a local reverse proxy with a PROXY
@@ -123,6 +125,28 @@ struct HubArgs {
         default_value_t = 10
     )]
     handshake_timeout_secs: u64,
+    /// Address of the gRPC admin API.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_ADMIN_ADDR",
+        default_value = "127.0.0.1:8444"
+    )]
+    admin_addr: SocketAddr,
+    /// File holding the admin API's bearer token (or set REMOTEINGRESS_ADMIN_TOKEN).
+    #[arg(long, env = "REMOTEINGRESS_ADMIN_TOKEN_FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// PEM certificate for TLS on the admin API.
+    #[arg(long, env = "REMOTEINGRESS_ADMIN_TLS_CERT", requires = "admin_tls_key")]
+    admin_tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the admin API.
+    #[arg(long, env = "REMOTEINGRESS_ADMIN_TLS_KEY", requires = "admin_tls_cert")]
+    admin_tls_key: Option<PathBuf>,
+    /// Host name edges use to reach this hub, put into connection tokens.
+    #[arg(long, env = "REMOTEINGRESS_PUBLIC_HOST")]
+    public_host: Option<String>,
+    /// Port edges use to reach this hub (default: the tunnel port).
+    #[arg(long, env = "REMOTEINGRESS_PUBLIC_PORT")]
+    public_port: Option<u16>,
     #[command(flatten)]
     timers: TunnelTimers,
 }
@@ -166,6 +190,13 @@ struct EdgeArgs {
     /// Client connections allowed at once.
     #[arg(long, env = "REMOTEINGRESS_MAX_CONNECTIONS", default_value_t = 10_000)]
     max_connections: usize,
+    /// Address of the local gRPC status API.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_STATUS_ADDR",
+        default_value = "127.0.0.1:8445"
+    )]
+    status_addr: SocketAddr,
     #[command(flatten)]
     timers: TunnelTimers,
 }
@@ -267,8 +298,13 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         (Some(cert), Some(key)) => HubIdentity::from_pem_files(cert, key)?,
         _ => HubIdentity::load_or_generate(&args.state_dir)?,
     };
+    let admin_token = admin_token(args.admin_token_file.as_deref())?;
     let options = HubOptions {
         listen_addr: SocketAddr::new(args.listen_address, args.tunnel_port),
+        state_file: args
+            .edges_file
+            .is_none()
+            .then(|| args.state_dir.join("edges.json")),
         target_host: args.target_host,
         handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
         session: args
@@ -279,11 +315,25 @@ async fn run_hub(args: HubArgs) -> Result<()> {
     let hub = Hub::start(options, &identity).await?;
     println!("hub listening on {}", hub.local_addr());
     println!("certificate pin (sha256): {}", hub.pin());
+    let edges_file_mode = args.edges_file.is_some();
     if let Some(path) = args.edges_file {
         hub.watch_edges_file(path, Duration::from_secs(1)).await?;
     }
+    let stop = CancellationToken::new();
+    let admin = AdminOptions {
+        addr: args.admin_addr,
+        token: admin_token,
+        tls: args.admin_tls_cert.zip(args.admin_tls_key),
+        public_host: args.public_host,
+        public_port: args.public_port.unwrap_or(hub.local_addr().port()),
+        edges_file_mode,
+    };
+    let served = serve_hub_admin(hub.clone(), admin, stop.clone()).await?;
+    println!("admin API on {}", served.local_addr);
     shutdown_signal().await?;
+    stop.cancel();
     hub.shutdown().await;
+    let _ = served.task.await;
     Ok(())
 }
 
@@ -323,9 +373,29 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
     };
     options.session = args.timers.session(Duration::from_secs(15));
     let edge = Edge::start(options)?;
+    let stop = CancellationToken::new();
+    let served = serve_edge_status(edge.clone(), args.status_addr, stop.clone()).await?;
+    println!("status API on {}", served.local_addr);
     shutdown_signal().await?;
+    stop.cancel();
     edge.shutdown().await;
+    let _ = served.task.await;
     Ok(())
+}
+
+/// The admin token from its file, else from REMOTEINGRESS_ADMIN_TOKEN.
+fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
+    let token = match file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the admin token file {}", path.display()))?,
+        ),
+        None => std::env::var("REMOTEINGRESS_ADMIN_TOKEN").ok(),
+    };
+    match token.map(|t| t.trim().to_owned()) {
+        Some(token) if token.is_empty() => bail!("the admin token is empty"),
+        token => Ok(token),
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -301,7 +301,7 @@ async fn removed_edge_is_disconnected_and_secret_change_forces_reauthentication(
             .filter(|e| e.contains("unauthorized"))
     })
     .await;
-    assert!(setup.hub.delete_edge("e1").await);
+    assert!(setup.hub.delete_edge("e1").await.unwrap());
     assert!(setup.hub.status().connected_edges.is_empty());
 }
 

@@ -1,1 +1,20 @@
-//! remoteingress control plane: gRPC services over the hub and edge.
+//! The gRPC control plane: the hub's admin API (`remoteingress.v1.HubAdmin`) and the edge's
+//! status API (`remoteingress.v1.EdgeStatus`), each with health and server reflection, adapted
+//! from the hub and edge handles. Proto files: `proto/remoteingress/v1/`.
+
+mod convert;
+mod edge_status;
+mod hub_admin;
+mod server;
+
+pub use server::{serve_edge_status, serve_hub_admin, AdminOptions, ControlPlaneError, Served};
+
+/// Generated protobuf types and gRPC stubs.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    tonic::include_proto!("remoteingress.v1");
+
+    /// Encoded descriptors of the remoteingress protos, for reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/remoteingress_descriptor.bin"));
+}

@@ -158,8 +158,7 @@ mod tests {
         .unwrap();
         let edges = load_edges_file(&json).unwrap();
         assert_eq!(edges[0].config.listen_ports, vec![80]);
-        assert_eq!(edges[0].target_port(80), 8080);
-        assert_eq!(edges[0].target_port(81), 81);
+        assert_eq!(edges[0].target_ports, BTreeMap::from([(80, 8080)]));
 
         let toml = dir.path().join("edges.toml");
         std::fs::write(
@@ -169,7 +168,7 @@ mod tests {
         .unwrap();
         let edges = load_edges_file(&toml).unwrap();
         assert_eq!(edges[0].config.listen_ports, vec![80, 443]);
-        assert_eq!(edges[0].target_port(80), 8080);
+        assert_eq!(edges[0].target_ports, BTreeMap::from([(80, 8080)]));
     }
 
     #[test]

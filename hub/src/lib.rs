@@ -6,7 +6,9 @@
 
 mod edges;
 mod registry;
+mod secret;
 mod server;
+mod store;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -45,6 +47,17 @@ pub enum HubError {
         /// Field and problem.
         message: String,
     },
+    /// The state file could not be read or written.
+    #[error("state file {path}: {message}")]
+    State {
+        /// File.
+        path: PathBuf,
+        /// Problem.
+        message: String,
+    },
+    /// A connection token could not be made.
+    #[error(transparent)]
+    TokenSecret(#[from] TokenSecretError),
     /// The edges file could not be read or parsed.
     #[error("edges file {path}: {message}")]
     EdgesFile {
@@ -53,6 +66,20 @@ pub enum HubError {
         /// Problem.
         message: String,
     },
+}
+
+/// Why the hub cannot put an edge's secret into a connection token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum TokenSecretError {
+    /// No such edge.
+    #[error("no such edge")]
+    UnknownEdge,
+    /// The secret given is not the edge's.
+    #[error("the secret given is not this edge's secret")]
+    Mismatch,
+    /// Only the secret's hash survived a restart.
+    #[error("the hub keeps only a hash of this edge's secret; pass the secret to embed it")]
+    OnlyHashKnown,
 }
 
 /// How the hub listens and forwards.
@@ -72,6 +99,8 @@ pub struct HubOptions {
     pub max_unauthenticated_per_source: usize,
     /// Limits and timers of each edge session.
     pub session: SessionOptions,
+    /// Where the allowed-edge set is persisted; `None` keeps it in memory only.
+    pub state_file: Option<PathBuf>,
 }
 
 impl Default for HubOptions {
@@ -84,6 +113,7 @@ impl Default for HubOptions {
             max_unauthenticated: 256,
             max_unauthenticated_per_source: 16,
             session: SessionOptions::default(),
+            state_file: None,
         }
     }
 }
@@ -202,6 +232,8 @@ pub(crate) struct HubInner {
     local_addr: SocketAddr,
     pin: String,
     registry: Mutex<Registry>,
+    /// Serialises changes to the allowed set with their write to the state file.
+    changes: tokio::sync::Mutex<()>,
     events: broadcast::Sender<HubEvent>,
     shutdown: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -225,6 +257,15 @@ impl Hub {
     /// Binds the tunnel listener and starts accepting edges.
     pub async fn start(options: HubOptions, identity: &HubIdentity) -> Result<HubHandle, HubError> {
         let tls = identity.server_config()?;
+        let mut registry = Registry::default();
+        if let Some(path) = &options.state_file {
+            registry
+                .restore(store::load(path)?)
+                .map_err(|message| HubError::State {
+                    path: path.clone(),
+                    message,
+                })?;
+        }
         let listener = tokio::net::TcpListener::bind(options.listen_addr)
             .await
             .map_err(|source| HubError::Bind {
@@ -240,7 +281,8 @@ impl Hub {
             options,
             local_addr,
             pin: identity.pin(),
-            registry: Mutex::new(Registry::default()),
+            registry: Mutex::new(registry),
+            changes: tokio::sync::Mutex::new(()),
             events,
             shutdown: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
@@ -291,24 +333,48 @@ impl HubHandle {
     /// changed are disconnected.
     pub async fn update_allowed_edges(&self, edges: Vec<AllowedEdge>) -> Result<(), HubError> {
         validate_all(&edges)?;
-        let actions = self.inner.registry().replace_all(edges);
-        registry::perform(&self.inner, actions).await;
-        Ok(())
+        self.change(|registry| ((), registry.replace_all(edges)))
+            .await
     }
 
     /// Adds or replaces one edge.
     pub async fn upsert_edge(&self, edge: AllowedEdge) -> Result<(), HubError> {
         edge.validate()?;
-        let actions = self.inner.registry().upsert(edge);
-        registry::perform(&self.inner, actions).await;
-        Ok(())
+        self.change(|registry| ((), registry.upsert(edge))).await
     }
 
     /// Removes an edge (disconnecting it); false if it was not configured.
-    pub async fn delete_edge(&self, id: &str) -> bool {
-        let (found, actions) = self.inner.registry().delete(id);
-        registry::perform(&self.inner, actions).await;
-        found
+    pub async fn delete_edge(&self, id: &str) -> Result<bool, HubError> {
+        self.change(|registry| registry.delete(id)).await
+    }
+
+    /// Applies a change to the allowed set, persists the result, then pushes configurations.
+    /// A failed write is reported; the change is live but not persisted.
+    async fn change<R>(
+        &self,
+        apply: impl FnOnce(&mut Registry) -> (R, Vec<registry::Push>),
+    ) -> Result<R, HubError> {
+        let _serial = self.inner.changes.lock().await;
+        let (result, pushes, snapshot) = {
+            let mut registry = self.inner.registry();
+            let (result, pushes) = apply(&mut registry);
+            (result, pushes, registry.snapshot())
+        };
+        registry::perform(&self.inner, pushes).await;
+        if let Some(path) = &self.inner.options.state_file {
+            store::save(path, snapshot)?;
+        }
+        Ok(result)
+    }
+
+    /// The secret to embed in `edge_id`'s connection token: `given` if it is the edge's, or
+    /// the one this process was last told.
+    pub fn connection_token_secret(
+        &self,
+        edge_id: &str,
+        given: Option<&str>,
+    ) -> Result<String, HubError> {
+        Ok(self.inner.registry().token_secret(edge_id, given)?)
     }
 
     /// Drops an edge's tunnel (it may reconnect); false if it was not connected.

@@ -9,13 +9,19 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use remoteingress_tunnel::SessionHandle;
 use remoteingress_wire::frame::FrameType;
-use remoteingress_wire::handshake::secrets_equal;
 use remoteingress_wire::EdgeConfig;
+use std::sync::LazyLock;
 
-use crate::{AllowedEdge, ConnectedEdge, EdgeInfo, HubEvent, HubInner};
+use crate::secret::StoredSecret;
+use crate::store::StoredEdge;
+use crate::{AllowedEdge, ConnectedEdge, EdgeInfo, HubEvent, HubInner, TokenSecretError};
 
 struct EdgeRecord {
-    edge: AllowedEdge,
+    secret: StoredSecret,
+    /// The secret as last given to this process (never persisted), for connection tokens.
+    plaintext: Option<String>,
+    config: EdgeConfig,
+    target_ports: BTreeMap<u16, u16>,
     version: u64,
     applied_version: Option<u64>,
     last_error: Option<String>,
@@ -25,10 +31,13 @@ impl EdgeRecord {
     fn versioned_config(&self) -> EdgeConfig {
         EdgeConfig {
             version: Some(self.version),
-            ..self.edge.config.clone()
+            ..self.config.clone()
         }
     }
 }
+
+/// Compared against for unknown ids, so that timing does not tell whether an id exists.
+static UNKNOWN_EDGE_SECRET: LazyLock<StoredSecret> = LazyLock::new(|| StoredSecret::new(""));
 
 /// A live tunnel of an edge.
 pub(crate) struct Connection {
@@ -73,12 +82,20 @@ impl Registry {
     }
 
     pub(crate) fn upsert(&mut self, edge: AllowedEdge) -> Vec<Push> {
-        let id = edge.id.clone();
+        let AllowedEdge {
+            id,
+            secret,
+            config,
+            target_ports,
+        } = edge;
         let Some(record) = self.edges.get_mut(&id) else {
             self.edges.insert(
                 id,
                 EdgeRecord {
-                    edge,
+                    secret: StoredSecret::new(&secret),
+                    plaintext: Some(secret),
+                    config,
+                    target_ports,
                     version: 1,
                     applied_version: None,
                     last_error: None,
@@ -86,9 +103,14 @@ impl Registry {
             );
             return Vec::new();
         };
-        let secret_changed = record.edge.secret != edge.secret;
-        let config_changed = record.edge.config != edge.config;
-        record.edge = edge;
+        let secret_changed = !record.secret.matches(&secret);
+        let config_changed = record.config != config;
+        if secret_changed {
+            record.secret = StoredSecret::new(&secret);
+        }
+        record.plaintext = Some(secret);
+        record.config = config;
+        record.target_ports = target_ports;
         if config_changed {
             record.version += 1;
         }
@@ -107,6 +129,55 @@ impl Registry {
                 }]
             }
             _ => Vec::new(),
+        }
+    }
+
+    /// The allowed edges as persisted.
+    pub(crate) fn snapshot(&self) -> Vec<StoredEdge> {
+        self.edges
+            .iter()
+            .map(|(id, record)| StoredEdge {
+                id: id.clone(),
+                secret_hash: record.secret.encode(),
+                config: record.config.clone(),
+                target_ports: record.target_ports.clone(),
+            })
+            .collect()
+    }
+
+    /// Loads persisted edges into an empty registry.
+    pub(crate) fn restore(&mut self, edges: Vec<StoredEdge>) -> Result<(), String> {
+        for edge in edges {
+            let secret = StoredSecret::decode(&edge.secret_hash)
+                .ok_or_else(|| format!("edge {:?}: unreadable secret hash", edge.id))?;
+            self.edges.insert(
+                edge.id,
+                EdgeRecord {
+                    secret,
+                    plaintext: None,
+                    config: edge.config,
+                    target_ports: edge.target_ports,
+                    version: 1,
+                    applied_version: None,
+                    last_error: None,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// The secret of an edge if `given` matches it, or the one this process was last told.
+    pub(crate) fn token_secret(
+        &self,
+        id: &str,
+        given: Option<&str>,
+    ) -> Result<String, TokenSecretError> {
+        let record = self.edges.get(id).ok_or(TokenSecretError::UnknownEdge)?;
+        match (given, &record.plaintext) {
+            (Some(given), _) if record.secret.matches(given) => Ok(given.to_owned()),
+            (Some(_), _) => Err(TokenSecretError::Mismatch),
+            (None, Some(plaintext)) => Ok(plaintext.clone()),
+            (None, None) => Err(TokenSecretError::OnlyHashKnown),
         }
     }
 
@@ -135,13 +206,12 @@ impl Registry {
     /// Checks credentials in constant time; the versioned config to send on success.
     pub(crate) fn authenticate(&self, id: &str, secret: &str) -> Option<EdgeConfig> {
         match self.edges.get(id) {
-            Some(record) if secrets_equal(record.edge.secret.as_bytes(), secret.as_bytes()) => {
-                Some(record.versioned_config())
-            }
-            Some(_) => None,
+            Some(record) => record
+                .secret
+                .matches(secret)
+                .then(|| record.versioned_config()),
             None => {
-                // Same work for unknown ids, so timing does not tell whether an id exists.
-                let _ = secrets_equal(secret.as_bytes(), secret.as_bytes());
+                let _ = UNKNOWN_EDGE_SECRET.matches(secret);
                 None
             }
         }
@@ -158,7 +228,7 @@ impl Registry {
         sent_version: u64,
     ) -> Result<(u64, Option<Push>), ()> {
         let record = self.edges.get(edge_id).ok_or(())?;
-        if !secrets_equal(record.edge.secret.as_bytes(), secret.as_bytes()) {
+        if !record.secret.matches(secret) {
             return Err(());
         }
         let newer = (record.version != sent_version).then(|| Push {
@@ -223,17 +293,17 @@ impl Registry {
     pub(crate) fn target_port(&self, edge_id: &str, edge_port: u16) -> Option<u16> {
         self.edges
             .get(edge_id)
-            .map(|r| r.edge.target_port(edge_port))
+            .map(|r| r.target_ports.get(&edge_port).copied().unwrap_or(edge_port))
     }
 
     pub(crate) fn list(&self) -> Vec<EdgeInfo> {
         self.edges
-            .values()
-            .map(|record| EdgeInfo {
-                id: record.edge.id.clone(),
-                config: record.edge.config.clone(),
-                target_ports: record.edge.target_ports.clone(),
-                connected: self.connections.contains_key(&record.edge.id),
+            .iter()
+            .map(|(id, record)| EdgeInfo {
+                id: id.clone(),
+                config: record.config.clone(),
+                target_ports: record.target_ports.clone(),
+                connected: self.connections.contains_key(id),
                 desired_version: record.version,
                 applied_version: record.applied_version,
                 last_error: record.last_error.clone(),

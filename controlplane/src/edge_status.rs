@@ -1,0 +1,55 @@
+//! `remoteingress.v1.EdgeStatus` over an [`EdgeHandle`].
+
+use remoteingress_edge::EdgeHandle;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{edge_event, edge_events_missed};
+use crate::pb;
+use crate::pb::edge_status_server::EdgeStatus;
+use crate::server::{forward_events, EventStream};
+
+/// The edge status service.
+pub(crate) struct EdgeStatusService {
+    pub(crate) edge: EdgeHandle,
+}
+
+#[tonic::async_trait]
+impl EdgeStatus for EdgeStatusService {
+    async fn get_status(
+        &self,
+        _request: Request<pb::EdgeStatusGetStatusRequest>,
+    ) -> Result<Response<pb::EdgeStatusGetStatusResponse>, Status> {
+        let status = self.edge.status();
+        Ok(Response::new(pb::EdgeStatusGetStatusResponse {
+            running: status.running,
+            connected: status.connected,
+            transport: match status.transport {
+                Some("tcpTls") => pb::Transport::TcpTls as i32,
+                Some("quic") => pb::Transport::Quic as i32,
+                _ => pb::Transport::Unspecified as i32,
+            },
+            public_ip: String::new(),
+            active_streams: u32::try_from(status.active_streams).unwrap_or(u32::MAX),
+            active_udp_sessions: 0,
+            listen_ports: status.listen_ports.into_iter().map(u32::from).collect(),
+            listen_ports_udp: Vec::new(),
+            firewall: pb::FirewallState::Unavailable as i32,
+            firewall_message: "nftables support is not part of this build yet".to_owned(),
+            last_error: status.last_error.unwrap_or_default(),
+        }))
+    }
+
+    type WatchEventsStream = EventStream<pb::EdgeStatusWatchEventsResponse>;
+
+    async fn watch_events(
+        &self,
+        _request: Request<pb::EdgeStatusWatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let stream = forward_events(
+            self.edge.subscribe(),
+            |event| Some(edge_event(event)),
+            edge_events_missed,
+        );
+        Ok(Response::new(stream))
+    }
+}

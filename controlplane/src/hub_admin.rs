@@ -1,0 +1,169 @@
+//! `remoteingress.v1.HubAdmin` over a [`HubHandle`].
+
+use remoteingress_hub::HubHandle;
+use remoteingress_wire::token::ConnectionToken;
+use tonic::{Request, Response, Status};
+
+use crate::convert::{
+    connected_edge, edge_from_proto, edge_info, hub_event, hub_events_missed, hub_status,
+};
+use crate::pb;
+use crate::pb::hub_admin_server::HubAdmin;
+use crate::server::{forward_events, EventStream};
+
+/// The admin service.
+pub(crate) struct HubAdminService {
+    pub(crate) hub: HubHandle,
+    pub(crate) public_host: Option<String>,
+    pub(crate) public_port: u16,
+    /// The edges file is the source of truth: the API must not change the allowed set.
+    pub(crate) edges_file_mode: bool,
+}
+
+impl HubAdminService {
+    fn writable(&self) -> Result<(), Status> {
+        if self.edges_file_mode {
+            Err(Status::failed_precondition(
+                "the hub runs with --edges-file, which is the source of truth: edit that file instead",
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl HubAdmin for HubAdminService {
+    async fn update_allowed_edges(
+        &self,
+        request: Request<pb::UpdateAllowedEdgesRequest>,
+    ) -> Result<Response<pb::UpdateAllowedEdgesResponse>, Status> {
+        self.writable()?;
+        let edges = request
+            .into_inner()
+            .edges
+            .into_iter()
+            .map(edge_from_proto)
+            .collect::<Result<Vec<_>, _>>()?;
+        self.hub
+            .update_allowed_edges(edges)
+            .await
+            .map_err(hub_status)?;
+        Ok(Response::new(pb::UpdateAllowedEdgesResponse {}))
+    }
+
+    async fn upsert_edge(
+        &self,
+        request: Request<pb::UpsertEdgeRequest>,
+    ) -> Result<Response<pb::UpsertEdgeResponse>, Status> {
+        self.writable()?;
+        let edge = request
+            .into_inner()
+            .edge
+            .ok_or_else(|| Status::invalid_argument("edge: required"))?;
+        self.hub
+            .upsert_edge(edge_from_proto(edge)?)
+            .await
+            .map_err(hub_status)?;
+        Ok(Response::new(pb::UpsertEdgeResponse {}))
+    }
+
+    async fn delete_edge(
+        &self,
+        request: Request<pb::DeleteEdgeRequest>,
+    ) -> Result<Response<pb::DeleteEdgeResponse>, Status> {
+        self.writable()?;
+        let deleted = self
+            .hub
+            .delete_edge(&request.into_inner().id)
+            .await
+            .map_err(hub_status)?;
+        Ok(Response::new(pb::DeleteEdgeResponse { deleted }))
+    }
+
+    async fn list_edges(
+        &self,
+        _request: Request<pb::ListEdgesRequest>,
+    ) -> Result<Response<pb::ListEdgesResponse>, Status> {
+        let edges = self.hub.list_edges().into_iter().map(edge_info).collect();
+        Ok(Response::new(pb::ListEdgesResponse { edges }))
+    }
+
+    async fn get_status(
+        &self,
+        _request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let status = self.hub.status();
+        Ok(Response::new(pb::GetStatusResponse {
+            running: status.running,
+            tunnel_port: u32::from(status.tunnel_port),
+            connected_edges: status
+                .connected_edges
+                .into_iter()
+                .map(connected_edge)
+                .collect(),
+        }))
+    }
+
+    type WatchEventsStream = EventStream<pb::WatchEventsResponse>;
+
+    async fn watch_events(
+        &self,
+        request: Request<pb::WatchEventsRequest>,
+    ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let filter = request.into_inner();
+        let kinds: Vec<pb::EventKind> = filter
+            .kinds
+            .iter()
+            .filter_map(|kind| pb::EventKind::try_from(*kind).ok())
+            .collect();
+        let stream = forward_events(
+            self.hub.subscribe(),
+            move |event| {
+                let (kind, message) = hub_event(event);
+                let edge_matches = filter.edge_id.is_empty() || message.edge_id == filter.edge_id;
+                let kind_matches = kinds.is_empty() || kinds.contains(&kind);
+                (edge_matches && kind_matches).then_some(message)
+            },
+            hub_events_missed,
+        );
+        Ok(Response::new(stream))
+    }
+
+    async fn create_connection_token(
+        &self,
+        request: Request<pb::CreateConnectionTokenRequest>,
+    ) -> Result<Response<pb::CreateConnectionTokenResponse>, Status> {
+        let request = request.into_inner();
+        let hub_host = self.public_host.clone().ok_or_else(|| {
+            Status::failed_precondition("start the hub with --public-host so tokens can name it")
+        })?;
+        let given = Some(request.secret.as_str()).filter(|s| !s.is_empty());
+        let secret = self
+            .hub
+            .connection_token_secret(&request.edge_id, given)
+            .map_err(hub_status)?;
+        let pin = self.hub.pin().to_owned();
+        let token = ConnectionToken {
+            hub_host: hub_host.clone(),
+            hub_port: self.public_port,
+            edge_id: request.edge_id,
+            secret,
+            pin: Some(pin.clone()),
+        };
+        Ok(Response::new(pb::CreateConnectionTokenResponse {
+            token: token.encode(),
+            hub_host,
+            hub_port: u32::from(self.public_port),
+            pin,
+        }))
+    }
+
+    async fn disconnect_edge(
+        &self,
+        request: Request<pb::DisconnectEdgeRequest>,
+    ) -> Result<Response<pb::DisconnectEdgeResponse>, Status> {
+        let disconnected = self.hub.disconnect_edge(&request.into_inner().id);
+        Ok(Response::new(pb::DisconnectEdgeResponse { disconnected }))
+    }
+}

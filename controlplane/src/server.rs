@@ -1,0 +1,248 @@
+//! Serving the gRPC APIs: listener, optional TLS, bearer-token authorization, health, reflection
+//! (v1 and v1alpha), and event streaming that never blocks the data plane.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use remoteingress_edge::EdgeHandle;
+use remoteingress_hub::HubHandle;
+use subtle::ConstantTimeEq;
+use thiserror::Error;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, mpsc};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::server::Router;
+use tonic::transport::{Identity, Server, ServerTlsConfig};
+use tonic::{Request, Status};
+use tonic_health::ServingStatus;
+
+use crate::edge_status::EdgeStatusService;
+use crate::hub_admin::HubAdminService;
+use crate::pb;
+
+/// Why an API could not be started.
+#[derive(Debug, Error)]
+pub enum ControlPlaneError {
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// No admin token and a non-loopback address.
+    #[error("refusing to serve the admin API on {0} without an admin token; set --admin-token-file or REMOTEINGRESS_ADMIN_TOKEN, or bind to 127.0.0.1")]
+    NoTokenOffLoopback(SocketAddr),
+    /// TLS files unusable.
+    #[error("admin TLS: {0}")]
+    Tls(String),
+    /// Reflection descriptors unusable (a build problem).
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+}
+
+/// How the admin API is served.
+#[derive(Debug, Clone)]
+pub struct AdminOptions {
+    /// Listen address.
+    pub addr: SocketAddr,
+    /// Bearer token required on every call but health; `None` allows loopback only.
+    pub token: Option<String>,
+    /// PEM certificate and key for TLS; plaintext without.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Hub host that connection tokens name.
+    pub public_host: Option<String>,
+    /// Hub port that connection tokens name.
+    pub public_port: u16,
+    /// True when an edges file is the source of truth (write calls are refused).
+    pub edges_file_mode: bool,
+}
+
+/// A running API server.
+#[derive(Debug)]
+pub struct Served {
+    /// The address it listens on.
+    pub local_addr: SocketAddr,
+    /// Ends when the server has stopped.
+    pub task: JoinHandle<()>,
+}
+
+/// Checks `authorization: Bearer <token>` in constant time.
+#[derive(Clone)]
+struct BearerAuth {
+    token: Option<Arc<str>>,
+}
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.token else {
+            return Ok(request);
+        };
+        let given = request
+            .metadata()
+            .get("authorization")
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("missing or wrong bearer token"))
+        }
+    }
+}
+
+/// Health and reflection (v1 and v1alpha) for a server, the latter behind `auth`.
+async fn base_router(
+    tls: Option<&(PathBuf, PathBuf)>,
+    service_name: &str,
+    auth: BearerAuth,
+) -> Result<Router, ControlPlaneError> {
+    let mut builder = Server::builder();
+    if let Some((cert, key)) = tls {
+        let read = |path: &PathBuf| {
+            std::fs::read(path)
+                .map_err(|e| ControlPlaneError::Tls(format!("{}: {e}", path.display())))
+        };
+        builder = builder
+            .tls_config(
+                ServerTlsConfig::new().identity(Identity::from_pem(read(cert)?, read(key)?)),
+            )
+            .map_err(|e| ControlPlaneError::Tls(e.to_string()))?;
+    }
+    let (mut reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(service_name, ServingStatus::Serving)
+        .await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok(builder
+        .add_service(health)
+        .add_service(InterceptedService::new(
+            reflection().build_v1()?,
+            auth.clone(),
+        ))
+        .add_service(InterceptedService::new(reflection().build_v1alpha()?, auth)))
+}
+
+async fn serve(
+    router: Router,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<Served, ControlPlaneError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ControlPlaneError::Bind { addr, source })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| ControlPlaneError::Bind { addr, source })?;
+    let task = tokio::spawn(async move {
+        let incoming = TcpListenerStream::new(listener);
+        if let Err(e) = router
+            .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+            .await
+        {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+    Ok(Served { local_addr, task })
+}
+
+/// Serves `remoteingress.v1.HubAdmin` (plus health and reflection) until `shutdown`.
+pub async fn serve_hub_admin(
+    hub: HubHandle,
+    options: AdminOptions,
+    shutdown: CancellationToken,
+) -> Result<Served, ControlPlaneError> {
+    if options.token.is_none() {
+        if !options.addr.ip().is_loopback() {
+            return Err(ControlPlaneError::NoTokenOffLoopback(options.addr));
+        }
+        tracing::warn!(addr = %options.addr, "admin API has no token: anyone on this host can use it");
+    }
+    let auth = BearerAuth {
+        token: options.token.as_deref().map(Arc::from),
+    };
+    let service = HubAdminService {
+        hub,
+        public_host: options.public_host,
+        public_port: options.public_port,
+        edges_file_mode: options.edges_file_mode,
+    };
+    let router = base_router(
+        options.tls.as_ref(),
+        "remoteingress.v1.HubAdmin",
+        auth.clone(),
+    )
+    .await?
+    .add_service(pb::hub_admin_server::HubAdminServer::with_interceptor(
+        service, auth,
+    ));
+    let served = serve(router, options.addr, shutdown).await?;
+    tracing::info!(addr = %served.local_addr, tls = options.tls.is_some(), "admin API listening");
+    Ok(served)
+}
+
+/// Serves `remoteingress.v1.EdgeStatus` (plus health and reflection) until `shutdown`.
+/// It is read-only and meant for loopback.
+pub async fn serve_edge_status(
+    edge: EdgeHandle,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) -> Result<Served, ControlPlaneError> {
+    let auth = BearerAuth { token: None };
+    let router = base_router(None, "remoteingress.v1.EdgeStatus", auth)
+        .await?
+        .add_service(pb::edge_status_server::EdgeStatusServer::new(
+            EdgeStatusService { edge },
+        ));
+    let served = serve(router, addr, shutdown).await?;
+    tracing::info!(addr = %served.local_addr, "edge status API listening");
+    Ok(served)
+}
+
+/// A server stream of events.
+pub(crate) type EventStream<T> = Pin<Box<ReceiverStream<Result<T, Status>>>>;
+
+/// Streams broadcast events to one watcher through a small bounded queue. A watcher that falls
+/// behind loses events (and is told how many) instead of slowing whoever emits them.
+pub(crate) fn forward_events<E, T>(
+    mut events: broadcast::Receiver<E>,
+    convert: impl Fn(E) -> Option<T> + Send + 'static,
+    missed: fn(u64) -> T,
+) -> EventStream<T>
+where
+    E: Clone + Send + 'static,
+    T: Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let message = tokio::select! {
+                received = events.recv() => match received {
+                    Ok(event) => match convert(event) {
+                        Some(message) => message,
+                        None => continue,
+                    },
+                    Err(broadcast::error::RecvError::Lagged(count)) => missed(count),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                () = tx.closed() => return,
+            };
+            if tx.send(Ok(message)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}

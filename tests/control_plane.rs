@@ -1,0 +1,483 @@
+//! The gRPC control plane against a real hub and edge, through a tonic client.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use common::*;
+use remoteingress_controlplane::pb;
+use remoteingress_controlplane::pb::edge_status_client::EdgeStatusClient;
+use remoteingress_controlplane::pb::hub_admin_client::HubAdminClient;
+use remoteingress_controlplane::{serve_edge_status, serve_hub_admin, AdminOptions};
+use remoteingress_hub::{Hub, HubHandle};
+use remoteingress_tunnel::HubIdentity;
+use remoteingress_wire::token::ConnectionToken;
+use tokio_stream::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+
+const ADMIN_TOKEN: &str = "admin-token-for-tests";
+
+type Admin =
+    HubAdminClient<InterceptedService<Channel, fn(Request<()>) -> Result<Request<()>, Status>>>;
+
+fn with_token(mut request: Request<()>) -> Result<Request<()>, Status> {
+    let value: MetadataValue<_> = format!("Bearer {ADMIN_TOKEN}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
+}
+
+async fn channel(addr: SocketAddr) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+struct ControlPlane {
+    state: tempfile::TempDir,
+    hub: HubHandle,
+    admin_addr: SocketAddr,
+    admin: Admin,
+    stop: CancellationToken,
+}
+
+async fn start_hub_with_state(state: &std::path::Path, port: u16) -> HubHandle {
+    let identity = HubIdentity::load_or_generate(state).unwrap();
+    let mut options = hub_options(port);
+    options.state_file = Some(state.join("edges.json"));
+    Hub::start(options, &identity).await.unwrap()
+}
+
+async fn serve_admin(
+    hub: &HubHandle,
+    stop: &CancellationToken,
+    edges_file_mode: bool,
+) -> SocketAddr {
+    let options = AdminOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        token: Some(ADMIN_TOKEN.into()),
+        tls: None,
+        public_host: Some("hub.example.com".into()),
+        public_port: 443,
+        edges_file_mode,
+    };
+    serve_hub_admin(hub.clone(), options, stop.clone())
+        .await
+        .unwrap()
+        .local_addr
+}
+
+impl ControlPlane {
+    async fn new() -> Self {
+        init_logs();
+        let state = tempfile::tempdir().unwrap();
+        let hub = start_hub_with_state(state.path(), 0).await;
+        let stop = CancellationToken::new();
+        let admin_addr = serve_admin(&hub, &stop, false).await;
+        let admin =
+            HubAdminClient::with_interceptor(channel(admin_addr).await, with_token as fn(_) -> _);
+        Self {
+            state,
+            hub,
+            admin_addr,
+            admin,
+            stop,
+        }
+    }
+}
+
+fn edge_message(id: &str, ports: &[(u16, u16)]) -> pb::Edge {
+    pb::Edge {
+        id: id.into(),
+        secret: SECRET.into(),
+        listen_ports: ports.iter().map(|(p, _)| u32::from(*p)).collect(),
+        target_ports: ports
+            .iter()
+            .map(|(p, t)| (u32::from(*p), u32::from(*t)))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+async fn next_event(
+    stream: &mut tonic::Streaming<pb::WatchEventsResponse>,
+) -> pb::watch_events_response::Event {
+    tokio::time::timeout(Duration::from_secs(20), stream.next())
+        .await
+        .expect("an event")
+        .unwrap()
+        .unwrap()
+        .event
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_admin_rpc_against_a_live_hub_and_edge() {
+    use pb::watch_events_response::Event;
+    let mut cp = ControlPlane::new().await;
+    let target = echo_target().await;
+    let port = free_port(EDGE_IP);
+    let mut events = cp
+        .admin
+        .watch_events(pb::WatchEventsRequest {
+            edge_id: "e1".into(),
+            kinds: vec![
+                pb::EventKind::EdgeConnected as i32,
+                pb::EventKind::EdgeDisconnected as i32,
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    cp.admin
+        .update_allowed_edges(pb::UpdateAllowedEdgesRequest {
+            edges: vec![edge_message("e1", &[(port, target.addr.port())])],
+        })
+        .await
+        .unwrap();
+    let edge = start_edge(&cp.hub, "e1").await;
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::EdgeConnected(_)
+    ));
+    wait_listening(&edge, port).await;
+
+    // Validation: one bad edge rejects the whole request, naming edge and field.
+    let mut bad = edge_message("e2", &[(8080, 8080)]);
+    bad.firewall_config = Some(pb::FirewallConfig {
+        blocked_ips: vec!["10.0.0.0/33".into()],
+        ..Default::default()
+    });
+    let error = cp
+        .admin
+        .update_allowed_edges(pb::UpdateAllowedEdgesRequest {
+            edges: vec![edge_message("e1", &[]), bad],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error.message().contains("\"e2\"") && error.message().contains("blockedIps[0]"),
+        "{}",
+        error.message()
+    );
+    let mut out_of_range = edge_message("e1", &[]);
+    out_of_range.listen_ports = vec![70_000];
+    let error = cp
+        .admin
+        .upsert_edge(pb::UpsertEdgeRequest {
+            edge: Some(out_of_range),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error.message().contains("listenPorts[0]"),
+        "{}",
+        error.message()
+    );
+
+    let listed = cp
+        .admin
+        .list_edges(pb::ListEdgesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed.edges.len(),
+        1,
+        "the rejected requests changed nothing"
+    );
+    let e1 = &listed.edges[0];
+    assert_eq!((e1.id.as_str(), e1.connected), ("e1", true));
+    assert_eq!(e1.listen_ports, vec![u32::from(port)]);
+
+    // A port added through the API is accepted on the edge.
+    let extra = free_port(EDGE_IP);
+    cp.admin
+        .upsert_edge(pb::UpsertEdgeRequest {
+            edge: Some(edge_message(
+                "e1",
+                &[(port, target.addr.port()), (extra, target.addr.port())],
+            )),
+        })
+        .await
+        .unwrap();
+    wait_listening(&edge, extra).await;
+    let data = pattern(3000, 4);
+    assert_eq!(
+        round_trip(SocketAddr::new(EDGE_IP, extra), &data).await,
+        data
+    );
+    let applied = eventually("the edge to acknowledge version 2", || {
+        let mut admin = cp.admin.clone();
+        async move {
+            let edges = admin
+                .list_edges(pb::ListEdgesRequest {})
+                .await
+                .ok()?
+                .into_inner()
+                .edges;
+            (edges[0].applied_config_version == 2).then_some(edges[0].desired_config_version)
+        }
+    })
+    .await;
+    assert_eq!(applied, 2);
+
+    let status = cp
+        .admin
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.running);
+    assert_eq!(status.tunnel_port, u32::from(cp.hub.local_addr().port()));
+    assert_eq!(status.connected_edges.len(), 1);
+    let connected = &status.connected_edges[0];
+    assert_eq!(connected.transport, pb::Transport::TcpTls as i32);
+    assert!(connected.bytes_in >= 3000 && connected.bytes_out >= 3000);
+
+    let token = cp
+        .admin
+        .create_connection_token(pb::CreateConnectionTokenRequest {
+            edge_id: "e1".into(),
+            secret: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let decoded = ConnectionToken::decode(&token.token).unwrap();
+    assert_eq!(decoded.hub_host, "hub.example.com");
+    assert_eq!(decoded.hub_port, 443);
+    assert_eq!(decoded.secret, SECRET);
+    assert_eq!(decoded.pin.as_deref(), Some(cp.hub.pin()));
+
+    let disconnected = cp
+        .admin
+        .disconnect_edge(pb::DisconnectEdgeRequest { id: "e1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(disconnected.disconnected);
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::EdgeDisconnected(_)
+    ));
+    assert!(
+        matches!(next_event(&mut events).await, Event::EdgeConnected(_)),
+        "the edge comes back"
+    );
+
+    let deleted = cp
+        .admin
+        .delete_edge(pb::DeleteEdgeRequest { id: "e1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.deleted);
+    assert!(matches!(
+        next_event(&mut events).await,
+        Event::EdgeDisconnected(_)
+    ));
+    assert!(cp
+        .admin
+        .list_edges(pb::ListEdgesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .edges
+        .is_empty());
+    edge.shutdown().await;
+    cp.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_need_the_bearer_token_except_health() {
+    let cp = ControlPlane::new().await;
+    let plain = channel(cp.admin_addr).await;
+    let error = HubAdminClient::new(plain.clone())
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::Unauthenticated);
+    let wrong = HubAdminClient::with_interceptor(plain.clone(), |mut request: Request<()>| {
+        request
+            .metadata_mut()
+            .insert("authorization", "Bearer nope".parse().unwrap());
+        Ok(request)
+    })
+    .get_status(pb::GetStatusRequest {})
+    .await
+    .unwrap_err();
+    assert_eq!(wrong.code(), Code::Unauthenticated);
+    let health = tonic_health::pb::health_client::HealthClient::new(plain)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "remoteingress.v1.HubAdmin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_allowed_set_survives_a_restart_without_plaintext_secrets() {
+    let mut cp = ControlPlane::new().await;
+    let target = echo_target().await;
+    let port = free_port(EDGE_IP);
+    cp.admin
+        .update_allowed_edges(pb::UpdateAllowedEdgesRequest {
+            edges: vec![edge_message("e1", &[(port, target.addr.port())])],
+        })
+        .await
+        .unwrap();
+    let edge = start_edge(&cp.hub, "e1").await;
+    wait_listening(&edge, port).await;
+
+    let state = std::fs::read_to_string(cp.state.path().join("edges.json")).unwrap();
+    assert!(
+        state.contains("\"e1\"") && !state.contains(SECRET),
+        "{state}"
+    );
+
+    let hub_port = cp.hub.local_addr().port();
+    cp.stop.cancel();
+    cp.hub.shutdown().await;
+    eventually("the edge to notice", || async {
+        (!edge.status().connected).then_some(())
+    })
+    .await;
+
+    let hub = start_hub_with_state(cp.state.path(), hub_port).await;
+    let stop = CancellationToken::new();
+    let addr = serve_admin(&hub, &stop, false).await;
+    let mut admin = HubAdminClient::with_interceptor(channel(addr).await, with_token as fn(_) -> _);
+    let edges = admin
+        .list_edges(pb::ListEdgesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .edges;
+    assert_eq!(edges.len(), 1);
+    assert_eq!(
+        edges[0].target_ports.get(&u32::from(port)),
+        Some(&u32::from(target.addr.port()))
+    );
+    eventually("the edge to reconnect and get its ports", || async {
+        let status = edge.status();
+        (status.connected && status.connections >= 2 && status.listen_ports.contains(&port))
+            .then_some(())
+    })
+    .await;
+    let data = pattern(777, 1);
+    assert_eq!(
+        round_trip(SocketAddr::new(EDGE_IP, port), &data).await,
+        data
+    );
+
+    let request = |secret: &str| pb::CreateConnectionTokenRequest {
+        edge_id: "e1".into(),
+        secret: secret.into(),
+    };
+    let error = admin
+        .create_connection_token(request(""))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    let error = admin
+        .create_connection_token(request("wrong"))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(admin.create_connection_token(request(SECRET)).await.is_ok());
+    edge.shutdown().await;
+    stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_state_file_stops_the_hub() {
+    let state = tempfile::tempdir().unwrap();
+    std::fs::write(state.path().join("edges.json"), "{\"format\":1,").unwrap();
+    let identity = HubIdentity::load_or_generate(state.path()).unwrap();
+    let mut options = hub_options(0);
+    options.state_file = Some(state.path().join("edges.json"));
+    let error = Hub::start(options, &identity)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("corrupt"), "{error}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_refused_when_an_edges_file_rules() {
+    let cp = ControlPlane::new().await;
+    let addr = serve_admin(&cp.hub, &cp.stop, true).await;
+    let mut admin = HubAdminClient::with_interceptor(channel(addr).await, with_token as fn(_) -> _);
+    let error = admin
+        .upsert_edge(pb::UpsertEdgeRequest {
+            edge: Some(edge_message("e1", &[])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::FailedPrecondition);
+    assert!(admin.list_edges(pb::ListEdgesRequest {}).await.is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_edge_status_api_reports_state_and_events() {
+    use pb::edge_status_watch_events_response::Event;
+    let setup = Setup::new().await;
+    let stop = CancellationToken::new();
+    let served = serve_edge_status(
+        setup.edge.clone(),
+        "127.0.0.1:0".parse().unwrap(),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let mut client = EdgeStatusClient::new(channel(served.local_addr).await);
+    let status = client
+        .get_status(pb::EdgeStatusGetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.running && status.connected);
+    assert_eq!(status.listen_ports, vec![u32::from(setup.edge_port)]);
+    assert_eq!(status.transport, pb::Transport::TcpTls as i32);
+
+    let mut events = client
+        .watch_events(pb::EdgeStatusWatchEventsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let extra = free_port(EDGE_IP);
+    let target = setup.target.addr.port();
+    setup
+        .hub
+        .upsert_edge(allowed("e1", &[(setup.edge_port, target), (extra, target)]))
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let Some(Event::PortsChanged(ports)) = event.event else {
+        panic!("expected a ports change, got {event:?}");
+    };
+    assert!(ports.update);
+    assert!(ports.listen_ports.contains(&u32::from(extra)));
+    stop.cancel();
+}
