@@ -1,6 +1,6 @@
 //! The gRPC control plane against a real hub and edge, through a tonic client.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::result_large_err)]
 
 mod common;
 
