@@ -125,6 +125,8 @@ async fn base_router(
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .with_service_name(service_name)
+            .with_service_name("grpc.health.v1.Health")
     };
     Ok(builder
         .add_service(health)
