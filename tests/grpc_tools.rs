@@ -21,7 +21,10 @@ impl Drop for Process {
 
 fn buf() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node_modules/.bin/buf");
-    assert!(path.exists(), "buf is missing: run `npm ci` (./scripts/test does)");
+    assert!(
+        path.exists(),
+        "buf is missing: run `npm ci` (./scripts/test does)"
+    );
     path
 }
 
@@ -58,7 +61,10 @@ fn spawn(args: &[String], env: &[(&str, &str)]) -> Process {
 
 async fn wait_port(port: u16) {
     eventually(&format!("port {port} to accept"), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok().map(|_| ())
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
     })
     .await;
 }
@@ -67,7 +73,11 @@ async fn wait_port(port: u16) {
 async fn buf_curl_lists_and_calls_both_apis_through_reflection() {
     let state = tempfile::tempdir().unwrap();
     let localhost = "127.0.0.1".parse().unwrap();
-    let (tunnel, admin, status) = (free_port(localhost), free_port(localhost), free_port(localhost));
+    let (tunnel, admin, status) = (
+        free_port(localhost),
+        free_port(localhost),
+        free_port(localhost),
+    );
     let state_dir = state.path().display().to_string();
     let _hub = spawn(
         &[
@@ -98,7 +108,11 @@ async fn buf_curl_lists_and_calls_both_apis_through_reflection() {
 
     let services = buf_curl(&["--reflect-header", auth, "--list-services", &hub_url]);
     assert!(services.status.success(), "{}", text(&services));
-    assert!(text(&services).contains("remoteingress.v1.HubAdmin"), "{}", text(&services));
+    assert!(
+        text(&services).contains("remoteingress.v1.HubAdmin"),
+        "{}",
+        text(&services)
+    );
 
     let method = format!("{hub_url}/remoteingress.v1.HubAdmin/GetStatus");
     let status_call = buf_curl(&["--reflect-header", auth, "-H", auth, "-d", "{}", &method]);
@@ -109,11 +123,19 @@ async fn buf_curl_lists_and_calls_both_apis_through_reflection() {
 
     let refused = buf_curl(&["--reflect-header", auth, "-d", "{}", &method]);
     assert!(!refused.status.success());
-    assert!(text(&refused).contains("unauthenticated"), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("unauthenticated"),
+        "{}",
+        text(&refused)
+    );
 
     let edge_url = format!("http://127.0.0.1:{status}");
     let services = buf_curl(&["--list-services", &edge_url]);
-    assert!(text(&services).contains("remoteingress.v1.EdgeStatus"), "{}", text(&services));
+    assert!(
+        text(&services).contains("remoteingress.v1.EdgeStatus"),
+        "{}",
+        text(&services)
+    );
     assert!(!text(&services).contains("HubAdmin"), "{}", text(&services));
     let edge_method = format!("{edge_url}/remoteingress.v1.EdgeStatus/GetStatus");
     // The edge is not allowed on the hub: its status says why it is not connected.
