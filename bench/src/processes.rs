@@ -1,0 +1,153 @@
+//! The hub and edge as separate processes of the release binary, so that their memory can be
+//! measured on their own; and readings of a process's RSS and open descriptors.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// A child process killed when dropped.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+}
+
+impl Process {
+    /// Its pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port free on `ip` right now.
+pub fn free_port(ip: &str) -> Result<u16> {
+    Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
+}
+
+/// A running hub and edge with the given edge-port → target mapping.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// Hub process.
+    pub hub: Process,
+    /// Edge process.
+    pub edge: Process,
+    _state: tempfile::TempDir,
+}
+
+/// Address the edge's public listeners bind to.
+pub const EDGE_IP: &str = "127.0.0.2";
+
+impl Tunnel {
+    /// Starts both processes and waits until every edge port accepts.
+    pub async fn start(binary: &Path, ports: &BTreeMap<u16, u16>) -> Result<Self> {
+        let state = tempfile::tempdir()?;
+        let secret = "bench-secret";
+        let edges = serde_json::json!([{
+            "id": "bench",
+            "secret": secret,
+            "listenPorts": ports.keys().collect::<Vec<_>>(),
+            "targetPorts": ports.iter().map(|(k, v)| (k.to_string(), v)).collect::<BTreeMap<_, _>>(),
+        }]);
+        let edges_file = state.path().join("edges.json");
+        std::fs::write(&edges_file, edges.to_string())?;
+        let tunnel_port = free_port("127.0.0.1")?;
+        let mut hub = Command::new(binary)
+            .args([
+                "--log-level",
+                "warn",
+                "hub",
+                "--listen-address",
+                "127.0.0.1",
+            ])
+            .args(["--tunnel-port", &tunnel_port.to_string()])
+            .args([
+                "--admin-addr",
+                &format!("127.0.0.1:{}", free_port("127.0.0.1")?),
+            ])
+            .arg("--state-dir")
+            .arg(state.path())
+            .arg("--edges-file")
+            .arg(&edges_file)
+            .args(["--max-streams", "30000"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the hub")?;
+        let stdout = hub.stdout.take().context("hub stdout")?;
+        let hub = Process { child: hub };
+        // Keep draining the hub's stdout after the pin, so its later lines never hit a closed pipe.
+        let (pin_tx, pin_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(pin) = line.strip_prefix("certificate pin (sha256): ") {
+                    let _ = pin_tx.send(pin.to_owned());
+                }
+            }
+        });
+        let pin = pin_rx
+            .recv_timeout(Duration::from_secs(20))
+            .context("the hub did not print its pin")?;
+        let edge = Command::new(binary)
+            .args(["--log-level", "warn", "edge", "--hub-host", "127.0.0.1"])
+            .args(["--hub-port", &tunnel_port.to_string()])
+            .args(["--edge-id", "bench", "--secret", secret, "--hub-pin", &pin])
+            .args(["--bind-address", EDGE_IP])
+            .args([
+                "--status-addr",
+                &format!("127.0.0.1:{}", free_port("127.0.0.1")?),
+            ])
+            .args(["--max-connections", "30000", "--max-streams", "30000"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting the edge")?;
+        let edge = Process { child: edge };
+        for port in ports.keys() {
+            wait_accepting(SocketAddr::new(EDGE_IP.parse()?, *port)).await?;
+        }
+        Ok(Self {
+            hub,
+            edge,
+            _state: state,
+        })
+    }
+}
+
+async fn wait_accepting(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("{addr} did not start accepting")
+}
+
+/// Resident memory of a process in bytes.
+pub fn rss_bytes(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .context("no VmRSS")?;
+    Ok(kib * 1024)
+}
+
+/// Open file descriptors of a process.
+pub fn open_fds(pid: u32) -> Result<u64> {
+    Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count() as u64)
+}

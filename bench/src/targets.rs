@@ -1,0 +1,71 @@
+//! In-process targets: each accepts connections with or without a PROXY v1 line in front.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use remoteingress_wire::proxy::ProxyV1;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// What a target does with a connection's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Sends every byte back.
+    Echo,
+    /// Reads and counts every byte.
+    Sink,
+}
+
+/// A running target.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Bytes a sink has read (after any PROXY line).
+    pub received: Arc<AtomicU64>,
+}
+
+/// Starts a target on 127.0.0.1. Connections may or may not start with a PROXY v1 line.
+pub async fn start(mode: Mode) -> std::io::Result<Target> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let target = Target {
+        addr: listener.local_addr()?,
+        received: Arc::new(AtomicU64::new(0)),
+    };
+    let received = target.received.clone();
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let received = received.clone();
+            tokio::spawn(async move {
+                let _ = serve(socket, mode, &received).await;
+            });
+        }
+    });
+    Ok(target)
+}
+
+async fn serve(mut socket: TcpStream, mode: Mode, received: &AtomicU64) -> std::io::Result<()> {
+    let _ = socket.set_nodelay(true);
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut first = true;
+    loop {
+        let n = socket.read(&mut buf).await?;
+        if n == 0 {
+            return socket.shutdown().await;
+        }
+        let mut data = &buf[..n];
+        if std::mem::take(&mut first) && data.starts_with(b"PROXY ") {
+            // The line fits one read in practice; a split line would only skew a counter.
+            if let Ok(Some((_, len))) = ProxyV1::parse(data) {
+                data = &data[len..];
+            }
+        }
+        match mode {
+            Mode::Echo => socket.write_all(data).await?,
+            Mode::Sink => {
+                received.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+}
