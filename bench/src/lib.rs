@@ -89,8 +89,13 @@ impl Row {
 
 /// Runs every measurement and returns the rows.
 pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
-    // 10,000 idle connections need ~20,000 descriptors in this process; children inherit.
-    let _ = rlimit::increase_nofile_limit(65_536);
+    let idle_connections = config.idle_connections.min(idle_capacity());
+    if idle_connections < config.idle_connections {
+        eprintln!(
+            "note: the descriptor limit allows only {idle_connections} idle connections, not {}",
+            config.idle_connections
+        );
+    }
     let sink = targets::start(Mode::Sink).await?;
     let echo = targets::start(Mode::Echo).await?;
     let sink_port = processes::free_port(EDGE_IP)?;
@@ -134,8 +139,20 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
         tunnelled,
     ));
 
-    rows.extend(idle_memory(&tunnel, via_tunnel(echo_port), config.idle_connections).await?);
+    rows.extend(idle_memory(&tunnel, via_tunnel(echo_port), idle_connections).await?);
     Ok(rows)
+}
+
+/// Raises the descriptor limit (children inherit it) and returns how many idle connections this
+/// process can hold: each needs two descriptors here, client side and target side.
+fn idle_capacity() -> usize {
+    use rlimit::Resource;
+    const WANTED: u64 = 65_536;
+    if Resource::NOFILE.set(WANTED, WANTED).is_err() {
+        let _ = rlimit::increase_nofile_limit(WANTED);
+    }
+    let soft = Resource::NOFILE.get().map(|(soft, _)| soft).unwrap_or(1024);
+    (soft.saturating_sub(512) / 2) as usize
 }
 
 /// Gbit/s that `streams` connections push into the sink together.

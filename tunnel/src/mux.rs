@@ -215,7 +215,10 @@ impl Shared {
             }
         }
         self.closed.cancel();
-        for slot in self.streams().values() {
+        // Slots are locked after the map lock is released: elsewhere a slot lock is held while
+        // the map lock is taken (release_if_done), so holding both here could deadlock.
+        let slots: Vec<Arc<StreamSlot>> = self.streams().values().cloned().collect();
+        for slot in slots {
             slot.lock().aborted = true;
             slot.readable.notify_one();
             slot.writable.notify_one();
@@ -773,6 +776,9 @@ impl Reader {
         let mut decoder = FrameDecoder::new();
         decoder.feed(&initial);
         let idle = self.shared.options.idle_timeout;
+        // An initialised buffer reused for every read: handing TLS uninitialised capacity would
+        // make it zero the whole capacity on each read, however little it returns.
+        let mut scratch = vec![0u8; READ_CHUNK];
         loop {
             while let Some(frame) = decoder
                 .next_frame()
@@ -780,13 +786,12 @@ impl Reader {
             {
                 self.dispatch(frame).await?;
             }
-            decoder.buffer_mut().reserve(READ_CHUNK);
-            let read = tokio::time::timeout(idle, io.read_buf(decoder.buffer_mut())).await;
+            let read = tokio::time::timeout(idle, io.read(&mut scratch)).await;
             match read {
                 Err(_) => return Err(format!("peer silent for {} s", idle.as_secs())),
                 Ok(Err(e)) => return Err(format!("tunnel read failed: {e}")),
                 Ok(Ok(0)) => return Err("peer closed the tunnel".to_owned()),
-                Ok(Ok(_)) => {}
+                Ok(Ok(n)) => decoder.feed(&scratch[..n]),
             }
         }
     }
