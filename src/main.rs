@@ -89,6 +89,22 @@ impl TunnelTimers {
 }
 
 #[derive(Args)]
+struct UdpArgs {
+    /// Seconds without traffic either way after which a UDP session ends.
+    #[arg(long, env = "REMOTEINGRESS_UDP_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    udp_idle_timeout_secs: u64,
+    /// Most UDP sessions per edge; new ones past it are dropped and counted.
+    #[arg(long, env = "REMOTEINGRESS_UDP_MAX_SESSIONS", default_value_t = 65_536)]
+    udp_max_sessions: usize,
+}
+
+impl UdpArgs {
+    fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.udp_idle_timeout_secs.max(1))
+    }
+}
+
+#[derive(Args)]
 struct HubArgs {
     /// Address the tunnel listener binds to.
     #[arg(long, env = "REMOTEINGRESS_LISTEN_ADDRESS", default_value = "0.0.0.0")]
@@ -149,6 +165,8 @@ struct HubArgs {
     public_port: Option<u16>,
     #[command(flatten)]
     timers: TunnelTimers,
+    #[command(flatten)]
+    udp: UdpArgs,
 }
 
 #[derive(Args)]
@@ -199,6 +217,8 @@ struct EdgeArgs {
     status_addr: SocketAddr,
     #[command(flatten)]
     timers: TunnelTimers,
+    #[command(flatten)]
+    udp: UdpArgs,
 }
 
 #[derive(Subcommand)]
@@ -310,6 +330,8 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         session: args
             .timers
             .session(Duration::from_secs(args.ping_interval_secs.max(1))),
+        udp_idle_timeout: args.udp.idle_timeout(),
+        udp_max_sessions: args.udp.udp_max_sessions,
         ..HubOptions::default()
     };
     let hub = Hub::start(options, &identity).await?;
@@ -372,6 +394,8 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
         ..BackoffPolicy::default()
     };
     options.session = args.timers.session(Duration::from_secs(15));
+    options.udp_idle_timeout = args.udp.idle_timeout();
+    options.udp_max_sessions = args.udp.udp_max_sessions;
     let edge = Edge::start(options)?;
     let stop = CancellationToken::new();
     let served = serve_edge_status(edge.clone(), args.status_addr, stop.clone()).await?;

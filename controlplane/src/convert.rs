@@ -263,7 +263,7 @@ pub(crate) fn connected_edge(edge: ConnectedEdge) -> pb::ConnectedEdge {
         remote_addr: edge.remote_addr.to_string(),
         transport: transport(edge.transport),
         active_streams: u32::try_from(edge.active_streams).unwrap_or(u32::MAX),
-        active_udp_sessions: 0,
+        active_udp_sessions: u32::try_from(edge.active_udp_sessions).unwrap_or(u32::MAX),
         bytes_in: edge.bytes_in,
         bytes_out: edge.bytes_out,
         public_ip: String::new(),
@@ -312,6 +312,22 @@ pub(crate) fn hub_event(event: HubEvent) -> (pb::EventKind, pb::WatchEventsRespo
             edge_id,
             HubPbEvent::StreamClosed(pb::StreamClosed { stream_id }),
         ),
+        HubEvent::UdpSessionOpened {
+            edge_id,
+            session_id,
+        } => (
+            Kind::UdpSessionOpened,
+            edge_id,
+            HubPbEvent::UdpSessionOpened(pb::UdpSessionOpened { session_id }),
+        ),
+        HubEvent::UdpSessionClosed {
+            edge_id,
+            session_id,
+        } => (
+            Kind::UdpSessionClosed,
+            edge_id,
+            HubPbEvent::UdpSessionClosed(pb::UdpSessionClosed { session_id }),
+        ),
         HubEvent::ConfigPushed { edge_id, version } => (
             Kind::ConfigPushed,
             edge_id,
@@ -352,10 +368,10 @@ pub(crate) fn hub_events_missed(count: u64) -> pb::WatchEventsResponse {
 /// An edge event as sent to watchers.
 pub(crate) fn edge_event(event: EdgeEvent) -> pb::EdgeStatusWatchEventsResponse {
     use pb::edge_status_watch_events_response::Event;
-    let ports = |listen_ports: Vec<u16>, update| {
+    let ports = |tcp: Vec<u16>, udp: Vec<u16>, update| {
         Event::PortsChanged(pb::PortsChanged {
-            listen_ports: listen_ports.into_iter().map(u32::from).collect(),
-            listen_ports_udp: Vec::new(),
+            listen_ports: tcp.into_iter().map(u32::from).collect(),
+            listen_ports_udp: udp.into_iter().map(u32::from).collect(),
             update,
         })
     };
@@ -366,8 +382,14 @@ pub(crate) fn edge_event(event: EdgeEvent) -> pb::EdgeStatusWatchEventsResponse 
         EdgeEvent::TunnelDisconnected { reason } => {
             Event::TunnelDisconnected(pb::TunnelDisconnected { reason })
         }
-        EdgeEvent::PortsAssigned { listen_ports } => ports(listen_ports, false),
-        EdgeEvent::PortsUpdated { listen_ports } => ports(listen_ports, true),
+        EdgeEvent::PortsAssigned {
+            listen_ports,
+            listen_ports_udp,
+        } => ports(listen_ports, listen_ports_udp, false),
+        EdgeEvent::PortsUpdated {
+            listen_ports,
+            listen_ports_udp,
+        } => ports(listen_ports, listen_ports_udp, true),
         EdgeEvent::ConfigRejected { version, error } => Event::ConfigRejected(pb::ConfigRejected {
             version: version.unwrap_or_default(),
             error,

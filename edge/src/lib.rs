@@ -4,6 +4,7 @@
 
 mod backoff;
 mod ports;
+mod udp;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -29,6 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use backoff::BackoffPolicy;
 use ports::PortSet;
+use udp::{UdpLimits, UdpPorts};
 
 /// Longest handshake reply (the edge's configuration) accepted from the hub.
 const MAX_REPLY_LEN: usize = 1024 * 1024;
@@ -70,6 +72,10 @@ pub struct EdgeOptions {
     pub max_connections: usize,
     /// Limits and timers of the tunnel session.
     pub session: SessionOptions,
+    /// A UDP session without traffic either way for this long ends.
+    pub udp_idle_timeout: Duration,
+    /// Most UDP sessions; datagrams of new clients past it are dropped (and counted).
+    pub udp_max_sessions: usize,
 }
 
 impl EdgeOptions {
@@ -92,6 +98,8 @@ impl EdgeOptions {
             connect_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             session: SessionOptions::default(),
+            udp_idle_timeout: Duration::from_secs(60),
+            udp_max_sessions: 65_536,
         }
     }
 }
@@ -106,15 +114,19 @@ pub enum EdgeEvent {
         /// Why.
         reason: String,
     },
-    /// Listening on these TCP ports after connecting.
+    /// Listening on these ports after connecting.
     PortsAssigned {
-        /// The ports.
+        /// TCP ports.
         listen_ports: Vec<u16>,
+        /// UDP ports.
+        listen_ports_udp: Vec<u16>,
     },
-    /// Listening on these TCP ports after a configuration change.
+    /// Listening on these ports after a configuration change.
     PortsUpdated {
-        /// The ports.
+        /// TCP ports.
         listen_ports: Vec<u16>,
+        /// UDP ports.
+        listen_ports_udp: Vec<u16>,
     },
     /// A configuration could not be applied; the previous one stays.
     ConfigRejected {
@@ -138,6 +150,12 @@ pub struct EdgeStatus {
     pub active_streams: usize,
     /// TCP ports listened on.
     pub listen_ports: Vec<u16>,
+    /// UDP ports listened on.
+    pub listen_ports_udp: Vec<u16>,
+    /// UDP sessions open now.
+    pub active_udp_sessions: u64,
+    /// UDP datagrams dropped at a limit or a full queue, this tunnel.
+    pub udp_dropped: u64,
     /// Last connection or configuration error.
     pub last_error: Option<String>,
     /// Tunnels established since start.
@@ -230,7 +248,10 @@ impl EdgeHandle {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if let Some(session) = &*self.inner.session.lock().unwrap_or_else(|p| p.into_inner()) {
+            let stats = session.stats();
             status.active_streams = session.active_streams();
+            status.active_udp_sessions = stats.udp_sessions.load(std::sync::atomic::Ordering::Relaxed);
+            status.udp_dropped = stats.udp_dropped.load(std::sync::atomic::Ordering::Relaxed);
         }
         status
     }
@@ -264,6 +285,7 @@ async fn supervise(inner: Arc<EdgeInner>) {
                     s.connected = false;
                     s.transport = None;
                     s.listen_ports.clear();
+                    s.listen_ports_udp.clear();
                     s.last_error = Some(reason.clone());
                 });
                 inner.emit(EdgeEvent::TunnelDisconnected { reason });
@@ -333,12 +355,23 @@ async fn serve(
         s.last_error = None;
     });
     inner.emit(EdgeEvent::TunnelConnected);
-    let mut ports = PortSet::new(
-        inner.options.bind_address,
-        session.clone(),
-        inner.connections.clone(),
-    );
+    let mut ports = Listeners {
+        tcp: PortSet::new(
+            inner.options.bind_address,
+            session.clone(),
+            inner.connections.clone(),
+        ),
+        udp: UdpPorts::new(
+            inner.options.bind_address,
+            session.clone(),
+            UdpLimits {
+                idle_timeout: inner.options.udp_idle_timeout,
+                max_sessions: inner.options.udp_max_sessions,
+            },
+        ),
+    };
     apply_config(inner, &session, &mut ports, &config, true).await;
+    let mut sweep = tokio::time::interval(ports.udp.sweep_interval());
     loop {
         tokio::select! {
             event = events.recv() => match event {
@@ -346,9 +379,12 @@ async fn serve(
                     Ok(config) => apply_config(inner, &session, &mut ports, &config, false).await,
                     Err(e) => reject(inner, &session, None, format!("unreadable configuration: {e}")).await,
                 },
+                Some(SessionEvent::UdpDatagram { id, payload }) => ports.udp.reply(id, &payload),
+                Some(SessionEvent::UdpClose { id }) => ports.udp.closed_by_hub(id),
                 Some(_) => {}
                 None => break,
             },
+            _ = sweep.tick() => ports.udp.expire(),
             () = inner.shutdown.cancelled() => {
                 session.close("edge shutting down");
                 break;
@@ -362,28 +398,48 @@ async fn serve(
         .unwrap_or_else(|| "tunnel closed".to_owned())
 }
 
+/// The public listeners of one tunnel session.
+struct Listeners {
+    tcp: PortSet,
+    udp: UdpPorts,
+}
+
 /// Validates and applies a configuration whole, or keeps the previous one; acknowledges it.
 async fn apply_config(
     inner: &EdgeInner,
     session: &SessionHandle,
-    ports: &mut PortSet,
+    ports: &mut Listeners,
     config: &EdgeConfig,
     initial: bool,
 ) {
-    let applied = config
-        .validate()
-        .map_err(|e| e.to_string())
-        .and_then(|()| ports.apply(&config.listen_ports));
-    if let Err(error) = applied {
-        return reject(inner, session, config.version, error).await;
-    }
-    let listen_ports = ports.ports();
-    tracing::info!(ports = ?listen_ports, version = ?config.version, "configuration applied");
-    inner.update(|s| s.listen_ports = listen_ports.clone());
+    // Every new port is bound before anything changes, so a failure leaves the old set whole.
+    let bound = config.validate().map_err(|e| e.to_string()).and_then(|()| {
+        let tcp = ports.tcp.bind_new(&config.listen_ports)?;
+        let udp = ports.udp.bind_new(&config.listen_ports_udp)?;
+        Ok((tcp, udp))
+    });
+    let (tcp, udp) = match bound {
+        Ok(bound) => bound,
+        Err(error) => return reject(inner, session, config.version, error).await,
+    };
+    ports.tcp.commit(&config.listen_ports, tcp);
+    ports.udp.commit(&config.listen_ports_udp, udp);
+    let (listen_ports, listen_ports_udp) = (ports.tcp.ports(), ports.udp.ports());
+    tracing::info!(tcp = ?listen_ports, udp = ?listen_ports_udp, version = ?config.version, "configuration applied");
+    inner.update(|s| {
+        s.listen_ports = listen_ports.clone();
+        s.listen_ports_udp = listen_ports_udp.clone();
+    });
     inner.emit(if initial {
-        EdgeEvent::PortsAssigned { listen_ports }
+        EdgeEvent::PortsAssigned {
+            listen_ports,
+            listen_ports_udp,
+        }
     } else {
-        EdgeEvent::PortsUpdated { listen_ports }
+        EdgeEvent::PortsUpdated {
+            listen_ports,
+            listen_ports_udp,
+        }
     });
     if let Some(version) = config.version {
         acknowledge(session, serde_json::json!({ "version": version })).await;

@@ -12,6 +12,9 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+/// Listeners bound for new ports, not yet serving.
+pub(crate) type BoundTcp = Vec<(u16, TcpListener)>;
+
 /// Listeners bound for one tunnel session.
 pub(crate) struct PortSet {
     bind_address: IpAddr,
@@ -39,10 +42,9 @@ impl PortSet {
         self.listeners.keys().copied().collect()
     }
 
-    /// Makes the listeners match `ports`. All new ports are bound before anything changes, so
-    /// on error the previous set stays whole.
-    pub(crate) fn apply(&mut self, ports: &[u16]) -> Result<(), String> {
-        let mut fresh = Vec::new();
+    /// Binds the ports of `ports` not yet listened on; nothing changes until [`Self::commit`].
+    pub(crate) fn bind_new(&self, ports: &[u16]) -> Result<BoundTcp, String> {
+        let mut fresh: BoundTcp = Vec::new();
         for &port in ports {
             if self.listeners.contains_key(&port) || fresh.iter().any(|(p, _)| *p == port) {
                 continue;
@@ -51,6 +53,12 @@ impl PortSet {
             let listener = bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             fresh.push((port, listener));
         }
+        Ok(fresh)
+    }
+
+    /// Makes the listeners match `ports`, using listeners from [`Self::bind_new`]. Removed
+    /// ports close, ending their connections; unchanged ports are untouched.
+    pub(crate) fn commit(&mut self, ports: &[u16], fresh: BoundTcp) {
         let removed: Vec<u16> = self
             .listeners
             .keys()
@@ -69,7 +77,6 @@ impl PortSet {
             let connections = self.connections.clone();
             tokio::spawn(accept_loop(listener, session, connections, cancel));
         }
-        Ok(())
     }
 }
 

@@ -9,6 +9,7 @@ mod registry;
 mod secret;
 mod server;
 mod store;
+mod udp;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -101,6 +102,10 @@ pub struct HubOptions {
     pub session: SessionOptions,
     /// Where the allowed-edge set is persisted; `None` keeps it in memory only.
     pub state_file: Option<PathBuf>,
+    /// A UDP session without traffic either way for this long ends.
+    pub udp_idle_timeout: Duration,
+    /// Most UDP sessions per edge; sessions past it are refused (and counted).
+    pub udp_max_sessions: usize,
 }
 
 impl Default for HubOptions {
@@ -114,6 +119,8 @@ impl Default for HubOptions {
             max_unauthenticated_per_source: 16,
             session: SessionOptions::default(),
             state_file: None,
+            udp_idle_timeout: Duration::from_secs(60),
+            udp_max_sessions: 65_536,
         }
     }
 }
@@ -155,6 +162,20 @@ pub enum HubEvent {
         edge_id: String,
         /// Stream id.
         stream_id: u32,
+    },
+    /// A UDP session started.
+    UdpSessionOpened {
+        /// Edge id.
+        edge_id: String,
+        /// Session id.
+        session_id: u32,
+    },
+    /// A UDP session ended.
+    UdpSessionClosed {
+        /// Edge id.
+        edge_id: String,
+        /// Session id.
+        session_id: u32,
     },
     /// A configuration was sent to a connected edge.
     ConfigPushed {
@@ -212,6 +233,10 @@ pub struct ConnectedEdge {
     pub bytes_out: u64,
     /// Largest number of unconsumed bytes one stream held on the hub.
     pub peak_stream_buffer: u64,
+    /// UDP sessions open now.
+    pub active_udp_sessions: u64,
+    /// UDP datagrams or sessions dropped at a limit or a full queue.
+    pub udp_dropped: u64,
     /// Last PING round trip.
     pub rtt: Option<Duration>,
 }

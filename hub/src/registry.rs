@@ -326,6 +326,8 @@ impl Registry {
                     bytes_in: stats.bytes_in.load(Ordering::Relaxed),
                     bytes_out: stats.bytes_out.load(Ordering::Relaxed),
                     peak_stream_buffer: stats.peak_stream_buffer.load(Ordering::Relaxed),
+                    active_udp_sessions: stats.udp_sessions.load(Ordering::Relaxed),
+                    udp_dropped: stats.udp_dropped.load(Ordering::Relaxed),
                     rtt: c.rtt,
                 }
             })

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use remoteingress_tunnel::line::read_line;
-use remoteingress_tunnel::{pipe, spawn_session, MuxReader, MuxWriter, Role, SessionEvent};
+use remoteingress_tunnel::{
+    pipe, spawn_session, MuxReader, MuxWriter, Role, SessionEvent, SessionHandle,
+};
 use remoteingress_wire::handshake::{
     accept_reply, error_reply, EdgeHello, MAX_LINE_LEN, UNAUTHORIZED,
 };
@@ -19,6 +21,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
+use crate::udp::UdpSessions;
 use crate::{HubEvent, HubInner};
 
 /// Counts unauthenticated connections per source address.
@@ -165,7 +168,7 @@ async fn handle_connection(
         remote_addr,
     });
     crate::registry::perform(&inner, newer.into_iter().collect()).await;
-    serve_session(&inner, &edge_id, connection_id, events).await;
+    serve_session(&inner, &edge_id, connection_id, &session, events).await;
     inner.registry().detach(&edge_id, connection_id);
     let reason = session
         .close_reason()
@@ -186,9 +189,22 @@ async fn serve_session(
     inner: &Arc<HubInner>,
     edge_id: &str,
     connection_id: u64,
+    session: &SessionHandle,
     mut events: tokio::sync::mpsc::Receiver<SessionEvent>,
 ) {
-    while let Some(event) = events.recv().await {
+    let mut udp = UdpSessions::new(edge_id, session.clone());
+    let mut sweep = tokio::time::interval(UdpSessions::sweep_interval(inner));
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return,
+            },
+            _ = sweep.tick() => {
+                udp.expire(inner);
+                continue;
+            }
+        };
         match event {
             SessionEvent::Opened {
                 reader,
@@ -199,34 +215,31 @@ async fn serve_session(
                 let edge_id = edge_id.to_owned();
                 tokio::spawn(async move { forward(inner, edge_id, reader, writer, header).await });
             }
-            SessionEvent::ConfigAck(json) => match serde_json::from_slice::<ConfigAck>(&json) {
-                Ok(ack) => {
-                    match &ack.error {
-                        None => {
-                            tracing::info!(edge = %edge_id, version = ack.version, "configuration applied")
-                        }
-                        Some(error) => {
-                            tracing::warn!(edge = %edge_id, version = ack.version, %error, "edge rejected its configuration")
-                        }
-                    }
-                    inner
-                        .registry()
-                        .record_ack(edge_id, ack.version, ack.error.clone());
-                    inner.emit(HubEvent::ConfigApplied {
-                        edge_id: edge_id.to_owned(),
-                        version: ack.version,
-                        error: ack.error,
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(edge = %edge_id, error = %e, "unreadable CONFIG_ACK ignored")
-                }
-            },
-            SessionEvent::RoundTrip(rtt) => {
-                inner.registry().record_rtt(edge_id, connection_id, rtt)
-            }
+            SessionEvent::ConfigAck(json) => record_ack(inner, edge_id, &json),
+            SessionEvent::RoundTrip(rtt) => inner.registry().record_rtt(edge_id, connection_id, rtt),
+            SessionEvent::UdpOpen { id, header } => udp.open(inner, id, header).await,
+            SessionEvent::UdpDatagram { id, payload } => udp.datagram(id, &payload),
+            SessionEvent::UdpClose { id } => udp.close(inner, id),
             SessionEvent::Config(_) => {}
         }
+    }
+}
+
+fn record_ack(inner: &HubInner, edge_id: &str, json: &[u8]) {
+    match serde_json::from_slice::<ConfigAck>(json) {
+        Ok(ack) => {
+            match &ack.error {
+                None => tracing::info!(edge = %edge_id, version = ack.version, "configuration applied"),
+                Some(error) => tracing::warn!(edge = %edge_id, version = ack.version, %error, "edge rejected its configuration"),
+            }
+            inner.registry().record_ack(edge_id, ack.version, ack.error.clone());
+            inner.emit(HubEvent::ConfigApplied {
+                edge_id: edge_id.to_owned(),
+                version: ack.version,
+                error: ack.error,
+            });
+        }
+        Err(e) => tracing::warn!(edge = %edge_id, error = %e, "unreadable CONFIG_ACK ignored"),
     }
 }
 

@@ -49,6 +49,13 @@ impl Role {
         }
     }
 
+    fn udp_data_out(self) -> FrameType {
+        match self {
+            Role::Edge => FrameType::UdpData,
+            Role::Hub => FrameType::UdpDataBack,
+        }
+    }
+
     fn peer(self) -> Role {
         match self {
             Role::Edge => Role::Hub,
@@ -102,6 +109,25 @@ pub enum SessionEvent {
     ConfigAck(Bytes),
     /// Hub: a PING was answered after this long.
     RoundTrip(Duration),
+    /// Hub: the edge opened a UDP session; `header` is its PROXY v2 header.
+    UdpOpen {
+        /// Session id.
+        id: u32,
+        /// UDP_OPEN payload.
+        header: Bytes,
+    },
+    /// A datagram of a UDP session (UDP_DATA on the hub, UDP_DATA_BACK on the edge).
+    UdpDatagram {
+        /// Session id.
+        id: u32,
+        /// The datagram.
+        payload: Bytes,
+    },
+    /// The peer ended a UDP session.
+    UdpClose {
+        /// Session id.
+        id: u32,
+    },
 }
 
 /// Why a session operation failed.
@@ -126,6 +152,10 @@ pub struct SessionStats {
     pub peak_stream_buffer: AtomicU64,
     /// Streams opened in this session.
     pub streams_opened: AtomicU64,
+    /// UDP datagrams dropped because a queue was full or a limit was reached.
+    pub udp_dropped: AtomicU64,
+    /// UDP sessions open now (kept up to date by the session's owner, which manages them).
+    pub udp_sessions: AtomicU64,
 }
 
 enum Outgoing {
@@ -189,6 +219,10 @@ struct Shared {
     next_id: tokio::sync::Mutex<u32>,
     /// Highest stream id opened so far (for telling stale frames from bogus ones).
     last_opened: AtomicU32,
+    /// Next UDP session id to open (edge); held while UDP_OPEN is queued, as for streams.
+    next_udp_id: tokio::sync::Mutex<u32>,
+    /// Highest UDP session id opened so far (edge).
+    last_udp_opened: AtomicU32,
     control_tx: mpsc::Sender<Outgoing>,
     data_tx: mpsc::Sender<Outgoing>,
     sustained_tx: mpsc::Sender<Outgoing>,
@@ -295,6 +329,8 @@ where
         active: AtomicUsize::new(0),
         next_id: tokio::sync::Mutex::new(1),
         last_opened: AtomicU32::new(0),
+        next_udp_id: tokio::sync::Mutex::new(1),
+        last_udp_opened: AtomicU32::new(0),
         control_tx,
         data_tx,
         sustained_tx,
@@ -316,6 +352,7 @@ where
         shared: shared.clone(),
         events: events_tx,
         last_peer_id: 0,
+        last_udp_id: 0,
         empty_data_run: 0,
     };
     tokio::spawn(run_task(
@@ -393,6 +430,43 @@ impl SessionHandle {
             .send(Outgoing::Frame(Frame::new(CONTROL_STREAM, kind, payload)))
             .await
             .map_err(|_| SessionError::Closed)
+    }
+
+    /// Opens a UDP session (edge): queues UDP_OPEN with its PROXY v2 header; returns its id.
+    pub async fn open_udp(&self, header: Bytes) -> Result<u32, SessionError> {
+        let mut next_id = self.shared.next_udp_id.lock().await;
+        let id = *next_id;
+        *next_id = id.checked_add(1).ok_or(SessionError::Closed)?;
+        self.shared.last_udp_opened.store(id, Ordering::Relaxed);
+        self.shared
+            .control_tx
+            .send(Outgoing::Frame(Frame::new(id, FrameType::UdpOpen, header)))
+            .await
+            .map_err(|_| SessionError::Closed)?;
+        Ok(id)
+    }
+
+    /// Queues one datagram of a UDP session, or drops it (counted) when the data lane is
+    /// full: UDP is never queued without bound and never waits.
+    pub fn send_udp(&self, id: u32, payload: Bytes) -> bool {
+        let kind = self.shared.role.udp_data_out();
+        let queued = self
+            .shared
+            .data_tx
+            .try_send(Outgoing::Frame(Frame::new(id, kind, payload)))
+            .is_ok();
+        if !queued {
+            self.shared.stats.udp_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        queued
+    }
+
+    /// Tells the peer that a UDP session ended.
+    pub fn close_udp(&self, id: u32) {
+        send_soon(
+            &self.shared.control_tx,
+            Outgoing::Frame(Frame::empty(id, FrameType::UdpClose)),
+        );
     }
 
     /// Ends the session with `reason`.
@@ -767,6 +841,7 @@ struct Reader {
     shared: Arc<Shared>,
     events: mpsc::Sender<SessionEvent>,
     last_peer_id: u32,
+    last_udp_id: u32,
     empty_data_run: u32,
 }
 
@@ -875,16 +950,52 @@ impl Reader {
                 let _ = self.events.try_send(SessionEvent::ConfigAck(frame.payload));
                 Ok(())
             }
-            FrameType::UdpOpen
-            | FrameType::UdpData
-            | FrameType::UdpDataBack
-            | FrameType::UdpClose => {
-                tracing::debug!(kind = ?frame.kind, "UDP frame ignored: UDP tunnelling is not enabled");
-                Ok(())
+            FrameType::UdpOpen if role == Role::Hub => {
+                if frame.stream_id <= self.last_udp_id {
+                    return Err(format!(
+                        "protocol error: UDP session id {} reused or decreasing",
+                        frame.stream_id
+                    ));
+                }
+                self.last_udp_id = frame.stream_id;
+                self.udp_event(SessionEvent::UdpOpen {
+                    id: frame.stream_id,
+                    header: frame.payload,
+                })
             }
+            FrameType::UdpData | FrameType::UdpDataBack if frame.kind != role.udp_data_out() => {
+                if !self.is_known_udp(frame.stream_id) {
+                    return Err(format!(
+                        "protocol error: datagram for unknown UDP session {}",
+                        frame.stream_id
+                    ));
+                }
+                self.udp_event(SessionEvent::UdpDatagram {
+                    id: frame.stream_id,
+                    payload: frame.payload,
+                })
+            }
+            FrameType::UdpClose => self.udp_event(SessionEvent::UdpClose {
+                id: frame.stream_id,
+            }),
             kind => Err(format!(
                 "protocol error: unexpected {kind:?} frame from the {peer:?}"
             )),
+        }
+    }
+
+    /// UDP events never wait for the owner: when it lags, datagrams are dropped and counted.
+    fn udp_event(&self, event: SessionEvent) -> Result<(), String> {
+        if self.events.try_send(event).is_err() {
+            self.shared.stats.udp_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn is_known_udp(&self, id: u32) -> bool {
+        match self.shared.role {
+            Role::Hub => id != 0 && id <= self.last_udp_id,
+            Role::Edge => id != 0 && id <= self.shared.last_udp_opened.load(Ordering::Relaxed),
         }
     }
 

@@ -1,0 +1,205 @@
+//! The UDP sessions of one edge tunnel on the hub: one socket per session connected to the
+//! target, the edge's PROXY v2 header as its first datagram, replies sent back through the
+//! tunnel, and idle expiry.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use remoteingress_tunnel::SessionHandle;
+use remoteingress_wire::proxy::{ProxyV2, V2Transport};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+
+use crate::{HubEvent, HubInner};
+
+/// Largest UDP payload.
+const MAX_DATAGRAM: usize = 65_535;
+
+struct UdpSession {
+    socket: Arc<UdpSocket>,
+    /// Milliseconds since `UdpSessions::epoch` of the last datagram either way.
+    last_active: Arc<AtomicU64>,
+    replies: JoinHandle<()>,
+}
+
+impl Drop for UdpSession {
+    fn drop(&mut self) {
+        self.replies.abort();
+    }
+}
+
+/// UDP sessions of one tunnel; owned by the task that serves the tunnel.
+pub(crate) struct UdpSessions {
+    edge_id: String,
+    session: SessionHandle,
+    sessions: HashMap<u32, UdpSession>,
+    epoch: Instant,
+}
+
+impl UdpSessions {
+    pub(crate) fn new(edge_id: &str, session: SessionHandle) -> Self {
+        Self {
+            edge_id: edge_id.to_owned(),
+            session,
+            sessions: HashMap::new(),
+            epoch: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn publish_count(&self) {
+        self.session
+            .stats()
+            .udp_sessions
+            .store(self.sessions.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Opens a session for UDP_OPEN, or refuses it with UDP_CLOSE.
+    pub(crate) async fn open(&mut self, inner: &HubInner, id: u32, header: Bytes) {
+        if self.sessions.len() >= inner.options.udp_max_sessions {
+            self.session.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(edge = %self.edge_id, "UDP session limit reached; session refused");
+            return self.session.close_udp(id);
+        }
+        match self.connect(inner, &header).await {
+            Ok(socket) => {
+                let socket = Arc::new(socket);
+                let last_active = Arc::new(AtomicU64::new(self.now_ms()));
+                let replies = tokio::spawn(relay_replies(
+                    socket.clone(),
+                    self.session.clone(),
+                    id,
+                    last_active.clone(),
+                    self.epoch,
+                ));
+                self.sessions.insert(
+                    id,
+                    UdpSession {
+                        socket,
+                        last_active,
+                        replies,
+                    },
+                );
+                self.publish_count();
+                inner.emit(HubEvent::UdpSessionOpened {
+                    edge_id: self.edge_id.clone(),
+                    session_id: id,
+                });
+            }
+            Err(reason) => {
+                tracing::debug!(edge = %self.edge_id, session = id, %reason, "UDP session refused");
+                self.session.close_udp(id);
+            }
+        }
+    }
+
+    /// A socket connected to the session's target, with the PROXY v2 header already sent.
+    async fn connect(&self, inner: &HubInner, header: &[u8]) -> Result<UdpSocket, String> {
+        let (proxy, len) = ProxyV2::parse(header)
+            .map_err(|e| e.to_string())?
+            .ok_or("incomplete PROXY v2 header")?;
+        let addresses = proxy
+            .addresses
+            .filter(|a| a.transport == V2Transport::Datagram && len == header.len())
+            .ok_or("UDP_OPEN must carry exactly a PROXY v2 header for UDP")?;
+        let port = inner
+            .registry()
+            .target_port(&self.edge_id, addresses.destination.port())
+            .ok_or("edge no longer configured")?;
+        let host = inner.options.target_host.as_str();
+        let target = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|e| format!("resolving {host}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{host} has no address"))?;
+        let local: SocketAddr = if target.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            ([0u16; 8], 0).into()
+        };
+        let socket = UdpSocket::bind(local).await.map_err(|e| e.to_string())?;
+        socket.connect(target).await.map_err(|e| e.to_string())?;
+        socket
+            .send(header)
+            .await
+            .map_err(|e| format!("sending the PROXY header to {target}: {e}"))?;
+        Ok(socket)
+    }
+
+    /// Forwards one client datagram; dropped (and counted) if the socket cannot take it now.
+    pub(crate) fn datagram(&mut self, id: u32, payload: &[u8]) {
+        let now = self.now_ms();
+        let Some(session) = self.sessions.get(&id) else {
+            return;
+        };
+        session.last_active.store(now, Ordering::Relaxed);
+        if session.socket.try_send(payload).is_err() {
+            self.session.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Ends a session the edge closed.
+    pub(crate) fn close(&mut self, inner: &HubInner, id: u32) {
+        if self.sessions.remove(&id).is_some() {
+            self.closed(inner, id);
+        }
+    }
+
+    fn closed(&self, inner: &HubInner, id: u32) {
+        self.publish_count();
+        inner.emit(HubEvent::UdpSessionClosed {
+            edge_id: self.edge_id.clone(),
+            session_id: id,
+        });
+    }
+
+    /// Ends sessions idle for the timeout, telling the edge.
+    pub(crate) fn expire(&mut self, inner: &HubInner) {
+        let limit = inner.options.udp_idle_timeout.as_millis() as u64;
+        let now = self.now_ms();
+        let idle: Vec<u32> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now.saturating_sub(s.last_active.load(Ordering::Relaxed)) >= limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            self.sessions.remove(&id);
+            self.session.close_udp(id);
+            self.closed(inner, id);
+        }
+    }
+
+    /// How often `expire` should run.
+    pub(crate) fn sweep_interval(inner: &HubInner) -> Duration {
+        (inner.options.udp_idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+    }
+}
+
+async fn relay_replies(
+    socket: Arc<UdpSocket>,
+    session: SessionHandle,
+    id: u32,
+    last_active: Arc<AtomicU64>,
+    epoch: Instant,
+) {
+    let mut buf = vec![0u8; MAX_DATAGRAM];
+    loop {
+        match socket.recv(&mut buf).await {
+            Ok(n) => {
+                last_active.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+                session.send_udp(id, Bytes::copy_from_slice(&buf[..n]));
+            }
+            // An ICMP "port unreachable" for an earlier datagram; the target may come back.
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
+            Err(_) => return,
+        }
+    }
+}
