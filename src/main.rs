@@ -91,7 +91,11 @@ impl TunnelTimers {
 #[derive(Args)]
 struct UdpArgs {
     /// Seconds without traffic either way after which a UDP session ends.
-    #[arg(long, env = "REMOTEINGRESS_UDP_IDLE_TIMEOUT_SECS", default_value_t = 60)]
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_UDP_IDLE_TIMEOUT_SECS",
+        default_value_t = 60
+    )]
     udp_idle_timeout_secs: u64,
     /// Most UDP sessions per edge; new ones past it are dropped and counted.
     #[arg(long, env = "REMOTEINGRESS_UDP_MAX_SESSIONS", default_value_t = 65_536)]

@@ -250,7 +250,9 @@ impl EdgeHandle {
         if let Some(session) = &*self.inner.session.lock().unwrap_or_else(|p| p.into_inner()) {
             let stats = session.stats();
             status.active_streams = session.active_streams();
-            status.active_udp_sessions = stats.udp_sessions.load(std::sync::atomic::Ordering::Relaxed);
+            status.active_udp_sessions = stats
+                .udp_sessions
+                .load(std::sync::atomic::Ordering::Relaxed);
             status.udp_dropped = stats.udp_dropped.load(std::sync::atomic::Ordering::Relaxed);
         }
         status

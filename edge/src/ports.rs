@@ -8,7 +8,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use remoteingress_tunnel::{pipe, SessionHandle};
 use remoteingress_wire::proxy::ProxyV1;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -88,10 +88,18 @@ impl Drop for PortSet {
     }
 }
 
+/// Pending connections the kernel queues per listener before accept.
+const BACKLOG: u32 = 4096;
+
 fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let listener = std::net::TcpListener::bind(addr)?;
-    listener.set_nonblocking(true)?;
-    TcpListener::from_std(listener)
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
 }
 
 async fn accept_loop(

@@ -143,7 +143,10 @@ impl UdpPorts {
 
     fn publish_count(&self) {
         let count = self.table().sessions.len() as u64;
-        self.session.stats().udp_sessions.store(count, Ordering::Relaxed);
+        self.session
+            .stats()
+            .udp_sessions
+            .store(count, Ordering::Relaxed);
     }
 
     /// Sends a reply datagram to the session's client, from the port it wrote to.
@@ -154,7 +157,10 @@ impl UdpPorts {
         };
         session.last_active = Instant::now();
         if session.socket.try_send_to(payload, session.client).is_err() {
-            self.session.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
+            self.session
+                .stats()
+                .udp_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -204,7 +210,9 @@ struct Receiver {
 impl Receiver {
     async fn run(self, cancel: CancellationToken) {
         let mut buf = vec![0u8; MAX_DATAGRAM];
-        let Ok(local) = self.socket.local_addr() else { return };
+        let Ok(local) = self.socket.local_addr() else {
+            return;
+        };
         loop {
             let (len, client) = tokio::select! {
                 received = self.socket.recv_from(&mut buf) => match received {
@@ -214,10 +222,14 @@ impl Receiver {
                 () = cancel.cancelled() => return,
             };
             let Some(id) = self.session_for(client, local).await else {
-                self.session.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
+                self.session
+                    .stats()
+                    .udp_dropped
+                    .fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            self.session.send_udp(id, Bytes::copy_from_slice(&buf[..len]));
+            self.session
+                .send_udp(id, Bytes::copy_from_slice(&buf[..len]));
         }
     }
 
@@ -250,7 +262,10 @@ impl Receiver {
             },
         );
         let count = table.sessions.len() as u64;
-        self.session.stats().udp_sessions.store(count, Ordering::Relaxed);
+        self.session
+            .stats()
+            .udp_sessions
+            .store(count, Ordering::Relaxed);
         Some(id)
     }
 }

@@ -216,7 +216,9 @@ async fn serve_session(
                 tokio::spawn(async move { forward(inner, edge_id, reader, writer, header).await });
             }
             SessionEvent::ConfigAck(json) => record_ack(inner, edge_id, &json),
-            SessionEvent::RoundTrip(rtt) => inner.registry().record_rtt(edge_id, connection_id, rtt),
+            SessionEvent::RoundTrip(rtt) => {
+                inner.registry().record_rtt(edge_id, connection_id, rtt)
+            }
             SessionEvent::UdpOpen { id, header } => udp.open(inner, id, header).await,
             SessionEvent::UdpDatagram { id, payload } => udp.datagram(id, &payload),
             SessionEvent::UdpClose { id } => udp.close(inner, id),
@@ -229,10 +231,16 @@ fn record_ack(inner: &HubInner, edge_id: &str, json: &[u8]) {
     match serde_json::from_slice::<ConfigAck>(json) {
         Ok(ack) => {
             match &ack.error {
-                None => tracing::info!(edge = %edge_id, version = ack.version, "configuration applied"),
-                Some(error) => tracing::warn!(edge = %edge_id, version = ack.version, %error, "edge rejected its configuration"),
+                None => {
+                    tracing::info!(edge = %edge_id, version = ack.version, "configuration applied")
+                }
+                Some(error) => {
+                    tracing::warn!(edge = %edge_id, version = ack.version, %error, "edge rejected its configuration")
+                }
             }
-            inner.registry().record_ack(edge_id, ack.version, ack.error.clone());
+            inner
+                .registry()
+                .record_ack(edge_id, ack.version, ack.error.clone());
             inner.emit(HubEvent::ConfigApplied {
                 edge_id: edge_id.to_owned(),
                 version: ack.version,

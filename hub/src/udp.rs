@@ -64,7 +64,10 @@ impl UdpSessions {
     /// Opens a session for UDP_OPEN, or refuses it with UDP_CLOSE.
     pub(crate) async fn open(&mut self, inner: &HubInner, id: u32, header: Bytes) {
         if self.sessions.len() >= inner.options.udp_max_sessions {
-            self.session.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
+            self.session
+                .stats()
+                .udp_dropped
+                .fetch_add(1, Ordering::Relaxed);
             tracing::warn!(edge = %self.edge_id, "UDP session limit reached; session refused");
             return self.session.close_udp(id);
         }
@@ -141,7 +144,10 @@ impl UdpSessions {
         };
         session.last_active.store(now, Ordering::Relaxed);
         if session.socket.try_send(payload).is_err() {
-            self.session.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
+            self.session
+                .stats()
+                .udp_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -179,7 +185,8 @@ impl UdpSessions {
 
     /// How often `expire` should run.
     pub(crate) fn sweep_interval(inner: &HubInner) -> Duration {
-        (inner.options.udp_idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+        (inner.options.udp_idle_timeout / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(5))
     }
 }
 

@@ -456,7 +456,10 @@ impl SessionHandle {
             .try_send(Outgoing::Frame(Frame::new(id, kind, payload)))
             .is_ok();
         if !queued {
-            self.shared.stats.udp_dropped.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .udp_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
         queued
     }
@@ -987,7 +990,10 @@ impl Reader {
     /// UDP events never wait for the owner: when it lags, datagrams are dropped and counted.
     fn udp_event(&self, event: SessionEvent) -> Result<(), String> {
         if self.events.try_send(event).is_err() {
-            self.shared.stats.udp_dropped.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .udp_dropped
+                .fetch_add(1, Ordering::Relaxed);
         }
         Ok(())
     }
