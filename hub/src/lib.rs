@@ -5,6 +5,7 @@
 //! that the CLI and the gRPC control plane drive.
 
 mod edges;
+mod metrics;
 mod registry;
 mod secret;
 mod server;
@@ -59,6 +60,9 @@ pub enum HubError {
     /// A connection token could not be made.
     #[error(transparent)]
     TokenSecret(#[from] TokenSecretError),
+    /// Metrics could not be registered (a name registered twice in one registry).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// The edges file could not be read or parsed.
     #[error("edges file {path}: {message}")]
     EdgesFile {
@@ -106,6 +110,8 @@ pub struct HubOptions {
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions per edge; sessions past it are refused (and counted).
     pub udp_max_sessions: usize,
+    /// Where the hub registers its metrics.
+    pub registry: prometheus::Registry,
 }
 
 impl Default for HubOptions {
@@ -121,6 +127,7 @@ impl Default for HubOptions {
             state_file: None,
             udp_idle_timeout: Duration::from_secs(60),
             udp_max_sessions: 65_536,
+            registry: prometheus::Registry::new(),
         }
     }
 }
@@ -260,6 +267,7 @@ pub(crate) struct HubInner {
     /// Serialises changes to the allowed set with their write to the state file.
     changes: tokio::sync::Mutex<()>,
     events: broadcast::Sender<HubEvent>,
+    metrics: metrics::HubMetrics,
     shutdown: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -302,7 +310,9 @@ impl Hub {
             source,
         })?;
         let (events, _) = broadcast::channel(4096);
+        let hub_metrics = metrics::HubMetrics::register(&options.registry)?;
         let inner = Arc::new(HubInner {
+            metrics: hub_metrics,
             options,
             local_addr,
             pin: identity.pin(),
@@ -312,6 +322,10 @@ impl Hub {
             shutdown: CancellationToken::new(),
             tasks: Mutex::new(Vec::new()),
         });
+        inner
+            .options
+            .registry
+            .register(Box::new(metrics::LiveCollector::new(Arc::downgrade(&inner))))?;
         let accept = tokio::spawn(server::accept_loop(inner.clone(), listener, tls));
         inner
             .tasks

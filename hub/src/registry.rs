@@ -12,6 +12,7 @@ use remoteingress_wire::frame::FrameType;
 use remoteingress_wire::EdgeConfig;
 use std::sync::LazyLock;
 
+use crate::metrics::{Live, Totals};
 use crate::secret::StoredSecret;
 use crate::store::StoredEdge;
 use crate::{AllowedEdge, ConnectedEdge, EdgeInfo, HubEvent, HubInner, TokenSecretError};
@@ -61,6 +62,8 @@ pub(crate) struct Registry {
     edges: BTreeMap<String, EdgeRecord>,
     connections: HashMap<String, Connection>,
     next_connection_id: u64,
+    /// Traffic of ended tunnels per edge, so that metrics never go backwards.
+    ended: HashMap<String, Totals>,
 }
 
 impl Registry {
@@ -187,8 +190,18 @@ impl Registry {
         (found, Vec::new())
     }
 
+    /// Forgets an edge's tunnel, keeping its traffic in the totals.
+    fn take_connection(&mut self, id: &str) -> Option<Connection> {
+        let connection = self.connections.remove(id)?;
+        self.ended
+            .entry(id.to_owned())
+            .or_default()
+            .add(Totals::of(connection.session.stats()));
+        Some(connection)
+    }
+
     pub(crate) fn disconnect(&mut self, id: &str, reason: &str) -> bool {
-        match self.connections.remove(id) {
+        match self.take_connection(id) {
             Some(connection) => {
                 connection.session.close(reason);
                 true
@@ -198,9 +211,35 @@ impl Registry {
     }
 
     pub(crate) fn disconnect_all(&mut self, reason: &str) {
-        for (_, connection) in self.connections.drain() {
-            connection.session.close(reason);
+        let ids: Vec<String> = self.connections.keys().cloned().collect();
+        for id in ids {
+            self.disconnect(&id, reason);
         }
+    }
+
+    pub(crate) fn connection_count(&self) -> usize {
+        self.connections.len()
+    }
+
+    /// Per edge with traffic: what is open now, and all traffic so far.
+    pub(crate) fn traffic(&self) -> Vec<(String, Option<Live>, Totals)> {
+        let mut ids: Vec<&String> = self.ended.keys().chain(self.connections.keys()).collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| {
+                let mut totals = self.ended.get(id).copied().unwrap_or_default();
+                let live = self.connections.get(id).map(|c| {
+                    let stats = c.session.stats();
+                    totals.add(Totals::of(stats));
+                    Live {
+                        streams: c.session.active_streams(),
+                        udp_sessions: stats.udp_sessions.load(Ordering::Relaxed),
+                    }
+                });
+                (id.clone(), live, totals)
+            })
+            .collect()
     }
 
     /// Checks credentials in constant time; the versioned config to send on success.
@@ -239,7 +278,8 @@ impl Registry {
         let version = record.version;
         self.next_connection_id += 1;
         let id = self.next_connection_id;
-        let previous = self.connections.insert(
+        let previous = self.take_connection(edge_id);
+        self.connections.insert(
             edge_id.to_owned(),
             Connection {
                 id,
@@ -265,7 +305,7 @@ impl Registry {
             .get(edge_id)
             .is_some_and(|c| c.id == connection_id)
         {
-            self.connections.remove(edge_id);
+            self.take_connection(edge_id);
         }
     }
 
@@ -281,12 +321,18 @@ impl Registry {
         }
     }
 
-    pub(crate) fn record_rtt(&mut self, edge_id: &str, connection_id: u64, rtt: Duration) {
-        if let Some(connection) = self.connections.get_mut(edge_id) {
-            if connection.id == connection_id {
+    pub(crate) fn record_rtt(&mut self, edge_id: &str, connection_id: u64, rtt: Duration) -> bool {
+        match self.connections.get_mut(edge_id) {
+            Some(connection) if connection.id == connection_id => {
                 connection.rtt = Some(rtt);
+                true
             }
+            _ => false,
         }
+    }
+
+    pub(crate) fn is_configured(&self, edge_id: &str) -> bool {
+        self.edges.contains_key(edge_id)
     }
 
     /// Where a connection the edge accepted on `edge_port` goes.
@@ -349,6 +395,11 @@ pub(crate) async fn perform(inner: &HubInner, pushes: Vec<Push>) {
             .is_ok()
         {
             tracing::info!(edge = %push.edge_id, version, "configuration pushed");
+            inner
+                .metrics
+                .config_pushes
+                .with_label_values(&[&push.edge_id])
+                .inc();
             inner.emit(HubEvent::ConfigPushed {
                 edge_id: push.edge_id,
                 version,

@@ -71,6 +71,7 @@ pub(crate) async fn accept_loop(
         };
         let Some(admission) = admit(&inner, &global, &per_source, remote_addr.ip()) else {
             tracing::warn!(%remote_addr, "too many unauthenticated tunnel connections; dropped");
+            inner.metrics.auth_failures.with_label_values(&["limit"]).inc();
             continue;
         };
         let inner = inner.clone();
@@ -109,8 +110,9 @@ async fn handle_connection(
     admission: Admission,
 ) {
     let _ = tcp.set_nodelay(true);
-    let auth_failed = |reason: String| {
+    let auth_failed = |kind: &str, reason: String| {
         tracing::warn!(%remote_addr, %reason, "edge authentication failed");
+        inner.metrics.auth_failures.with_label_values(&[kind]).inc();
         inner.emit(HubEvent::AuthFailed {
             remote_addr,
             reason,
@@ -120,17 +122,17 @@ async fn handle_connection(
         let mut tls = acceptor
             .accept(tcp)
             .await
-            .map_err(|e| format!("TLS: {e}"))?;
+            .map_err(|e| ("tls", format!("TLS: {e}")))?;
         let (line, rest) = read_line(&mut tls, MAX_LINE_LEN)
             .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        Ok::<_, String>((tls, line, rest))
+            .map_err(|e| ("malformed", format!("handshake: {e}")))?;
+        Ok::<_, (&str, String)>((tls, line, rest))
     };
     let (mut tls, line, rest) =
         match tokio::time::timeout(inner.options.handshake_timeout, handshake).await {
             Ok(Ok(done)) => done,
-            Ok(Err(reason)) => return auth_failed(reason),
-            Err(_) => return auth_failed("handshake not finished in time".into()),
+            Ok(Err((kind, reason))) => return auth_failed(kind, reason),
+            Err(_) => return auth_failed("timeout", "handshake not finished in time".into()),
         };
     let hello = EdgeHello::parse(&line);
     let config = hello
@@ -140,13 +142,25 @@ async fn handle_connection(
     let (Ok(hello), Some(config)) = (hello, config) else {
         let _ = tls.write_all(error_reply(UNAUTHORIZED).as_bytes()).await;
         let _ = tls.shutdown().await;
-        return auth_failed(match EdgeHello::parse(&line) {
-            Ok(hello) => format!("bad credentials for edge {:?}", hello.edge_id),
-            Err(e) => e.to_string(),
-        });
+        return match EdgeHello::parse(&line) {
+            Ok(hello) => {
+                if inner.registry().is_configured(&hello.edge_id) {
+                    inner
+                        .metrics
+                        .edge_connections
+                        .with_label_values(&[&hello.edge_id, "rejected"])
+                        .inc();
+                }
+                auth_failed(
+                    "bad_credentials",
+                    format!("bad credentials for edge {:?}", hello.edge_id),
+                )
+            }
+            Err(e) => auth_failed("malformed", e.to_string()),
+        };
     };
     if let Err(e) = tls.write_all(accept_reply(&config).as_bytes()).await {
-        return auth_failed(format!("writing the reply failed: {e}"));
+        return auth_failed("tls", format!("writing the reply failed: {e}"));
     }
     drop(admission);
     let edge_id = hello.edge_id.clone();
@@ -163,6 +177,11 @@ async fn handle_connection(
         return;
     };
     tracing::info!(edge = %edge_id, %remote_addr, "edge connected");
+    inner
+        .metrics
+        .edge_connections
+        .with_label_values(&[&edge_id, "ok"])
+        .inc();
     inner.emit(HubEvent::EdgeConnected {
         edge_id: edge_id.clone(),
         remote_addr,
@@ -217,10 +236,16 @@ async fn serve_session(
             }
             SessionEvent::ConfigAck(json) => record_ack(inner, edge_id, &json),
             SessionEvent::RoundTrip(rtt) => {
-                inner.registry().record_rtt(edge_id, connection_id, rtt)
+                if inner.registry().record_rtt(edge_id, connection_id, rtt) {
+                    inner
+                        .metrics
+                        .tunnel_rtt
+                        .with_label_values(&[edge_id])
+                        .set(rtt.as_secs_f64());
+                }
             }
             SessionEvent::UdpOpen { id, header } => udp.open(inner, id, header).await,
-            SessionEvent::UdpDatagram { id, payload } => udp.datagram(id, &payload),
+            SessionEvent::UdpDatagram { id, payload } => udp.datagram(inner, id, &payload),
             SessionEvent::UdpClose { id } => udp.close(inner, id),
             SessionEvent::Config(_) => {}
         }
@@ -260,6 +285,11 @@ async fn forward(
     header: Bytes,
 ) {
     let stream_id = reader.id();
+    inner
+        .metrics
+        .streams_opened
+        .with_label_values(&[&edge_id])
+        .inc();
     inner.emit(HubEvent::StreamOpened {
         edge_id: edge_id.clone(),
         stream_id,
@@ -271,6 +301,11 @@ async fn forward(
         }
         Err(reason) => {
             tracing::debug!(edge = %edge_id, stream = stream_id, %reason, "stream refused");
+            inner
+                .metrics
+                .target_connect_errors
+                .with_label_values(&[&edge_id])
+                .inc();
             writer.finish().await;
         }
     }
@@ -296,6 +331,7 @@ async fn connect_target(
         .target_port(edge_id, edge_port)
         .ok_or("edge no longer configured")?;
     let host = inner.options.target_host.as_str();
+    let started = std::time::Instant::now();
     let mut socket = tokio::time::timeout(
         inner.options.connect_timeout,
         TcpStream::connect((host, port)),
@@ -303,6 +339,10 @@ async fn connect_target(
     .await
     .map_err(|_| format!("connecting to {host}:{port} timed out"))?
     .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
+    inner
+        .metrics
+        .target_connect_duration
+        .observe(started.elapsed().as_secs_f64());
     let _ = socket.set_nodelay(true);
     socket
         .write_all(header)

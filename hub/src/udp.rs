@@ -68,6 +68,7 @@ impl UdpSessions {
                 .stats()
                 .udp_dropped
                 .fetch_add(1, Ordering::Relaxed);
+            self.dropped(inner, "session_limit");
             tracing::warn!(edge = %self.edge_id, "UDP session limit reached; session refused");
             return self.session.close_udp(id);
         }
@@ -75,12 +76,17 @@ impl UdpSessions {
             Ok(socket) => {
                 let socket = Arc::new(socket);
                 let last_active = Arc::new(AtomicU64::new(self.now_ms()));
+                let metrics = &inner.metrics;
                 let replies = tokio::spawn(relay_replies(
                     socket.clone(),
                     self.session.clone(),
                     id,
                     last_active.clone(),
                     self.epoch,
+                    ReplyCounters {
+                        sent: metrics.udp_datagrams.with_label_values(&[&self.edge_id, "out"]),
+                        dropped: metrics.udp_dropped.with_label_values(&[&self.edge_id, "queue_full"]),
+                    },
                 ));
                 self.sessions.insert(
                     id,
@@ -137,18 +143,30 @@ impl UdpSessions {
     }
 
     /// Forwards one client datagram; dropped (and counted) if the socket cannot take it now.
-    pub(crate) fn datagram(&mut self, id: u32, payload: &[u8]) {
+    pub(crate) fn datagram(&mut self, inner: &HubInner, id: u32, payload: &[u8]) {
         let now = self.now_ms();
         let Some(session) = self.sessions.get(&id) else {
             return;
         };
         session.last_active.store(now, Ordering::Relaxed);
-        if session.socket.try_send(payload).is_err() {
-            self.session
-                .stats()
-                .udp_dropped
-                .fetch_add(1, Ordering::Relaxed);
+        if session.socket.try_send(payload).is_ok() {
+            inner
+                .metrics
+                .udp_datagrams
+                .with_label_values(&[&self.edge_id, "in"])
+                .inc();
+        } else {
+            self.session.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped(inner, "socket_busy");
         }
+    }
+
+    fn dropped(&self, inner: &HubInner, reason: &str) {
+        inner
+            .metrics
+            .udp_dropped
+            .with_label_values(&[&self.edge_id, reason])
+            .inc();
     }
 
     /// Ends a session the edge closed.
@@ -190,19 +208,30 @@ impl UdpSessions {
     }
 }
 
+/// Counters a reply relay moves.
+struct ReplyCounters {
+    sent: prometheus::IntCounter,
+    dropped: prometheus::IntCounter,
+}
+
 async fn relay_replies(
     socket: Arc<UdpSocket>,
     session: SessionHandle,
     id: u32,
     last_active: Arc<AtomicU64>,
     epoch: Instant,
+    counters: ReplyCounters,
 ) {
     let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
         match socket.recv(&mut buf).await {
             Ok(n) => {
                 last_active.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-                session.send_udp(id, Bytes::copy_from_slice(&buf[..n]));
+                if session.send_udp(id, Bytes::copy_from_slice(&buf[..n])) {
+                    counters.sent.inc();
+                } else {
+                    counters.dropped.inc();
+                }
             }
             // An ICMP "port unreachable" for an earlier datagram; the target may come back.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,

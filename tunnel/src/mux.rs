@@ -156,6 +156,8 @@ pub struct SessionStats {
     pub udp_dropped: AtomicU64,
     /// UDP sessions open now (kept up to date by the session's owner, which manages them).
     pub udp_sessions: AtomicU64,
+    /// Times a stream had data to send but no credit, and waited for the peer.
+    pub flow_stalls: AtomicU64,
 }
 
 enum Outgoing {
@@ -646,6 +648,7 @@ impl MuxWriter {
                     return Ok(available.min(MAX_DATA_CHUNK));
                 }
             }
+            self.shared.stats.flow_stalls.fetch_add(1, Ordering::Relaxed);
             self.slot.writable.notified().await;
         }
     }
