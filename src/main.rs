@@ -4,11 +4,14 @@ mod demo;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use remoteingress_controlplane::{serve_edge_status, serve_hub_admin, AdminOptions};
+use remoteingress_controlplane::{
+    serve_edge_status, serve_hub_admin, serve_metrics, AdminOptions,
+};
 use remoteingress_edge::{BackoffPolicy, Edge, EdgeOptions};
 use remoteingress_hub::{Hub, HubOptions};
 use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions};
@@ -89,6 +92,13 @@ impl TunnelTimers {
 }
 
 #[derive(Args)]
+struct ServiceArgs {
+    /// Seconds open connections may take to finish after SIGTERM (a second signal stops at once).
+    #[arg(long, env = "REMOTEINGRESS_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    shutdown_grace_secs: u64,
+}
+
+#[derive(Args)]
 struct UdpArgs {
     /// Seconds without traffic either way after which a UDP session ends.
     #[arg(
@@ -152,6 +162,9 @@ struct HubArgs {
         default_value = "127.0.0.1:8444"
     )]
     admin_addr: SocketAddr,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "REMOTEINGRESS_METRICS_ADDR", default_value = "127.0.0.1:9469")]
+    metrics_addr: SocketAddr,
     /// File holding the admin API's bearer token (or set REMOTEINGRESS_ADMIN_TOKEN).
     #[arg(long, env = "REMOTEINGRESS_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
@@ -171,6 +184,8 @@ struct HubArgs {
     timers: TunnelTimers,
     #[command(flatten)]
     udp: UdpArgs,
+    #[command(flatten)]
+    service: ServiceArgs,
 }
 
 #[derive(Args)]
@@ -219,10 +234,15 @@ struct EdgeArgs {
         default_value = "127.0.0.1:8445"
     )]
     status_addr: SocketAddr,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "REMOTEINGRESS_METRICS_ADDR", default_value = "127.0.0.1:9470")]
+    metrics_addr: SocketAddr,
     #[command(flatten)]
     timers: TunnelTimers,
     #[command(flatten)]
     udp: UdpArgs,
+    #[command(flatten)]
+    service: ServiceArgs,
 }
 
 #[derive(Subcommand)]
@@ -336,8 +356,10 @@ async fn run_hub(args: HubArgs) -> Result<()> {
             .session(Duration::from_secs(args.ping_interval_secs.max(1))),
         udp_idle_timeout: args.udp.idle_timeout(),
         udp_max_sessions: args.udp.udp_max_sessions,
+        registry: prometheus::Registry::new(),
         ..HubOptions::default()
     };
+    let registry = options.registry.clone();
     let hub = Hub::start(options, &identity).await?;
     println!("hub listening on {}", hub.local_addr());
     println!("certificate pin (sha256): {}", hub.pin());
@@ -356,10 +378,23 @@ async fn run_hub(args: HubArgs) -> Result<()> {
     };
     let served = serve_hub_admin(hub.clone(), admin, stop.clone()).await?;
     println!("admin API on {}", served.local_addr);
+    let ready_hub = hub.clone();
+    let metrics = serve_metrics(
+        registry,
+        args.metrics_addr,
+        Arc::new(move || ready_hub.is_ready()),
+        stop.clone(),
+    )
+    .await?;
+    println!("metrics on http://{}/metrics", metrics.local_addr);
     shutdown_signal().await?;
+    hub.stop_accepting();
+    let draining = hub.clone();
+    drain(args.service.grace(), move || draining.active_streams()).await?;
     stop.cancel();
     hub.shutdown().await;
     let _ = served.task.await;
+    let _ = metrics.task.await;
     Ok(())
 }
 
@@ -400,14 +435,28 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
     options.session = args.timers.session(Duration::from_secs(15));
     options.udp_idle_timeout = args.udp.idle_timeout();
     options.udp_max_sessions = args.udp.udp_max_sessions;
+    let registry = options.registry.clone();
     let edge = Edge::start(options)?;
     let stop = CancellationToken::new();
     let served = serve_edge_status(edge.clone(), args.status_addr, stop.clone()).await?;
     println!("status API on {}", served.local_addr);
+    let ready_edge = edge.clone();
+    let metrics = serve_metrics(
+        registry,
+        args.metrics_addr,
+        Arc::new(move || ready_edge.is_ready()),
+        stop.clone(),
+    )
+    .await?;
+    println!("metrics on http://{}/metrics", metrics.local_addr);
     shutdown_signal().await?;
+    edge.stop_accepting();
+    let draining = edge.clone();
+    drain(args.service.grace(), move || draining.status().active_streams).await?;
     stop.cancel();
     edge.shutdown().await;
     let _ = served.task.await;
+    let _ = metrics.task.await;
     Ok(())
 }
 
@@ -423,6 +472,36 @@ fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
     match token.map(|t| t.trim().to_owned()) {
         Some(token) if token.is_empty() => bail!("the admin token is empty"),
         token => Ok(token),
+    }
+}
+
+impl ServiceArgs {
+    fn grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}
+
+/// Waits until `active()` is zero, the grace period is over, or a second signal arrives.
+async fn drain(grace: Duration, active: impl Fn() -> usize) -> Result<()> {
+    let deadline = tokio::time::sleep(grace);
+    tokio::pin!(deadline);
+    let second_signal = shutdown_signal();
+    tokio::pin!(second_signal);
+    let mut poll = tokio::time::interval(Duration::from_millis(100));
+    tracing::info!(open = active(), grace_secs = grace.as_secs(), "draining open connections");
+    loop {
+        let open = active();
+        if open == 0 {
+            return Ok(());
+        }
+        tokio::select! {
+            () = &mut deadline => {
+                tracing::warn!(open, "grace period over; closing the remaining connections");
+                return Ok(());
+            }
+            result = &mut second_signal => return result,
+            _ = poll.tick() => {}
+        }
     }
 }
 

@@ -35,7 +35,9 @@ pub(crate) fn hub_status(error: HubError) -> Status {
         HubError::State { .. } => Status::internal(format!(
             "the change is live but could not be persisted: {error}"
         )),
-        HubError::Bind { .. } | HubError::Tls(_) => Status::internal(error.to_string()),
+        HubError::Bind { .. } | HubError::Tls(_) | HubError::Metrics(_) => {
+            Status::internal(error.to_string())
+        }
     }
 }
 

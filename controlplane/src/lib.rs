@@ -8,8 +8,10 @@
 mod convert;
 mod edge_status;
 mod hub_admin;
+mod metrics_http;
 mod server;
 
+pub use metrics_http::{serve_metrics, Readiness};
 pub use server::{serve_edge_status, serve_hub_admin, AdminOptions, ControlPlaneError, Served};
 
 /// Generated protobuf types and gRPC stubs.

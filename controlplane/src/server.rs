@@ -43,6 +43,9 @@ pub enum ControlPlaneError {
     /// TLS files unusable.
     #[error("admin TLS: {0}")]
     Tls(String),
+    /// Process metrics could not be registered.
+    #[error("metrics: {0}")]
+    Metrics(prometheus::Error),
     /// Reflection descriptors unusable (a build problem).
     #[error("reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),

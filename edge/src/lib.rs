@@ -3,6 +3,7 @@
 //! header that names the real client.
 
 mod backoff;
+mod metrics;
 mod ports;
 mod udp;
 
@@ -44,6 +45,9 @@ pub enum EdgeError {
     /// TLS trust material unusable.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// Metrics could not be registered (a name registered twice in one registry).
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
     /// The hub host is not a valid TLS server name.
     #[error("hub host {0:?} is not a valid host name or address")]
     HubHost(String),
@@ -76,6 +80,8 @@ pub struct EdgeOptions {
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions; datagrams of new clients past it are dropped (and counted).
     pub udp_max_sessions: usize,
+    /// Where the edge registers its metrics.
+    pub registry: prometheus::Registry,
 }
 
 impl EdgeOptions {
@@ -100,6 +106,7 @@ impl EdgeOptions {
             session: SessionOptions::default(),
             udp_idle_timeout: Duration::from_secs(60),
             udp_max_sessions: 65_536,
+            registry: prometheus::Registry::new(),
         }
     }
 }
@@ -170,8 +177,13 @@ struct EdgeInner {
     events: broadcast::Sender<EdgeEvent>,
     status: Mutex<EdgeStatus>,
     session: Mutex<Option<SessionHandle>>,
+    /// Traffic of ended tunnels.
+    ended: Mutex<metrics::Totals>,
+    metrics: metrics::EdgeMetrics,
     connections: Arc<Semaphore>,
     shutdown: CancellationToken,
+    /// Cancelled to stop accepting clients while open connections finish.
+    accepting: CancellationToken,
 }
 
 impl EdgeInner {
@@ -196,7 +208,10 @@ impl Edge {
         let server_name = ServerName::try_from(options.hub_host.clone())
             .map_err(|_| EdgeError::HubHost(options.hub_host.clone()))?;
         let (events, _) = broadcast::channel(1024);
+        let edge_metrics = metrics::EdgeMetrics::register(&options.registry)?;
         let inner = Arc::new(EdgeInner {
+            ended: Mutex::default(),
+            metrics: edge_metrics,
             connections: Arc::new(Semaphore::new(options.max_connections)),
             options,
             hello,
@@ -209,7 +224,12 @@ impl Edge {
             }),
             session: Mutex::new(None),
             shutdown: CancellationToken::new(),
+            accepting: CancellationToken::new(),
         });
+        inner
+            .options
+            .registry
+            .register(Box::new(metrics::LiveCollector::new(Arc::downgrade(&inner))))?;
         let task = tokio::spawn(supervise(inner.clone()));
         Ok(EdgeHandle {
             inner,
@@ -256,6 +276,16 @@ impl EdgeHandle {
             status.udp_dropped = stats.udp_dropped.load(std::sync::atomic::Ordering::Relaxed);
         }
         status
+    }
+
+    /// True while the tunnel is up.
+    pub fn is_ready(&self) -> bool {
+        self.status().connected
+    }
+
+    /// Stops accepting client connections; open ones carry on.
+    pub fn stop_accepting(&self) {
+        self.inner.accepting.cancel();
     }
 
     /// Closes the tunnel and all listeners, and stops reconnecting.
@@ -350,6 +380,10 @@ async fn serve(
 ) -> String {
     tracing::info!(hub = %inner.options.hub_host, "tunnel connected");
     *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.clone());
+    inner.metrics.tunnel_connected.set(1);
+    if inner.status.lock().unwrap_or_else(|p| p.into_inner()).connections > 0 {
+        inner.metrics.tunnel_reconnects.inc();
+    }
     inner.update(|s| {
         s.connected = true;
         s.transport = Some("tcpTls");
@@ -362,6 +396,8 @@ async fn serve(
             inner.options.bind_address,
             session.clone(),
             inner.connections.clone(),
+            inner.metrics.client_connections.clone(),
+            inner.accepting.clone(),
         ),
         udp: UdpPorts::new(
             inner.options.bind_address,
@@ -370,6 +406,7 @@ async fn serve(
                 idle_timeout: inner.options.udp_idle_timeout,
                 max_sessions: inner.options.udp_max_sessions,
             },
+            inner.metrics.client_connections.clone(),
         ),
     };
     apply_config(inner, &session, &mut ports, &config, true).await;
@@ -395,6 +432,12 @@ async fn serve(
     }
     drop(ports);
     *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    inner.metrics.tunnel_connected.set(0);
+    inner
+        .ended
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .add(metrics::Totals::of(session.stats()));
     session
         .close_reason()
         .unwrap_or_else(|| "tunnel closed".to_owned())

@@ -20,6 +20,8 @@ pub(crate) struct PortSet {
     bind_address: IpAddr,
     session: SessionHandle,
     connections: Arc<Semaphore>,
+    accepted: prometheus::IntCounterVec,
+    accepting: CancellationToken,
     listeners: BTreeMap<u16, CancellationToken>,
 }
 
@@ -28,11 +30,15 @@ impl PortSet {
         bind_address: IpAddr,
         session: SessionHandle,
         connections: Arc<Semaphore>,
+        accepted: prometheus::IntCounterVec,
+        accepting: CancellationToken,
     ) -> Self {
         Self {
             bind_address,
             session,
             connections,
+            accepted,
+            accepting,
             listeners: BTreeMap::new(),
         }
     }
@@ -75,7 +81,11 @@ impl PortSet {
             self.listeners.insert(port, cancel.clone());
             let session = self.session.clone();
             let connections = self.connections.clone();
-            tokio::spawn(accept_loop(listener, session, connections, cancel));
+            let accepted = self.accepted.with_label_values(&[&port.to_string(), "tcp"]);
+            let accepting = self.accepting.clone();
+            tokio::spawn(accept_loop(
+                listener, session, connections, accepted, accepting, cancel,
+            ));
         }
     }
 }
@@ -106,16 +116,20 @@ async fn accept_loop(
     listener: TcpListener,
     session: SessionHandle,
     connections: Arc<Semaphore>,
+    accepted_total: prometheus::IntCounter,
+    accepting: CancellationToken,
     cancel: CancellationToken,
 ) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = cancel.cancelled() => return,
+            () = accepting.cancelled() => return,
         };
         match accepted {
             Ok((client, peer)) => match connections.clone().try_acquire_owned() {
                 Ok(permit) => {
+                    accepted_total.inc();
                     let session = session.clone();
                     let cancel = cancel.clone();
                     tokio::spawn(serve_client(client, peer, session, cancel, permit));

@@ -49,6 +49,7 @@ pub(crate) struct UdpPorts {
     bind_address: IpAddr,
     session: SessionHandle,
     limits: UdpLimits,
+    opened: prometheus::IntCounterVec,
     listeners: BTreeMap<u16, CancellationToken>,
     table: Arc<Mutex<Table>>,
 }
@@ -57,11 +58,17 @@ pub(crate) struct UdpPorts {
 pub(crate) type BoundUdp = Vec<(u16, UdpSocket)>;
 
 impl UdpPorts {
-    pub(crate) fn new(bind_address: IpAddr, session: SessionHandle, limits: UdpLimits) -> Self {
+    pub(crate) fn new(
+        bind_address: IpAddr,
+        session: SessionHandle,
+        limits: UdpLimits,
+        opened: prometheus::IntCounterVec,
+    ) -> Self {
         Self {
             bind_address,
             session,
             limits,
+            opened,
             listeners: BTreeMap::new(),
             table: Arc::default(),
         }
@@ -128,6 +135,7 @@ impl UdpPorts {
                 session: self.session.clone(),
                 table: self.table.clone(),
                 limits: self.limits,
+                opened: self.opened.with_label_values(&[&port.to_string(), "udp"]),
             };
             tokio::spawn(receiver.run(cancel));
         }
@@ -205,6 +213,7 @@ struct Receiver {
     session: SessionHandle,
     table: Arc<Mutex<Table>>,
     limits: UdpLimits,
+    opened: prometheus::IntCounter,
 }
 
 impl Receiver {
@@ -250,6 +259,7 @@ impl Receiver {
         }
         let header = ProxyV2::proxy(V2Transport::Datagram, client, local).to_bytes();
         let id = self.session.open_udp(Bytes::from(header)).await.ok()?;
+        self.opened.inc();
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         table.by_client.insert((self.port, client), id);
         table.sessions.insert(

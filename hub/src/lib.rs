@@ -269,6 +269,8 @@ pub(crate) struct HubInner {
     events: broadcast::Sender<HubEvent>,
     metrics: metrics::HubMetrics,
     shutdown: CancellationToken,
+    /// Cancelled to stop accepting tunnels (a child of `shutdown`).
+    accepting: CancellationToken,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -311,7 +313,9 @@ impl Hub {
         })?;
         let (events, _) = broadcast::channel(4096);
         let hub_metrics = metrics::HubMetrics::register(&options.registry)?;
+        let shutdown = CancellationToken::new();
         let inner = Arc::new(HubInner {
+            accepting: shutdown.child_token(),
             metrics: hub_metrics,
             options,
             local_addr,
@@ -319,7 +323,7 @@ impl Hub {
             registry: Mutex::new(registry),
             changes: tokio::sync::Mutex::new(()),
             events,
-            shutdown: CancellationToken::new(),
+            shutdown,
             tasks: Mutex::new(Vec::new()),
         });
         inner
@@ -475,6 +479,25 @@ impl HubHandle {
             .unwrap_or_else(|p| p.into_inner())
             .push(task);
         Ok(())
+    }
+
+    /// True while the listener is bound and the state loaded (until shutdown begins).
+    pub fn is_ready(&self) -> bool {
+        !self.inner.accepting.is_cancelled()
+    }
+
+    /// Stops accepting new tunnels (releasing the listener); open tunnels carry on.
+    pub fn stop_accepting(&self) {
+        self.inner.accepting.cancel();
+    }
+
+    /// Tunnelled TCP connections open now, over all edges.
+    pub fn active_streams(&self) -> usize {
+        self.status()
+            .connected_edges
+            .iter()
+            .map(|edge| edge.active_streams)
+            .sum()
     }
 
     /// Stops accepting, closes every tunnel and releases the listener.

@@ -58,7 +58,7 @@ pub(crate) async fn accept_loop(
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            () = inner.shutdown.cancelled() => return,
+            () = inner.accepting.cancelled() => return,
         };
         let (tcp, remote_addr) = match accepted {
             Ok(pair) => pair,
