@@ -85,6 +85,7 @@ async fn buf_curl_lists_and_calls_both_apis_through_reflection() {
             "--listen-address=127.0.0.1".into(),
             format!("--tunnel-port={tunnel}"),
             format!("--admin-addr=127.0.0.1:{admin}"),
+            format!("--metrics-addr=127.0.0.1:{}", free_port(localhost)),
             format!("--state-dir={state_dir}"),
         ],
         &[("REMOTEINGRESS_ADMIN_TOKEN", "t0ken")],
@@ -98,6 +99,7 @@ async fn buf_curl_lists_and_calls_both_apis_through_reflection() {
             "--secret=s".into(),
             "--insecure".into(),
             format!("--status-addr=127.0.0.1:{status}"),
+            format!("--metrics-addr=127.0.0.1:{}", free_port(localhost)),
         ],
         &[],
     );

@@ -75,6 +75,10 @@ impl Tunnel {
                 "--admin-addr",
                 &format!("127.0.0.1:{}", free_port("127.0.0.1")?),
             ])
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{}", free_port("127.0.0.1")?),
+            ])
             .arg("--state-dir")
             .arg(state.path())
             .arg("--edges-file")
@@ -105,6 +109,10 @@ impl Tunnel {
             .args(["--bind-address", EDGE_IP])
             .args([
                 "--status-addr",
+                &format!("127.0.0.1:{}", free_port("127.0.0.1")?),
+            ])
+            .args([
+                "--metrics-addr",
                 &format!("127.0.0.1:{}", free_port("127.0.0.1")?),
             ])
             .args(["--max-connections", "30000", "--max-streams", "30000"])
