@@ -9,9 +9,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use remoteingress_controlplane::{
-    serve_edge_status, serve_hub_admin, serve_metrics, AdminOptions,
-};
+use remoteingress_controlplane::{serve_edge_status, serve_hub_admin, serve_metrics, AdminOptions};
 use remoteingress_edge::{BackoffPolicy, Edge, EdgeOptions};
 use remoteingress_hub::{Hub, HubOptions};
 use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions};
@@ -163,7 +161,11 @@ struct HubArgs {
     )]
     admin_addr: SocketAddr,
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "REMOTEINGRESS_METRICS_ADDR", default_value = "127.0.0.1:9469")]
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_METRICS_ADDR",
+        default_value = "127.0.0.1:9469"
+    )]
     metrics_addr: SocketAddr,
     /// File holding the admin API's bearer token (or set REMOTEINGRESS_ADMIN_TOKEN).
     #[arg(long, env = "REMOTEINGRESS_ADMIN_TOKEN_FILE")]
@@ -235,7 +237,11 @@ struct EdgeArgs {
     )]
     status_addr: SocketAddr,
     /// Address of /metrics, /healthz and /readyz.
-    #[arg(long, env = "REMOTEINGRESS_METRICS_ADDR", default_value = "127.0.0.1:9470")]
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_METRICS_ADDR",
+        default_value = "127.0.0.1:9470"
+    )]
     metrics_addr: SocketAddr,
     #[command(flatten)]
     timers: TunnelTimers,
@@ -452,7 +458,10 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
     shutdown_signal().await?;
     edge.stop_accepting();
     let draining = edge.clone();
-    drain(args.service.grace(), move || draining.status().active_streams).await?;
+    drain(args.service.grace(), move || {
+        draining.status().active_streams
+    })
+    .await?;
     stop.cancel();
     edge.shutdown().await;
     let _ = served.task.await;
@@ -488,7 +497,11 @@ async fn drain(grace: Duration, active: impl Fn() -> usize) -> Result<()> {
     let second_signal = shutdown_signal();
     tokio::pin!(second_signal);
     let mut poll = tokio::time::interval(Duration::from_millis(100));
-    tracing::info!(open = active(), grace_secs = grace.as_secs(), "draining open connections");
+    tracing::info!(
+        open = active(),
+        grace_secs = grace.as_secs(),
+        "draining open connections"
+    );
     loop {
         let open = active();
         if open == 0 {

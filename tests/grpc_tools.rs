@@ -6,18 +6,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::*;
-
-struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn buf() -> PathBuf {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("node_modules/.bin/buf");
@@ -47,28 +38,6 @@ fn text(output: &Output) -> String {
     )
 }
 
-fn spawn(args: &[String], env: &[(&str, &str)]) -> Process {
-    Process(
-        Command::new(env!("CARGO_BIN_EXE_remoteingress"))
-            .args(args)
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
-}
-
-async fn wait_port(port: u16) {
-    eventually(&format!("port {port} to accept"), || async {
-        tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()
-            .map(|_| ())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn buf_curl_lists_and_calls_both_apis_through_reflection() {
     let state = tempfile::tempdir().unwrap();
@@ -79,7 +48,7 @@ async fn buf_curl_lists_and_calls_both_apis_through_reflection() {
         free_port(localhost),
     );
     let state_dir = state.path().display().to_string();
-    let _hub = spawn(
+    let _hub = spawn_binary(
         &[
             "hub".into(),
             "--listen-address=127.0.0.1".into(),
@@ -90,7 +59,7 @@ async fn buf_curl_lists_and_calls_both_apis_through_reflection() {
         ],
         &[("REMOTEINGRESS_ADMIN_TOKEN", "t0ken")],
     );
-    let _edge = spawn(
+    let _edge = spawn_binary(
         &[
             "edge".into(),
             "--hub-host=127.0.0.1".into(),

@@ -26,7 +26,10 @@ struct AppState {
 /// Adds `remoteingress_build_info` and process metrics (RSS, fds, CPU) to `registry`.
 fn register_process_metrics(registry: &Registry) -> prometheus::Result<()> {
     let build = IntGaugeVec::new(
-        Opts::new("remoteingress_build_info", "Always 1; labelled with the version"),
+        Opts::new(
+            "remoteingress_build_info",
+            "Always 1; labelled with the version",
+        ),
         &["version"],
     )?;
     build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -74,7 +77,10 @@ async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     match TextEncoder::new().encode(&state.registry.gather(), &mut body) {
         Ok(()) => (
             StatusCode::OK,
-            [(header::CONTENT_TYPE, TextEncoder::new().format_type().to_owned())],
+            [(
+                header::CONTENT_TYPE,
+                TextEncoder::new().format_type().to_owned(),
+            )],
             body,
         ),
         Err(e) => (

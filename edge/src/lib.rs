@@ -229,7 +229,9 @@ impl Edge {
         inner
             .options
             .registry
-            .register(Box::new(metrics::LiveCollector::new(Arc::downgrade(&inner))))?;
+            .register(Box::new(metrics::LiveCollector::new(Arc::downgrade(
+                &inner,
+            ))))?;
         let task = tokio::spawn(supervise(inner.clone()));
         Ok(EdgeHandle {
             inner,
@@ -381,7 +383,13 @@ async fn serve(
     tracing::info!(hub = %inner.options.hub_host, "tunnel connected");
     *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.clone());
     inner.metrics.tunnel_connected.set(1);
-    if inner.status.lock().unwrap_or_else(|p| p.into_inner()).connections > 0 {
+    if inner
+        .status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .connections
+        > 0
+    {
         inner.metrics.tunnel_reconnects.inc();
     }
     inner.update(|s| {

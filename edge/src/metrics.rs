@@ -70,7 +70,10 @@ impl Totals {
     }
 }
 
-const STREAMS: (&str, &str) = ("remoteingress_streams_active", "Tunnelled TCP connections open now");
+const STREAMS: (&str, &str) = (
+    "remoteingress_streams_active",
+    "Tunnelled TCP connections open now",
+);
 const UDP: (&str, &str) = ("remoteingress_udp_sessions_active", "UDP sessions open now");
 const BYTES: (&str, &str) = (
     "remoteingress_bytes_total",
@@ -91,7 +94,9 @@ impl LiveCollector {
     pub(crate) fn new(edge: Weak<EdgeInner>) -> Self {
         let descs = [STREAMS, UDP, BYTES, DROPPED]
             .iter()
-            .filter_map(|(name, help)| Desc::new((*name).into(), (*help).into(), vec![], HashMap::new()).ok())
+            .filter_map(|(name, help)| {
+                Desc::new((*name).into(), (*help).into(), vec![], HashMap::new()).ok()
+            })
             .collect();
         Self { edge, descs }
     }
@@ -121,7 +126,13 @@ impl Collector for LiveCollector {
             bytes.with_label_values(&["in"]).inc_by(totals.bytes_in);
             bytes.with_label_values(&["out"]).inc_by(totals.bytes_out);
             dropped.inc_by(totals.udp_dropped);
-            Ok([streams.collect(), udp.collect(), bytes.collect(), dropped.collect()].concat())
+            Ok([
+                streams.collect(),
+                udp.collect(),
+                bytes.collect(),
+                dropped.collect(),
+            ]
+            .concat())
         };
         build().unwrap_or_default()
     }

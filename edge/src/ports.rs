@@ -84,7 +84,12 @@ impl PortSet {
             let accepted = self.accepted.with_label_values(&[&port.to_string(), "tcp"]);
             let accepting = self.accepting.clone();
             tokio::spawn(accept_loop(
-                listener, session, connections, accepted, accepting, cancel,
+                listener,
+                session,
+                connections,
+                accepted,
+                accepting,
+                cancel,
             ));
         }
     }

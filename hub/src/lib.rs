@@ -329,7 +329,9 @@ impl Hub {
         inner
             .options
             .registry
-            .register(Box::new(metrics::LiveCollector::new(Arc::downgrade(&inner))))?;
+            .register(Box::new(metrics::LiveCollector::new(Arc::downgrade(
+                &inner,
+            ))))?;
         let accept = tokio::spawn(server::accept_loop(inner.clone(), listener, tls));
         inner
             .tasks

@@ -7,9 +7,7 @@ use std::sync::Weak;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{
-    Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
 use crate::HubInner;
 
@@ -26,7 +24,12 @@ pub(crate) struct HubMetrics {
     pub(crate) tunnel_rtt: prometheus::GaugeVec,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+fn counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
     let metric = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(metric.clone()))?;
     Ok(metric)
@@ -43,7 +46,10 @@ impl HubMetrics {
         )?;
         registry.register(Box::new(target_connect_duration.clone()))?;
         let tunnel_rtt = prometheus::GaugeVec::new(
-            Opts::new("remoteingress_tunnel_rtt_seconds", "Last PING round trip per edge"),
+            Opts::new(
+                "remoteingress_tunnel_rtt_seconds",
+                "Last PING round trip per edge",
+            ),
             &["edge"],
         )?;
         registry.register(Box::new(tunnel_rtt.clone()))?;
@@ -127,7 +133,10 @@ pub(crate) struct LiveCollector {
 }
 
 const EDGES_CONNECTED: (&str, &str) = ("remoteingress_edges_connected", "Edges whose tunnel is up");
-const STREAMS_ACTIVE: (&str, &str) = ("remoteingress_streams_active", "Tunnelled TCP connections open now");
+const STREAMS_ACTIVE: (&str, &str) = (
+    "remoteingress_streams_active",
+    "Tunnelled TCP connections open now",
+);
 const UDP_ACTIVE: (&str, &str) = ("remoteingress_udp_sessions_active", "UDP sessions open now");
 const BYTES: (&str, &str) = (
     "remoteingress_tunnel_bytes_total",
@@ -142,7 +151,9 @@ impl LiveCollector {
     pub(crate) fn new(hub: Weak<HubInner>) -> Self {
         let descs = [EDGES_CONNECTED, STREAMS_ACTIVE, UDP_ACTIVE, BYTES, STALLS]
             .iter()
-            .filter_map(|(name, help)| Desc::new((*name).into(), (*help).into(), vec![], HashMap::new()).ok())
+            .filter_map(|(name, help)| {
+                Desc::new((*name).into(), (*help).into(), vec![], HashMap::new()).ok()
+            })
             .collect();
         Self { hub, descs }
     }
@@ -159,7 +170,8 @@ impl Collector for LiveCollector {
         };
         let build = || -> prometheus::Result<Vec<MetricFamily>> {
             let connected = IntGauge::new(EDGES_CONNECTED.0, EDGES_CONNECTED.1)?;
-            let streams = IntGaugeVec::new(Opts::new(STREAMS_ACTIVE.0, STREAMS_ACTIVE.1), &["edge"])?;
+            let streams =
+                IntGaugeVec::new(Opts::new(STREAMS_ACTIVE.0, STREAMS_ACTIVE.1), &["edge"])?;
             let udp = IntGaugeVec::new(Opts::new(UDP_ACTIVE.0, UDP_ACTIVE.1), &["edge"])?;
             let bytes = IntCounterVec::new(Opts::new(BYTES.0, BYTES.1), &["edge", "direction"])?;
             let stalls = IntCounterVec::new(Opts::new(STALLS.0, STALLS.1), &["edge"])?;
@@ -168,14 +180,27 @@ impl Collector for LiveCollector {
             for (edge, live, totals) in registry.traffic() {
                 if let Some(live) = live {
                     streams.with_label_values(&[&edge]).set(live.streams as i64);
-                    udp.with_label_values(&[&edge]).set(live.udp_sessions as i64);
+                    udp.with_label_values(&[&edge])
+                        .set(live.udp_sessions as i64);
                 }
-                bytes.with_label_values(&[&edge, "in"]).inc_by(totals.bytes_in);
-                bytes.with_label_values(&[&edge, "out"]).inc_by(totals.bytes_out);
-                stalls.with_label_values(&[&edge]).inc_by(totals.flow_stalls);
+                bytes
+                    .with_label_values(&[&edge, "in"])
+                    .inc_by(totals.bytes_in);
+                bytes
+                    .with_label_values(&[&edge, "out"])
+                    .inc_by(totals.bytes_out);
+                stalls
+                    .with_label_values(&[&edge])
+                    .inc_by(totals.flow_stalls);
             }
-            Ok([connected.collect(), streams.collect(), udp.collect(), bytes.collect(), stalls.collect()]
-                .concat())
+            Ok([
+                connected.collect(),
+                streams.collect(),
+                udp.collect(),
+                bytes.collect(),
+                stalls.collect(),
+            ]
+            .concat())
         };
         build().unwrap_or_default()
     }

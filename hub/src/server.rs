@@ -71,7 +71,11 @@ pub(crate) async fn accept_loop(
         };
         let Some(admission) = admit(&inner, &global, &per_source, remote_addr.ip()) else {
             tracing::warn!(%remote_addr, "too many unauthenticated tunnel connections; dropped");
-            inner.metrics.auth_failures.with_label_values(&["limit"]).inc();
+            inner
+                .metrics
+                .auth_failures
+                .with_label_values(&["limit"])
+                .inc();
             continue;
         };
         let inner = inner.clone();

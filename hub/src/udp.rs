@@ -84,8 +84,12 @@ impl UdpSessions {
                     last_active.clone(),
                     self.epoch,
                     ReplyCounters {
-                        sent: metrics.udp_datagrams.with_label_values(&[&self.edge_id, "out"]),
-                        dropped: metrics.udp_dropped.with_label_values(&[&self.edge_id, "queue_full"]),
+                        sent: metrics
+                            .udp_datagrams
+                            .with_label_values(&[&self.edge_id, "out"]),
+                        dropped: metrics
+                            .udp_dropped
+                            .with_label_values(&[&self.edge_id, "queue_full"]),
                     },
                 ));
                 self.sessions.insert(
@@ -156,7 +160,10 @@ impl UdpSessions {
                 .with_label_values(&[&self.edge_id, "in"])
                 .inc();
         } else {
-            self.session.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
+            self.session
+                .stats()
+                .udp_dropped
+                .fetch_add(1, Ordering::Relaxed);
             self.dropped(inner, "socket_busy");
         }
     }

@@ -648,7 +648,10 @@ impl MuxWriter {
                     return Ok(available.min(MAX_DATA_CHUNK));
                 }
             }
-            self.shared.stats.flow_stalls.fetch_add(1, Ordering::Relaxed);
+            self.shared
+                .stats
+                .flow_stalls
+                .fetch_add(1, Ordering::Relaxed);
             self.slot.writable.notified().await;
         }
     }
