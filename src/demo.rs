@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rand::distr::{Alphanumeric, SampleString};
-use remoteingress_edge::{Edge, EdgeEvent, EdgeOptions};
+use remoteingress_edge::{Edge, EdgeEvent, EdgeOptions, FirewallMode};
 use remoteingress_hub::{AllowedEdge, Hub, HubOptions};
 use remoteingress_tunnel::{HubIdentity, HubTrust};
 use remoteingress_wire::proxy::ProxyV1;
@@ -66,7 +66,8 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         HubTrust::Pin(hub.pin().to_owned()),
     );
     options.bind_address = args.bind_address;
-    let edge = Edge::start(options)?;
+    options.firewall = FirewallMode::Off;
+    let edge = Edge::start(options).await?;
     let mut events = edge.subscribe();
     tokio::time::timeout(Duration::from_secs(10), async {
         while let Ok(event) = events.recv().await {

@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use remoteingress_controlplane::{serve_edge_status, serve_hub_admin, serve_metrics, AdminOptions};
-use remoteingress_edge::{BackoffPolicy, Edge, EdgeOptions};
+use remoteingress_edge::{BackoffPolicy, Edge, EdgeOptions, FirewallMode};
 use remoteingress_hub::{Hub, HubOptions};
 use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions};
 use remoteingress_wire::token::{normalize_pin, ConnectionToken};
@@ -87,6 +87,16 @@ impl TunnelTimers {
             ..SessionOptions::default()
         }
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FirewallArg {
+    /// Never touch nftables.
+    Off,
+    /// Use nftables when it works here; otherwise warn and tunnel on.
+    Auto,
+    /// Refuse to start without working nftables.
+    Required,
 }
 
 #[derive(Args)]
@@ -236,6 +246,13 @@ struct EdgeArgs {
         default_value = "127.0.0.1:8445"
     )]
     status_addr: SocketAddr,
+    /// Apply the hub's firewall configs with nftables: off, auto (when it works here) or
+    /// required (refuse to start without it).
+    #[arg(long, env = "REMOTEINGRESS_FIREWALL", value_enum, default_value_t = FirewallArg::Auto)]
+    firewall: FirewallArg,
+    /// Command that runs nft, split on spaces (e.g. to run it in another network namespace).
+    #[arg(long, env = "REMOTEINGRESS_NFT_COMMAND", default_value = "nft")]
+    nft_command: String,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(
         long,
@@ -441,8 +458,18 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
     options.session = args.timers.session(Duration::from_secs(15));
     options.udp_idle_timeout = args.udp.idle_timeout();
     options.udp_max_sessions = args.udp.udp_max_sessions;
+    options.firewall = match args.firewall {
+        FirewallArg::Off => FirewallMode::Off,
+        FirewallArg::Auto => FirewallMode::Auto,
+        FirewallArg::Required => FirewallMode::Required,
+    };
+    options.nft_command = args
+        .nft_command
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
     let registry = options.registry.clone();
-    let edge = Edge::start(options)?;
+    let edge = Edge::start(options).await?;
     let stop = CancellationToken::new();
     let served = serve_edge_status(edge.clone(), args.status_addr, stop.clone()).await?;
     println!("status API on {}", served.local_addr);

@@ -67,6 +67,7 @@ async fn buf_curl_lists_and_calls_both_apis_through_reflection() {
             "--edge-id=e1".into(),
             "--secret=s".into(),
             "--insecure".into(),
+            "--firewall=off".into(),
             format!("--status-addr=127.0.0.1:{status}"),
             format!("--metrics-addr=127.0.0.1:{}", free_port(localhost)),
         ],

@@ -71,7 +71,7 @@ async fn each_metric_moves_when_its_event_happens() {
     let edge_registry = Registry::new();
     let mut options = edge_options(&hub, "e1", SECRET);
     options.registry = edge_registry.clone();
-    let edge = Edge::start(options).unwrap();
+    let edge = Edge::start(options).await.unwrap();
     wait_listening(&edge, port).await;
     let h = |name, labels: &[(&str, &str)]| sample(&hub_registry, name, labels);
     let e = |name, labels: &[(&str, &str)]| sample(&edge_registry, name, labels);
@@ -154,7 +154,9 @@ async fn each_metric_moves_when_its_event_happens() {
     .await;
 
     // An authentication failure.
-    let intruder = Edge::start(edge_options(&hub, "e1", "wrong-secret")).unwrap();
+    let intruder = Edge::start(edge_options(&hub, "e1", "wrong-secret"))
+        .await
+        .unwrap();
     eventually("the auth failure to be counted", || async {
         (h(
             "remoteingress_auth_failures_total",
@@ -203,7 +205,8 @@ async fn readyz_follows_the_tunnel() {
     options.backoff.min = Duration::from_millis(50);
     options.backoff.max = Duration::from_millis(200);
     options.registry = edge_registry.clone();
-    let edge = Edge::start(options).unwrap();
+    options.firewall = remoteingress_edge::FirewallMode::Off;
+    let edge = Edge::start(options).await.unwrap();
     let stop = CancellationToken::new();
     let ready_edge = edge.clone();
     let served = serve_metrics(
@@ -294,6 +297,7 @@ async fn deploy(edge_extra: &[&str]) -> Deployment {
         format!("--bind-address={EDGE_IP}"),
         format!("--status-addr=127.0.0.1:{}", free_port(localhost)),
         format!("--metrics-addr=127.0.0.1:{edge_metrics}"),
+        "--firewall=off".into(),
     ];
     args.extend(edge_extra.iter().map(|a| a.to_string()));
     let edge = spawn_binary(&args, &[]);

@@ -218,8 +218,12 @@ async fn rejects_bad_credentials_and_junk_and_keeps_serving() {
     let setup = Setup::new().await;
     let mut events = setup.hub.subscribe();
 
-    let wrong_secret = Edge::start(edge_options(&setup.hub, "e1", "not-the-secret")).unwrap();
-    let unknown_id = Edge::start(edge_options(&setup.hub, "nobody", SECRET)).unwrap();
+    let wrong_secret = Edge::start(edge_options(&setup.hub, "e1", "not-the-secret"))
+        .await
+        .unwrap();
+    let unknown_id = Edge::start(edge_options(&setup.hub, "nobody", SECRET))
+        .await
+        .unwrap();
     let hub_addr = setup.hub.local_addr();
     let mut junk = TcpStream::connect(hub_addr).await.unwrap();
     junk.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
@@ -314,7 +318,7 @@ async fn a_second_connection_of_the_same_edge_replaces_the_first() {
     let mut events = setup.hub.subscribe();
     let mut second_options = edge_options(&setup.hub, "e1", SECRET);
     second_options.bind_address = "127.0.0.3".parse().unwrap();
-    let second = Edge::start(second_options).unwrap();
+    let second = Edge::start(second_options).await.unwrap();
     assert!(disconnect_reason(&mut events).await.contains("replaced"));
     first.shutdown().await;
     wait_listening(&second, setup.edge_port).await;

@@ -71,7 +71,7 @@ impl UdpSetup {
         let mut edge_options = edge_options(&hub, "e1", SECRET);
         edge_options.udp_idle_timeout = idle;
         edge_options.udp_max_sessions = max_sessions;
-        let edge = Edge::start(edge_options).unwrap();
+        let edge = Edge::start(edge_options).await.unwrap();
         eventually("the UDP port", || async {
             edge.status().listen_ports_udp.contains(&port).then_some(())
         })

@@ -392,6 +392,12 @@ pub(crate) fn edge_event(event: EdgeEvent) -> pb::EdgeStatusWatchEventsResponse 
             listen_ports,
             listen_ports_udp,
         } => ports(listen_ports, listen_ports_udp, true),
+        EdgeEvent::FirewallApplied { rules, error } => {
+            Event::FirewallApplied(pb::FirewallApplied {
+                rules: u32::try_from(rules).unwrap_or(u32::MAX),
+                error: error.unwrap_or_default(),
+            })
+        }
         EdgeEvent::ConfigRejected { version, error } => Event::ConfigRejected(pb::ConfigRejected {
             version: version.unwrap_or_default(),
             error,

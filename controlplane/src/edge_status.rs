@@ -1,6 +1,6 @@
 //! `remoteingress.v1.EdgeStatus` over an [`EdgeHandle`].
 
-use remoteingress_edge::EdgeHandle;
+use remoteingress_edge::{EdgeHandle, FirewallState};
 use tonic::{Request, Response, Status};
 
 use crate::convert::{edge_event, edge_events_missed};
@@ -20,6 +20,19 @@ impl EdgeStatus for EdgeStatusService {
         _request: Request<pb::EdgeStatusGetStatusRequest>,
     ) -> Result<Response<pb::EdgeStatusGetStatusResponse>, Status> {
         let status = self.edge.status();
+        let (firewall_state, firewall_message) = match status.firewall.clone() {
+            Some(FirewallState::Applied(rules)) => (
+                pb::FirewallState::Applied,
+                format!("{rules} rules in force"),
+            ),
+            Some(FirewallState::Off) => (
+                pb::FirewallState::Unavailable,
+                "disabled (--firewall off)".to_owned(),
+            ),
+            Some(FirewallState::Unavailable(why)) => (pb::FirewallState::Unavailable, why),
+            Some(FirewallState::Error(why)) => (pb::FirewallState::Error, why),
+            None => (pb::FirewallState::Unspecified, String::new()),
+        };
         Ok(Response::new(pb::EdgeStatusGetStatusResponse {
             running: status.running,
             connected: status.connected,
@@ -33,8 +46,8 @@ impl EdgeStatus for EdgeStatusService {
             active_udp_sessions: u32::try_from(status.active_udp_sessions).unwrap_or(u32::MAX),
             listen_ports: status.listen_ports.into_iter().map(u32::from).collect(),
             listen_ports_udp: status.listen_ports_udp.into_iter().map(u32::from).collect(),
-            firewall: pb::FirewallState::Unavailable as i32,
-            firewall_message: "nftables support is not part of this build yet".to_owned(),
+            firewall: firewall_state as i32,
+            firewall_message,
             last_error: status.last_error.unwrap_or_default(),
         }))
     }

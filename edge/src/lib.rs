@@ -3,6 +3,7 @@
 //! header that names the real client.
 
 mod backoff;
+pub mod firewall;
 mod metrics;
 mod ports;
 mod udp;
@@ -30,6 +31,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 pub use backoff::BackoffPolicy;
+pub use firewall::{Firewall, FirewallMode, FirewallState};
 use ports::PortSet;
 use udp::{UdpLimits, UdpPorts};
 
@@ -48,6 +50,9 @@ pub enum EdgeError {
     /// Metrics could not be registered (a name registered twice in one registry).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// `--firewall required` but nftables does not work here.
+    #[error("the firewall is required but nftables cannot be used: {0}")]
+    FirewallUnavailable(String),
     /// The hub host is not a valid TLS server name.
     #[error("hub host {0:?} is not a valid host name or address")]
     HubHost(String),
@@ -82,6 +87,10 @@ pub struct EdgeOptions {
     pub udp_max_sessions: usize,
     /// Where the edge registers its metrics.
     pub registry: prometheus::Registry,
+    /// Whether firewall configs are applied with nftables.
+    pub firewall: FirewallMode,
+    /// The command that runs nft (program and leading arguments).
+    pub nft_command: Vec<String>,
 }
 
 impl EdgeOptions {
@@ -107,6 +116,8 @@ impl EdgeOptions {
             udp_idle_timeout: Duration::from_secs(60),
             udp_max_sessions: 65_536,
             registry: prometheus::Registry::new(),
+            firewall: FirewallMode::Auto,
+            nft_command: vec!["nft".to_owned()],
         }
     }
 }
@@ -134,6 +145,13 @@ pub enum EdgeEvent {
         listen_ports: Vec<u16>,
         /// UDP ports.
         listen_ports_udp: Vec<u16>,
+    },
+    /// A firewall configuration was applied (or failed, keeping the previous rules).
+    FirewallApplied {
+        /// Rules in force.
+        rules: usize,
+        /// Why it failed, if it did.
+        error: Option<String>,
     },
     /// A configuration could not be applied; the previous one stays.
     ConfigRejected {
@@ -167,6 +185,8 @@ pub struct EdgeStatus {
     pub last_error: Option<String>,
     /// Tunnels established since start.
     pub connections: u64,
+    /// What the firewall is doing.
+    pub firewall: Option<FirewallState>,
 }
 
 struct EdgeInner {
@@ -184,6 +204,8 @@ struct EdgeInner {
     shutdown: CancellationToken,
     /// Cancelled to stop accepting clients while open connections finish.
     accepting: CancellationToken,
+    /// nftables, when it works here and is wanted.
+    firewall: Option<Firewall>,
 }
 
 impl EdgeInner {
@@ -202,8 +224,24 @@ pub struct Edge;
 
 impl Edge {
     /// Checks the options and starts connecting (in the background, with retries).
-    pub fn start(options: EdgeOptions) -> Result<EdgeHandle, EdgeError> {
+    pub async fn start(options: EdgeOptions) -> Result<EdgeHandle, EdgeError> {
         let hello = EdgeHello::new(&options.edge_id, &options.secret)?;
+        let (firewall, firewall_state) = match options.firewall {
+            FirewallMode::Off => (None, FirewallState::Off),
+            mode => {
+                let firewall = Firewall::new(options.nft_command.clone());
+                match firewall.probe().await {
+                    Ok(()) => (Some(firewall), FirewallState::Applied(0)),
+                    Err(why) if mode == FirewallMode::Required => {
+                        return Err(EdgeError::FirewallUnavailable(why))
+                    }
+                    Err(why) => {
+                        tracing::warn!(%why, "nftables cannot be used here: firewall configs will not be applied; tunnelling continues");
+                        (None, FirewallState::Unavailable(why))
+                    }
+                }
+            }
+        };
         let tls = TlsConnector::from(client_config(&options.trust)?);
         let server_name = ServerName::try_from(options.hub_host.clone())
             .map_err(|_| EdgeError::HubHost(options.hub_host.clone()))?;
@@ -220,8 +258,10 @@ impl Edge {
             events,
             status: Mutex::new(EdgeStatus {
                 running: true,
+                firewall: Some(firewall_state),
                 ..EdgeStatus::default()
             }),
+            firewall,
             session: Mutex::new(None),
             shutdown: CancellationToken::new(),
             accepting: CancellationToken::new(),
@@ -296,6 +336,11 @@ impl EdgeHandle {
         let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(task) = task {
             let _ = task.await;
+            if let Some(firewall) = &self.inner.firewall {
+                if let Err(error) = firewall.remove().await {
+                    tracing::warn!(%error, "could not remove the firewall table");
+                }
+            }
         }
         self.inner.update(|s| s.running = false);
     }
@@ -475,6 +520,9 @@ async fn apply_config(
         Ok(bound) => bound,
         Err(error) => return reject(inner, session, config.version, error).await,
     };
+    if let Err(error) = apply_firewall(inner, config).await {
+        return reject(inner, session, config.version, error).await;
+    }
     ports.tcp.commit(&config.listen_ports, tcp);
     ports.udp.commit(&config.listen_ports_udp, udp);
     let (listen_ports, listen_ports_udp) = (ports.tcp.ports(), ports.udp.ports());
@@ -497,6 +545,36 @@ async fn apply_config(
     if let Some(version) = config.version {
         acknowledge(session, serde_json::json!({ "version": version })).await;
     }
+}
+
+/// Applies the firewall part of a configuration, when nftables is in use.
+async fn apply_firewall(inner: &EdgeInner, config: &EdgeConfig) -> Result<(), String> {
+    let Some(firewall) = &inner.firewall else {
+        return Ok(());
+    };
+    let rules = config.firewall_config.clone().unwrap_or_default();
+    let result = firewall.apply(&rules).await;
+    let (state, label) = match &result {
+        Ok(count) => {
+            inner.metrics.firewall_rules.set(*count as i64);
+            (FirewallState::Applied(*count), "ok")
+        }
+        Err(error) => (FirewallState::Error(error.clone()), "error"),
+    };
+    inner
+        .metrics
+        .firewall_applies
+        .with_label_values(&[label])
+        .inc();
+    inner.emit(EdgeEvent::FirewallApplied {
+        rules: match &state {
+            FirewallState::Applied(count) => *count,
+            _ => 0,
+        },
+        error: result.as_ref().err().cloned(),
+    });
+    inner.update(|s| s.firewall = Some(state));
+    result.map(|count| tracing::info!(rules = count, "firewall applied"))
 }
 
 async fn reject(inner: &EdgeInner, session: &SessionHandle, version: Option<u64>, error: String) {

@@ -16,6 +16,8 @@ pub(crate) struct EdgeMetrics {
     pub(crate) tunnel_connected: IntGauge,
     pub(crate) tunnel_reconnects: IntCounter,
     pub(crate) client_connections: IntCounterVec,
+    pub(crate) firewall_rules: IntGauge,
+    pub(crate) firewall_applies: IntCounterVec,
 }
 
 impl EdgeMetrics {
@@ -38,10 +40,25 @@ impl EdgeMetrics {
         registry.register(Box::new(tunnel_connected.clone()))?;
         registry.register(Box::new(tunnel_reconnects.clone()))?;
         registry.register(Box::new(client_connections.clone()))?;
+        let firewall_rules = IntGauge::new(
+            "remoteingress_firewall_rules",
+            "nftables rules in force in the remoteingress table",
+        )?;
+        let firewall_applies = IntCounterVec::new(
+            Opts::new(
+                "remoteingress_firewall_apply_total",
+                "Firewall configurations applied, by result (ok, error)",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(firewall_rules.clone()))?;
+        registry.register(Box::new(firewall_applies.clone()))?;
         Ok(Self {
             tunnel_connected,
             tunnel_reconnects,
             client_connections,
+            firewall_rules,
+            firewall_applies,
         })
     }
 }

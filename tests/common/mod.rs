@@ -77,11 +77,13 @@ pub fn edge_options(hub: &HubHandle, id: &str, secret: &str) -> EdgeOptions {
         stable_after: Duration::from_secs(60),
     };
     options.session.idle_timeout = Duration::from_secs(5);
+    // Tests never touch the host's nftables; firewall tests use their own namespace.
+    options.firewall = remoteingress_edge::FirewallMode::Off;
     options
 }
 
 pub async fn start_edge(hub: &HubHandle, id: &str) -> EdgeHandle {
-    Edge::start(edge_options(hub, id, SECRET)).unwrap()
+    Edge::start(edge_options(hub, id, SECRET)).await.unwrap()
 }
 
 /// An edge entry whose edge ports map to the given target ports.

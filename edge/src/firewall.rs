@@ -1,0 +1,347 @@
+//! The edge's nftables firewall: the hub's `firewallConfig` rendered as one libnftables JSON
+//! batch that replaces the table `inet remoteingress` whole, applied with `nft -j -f -`.
+//!
+//! We write the JSON ourselves (it is a small, documented schema) and run the `nft` binary: the
+//! batch is atomic in the kernel, so a rejected config leaves the previous rules in force.
+
+use std::net::IpAddr;
+use std::process::Stdio;
+
+use remoteingress_wire::config::{
+    parse_cidr, Action, Direction, FirewallConfig, Protocol, Rate, RateUnit,
+};
+use serde_json::{json, Value};
+use tokio::io::AsyncWriteExt;
+
+/// The table the edge owns; nothing else is touched.
+pub const TABLE: &str = "remoteingress";
+/// Seconds a per-source rate-limit entry lives after its last packet.
+const PER_SOURCE_TIMEOUT_SECS: u64 = 60;
+
+/// Whether the edge uses nftables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FirewallMode {
+    /// Never touch nftables.
+    Off,
+    /// Use nftables when it works here; otherwise warn once and tunnel on.
+    #[default]
+    Auto,
+    /// Refuse to start without working nftables.
+    Required,
+}
+
+/// What the firewall is doing, for status and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FirewallState {
+    /// `--firewall off`.
+    Off,
+    /// The last config is in force, with this many rules.
+    Applied(usize),
+    /// nftables cannot be used here; why.
+    Unavailable(String),
+    /// The last config failed and the previous rules stay; why.
+    Error(String),
+}
+
+/// Runs `nft` (or a command that runs it, e.g. inside a network namespace).
+#[derive(Debug, Clone)]
+pub struct Firewall {
+    command: Vec<String>,
+}
+
+impl Firewall {
+    /// A firewall driven by `command` (program and leading arguments, e.g. `["nft"]`).
+    pub fn new(command: Vec<String>) -> Self {
+        Self { command }
+    }
+
+    fn nft(&self) -> Option<tokio::process::Command> {
+        let (program, args) = self.command.split_first()?;
+        let mut command = tokio::process::Command::new(program);
+        command.args(args).arg("-j");
+        Some(command)
+    }
+
+    /// Checks that nft runs and may change the ruleset here; why not otherwise.
+    pub async fn probe(&self) -> Result<(), String> {
+        let mut command = self.nft().ok_or("no nft command")?;
+        let output = command
+            .args(["list", "tables"])
+            .output()
+            .await
+            .map_err(|e| format!("cannot run {}: {e}", self.command.join(" ")))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+        }
+    }
+
+    /// Replaces the table with `config` in one transaction; the number of rules in force.
+    pub async fn apply(&self, config: &FirewallConfig) -> Result<usize, String> {
+        let (batch, rules) = ruleset(config);
+        self.run_batch(&batch).await?;
+        Ok(rules)
+    }
+
+    /// Removes the table (nothing of ours stays behind).
+    pub async fn remove(&self) -> Result<(), String> {
+        let batch = json!({ "nftables": [
+            { "add": { "table": { "family": "inet", "name": TABLE } } },
+            { "delete": { "table": { "family": "inet", "name": TABLE } } },
+        ]});
+        self.run_batch(&batch).await
+    }
+
+    async fn run_batch(&self, batch: &Value) -> Result<(), String> {
+        let mut command = self.nft().ok_or("no nft command")?;
+        let mut child = command
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run {}: {e}", self.command.join(" ")))?;
+        let mut stdin = child.stdin.take().ok_or("nft has no stdin")?;
+        stdin
+            .write_all(batch.to_string().as_bytes())
+            .await
+            .map_err(|e| format!("writing to nft: {e}"))?;
+        drop(stdin);
+        let output = child
+            .wait_with_output()
+            .await
+            .map_err(|e| format!("waiting for nft: {e}"))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "nft refused the ruleset: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            ))
+        }
+    }
+}
+
+fn saddr(ip: IpAddr) -> Value {
+    let protocol = if ip.is_ipv4() { "ip" } else { "ip6" };
+    json!({ "payload": { "protocol": protocol, "field": "saddr" } })
+}
+
+fn matches(left: Value, right: Value) -> Value {
+    json!({ "match": { "op": "==", "left": left, "right": right } })
+}
+
+/// An address or CIDR as an nft value.
+fn address(text: &str) -> Option<(IpAddr, Value)> {
+    let net = parse_cidr(text)?;
+    let value = if net.prefix_len() == net.max_prefix_len() {
+        json!(net.addr().to_string())
+    } else {
+        json!({ "prefix": { "addr": net.network().to_string(), "len": net.prefix_len() } })
+    };
+    Some((net.addr(), value))
+}
+
+/// Matches on destination port and protocol (both TCP and UDP when `protocol` is absent).
+fn port_match(protocol: Option<Protocol>, port: u16) -> Vec<Value> {
+    match protocol {
+        Some(protocol) => {
+            let name = match protocol {
+                Protocol::Tcp => "tcp",
+                Protocol::Udp => "udp",
+            };
+            vec![matches(
+                json!({ "payload": { "protocol": name, "field": "dport" } }),
+                json!(port),
+            )]
+        }
+        None => vec![
+            matches(
+                json!({ "meta": { "key": "l4proto" } }),
+                json!({ "set": ["tcp", "udp"] }),
+            ),
+            matches(
+                json!({ "payload": { "protocol": "th", "field": "dport" } }),
+                json!(port),
+            ),
+        ],
+    }
+}
+
+fn limit(rate: Rate, burst: Option<u32>) -> Value {
+    let per = match rate.unit {
+        RateUnit::Second => "second",
+        RateUnit::Minute => "minute",
+        RateUnit::Hour => "hour",
+    };
+    json!({ "limit": { "rate": rate.count, "per": per, "burst": burst.unwrap_or(0), "inv": true } })
+}
+
+/// The JSON batch that replaces our table with `config`, and how many rules it holds.
+/// Order in the input chain: blocked addresses, explicit rules, then rate limits.
+pub fn ruleset(config: &FirewallConfig) -> (Value, usize) {
+    let table = json!({ "family": "inet", "name": TABLE });
+    let mut commands = vec![
+        json!({ "add": { "table": table } }),
+        json!({ "delete": { "table": table } }),
+        json!({ "add": { "table": table } }),
+    ];
+    for (name, hook) in [
+        ("input", "input"),
+        ("output", "output"),
+        ("forward", "forward"),
+    ] {
+        commands.push(json!({ "add": { "chain": {
+            "family": "inet", "table": TABLE, "name": name,
+            "type": "filter", "hook": hook, "prio": 0, "policy": "accept",
+        } } }));
+    }
+    let mut rules: Vec<(&str, Vec<Value>, Option<String>)> = Vec::new();
+
+    let mut blocked: [Vec<Value>; 2] = Default::default();
+    for text in &config.blocked_ips {
+        // Unparseable entries are passed through as given: nft then rejects the whole batch.
+        match address(text) {
+            Some((ip, value)) => blocked[usize::from(ip.is_ipv6())].push(value),
+            None => blocked[0].push(json!(text)),
+        }
+    }
+    for (family, elements) in blocked.into_iter().enumerate() {
+        if !elements.is_empty() {
+            let ip: IpAddr = if family == 0 {
+                [0u8; 4].into()
+            } else {
+                [0u8; 16].into()
+            };
+            rules.push((
+                "input",
+                vec![
+                    matches(saddr(ip), json!({ "set": elements })),
+                    json!({ "drop": null }),
+                ],
+                None,
+            ));
+        }
+    }
+
+    for rule in &config.rules {
+        let chain = match rule.direction {
+            Direction::Input => "input",
+            Direction::Output => "output",
+            Direction::Forward => "forward",
+        };
+        let mut expr = Vec::new();
+        if let Some(source) = &rule.source_ip {
+            match address(source) {
+                Some((ip, value)) => expr.push(matches(saddr(ip), value)),
+                None => expr.push(matches(saddr([0u8; 4].into()), json!(source))),
+            }
+        }
+        match (rule.dest_port, rule.protocol) {
+            (Some(port), protocol) => expr.extend(port_match(protocol, port)),
+            (None, Some(Protocol::Tcp)) => expr.push(matches(
+                json!({ "meta": { "key": "l4proto" } }),
+                json!("tcp"),
+            )),
+            (None, Some(Protocol::Udp)) => expr.push(matches(
+                json!({ "meta": { "key": "l4proto" } }),
+                json!("udp"),
+            )),
+            (None, None) => {}
+        }
+        expr.push(match rule.action {
+            Action::Accept => json!({ "accept": null }),
+            Action::Drop => json!({ "drop": null }),
+            Action::Reject => json!({ "reject": null }),
+        });
+        let comment = rule.comment.clone().or_else(|| Some(rule.id.clone()));
+        rules.push((chain, expr, comment));
+    }
+
+    for (index, rate_limit) in config.rate_limits.iter().enumerate() {
+        let Some(rate) = Rate::parse(&rate_limit.rate) else {
+            continue;
+        };
+        let ports = port_match(rate_limit.protocol, rate_limit.port);
+        if rate_limit.per_source_ip {
+            for (suffix, kind, ip) in [
+                ("v4", "ipv4_addr", IpAddr::from([0u8; 4])),
+                ("v6", "ipv6_addr", IpAddr::from([0u16; 8])),
+            ] {
+                let set = format!("rl{index}_{suffix}");
+                commands.push(json!({ "add": { "set": {
+                    "family": "inet", "table": TABLE, "name": set, "type": kind,
+                    "flags": ["timeout"], "timeout": PER_SOURCE_TIMEOUT_SECS,
+                } } }));
+                let mut expr = ports.clone();
+                expr.push(json!({ "set": {
+                    "op": "update", "elem": saddr(ip), "set": format!("@{set}"),
+                    "stmt": [limit(rate, rate_limit.burst)],
+                } }));
+                expr.push(json!({ "drop": null }));
+                rules.push(("input", expr, Some(rate_limit.id.clone())));
+            }
+        } else {
+            let mut expr = ports;
+            expr.push(limit(rate, rate_limit.burst));
+            expr.push(json!({ "drop": null }));
+            rules.push(("input", expr, Some(rate_limit.id.clone())));
+        }
+    }
+
+    let count = rules.len();
+    for (chain, expr, comment) in rules {
+        let mut rule = json!({ "family": "inet", "table": TABLE, "chain": chain, "expr": expr });
+        if let Some(comment) = comment {
+            rule["comment"] = json!(comment);
+        }
+        commands.push(json!({ "add": { "rule": rule } }));
+    }
+    (json!({ "nftables": commands }), count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_design_example() {
+        let config: FirewallConfig = serde_json::from_str(
+            r#"{"blockedIps":["10.0.0.0/8","2001:db8::/32","192.0.2.7"],
+                "rateLimits":[{"id":"http","port":80,"protocol":"tcp","rate":"100/second","burst":50,"perSourceIP":true},
+                              {"id":"dns","port":53,"rate":"10/minute"}],
+                "rules":[{"id":"ssh","direction":"input","action":"accept","sourceIP":"10.0.0.0/24","destPort":22,"protocol":"tcp","comment":"ops"}]}"#,
+        )
+        .unwrap();
+        let (batch, rules) = ruleset(&config);
+        // v4 blocked, v6 blocked, ssh, http v4 + v6, dns
+        assert_eq!(rules, 6);
+        let text = batch.to_string();
+        let commands = batch["nftables"].as_array().unwrap();
+        assert_eq!(
+            commands[1]["delete"]["table"]["name"], TABLE,
+            "replaces the table whole"
+        );
+        for needle in [
+            r#"{"prefix":{"addr":"10.0.0.0","len":8}}"#,
+            r#""192.0.2.7""#,
+            r#"{"prefix":{"addr":"2001:db8::","len":32}}"#,
+            r#""set":"@rl0_v4""#,
+            r#""timeout":60"#,
+            r#"{"limit":{"burst":50,"inv":true,"per":"second","rate":100}}"#,
+            r#"{"limit":{"burst":0,"inv":true,"per":"minute","rate":10}}"#,
+            r#"{"set":["tcp","udp"]}"#,
+            r#""comment":"ops""#,
+        ] {
+            assert!(text.contains(needle), "{needle} missing in {text}");
+        }
+    }
+
+    #[test]
+    fn an_empty_config_still_replaces_the_table() {
+        let (batch, rules) = ruleset(&FirewallConfig::default());
+        assert_eq!(rules, 0);
+        assert_eq!(batch["nftables"].as_array().unwrap().len(), 6);
+    }
+}
