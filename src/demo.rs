@@ -67,6 +67,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     );
     options.bind_address = args.bind_address;
     options.firewall = FirewallMode::Off;
+    options.stun_servers.clear();
     let edge = Edge::start(options).await?;
     let mut events = edge.subscribe();
     tokio::time::timeout(Duration::from_secs(10), async {

@@ -250,6 +250,13 @@ struct EdgeArgs {
     /// required (refuse to start without it).
     #[arg(long, env = "REMOTEINGRESS_FIREWALL", value_enum, default_value_t = FirewallArg::Auto)]
     firewall: FirewallArg,
+    /// STUN server (host:port) for public-IP discovery; repeat for fallbacks.
+    #[arg(long = "stun-server", env = "REMOTEINGRESS_STUN_SERVERS", value_delimiter = ',',
+          default_value = remoteingress_edge::stun::DEFAULT_SERVER)]
+    stun_servers: Vec<String>,
+    /// Do not discover the public IP.
+    #[arg(long, env = "REMOTEINGRESS_NO_STUN")]
+    no_stun: bool,
     /// Command that runs nft, split on spaces (e.g. to run it in another network namespace).
     #[arg(long, env = "REMOTEINGRESS_NFT_COMMAND", default_value = "nft")]
     nft_command: String,
@@ -468,6 +475,11 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
         .split_whitespace()
         .map(str::to_owned)
         .collect();
+    options.stun_servers = if args.no_stun {
+        Vec::new()
+    } else {
+        args.stun_servers
+    };
     let registry = options.registry.clone();
     let edge = Edge::start(options).await?;
     let stop = CancellationToken::new();

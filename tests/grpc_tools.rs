@@ -68,6 +68,7 @@ async fn buf_curl_lists_and_calls_both_apis_through_reflection() {
             "--secret=s".into(),
             "--insecure".into(),
             "--firewall=off".into(),
+            "--no-stun".into(),
             format!("--status-addr=127.0.0.1:{status}"),
             format!("--metrics-addr=127.0.0.1:{}", free_port(localhost)),
         ],

@@ -206,6 +206,7 @@ async fn readyz_follows_the_tunnel() {
     options.backoff.max = Duration::from_millis(200);
     options.registry = edge_registry.clone();
     options.firewall = remoteingress_edge::FirewallMode::Off;
+    options.stun_servers.clear();
     let edge = Edge::start(options).await.unwrap();
     let stop = CancellationToken::new();
     let ready_edge = edge.clone();
@@ -298,6 +299,7 @@ async fn deploy(edge_extra: &[&str]) -> Deployment {
         format!("--status-addr=127.0.0.1:{}", free_port(localhost)),
         format!("--metrics-addr=127.0.0.1:{edge_metrics}"),
         "--firewall=off".into(),
+        "--no-stun".into(),
     ];
     args.extend(edge_extra.iter().map(|a| a.to_string()));
     let edge = spawn_binary(&args, &[]);

@@ -268,7 +268,7 @@ pub(crate) fn connected_edge(edge: ConnectedEdge) -> pb::ConnectedEdge {
         active_udp_sessions: u32::try_from(edge.active_udp_sessions).unwrap_or(u32::MAX),
         bytes_in: edge.bytes_in,
         bytes_out: edge.bytes_out,
-        public_ip: String::new(),
+        public_ip: edge.public_ip.map(|ip| ip.to_string()).unwrap_or_default(),
         rtt: edge.rtt.and_then(|rtt| rtt.try_into().ok()),
     }
 }
@@ -392,6 +392,9 @@ pub(crate) fn edge_event(event: EdgeEvent) -> pb::EdgeStatusWatchEventsResponse 
             listen_ports,
             listen_ports_udp,
         } => ports(listen_ports, listen_ports_udp, true),
+        EdgeEvent::PublicIpDiscovered { ip } => {
+            Event::PublicIpDiscovered(pb::PublicIpDiscovered { ip: ip.to_string() })
+        }
         EdgeEvent::FirewallApplied { rules, error } => {
             Event::FirewallApplied(pb::FirewallApplied {
                 rules: u32::try_from(rules).unwrap_or(u32::MAX),

@@ -41,7 +41,10 @@ impl EdgeStatus for EdgeStatusService {
                 Some("quic") => pb::Transport::Quic as i32,
                 _ => pb::Transport::Unspecified as i32,
             },
-            public_ip: String::new(),
+            public_ip: status
+                .public_ip
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
             active_streams: u32::try_from(status.active_streams).unwrap_or(u32::MAX),
             active_udp_sessions: u32::try_from(status.active_udp_sessions).unwrap_or(u32::MAX),
             listen_ports: status.listen_ports.into_iter().map(u32::from).collect(),

@@ -6,6 +6,7 @@ mod backoff;
 pub mod firewall;
 mod metrics;
 mod ports;
+pub mod stun;
 mod udp;
 
 use std::net::IpAddr;
@@ -91,6 +92,10 @@ pub struct EdgeOptions {
     pub firewall: FirewallMode,
     /// The command that runs nft (program and leading arguments).
     pub nft_command: Vec<String>,
+    /// STUN servers (`host:port`) asked in order; empty disables public-IP discovery.
+    pub stun_servers: Vec<String>,
+    /// STUN retransmission schedule.
+    pub stun_timing: stun::StunTiming,
 }
 
 impl EdgeOptions {
@@ -118,6 +123,8 @@ impl EdgeOptions {
             registry: prometheus::Registry::new(),
             firewall: FirewallMode::Auto,
             nft_command: vec!["nft".to_owned()],
+            stun_servers: vec![stun::DEFAULT_SERVER.to_owned()],
+            stun_timing: stun::StunTiming::default(),
         }
     }
 }
@@ -153,6 +160,11 @@ pub enum EdgeEvent {
         /// Why it failed, if it did.
         error: Option<String>,
     },
+    /// STUN found the edge's public address (or it changed).
+    PublicIpDiscovered {
+        /// The address.
+        ip: std::net::IpAddr,
+    },
     /// A configuration could not be applied; the previous one stays.
     ConfigRejected {
         /// Its version, if it had one.
@@ -187,6 +199,8 @@ pub struct EdgeStatus {
     pub connections: u64,
     /// What the firewall is doing.
     pub firewall: Option<FirewallState>,
+    /// Public address learned by STUN.
+    pub public_ip: Option<std::net::IpAddr>,
 }
 
 struct EdgeInner {
@@ -420,7 +434,7 @@ async fn connect(inner: &EdgeInner) -> Result<Connected, String> {
 
 /// Runs one tunnel until it ends; returns why it ended.
 async fn serve(
-    inner: &EdgeInner,
+    inner: &Arc<EdgeInner>,
     session: SessionHandle,
     mut events: mpsc::Receiver<SessionEvent>,
     config: EdgeConfig,
@@ -444,7 +458,7 @@ async fn serve(
         s.last_error = None;
     });
     inner.emit(EdgeEvent::TunnelConnected);
-    let mut ports = Listeners {
+    let mut ports = Serving {
         tcp: PortSet::new(
             inner.options.bind_address,
             session.clone(),
@@ -461,7 +475,19 @@ async fn serve(
             },
             inner.metrics.client_connections.clone(),
         ),
+        stun_interval: tokio::sync::watch::Sender::new(config.stun_interval_secs),
     };
+    if !inner.options.stun_servers.is_empty() {
+        let interval = ports.stun_interval.subscribe();
+        let cancel = session.cancellation();
+        let (inner_for_stun, session_for_stun) = (inner.clone(), session.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                () = stun_loop(&inner_for_stun, &session_for_stun, interval) => {}
+                () = cancel.cancelled() => {}
+            }
+        });
+    }
     apply_config(inner, &session, &mut ports, &config, true).await;
     let mut sweep = tokio::time::interval(ports.udp.sweep_interval());
     loop {
@@ -496,17 +522,18 @@ async fn serve(
         .unwrap_or_else(|| "tunnel closed".to_owned())
 }
 
-/// The public listeners of one tunnel session.
-struct Listeners {
+/// What one tunnel session serves: its public listeners and its STUN refresh interval.
+struct Serving {
     tcp: PortSet,
     udp: UdpPorts,
+    stun_interval: tokio::sync::watch::Sender<u64>,
 }
 
 /// Validates and applies a configuration whole, or keeps the previous one; acknowledges it.
 async fn apply_config(
     inner: &EdgeInner,
     session: &SessionHandle,
-    ports: &mut Listeners,
+    ports: &mut Serving,
     config: &EdgeConfig,
     initial: bool,
 ) {
@@ -525,6 +552,7 @@ async fn apply_config(
     }
     ports.tcp.commit(&config.listen_ports, tcp);
     ports.udp.commit(&config.listen_ports_udp, udp);
+    ports.stun_interval.send_replace(config.stun_interval_secs);
     let (listen_ports, listen_ports_udp) = (ports.tcp.ports(), ports.udp.ports());
     tracing::info!(tcp = ?listen_ports, udp = ?listen_ports_udp, version = ?config.version, "configuration applied");
     inner.update(|s| {
@@ -575,6 +603,76 @@ async fn apply_firewall(inner: &EdgeInner, config: &EdgeConfig) -> Result<(), St
     });
     inner.update(|s| s.firewall = Some(state));
     result.map(|count| tracing::info!(rules = count, "firewall applied"))
+}
+
+/// Learns the public IP at connect and every `stunIntervalSecs` (0: only at connect), trying
+/// the servers in order; reports changes in status, events, metrics and to the hub.
+async fn stun_loop(
+    inner: &EdgeInner,
+    session: &SessionHandle,
+    mut interval: tokio::sync::watch::Receiver<u64>,
+) {
+    loop {
+        let mut learned = None;
+        for server in &inner.options.stun_servers {
+            match stun::discover(server, inner.options.stun_timing).await {
+                Ok(address) => {
+                    learned = Some(address.ip());
+                    break;
+                }
+                Err(error) => tracing::warn!(%server, %error, "STUN failed"),
+            }
+        }
+        match learned {
+            Some(ip) => public_ip_learned(inner, session, ip).await,
+            None => tracing::warn!("no STUN server answered; will retry"),
+        }
+        let secs = *interval.borrow_and_update();
+        // After a failure, retry sooner than a long refresh interval.
+        let wait = match (secs, learned) {
+            (0, Some(_)) => None,
+            (0, None) => Some(Duration::from_secs(30)),
+            (secs, Some(_)) => Some(Duration::from_secs(secs)),
+            (secs, None) => Some(Duration::from_secs(secs.min(30))),
+        };
+        match wait {
+            Some(wait) => tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                changed = interval.changed() => if changed.is_err() { return },
+            },
+            None => {
+                if interval.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn public_ip_learned(inner: &EdgeInner, session: &SessionHandle, ip: std::net::IpAddr) {
+    let previous = inner
+        .status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .public_ip;
+    if previous == Some(ip) {
+        return;
+    }
+    tracing::info!(%ip, "public IP discovered");
+    if let Some(previous) = previous {
+        let _ = inner
+            .metrics
+            .public_ip
+            .remove_label_values(&[&previous.to_string()]);
+    }
+    inner
+        .metrics
+        .public_ip
+        .with_label_values(&[&ip.to_string()])
+        .set(1);
+    inner.update(|s| s.public_ip = Some(ip));
+    inner.emit(EdgeEvent::PublicIpDiscovered { ip });
+    acknowledge(session, serde_json::json!({ "publicIp": ip.to_string() })).await;
 }
 
 async fn reject(inner: &EdgeInner, session: &SessionHandle, version: Option<u64>, error: String) {

@@ -18,6 +18,7 @@ pub(crate) struct EdgeMetrics {
     pub(crate) client_connections: IntCounterVec,
     pub(crate) firewall_rules: IntGauge,
     pub(crate) firewall_applies: IntCounterVec,
+    pub(crate) public_ip: prometheus::IntGaugeVec,
 }
 
 impl EdgeMetrics {
@@ -53,7 +54,16 @@ impl EdgeMetrics {
         )?;
         registry.register(Box::new(firewall_rules.clone()))?;
         registry.register(Box::new(firewall_applies.clone()))?;
+        let public_ip = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "remoteingress_public_ip_info",
+                "1, labelled with the public IP learned by STUN",
+            ),
+            &["ip"],
+        )?;
+        registry.register(Box::new(public_ip.clone()))?;
         Ok(Self {
+            public_ip,
             tunnel_connected,
             tunnel_reconnects,
             client_connections,

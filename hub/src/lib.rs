@@ -246,6 +246,8 @@ pub struct ConnectedEdge {
     pub udp_dropped: u64,
     /// Last PING round trip.
     pub rtt: Option<Duration>,
+    /// Public address the edge learned by STUN and reported.
+    pub public_ip: Option<std::net::IpAddr>,
 }
 
 /// The hub's state at a glance.

@@ -48,6 +48,7 @@ pub(crate) struct Connection {
     pub(crate) remote_addr: SocketAddr,
     pub(crate) sent_version: u64,
     pub(crate) rtt: Option<Duration>,
+    pub(crate) public_ip: Option<std::net::IpAddr>,
 }
 
 /// A configuration to send to a connected edge.
@@ -288,6 +289,7 @@ impl Registry {
                 remote_addr,
                 sent_version: version,
                 rtt: None,
+                public_ip: None,
             },
         );
         if let Some(previous) = previous {
@@ -335,6 +337,19 @@ impl Registry {
         self.edges.contains_key(edge_id)
     }
 
+    pub(crate) fn record_public_ip(
+        &mut self,
+        edge_id: &str,
+        connection_id: u64,
+        ip: std::net::IpAddr,
+    ) {
+        if let Some(connection) = self.connections.get_mut(edge_id) {
+            if connection.id == connection_id {
+                connection.public_ip = Some(ip);
+            }
+        }
+    }
+
     /// Where a connection the edge accepted on `edge_port` goes.
     pub(crate) fn target_port(&self, edge_id: &str, edge_port: u16) -> Option<u16> {
         self.edges
@@ -375,6 +390,7 @@ impl Registry {
                     active_udp_sessions: stats.udp_sessions.load(Ordering::Relaxed),
                     udp_dropped: stats.udp_dropped.load(Ordering::Relaxed),
                     rtt: c.rtt,
+                    public_ip: c.public_ip,
                 }
             })
             .collect();

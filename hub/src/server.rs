@@ -201,11 +201,17 @@ async fn handle_connection(
     inner.emit(HubEvent::EdgeDisconnected { edge_id, reason });
 }
 
+/// CONFIG_ACK: the version applied (or the error that stopped it), and/or the edge's public
+/// IP when STUN learned it.
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct ConfigAck {
-    version: u64,
+    #[serde(default)]
+    version: Option<u64>,
     #[serde(default)]
     error: Option<String>,
+    #[serde(default)]
+    public_ip: Option<std::net::IpAddr>,
 }
 
 async fn serve_session(
@@ -238,7 +244,7 @@ async fn serve_session(
                 let edge_id = edge_id.to_owned();
                 tokio::spawn(async move { forward(inner, edge_id, reader, writer, header).await });
             }
-            SessionEvent::ConfigAck(json) => record_ack(inner, edge_id, &json),
+            SessionEvent::ConfigAck(json) => record_ack(inner, edge_id, connection_id, &json),
             SessionEvent::RoundTrip(rtt) => {
                 if inner.registry().record_rtt(edge_id, connection_id, rtt) {
                     inner
@@ -256,28 +262,34 @@ async fn serve_session(
     }
 }
 
-fn record_ack(inner: &HubInner, edge_id: &str, json: &[u8]) {
-    match serde_json::from_slice::<ConfigAck>(json) {
-        Ok(ack) => {
-            match &ack.error {
-                None => {
-                    tracing::info!(edge = %edge_id, version = ack.version, "configuration applied")
-                }
-                Some(error) => {
-                    tracing::warn!(edge = %edge_id, version = ack.version, %error, "edge rejected its configuration")
-                }
-            }
-            inner
-                .registry()
-                .record_ack(edge_id, ack.version, ack.error.clone());
-            inner.emit(HubEvent::ConfigApplied {
-                edge_id: edge_id.to_owned(),
-                version: ack.version,
-                error: ack.error,
-            });
+fn record_ack(inner: &HubInner, edge_id: &str, connection_id: u64, json: &[u8]) {
+    let ack = match serde_json::from_slice::<ConfigAck>(json) {
+        Ok(ack) => ack,
+        Err(e) => {
+            return tracing::warn!(edge = %edge_id, error = %e, "unreadable CONFIG_ACK ignored")
         }
-        Err(e) => tracing::warn!(edge = %edge_id, error = %e, "unreadable CONFIG_ACK ignored"),
+    };
+    if let Some(ip) = ack.public_ip {
+        tracing::info!(edge = %edge_id, %ip, "edge reported its public IP");
+        inner
+            .registry()
+            .record_public_ip(edge_id, connection_id, ip);
     }
+    let Some(version) = ack.version else { return };
+    match &ack.error {
+        None => tracing::info!(edge = %edge_id, version, "configuration applied"),
+        Some(error) => {
+            tracing::warn!(edge = %edge_id, version, %error, "edge rejected its configuration")
+        }
+    }
+    inner
+        .registry()
+        .record_ack(edge_id, version, ack.error.clone());
+    inner.emit(HubEvent::ConfigApplied {
+        edge_id: edge_id.to_owned(),
+        version,
+        error: ack.error,
+    });
 }
 
 /// Connects a stream to its target: PROXY line first, then bytes both ways.

@@ -79,6 +79,8 @@ pub fn edge_options(hub: &HubHandle, id: &str, secret: &str) -> EdgeOptions {
     options.session.idle_timeout = Duration::from_secs(5);
     // Tests never touch the host's nftables; firewall tests use their own namespace.
     options.firewall = remoteingress_edge::FirewallMode::Off;
+    // Nor do they reach the internet: STUN tests run their own server.
+    options.stun_servers.clear();
     options
 }
 
