@@ -250,7 +250,7 @@ pub(crate) fn edge_info(info: EdgeInfo) -> pb::EdgeInfo {
     }
 }
 
-fn transport(name: &str) -> i32 {
+pub(crate) fn transport(name: &str) -> i32 {
     match name {
         "tcpTls" => pb::Transport::TcpTls as i32,
         "quic" => pb::Transport::Quic as i32,
@@ -280,12 +280,13 @@ pub(crate) fn hub_event(event: HubEvent) -> (pb::EventKind, pb::WatchEventsRespo
         HubEvent::EdgeConnected {
             edge_id,
             remote_addr,
+            transport: name,
         } => (
             Kind::EdgeConnected,
             edge_id,
             HubPbEvent::EdgeConnected(pb::EdgeConnected {
                 remote_addr: remote_addr.to_string(),
-                transport: pb::Transport::TcpTls as i32,
+                transport: transport(name),
             }),
         ),
         HubEvent::EdgeDisconnected { edge_id, reason } => (
@@ -378,9 +379,11 @@ pub(crate) fn edge_event(event: EdgeEvent) -> pb::EdgeStatusWatchEventsResponse 
         })
     };
     let event = match event {
-        EdgeEvent::TunnelConnected => Event::TunnelConnected(pb::TunnelConnected {
-            transport: pb::Transport::TcpTls as i32,
-        }),
+        EdgeEvent::TunnelConnected { transport: name } => {
+            Event::TunnelConnected(pb::TunnelConnected {
+                transport: transport(name),
+            })
+        }
         EdgeEvent::TunnelDisconnected { reason } => {
             Event::TunnelDisconnected(pb::TunnelDisconnected { reason })
         }

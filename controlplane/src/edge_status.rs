@@ -36,11 +36,7 @@ impl EdgeStatus for EdgeStatusService {
         Ok(Response::new(pb::EdgeStatusGetStatusResponse {
             running: status.running,
             connected: status.connected,
-            transport: match status.transport {
-                Some("tcpTls") => pb::Transport::TcpTls as i32,
-                Some("quic") => pb::Transport::Quic as i32,
-                _ => pb::Transport::Unspecified as i32,
-            },
+            transport: crate::convert::transport(status.transport.unwrap_or_default()),
             public_ip: status
                 .public_ip
                 .map(|ip| ip.to_string())

@@ -17,7 +17,8 @@ use bytes::Bytes;
 use remoteingress_tunnel::line::read_line;
 use remoteingress_tunnel::tls::{client_config, TlsError};
 use remoteingress_tunnel::{
-    spawn_session, HubTrust, Role, SessionEvent, SessionHandle, SessionOptions,
+    quic, spawn_quic_session, spawn_session, HubTrust, Role, SessionEvent, SessionHandle,
+    SessionOptions,
 };
 use remoteingress_wire::frame::FrameType;
 use remoteingress_wire::handshake::{parse_reply, EdgeHello, HandshakeError};
@@ -82,6 +83,10 @@ pub struct EdgeOptions {
     pub max_connections: usize,
     /// Limits and timers of the tunnel session.
     pub session: SessionOptions,
+    /// Which transport to use.
+    pub transport: TransportMode,
+    /// With `QuicWithFallback`: how long QUIC may take before TLS is tried.
+    pub quic_fallback_after: Duration,
     /// A UDP session without traffic either way for this long ends.
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions; datagrams of new clients past it are dropped (and counted).
@@ -118,6 +123,8 @@ impl EdgeOptions {
             connect_timeout: Duration::from_secs(10),
             max_connections: 10_000,
             session: SessionOptions::default(),
+            transport: TransportMode::TcpTls,
+            quic_fallback_after: Duration::from_secs(5),
             udp_idle_timeout: Duration::from_secs(60),
             udp_max_sessions: 65_536,
             registry: prometheus::Registry::new(),
@@ -129,11 +136,26 @@ impl EdgeOptions {
     }
 }
 
+/// Which transport an edge uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportMode {
+    /// One TLS connection with frame multiplexing (the default).
+    #[default]
+    TcpTls,
+    /// QUIC: native streams, datagrams for UDP.
+    Quic,
+    /// QUIC, or TLS when QUIC has not connected within `quic_fallback_after`.
+    QuicWithFallback,
+}
+
 /// Something that happened on the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EdgeEvent {
     /// The tunnel is up.
-    TunnelConnected,
+    TunnelConnected {
+        /// `tcpTls` or `quic`.
+        transport: &'static str,
+    },
     /// The tunnel went down (the edge reconnects).
     TunnelDisconnected {
         /// Why.
@@ -406,29 +428,92 @@ async fn connect(inner: &EdgeInner) -> Result<Connected, String> {
             "--insecure: the hub's certificate is NOT verified; the secret may reach an impostor"
         );
     }
-    let attempt = async {
-        let tcp = TcpStream::connect((options.hub_host.as_str(), options.hub_port))
-            .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let mut tls = inner
-            .tls
-            .connect(inner.server_name.clone(), tcp)
-            .await
-            .map_err(|e| format!("TLS: {e}"))?;
-        tls.write_all(inner.hello.to_line().as_bytes())
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let (line, rest) = read_line(&mut tls, MAX_REPLY_LEN)
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let config = parse_reply(&line).map_err(|e| e.to_string())?;
-        Ok::<_, String>((tls, rest, config))
-    };
-    let (tls, rest, config) = tokio::time::timeout(options.connect_timeout, attempt)
+    match options.transport {
+        TransportMode::TcpTls => timeout(options.connect_timeout, connect_tls(inner)).await,
+        TransportMode::Quic => timeout(options.connect_timeout, connect_quic(inner)).await,
+        TransportMode::QuicWithFallback => {
+            match timeout(options.quic_fallback_after, connect_quic(inner)).await {
+                Ok(connected) => {
+                    tracing::info!("connected over QUIC");
+                    Ok(connected)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "QUIC did not connect; falling back to TLS");
+                    timeout(options.connect_timeout, connect_tls(inner)).await
+                }
+            }
+        }
+    }
+}
+
+/// `attempt`, given at most `budget`.
+async fn timeout(
+    budget: Duration,
+    attempt: impl std::future::Future<Output = Result<Connected, String>>,
+) -> Result<Connected, String> {
+    tokio::time::timeout(budget, attempt)
         .await
-        .map_err(|_| "connecting to the hub timed out".to_owned())??;
+        .map_err(|_| "connecting to the hub timed out".to_owned())?
+}
+
+async fn connect_tls(inner: &EdgeInner) -> Result<Connected, String> {
+    let options = &inner.options;
+    let tcp = TcpStream::connect((options.hub_host.as_str(), options.hub_port))
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let _ = tcp.set_nodelay(true);
+    let mut tls = inner
+        .tls
+        .connect(inner.server_name.clone(), tcp)
+        .await
+        .map_err(|e| format!("TLS: {e}"))?;
+    tls.write_all(inner.hello.to_line().as_bytes())
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (line, rest) = read_line(&mut tls, MAX_REPLY_LEN)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let config = parse_reply(&line).map_err(|e| e.to_string())?;
     let (session, events) = spawn_session(tls, rest, Role::Edge, options.session.clone());
+    Ok((session, events, config))
+}
+
+async fn connect_quic(inner: &EdgeInner) -> Result<Connected, String> {
+    let options = &inner.options;
+    let hub = tokio::net::lookup_host((options.hub_host.as_str(), options.hub_port))
+        .await
+        .map_err(|e| format!("resolving {}: {e}", options.hub_host))?
+        .next()
+        .ok_or_else(|| format!("{} has no address", options.hub_host))?;
+    let endpoint =
+        quic::client_endpoint(&options.trust, &options.session).map_err(|e| e.to_string())?;
+    let server_name = match &inner.server_name {
+        ServerName::DnsName(name) => name.as_ref().to_owned(),
+        _ => "remoteingress-hub".to_owned(),
+    };
+    let connection = endpoint
+        .connect(hub, &server_name)
+        .map_err(|e| format!("QUIC: {e}"))?
+        .await
+        .map_err(|e| format!("QUIC: {e}"))?;
+    let (mut send, mut recv) = connection
+        .open_bi()
+        .await
+        .map_err(|e| format!("QUIC: {e}"))?;
+    quic::write_line(&mut send, &inner.hello.to_line())
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let (line, rest) = read_line(&mut recv, MAX_REPLY_LEN)
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let config = parse_reply(&line).map_err(|e| e.to_string())?;
+    let (session, events) = spawn_quic_session(
+        connection,
+        (send, recv),
+        rest,
+        Role::Edge,
+        options.session.clone(),
+    );
     Ok((session, events, config))
 }
 
@@ -453,11 +538,13 @@ async fn serve(
     }
     inner.update(|s| {
         s.connected = true;
-        s.transport = Some("tcpTls");
+        s.transport = Some(session.transport());
         s.connections += 1;
         s.last_error = None;
     });
-    inner.emit(EdgeEvent::TunnelConnected);
+    inner.emit(EdgeEvent::TunnelConnected {
+        transport: session.transport(),
+    });
     let mut ports = Serving {
         tcp: PortSet::new(
             inner.options.bind_address,

@@ -104,6 +104,8 @@ pub struct HubOptions {
     pub max_unauthenticated_per_source: usize,
     /// Limits and timers of each edge session.
     pub session: SessionOptions,
+    /// Also accept QUIC tunnels on the same port number (UDP).
+    pub quic: bool,
     /// Where the allowed-edge set is persisted; `None` keeps it in memory only.
     pub state_file: Option<PathBuf>,
     /// A UDP session without traffic either way for this long ends.
@@ -124,6 +126,7 @@ impl Default for HubOptions {
             max_unauthenticated: 256,
             max_unauthenticated_per_source: 16,
             session: SessionOptions::default(),
+            quic: true,
             state_file: None,
             udp_idle_timeout: Duration::from_secs(60),
             udp_max_sessions: 65_536,
@@ -141,6 +144,8 @@ pub enum HubEvent {
         edge_id: String,
         /// Address it connected from.
         remote_addr: SocketAddr,
+        /// `tcpTls` or `quic`.
+        transport: &'static str,
     },
     /// An edge's tunnel ended.
     EdgeDisconnected {
@@ -340,6 +345,19 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(accept);
+        if inner.options.quic {
+            let endpoint = remoteingress_tunnel::quic::server_endpoint(
+                identity,
+                local_addr,
+                &inner.options.session,
+            )?;
+            let quic = tokio::spawn(server::quic_accept_loop(inner.clone(), endpoint));
+            inner
+                .tasks
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(quic);
+        }
         tracing::info!(addr = %local_addr, pin = %inner.pin, "hub listening for edges");
         Ok(HubHandle { inner })
     }

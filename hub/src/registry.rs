@@ -382,7 +382,7 @@ impl Registry {
                     id: id.clone(),
                     connected_since: c.since,
                     remote_addr: c.remote_addr,
-                    transport: "tcpTls",
+                    transport: c.session.transport(),
                     active_streams: c.session.active_streams(),
                     bytes_in: stats.bytes_in.load(Ordering::Relaxed),
                     bytes_out: stats.bytes_out.load(Ordering::Relaxed),

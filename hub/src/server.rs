@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use remoteingress_tunnel::line::read_line;
 use remoteingress_tunnel::{
-    pipe, spawn_session, MuxReader, MuxWriter, Role, SessionEvent, SessionHandle,
+    pipe, spawn_session, Role, SessionEvent, SessionHandle, StreamReader, StreamWriter,
 };
 use remoteingress_wire::handshake::{
     accept_reply, error_reply, EdgeHello, MAX_LINE_LEN, UNAUTHORIZED,
 };
 use remoteingress_wire::proxy::ProxyV1;
+use remoteingress_wire::EdgeConfig;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -106,6 +107,41 @@ fn admit(
     })
 }
 
+fn auth_failed(inner: &HubInner, remote_addr: SocketAddr, kind: &str, reason: String) {
+    tracing::warn!(%remote_addr, %reason, "edge authentication failed");
+    inner.metrics.auth_failures.with_label_values(&[kind]).inc();
+    inner.emit(HubEvent::AuthFailed {
+        remote_addr,
+        reason,
+    });
+}
+
+/// Checks a handshake line: the edge and its configuration, or the failure kind and reason.
+fn check_hello(
+    inner: &HubInner,
+    line: &[u8],
+) -> Result<(EdgeHello, EdgeConfig), (&'static str, String)> {
+    let hello = EdgeHello::parse(line).map_err(|e| ("malformed", e.to_string()))?;
+    // Bound first: a guard in the match scrutinee would live through the arms below.
+    let config = inner.registry().authenticate(&hello.edge_id, &hello.secret);
+    match config {
+        Some(config) => Ok((hello, config)),
+        None => {
+            if inner.registry().is_configured(&hello.edge_id) {
+                inner
+                    .metrics
+                    .edge_connections
+                    .with_label_values(&[&hello.edge_id, "rejected"])
+                    .inc();
+            }
+            Err((
+                "bad_credentials",
+                format!("bad credentials for edge {:?}", hello.edge_id),
+            ))
+        }
+    }
+}
+
 async fn handle_connection(
     inner: Arc<HubInner>,
     acceptor: TlsAcceptor,
@@ -114,14 +150,6 @@ async fn handle_connection(
     admission: Admission,
 ) {
     let _ = tcp.set_nodelay(true);
-    let auth_failed = |kind: &str, reason: String| {
-        tracing::warn!(%remote_addr, %reason, "edge authentication failed");
-        inner.metrics.auth_failures.with_label_values(&[kind]).inc();
-        inner.emit(HubEvent::AuthFailed {
-            remote_addr,
-            reason,
-        });
-    };
     let handshake = async {
         let mut tls = acceptor
             .accept(tcp)
@@ -135,40 +163,122 @@ async fn handle_connection(
     let (mut tls, line, rest) =
         match tokio::time::timeout(inner.options.handshake_timeout, handshake).await {
             Ok(Ok(done)) => done,
-            Ok(Err((kind, reason))) => return auth_failed(kind, reason),
-            Err(_) => return auth_failed("timeout", "handshake not finished in time".into()),
-        };
-    let hello = EdgeHello::parse(&line);
-    let config = hello
-        .as_ref()
-        .ok()
-        .and_then(|hello| inner.registry().authenticate(&hello.edge_id, &hello.secret));
-    let (Ok(hello), Some(config)) = (hello, config) else {
-        let _ = tls.write_all(error_reply(UNAUTHORIZED).as_bytes()).await;
-        let _ = tls.shutdown().await;
-        return match EdgeHello::parse(&line) {
-            Ok(hello) => {
-                if inner.registry().is_configured(&hello.edge_id) {
-                    inner
-                        .metrics
-                        .edge_connections
-                        .with_label_values(&[&hello.edge_id, "rejected"])
-                        .inc();
-                }
-                auth_failed(
-                    "bad_credentials",
-                    format!("bad credentials for edge {:?}", hello.edge_id),
-                )
+            Ok(Err((kind, reason))) => return auth_failed(&inner, remote_addr, kind, reason),
+            Err(_) => {
+                let reason = "handshake not finished in time".into();
+                return auth_failed(&inner, remote_addr, "timeout", reason);
             }
-            Err(e) => auth_failed("malformed", e.to_string()),
         };
+    let (hello, config) = match check_hello(&inner, &line) {
+        Ok(accepted) => accepted,
+        Err((kind, reason)) => {
+            let _ = tls.write_all(error_reply(UNAUTHORIZED).as_bytes()).await;
+            let _ = tls.shutdown().await;
+            return auth_failed(&inner, remote_addr, kind, reason);
+        }
     };
     if let Err(e) = tls.write_all(accept_reply(&config).as_bytes()).await {
-        return auth_failed("tls", format!("writing the reply failed: {e}"));
+        let reason = format!("writing the reply failed: {e}");
+        return auth_failed(&inner, remote_addr, "tls", reason);
     }
     drop(admission);
-    let edge_id = hello.edge_id.clone();
     let (session, events) = spawn_session(tls, rest, Role::Hub, inner.options.session.clone());
+    run_session(&inner, hello, config, session, events, remote_addr).await;
+}
+
+pub(crate) async fn quic_accept_loop(inner: Arc<HubInner>, endpoint: quinn::Endpoint) {
+    let global = Arc::new(Semaphore::new(inner.options.max_unauthenticated));
+    let per_source = Arc::new(PerSource::default());
+    loop {
+        let incoming = tokio::select! {
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
+            () = inner.accepting.cancelled() => break,
+        };
+        let remote_addr = incoming.remote_address();
+        let Some(admission) = admit(&inner, &global, &per_source, remote_addr.ip()) else {
+            inner
+                .metrics
+                .auth_failures
+                .with_label_values(&["limit"])
+                .inc();
+            incoming.refuse();
+            continue;
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move { handle_quic(inner, incoming, remote_addr, admission).await });
+    }
+    endpoint.close(quinn::VarInt::from_u32(0), b"hub shutting down");
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
+}
+
+async fn handle_quic(
+    inner: Arc<HubInner>,
+    incoming: quinn::Incoming,
+    remote_addr: SocketAddr,
+    admission: Admission,
+) {
+    let handshake = async {
+        let connection = incoming
+            .accept()
+            .map_err(|e| ("tls", format!("QUIC: {e}")))?
+            .await
+            .map_err(|e| ("tls", format!("QUIC: {e}")))?;
+        let (send, mut recv) = connection
+            .accept_bi()
+            .await
+            .map_err(|e| ("malformed", format!("no control stream: {e}")))?;
+        let (line, rest) = read_line(&mut recv, MAX_LINE_LEN)
+            .await
+            .map_err(|e| ("malformed", format!("handshake: {e}")))?;
+        Ok::<_, (&str, String)>((connection, send, recv, line, rest))
+    };
+    let (connection, mut send, recv, line, rest) =
+        match tokio::time::timeout(inner.options.handshake_timeout, handshake).await {
+            Ok(Ok(done)) => done,
+            Ok(Err((kind, reason))) => return auth_failed(&inner, remote_addr, kind, reason),
+            Err(_) => {
+                let reason = "handshake not finished in time".into();
+                return auth_failed(&inner, remote_addr, "timeout", reason);
+            }
+        };
+    let (hello, config) = match check_hello(&inner, &line) {
+        Ok(accepted) => accepted,
+        Err((kind, reason)) => {
+            let _ = send.write_all(error_reply(UNAUTHORIZED).as_bytes()).await;
+            let _ = send.finish();
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+            connection.close(quinn::VarInt::from_u32(1), UNAUTHORIZED.as_bytes());
+            return auth_failed(&inner, remote_addr, kind, reason);
+        }
+    };
+    if let Err(e) = send.write_all(accept_reply(&config).as_bytes()).await {
+        let reason = format!("writing the reply failed: {e}");
+        return auth_failed(&inner, remote_addr, "tls", reason);
+    }
+    drop(admission);
+    let (session, events) = remoteingress_tunnel::spawn_quic_session(
+        connection,
+        (send, recv),
+        rest,
+        Role::Hub,
+        inner.options.session.clone(),
+    );
+    run_session(&inner, hello, config, session, events, remote_addr).await;
+}
+
+/// Registers an authenticated tunnel, serves it until it ends, and forgets it.
+async fn run_session(
+    inner: &Arc<HubInner>,
+    hello: EdgeHello,
+    config: EdgeConfig,
+    session: SessionHandle,
+    events: tokio::sync::mpsc::Receiver<SessionEvent>,
+    remote_addr: SocketAddr,
+) {
+    let edge_id = hello.edge_id.clone();
     let attached = inner.registry().attach(
         &edge_id,
         &hello.secret,
@@ -180,7 +290,8 @@ async fn handle_connection(
         session.close("edge removed or its secret changed during the handshake");
         return;
     };
-    tracing::info!(edge = %edge_id, %remote_addr, "edge connected");
+    let transport = session.transport();
+    tracing::info!(edge = %edge_id, %remote_addr, transport, "edge connected");
     inner
         .metrics
         .edge_connections
@@ -189,9 +300,10 @@ async fn handle_connection(
     inner.emit(HubEvent::EdgeConnected {
         edge_id: edge_id.clone(),
         remote_addr,
+        transport,
     });
-    crate::registry::perform(&inner, newer.into_iter().collect()).await;
-    serve_session(&inner, &edge_id, connection_id, &session, events).await;
+    crate::registry::perform(inner, newer.into_iter().collect()).await;
+    serve_session(inner, &edge_id, connection_id, &session, events).await;
     inner.registry().detach(&edge_id, connection_id);
     let reason = session
         .close_reason()
@@ -296,8 +408,8 @@ fn record_ack(inner: &HubInner, edge_id: &str, connection_id: u64, json: &[u8]) 
 async fn forward(
     inner: Arc<HubInner>,
     edge_id: String,
-    reader: MuxReader,
-    mut writer: MuxWriter,
+    reader: StreamReader,
+    mut writer: StreamWriter,
     header: Bytes,
 ) {
     let stream_id = reader.id();

@@ -18,6 +18,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 
+use crate::session::SessionHandle;
+use crate::stream::{StreamReader, StreamWriter};
+
 /// Which end of the tunnel this session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
@@ -97,9 +100,9 @@ pub enum SessionEvent {
     /// Hub: the edge opened a stream; `header` is its PROXY v1 line.
     Opened {
         /// Incoming half.
-        reader: MuxReader,
+        reader: StreamReader,
         /// Outgoing half.
-        writer: MuxWriter,
+        writer: StreamWriter,
         /// OPEN payload.
         header: Bytes,
     },
@@ -295,15 +298,15 @@ impl Shared {
     }
 }
 
-/// A cheap, cloneable handle to a running session.
+/// The TLS transport's session: frames multiplexed over one connection.
 #[derive(Clone)]
-pub struct SessionHandle {
+pub(crate) struct MuxSession {
     shared: Arc<Shared>,
 }
 
-impl std::fmt::Debug for SessionHandle {
+impl std::fmt::Debug for MuxSession {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SessionHandle")
+        f.debug_struct("MuxSession")
             .field("role", &self.shared.role)
             .field("active_streams", &self.active_streams())
             .finish()
@@ -369,7 +372,7 @@ where
             ping_loop(shared.clone()),
         ));
     }
-    (SessionHandle { shared }, events_rx)
+    (SessionHandle::mux(MuxSession { shared }), events_rx)
 }
 
 async fn run_task(
@@ -387,9 +390,9 @@ async fn run_task(
     shared.shutdown(reason);
 }
 
-impl SessionHandle {
+impl MuxSession {
     /// Opens a stream (edge): sends OPEN with `header` and raises the stream's window.
-    pub async fn open(&self, header: Bytes) -> Result<(MuxReader, MuxWriter), SessionError> {
+    pub async fn open(&self, header: Bytes) -> Result<(StreamReader, StreamWriter), SessionError> {
         let shared = &self.shared;
         if shared.closed.is_cancelled() {
             return Err(SessionError::Closed);
@@ -422,7 +425,8 @@ impl SessionHandle {
             .await
             .map_err(|_| SessionError::Closed)?;
         }
-        Ok(stream_halves(shared, slot))
+        let (reader, writer) = stream_halves(shared, slot);
+        Ok((StreamReader::mux(reader), StreamWriter::mux(writer)))
     }
 
     /// Sends a tunnel-level frame (CONFIG, CONFIG_ACK) on the control lane.
@@ -529,9 +533,9 @@ fn stream_halves(shared: &Arc<Shared>, slot: Arc<StreamSlot>) -> (MuxReader, Mux
     (reader, writer)
 }
 
-/// The incoming half of a tunnelled stream.
+/// The incoming half of a multiplexed stream.
 #[derive(Debug)]
-pub struct MuxReader {
+pub(crate) struct MuxReader {
     slot: Arc<StreamSlot>,
     shared: Arc<Shared>,
 }
@@ -579,11 +583,6 @@ impl MuxReader {
                 .await;
         }
     }
-
-    /// Bytes received on this stream and not yet consumed.
-    pub fn buffered(&self) -> u32 {
-        self.slot.lock().recv.unconsumed()
-    }
 }
 
 impl Drop for MuxReader {
@@ -618,9 +617,9 @@ fn send_soon(lane: &mpsc::Sender<Outgoing>, outgoing: Outgoing) {
     }
 }
 
-/// The outgoing half of a tunnelled stream.
+/// The outgoing half of a multiplexed stream.
 #[derive(Debug)]
-pub struct MuxWriter {
+pub(crate) struct MuxWriter {
     slot: Arc<StreamSlot>,
     shared: Arc<Shared>,
     lane: Lane,
@@ -629,11 +628,6 @@ pub struct MuxWriter {
 }
 
 impl MuxWriter {
-    /// The stream id.
-    pub fn id(&self) -> u32 {
-        self.slot.id
-    }
-
     /// Waits until the peer has granted credit and returns how many bytes may be sent now
     /// (at most one DATA chunk).
     pub async fn reserve(&self) -> Result<usize, SessionError> {
@@ -1096,8 +1090,8 @@ impl Reader {
             return Ok(());
         }
         let event = SessionEvent::Opened {
-            reader,
-            writer,
+            reader: StreamReader::mux(reader),
+            writer: StreamWriter::mux(writer),
             header: frame.payload,
         };
         if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {

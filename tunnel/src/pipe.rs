@@ -5,7 +5,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::mux::{MuxReader, MuxWriter};
+use crate::stream::{StreamReader, StreamWriter};
 
 /// Bytes moved by one [`pipe`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -22,8 +22,8 @@ pub struct Piped {
 /// A socket that stops reading stops returning credit, so the peer stops sending.
 pub async fn pipe(
     socket: TcpStream,
-    reader: MuxReader,
-    mut writer: MuxWriter,
+    mut reader: StreamReader,
+    mut writer: StreamWriter,
     cancel: CancellationToken,
 ) -> Piped {
     let (socket_rd, mut socket_wr) = socket.into_split();

@@ -10,6 +10,7 @@ pub mod frame;
 pub mod handshake;
 pub mod proxy;
 pub mod qos;
+pub mod quic;
 pub mod token;
 
 pub use config::{EdgeConfig, FirewallConfig};
