@@ -166,6 +166,30 @@ pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     received
 }
 
+/// Runs each named `async fn(TransportMode)` as a test once per transport (modules `tls` and
+/// `quic`), so every end-to-end check covers both without copies.
+#[macro_export]
+macro_rules! for_each_transport {
+    ($($test:ident),* $(,)?) => {
+        mod tls {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(remoteingress_edge::TransportMode::TcpTls).await;
+                }
+            )*
+        }
+        mod quic {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $test() {
+                    super::$test(remoteingress_edge::TransportMode::Quic).await;
+                }
+            )*
+        }
+    };
+}
+
 /// A standard setup: a hub, one echo target, one edge "e1" forwarding `edge_port` to it.
 pub struct Setup {
     pub state: tempfile::TempDir,
@@ -177,6 +201,10 @@ pub struct Setup {
 
 impl Setup {
     pub async fn new() -> Self {
+        Self::with_transport(remoteingress_edge::TransportMode::TcpTls).await
+    }
+
+    pub async fn with_transport(transport: remoteingress_edge::TransportMode) -> Self {
         init_logs();
         let state = tempfile::tempdir().unwrap();
         let hub = start_hub(state.path(), 0).await;
@@ -185,8 +213,11 @@ impl Setup {
         hub.update_allowed_edges(vec![allowed("e1", &[(edge_port, target.addr.port())])])
             .await
             .unwrap();
-        let edge = start_edge(&hub, "e1").await;
+        let mut options = edge_options(&hub, "e1", SECRET);
+        options.transport = transport;
+        let edge = Edge::start(options).await.unwrap();
         wait_listening(&edge, edge_port).await;
+        assert_eq!(edge.status().transport, Some(transport_name(transport)));
         Self {
             state,
             hub,
@@ -198,6 +229,14 @@ impl Setup {
 
     pub fn edge_addr(&self) -> SocketAddr {
         SocketAddr::new(EDGE_IP, self.edge_port)
+    }
+}
+
+/// The status name of a transport.
+pub fn transport_name(transport: remoteingress_edge::TransportMode) -> &'static str {
+    match transport {
+        remoteingress_edge::TransportMode::Quic => "quic",
+        _ => "tcpTls",
     }
 }
 
