@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use remoteingress_controlplane::{serve_edge_status, serve_hub_admin, serve_metrics, AdminOptions};
-use remoteingress_edge::{BackoffPolicy, Edge, EdgeOptions, FirewallMode};
+use remoteingress_edge::{BackoffPolicy, Edge, EdgeOptions, FirewallMode, TransportMode};
 use remoteingress_hub::{Hub, HubOptions};
 use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions};
 use remoteingress_wire::token::{normalize_pin, ConnectionToken};
@@ -90,6 +90,17 @@ impl TunnelTimers {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+#[value(rename_all = "camelCase")]
+enum TransportArg {
+    /// One TLS connection with frame multiplexing.
+    TcpTls,
+    /// QUIC: native streams, datagrams for UDP.
+    Quic,
+    /// QUIC, falling back to TLS when QUIC does not connect in time.
+    QuicWithFallback,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum FirewallArg {
     /// Never touch nftables.
     Off,
@@ -156,6 +167,9 @@ struct HubArgs {
     /// Seconds between PINGs to each edge.
     #[arg(long, env = "REMOTEINGRESS_PING_INTERVAL_SECS", default_value_t = 15)]
     ping_interval_secs: u64,
+    /// Do not accept QUIC tunnels (UDP on the tunnel port); TLS only.
+    #[arg(long, env = "REMOTEINGRESS_NO_QUIC")]
+    no_quic: bool,
     /// Seconds an edge has for TLS and its handshake line.
     #[arg(
         long,
@@ -246,6 +260,12 @@ struct EdgeArgs {
         default_value = "127.0.0.1:8445"
     )]
     status_addr: SocketAddr,
+    /// Tunnel transport: tcpTls, quic, or quicWithFallback (QUIC, else TLS).
+    #[arg(long, env = "REMOTEINGRESS_TRANSPORT_MODE", value_enum, default_value_t = TransportArg::TcpTls)]
+    transport_mode: TransportArg,
+    /// With quicWithFallback: seconds QUIC may take before TLS is tried.
+    #[arg(long, env = "REMOTEINGRESS_QUIC_FALLBACK_SECS", default_value_t = 5)]
+    quic_fallback_secs: u64,
     /// Apply the hub's firewall configs with nftables: off, auto (when it works here) or
     /// required (refuse to start without it).
     #[arg(long, env = "REMOTEINGRESS_FIREWALL", value_enum, default_value_t = FirewallArg::Auto)]
@@ -387,6 +407,7 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         udp_idle_timeout: args.udp.idle_timeout(),
         udp_max_sessions: args.udp.udp_max_sessions,
         registry: prometheus::Registry::new(),
+        quic: !args.no_quic,
         ..HubOptions::default()
     };
     let registry = options.registry.clone();
@@ -480,6 +501,12 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
     } else {
         args.stun_servers
     };
+    options.transport = match args.transport_mode {
+        TransportArg::TcpTls => TransportMode::TcpTls,
+        TransportArg::Quic => TransportMode::Quic,
+        TransportArg::QuicWithFallback => TransportMode::QuicWithFallback,
+    };
+    options.quic_fallback_after = Duration::from_secs(args.quic_fallback_secs.max(1));
     let registry = options.registry.clone();
     let edge = Edge::start(options).await?;
     let stop = CancellationToken::new();

@@ -80,6 +80,8 @@ pub struct SessionOptions {
     pub ping_interval: Duration,
     /// Bounds of the writer's lanes.
     pub lanes: LaneLimits,
+    /// Test hook: this many incoming QUIC UDP opens are ignored, as if lost on the way.
+    pub drop_first_udp_opens: u32,
 }
 
 impl Default for SessionOptions {
@@ -90,6 +92,7 @@ impl Default for SessionOptions {
             idle_timeout: Duration::from_secs(45),
             ping_interval: Duration::from_secs(15),
             lanes: LaneLimits::default(),
+            drop_first_udp_opens: 0,
         }
     }
 }

@@ -284,6 +284,7 @@ async fn read_datagrams(
     events: mpsc::Sender<SessionEvent>,
 ) -> Result<(), String> {
     let mut last_open = 0u32;
+    let mut to_lose = shared.options.drop_first_udp_opens;
     loop {
         let bytes = shared
             .connection
@@ -293,6 +294,10 @@ async fn read_datagrams(
         let Some(datagram) = Datagram::parse(bytes) else {
             continue;
         };
+        if to_lose > 0 && matches!(datagram, Datagram::Open { .. }) {
+            to_lose -= 1;
+            continue;
+        }
         let event = match (datagram, shared.role) {
             (Datagram::Open { id, header }, Role::Hub) if id > last_open => {
                 last_open = id;
