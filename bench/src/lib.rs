@@ -67,7 +67,7 @@ pub struct Row {
     pub unit: String,
     /// Without a tunnel, when that makes sense.
     pub direct: Option<f64>,
-    /// Through the TLS tunnel.
+    /// Through the tunnel (the transport is in the name).
     pub tunnel: f64,
 }
 
@@ -98,48 +98,61 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
     }
     let sink = targets::start(Mode::Sink).await?;
     let echo = targets::start(Mode::Echo).await?;
+    let mut rows = Vec::new();
+    for transport in TRANSPORTS {
+        rows.extend(run_transport(config, transport, &sink, &echo, idle_connections).await?);
+    }
+    Ok(rows)
+}
+
+/// Transports measured, by their `--transport-mode` name.
+const TRANSPORTS: [&str; 2] = ["tcpTls", "quic"];
+
+/// Every measurement through one transport, each next to the direct baseline.
+async fn run_transport(
+    config: &BenchConfig,
+    transport: &str,
+    sink: &targets::Target,
+    echo: &targets::Target,
+    idle_connections: usize,
+) -> Result<Vec<Row>> {
     let sink_port = processes::free_port(EDGE_IP)?;
     let echo_port = processes::free_port(EDGE_IP)?;
     let tunnel = Tunnel::start(
         &config.binary,
         &BTreeMap::from([(sink_port, sink.addr.port()), (echo_port, echo.addr.port())]),
+        transport,
     )
     .await?;
     let edge_ip = EDGE_IP.parse()?;
     let via_tunnel = |port| SocketAddr::new(edge_ip, port);
+    let named = |what: &str| format!("{what} [{transport}]");
 
     let mut rows = Vec::new();
     let secs = Duration::from_secs_f64(config.throughput_secs);
     for streams in [1usize, 8] {
-        let direct = throughput(sink.addr, &sink, streams, secs).await?;
-        let tunnelled = throughput(via_tunnel(sink_port), &sink, streams, secs).await?;
-        let name = format!(
-            "throughput, {streams} stream{}",
-            if streams > 1 { "s" } else { "" }
-        );
+        let direct = throughput(sink.addr, sink, streams, secs).await?;
+        let tunnelled = throughput(via_tunnel(sink_port), sink, streams, secs).await?;
+        let plural = if streams > 1 { "s" } else { "" };
+        let name = named(&format!("throughput, {streams} stream{plural}"));
         rows.push(Row::new(&name, "Gbit/s", Some(direct), tunnelled));
     }
 
     let direct = latency(echo.addr, config.latency_rounds).await?;
     let tunnelled = latency(via_tunnel(echo_port), config.latency_rounds).await?;
-    for (i, name) in ["latency p50", "latency p99", "latency p99.9"]
-        .iter()
-        .enumerate()
-    {
-        rows.push(Row::new(name, "µs", Some(direct[i]), tunnelled[i]));
+    for (i, name) in ["latency p50", "latency p99", "latency p99.9"].iter().enumerate() {
+        rows.push(Row::new(&named(name), "µs", Some(direct[i]), tunnelled[i]));
     }
 
     let connect = Duration::from_secs_f64(config.connect_secs);
     let direct = connection_rate(echo.addr, connect).await?;
     let tunnelled = connection_rate(via_tunnel(echo_port), connect).await?;
-    rows.push(Row::new(
-        "new connections",
-        "conn/s",
-        Some(direct),
-        tunnelled,
-    ));
+    rows.push(Row::new(&named("new connections"), "conn/s", Some(direct), tunnelled));
 
-    rows.extend(idle_memory(&tunnel, via_tunnel(echo_port), idle_connections).await?);
+    for mut row in idle_memory(&tunnel, via_tunnel(echo_port), idle_connections).await? {
+        row.name = named(&row.name);
+        rows.push(row);
+    }
     Ok(rows)
 }
 
@@ -301,13 +314,13 @@ async fn idle_memory(tunnel: &Tunnel, addr: SocketAddr, count: usize) -> Result<
 /// The rows as an aligned table.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<42} {:>14} {:>14} {:>8}\n",
-        "measurement", "direct", "tunnel (tls)", "ratio"
+        "{:<54} {:>14} {:>14} {:>8}\n",
+        "measurement", "direct", "tunnel", "ratio"
     );
     for row in rows {
         let value = |v: f64| format!("{v:.2} {}", row.unit);
         out.push_str(&format!(
-            "{:<42} {:>14} {:>14} {:>8}\n",
+            "{:<54} {:>14} {:>14} {:>8}\n",
             row.name,
             row.direct.map(value).unwrap_or_else(|| "-".into()),
             value(row.tunnel),

@@ -49,8 +49,8 @@ pub struct Tunnel {
 pub const EDGE_IP: &str = "127.0.0.2";
 
 impl Tunnel {
-    /// Starts both processes and waits until every edge port accepts.
-    pub async fn start(binary: &Path, ports: &BTreeMap<u16, u16>) -> Result<Self> {
+    /// Starts both processes (the edge using `transport`) and waits until every port accepts.
+    pub async fn start(binary: &Path, ports: &BTreeMap<u16, u16>, transport: &str) -> Result<Self> {
         let state = tempfile::tempdir()?;
         let secret = "bench-secret";
         let edges = serde_json::json!([{
@@ -116,7 +116,7 @@ impl Tunnel {
                 &format!("127.0.0.1:{}", free_port("127.0.0.1")?),
             ])
             .args(["--max-connections", "30000", "--max-streams", "30000"])
-            .args(["--firewall", "off", "--no-stun"])
+            .args(["--firewall", "off", "--no-stun", "--transport-mode", transport])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
