@@ -429,23 +429,20 @@ async fn run_hub(args: HubArgs) -> Result<()> {
     };
     let served = serve_hub_admin(hub.clone(), admin, stop.clone()).await?;
     println!("admin API on {}", served.local_addr);
-    let ready_hub = hub.clone();
-    let metrics = serve_metrics(
-        registry,
-        args.metrics_addr,
-        Arc::new(move || ready_hub.is_ready()),
-        stop.clone(),
-    )
-    .await?;
-    println!("metrics on http://{}/metrics", metrics.local_addr);
-    shutdown_signal().await?;
-    hub.stop_accepting();
+    let ready = hub.clone();
     let draining = hub.clone();
-    drain(args.service.grace(), move || draining.active_streams()).await?;
-    stop.cancel();
+    let service = Service {
+        registry,
+        metrics_addr: args.metrics_addr,
+        ready: Arc::new(move || ready.is_ready()),
+        grace: args.service.grace(),
+        stop: stop.clone(),
+    };
+    service
+        .run(|| hub.stop_accepting(), move || draining.active_streams())
+        .await?;
     hub.shutdown().await;
     let _ = served.task.await;
-    let _ = metrics.task.await;
     Ok(())
 }
 
@@ -512,26 +509,23 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
     let stop = CancellationToken::new();
     let served = serve_edge_status(edge.clone(), args.status_addr, stop.clone()).await?;
     println!("status API on {}", served.local_addr);
-    let ready_edge = edge.clone();
-    let metrics = serve_metrics(
-        registry,
-        args.metrics_addr,
-        Arc::new(move || ready_edge.is_ready()),
-        stop.clone(),
-    )
-    .await?;
-    println!("metrics on http://{}/metrics", metrics.local_addr);
-    shutdown_signal().await?;
-    edge.stop_accepting();
+    let ready = edge.clone();
     let draining = edge.clone();
-    drain(args.service.grace(), move || {
-        draining.status().active_streams
-    })
-    .await?;
-    stop.cancel();
+    let service = Service {
+        registry,
+        metrics_addr: args.metrics_addr,
+        ready: Arc::new(move || ready.is_ready()),
+        grace: args.service.grace(),
+        stop: stop.clone(),
+    };
+    service
+        .run(
+            || edge.stop_accepting(),
+            move || draining.status().active_streams,
+        )
+        .await?;
     edge.shutdown().await;
     let _ = served.task.await;
-    let _ = metrics.task.await;
     Ok(())
 }
 
@@ -547,6 +541,35 @@ fn admin_token(file: Option<&std::path::Path>) -> Result<Option<String>> {
     match token.map(|t| t.trim().to_owned()) {
         Some(token) if token.is_empty() => bail!("the admin token is empty"),
         token => Ok(token),
+    }
+}
+
+/// What hub and edge do alike once started: serve metrics, wait for a signal, drain.
+struct Service {
+    registry: prometheus::Registry,
+    metrics_addr: SocketAddr,
+    ready: remoteingress_controlplane::Readiness,
+    grace: Duration,
+    stop: CancellationToken,
+}
+
+impl Service {
+    /// Serves `/metrics` until a signal, then stops accepting and drains open connections.
+    async fn run(self, stop_accepting: impl FnOnce(), active: impl Fn() -> usize) -> Result<()> {
+        let metrics = serve_metrics(
+            self.registry,
+            self.metrics_addr,
+            self.ready,
+            self.stop.clone(),
+        )
+        .await?;
+        println!("metrics on http://{}/metrics", metrics.local_addr);
+        shutdown_signal().await?;
+        stop_accepting();
+        drain(self.grace, active).await?;
+        self.stop.cancel();
+        let _ = metrics.task.await;
+        Ok(())
     }
 }
 

@@ -140,14 +140,22 @@ async fn run_transport(
 
     let direct = latency(echo.addr, config.latency_rounds).await?;
     let tunnelled = latency(via_tunnel(echo_port), config.latency_rounds).await?;
-    for (i, name) in ["latency p50", "latency p99", "latency p99.9"].iter().enumerate() {
+    for (i, name) in ["latency p50", "latency p99", "latency p99.9"]
+        .iter()
+        .enumerate()
+    {
         rows.push(Row::new(&named(name), "µs", Some(direct[i]), tunnelled[i]));
     }
 
     let connect = Duration::from_secs_f64(config.connect_secs);
     let direct = connection_rate(echo.addr, connect).await?;
     let tunnelled = connection_rate(via_tunnel(echo_port), connect).await?;
-    rows.push(Row::new(&named("new connections"), "conn/s", Some(direct), tunnelled));
+    rows.push(Row::new(
+        &named("new connections"),
+        "conn/s",
+        Some(direct),
+        tunnelled,
+    ));
 
     for mut row in idle_memory(&tunnel, via_tunnel(echo_port), idle_connections).await? {
         row.name = named(&row.name);

@@ -116,7 +116,13 @@ impl Tunnel {
                 &format!("127.0.0.1:{}", free_port("127.0.0.1")?),
             ])
             .args(["--max-connections", "30000", "--max-streams", "30000"])
-            .args(["--firewall", "off", "--no-stun", "--transport-mode", transport])
+            .args([
+                "--firewall",
+                "off",
+                "--no-stun",
+                "--transport-mode",
+                transport,
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

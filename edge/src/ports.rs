@@ -65,17 +65,7 @@ impl PortSet {
     /// Makes the listeners match `ports`, using listeners from [`Self::bind_new`]. Removed
     /// ports close, ending their connections; unchanged ports are untouched.
     pub(crate) fn commit(&mut self, ports: &[u16], fresh: BoundTcp) {
-        let removed: Vec<u16> = self
-            .listeners
-            .keys()
-            .filter(|port| !ports.contains(port))
-            .copied()
-            .collect();
-        for port in removed {
-            if let Some(cancel) = self.listeners.remove(&port) {
-                cancel.cancel();
-            }
-        }
+        close_removed(&mut self.listeners, ports);
         for (port, listener) in fresh {
             let cancel = self.session.cancellation();
             self.listeners.insert(port, cancel.clone());
@@ -93,6 +83,24 @@ impl PortSet {
             ));
         }
     }
+}
+
+/// Stops the listeners whose port is not in `wanted`; returns their ports.
+pub(crate) fn close_removed(
+    listeners: &mut BTreeMap<u16, CancellationToken>,
+    wanted: &[u16],
+) -> Vec<u16> {
+    let removed: Vec<u16> = listeners
+        .keys()
+        .filter(|port| !wanted.contains(port))
+        .copied()
+        .collect();
+    for port in &removed {
+        if let Some(cancel) = listeners.remove(port) {
+            cancel.cancel();
+        }
+    }
+    removed
 }
 
 impl Drop for PortSet {

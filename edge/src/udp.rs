@@ -105,16 +105,7 @@ impl UdpPorts {
     /// Makes the listeners match `ports`, using sockets from [`Self::bind_new`]. Removed ports
     /// end their sessions.
     pub(crate) fn commit(&mut self, ports: &[u16], fresh: BoundUdp) {
-        let removed: Vec<u16> = self
-            .listeners
-            .keys()
-            .filter(|port| !ports.contains(port))
-            .copied()
-            .collect();
-        for port in removed {
-            if let Some(cancel) = self.listeners.remove(&port) {
-                cancel.cancel();
-            }
+        for port in crate::ports::close_removed(&mut self.listeners, ports) {
             let ids: Vec<u32> = self
                 .table()
                 .sessions

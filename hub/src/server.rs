@@ -116,6 +116,26 @@ fn auth_failed(inner: &HubInner, remote_addr: SocketAddr, kind: &str, reason: St
     });
 }
 
+/// Runs a handshake within the deadline; a failure or timeout is reported and gives `None`.
+async fn within_deadline<T>(
+    inner: &HubInner,
+    remote_addr: SocketAddr,
+    handshake: impl std::future::Future<Output = Result<T, (&'static str, String)>>,
+) -> Option<T> {
+    match tokio::time::timeout(inner.options.handshake_timeout, handshake).await {
+        Ok(Ok(done)) => Some(done),
+        Ok(Err((kind, reason))) => {
+            auth_failed(inner, remote_addr, kind, reason);
+            None
+        }
+        Err(_) => {
+            let reason = "handshake not finished in time".into();
+            auth_failed(inner, remote_addr, "timeout", reason);
+            None
+        }
+    }
+}
+
 /// Checks a handshake line: the edge and its configuration, or the failure kind and reason.
 fn check_hello(
     inner: &HubInner,
@@ -160,15 +180,9 @@ async fn handle_connection(
             .map_err(|e| ("malformed", format!("handshake: {e}")))?;
         Ok::<_, (&str, String)>((tls, line, rest))
     };
-    let (mut tls, line, rest) =
-        match tokio::time::timeout(inner.options.handshake_timeout, handshake).await {
-            Ok(Ok(done)) => done,
-            Ok(Err((kind, reason))) => return auth_failed(&inner, remote_addr, kind, reason),
-            Err(_) => {
-                let reason = "handshake not finished in time".into();
-                return auth_failed(&inner, remote_addr, "timeout", reason);
-            }
-        };
+    let Some((mut tls, line, rest)) = within_deadline(&inner, remote_addr, handshake).await else {
+        return;
+    };
     let (hello, config) = match check_hello(&inner, &line) {
         Ok(accepted) => accepted,
         Err((kind, reason)) => {
@@ -235,15 +249,11 @@ async fn handle_quic(
             .map_err(|e| ("malformed", format!("handshake: {e}")))?;
         Ok::<_, (&str, String)>((connection, send, recv, line, rest))
     };
-    let (connection, mut send, recv, line, rest) =
-        match tokio::time::timeout(inner.options.handshake_timeout, handshake).await {
-            Ok(Ok(done)) => done,
-            Ok(Err((kind, reason))) => return auth_failed(&inner, remote_addr, kind, reason),
-            Err(_) => {
-                let reason = "handshake not finished in time".into();
-                return auth_failed(&inner, remote_addr, "timeout", reason);
-            }
-        };
+    let Some((connection, mut send, recv, line, rest)) =
+        within_deadline(&inner, remote_addr, handshake).await
+    else {
+        return;
+    };
     let (hello, config) = match check_hello(&inner, &line) {
         Ok(accepted) => accepted,
         Err((kind, reason)) => {
