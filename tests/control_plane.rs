@@ -481,3 +481,60 @@ async fn the_edge_status_api_reports_state_and_events() {
     assert!(ports.listen_ports.contains(&u32::from(extra)));
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_serves_tls_when_given_a_certificate() {
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let hub = start_hub(state.path(), 0).await;
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let (cert, key) = (
+        state.path().join("admin.crt"),
+        state.path().join("admin.key"),
+    );
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
+    let stop = CancellationToken::new();
+    let options = AdminOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        token: Some(ADMIN_TOKEN.into()),
+        tls: Some((cert, key)),
+        public_host: None,
+        public_port: 8443,
+        edges_file_mode: false,
+    };
+    let addr = serve_hub_admin(hub.clone(), options, stop.clone())
+        .await
+        .unwrap()
+        .local_addr;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            generated.cert.pem(),
+        ))
+        .domain_name("localhost");
+    let channel = Channel::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut admin = HubAdminClient::with_interceptor(channel, with_token as fn(_) -> _);
+    let status = admin
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.running);
+    let plaintext = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = plaintext {
+        let refused = HubAdminClient::with_interceptor(channel, with_token as fn(_) -> _)
+            .get_status(pb::GetStatusRequest {})
+            .await;
+        assert!(refused.is_err(), "plaintext must not reach a TLS admin API");
+    }
+    stop.cancel();
+}

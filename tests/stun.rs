@@ -42,6 +42,18 @@ async fn the_edge_learns_its_address_from_coturn_and_reports_it_to_the_hub() {
         .unwrap()
         .port();
     let _coturn = coturn(port);
+    let server = format!("127.0.0.1:{port}");
+    let quick = remoteingress_edge::stun::StunTiming {
+        rto: std::time::Duration::from_millis(50),
+        requests: 2,
+        final_wait: 2,
+    };
+    eventually("coturn to answer", || async {
+        remoteingress_edge::stun::discover(&server, quick)
+            .await
+            .ok()
+    })
+    .await;
     let setup = Setup::new().await;
     setup.edge.shutdown().await;
     let mut options = edge_options(&setup.hub, "e1", SECRET);

@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use remoteingress_wire::frame::MAX_DATA_CHUNK;
+use remoteingress_wire::qos::StreamRate;
+use std::time::Instant;
 
 use crate::mux::{MuxReader, MuxWriter, SessionError};
 use crate::quic::{QuicShared, StreamGuard};
@@ -91,9 +93,13 @@ enum WriterKind {
     Quic {
         send: quinn::SendStream,
         shared: Arc<QuicShared>,
+        rate: StreamRate,
         _guard: Arc<StreamGuard>,
     },
 }
+
+/// Send priority of sustained (elephant) QUIC streams: below every other stream.
+const SUSTAINED_PRIORITY: i32 = -1;
 
 impl StreamWriter {
     pub(crate) fn mux(writer: MuxWriter) -> Self {
@@ -111,6 +117,7 @@ impl StreamWriter {
             kind: WriterKind::Quic {
                 send,
                 shared,
+                rate: StreamRate::new(Instant::now()),
                 _guard: guard,
             },
         }
@@ -128,8 +135,14 @@ impl StreamWriter {
     pub async fn send(&mut self, data: Bytes) -> Result<(), SessionError> {
         match &mut self.kind {
             WriterKind::Mux(writer) => writer.send(data).await,
-            WriterKind::Quic { send, shared, .. } => {
+            WriterKind::Quic {
+                send, shared, rate, ..
+            } => {
                 let len = data.len() as u64;
+                let was_sustained = rate.is_sustained();
+                if rate.record(Instant::now(), data.len()) && !was_sustained {
+                    let _ = send.set_priority(SUSTAINED_PRIORITY);
+                }
                 send.write_chunk(data)
                     .await
                     .map_err(|_| SessionError::Closed)?;
