@@ -167,6 +167,14 @@ async fn each_metric_moves_when_its_event_happens() {
     .await;
     intruder.shutdown().await;
 
+    // Round trips: measured by the hub, and passed to the edge in the next PING.
+    eventually("both sides to know the round trip", || async {
+        let hub_rtt = h("remoteingress_tunnel_rtt_seconds", &[("edge", "e1")]);
+        let edge_rtt = e("remoteingress_tunnel_rtt_seconds", &[]);
+        (hub_rtt > 0.0 && edge_rtt > 0.0).then_some(())
+    })
+    .await;
+
     // A reconnect.
     assert!(hub.disconnect_edge("e1"));
     eventually("the edge to reconnect", || async {

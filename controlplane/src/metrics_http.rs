@@ -9,7 +9,6 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
 use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::{ControlPlaneError, Served};
@@ -54,12 +53,7 @@ pub async fn serve_metrics(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(AppState { registry, ready });
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ControlPlaneError::Bind { addr, source })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| ControlPlaneError::Bind { addr, source })?;
+    let (listener, local_addr) = crate::server::bind(addr).await?;
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(shutdown.cancelled_owned())

@@ -140,17 +140,20 @@ async fn base_router(
         .add_service(InterceptedService::new(reflection().build_v1alpha()?, auth)))
 }
 
+/// Binds `addr` and tells which address was bound (port 0 picks one).
+pub(crate) async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ControlPlaneError> {
+    let bind_error = |source| ControlPlaneError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
+    let local_addr = listener.local_addr().map_err(bind_error)?;
+    Ok((listener, local_addr))
+}
+
 async fn serve(
     router: Router,
     addr: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<Served, ControlPlaneError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| ControlPlaneError::Bind { addr, source })?;
-    let local_addr = listener
-        .local_addr()
-        .map_err(|source| ControlPlaneError::Bind { addr, source })?;
+    let (listener, local_addr) = bind(addr).await?;
     let task = tokio::spawn(async move {
         let incoming = TcpListenerStream::new(listener);
         if let Err(e) = router

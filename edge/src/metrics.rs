@@ -106,6 +106,10 @@ const BYTES: (&str, &str) = (
     "remoteingress_bytes_total",
     "Payload bytes carried, by direction (in: from the hub, out: to the hub)",
 );
+const RTT: (&str, &str) = (
+    "remoteingress_tunnel_rtt_seconds",
+    "Last round trip of the tunnel",
+);
 const DROPPED: (&str, &str) = (
     "remoteingress_udp_dropped_total",
     "UDP datagrams dropped at the session limit or a full queue",
@@ -119,7 +123,7 @@ pub(crate) struct LiveCollector {
 
 impl LiveCollector {
     pub(crate) fn new(edge: Weak<EdgeInner>) -> Self {
-        let descs = [STREAMS, UDP, BYTES, DROPPED]
+        let descs = [STREAMS, UDP, BYTES, DROPPED, RTT]
             .iter()
             .filter_map(|(name, help)| {
                 Desc::new((*name).into(), (*help).into(), vec![], HashMap::new()).ok()
@@ -143,11 +147,15 @@ impl Collector for LiveCollector {
             let udp = IntGauge::new(UDP.0, UDP.1)?;
             let bytes = IntCounterVec::new(Opts::new(BYTES.0, BYTES.1), &["direction"])?;
             let dropped = IntCounter::new(DROPPED.0, DROPPED.1)?;
+            let rtt = prometheus::Gauge::new(RTT.0, RTT.1)?;
             let mut totals = *edge.ended.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(session) = &*edge.session.lock().unwrap_or_else(|p| p.into_inner()) {
                 let stats = session.stats();
                 totals.add(Totals::of(stats));
                 streams.set(session.active_streams() as i64);
+                if let Some(measured) = session.rtt() {
+                    rtt.set(measured.as_secs_f64());
+                }
                 udp.set(stats.udp_sessions.load(Ordering::Relaxed) as i64);
             }
             bytes.with_label_values(&["in"]).inc_by(totals.bytes_in);
@@ -158,6 +166,7 @@ impl Collector for LiveCollector {
                 udp.collect(),
                 bytes.collect(),
                 dropped.collect(),
+                rtt.collect(),
             ]
             .concat())
         };

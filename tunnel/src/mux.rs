@@ -238,7 +238,8 @@ struct Shared {
     close_reason: Mutex<Option<String>>,
     stats: SessionStats,
     ping_sent: Mutex<Option<([u8; 8], Instant)>>,
-    started: Instant,
+    /// Last round trip in µs: measured (hub) or as the hub reported it in its PING (edge).
+    rtt_us: AtomicU64,
 }
 
 impl Shared {
@@ -346,7 +347,7 @@ where
         close_reason: Mutex::new(None),
         stats: SessionStats::default(),
         ping_sent: Mutex::new(None),
-        started: Instant::now(),
+        rtt_us: AtomicU64::new(0),
         options,
     });
     let (read_half, write_half) = tokio::io::split(io);
@@ -518,6 +519,14 @@ impl MuxSession {
     /// Traffic counters.
     pub fn stats(&self) -> &SessionStats {
         &self.shared.stats
+    }
+
+    /// Last tunnel round trip, once known.
+    pub fn rtt(&self) -> Option<Duration> {
+        match self.shared.rtt_us.load(Ordering::Relaxed) {
+            0 => None,
+            micros => Some(Duration::from_micros(micros)),
+        }
     }
 }
 
@@ -816,7 +825,8 @@ async fn ping_loop(shared: Arc<Shared>) -> Result<(), String> {
     interval.tick().await;
     loop {
         interval.tick().await;
-        let token = (shared.started.elapsed().as_nanos() as u64).to_be_bytes();
+        // The payload is opaque to the protocol; ours carries the last round trip for the edge.
+        let token = shared.rtt_us.load(Ordering::Relaxed).to_be_bytes();
         let due = {
             let mut sent = shared.ping_sent.lock().unwrap_or_else(|p| p.into_inner());
             let due = sent.is_none();
@@ -930,6 +940,10 @@ impl Reader {
             FrameType::Open if role == Role::Hub => self.on_open(frame),
             FrameType::Ping if role == Role::Edge => {
                 let token = frame.ping_token().unwrap_or_default();
+                let reported = u64::from_be_bytes(token);
+                if reported > 0 {
+                    self.shared.rtt_us.store(reported, Ordering::Relaxed);
+                }
                 self.shared
                     .send_control_now(Outgoing::Frame(Frame::ping(FrameType::Pong, token)))
             }
@@ -941,7 +955,10 @@ impl Reader {
                     .unwrap_or_else(|p| p.into_inner());
                 match sent.take() {
                     Some((token, at)) if Some(token) == frame.ping_token() => {
-                        let _ = self.events.try_send(SessionEvent::RoundTrip(at.elapsed()));
+                        let rtt = at.elapsed();
+                        let micros = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
+                        self.shared.rtt_us.store(micros, Ordering::Relaxed);
+                        let _ = self.events.try_send(SessionEvent::RoundTrip(rtt));
                         Ok(())
                     }
                     _ => Err("protocol error: PONG without a matching PING".to_owned()),

@@ -480,6 +480,10 @@ impl QuicSession {
     pub(crate) fn stats(&self) -> &SessionStats {
         &self.shared.stats
     }
+
+    pub(crate) fn rtt(&self) -> Option<Duration> {
+        Some(self.shared.connection.rtt())
+    }
 }
 
 /// Writes a handshake line or reply on a stream.

@@ -107,6 +107,12 @@ impl SessionHandle {
         dispatch!(self, s => s.active_streams())
     }
 
+    /// Last round trip of the tunnel, once known (on the TLS transport the edge learns it from
+    /// the hub's PINGs).
+    pub fn rtt(&self) -> Option<std::time::Duration> {
+        dispatch!(self, s => s.rtt())
+    }
+
     /// Traffic counters.
     pub fn stats(&self) -> &SessionStats {
         dispatch!(self, s => s.stats())
