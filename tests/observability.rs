@@ -479,3 +479,70 @@ async fn sigterm_lets_an_open_connection_finish() {
     assert!(status.success(), "{status:?}");
     drop(deployment.hub);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_json_and_never_carry_secrets() {
+    let state = tempfile::tempdir().unwrap();
+    let localhost = "127.0.0.1".parse().unwrap();
+    let secret = "sup3r-s3cret-value";
+    let edges_file = state.path().join("edges.json");
+    let mut entry = allowed("e1", &[]);
+    entry.secret = secret.into();
+    std::fs::write(&edges_file, serde_json::to_string(&vec![entry]).unwrap()).unwrap();
+    let (tunnel, metrics) = (free_port(localhost), free_port(localhost));
+    let log = state.path().join("hub.log");
+    let hub = Process(
+        Command::new(env!("CARGO_BIN_EXE_remoteingress"))
+            .args(["--log-format", "json", "--log-level", "debug", "hub"])
+            .arg("--listen-address=127.0.0.1")
+            .arg(format!("--tunnel-port={tunnel}"))
+            .arg(format!("--admin-addr=127.0.0.1:{}", free_port(localhost)))
+            .arg(format!("--metrics-addr=127.0.0.1:{metrics}"))
+            .arg(format!("--state-dir={}", state.path().display()))
+            .arg(format!("--edges-file={}", edges_file.display()))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    wait_port(metrics).await;
+    let pin = HubIdentity::load_or_generate(state.path()).unwrap().pin();
+    // One edge with the right secret, one with a wrong one.
+    for given in [secret, "wr0ng-s3cret-value"] {
+        let mut options = remoteingress_edge::EdgeOptions::new(
+            "127.0.0.1",
+            tunnel,
+            "e1",
+            given,
+            remoteingress_tunnel::HubTrust::Pin(pin.clone()),
+        );
+        options.firewall = remoteingress_edge::FirewallMode::Off;
+        options.stun_servers.clear();
+        let edge = Edge::start(options).await.unwrap();
+        eventually("the hub to log the attempt", || async {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let wanted = if given == secret {
+                "edge connected"
+            } else {
+                "authentication failed"
+            };
+            text.contains(wanted).then_some(())
+        })
+        .await;
+        edge.shutdown().await;
+    }
+    drop(hub);
+    let text = std::fs::read_to_string(&log).unwrap();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let parsed: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            parsed["level"].is_string() && parsed["fields"].is_object(),
+            "{line}"
+        );
+    }
+    assert!(
+        !text.contains(secret) && !text.contains("wr0ng-s3cret-value"),
+        "a secret was logged"
+    );
+}
