@@ -11,11 +11,14 @@ use std::process::{Command, Stdio};
 use common::*;
 use remoteingress_edge::Edge;
 
-fn coturn(port: u16) -> Process {
+/// Starts coturn in STUN-only mode on 127.0.0.1:`port` (UDP only, no RFC 5780 alternate
+/// port, its own pid file) with its log in `log`.
+fn coturn(port: u16, log: &std::path::Path) -> Process {
     let binary = ["/usr/bin/turnserver", "/usr/sbin/turnserver"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .expect("coturn is not installed: ./scripts/test installs it (apt-get install coturn)");
+    let pidfile = log.with_extension("pid");
     Process(
         Command::new(binary)
             .args([
@@ -25,9 +28,16 @@ fn coturn(port: u16) -> Process {
                 "--no-tls",
                 "--no-dtls",
             ])
+            .args([
+                "--no-tcp",
+                "--no-rfc5780",
+                "--no-software-attribute",
+                "--log-file=stdout",
+            ])
             .arg(format!("--listening-port={port}"))
-            .args(["--log-file=stdout", "--no-software-attribute"])
-            .stdout(Stdio::null())
+            .arg(format!("--pidfile={}", pidfile.display()))
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(log).unwrap())
             .stderr(Stdio::null())
             .spawn()
             .unwrap(),
@@ -36,24 +46,45 @@ fn coturn(port: u16) -> Process {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_edge_learns_its_address_from_coturn_and_reports_it_to_the_hub() {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let _coturn = coturn(port);
-    let server = format!("127.0.0.1:{port}");
+    let logs = tempfile::tempdir().unwrap();
     let quick = remoteingress_edge::stun::StunTiming {
         rto: std::time::Duration::from_millis(50),
         requests: 2,
         final_wait: 2,
     };
-    eventually("coturn to answer", || async {
-        remoteingress_edge::stun::discover(&server, quick)
-            .await
-            .ok()
-    })
-    .await;
+    // A coturn that does not answer within a few seconds is replaced by one on another port;
+    // what the last one logged is shown if none answers.
+    let mut started = None;
+    let mut last_log = String::new();
+    for attempt in 0..3 {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = logs.path().join(format!("coturn-{attempt}.log"));
+        let process = coturn(port, &log);
+        let server = format!("127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while started.is_none() && std::time::Instant::now() < deadline {
+            if remoteingress_edge::stun::discover(&server, quick)
+                .await
+                .is_ok()
+            {
+                started = Some(port);
+            }
+        }
+        if let Some(port) = started {
+            return run_with_coturn(port, process, logs).await;
+        }
+        last_log = std::fs::read_to_string(&log).unwrap_or_default();
+    }
+    panic!("coturn never answered; its log:\n{last_log}");
+}
+
+/// The test proper, with a coturn that answers on `port` (kept running, with its log, until
+/// the end).
+async fn run_with_coturn(port: u16, _coturn: Process, _logs: tempfile::TempDir) {
     let setup = Setup::new().await;
     setup.edge.shutdown().await;
     let mut options = edge_options(&setup.hub, "e1", SECRET);
