@@ -85,9 +85,11 @@ impl AllowedEdge {
         };
         validate_edge_id(&self.id).map_err(|e| invalid("id", e.to_string()))?;
         validate_secret(&self.secret).map_err(|e| invalid("secret", e.to_string()))?;
-        self.config
-            .validate()
-            .map_err(|e| invalid("config", e.to_string()))?;
+        // The configuration's problems name their own fields (`listenPorts[0]: …`).
+        self.config.validate().map_err(|e| HubError::InvalidEdge {
+            edge: self.id.clone(),
+            message: e.to_string(),
+        })?;
         for (from, to) in &self.target_ports {
             if *from == 0 || *to == 0 {
                 return Err(invalid(

@@ -31,10 +31,12 @@ use registry::Registry;
 #[derive(Debug, Error)]
 pub enum HubError {
     /// The tunnel listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr} ({protocol}): {source}")]
     Bind {
         /// Address asked for.
         addr: SocketAddr,
+        /// `tcp` (TLS transport) or `udp` (QUIC transport).
+        protocol: &'static str,
         /// Cause.
         source: std::io::Error,
     },
@@ -312,10 +314,12 @@ impl Hub {
             .await
             .map_err(|source| HubError::Bind {
                 addr: options.listen_addr,
+                protocol: "tcp",
                 source,
             })?;
         let local_addr = listener.local_addr().map_err(|source| HubError::Bind {
             addr: options.listen_addr,
+            protocol: "tcp",
             source,
         })?;
         let (events, _) = broadcast::channel(4096);
@@ -346,9 +350,16 @@ impl Hub {
             .unwrap_or_else(|p| p.into_inner())
             .push(accept);
         if inner.options.quic {
+            let socket = std::net::UdpSocket::bind(local_addr)
+                .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
+                .map_err(|source| HubError::Bind {
+                    addr: local_addr,
+                    protocol: "udp",
+                    source,
+                })?;
             let endpoint = remoteingress_tunnel::quic::server_endpoint(
                 identity,
-                local_addr,
+                socket,
                 &inner.options.session,
             )?;
             let quic = tokio::spawn(server::quic_accept_loop(inner.clone(), endpoint));

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use remoteingress_edge::{BackoffPolicy, Edge, EdgeHandle, EdgeOptions};
-use remoteingress_hub::{AllowedEdge, Hub, HubHandle, HubOptions};
+use remoteingress_hub::{AllowedEdge, Hub, HubError, HubHandle, HubOptions};
 use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions};
 use remoteingress_wire::proxy::ProxyV1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -57,9 +57,23 @@ pub fn hub_options(port: u16) -> HubOptions {
     }
 }
 
+/// Starts a hub on `port` (0: any). A fixed port may still be held for a moment by a hub that
+/// just shut down (its QUIC socket is released by a background task), so a bind that finds the
+/// port in use is retried until the deadline.
 pub async fn start_hub(state_dir: &Path, port: u16) -> HubHandle {
     let identity = HubIdentity::load_or_generate(state_dir).unwrap();
-    Hub::start(hub_options(port), &identity).await.unwrap()
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match Hub::start(hub_options(port), &identity).await {
+            Ok(hub) => return hub,
+            Err(HubError::Bind { source, .. })
+                if source.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("hub did not start: {e}"),
+        }
+    }
 }
 
 pub fn edge_options(hub: &HubHandle, id: &str, secret: &str) -> EdgeOptions {

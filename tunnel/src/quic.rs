@@ -49,10 +49,10 @@ fn transport_config(options: &SessionOptions) -> TransportConfig {
     transport
 }
 
-/// The hub's QUIC endpoint on `addr` (UDP), with the tunnel's certificate.
+/// The hub's QUIC endpoint on the bound UDP `socket`, with the tunnel's certificate.
 pub fn server_endpoint(
     identity: &HubIdentity,
-    addr: SocketAddr,
+    socket: std::net::UdpSocket,
     options: &SessionOptions,
 ) -> Result<quinn::Endpoint, TlsError> {
     let mut tls = (*identity.server_config()?).clone();
@@ -61,8 +61,18 @@ pub fn server_endpoint(
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport_config(options)));
-    quinn::Endpoint::server(config, addr).map_err(|source| TlsError::Io {
-        path: format!("udp {addr}").into(),
+    let runtime = quinn::default_runtime().ok_or_else(|| TlsError::Io {
+        path: "udp server socket".into(),
+        source: std::io::Error::other("no async runtime"),
+    })?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        runtime,
+    )
+    .map_err(|source| TlsError::Io {
+        path: "udp server socket".into(),
         source,
     })
 }

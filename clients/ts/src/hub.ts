@@ -1,0 +1,212 @@
+import { EventEmitter } from "node:events";
+
+import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { createClient, type Client } from "@connectrpc/connect";
+
+import type { Transport } from "./gen/remoteingress/v1/config_pb.js";
+import { HubAdmin, type GetStatusResponse, type WatchEventsResponse } from "./gen/remoteingress/v1/hub_pb.js";
+import { edgeFromProto, edgeToProto, type EdgeDefinition, type EdgeState } from "./edges.js";
+import { call } from "./errors.js";
+import { connect, type Connection, type ConnectionOptions } from "./transport.js";
+import { ResubscribingWatch } from "./watch.js";
+
+/** Fields every hub event carries. */
+export interface HubEventBase {
+  /** When the hub saw it. */
+  time?: Date;
+  /** The edge concerned (empty for auth failures). */
+  edgeId: string;
+}
+
+/** The events of {@link RemoteIngressHub}, each with its listener's arguments. */
+export interface HubEvents {
+  /** An edge authenticated and its tunnel is up. */
+  edgeConnected: [HubEventBase & { remoteAddr: string; transport: Transport }];
+  /** An edge's tunnel ended. */
+  edgeDisconnected: [HubEventBase & { reason: string }];
+  /** A tunnelled TCP connection started. */
+  streamOpened: [HubEventBase & { streamId: number }];
+  /** A tunnelled TCP connection ended. */
+  streamClosed: [HubEventBase & { streamId: number }];
+  /** A UDP session started. */
+  udpSessionOpened: [HubEventBase & { sessionId: number }];
+  /** A UDP session ended. */
+  udpSessionClosed: [HubEventBase & { sessionId: number }];
+  /** A configuration was sent to an edge. */
+  configPushed: [HubEventBase & { version: number }];
+  /** An edge acknowledged a configuration (`error` set if it kept its previous one). */
+  configApplied: [HubEventBase & { version: number; error?: string }];
+  /** A tunnel connection failed to authenticate. */
+  authFailed: [HubEventBase & { remoteAddr: string; reason: string }];
+  /** This watcher was too slow and missed `count` events. */
+  eventsMissed: [HubEventBase & { count: number }];
+  /** The event stream was lost (e.g. hub restart) and is subscribed again; events in between were missed. */
+  watchReconnected: [];
+  /** The event stream failed or broke; it is retried with backoff by itself. */
+  watchError: [Error];
+}
+
+/** Names of the events that come from the hub's WatchEvents stream. */
+const STREAM_EVENTS = new Set<string>([
+  "edgeConnected",
+  "edgeDisconnected",
+  "streamOpened",
+  "streamClosed",
+  "udpSessionOpened",
+  "udpSessionClosed",
+  "configPushed",
+  "configApplied",
+  "authFailed",
+  "eventsMissed",
+  "watchReconnected",
+]);
+
+/** Options of {@link RemoteIngressHub}. */
+export interface RemoteIngressHubOptions extends ConnectionOptions {
+  /** Only watch this edge's events. */
+  watchEdgeId?: string;
+}
+
+/** A connection token and what it carries, from {@link RemoteIngressHub.createConnectionToken}. */
+export interface CreatedToken {
+  /** The token for `remoteingress edge --token`. */
+  token: string;
+  /** Hub host in the token. */
+  hubHost: string;
+  /** Hub port in the token. */
+  hubPort: number;
+  /** Certificate pin in the token. */
+  pin: string;
+}
+
+/**
+ * Client of a hub's admin API (`remoteingress.v1.HubAdmin`), shaped like the original
+ * TypeScript API: edges in their camelCase shape, and events through `on(...)`. The event
+ * stream starts with the first listener of a hub event and survives hub restarts.
+ */
+export class RemoteIngressHub extends EventEmitter<HubEvents> {
+  /** The generated client, for anything the methods here do not cover. */
+  readonly raw: Client<typeof HubAdmin>;
+  private readonly connection: Connection;
+  private readonly watchEdgeId: string;
+  private watch?: ResubscribingWatch<WatchEventsResponse>;
+
+  constructor(options: RemoteIngressHubOptions) {
+    super();
+    this.connection = connect(options);
+    this.raw = createClient(HubAdmin, this.connection.transport);
+    this.watchEdgeId = options.watchEdgeId ?? "";
+    (this as EventEmitter).on("newListener", (event: string | symbol) => {
+      if (typeof event === "string" && STREAM_EVENTS.has(event)) {
+        this.startWatching();
+      }
+    });
+  }
+
+  /** Replaces the whole allowed-edge set; one invalid edge rejects the call and nothing changes. */
+  async updateAllowedEdges(edges: EdgeDefinition[]): Promise<void> {
+    const request = { edges: edges.map(edgeToProto) };
+    await call(() => this.raw.updateAllowedEdges(request));
+  }
+
+  /** Adds an edge or replaces the one with the same id. */
+  async upsertEdge(edge: EdgeDefinition): Promise<void> {
+    const request = { edge: edgeToProto(edge) };
+    await call(() => this.raw.upsertEdge(request));
+  }
+
+  /** Removes an edge and disconnects it; false if no such edge was configured. */
+  async deleteEdge(id: string): Promise<boolean> {
+    return (await call(() => this.raw.deleteEdge({ id }))).deleted;
+  }
+
+  /** The configured edges with their connection and config state. */
+  async listEdges(): Promise<EdgeState[]> {
+    return (await call(() => this.raw.listEdges({}))).edges.map(edgeFromProto);
+  }
+
+  /** Running state and connected edges. */
+  async getStatus(): Promise<GetStatusResponse> {
+    return call(() => this.raw.getStatus({}));
+  }
+
+  /**
+   * The token an edge starts with. `secret` is needed when the hub no longer knows it in clear
+   * (after a restart it keeps only its hash).
+   */
+  async createConnectionToken(edgeId: string, secret = ""): Promise<CreatedToken> {
+    const created = await call(() => this.raw.createConnectionToken({ edgeId, secret }));
+    return { token: created.token, hubHost: created.hubHost, hubPort: created.hubPort, pin: created.pin };
+  }
+
+  /** Drops an edge's tunnel (it reconnects by itself); false if it was not connected. */
+  async disconnectEdge(id: string): Promise<boolean> {
+    return (await call(() => this.raw.disconnectEdge({ id }))).disconnected;
+  }
+
+  /**
+   * Starts the event stream if no listener did yet, and resolves once it is subscribed: events
+   * from then on reach the listeners. Await it before acting on what you want to observe.
+   */
+  async watching(): Promise<void> {
+    await this.startWatching().subscribed;
+  }
+
+  /** Stops the event stream and closes the connection. */
+  async close(): Promise<void> {
+    await this.watch?.stop();
+    this.connection.close();
+  }
+
+  private startWatching(): ResubscribingWatch<WatchEventsResponse> {
+    if (this.watch) {
+      return this.watch;
+    }
+    const request = { edgeId: this.watchEdgeId };
+    this.watch = new ResubscribingWatch<WatchEventsResponse>({
+      subscribe: (signal, onHeader) => this.raw.watchEvents(request, { signal, onHeader, timeoutMs: 0 }),
+      onMessage: (message) => this.dispatch(message),
+      onReconnected: () => this.emit("watchReconnected"),
+      onError: (error) => this.emit("watchError", error instanceof Error ? error : new Error(String(error))),
+    });
+    return this.watch;
+  }
+
+  private dispatch(message: WatchEventsResponse): void {
+    const base: HubEventBase = {
+      edgeId: message.edgeId,
+      time: message.time && timestampDate(message.time),
+    };
+    const event = message.event;
+    switch (event.case) {
+      case "edgeConnected":
+        this.emit(event.case, { ...base, remoteAddr: event.value.remoteAddr, transport: event.value.transport });
+        break;
+      case "edgeDisconnected":
+        this.emit(event.case, { ...base, reason: event.value.reason });
+        break;
+      case "streamOpened":
+      case "streamClosed":
+        this.emit(event.case, { ...base, streamId: event.value.streamId });
+        break;
+      case "udpSessionOpened":
+      case "udpSessionClosed":
+        this.emit(event.case, { ...base, sessionId: event.value.sessionId });
+        break;
+      case "configPushed":
+        this.emit(event.case, { ...base, version: Number(event.value.version) });
+        break;
+      case "configApplied":
+        this.emit(event.case, { ...base, version: Number(event.value.version), error: event.value.error || undefined });
+        break;
+      case "authFailed":
+        this.emit(event.case, { ...base, remoteAddr: event.value.remoteAddr, reason: event.value.reason });
+        break;
+      case "eventsMissed":
+        this.emit(event.case, { ...base, count: Number(event.value.count) });
+        break;
+      case undefined:
+        break;
+    }
+  }
+}
