@@ -538,3 +538,40 @@ async fn the_admin_api_serves_tls_when_given_a_certificate() {
     }
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_event_stream_never_holds_up_a_graceful_stop() {
+    let state = tempfile::tempdir().unwrap();
+    let hub = start_hub_with_state(state.path(), 0).await;
+    let stop = CancellationToken::new();
+    let options = AdminOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        token: Some(ADMIN_TOKEN.into()),
+        tls: None,
+        public_host: None,
+        public_port: 443,
+        edges_file_mode: false,
+    };
+    let served = serve_hub_admin(hub.clone(), options, stop.clone())
+        .await
+        .unwrap();
+    let mut admin = HubAdminClient::with_interceptor(
+        channel(served.local_addr).await,
+        with_token as fn(_) -> _,
+    );
+    let mut events = admin
+        .watch_events(pb::WatchEventsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+
+    stop.cancel();
+    let ended = tokio::time::timeout(Duration::from_secs(20), events.next())
+        .await
+        .expect("the stream to end");
+    assert_eq!(ended.unwrap().unwrap_err().code(), Code::Unavailable);
+    tokio::time::timeout(Duration::from_secs(20), served.task)
+        .await
+        .expect("the server to stop while a watcher is connected")
+        .unwrap();
+}

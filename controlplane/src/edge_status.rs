@@ -11,6 +11,8 @@ use crate::server::{forward_events, EventStream};
 /// The edge status service.
 pub(crate) struct EdgeStatusService {
     pub(crate) edge: EdgeHandle,
+    /// Ends event streams when the server stops.
+    pub(crate) shutdown: tokio_util::sync::CancellationToken,
 }
 
 #[tonic::async_trait]
@@ -59,6 +61,7 @@ impl EdgeStatus for EdgeStatusService {
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
         let stream = forward_events(
             self.edge.subscribe(),
+            self.shutdown.clone(),
             |event| Some(edge_event(event)),
             edge_events_missed,
         );

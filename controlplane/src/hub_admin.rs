@@ -14,6 +14,8 @@ use crate::server::{forward_events, EventStream};
 /// The admin service.
 pub(crate) struct HubAdminService {
     pub(crate) hub: HubHandle,
+    /// Ends event streams when the server stops.
+    pub(crate) shutdown: tokio_util::sync::CancellationToken,
     pub(crate) public_host: Option<String>,
     pub(crate) public_port: u16,
     /// The edges file is the source of truth: the API must not change the allowed set.
@@ -119,6 +121,7 @@ impl HubAdmin for HubAdminService {
             .collect();
         let stream = forward_events(
             self.hub.subscribe(),
+            self.shutdown.clone(),
             move |event| {
                 let (kind, message) = hub_event(event);
                 let edge_matches = filter.edge_id.is_empty() || message.edge_id == filter.edge_id;

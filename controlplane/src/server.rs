@@ -183,6 +183,7 @@ pub async fn serve_hub_admin(
     };
     let service = HubAdminService {
         hub,
+        shutdown: shutdown.clone(),
         public_host: options.public_host,
         public_port: options.public_port,
         edges_file_mode: options.edges_file_mode,
@@ -212,7 +213,10 @@ pub async fn serve_edge_status(
     let router = base_router(None, "remoteingress.v1.EdgeStatus", auth)
         .await?
         .add_service(pb::edge_status_server::EdgeStatusServer::new(
-            EdgeStatusService { edge },
+            EdgeStatusService {
+                edge,
+                shutdown: shutdown.clone(),
+            },
         ));
     let served = serve(router, addr, shutdown).await?;
     tracing::info!(addr = %served.local_addr, "edge status API listening");
@@ -223,9 +227,11 @@ pub async fn serve_edge_status(
 pub(crate) type EventStream<T> = Pin<Box<ReceiverStream<Result<T, Status>>>>;
 
 /// Streams broadcast events to one watcher through a small bounded queue. A watcher that falls
-/// behind loses events (and is told how many) instead of slowing whoever emits them.
+/// behind loses events (and is told how many) instead of slowing whoever emits them. The stream
+/// ends with UNAVAILABLE at `shutdown`, so that an open watch never holds up a graceful stop.
 pub(crate) fn forward_events<E, T>(
     mut events: broadcast::Receiver<E>,
+    shutdown: CancellationToken,
     convert: impl Fn(E) -> Option<T> + Send + 'static,
     missed: fn(u64) -> T,
 ) -> EventStream<T>
@@ -246,6 +252,10 @@ where
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 () = tx.closed() => return,
+                () = shutdown.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("shutting down"))).await;
+                    return;
+                }
             };
             if tx.send(Ok(message)).await.is_err() {
                 return;

@@ -80,7 +80,13 @@ func (c *Client) subscribe(ctx context.Context, request *pb.WatchEventsRequest) 
 	if err != nil {
 		return nil, wrap(err)
 	}
-	if _, err := stream.Header(); err != nil {
+	header, err := stream.Header()
+	if err != nil {
+		return nil, wrap(err)
+	}
+	if header == nil {
+		// A trailers-only answer: the hub refused the call; Recv reports why.
+		_, err := stream.Recv()
 		return nil, wrap(err)
 	}
 	return stream, nil

@@ -5,7 +5,7 @@ const RETRY_MAX_MS = 5_000;
 /** What a resubscribing watch needs from its owner. */
 export interface WatchHandlers<T> {
   /** Opens the server stream; must call `onHeader` when the response headers arrive. */
-  subscribe(signal: AbortSignal, onHeader: () => void): AsyncIterable<T>;
+  subscribe(signal: AbortSignal, onHeader: (headers: Headers) => void): AsyncIterable<T>;
   /** Each message received. */
   onMessage(message: T): void;
   /** A subscription is up again after the stream was lost (events in between were missed). */
@@ -41,7 +41,10 @@ export class ResubscribingWatch<T> {
     let lost = false;
     while (!signal.aborted) {
       try {
-        const onHeader = () => {
+        const onHeader = (headers: Headers) => {
+          if (headers.has("grpc-status")) {
+            return; // a trailers-only answer: refused, not subscribed (the error follows)
+          }
           this.markSubscribed();
           if (lost) {
             lost = false;

@@ -133,6 +133,12 @@ test("a wrong admin token is Unauthenticated", async () => {
   const intruder = new RemoteIngressHub({ address: hub.address, token: "wrong" });
   try {
     await assert.rejects(intruder.getStatus(), (error) => error instanceof RemoteIngressError && error.code === Code.Unauthenticated);
+    const refused = new Promise<Error>((resolve) => intruder.once("watchError", resolve));
+    let reconnected = false;
+    intruder.on("watchReconnected", () => (reconnected = true));
+    const error = RemoteIngressError.from(await refused);
+    assert.equal(error.code, Code.Unauthenticated);
+    assert.equal(reconnected, false, "a refused watch is not a subscription");
   } finally {
     await intruder.close();
   }

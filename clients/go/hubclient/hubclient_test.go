@@ -1,0 +1,192 @@
+package hubclient_test
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"slices"
+	"strconv"
+	"sync"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+
+	pb "github.com/remoteingress/remoteingress/clients/go/gen/remoteingress/v1"
+	"github.com/remoteingress/remoteingress/clients/go/hubclient"
+)
+
+// recorder keeps every event a watch delivers.
+type recorder struct {
+	mu     sync.Mutex
+	events []hubclient.Event
+}
+
+func record(events <-chan hubclient.Event) *recorder {
+	r := &recorder{}
+	go func() {
+		for event := range events {
+			r.mu.Lock()
+			r.events = append(r.events, event)
+			r.mu.Unlock()
+		}
+	}()
+	return r
+}
+
+func (r *recorder) mark() int {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return len(r.events)
+}
+
+// seen reports whether an event after mark matches.
+func (r *recorder) seen(mark int, match func(hubclient.Event) bool) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return slices.ContainsFunc(r.events[mark:], match)
+}
+
+func connected(id string) func(hubclient.Event) bool {
+	return func(e hubclient.Event) bool { return e.GetEdgeConnected() != nil && e.GetEdgeId() == id }
+}
+
+func disconnected(id string) func(hubclient.Event) bool {
+	return func(e hubclient.Event) bool { return e.GetEdgeDisconnected() != nil && e.GetEdgeId() == id }
+}
+
+func reconnected(e hubclient.Event) bool { return e.Reconnected }
+
+// TestEveryRPCAgainstARealHub drives a hub process and an edge process through the client.
+func TestEveryRPCAgainstARealHub(t *testing.T) {
+	ctx := testContext(t)
+	h := startHub(t)
+	client, err := hubclient.Dial(ctx, h.address(), hubclient.WithToken(adminToken))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = client.Close() })
+	events, err := client.Watch(ctx, hubclient.Filter{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	recorded := record(events)
+
+	const secret = "s3cr3t"
+	port := freePort(t, edgeIP)
+	if err := client.UpdateAllowedEdges(ctx, []hubclient.EdgeSpec{{ID: "e1", Secret: secret, ListenPorts: []uint32{uint32(port)}}}); err != nil {
+		t.Fatal(err)
+	}
+	created, err := client.CreateConnectionToken(ctx, "e1", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	token, err := hubclient.DecodeConnectionToken(created.GetToken())
+	if err != nil || token.EdgeID != "e1" || token.Secret != secret || int(token.HubPort) != h.tunnelPort || token.Pin != created.GetPin() {
+		t.Fatalf("token %+v, %v", token, err)
+	}
+	edge := startEdge(t, created.GetToken())
+	eventually(t, says("an EdgeConnected event"), func() bool { return recorded.seen(0, connected("e1")) })
+	eventually(t, says("the edge to listen on its port"), func() bool {
+		return accepts(net.JoinHostPort(edgeIP, strconv.Itoa(port)))
+	})
+
+	t.Run("GetStatus shows the connected edge", func(t *testing.T) {
+		status, err := client.GetStatus(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !status.GetRunning() || int(status.GetTunnelPort()) != h.tunnelPort || len(status.GetConnectedEdges()) != 1 ||
+			status.GetConnectedEdges()[0].GetId() != "e1" || status.GetConnectedEdges()[0].GetTransport() != pb.Transport_TRANSPORT_TCP_TLS {
+			t.Fatalf("status %v", status)
+		}
+	})
+
+	t.Run("ListEdges shows the edge without its secret", func(t *testing.T) {
+		edges, err := client.ListEdges(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(edges) != 1 || edges[0].GetId() != "e1" || !slices.Equal(edges[0].GetListenPorts(), []uint32{uint32(port)}) {
+			t.Fatalf("edges %v", edges)
+		}
+	})
+
+	t.Run("the shared edge vectors: valid ones are accepted, invalid ones are typed errors and change nothing", func(t *testing.T) {
+		before, err := client.ListEdges(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, vector := range loadVectors(t).Edges {
+			var spec hubclient.EdgeSpec
+			if err := json.Unmarshal(vector.Edge, &spec); err != nil {
+				t.Fatalf("%s: %v", vector.Name, err)
+			}
+			// Own ids, so that the vectors never replace the connected edge e1.
+			spec.ID = fmt.Sprintf("vector-%d", i)
+			if vector.Valid {
+				if err := client.UpsertEdge(ctx, spec); err != nil {
+					t.Fatalf("%s: %v", vector.Name, err)
+				}
+				if deleted, err := client.DeleteEdge(ctx, spec.ID); !deleted || err != nil {
+					t.Fatalf("%s: delete %v, %v", vector.Name, deleted, err)
+				}
+				continue
+			}
+			// A full replacement that would drop e1: rejected as a whole, so e1 stays.
+			err := client.UpdateAllowedEdges(ctx, []hubclient.EdgeSpec{spec})
+			var rejected *hubclient.Error
+			if !errors.As(err, &rejected) || rejected.Code != codes.InvalidArgument || rejected.EdgeID != spec.ID || rejected.Field != vector.Field {
+				t.Errorf("%s: got %#v, want InvalidArgument on %s", vector.Name, err, vector.Field)
+			}
+		}
+		after, err := client.ListEdges(ctx)
+		if err != nil || len(after) != len(before) || after[0].GetId() != "e1" {
+			t.Fatalf("edges changed: %v, %v", after, err)
+		}
+		if deleted, err := client.DeleteEdge(ctx, "no-such-edge"); deleted || err != nil {
+			t.Fatalf("deleting an unknown edge: %v, %v", deleted, err)
+		}
+	})
+
+	t.Run("a wrong admin token is Unauthenticated", func(t *testing.T) {
+		intruder, err := hubclient.Dial(ctx, h.address(), hubclient.WithToken("wrong"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer intruder.Close()
+		if _, err := intruder.GetStatus(ctx); !hubclient.IsCode(err, codes.Unauthenticated) {
+			t.Fatalf("got %v", err)
+		}
+		if _, err := intruder.Watch(ctx, hubclient.Filter{}); !hubclient.IsCode(err, codes.Unauthenticated) {
+			t.Fatalf("watch: got %v", err)
+		}
+	})
+
+	t.Run("DisconnectEdge drops the tunnel and the edge comes back", func(t *testing.T) {
+		mark := recorded.mark()
+		if ok, err := client.DisconnectEdge(ctx, "e1"); !ok || err != nil {
+			t.Fatalf("disconnect: %v, %v", ok, err)
+		}
+		eventually(t, says("EdgeDisconnected"), func() bool { return recorded.seen(mark, disconnected("e1")) })
+		eventually(t, says("EdgeConnected again"), func() bool { return recorded.seen(mark, connected("e1")) })
+	})
+
+	t.Run("the watch survives a hub restart", func(t *testing.T) {
+		mark := recorded.mark()
+		h.restart()
+		eventually(t, says("a Reconnected notice"), func() bool { return recorded.seen(mark, reconnected) })
+		// The edge may have reconnected before the watch resubscribed (that gap is what the
+		// notice announces); events after the resubscription arrive on the same channel.
+		eventually(t, func() string { return "e1 back\n--- hub:\n" + h.process.String() + "\n--- edge:\n" + edge.String() }, func() bool {
+			status, err := client.GetStatus(ctx)
+			return err == nil && len(status.GetConnectedEdges()) == 1
+		})
+		resubscribed := recorded.mark()
+		if ok, err := client.DisconnectEdge(ctx, "e1"); !ok || err != nil {
+			t.Fatalf("disconnect: %v, %v", ok, err)
+		}
+		eventually(t, says("EdgeDisconnected after the restart"), func() bool { return recorded.seen(resubscribed, disconnected("e1")) })
+		eventually(t, says("EdgeConnected after the restart"), func() bool { return recorded.seen(resubscribed, connected("e1")) })
+	})
+}
