@@ -24,6 +24,15 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(flatten)]
     log: LogArgs,
+    /// Threads that run the tunnel's tasks; 0 means one per CPU core. 1 runs everything on one
+    /// thread: no cross-thread wakeups (lower latency), at most one core per process.
+    #[arg(
+        long,
+        global = true,
+        env = "REMOTEINGRESS_WORKER_THREADS",
+        default_value_t = 0
+    )]
+    worker_threads: usize,
     #[command(subcommand)]
     command: Command,
 }
@@ -335,15 +344,22 @@ fn main() -> Result<()> {
             let token = ConnectionToken::decode(&token)?;
             println!("{}", serde_json::to_string_pretty(&token_json(&token))?);
         }
-        Command::Hub(args) => runtime()?.block_on(run_hub(args))?,
-        Command::Edge(args) => runtime()?.block_on(run_edge(args))?,
-        Command::Demo(args) => runtime()?.block_on(demo::run(args))?,
+        Command::Hub(args) => runtime(cli.worker_threads)?.block_on(run_hub(args))?,
+        Command::Edge(args) => runtime(cli.worker_threads)?.block_on(run_edge(args))?,
+        Command::Demo(args) => runtime(cli.worker_threads)?.block_on(demo::run(args))?,
     }
     Ok(())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
+fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime> {
+    let mut builder = match worker_threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if worker_threads > 1 {
+        builder.worker_threads(worker_threads);
+    }
+    builder
         .enable_all()
         .build()
         .context("starting the async runtime")

@@ -3,6 +3,7 @@
 //! measurement made directly against the target in the same run.
 
 pub mod processes;
+pub mod rathole;
 pub mod targets;
 
 use std::collections::BTreeMap;
@@ -16,7 +17,7 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use processes::{open_fds, rss_bytes, Tunnel, EDGE_IP};
+use processes::{open_fds, rss_bytes, PortMap, Tunnel, EDGE_IP};
 use targets::Mode;
 
 /// What to run.
@@ -69,6 +70,9 @@ pub struct Row {
     pub direct: Option<f64>,
     /// Through the tunnel (the transport is in the name).
     pub tunnel: f64,
+    /// The same measurement through rathole's TLS transport in the same run (TLS rows only,
+    /// when a `rathole` binary is on PATH).
+    pub rathole: Option<f64>,
 }
 
 impl Row {
@@ -78,12 +82,18 @@ impl Row {
             unit: unit.to_owned(),
             direct,
             tunnel,
+            rathole: None,
         }
     }
 
     /// tunnel ÷ direct.
     pub fn ratio(&self) -> Option<f64> {
         self.direct.filter(|d| *d != 0.0).map(|d| self.tunnel / d)
+    }
+
+    /// tunnel ÷ rathole.
+    pub fn rathole_ratio(&self) -> Option<f64> {
+        self.rathole.filter(|r| *r != 0.0).map(|r| self.tunnel / r)
     }
 }
 
@@ -96,13 +106,64 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
             config.idle_connections
         );
     }
-    let sink = targets::start(Mode::Sink).await?;
-    let echo = targets::start(Mode::Echo).await?;
+    let targets = Targets {
+        sink: targets::start(Mode::Sink).await?,
+        echo: targets::start(Mode::Echo).await?,
+        udp: targets::start_udp_sink().await?,
+    };
+    let peer = match rathole::find() {
+        Some(binary) => measure_rathole(&binary, config, &targets, idle_connections).await?,
+        None => {
+            eprintln!("note: no rathole on PATH (`cargo install rathole`): no rathole column");
+            BTreeMap::new()
+        }
+    };
     let mut rows = Vec::new();
     for transport in TRANSPORTS {
-        rows.extend(run_transport(config, transport, &sink, &echo, idle_connections).await?);
+        let mut measured = run_transport(config, transport, &targets, idle_connections).await?;
+        for row in &mut measured {
+            if transport == "tcpTls" {
+                row.rathole = peer.get(&row.name).copied();
+            }
+            row.name = format!("{} [{transport}]", row.name);
+        }
+        rows.extend(measured);
     }
     Ok(rows)
+}
+
+/// Throughput, latency, connection rate and idle memory through rathole (TLS), by row name.
+async fn measure_rathole(
+    binary: &std::path::Path,
+    config: &BenchConfig,
+    targets: &Targets,
+    idle_connections: usize,
+) -> Result<BTreeMap<String, f64>> {
+    let sink_port = processes::free_port(EDGE_IP)?;
+    let echo_port = processes::free_port(EDGE_IP)?;
+    let ports = BTreeMap::from([
+        (sink_port, targets.sink.addr.port()),
+        (echo_port, targets.echo.addr.port()),
+    ]);
+    let peer = rathole::Rathole::start(binary, &ports).await?;
+    let edge_ip = EDGE_IP.parse()?;
+    let rows = measure_tcp(
+        config,
+        targets,
+        SocketAddr::new(edge_ip, sink_port),
+        SocketAddr::new(edge_ip, echo_port),
+        [peer.server.pid(), peer.client.pid()],
+        idle_connections,
+    )
+    .await?;
+    Ok(rows.into_iter().map(|row| (row.name, row.tunnel)).collect())
+}
+
+/// The in-process targets every run measures against.
+struct Targets {
+    sink: targets::Target,
+    echo: targets::Target,
+    udp: targets::UdpSink,
 }
 
 /// Transports measured, by their `--transport-mode` name.
@@ -112,55 +173,92 @@ const TRANSPORTS: [&str; 2] = ["tcpTls", "quic"];
 async fn run_transport(
     config: &BenchConfig,
     transport: &str,
-    sink: &targets::Target,
-    echo: &targets::Target,
+    targets: &Targets,
     idle_connections: usize,
 ) -> Result<Vec<Row>> {
     let sink_port = processes::free_port(EDGE_IP)?;
     let echo_port = processes::free_port(EDGE_IP)?;
-    let tunnel = Tunnel::start(
-        &config.binary,
-        &BTreeMap::from([(sink_port, sink.addr.port()), (echo_port, echo.addr.port())]),
-        transport,
-    )
-    .await?;
+    let udp_port = processes::free_udp_port(EDGE_IP, &[sink_port, echo_port])?;
+    let ports = PortMap {
+        tcp: BTreeMap::from([
+            (sink_port, targets.sink.addr.port()),
+            (echo_port, targets.echo.addr.port()),
+        ]),
+        udp: BTreeMap::from([(udp_port, targets.udp.addr.port())]),
+    };
+    let tunnel = Tunnel::start(&config.binary, &ports, transport).await?;
     let edge_ip = EDGE_IP.parse()?;
     let via_tunnel = |port| SocketAddr::new(edge_ip, port);
-    let named = |what: &str| format!("{what} [{transport}]");
 
+    let mut rows = measure_tcp(
+        config,
+        targets,
+        via_tunnel(sink_port),
+        via_tunnel(echo_port),
+        [tunnel.hub.pid(), tunnel.edge.pid()],
+        idle_connections,
+    )
+    .await?;
+
+    let duration = Duration::from_secs_f64(config.connect_secs);
+    let direct = udp_rate(targets.udp.addr, &targets.udp, duration).await?;
+    wait_udp_path(via_tunnel(udp_port), &targets.udp).await?;
+    let tunnelled = udp_rate(via_tunnel(udp_port), &targets.udp, duration).await?;
+    rows.push(Row::new(
+        "UDP 1,200 B datagrams delivered",
+        "dgram/s",
+        Some(direct.delivered_per_sec),
+        tunnelled.delivered_per_sec,
+    ));
+    rows.push(Row::new(
+        "UDP loss at the offered rate",
+        "%",
+        Some(direct.loss_percent),
+        tunnelled.loss_percent,
+    ));
+    Ok(rows)
+}
+
+/// The TCP measurements through a tunnel whose public side forwards `sink` and `echo` to the
+/// targets, each next to the same measurement made directly; memory is that of `pids`.
+async fn measure_tcp(
+    config: &BenchConfig,
+    targets: &Targets,
+    sink: SocketAddr,
+    echo: SocketAddr,
+    pids: [u32; 2],
+    idle_connections: usize,
+) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     let secs = Duration::from_secs_f64(config.throughput_secs);
     for streams in [1usize, 8] {
-        let direct = throughput(sink.addr, sink, streams, secs).await?;
-        let tunnelled = throughput(via_tunnel(sink_port), sink, streams, secs).await?;
+        let direct = throughput(targets.sink.addr, &targets.sink, streams, secs).await?;
+        let tunnelled = throughput(sink, &targets.sink, streams, secs).await?;
         let plural = if streams > 1 { "s" } else { "" };
-        let name = named(&format!("throughput, {streams} stream{plural}"));
+        let name = format!("throughput, {streams} stream{plural}");
         rows.push(Row::new(&name, "Gbit/s", Some(direct), tunnelled));
     }
 
-    let direct = latency(echo.addr, config.latency_rounds).await?;
-    let tunnelled = latency(via_tunnel(echo_port), config.latency_rounds).await?;
+    let direct = latency(targets.echo.addr, config.latency_rounds).await?;
+    let tunnelled = latency(echo, config.latency_rounds).await?;
     for (i, name) in ["latency p50", "latency p99", "latency p99.9"]
         .iter()
         .enumerate()
     {
-        rows.push(Row::new(&named(name), "µs", Some(direct[i]), tunnelled[i]));
+        rows.push(Row::new(name, "µs", Some(direct[i]), tunnelled[i]));
     }
 
     let connect = Duration::from_secs_f64(config.connect_secs);
-    let direct = connection_rate(echo.addr, connect).await?;
-    let tunnelled = connection_rate(via_tunnel(echo_port), connect).await?;
+    let direct = connection_rate(targets.echo.addr, connect).await?;
+    let tunnelled = connection_rate(echo, connect).await?;
     rows.push(Row::new(
-        &named("new connections"),
+        "new connections",
         "conn/s",
         Some(direct),
         tunnelled,
     ));
 
-    for mut row in idle_memory(&tunnel, via_tunnel(echo_port), idle_connections).await? {
-        row.name = named(&row.name);
-        rows.push(row);
-    }
+    rows.extend(idle_memory(pids, echo, idle_connections).await?);
     Ok(rows)
 }
 
@@ -264,9 +362,71 @@ async fn connection_rate(addr: SocketAddr, duration: Duration) -> Result<f64> {
     Ok(done as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Memory of hub and edge before, with `count` idle tunnelled connections, and after closing.
-async fn idle_memory(tunnel: &Tunnel, addr: SocketAddr, count: usize) -> Result<Vec<Row>> {
-    let pids = [tunnel.hub.pid(), tunnel.edge.pid()];
+/// Datagrams delivered per second, and the share lost, when one client sends 1,200-byte
+/// datagrams as fast as it can.
+struct UdpRate {
+    delivered_per_sec: f64,
+    loss_percent: f64,
+}
+
+const UDP_PAYLOAD: usize = 1_200;
+
+/// Sends probes until one arrives: the edge binds its UDP ports after connecting, and a UDP
+/// sender cannot tell otherwise.
+pub async fn wait_udp_path(addr: SocketAddr, sink: &targets::UdpSink) -> Result<()> {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    socket.connect(addr).await?;
+    let before = sink.datagrams.load(Ordering::Relaxed);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sink.datagrams.load(Ordering::Relaxed) == before {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no UDP datagram got through {addr}"
+        );
+        // Refused while the edge is not listening yet: ignore and retry.
+        let _ = socket.send(b"probe").await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+async fn udp_rate(
+    addr: SocketAddr,
+    sink: &targets::UdpSink,
+    duration: Duration,
+) -> Result<UdpRate> {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    socket.connect(addr).await?;
+    let datagram = [0x42u8; UDP_PAYLOAD];
+    let before = sink.datagrams.load(Ordering::Relaxed);
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < duration {
+        if socket.send(&datagram).await.is_ok() {
+            sent += 1;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    // Datagrams in flight arrive within moments; stop counting once the count holds still.
+    let mut last = u64::MAX;
+    let settle = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < settle {
+        let now = sink.datagrams.load(Ordering::Relaxed);
+        if now == last {
+            break;
+        }
+        last = now;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let delivered = sink.datagrams.load(Ordering::Relaxed) - before;
+    Ok(UdpRate {
+        delivered_per_sec: delivered as f64 / elapsed,
+        loss_percent: 100.0 * (1.0 - delivered as f64 / sent.max(1) as f64),
+    })
+}
+
+/// Memory of the two tunnel processes `pids` (hub and edge) before, with `count` idle tunnelled connections, and after closing.
+async fn idle_memory(pids: [u32; 2], addr: SocketAddr, count: usize) -> Result<Vec<Row>> {
     let rss = || -> Result<u64> { pids.iter().map(|pid| rss_bytes(*pid)).sum() };
     let fds = || -> Result<u64> { pids.iter().map(|pid| open_fds(*pid)).sum() };
     let (rss_before, fds_before) = (rss()?, fds()?);
@@ -319,23 +479,38 @@ async fn idle_memory(tunnel: &Tunnel, addr: SocketAddr, count: usize) -> Result<
     ])
 }
 
-/// The rows as an aligned table.
+/// The rows as an aligned table; the rathole columns appear when any row has a rathole figure.
 pub fn table(rows: &[Row]) -> String {
+    let with_rathole = rows.iter().any(|row| row.rathole.is_some());
+    let ratio = |r: Option<f64>| r.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
     let mut out = format!(
-        "{:<54} {:>14} {:>14} {:>8}\n",
+        "{:<54} {:>16} {:>16} {:>8}",
         "measurement", "direct", "tunnel", "ratio"
     );
+    if with_rathole {
+        out.push_str(&format!(" {:>16} {:>8}", "rathole (TLS)", "ours/rh"));
+    }
+    out.push('\n');
     for row in rows {
-        let value = |v: f64| format!("{v:.2} {}", row.unit);
+        let value = |v: Option<f64>| {
+            v.map(|v| format!("{v:.2} {}", row.unit))
+                .unwrap_or_else(|| "-".into())
+        };
         out.push_str(&format!(
-            "{:<54} {:>14} {:>14} {:>8}\n",
+            "{:<54} {:>16} {:>16} {:>8}",
             row.name,
-            row.direct.map(value).unwrap_or_else(|| "-".into()),
-            value(row.tunnel),
-            row.ratio()
-                .map(|r| format!("{r:.2}"))
-                .unwrap_or_else(|| "-".into()),
+            value(row.direct),
+            value(Some(row.tunnel)),
+            ratio(row.ratio()),
         ));
+        if with_rathole {
+            out.push_str(&format!(
+                " {:>16} {:>8}",
+                value(row.rathole),
+                ratio(row.rathole_ratio())
+            ));
+        }
+        out.push('\n');
     }
     out
 }

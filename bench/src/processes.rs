@@ -17,6 +17,11 @@ pub struct Process {
 }
 
 impl Process {
+    /// Takes ownership of a spawned child.
+    pub fn new(child: Child) -> Self {
+        Self { child }
+    }
+
     /// Its pid.
     pub fn pid(&self) -> u32 {
         self.child.id()
@@ -35,6 +40,25 @@ pub fn free_port(ip: &str) -> Result<u16> {
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())
 }
 
+/// Edge port → target port, per protocol.
+#[derive(Debug, Clone, Default)]
+pub struct PortMap {
+    /// TCP ports.
+    pub tcp: BTreeMap<u16, u16>,
+    /// UDP ports (edge ports must differ from the TCP ones).
+    pub udp: BTreeMap<u16, u16>,
+}
+
+/// A UDP port free on `ip` right now that is none of `taken`.
+pub fn free_udp_port(ip: &str, taken: &[u16]) -> Result<u16> {
+    loop {
+        let port = std::net::UdpSocket::bind((ip, 0))?.local_addr()?.port();
+        if !taken.contains(&port) {
+            return Ok(port);
+        }
+    }
+}
+
 /// A running hub and edge with the given edge-port → target mapping.
 #[derive(Debug)]
 pub struct Tunnel {
@@ -50,14 +74,17 @@ pub const EDGE_IP: &str = "127.0.0.2";
 
 impl Tunnel {
     /// Starts both processes (the edge using `transport`) and waits until every port accepts.
-    pub async fn start(binary: &Path, ports: &BTreeMap<u16, u16>, transport: &str) -> Result<Self> {
+    /// UDP ports are not waited for: see [`crate::wait_udp_path`].
+    pub async fn start(binary: &Path, ports: &PortMap, transport: &str) -> Result<Self> {
         let state = tempfile::tempdir()?;
         let secret = "bench-secret";
         let edges = serde_json::json!([{
             "id": "bench",
             "secret": secret,
-            "listenPorts": ports.keys().collect::<Vec<_>>(),
-            "targetPorts": ports.iter().map(|(k, v)| (k.to_string(), v)).collect::<BTreeMap<_, _>>(),
+            "listenPorts": ports.tcp.keys().collect::<Vec<_>>(),
+            "listenPortsUdp": ports.udp.keys().collect::<Vec<_>>(),
+            "targetPorts": ports.tcp.iter().chain(&ports.udp)
+                .map(|(k, v)| (k.to_string(), v)).collect::<BTreeMap<_, _>>(),
         }]);
         let edges_file = state.path().join("edges.json");
         std::fs::write(&edges_file, edges.to_string())?;
@@ -89,7 +116,7 @@ impl Tunnel {
             .spawn()
             .context("starting the hub")?;
         let stdout = hub.stdout.take().context("hub stdout")?;
-        let hub = Process { child: hub };
+        let hub = Process::new(hub);
         // Keep draining the hub's stdout after the pin, so its later lines never hit a closed pipe.
         let (pin_tx, pin_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -127,8 +154,8 @@ impl Tunnel {
             .stderr(Stdio::inherit())
             .spawn()
             .context("starting the edge")?;
-        let edge = Process { child: edge };
-        for port in ports.keys() {
+        let edge = Process::new(edge);
+        for port in ports.tcp.keys() {
             wait_accepting(SocketAddr::new(EDGE_IP.parse()?, *port)).await?;
         }
         Ok(Self {
@@ -139,7 +166,8 @@ impl Tunnel {
     }
 }
 
-async fn wait_accepting(addr: SocketAddr) -> Result<()> {
+/// Waits until `addr` accepts TCP connections (20 s at most).
+pub async fn wait_accepting(addr: SocketAddr) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {

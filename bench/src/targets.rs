@@ -69,3 +69,34 @@ async fn serve(mut socket: TcpStream, mode: Mode, received: &AtomicU64) -> std::
         }
     }
 }
+
+/// A UDP target that counts the datagrams it receives, leaving out PROXY v2 headers.
+#[derive(Debug, Clone)]
+pub struct UdpSink {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Datagrams received (PROXY v2 headers excluded).
+    pub datagrams: Arc<AtomicU64>,
+}
+
+/// The 12-byte signature a PROXY v2 header starts with.
+const PROXY_V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// Starts a UDP sink on 127.0.0.1.
+pub async fn start_udp_sink() -> std::io::Result<UdpSink> {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let sink = UdpSink {
+        addr: socket.local_addr()?,
+        datagrams: Arc::new(AtomicU64::new(0)),
+    };
+    let datagrams = sink.datagrams.clone();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65_536];
+        while let Ok((n, _)) = socket.recv_from(&mut buf).await {
+            if !buf[..n].starts_with(PROXY_V2_SIGNATURE) {
+                datagrams.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    Ok(sink)
+}
