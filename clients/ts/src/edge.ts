@@ -1,5 +1,3 @@
-import { EventEmitter } from "node:events";
-
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { createClient, type Client } from "@connectrpc/connect";
 
@@ -10,8 +8,8 @@ import {
   type EdgeStatusWatchEventsResponse,
 } from "./gen/remoteingress/v1/edge_pb.js";
 import { call } from "./errors.js";
-import { connect, type Connection, type ConnectionOptions } from "./transport.js";
-import { ResubscribingWatch } from "./watch.js";
+import { StreamingClient, type WatchEvents } from "./client.js";
+import type { ConnectionOptions } from "./transport.js";
 
 /** Fields every edge event carries. */
 export interface EdgeEventBase {
@@ -20,7 +18,7 @@ export interface EdgeEventBase {
 }
 
 /** The events of {@link RemoteIngressEdgeStatus}, each with its listener's arguments. */
-export interface EdgeEvents {
+export interface EdgeEvents extends WatchEvents {
   /** The tunnel came up. */
   tunnelConnected: [EdgeEventBase & { transport: Transport }];
   /** The tunnel went down; the edge reconnects. */
@@ -35,10 +33,6 @@ export interface EdgeEvents {
   firewallApplied: [EdgeEventBase & { rules: number; error?: string }];
   /** This watcher was too slow and missed `count` events. */
   eventsMissed: [EdgeEventBase & { count: number }];
-  /** The event stream was lost (e.g. edge restart) and is subscribed again. */
-  watchReconnected: [];
-  /** The event stream failed or broke; it is retried with backoff by itself. */
-  watchError: [Error];
 }
 
 const STREAM_EVENTS = new Set<string>([
@@ -49,28 +43,19 @@ const STREAM_EVENTS = new Set<string>([
   "configRejected",
   "firewallApplied",
   "eventsMissed",
-  "watchReconnected",
 ]);
 
 /**
  * Client of an edge's local status API (`remoteingress.v1.EdgeStatus`): its state now, and its
  * events through `on(...)` (the stream starts with the first listener and survives restarts).
  */
-export class RemoteIngressEdgeStatus extends EventEmitter<EdgeEvents> {
+export class RemoteIngressEdgeStatus extends StreamingClient<EdgeEvents, EdgeStatusWatchEventsResponse> {
   /** The generated client, for anything the methods here do not cover. */
   readonly raw: Client<typeof EdgeStatus>;
-  private readonly connection: Connection;
-  private watch?: ResubscribingWatch<EdgeStatusWatchEventsResponse>;
 
   constructor(options: ConnectionOptions) {
-    super();
-    this.connection = connect(options);
+    super(options, STREAM_EVENTS);
     this.raw = createClient(EdgeStatus, this.connection.transport);
-    (this as EventEmitter).on("newListener", (event: string | symbol) => {
-      if (typeof event === "string" && STREAM_EVENTS.has(event)) {
-        this.startWatching();
-      }
-    });
   }
 
   /** The edge's state now: tunnel, ports, public IP, firewall. */
@@ -78,34 +63,11 @@ export class RemoteIngressEdgeStatus extends EventEmitter<EdgeEvents> {
     return call(() => this.raw.getStatus({}));
   }
 
-  /**
-   * Starts the event stream if no listener did yet, and resolves once it is subscribed: events
-   * from then on reach the listeners. Await it before acting on what you want to observe.
-   */
-  async watching(): Promise<void> {
-    await this.startWatching().subscribed;
+  protected override subscribe(signal: AbortSignal, onHeader: (headers: Headers) => void) {
+    return this.raw.watchEvents({}, { signal, onHeader, timeoutMs: 0 });
   }
 
-  /** Stops the event stream and closes the connection. */
-  async close(): Promise<void> {
-    await this.watch?.stop();
-    this.connection.close();
-  }
-
-  private startWatching(): ResubscribingWatch<EdgeStatusWatchEventsResponse> {
-    if (this.watch) {
-      return this.watch;
-    }
-    this.watch = new ResubscribingWatch<EdgeStatusWatchEventsResponse>({
-      subscribe: (signal, onHeader) => this.raw.watchEvents({}, { signal, onHeader, timeoutMs: 0 }),
-      onMessage: (message) => this.dispatch(message),
-      onReconnected: () => this.emit("watchReconnected"),
-      onError: (error) => this.emit("watchError", error instanceof Error ? error : new Error(String(error))),
-    });
-    return this.watch;
-  }
-
-  private dispatch(message: EdgeStatusWatchEventsResponse): void {
+  protected override dispatch(message: EdgeStatusWatchEventsResponse): void {
     const base: EdgeEventBase = { time: message.time && timestampDate(message.time) };
     const event = message.event;
     switch (event.case) {

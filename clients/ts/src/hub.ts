@@ -1,5 +1,3 @@
-import { EventEmitter } from "node:events";
-
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { createClient, type Client } from "@connectrpc/connect";
 
@@ -7,8 +5,8 @@ import type { Transport } from "./gen/remoteingress/v1/config_pb.js";
 import { HubAdmin, type GetStatusResponse, type WatchEventsResponse } from "./gen/remoteingress/v1/hub_pb.js";
 import { edgeFromProto, edgeToProto, type EdgeDefinition, type EdgeState } from "./edges.js";
 import { call } from "./errors.js";
-import { connect, type Connection, type ConnectionOptions } from "./transport.js";
-import { ResubscribingWatch } from "./watch.js";
+import { StreamingClient, type WatchEvents } from "./client.js";
+import type { ConnectionOptions } from "./transport.js";
 
 /** Fields every hub event carries. */
 export interface HubEventBase {
@@ -19,7 +17,7 @@ export interface HubEventBase {
 }
 
 /** The events of {@link RemoteIngressHub}, each with its listener's arguments. */
-export interface HubEvents {
+export interface HubEvents extends WatchEvents {
   /** An edge authenticated and its tunnel is up. */
   edgeConnected: [HubEventBase & { remoteAddr: string; transport: Transport }];
   /** An edge's tunnel ended. */
@@ -40,10 +38,6 @@ export interface HubEvents {
   authFailed: [HubEventBase & { remoteAddr: string; reason: string }];
   /** This watcher was too slow and missed `count` events. */
   eventsMissed: [HubEventBase & { count: number }];
-  /** The event stream was lost (e.g. hub restart) and is subscribed again; events in between were missed. */
-  watchReconnected: [];
-  /** The event stream failed or broke; it is retried with backoff by itself. */
-  watchError: [Error];
 }
 
 /** Names of the events that come from the hub's WatchEvents stream. */
@@ -58,7 +52,6 @@ const STREAM_EVENTS = new Set<string>([
   "configApplied",
   "authFailed",
   "eventsMissed",
-  "watchReconnected",
 ]);
 
 /** Options of {@link RemoteIngressHub}. */
@@ -84,23 +77,15 @@ export interface CreatedToken {
  * TypeScript API: edges in their camelCase shape, and events through `on(...)`. The event
  * stream starts with the first listener of a hub event and survives hub restarts.
  */
-export class RemoteIngressHub extends EventEmitter<HubEvents> {
+export class RemoteIngressHub extends StreamingClient<HubEvents, WatchEventsResponse> {
   /** The generated client, for anything the methods here do not cover. */
   readonly raw: Client<typeof HubAdmin>;
-  private readonly connection: Connection;
   private readonly watchEdgeId: string;
-  private watch?: ResubscribingWatch<WatchEventsResponse>;
 
   constructor(options: RemoteIngressHubOptions) {
-    super();
-    this.connection = connect(options);
+    super(options, STREAM_EVENTS);
     this.raw = createClient(HubAdmin, this.connection.transport);
     this.watchEdgeId = options.watchEdgeId ?? "";
-    (this as EventEmitter).on("newListener", (event: string | symbol) => {
-      if (typeof event === "string" && STREAM_EVENTS.has(event)) {
-        this.startWatching();
-      }
-    });
   }
 
   /** Replaces the whole allowed-edge set; one invalid edge rejects the call and nothing changes. */
@@ -144,35 +129,11 @@ export class RemoteIngressHub extends EventEmitter<HubEvents> {
     return (await call(() => this.raw.disconnectEdge({ id }))).disconnected;
   }
 
-  /**
-   * Starts the event stream if no listener did yet, and resolves once it is subscribed: events
-   * from then on reach the listeners. Await it before acting on what you want to observe.
-   */
-  async watching(): Promise<void> {
-    await this.startWatching().subscribed;
+  protected override subscribe(signal: AbortSignal, onHeader: (headers: Headers) => void) {
+    return this.raw.watchEvents({ edgeId: this.watchEdgeId }, { signal, onHeader, timeoutMs: 0 });
   }
 
-  /** Stops the event stream and closes the connection. */
-  async close(): Promise<void> {
-    await this.watch?.stop();
-    this.connection.close();
-  }
-
-  private startWatching(): ResubscribingWatch<WatchEventsResponse> {
-    if (this.watch) {
-      return this.watch;
-    }
-    const request = { edgeId: this.watchEdgeId };
-    this.watch = new ResubscribingWatch<WatchEventsResponse>({
-      subscribe: (signal, onHeader) => this.raw.watchEvents(request, { signal, onHeader, timeoutMs: 0 }),
-      onMessage: (message) => this.dispatch(message),
-      onReconnected: () => this.emit("watchReconnected"),
-      onError: (error) => this.emit("watchError", error instanceof Error ? error : new Error(String(error))),
-    });
-    return this.watch;
-  }
-
-  private dispatch(message: WatchEventsResponse): void {
+  protected override dispatch(message: WatchEventsResponse): void {
     const base: HubEventBase = {
       edgeId: message.edgeId,
       time: message.time && timestampDate(message.time),

@@ -7,6 +7,7 @@ export type { CreatedToken, HubEventBase, HubEvents, RemoteIngressHubOptions } f
 export { RemoteIngressEdgeStatus } from "./edge.js";
 export type { EdgeEventBase, EdgeEvents } from "./edge.js";
 export { RemoteIngressError } from "./errors.js";
+export type { WatchEvents } from "./client.js";
 export { edgeFromProto, edgeToProto } from "./edges.js";
 export type {
   EdgeDefinition,
