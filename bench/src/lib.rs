@@ -147,6 +147,8 @@ async fn measure_rathole(
     ]);
     let peer = rathole::Rathole::start(binary, &ports).await?;
     let edge_ip = EDGE_IP.parse()?;
+    // rathole's server listens before its client has connected: wait for a real round trip.
+    wait_round_trip(SocketAddr::new(edge_ip, echo_port)).await?;
     let rows = measure_tcp(
         config,
         targets,
@@ -360,6 +362,24 @@ async fn connection_rate(addr: SocketAddr, duration: Duration) -> Result<f64> {
         done += worker.await??;
     }
     Ok(done as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Waits until a one-byte exchange through `addr` (an echo) succeeds, 20 s at most.
+async fn wait_round_trip(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let exchange = async {
+            let mut socket = TcpStream::connect(addr).await?;
+            socket.write_all(&[1]).await?;
+            socket.read_exact(&mut [0u8; 1]).await?;
+            Ok::<_, std::io::Error>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(2), exchange).await {
+            Ok(Ok(())) => return Ok(()),
+            _ if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(20)).await,
+            _ => anyhow::bail!("no round trip through {addr}"),
+        }
+    }
 }
 
 /// Datagrams delivered per second, and the share lost, when one client sends 1,200-byte
