@@ -450,48 +450,51 @@ async fn idle_memory(pids: [u32; 2], addr: SocketAddr, count: usize) -> Result<V
     let rss = || -> Result<u64> { pids.iter().map(|pid| rss_bytes(*pid)).sum() };
     let fds = || -> Result<u64> { pids.iter().map(|pid| open_fds(*pid)).sum() };
     let (rss_before, fds_before) = (rss()?, fds()?);
-    let mut held = Vec::with_capacity(count);
-    for _ in 0..count {
-        let mut socket = TcpStream::connect(addr)
-            .await
-            .context("opening idle connections")?;
-        socket.write_all(&[1]).await?;
-        let mut back = [0u8; 1];
-        socket.read_exact(&mut back).await?;
-        held.push(socket);
+    // Two cycles: the second shows whether anything grows, past the first's high-water mark.
+    let mut cycles = Vec::new();
+    for _ in 0..2 {
+        let mut held = Vec::with_capacity(count);
+        for _ in 0..count {
+            let mut socket = TcpStream::connect(addr)
+                .await
+                .context("opening idle connections")?;
+            socket.write_all(&[1]).await?;
+            let mut back = [0u8; 1];
+            socket.read_exact(&mut back).await?;
+            held.push(socket);
+        }
+        let rss_held = rss()?;
+        drop(held);
+        // Closing is asynchronous on the far side: give it a bounded moment to settle.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while fds()? > fds_before + 8 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        cycles.push((rss_held, rss()?, fds()?));
     }
-    let rss_held = rss()?;
-    drop(held);
-    // Closing is asynchronous on the far side: give it a bounded moment to settle.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while fds()? > fds_before + 8 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let (rss_after, fds_after) = (rss()?, fds()?);
+    let (rss_held, rss_after, _) = cycles[0];
+    let (_, rss_after_second, fds_after) = cycles[1];
     let per_connection = rss_held.saturating_sub(rss_before) as f64 / count as f64 / 1024.0;
+    let mib = |bytes: u64| bytes as f64 / 1048576.0;
     Ok(vec![
-        Row::new(
-            "hub+edge RSS, idle",
-            "MiB",
-            None,
-            rss_before as f64 / 1048576.0,
-        ),
+        Row::new("hub+edge RSS, idle", "MiB", None, mib(rss_before)),
         Row::new(
             &format!("hub+edge RSS, {count} idle connections"),
             "MiB",
             None,
-            rss_held as f64 / 1048576.0,
+            mib(rss_held),
         ),
         Row::new("RSS per idle connection", "KiB", None, per_connection),
+        Row::new("hub+edge RSS, all closed", "MiB", None, mib(rss_after)),
         Row::new(
-            "hub+edge RSS, all closed",
+            "hub+edge RSS, all closed after a second cycle",
             "MiB",
             None,
-            rss_after as f64 / 1048576.0,
+            mib(rss_after_second),
         ),
         Row::new("hub+edge open fds, before", "fds", None, fds_before as f64),
         Row::new(
-            "hub+edge open fds, all closed",
+            "hub+edge open fds, all closed after two cycles",
             "fds",
             None,
             fds_after as f64,
