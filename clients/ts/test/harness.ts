@@ -127,6 +127,8 @@ export class Hub {
         `--metrics-addr=127.0.0.1:${this.metricsPort}`,
         `--state-dir=${this.stateDir}`,
         "--public-host=127.0.0.1",
+        // The clients never need QUIC; without it no UDP port has to be free as well.
+        "--no-quic",
       ],
       { REMOTEINGRESS_ADMIN_TOKEN: ADMIN_TOKEN },
     );
