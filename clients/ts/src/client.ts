@@ -11,6 +11,9 @@ export interface WatchEvents {
   watchError: [Error];
 }
 
+/** Events that do not need the stream: failures of the stream itself, and EventEmitter's own. */
+const NOT_FROM_THE_STREAM = new Set<string | symbol>(["watchError", "newListener", "removeListener", "error"]);
+
 /**
  * What the hub and edge clients share: one connection, and an event stream of `Message`s that
  * starts with the first listener of a stream event and survives restarts.
@@ -22,12 +25,12 @@ export abstract class StreamingClient<
   protected readonly connection: Connection;
   private watch?: ResubscribingWatch<Message>;
 
-  /** `streamEvents`: the event names whose first listener starts the stream. */
-  constructor(options: ConnectionOptions, streamEvents: ReadonlySet<string>) {
+  /** The first listener of any event but `watchError` starts the stream: all others come from it. */
+  constructor(options: ConnectionOptions) {
     super();
     this.connection = connect(options);
     (this as EventEmitter).on("newListener", (event: string | symbol) => {
-      if (typeof event === "string" && (streamEvents.has(event) || event === "watchReconnected")) {
+      if (!NOT_FROM_THE_STREAM.has(event)) {
         this.startWatching();
       }
     });

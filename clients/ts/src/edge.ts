@@ -35,16 +35,6 @@ export interface EdgeEvents extends WatchEvents {
   eventsMissed: [EdgeEventBase & { count: number }];
 }
 
-const STREAM_EVENTS = new Set<string>([
-  "tunnelConnected",
-  "tunnelDisconnected",
-  "publicIpDiscovered",
-  "portsChanged",
-  "configRejected",
-  "firewallApplied",
-  "eventsMissed",
-]);
-
 /**
  * Client of an edge's local status API (`remoteingress.v1.EdgeStatus`): its state now, and its
  * events through `on(...)` (the stream starts with the first listener and survives restarts).
@@ -54,7 +44,7 @@ export class RemoteIngressEdgeStatus extends StreamingClient<EdgeEvents, EdgeSta
   readonly raw: Client<typeof EdgeStatus>;
 
   constructor(options: ConnectionOptions) {
-    super(options, STREAM_EVENTS);
+    super(options);
     this.raw = createClient(EdgeStatus, this.connection.transport);
   }
 

@@ -135,13 +135,9 @@ export function edgeToProto(edge: EdgeDefinition): Edge {
   });
 }
 
-const PROTOCOL_NAMES = new Map<Protocol, ProtocolName>([
-  [Protocol.TCP, "tcp"],
-  [Protocol.UDP, "udp"],
-]);
-
-function nameOf<T extends string>(table: Record<T, number>, value: number): T {
-  return (Object.keys(table) as T[]).find((key) => table[key] === value) as T;
+/** The word for an enum value in `table`; undefined for values it lacks (UNSPECIFIED). */
+function nameOf<T extends string>(table: Record<T, number>, value: number): T | undefined {
+  return (Object.keys(table) as T[]).find((key) => table[key] === value);
 }
 
 /** The original-shaped view of an edge the hub reports. */
@@ -166,18 +162,19 @@ export function edgeFromProto(info: EdgeInfo): EdgeState {
       rateLimits: firewall.rateLimits.map((limit) => ({
         id: limit.id,
         port: limit.port,
-        protocol: PROTOCOL_NAMES.get(limit.protocol),
+        protocol: nameOf(PROTOCOLS, limit.protocol),
         rate: limit.rate,
         burst: limit.burst,
         perSourceIP: limit.perSourceIp,
       })),
       rules: firewall.rules.map((rule) => ({
         id: rule.id,
-        direction: nameOf(DIRECTIONS, rule.direction),
-        action: nameOf(ACTIONS, rule.action),
+        // The hub refuses rules without a direction or an action, so both are known words.
+        direction: nameOf(DIRECTIONS, rule.direction)!,
+        action: nameOf(ACTIONS, rule.action)!,
         sourceIP: rule.sourceIp || undefined,
         destPort: rule.destPort,
-        protocol: PROTOCOL_NAMES.get(rule.protocol),
+        protocol: nameOf(PROTOCOLS, rule.protocol),
         comment: rule.comment || undefined,
       })),
     };

@@ -40,20 +40,6 @@ export interface HubEvents extends WatchEvents {
   eventsMissed: [HubEventBase & { count: number }];
 }
 
-/** Names of the events that come from the hub's WatchEvents stream. */
-const STREAM_EVENTS = new Set<string>([
-  "edgeConnected",
-  "edgeDisconnected",
-  "streamOpened",
-  "streamClosed",
-  "udpSessionOpened",
-  "udpSessionClosed",
-  "configPushed",
-  "configApplied",
-  "authFailed",
-  "eventsMissed",
-]);
-
 /** Options of {@link RemoteIngressHub}. */
 export interface RemoteIngressHubOptions extends ConnectionOptions {
   /** Only watch this edge's events. */
@@ -83,7 +69,7 @@ export class RemoteIngressHub extends StreamingClient<HubEvents, WatchEventsResp
   private readonly watchEdgeId: string;
 
   constructor(options: RemoteIngressHubOptions) {
-    super(options, STREAM_EVENTS);
+    super(options);
     this.raw = createClient(HubAdmin, this.connection.transport);
     this.watchEdgeId = options.watchEdgeId ?? "";
   }

@@ -110,6 +110,21 @@ test("every invalid shared vector is a typed InvalidArgument naming the field; n
     const edge = { ...vector.edge, id: `vector-${i}` };
     if (vector.valid) {
       await client.upsertEdge(edge);
+      const stored = (await client.listEdges()).find((e) => e.id === edge.id);
+      assert.deepEqual(stored?.listenPorts, edge.listenPorts, vector.name);
+      // The firewall comes back in the shape it went in.
+      const rules = (stored?.firewallConfig?.rules ?? []).map(({ id, direction, action, sourceIP, destPort, protocol }) =>
+        JSON.stringify({ id, direction, action, sourceIP, destPort, protocol }),
+      );
+      const sent = (edge.firewallConfig?.rules ?? []).map(({ id, direction, action, sourceIP, destPort, protocol }) =>
+        JSON.stringify({ id, direction, action, sourceIP, destPort, protocol }),
+      );
+      assert.deepEqual(rules, sent, vector.name);
+      assert.deepEqual(
+        stored?.firewallConfig?.rateLimits?.map((l) => [l.id, l.port, l.protocol, l.rate, l.burst]),
+        edge.firewallConfig?.rateLimits?.map((l) => [l.id, l.port, l.protocol, l.rate, l.burst]),
+        vector.name,
+      );
       assert.equal(await client.deleteEdge(edge.id), true, vector.name);
       continue;
     }
