@@ -1,7 +1,7 @@
 //! Moves bytes between a TCP socket and a tunnelled stream, both ways, with half-close.
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +26,7 @@ pub async fn pipe(
     mut writer: StreamWriter,
     cancel: CancellationToken,
 ) -> Piped {
-    let (socket_rd, mut socket_wr) = socket.into_split();
+    let (mut socket_rd, mut socket_wr) = socket.into_split();
     let upload = async {
         let mut total = 0u64;
         loop {
@@ -36,18 +36,18 @@ pub async fn pipe(
             if socket_rd.readable().await.is_err() {
                 break;
             }
-            // The buffer exists only while bytes are ready, so idle streams hold none.
+            // The buffer exists only while bytes are ready, so idle streams hold none. A read
+            // (unlike `try_read`) that returns less than asked marks the socket drained, which
+            // saves the system call that would only find it empty.
             let mut buf = BytesMut::with_capacity(credit);
-            match socket_rd.try_read_buf(&mut buf) {
-                Ok(0) => break,
+            match socket_rd.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => break,
                 Ok(n) => {
                     total += n as u64;
                     if writer.send(buf.freeze()).await.is_err() {
                         break;
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(_) => break,
             }
         }
         writer.finish().await;
