@@ -4,9 +4,10 @@
 
 pub mod processes;
 pub mod rathole;
+pub mod relay;
 pub mod targets;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -20,11 +21,31 @@ use tokio::net::TcpStream;
 use processes::{open_fds, rss_bytes, PortMap, Tunnel, EDGE_IP};
 use targets::Mode;
 
+/// A group of measurements that can be run on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Section {
+    /// Bulk transfer, 1 and 8 streams.
+    Throughput,
+    /// Request/response round trips on one connection.
+    Latency,
+    /// New connections per second.
+    Connections,
+    /// Idle connections held open: memory and descriptors.
+    Memory,
+    /// UDP datagrams delivered and lost.
+    Udp,
+}
+
 /// What to run.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
     /// The remoteingress binary (use a release build for real figures).
     pub binary: PathBuf,
+    /// A binary with the `relay` command (the bench itself), for the latency floor of two plain
+    /// relays; without it that column is left out.
+    pub relay_binary: Option<PathBuf>,
+    /// The measurements to make.
+    pub sections: BTreeSet<Section>,
     /// Seconds per throughput run.
     pub throughput_secs: f64,
     /// Rounds of the latency run.
@@ -40,6 +61,8 @@ impl BenchConfig {
     pub fn full(binary: PathBuf) -> Self {
         Self {
             binary,
+            relay_binary: None,
+            sections: Section::all(),
             throughput_secs: 10.0,
             latency_rounds: 20_000,
             connect_secs: 5.0,
@@ -51,11 +74,23 @@ impl BenchConfig {
     pub fn quick(binary: PathBuf) -> Self {
         Self {
             binary,
+            relay_binary: None,
+            sections: Section::all(),
             throughput_secs: 0.5,
             latency_rounds: 500,
             connect_secs: 0.5,
             idle_connections: 200,
         }
+    }
+}
+
+impl Section {
+    /// Every section.
+    pub fn all() -> BTreeSet<Section> {
+        <Section as clap::ValueEnum>::value_variants()
+            .iter()
+            .copied()
+            .collect()
     }
 }
 
@@ -73,6 +108,9 @@ pub struct Row {
     /// The same measurement through rathole's TLS transport in the same run (TLS rows only,
     /// when a `rathole` binary is on PATH).
     pub rathole: Option<f64>,
+    /// The same measurement through two plain relay processes (latency rows, when
+    /// [`BenchConfig::relay_binary`] is set): the least any two-process tunnel can add.
+    pub relay_floor: Option<f64>,
 }
 
 impl Row {
@@ -83,24 +121,25 @@ impl Row {
             direct,
             tunnel,
             rathole: None,
+            relay_floor: None,
         }
     }
 
     /// tunnel ÷ direct.
     pub fn ratio(&self) -> Option<f64> {
-        self.direct.filter(|d| *d != 0.0).map(|d| self.tunnel / d)
+        self.ratio_to(self.direct)
     }
 
-    /// tunnel ÷ rathole.
-    pub fn rathole_ratio(&self) -> Option<f64> {
-        self.rathole.filter(|r| *r != 0.0).map(|r| self.tunnel / r)
+    /// tunnel ÷ `other`, when there is a non-zero `other`.
+    pub fn ratio_to(&self, other: Option<f64>) -> Option<f64> {
+        other.filter(|o| *o != 0.0).map(|o| self.tunnel / o)
     }
 }
 
 /// Runs every measurement and returns the rows.
 pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
     let idle_connections = config.idle_connections.min(idle_capacity());
-    if idle_connections < config.idle_connections {
+    if idle_connections < config.idle_connections && config.sections.contains(&Section::Memory) {
         eprintln!(
             "note: the descriptor limit allows only {idle_connections} idle connections, not {}",
             config.idle_connections
@@ -118,6 +157,7 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
             BTreeMap::new()
         }
     };
+    let floor = relay_floor(config, &targets).await?;
     let mut rows = Vec::new();
     for transport in TRANSPORTS {
         let mut measured = run_transport(config, transport, &targets, idle_connections).await?;
@@ -125,6 +165,7 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
             if transport == "tcpTls" {
                 row.rathole = peer.get(&row.name).copied();
             }
+            row.relay_floor = floor.get(&row.name).copied();
             row.name = format!("{} [{transport}]", row.name);
         }
         rows.extend(measured);
@@ -159,6 +200,24 @@ async fn measure_rathole(
     )
     .await?;
     Ok(rows.into_iter().map(|row| (row.name, row.tunnel)).collect())
+}
+
+/// Latency through two plain relay processes, by row name (empty without a relay binary).
+async fn relay_floor(config: &BenchConfig, targets: &Targets) -> Result<BTreeMap<String, f64>> {
+    let Some(binary) = &config.relay_binary else {
+        return Ok(BTreeMap::new());
+    };
+    if !config.sections.contains(&Section::Latency) {
+        return Ok(BTreeMap::new());
+    }
+    let chain = relay::RelayChain::start(binary, targets.echo.addr)?;
+    wait_round_trip(chain.addr).await?;
+    let figures = latency(chain.addr, config.latency_rounds).await?;
+    Ok(LATENCY_ROWS
+        .iter()
+        .map(|name| name.to_string())
+        .zip(figures)
+        .collect())
 }
 
 /// The in-process targets every run measures against.
@@ -202,6 +261,9 @@ async fn run_transport(
     )
     .await?;
 
+    if !config.sections.contains(&Section::Udp) {
+        return Ok(rows);
+    }
     let duration = Duration::from_secs_f64(config.connect_secs);
     let direct = udp_rate(targets.udp.addr, &targets.udp, duration).await?;
     wait_udp_path(via_tunnel(udp_port), &targets.udp).await?;
@@ -232,8 +294,12 @@ async fn measure_tcp(
     idle_connections: usize,
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
+    let wanted = |section| config.sections.contains(&section);
     let secs = Duration::from_secs_f64(config.throughput_secs);
     for streams in [1usize, 8] {
+        if !wanted(Section::Throughput) {
+            break;
+        }
         let direct = throughput(targets.sink.addr, &targets.sink, streams, secs).await?;
         let tunnelled = throughput(sink, &targets.sink, streams, secs).await?;
         let plural = if streams > 1 { "s" } else { "" };
@@ -241,26 +307,29 @@ async fn measure_tcp(
         rows.push(Row::new(&name, "Gbit/s", Some(direct), tunnelled));
     }
 
-    let direct = latency(targets.echo.addr, config.latency_rounds).await?;
-    let tunnelled = latency(echo, config.latency_rounds).await?;
-    for (i, name) in ["latency p50", "latency p99", "latency p99.9"]
-        .iter()
-        .enumerate()
-    {
-        rows.push(Row::new(name, "µs", Some(direct[i]), tunnelled[i]));
+    if wanted(Section::Latency) {
+        let direct = latency(targets.echo.addr, config.latency_rounds).await?;
+        let tunnelled = latency(echo, config.latency_rounds).await?;
+        for (i, name) in LATENCY_ROWS.iter().enumerate() {
+            rows.push(Row::new(name, "µs", Some(direct[i]), tunnelled[i]));
+        }
     }
 
-    let connect = Duration::from_secs_f64(config.connect_secs);
-    let direct = connection_rate(targets.echo.addr, connect).await?;
-    let tunnelled = connection_rate(echo, connect).await?;
-    rows.push(Row::new(
-        "new connections",
-        "conn/s",
-        Some(direct),
-        tunnelled,
-    ));
+    if wanted(Section::Connections) {
+        let connect = Duration::from_secs_f64(config.connect_secs);
+        let direct = connection_rate(targets.echo.addr, connect).await?;
+        let tunnelled = connection_rate(echo, connect).await?;
+        rows.push(Row::new(
+            "new connections",
+            "conn/s",
+            Some(direct),
+            tunnelled,
+        ));
+    }
 
-    rows.extend(idle_memory(pids, echo, idle_connections).await?);
+    if wanted(Section::Memory) {
+        rows.extend(idle_memory(pids, echo, idle_connections).await?);
+    }
     Ok(rows)
 }
 
@@ -315,6 +384,9 @@ async fn throughput(
     }
     Ok(sent as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
 }
+
+/// The rows of [`latency`]'s figures, in its order.
+const LATENCY_ROWS: [&str; 3] = ["latency p50", "latency p99", "latency p99.9"];
 
 /// p50, p99 and p99.9 in µs of 64-byte request/response rounds on one connection.
 async fn latency(addr: SocketAddr, rounds: usize) -> Result<[f64; 3]> {
@@ -502,16 +574,46 @@ async fn idle_memory(pids: [u32; 2], addr: SocketAddr, count: usize) -> Result<V
     ])
 }
 
-/// The rows as an aligned table; the rathole columns appear when any row has a rathole figure.
+/// A figure measured through something other than our tunnel: a pair of table columns, shown
+/// when any row has the figure.
+struct Comparison {
+    /// Header of the figure's column.
+    header: &'static str,
+    /// Header of the column of ours ÷ the figure.
+    ratio_header: &'static str,
+    /// Where a row keeps the figure.
+    figure: fn(&Row) -> Option<f64>,
+}
+
+const COMPARISONS: [Comparison; 2] = [
+    Comparison {
+        header: "rathole (TLS)",
+        ratio_header: "ours/rh",
+        figure: |row| row.rathole,
+    },
+    Comparison {
+        header: "2 plain relays",
+        ratio_header: "ours/floor",
+        figure: |row| row.relay_floor,
+    },
+];
+
+/// The rows as an aligned table, with the columns of each comparison that has figures.
 pub fn table(rows: &[Row]) -> String {
-    let with_rathole = rows.iter().any(|row| row.rathole.is_some());
+    let shown: Vec<_> = COMPARISONS
+        .iter()
+        .filter(|comparison| rows.iter().any(|row| (comparison.figure)(row).is_some()))
+        .collect();
     let ratio = |r: Option<f64>| r.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
     let mut out = format!(
         "{:<54} {:>16} {:>16} {:>8}",
         "measurement", "direct", "tunnel", "ratio"
     );
-    if with_rathole {
-        out.push_str(&format!(" {:>16} {:>8}", "rathole (TLS)", "ours/rh"));
+    for comparison in &shown {
+        out.push_str(&format!(
+            " {:>16} {:>10}",
+            comparison.header, comparison.ratio_header
+        ));
     }
     out.push('\n');
     for row in rows {
@@ -526,11 +628,12 @@ pub fn table(rows: &[Row]) -> String {
             value(Some(row.tunnel)),
             ratio(row.ratio()),
         ));
-        if with_rathole {
+        for comparison in &shown {
+            let other = (comparison.figure)(row);
             out.push_str(&format!(
-                " {:>16} {:>8}",
-                value(row.rathole),
-                ratio(row.rathole_ratio())
+                " {:>16} {:>10}",
+                value(other),
+                ratio(row.ratio_to(other))
             ));
         }
         out.push('\n');

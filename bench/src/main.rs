@@ -1,11 +1,12 @@
 //! `remoteingress-bench`: prints a table of figures next to their direct baseline and writes
 //! them as JSON.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::Parser;
-use remoteingress_bench::{run, table, BenchConfig};
+use clap::{Parser, Subcommand};
+use remoteingress_bench::{relay, run, table, BenchConfig, Section};
 
 /// Benchmarks hub and edge processes on loopback against a direct baseline.
 #[derive(Parser)]
@@ -21,6 +22,9 @@ struct Args {
     /// A run of a few seconds that only shows that every measurement works.
     #[arg(long)]
     quick: bool,
+    /// Only these measurements (comma-separated); all of them when not given.
+    #[arg(long, env = "REMOTEINGRESS_BENCH_ONLY", value_delimiter = ',')]
+    only: Vec<Section>,
     /// Where to write the JSON results.
     #[arg(
         long,
@@ -28,17 +32,36 @@ struct Args {
         default_value = "bench-results.json"
     )]
     json: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+#[derive(Subcommand)]
+enum Command {
+    /// A plain TCP relay, started by the bench itself for the latency floor.
+    #[command(hide = true)]
+    Relay {
+        /// Where to relay connections to.
+        #[arg(long)]
+        target: SocketAddr,
+    },
+}
+
+fn main() -> Result<()> {
     let args = Args::parse();
-    let config = if args.quick {
+    if let Some(Command::Relay { target }) = args.command {
+        return relay::serve(target);
+    }
+    let mut config = if args.quick {
         BenchConfig::quick(args.binary)
     } else {
         BenchConfig::full(args.binary)
     };
-    let rows = run(&config).await?;
+    config.relay_binary = Some(std::env::current_exe().context("finding the bench binary")?);
+    if !args.only.is_empty() {
+        config.sections = args.only.into_iter().collect();
+    }
+    let rows = tokio::runtime::Runtime::new()?.block_on(run(&config))?;
     print!("{}", table(&rows));
     std::fs::write(&args.json, serde_json::to_vec_pretty(&rows)?)
         .with_context(|| format!("writing {}", args.json.display()))?;

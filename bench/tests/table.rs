@@ -1,0 +1,38 @@
+//! The printed table: comparison columns appear only when some row has their figure.
+
+use remoteingress_bench::{table, Row};
+
+fn row(relay_floor: Option<f64>) -> Row {
+    Row {
+        name: "latency p50 [tcpTls]".into(),
+        unit: "µs".into(),
+        direct: Some(50.0),
+        tunnel: 100.0,
+        rathole: None,
+        relay_floor,
+    }
+}
+
+#[test]
+fn the_relay_floor_columns_appear_with_a_floor_figure_and_its_ratio() {
+    let printed = table(&[row(Some(80.0))]);
+    assert!(printed.contains("2 plain relays"), "{printed}");
+    assert!(
+        printed.contains("80.00 µs") && printed.contains("1.25"),
+        "{printed}"
+    );
+    assert!(!printed.contains("rathole"), "{printed}");
+}
+
+#[test]
+fn without_comparison_figures_only_direct_and_tunnel_are_shown() {
+    let printed = table(&[row(None)]);
+    assert!(
+        !printed.contains("2 plain relays") && !printed.contains("rathole"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("100.00 µs") && printed.contains("2.00"),
+        "{printed}"
+    );
+}
