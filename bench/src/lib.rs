@@ -145,10 +145,20 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
             config.idle_connections
         );
     }
+    let echo = targets::start(Mode::Echo).await?;
+    let relays = match &config.relay_binary {
+        Some(binary) if config.sections.contains(&Section::Latency) => {
+            let chain = relay::RelayChain::start(binary, echo.addr)?;
+            wait_round_trip(chain.addr).await?;
+            Some(chain)
+        }
+        _ => None,
+    };
     let targets = Targets {
         sink: targets::start(Mode::Sink).await?,
-        echo: targets::start(Mode::Echo).await?,
+        echo,
         udp: targets::start_udp_sink().await?,
+        relays,
     };
     let peer = match rathole::find() {
         Some(binary) => measure_rathole(&binary, config, &targets, idle_connections).await?,
@@ -157,7 +167,6 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
             BTreeMap::new()
         }
     };
-    let floor = relay_floor(config, &targets).await?;
     let mut rows = Vec::new();
     for transport in TRANSPORTS {
         let mut measured = run_transport(config, transport, &targets, idle_connections).await?;
@@ -165,7 +174,6 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
             if transport == "tcpTls" {
                 row.rathole = peer.get(&row.name).copied();
             }
-            row.relay_floor = floor.get(&row.name).copied();
             row.name = format!("{} [{transport}]", row.name);
         }
         rows.extend(measured);
@@ -202,29 +210,13 @@ async fn measure_rathole(
     Ok(rows.into_iter().map(|row| (row.name, row.tunnel)).collect())
 }
 
-/// Latency through two plain relay processes, by row name (empty without a relay binary).
-async fn relay_floor(config: &BenchConfig, targets: &Targets) -> Result<BTreeMap<String, f64>> {
-    let Some(binary) = &config.relay_binary else {
-        return Ok(BTreeMap::new());
-    };
-    if !config.sections.contains(&Section::Latency) {
-        return Ok(BTreeMap::new());
-    }
-    let chain = relay::RelayChain::start(binary, targets.echo.addr)?;
-    wait_round_trip(chain.addr).await?;
-    let figures = latency(chain.addr, config.latency_rounds).await?;
-    Ok(LATENCY_ROWS
-        .iter()
-        .map(|name| name.to_string())
-        .zip(figures)
-        .collect())
-}
-
 /// The in-process targets every run measures against.
 struct Targets {
     sink: targets::Target,
     echo: targets::Target,
     udp: targets::UdpSink,
+    /// Two plain relays in front of the echo target, for the latency floor.
+    relays: Option<relay::RelayChain>,
 }
 
 /// Transports measured, by their `--transport-mode` name.
@@ -308,10 +300,18 @@ async fn measure_tcp(
     }
 
     if wanted(Section::Latency) {
-        let direct = latency(targets.echo.addr, config.latency_rounds).await?;
-        let tunnelled = latency(echo, config.latency_rounds).await?;
+        // Alone: a direct round trip right after a relayed one is much faster than one on its
+        // own on a VM (the CPUs have not gone idle yet), so taking turns would flatter it. The
+        // tunnel and the floor are paths of the same shape and take turns, for a fair ratio.
+        let direct = latency(&[targets.echo.addr], config.latency_rounds).await?[0];
+        let mut relayed = vec![echo];
+        relayed.extend(targets.relays.as_ref().map(|chain| chain.addr));
+        let figures = latency(&relayed, config.latency_rounds).await?;
+        let (tunnelled, floor) = (figures[0], figures.get(1));
         for (i, name) in LATENCY_ROWS.iter().enumerate() {
-            rows.push(Row::new(name, "µs", Some(direct[i]), tunnelled[i]));
+            let mut row = Row::new(name, "µs", Some(direct[i]), tunnelled[i]);
+            row.relay_floor = floor.map(|floor| floor[i]);
+            rows.push(row);
         }
     }
 
@@ -388,26 +388,38 @@ async fn throughput(
 /// The rows of [`latency`]'s figures, in its order.
 const LATENCY_ROWS: [&str; 3] = ["latency p50", "latency p99", "latency p99.9"];
 
-/// p50, p99 and p99.9 in µs of 64-byte request/response rounds on one connection.
-async fn latency(addr: SocketAddr, rounds: usize) -> Result<[f64; 3]> {
-    let mut socket = TcpStream::connect(addr).await?;
-    socket.set_nodelay(true)?;
+/// p50, p99 and p99.9 in µs of 64-byte request/response rounds on one connection to each of
+/// `addrs`, in its order. The connections take turns round by round, so that all of them meet the
+/// same moments of a shared machine and their figures can be compared.
+async fn latency(addrs: &[SocketAddr], rounds: usize) -> Result<Vec<[f64; 3]>> {
+    const WARM_UP: usize = 100;
+    let mut sockets = Vec::with_capacity(addrs.len());
+    for addr in addrs {
+        let socket = TcpStream::connect(addr).await?;
+        socket.set_nodelay(true)?;
+        sockets.push(socket);
+    }
     let request = [7u8; 64];
     let mut response = [0u8; 64];
-    for _ in 0..rounds.min(100) {
-        socket.write_all(&request).await?;
-        socket.read_exact(&mut response).await?;
+    let mut samples = vec![Vec::with_capacity(rounds); addrs.len()];
+    for round in 0..WARM_UP + rounds {
+        for (socket, samples) in sockets.iter_mut().zip(&mut samples) {
+            let start = Instant::now();
+            socket.write_all(&request).await?;
+            socket.read_exact(&mut response).await?;
+            if round >= WARM_UP {
+                samples.push(start.elapsed().as_secs_f64() * 1e6);
+            }
+        }
     }
-    let mut samples = Vec::with_capacity(rounds);
-    for _ in 0..rounds {
-        let start = Instant::now();
-        socket.write_all(&request).await?;
-        socket.read_exact(&mut response).await?;
-        samples.push(start.elapsed().as_secs_f64() * 1e6);
-    }
-    samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    Ok([at(0.50), at(0.99), at(0.999)])
+    Ok(samples
+        .into_iter()
+        .map(|mut samples| {
+            samples.sort_by(f64::total_cmp);
+            let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+            [at(0.50), at(0.99), at(0.999)]
+        })
+        .collect())
 }
 
 /// Connections per second, each doing one 16-byte exchange, from 8 concurrent clients.
