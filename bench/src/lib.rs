@@ -41,9 +41,12 @@ pub enum Section {
 pub struct BenchConfig {
     /// The remoteingress binary (use a release build for real figures).
     pub binary: PathBuf,
-    /// A binary with the `relay` command (the bench itself), for the latency floor of two plain
-    /// relays; without it that column is left out.
-    pub relay_binary: Option<PathBuf>,
+    /// A binary with the bench's helper commands `relay` and `echo` (the bench itself). With it
+    /// the latency rows get the floor of two plain relays, and idle connections go to an echo
+    /// target in a process of its own, so that this process's descriptors suffice for all of
+    /// them. Without it there is no floor and the idle connections are capped by this process's
+    /// descriptor limit.
+    pub helpers: Option<PathBuf>,
     /// The measurements to make.
     pub sections: BTreeSet<Section>,
     /// Seconds per throughput run.
@@ -61,7 +64,7 @@ impl BenchConfig {
     pub fn full(binary: PathBuf) -> Self {
         Self {
             binary,
-            relay_binary: None,
+            helpers: None,
             sections: Section::all(),
             throughput_secs: 10.0,
             latency_rounds: 20_000,
@@ -74,7 +77,7 @@ impl BenchConfig {
     pub fn quick(binary: PathBuf) -> Self {
         Self {
             binary,
-            relay_binary: None,
+            helpers: None,
             sections: Section::all(),
             throughput_secs: 0.5,
             latency_rounds: 500,
@@ -109,7 +112,7 @@ pub struct Row {
     /// when a `rathole` binary is on PATH).
     pub rathole: Option<f64>,
     /// The same measurement through two plain relay processes (latency rows, when
-    /// [`BenchConfig::relay_binary`] is set): the least any two-process tunnel can add.
+    /// [`BenchConfig::helpers`] is set): the least any two-process tunnel can add.
     pub relay_floor: Option<f64>,
 }
 
@@ -138,30 +141,55 @@ impl Row {
 
 /// Runs every measurement and returns the rows.
 pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
-    let idle_connections = config.idle_connections.min(idle_capacity());
-    if idle_connections < config.idle_connections && config.sections.contains(&Section::Memory) {
-        eprintln!(
-            "note: the descriptor limit allows only {idle_connections} idle connections, not {}",
-            config.idle_connections
-        );
+    // The client side of each idle connection, and its target side unless the echo target has a
+    // process of its own.
+    let descriptors = descriptors_for_connections();
+    let descriptors_per_connection = if config.helpers.is_some() { 1 } else { 2 };
+    let idle_connections = config
+        .idle_connections
+        .min(descriptors / descriptors_per_connection);
+    // rathole's processes (which share our limit) hold two descriptors per connection each: the
+    // public or target socket and a data channel.
+    let rathole_idle_connections = idle_connections.min(descriptors / 2);
+    if config.sections.contains(&Section::Memory) {
+        for (count, whose) in [
+            (idle_connections, ""),
+            (rathole_idle_connections, " for rathole"),
+        ] {
+            if count < config.idle_connections {
+                eprintln!(
+                    "note: the descriptor limit allows only {count} idle connections{whose}, not {}",
+                    config.idle_connections
+                );
+            }
+        }
     }
     let echo = targets::start(Mode::Echo).await?;
-    let relays = match &config.relay_binary {
-        Some(binary) if config.sections.contains(&Section::Latency) => {
-            let chain = relay::RelayChain::start(binary, echo.addr)?;
-            wait_round_trip(chain.addr).await?;
-            Some(chain)
+    let (relays, idle_echo) = match &config.helpers {
+        Some(binary) => {
+            let chain = if config.sections.contains(&Section::Latency) {
+                let chain = relay::RelayChain::start(binary, echo.addr)?;
+                wait_round_trip(chain.addr).await?;
+                Some(chain)
+            } else {
+                None
+            };
+            let (process, addr) = processes::spawn_helper(binary, &["echo"])?;
+            (chain, (addr, Some(process)))
         }
-        _ => None,
+        None => (None, (echo.addr, None)),
     };
     let targets = Targets {
         sink: targets::start(Mode::Sink).await?,
         echo,
         udp: targets::start_udp_sink().await?,
         relays,
+        idle_echo,
     };
     let peer = match rathole::find() {
-        Some(binary) => measure_rathole(&binary, config, &targets, idle_connections).await?,
+        Some(binary) => {
+            measure_rathole(&binary, config, &targets, rathole_idle_connections).await?
+        }
         None => {
             eprintln!("note: no rathole on PATH (`cargo install rathole`): no rathole column");
             BTreeMap::new()
@@ -188,25 +216,12 @@ async fn measure_rathole(
     targets: &Targets,
     idle_connections: usize,
 ) -> Result<BTreeMap<String, f64>> {
-    let sink_port = processes::free_port(EDGE_IP)?;
-    let echo_port = processes::free_port(EDGE_IP)?;
-    let ports = BTreeMap::from([
-        (sink_port, targets.sink.addr.port()),
-        (echo_port, targets.echo.addr.port()),
-    ]);
-    let peer = rathole::Rathole::start(binary, &ports).await?;
-    let edge_ip = EDGE_IP.parse()?;
+    let via = Via::pick()?;
+    let peer = rathole::Rathole::start(binary, &via.port_map(targets)).await?;
     // rathole's server listens before its client has connected: wait for a real round trip.
-    wait_round_trip(SocketAddr::new(edge_ip, echo_port)).await?;
-    let rows = measure_tcp(
-        config,
-        targets,
-        SocketAddr::new(edge_ip, sink_port),
-        SocketAddr::new(edge_ip, echo_port),
-        [peer.server.pid(), peer.client.pid()],
-        idle_connections,
-    )
-    .await?;
+    wait_round_trip(via.echo).await?;
+    let pids = [peer.server.pid(), peer.client.pid()];
+    let rows = measure_tcp(config, targets, via, pids, idle_connections).await?;
     Ok(rows.into_iter().map(|row| (row.name, row.tunnel)).collect())
 }
 
@@ -217,6 +232,42 @@ struct Targets {
     udp: targets::UdpSink,
     /// Two plain relays in front of the echo target, for the latency floor.
     relays: Option<relay::RelayChain>,
+    /// The echo target idle connections go to, and its process when it has one of its own.
+    idle_echo: (SocketAddr, Option<processes::Process>),
+}
+
+/// Where clients reach the targets through a tunnel: a public port (on [`EDGE_IP`]) per target.
+#[derive(Debug, Clone, Copy)]
+struct Via {
+    sink: SocketAddr,
+    echo: SocketAddr,
+    idle: SocketAddr,
+}
+
+impl Via {
+    /// Free public ports.
+    fn pick() -> Result<Self> {
+        let free = || -> Result<SocketAddr> {
+            Ok(SocketAddr::new(
+                EDGE_IP.parse()?,
+                processes::free_port(EDGE_IP)?,
+            ))
+        };
+        Ok(Self {
+            sink: free()?,
+            echo: free()?,
+            idle: free()?,
+        })
+    }
+
+    /// Public port → target port.
+    fn port_map(&self, targets: &Targets) -> BTreeMap<u16, u16> {
+        BTreeMap::from([
+            (self.sink.port(), targets.sink.addr.port()),
+            (self.echo.port(), targets.echo.addr.port()),
+            (self.idle.port(), targets.idle_echo.0.port()),
+        ])
+    }
 }
 
 /// Transports measured, by their `--transport-mode` name.
@@ -229,37 +280,25 @@ async fn run_transport(
     targets: &Targets,
     idle_connections: usize,
 ) -> Result<Vec<Row>> {
-    let sink_port = processes::free_port(EDGE_IP)?;
-    let echo_port = processes::free_port(EDGE_IP)?;
-    let udp_port = processes::free_udp_port(EDGE_IP, &[sink_port, echo_port])?;
+    let via = Via::pick()?;
+    let tcp = via.port_map(targets);
+    let udp_port = processes::free_udp_port(EDGE_IP, &tcp.keys().copied().collect::<Vec<_>>())?;
     let ports = PortMap {
-        tcp: BTreeMap::from([
-            (sink_port, targets.sink.addr.port()),
-            (echo_port, targets.echo.addr.port()),
-        ]),
+        tcp,
         udp: BTreeMap::from([(udp_port, targets.udp.addr.port())]),
     };
     let tunnel = Tunnel::start(&config.binary, &ports, transport).await?;
-    let edge_ip = EDGE_IP.parse()?;
-    let via_tunnel = |port| SocketAddr::new(edge_ip, port);
-
-    let mut rows = measure_tcp(
-        config,
-        targets,
-        via_tunnel(sink_port),
-        via_tunnel(echo_port),
-        [tunnel.hub.pid(), tunnel.edge.pid()],
-        idle_connections,
-    )
-    .await?;
+    let pids = [tunnel.hub.pid(), tunnel.edge.pid()];
+    let mut rows = measure_tcp(config, targets, via, pids, idle_connections).await?;
+    let udp = SocketAddr::new(via.sink.ip(), udp_port);
 
     if !config.sections.contains(&Section::Udp) {
         return Ok(rows);
     }
     let duration = Duration::from_secs_f64(config.connect_secs);
     let direct = udp_rate(targets.udp.addr, &targets.udp, duration).await?;
-    wait_udp_path(via_tunnel(udp_port), &targets.udp).await?;
-    let tunnelled = udp_rate(via_tunnel(udp_port), &targets.udp, duration).await?;
+    wait_udp_path(udp, &targets.udp).await?;
+    let tunnelled = udp_rate(udp, &targets.udp, duration).await?;
     rows.push(Row::new(
         "UDP 1,200 B datagrams delivered",
         "dgram/s",
@@ -275,16 +314,16 @@ async fn run_transport(
     Ok(rows)
 }
 
-/// The TCP measurements through a tunnel whose public side forwards `sink` and `echo` to the
-/// targets, each next to the same measurement made directly; memory is that of `pids`.
+/// The TCP measurements through a tunnel whose public side forwards `via` to the targets, each
+/// next to the same measurement made directly; memory is that of `pids`.
 async fn measure_tcp(
     config: &BenchConfig,
     targets: &Targets,
-    sink: SocketAddr,
-    echo: SocketAddr,
+    via: Via,
     pids: [u32; 2],
     idle_connections: usize,
 ) -> Result<Vec<Row>> {
+    let Via { sink, echo, idle } = via;
     let mut rows = Vec::new();
     let wanted = |section| config.sections.contains(&section);
     let secs = Duration::from_secs_f64(config.throughput_secs);
@@ -328,21 +367,21 @@ async fn measure_tcp(
     }
 
     if wanted(Section::Memory) {
-        rows.extend(idle_memory(pids, echo, idle_connections).await?);
+        rows.extend(idle_memory(pids, idle, idle_connections).await?);
     }
     Ok(rows)
 }
 
-/// Raises the descriptor limit (children inherit it) and returns how many idle connections this
-/// process can hold: each needs two descriptors here, client side and target side.
-fn idle_capacity() -> usize {
+/// Raises the descriptor limit (children inherit it) and returns how many descriptors this
+/// process can spend on idle connections.
+fn descriptors_for_connections() -> usize {
     use rlimit::Resource;
     const WANTED: u64 = 65_536;
     if Resource::NOFILE.set(WANTED, WANTED).is_err() {
         let _ = rlimit::increase_nofile_limit(WANTED);
     }
     let soft = Resource::NOFILE.get().map(|(soft, _)| soft).unwrap_or(1024);
-    (soft.saturating_sub(512) / 2) as usize
+    soft.saturating_sub(512) as usize
 }
 
 /// Gbit/s that `streams` connections push into the sink together.
@@ -538,13 +577,20 @@ async fn idle_memory(pids: [u32; 2], addr: SocketAddr, count: usize) -> Result<V
     let mut cycles = Vec::new();
     for _ in 0..2 {
         let mut held = Vec::with_capacity(count);
-        for _ in 0..count {
-            let mut socket = TcpStream::connect(addr)
+        for opened in 0..count {
+            let open = async {
+                let mut socket = TcpStream::connect(addr).await?;
+                socket.write_all(&[1]).await?;
+                socket.read_exact(&mut [0u8; 1]).await?;
+                Ok::<_, std::io::Error>(socket)
+            };
+            let socket = tokio::time::timeout(Duration::from_secs(10), open)
                 .await
-                .context("opening idle connections")?;
-            socket.write_all(&[1]).await?;
-            let mut back = [0u8; 1];
-            socket.read_exact(&mut back).await?;
+                .map_err(|_| anyhow::anyhow!("no answer within 10 s"))
+                .and_then(|opened| Ok(opened?))
+                .with_context(|| {
+                    format!("idle connection {} of {count} through {addr}", opened + 1)
+                })?;
             held.push(socket);
         }
         let rss_held = rss()?;
@@ -561,9 +607,10 @@ async fn idle_memory(pids: [u32; 2], addr: SocketAddr, count: usize) -> Result<V
     let per_connection = rss_held.saturating_sub(rss_before) as f64 / count as f64 / 1024.0;
     let mib = |bytes: u64| bytes as f64 / 1048576.0;
     Ok(vec![
+        Row::new("idle connections held", "conns", None, count as f64),
         Row::new("hub+edge RSS, idle", "MiB", None, mib(rss_before)),
         Row::new(
-            &format!("hub+edge RSS, {count} idle connections"),
+            "hub+edge RSS, all idle connections open",
             "MiB",
             None,
             mib(rss_held),

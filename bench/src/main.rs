@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use remoteingress_bench::targets::{self, Mode};
 use remoteingress_bench::{relay, run, table, BenchConfig, Section};
 
 /// Benchmarks hub and edge processes on loopback against a direct baseline.
@@ -36,28 +37,34 @@ struct Args {
     command: Option<Command>,
 }
 
+/// Helper processes the bench starts itself; each prints the port it listens on.
 #[derive(Subcommand)]
 enum Command {
-    /// A plain TCP relay, started by the bench itself for the latency floor.
+    /// A plain TCP relay, for the latency floor.
     #[command(hide = true)]
     Relay {
         /// Where to relay connections to.
         #[arg(long)]
         target: SocketAddr,
     },
+    /// An echo target in a process of its own, for the idle connections.
+    #[command(hide = true)]
+    Echo,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let Some(Command::Relay { target }) = args.command {
-        return relay::serve(target);
+    match args.command {
+        Some(Command::Relay { target }) => return relay::serve(target),
+        Some(Command::Echo) => return serve_echo(),
+        None => {}
     }
     let mut config = if args.quick {
         BenchConfig::quick(args.binary)
     } else {
         BenchConfig::full(args.binary)
     };
-    config.relay_binary = Some(std::env::current_exe().context("finding the bench binary")?);
+    config.helpers = Some(std::env::current_exe().context("finding the bench binary")?);
     if !args.only.is_empty() {
         config.sections = args.only.into_iter().collect();
     }
@@ -67,4 +74,14 @@ fn main() -> Result<()> {
         .with_context(|| format!("writing {}", args.json.display()))?;
     println!("results written to {}", args.json.display());
     Ok(())
+}
+
+/// Runs an echo target until killed, after printing its port.
+fn serve_echo() -> Result<()> {
+    tokio::runtime::Runtime::new()?.block_on(async {
+        let echo = targets::start(Mode::Echo).await?;
+        println!("{}", echo.addr.port());
+        std::future::pending::<()>().await;
+        Ok(())
+    })
 }

@@ -35,6 +35,26 @@ impl Drop for Process {
     }
 }
 
+/// Starts one of the bench binary's helper commands (`args`), which prints the port it listens
+/// on (on 127.0.0.1) as its first line, and returns it with that address.
+pub fn spawn_helper(bench_binary: &Path, args: &[&str]) -> Result<(Process, SocketAddr)> {
+    let mut child = Command::new(bench_binary)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {} {}", bench_binary.display(), args.join(" ")))?;
+    let stdout = child.stdout.take().context("helper stdout")?;
+    let process = Process::new(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let port: u16 = line
+        .trim()
+        .parse()
+        .with_context(|| format!("{} printed {line:?}, not its port", args.join(" ")))?;
+    Ok((process, SocketAddr::from(([127, 0, 0, 1], port))))
+}
+
 /// A port free on `ip` right now.
 pub fn free_port(ip: &str) -> Result<u16> {
     Ok(std::net::TcpListener::bind((ip, 0))?.local_addr()?.port())

@@ -3,14 +3,12 @@
 //! direction: whatever they add to a round trip is the cost of two extra processes on the path,
 //! which any two-process tunnel (ours, rathole) pays before doing any work of its own.
 
-use std::io::{BufRead, BufReader};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result};
 
-use crate::processes::Process;
+use crate::processes::{spawn_helper, Process};
 
 /// Relays every connection accepted on a free port of 127.0.0.1 to `target`, forever; prints the
 /// port it listens on as the first line of stdout.
@@ -49,30 +47,14 @@ pub struct RelayChain {
 impl RelayChain {
     /// Starts `bench_binary relay` twice: the second forwards to `target`, the first to it.
     pub fn start(bench_binary: &Path, target: SocketAddr) -> Result<Self> {
-        let (second, second_addr) = spawn_relay(bench_binary, target)?;
-        let (first, addr) = spawn_relay(bench_binary, second_addr)?;
+        let relay = |target: SocketAddr| {
+            spawn_helper(bench_binary, &["relay", "--target", &target.to_string()])
+        };
+        let (second, second_addr) = relay(target)?;
+        let (first, addr) = relay(second_addr)?;
         Ok(Self {
             addr,
             _processes: [first, second],
         })
     }
-}
-
-/// Starts one relay to `target` and reads the address it listens on.
-fn spawn_relay(bench_binary: &Path, target: SocketAddr) -> Result<(Process, SocketAddr)> {
-    let mut child = Command::new(bench_binary)
-        .args(["relay", "--target", &target.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {} relay", bench_binary.display()))?;
-    let stdout = child.stdout.take().context("relay stdout")?;
-    let process = Process::new(child);
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line)?;
-    let port: u16 = line
-        .trim()
-        .parse()
-        .with_context(|| format!("the relay printed {line:?}, not its port"))?;
-    Ok((process, SocketAddr::from(([127, 0, 0, 1], port))))
 }
