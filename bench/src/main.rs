@@ -21,7 +21,7 @@ struct Args {
     )]
     binary: PathBuf,
     /// A run of a few seconds that only shows that every measurement works.
-    #[arg(long)]
+    #[arg(long, env = "REMOTEINGRESS_BENCH_QUICK")]
     quick: bool,
     /// Only these measurements (comma-separated); all of them when not given.
     #[arg(long, env = "REMOTEINGRESS_BENCH_ONLY", value_delimiter = ',')]
