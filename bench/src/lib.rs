@@ -165,19 +165,26 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
         }
     }
     let echo = targets::start(Mode::Echo).await?;
-    let (relays, idle_echo) = match &config.helpers {
+    let helpers_for = |section| {
+        config
+            .helpers
+            .as_ref()
+            .filter(|_| config.sections.contains(&section))
+    };
+    let relays = match helpers_for(Section::Latency) {
         Some(binary) => {
-            let chain = if config.sections.contains(&Section::Latency) {
-                let chain = relay::RelayChain::start(binary, echo.addr)?;
-                wait_round_trip(chain.addr).await?;
-                Some(chain)
-            } else {
-                None
-            };
-            let (process, addr) = processes::spawn_helper(binary, &["echo"])?;
-            (chain, (addr, Some(process)))
+            let chain = relay::RelayChain::start(binary, echo.addr)?;
+            wait_round_trip(chain.addr).await?;
+            Some(chain)
         }
-        None => (None, (echo.addr, None)),
+        None => None,
+    };
+    let idle_echo = match helpers_for(Section::Memory) {
+        Some(binary) => {
+            let (process, addr) = processes::spawn_helper(binary, &["echo"])?;
+            (addr, Some(process))
+        }
+        None => (echo.addr, None),
     };
     let targets = Targets {
         sink: targets::start(Mode::Sink).await?,
@@ -290,11 +297,11 @@ async fn run_transport(
     let tunnel = Tunnel::start(&config.binary, &ports, transport).await?;
     let pids = [tunnel.hub.pid(), tunnel.edge.pid()];
     let mut rows = measure_tcp(config, targets, via, pids, idle_connections).await?;
-    let udp = SocketAddr::new(via.sink.ip(), udp_port);
 
     if !config.sections.contains(&Section::Udp) {
         return Ok(rows);
     }
+    let udp = SocketAddr::new(via.sink.ip(), udp_port);
     let duration = Duration::from_secs_f64(config.connect_secs);
     let direct = udp_rate(targets.udp.addr, &targets.udp, duration).await?;
     wait_udp_path(udp, &targets.udp).await?;
@@ -578,19 +585,9 @@ async fn idle_memory(pids: [u32; 2], addr: SocketAddr, count: usize) -> Result<V
     for _ in 0..2 {
         let mut held = Vec::with_capacity(count);
         for opened in 0..count {
-            let open = async {
-                let mut socket = TcpStream::connect(addr).await?;
-                socket.write_all(&[1]).await?;
-                socket.read_exact(&mut [0u8; 1]).await?;
-                Ok::<_, std::io::Error>(socket)
-            };
-            let socket = tokio::time::timeout(Duration::from_secs(10), open)
-                .await
-                .map_err(|_| anyhow::anyhow!("no answer within 10 s"))
-                .and_then(|opened| Ok(opened?))
-                .with_context(|| {
-                    format!("idle connection {} of {count} through {addr}", opened + 1)
-                })?;
+            let socket = open_idle_connection(addr).await.with_context(|| {
+                format!("idle connection {} of {count} through {addr}", opened + 1)
+            })?;
             held.push(socket);
         }
         let rss_held = rss()?;
@@ -656,6 +653,20 @@ const COMPARISONS: [Comparison; 2] = [
         figure: |row| row.relay_floor,
     },
 ];
+
+/// Opens a connection through `addr` and makes one exchange, so that it is known to reach the
+/// target; 10 s at most.
+async fn open_idle_connection(addr: SocketAddr) -> Result<TcpStream> {
+    let open = async {
+        let mut socket = TcpStream::connect(addr).await?;
+        socket.write_all(&[1]).await?;
+        socket.read_exact(&mut [0u8; 1]).await?;
+        Ok::<_, std::io::Error>(socket)
+    };
+    Ok(tokio::time::timeout(Duration::from_secs(10), open)
+        .await
+        .context("no answer within 10 s")??)
+}
 
 /// The rows as an aligned table, with the columns of each comparison that has figures.
 pub fn table(rows: &[Row]) -> String {
