@@ -6,9 +6,9 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use remoteingress_tunnel::{pipe, SessionHandle};
+use remoteingress_tunnel::{listen_tcp, pipe, SessionHandle};
 use remoteingress_wire::proxy::ProxyV1;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
@@ -56,7 +56,7 @@ impl PortSet {
                 continue;
             }
             let addr = SocketAddr::new(self.bind_address, port);
-            let listener = bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let listener = listen_tcp(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
             fresh.push((port, listener));
         }
         Ok(fresh)
@@ -109,20 +109,6 @@ impl Drop for PortSet {
             cancel.cancel();
         }
     }
-}
-
-/// Pending connections the kernel queues per listener before accept.
-const BACKLOG: u32 = 4096;
-
-fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.bind(addr)?;
-    socket.listen(BACKLOG)
 }
 
 async fn accept_loop(

@@ -310,13 +310,13 @@ impl Hub {
                     message,
                 })?;
         }
-        let listener = tokio::net::TcpListener::bind(options.listen_addr)
-            .await
-            .map_err(|source| HubError::Bind {
+        let listener = remoteingress_tunnel::listen_tcp(options.listen_addr).map_err(|source| {
+            HubError::Bind {
                 addr: options.listen_addr,
                 protocol: "tcp",
                 source,
-            })?;
+            }
+        })?;
         let local_addr = listener.local_addr().map_err(|source| HubError::Bind {
             addr: options.listen_addr,
             protocol: "tcp",

@@ -14,7 +14,7 @@ use remoteingress_hub::{AllowedEdge, Hub, HubError, HubHandle, HubOptions};
 use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions};
 use remoteingress_wire::proxy::ProxyV1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Edge listeners live here so they never collide with targets on 127.0.0.1.
 pub const EDGE_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 2));
@@ -133,7 +133,9 @@ pub struct EchoTarget {
 }
 
 pub async fn echo_target() -> EchoTarget {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Hundreds of streams connect at once in some tests: the default backlog of 128 would
+    // overflow into SYN cookies, which can reset a connection.
+    let listener = remoteingress_tunnel::listen_tcp(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
     let addr = listener.local_addr().unwrap();
     let headers = Arc::new(Mutex::new(Vec::new()));
     let seen = headers.clone();

@@ -3,6 +3,7 @@
 //! piping between sockets and tunnelled streams.
 
 pub mod line;
+mod listen;
 pub mod mux;
 pub mod pipe;
 pub mod quic;
@@ -10,6 +11,7 @@ mod session;
 mod stream;
 pub mod tls;
 
+pub use listen::{listen_tcp, BACKLOG};
 pub use mux::{spawn_session, Role, SessionError, SessionEvent, SessionOptions, SessionStats};
 pub use pipe::{pipe, Piped};
 pub use quic::spawn_quic_session;
