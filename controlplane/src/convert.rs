@@ -4,6 +4,7 @@
 use std::time::SystemTime;
 
 use remoteingress_edge::EdgeEvent;
+use remoteingress_hub::Transport;
 use remoteingress_hub::{
     AllowedEdge, ConnectedEdge, EdgeInfo, HubError, HubEvent, TokenSecretError,
 };
@@ -250,12 +251,14 @@ pub(crate) fn edge_info(info: EdgeInfo) -> pb::EdgeInfo {
     }
 }
 
-pub(crate) fn transport(name: &str) -> i32 {
-    match name {
-        "tcpTls" => pb::Transport::TcpTls as i32,
-        "quic" => pb::Transport::Quic as i32,
-        _ => pb::Transport::Unspecified as i32,
-    }
+/// The proto enum of a tunnel's transport (unspecified when there is no tunnel).
+pub(crate) fn transport(transport: Option<Transport>) -> i32 {
+    let transport = match transport {
+        Some(Transport::TcpTls) => pb::Transport::TcpTls,
+        Some(Transport::Quic) => pb::Transport::Quic,
+        None => pb::Transport::Unspecified,
+    };
+    transport as i32
 }
 
 pub(crate) fn connected_edge(edge: ConnectedEdge) -> pb::ConnectedEdge {
@@ -263,7 +266,7 @@ pub(crate) fn connected_edge(edge: ConnectedEdge) -> pb::ConnectedEdge {
         id: edge.id,
         connected_since: Some(edge.connected_since.into()),
         remote_addr: edge.remote_addr.to_string(),
-        transport: transport(edge.transport),
+        transport: transport(Some(edge.transport)),
         active_streams: u32::try_from(edge.active_streams).unwrap_or(u32::MAX),
         active_udp_sessions: u32::try_from(edge.active_udp_sessions).unwrap_or(u32::MAX),
         bytes_in: edge.bytes_in,
@@ -286,7 +289,7 @@ pub(crate) fn hub_event(event: HubEvent) -> (pb::EventKind, pb::WatchEventsRespo
             edge_id,
             HubPbEvent::EdgeConnected(pb::EdgeConnected {
                 remote_addr: remote_addr.to_string(),
-                transport: transport(name),
+                transport: transport(Some(name)),
             }),
         ),
         HubEvent::EdgeDisconnected { edge_id, reason } => (
@@ -297,6 +300,7 @@ pub(crate) fn hub_event(event: HubEvent) -> (pb::EventKind, pb::WatchEventsRespo
         HubEvent::AuthFailed {
             remote_addr,
             reason,
+            kind: _,
         } => (
             Kind::AuthFailed,
             String::new(),
@@ -381,7 +385,7 @@ pub(crate) fn edge_event(event: EdgeEvent) -> pb::EdgeStatusWatchEventsResponse 
     let event = match event {
         EdgeEvent::TunnelConnected { transport: name } => {
             Event::TunnelConnected(pb::TunnelConnected {
-                transport: transport(name),
+                transport: transport(Some(name)),
             })
         }
         EdgeEvent::TunnelDisconnected { reason } => {

@@ -4,9 +4,9 @@ use remoteingress_edge::{EdgeHandle, FirewallState};
 use tonic::{Request, Response, Status};
 
 use crate::convert::{edge_event, edge_events_missed};
+use crate::events::{forward_events, EventStream};
 use crate::pb;
 use crate::pb::edge_status_server::EdgeStatus;
-use crate::server::{forward_events, EventStream};
 
 /// The edge status service.
 pub(crate) struct EdgeStatusService {
@@ -38,7 +38,7 @@ impl EdgeStatus for EdgeStatusService {
         Ok(Response::new(pb::EdgeStatusGetStatusResponse {
             running: status.running,
             connected: status.connected,
-            transport: crate::convert::transport(status.transport.unwrap_or_default()),
+            transport: crate::convert::transport(status.transport),
             public_ip: status
                 .public_ip
                 .map(|ip| ip.to_string())

@@ -7,9 +7,9 @@ use tonic::{Request, Response, Status};
 use crate::convert::{
     connected_edge, edge_from_proto, edge_info, hub_event, hub_events_missed, hub_status,
 };
+use crate::events::{forward_events, EventStream};
 use crate::pb;
 use crate::pb::hub_admin_server::HubAdmin;
-use crate::server::{forward_events, EventStream};
 
 /// The admin service.
 pub(crate) struct HubAdminService {

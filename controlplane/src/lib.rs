@@ -7,6 +7,7 @@
 
 mod convert;
 mod edge_status;
+mod events;
 mod hub_admin;
 mod metrics_http;
 mod server;

@@ -14,18 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use remoteingress_tunnel::line::read_line;
 use remoteingress_tunnel::tls::{client_config, TlsError};
 use remoteingress_tunnel::{
-    quic, spawn_quic_session, spawn_session, HubTrust, Role, SessionEvent, SessionHandle,
-    SessionOptions,
+    quic, HubTrust, Link, LinkError, Role, SessionEvent, SessionHandle, SessionOptions,
 };
 use remoteingress_wire::frame::FrameType;
 use remoteingress_wire::handshake::{parse_reply, EdgeHello, HandshakeError};
 use remoteingress_wire::EdgeConfig;
 use thiserror::Error;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tokio::sync::{broadcast, mpsc, Semaphore};
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -35,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 pub use backoff::BackoffPolicy;
 pub use firewall::{Firewall, FirewallMode, FirewallState};
 use ports::PortSet;
+pub use remoteingress_tunnel::Transport;
 use udp::{UdpLimits, UdpPorts};
 
 /// Longest handshake reply (the edge's configuration) accepted from the hub.
@@ -153,8 +150,8 @@ pub enum TransportMode {
 pub enum EdgeEvent {
     /// The tunnel is up.
     TunnelConnected {
-        /// `tcpTls` or `quic`.
-        transport: &'static str,
+        /// The transport of the tunnel.
+        transport: Transport,
     },
     /// The tunnel went down (the edge reconnects).
     TunnelDisconnected {
@@ -203,8 +200,8 @@ pub struct EdgeStatus {
     pub running: bool,
     /// Whether the tunnel is up.
     pub connected: bool,
-    /// `tcpTls` while connected.
-    pub transport: Option<&'static str>,
+    /// The tunnel's transport while connected.
+    pub transport: Option<Transport>,
     /// Streams open now.
     pub active_streams: usize,
     /// TCP ports listened on.
@@ -407,7 +404,7 @@ async fn supervise(inner: Arc<EdgeInner>) {
             }
             Err(error) => {
                 tracing::warn!(hub = %inner.options.hub_host, port = inner.options.hub_port, %error, "cannot reach the hub");
-                inner.update(|s| s.last_error = Some(error));
+                inner.update(|s| s.last_error = Some(error.to_string()));
             }
         }
         let delay = backoff.next_delay(rand::random::<f64>());
@@ -420,100 +417,75 @@ async fn supervise(inner: Arc<EdgeInner>) {
 
 type Connected = (SessionHandle, mpsc::Receiver<SessionEvent>, EdgeConfig);
 
-/// One attempt: TCP, TLS (verifying the hub), the handshake, and the session.
-async fn connect(inner: &EdgeInner) -> Result<Connected, String> {
+/// Why one attempt to reach the hub failed.
+#[derive(Debug, Error)]
+pub enum ConnectError {
+    /// TCP, TLS, QUIC or the handshake line failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The hub refused the edge, or its reply was not valid.
+    #[error(transparent)]
+    Refused(#[from] HandshakeError),
+    /// The QUIC endpoint could not be set up.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The attempt took longer than allowed.
+    #[error("connecting to the hub timed out")]
+    Timeout,
+}
+
+/// One attempt: the transport (verifying the hub), the handshake, and the session.
+async fn connect(inner: &EdgeInner) -> Result<Connected, ConnectError> {
     let options = &inner.options;
     if options.trust == HubTrust::Insecure {
         tracing::warn!(
             "--insecure: the hub's certificate is NOT verified; the secret may reach an impostor"
         );
     }
+    let within = |budget, transport| async move {
+        tokio::time::timeout(budget, connect_over(inner, transport))
+            .await
+            .map_err(|_| ConnectError::Timeout)?
+    };
     match options.transport {
-        TransportMode::TcpTls => timeout(options.connect_timeout, connect_tls(inner)).await,
-        TransportMode::Quic => timeout(options.connect_timeout, connect_quic(inner)).await,
+        TransportMode::TcpTls => within(options.connect_timeout, Transport::TcpTls).await,
+        TransportMode::Quic => within(options.connect_timeout, Transport::Quic).await,
         TransportMode::QuicWithFallback => {
-            match timeout(options.quic_fallback_after, connect_quic(inner)).await {
+            match within(options.quic_fallback_after, Transport::Quic).await {
                 Ok(connected) => {
                     tracing::info!("connected over QUIC");
                     Ok(connected)
                 }
                 Err(error) => {
                     tracing::warn!(%error, "QUIC did not connect; falling back to TLS");
-                    timeout(options.connect_timeout, connect_tls(inner)).await
+                    within(options.connect_timeout, Transport::TcpTls).await
                 }
             }
         }
     }
 }
 
-/// `attempt`, given at most `budget`.
-async fn timeout(
-    budget: Duration,
-    attempt: impl std::future::Future<Output = Result<Connected, String>>,
-) -> Result<Connected, String> {
-    tokio::time::timeout(budget, attempt)
-        .await
-        .map_err(|_| "connecting to the hub timed out".to_owned())?
-}
-
-async fn connect_tls(inner: &EdgeInner) -> Result<Connected, String> {
+/// Connects over `transport`, sends the handshake line and starts the session.
+async fn connect_over(inner: &EdgeInner, transport: Transport) -> Result<Connected, ConnectError> {
     let options = &inner.options;
-    let tcp = TcpStream::connect((options.hub_host.as_str(), options.hub_port))
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let _ = tcp.set_nodelay(true);
-    let mut tls = inner
-        .tls
-        .connect(inner.server_name.clone(), tcp)
-        .await
-        .map_err(|e| format!("TLS: {e}"))?;
-    tls.write_all(inner.hello.to_line().as_bytes())
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let (line, rest) = read_line(&mut tls, MAX_REPLY_LEN)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let config = parse_reply(&line).map_err(|e| e.to_string())?;
-    let (session, events) = spawn_session(tls, rest, Role::Edge, options.session.clone());
-    Ok((session, events, config))
-}
-
-async fn connect_quic(inner: &EdgeInner) -> Result<Connected, String> {
-    let options = &inner.options;
-    let hub = tokio::net::lookup_host((options.hub_host.as_str(), options.hub_port))
-        .await
-        .map_err(|e| format!("resolving {}: {e}", options.hub_host))?
-        .next()
-        .ok_or_else(|| format!("{} has no address", options.hub_host))?;
-    let endpoint =
-        quic::client_endpoint(&options.trust, &options.session).map_err(|e| e.to_string())?;
-    let server_name = match &inner.server_name {
-        ServerName::DnsName(name) => name.as_ref().to_owned(),
-        _ => "remoteingress-hub".to_owned(),
+    let (host, port) = (options.hub_host.as_str(), options.hub_port);
+    let mut link = match transport {
+        Transport::TcpTls => {
+            Link::connect_tls(&inner.tls, inner.server_name.clone(), host, port).await?
+        }
+        Transport::Quic => {
+            let endpoint = quic::client_endpoint(&options.trust, &options.session)?;
+            let server_name = match &inner.server_name {
+                ServerName::DnsName(name) => name.as_ref().to_owned(),
+                _ => "remoteingress-hub".to_owned(),
+            };
+            Link::connect_quic(&endpoint, host, port, &server_name).await?
+        }
     };
-    let connection = endpoint
-        .connect(hub, &server_name)
-        .map_err(|e| format!("QUIC: {e}"))?
-        .await
-        .map_err(|e| format!("QUIC: {e}"))?;
-    let (mut send, mut recv) = connection
-        .open_bi()
-        .await
-        .map_err(|e| format!("QUIC: {e}"))?;
-    quic::write_line(&mut send, &inner.hello.to_line())
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let (line, rest) = read_line(&mut recv, MAX_REPLY_LEN)
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
-    let config = parse_reply(&line).map_err(|e| e.to_string())?;
-    let (session, events) = spawn_quic_session(
-        connection,
-        (send, recv),
-        rest,
-        Role::Edge,
-        options.session.clone(),
-    );
+    link.write_line(&inner.hello.to_line()).await?;
+    let (line, rest) = link.read_line(MAX_REPLY_LEN).await?;
+    let config = parse_reply(&line)?;
+    let (session, events) = link.into_session(rest, Role::Edge, options.session.clone());
     Ok((session, events, config))
 }
 
@@ -606,7 +578,7 @@ async fn serve(
         .add(metrics::Totals::of(session.stats()));
     session
         .close_reason()
-        .unwrap_or_else(|| "tunnel closed".to_owned())
+        .map_or_else(|| "tunnel closed".to_owned(), |reason| reason.to_string())
 }
 
 /// What one tunnel session serves: its public listeners and its STUN refresh interval.

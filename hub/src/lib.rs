@@ -4,7 +4,9 @@
 //! [`Hub::start`] returns a [`HubHandle`]: the Rust API over allowed edges, status and events
 //! that the CLI and the gRPC control plane drive.
 
+mod admission;
 mod edges;
+mod handshake;
 mod metrics;
 mod registry;
 mod secret;
@@ -25,7 +27,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 pub use edges::{load_edges_file, validate_all, AllowedEdge};
+pub use handshake::AuthFailure;
 use registry::Registry;
+pub use remoteingress_tunnel::Transport;
 
 /// Why a hub operation failed.
 #[derive(Debug, Error)]
@@ -146,8 +150,8 @@ pub enum HubEvent {
         edge_id: String,
         /// Address it connected from.
         remote_addr: SocketAddr,
-        /// `tcpTls` or `quic`.
-        transport: &'static str,
+        /// The transport of its tunnel.
+        transport: Transport,
     },
     /// An edge's tunnel ended.
     EdgeDisconnected {
@@ -160,6 +164,8 @@ pub enum HubEvent {
     AuthFailed {
         /// Address it came from.
         remote_addr: SocketAddr,
+        /// The failure's label ([`AuthFailure::label`]).
+        kind: &'static str,
         /// What was wrong (never the secret).
         reason: String,
     },
@@ -237,8 +243,8 @@ pub struct ConnectedEdge {
     pub connected_since: SystemTime,
     /// Address it connected from.
     pub remote_addr: SocketAddr,
-    /// `tcpTls`.
-    pub transport: &'static str,
+    /// The transport of its tunnel.
+    pub transport: Transport,
     /// Streams open now.
     pub active_streams: usize,
     /// Payload bytes received from the edge.
@@ -277,6 +283,8 @@ pub(crate) struct HubInner {
     changes: tokio::sync::Mutex<()>,
     events: broadcast::Sender<HubEvent>,
     metrics: metrics::HubMetrics,
+    /// Slots for unauthenticated tunnel connections, over both transports.
+    admissions: Arc<admission::Admissions>,
     shutdown: CancellationToken,
     /// Cancelled to stop accepting tunnels (a child of `shutdown`).
     accepting: CancellationToken,
@@ -327,6 +335,10 @@ impl Hub {
         let shutdown = CancellationToken::new();
         let inner = Arc::new(HubInner {
             accepting: shutdown.child_token(),
+            admissions: admission::Admissions::new(
+                options.max_unauthenticated,
+                options.max_unauthenticated_per_source,
+            ),
             metrics: hub_metrics,
             options,
             local_addr,

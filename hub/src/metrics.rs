@@ -111,7 +111,7 @@ pub(crate) struct Totals {
 }
 
 impl Totals {
-    pub(crate) fn of(stats: &remoteingress_tunnel::mux::SessionStats) -> Self {
+    pub(crate) fn of(stats: &remoteingress_tunnel::SessionStats) -> Self {
         Self {
             bytes_in: stats.bytes_in.load(Ordering::Relaxed),
             bytes_out: stats.bytes_out.load(Ordering::Relaxed),

@@ -1,52 +1,21 @@
 //! The tunnel listener: admission limits, TLS, the handshake, the session of each edge, and
 //! forwarding of each stream to its target.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 
 use bytes::Bytes;
-use remoteingress_tunnel::line::read_line;
-use remoteingress_tunnel::{
-    pipe, spawn_session, Role, SessionEvent, SessionHandle, StreamReader, StreamWriter,
-};
-use remoteingress_wire::handshake::{
-    accept_reply, error_reply, EdgeHello, MAX_LINE_LEN, UNAUTHORIZED,
-};
+use remoteingress_tunnel::{pipe, Role, SessionEvent, SessionHandle, StreamReader, StreamWriter};
 use remoteingress_wire::proxy::ProxyV1;
-use remoteingress_wire::EdgeConfig;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
+use crate::handshake::{authenticate, AuthFailure, Authenticated, Incoming};
 use crate::udp::UdpSessions;
 use crate::{HubEvent, HubInner};
-
-/// Counts unauthenticated connections per source address.
-#[derive(Default)]
-struct PerSource(Mutex<HashMap<IpAddr, usize>>);
-
-/// Holds one unauthenticated slot (global and per source) until dropped.
-struct Admission {
-    _global: OwnedSemaphorePermit,
-    source: IpAddr,
-    per_source: Arc<PerSource>,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        let mut counts = self.per_source.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.source) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.source);
-            }
-        }
-    }
-}
 
 pub(crate) async fn accept_loop(
     inner: Arc<HubInner>,
@@ -54,155 +23,25 @@ pub(crate) async fn accept_loop(
     tls: Arc<ServerConfig>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    let global = Arc::new(Semaphore::new(inner.options.max_unauthenticated));
-    let per_source = Arc::new(PerSource::default());
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = inner.accepting.cancelled() => return,
         };
-        let (tcp, remote_addr) = match accepted {
-            Ok(pair) => pair,
+        match accepted {
+            Ok((tcp, remote_addr)) => {
+                admit(&inner, Incoming::Tls(tcp, acceptor.clone()), remote_addr);
+            }
             Err(e) => {
                 // Out of file descriptors and the like: pause instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                continue;
             }
-        };
-        let Some(admission) = admit(&inner, &global, &per_source, remote_addr.ip()) else {
-            tracing::warn!(%remote_addr, "too many unauthenticated tunnel connections; dropped");
-            inner
-                .metrics
-                .auth_failures
-                .with_label_values(&["limit"])
-                .inc();
-            continue;
-        };
-        let inner = inner.clone();
-        let acceptor = acceptor.clone();
-        tokio::spawn(async move {
-            handle_connection(inner, acceptor, tcp, remote_addr, admission).await;
-        });
-    }
-}
-
-fn admit(
-    inner: &HubInner,
-    global: &Arc<Semaphore>,
-    per_source: &Arc<PerSource>,
-    source: IpAddr,
-) -> Option<Admission> {
-    let permit = global.clone().try_acquire_owned().ok()?;
-    let mut counts = per_source.0.lock().unwrap_or_else(|p| p.into_inner());
-    let count = counts.entry(source).or_default();
-    if *count >= inner.options.max_unauthenticated_per_source {
-        return None;
-    }
-    *count += 1;
-    Some(Admission {
-        _global: permit,
-        source,
-        per_source: per_source.clone(),
-    })
-}
-
-fn auth_failed(inner: &HubInner, remote_addr: SocketAddr, kind: &str, reason: String) {
-    tracing::warn!(%remote_addr, %reason, "edge authentication failed");
-    inner.metrics.auth_failures.with_label_values(&[kind]).inc();
-    inner.emit(HubEvent::AuthFailed {
-        remote_addr,
-        reason,
-    });
-}
-
-/// Runs a handshake within the deadline; a failure or timeout is reported and gives `None`.
-async fn within_deadline<T>(
-    inner: &HubInner,
-    remote_addr: SocketAddr,
-    handshake: impl std::future::Future<Output = Result<T, (&'static str, String)>>,
-) -> Option<T> {
-    match tokio::time::timeout(inner.options.handshake_timeout, handshake).await {
-        Ok(Ok(done)) => Some(done),
-        Ok(Err((kind, reason))) => {
-            auth_failed(inner, remote_addr, kind, reason);
-            None
-        }
-        Err(_) => {
-            let reason = "handshake not finished in time".into();
-            auth_failed(inner, remote_addr, "timeout", reason);
-            None
         }
     }
-}
-
-/// Checks a handshake line: the edge and its configuration, or the failure kind and reason.
-fn check_hello(
-    inner: &HubInner,
-    line: &[u8],
-) -> Result<(EdgeHello, EdgeConfig), (&'static str, String)> {
-    let hello = EdgeHello::parse(line).map_err(|e| ("malformed", e.to_string()))?;
-    // Bound first: a guard in the match scrutinee would live through the arms below.
-    let config = inner.registry().authenticate(&hello.edge_id, &hello.secret);
-    match config {
-        Some(config) => Ok((hello, config)),
-        None => {
-            if inner.registry().is_configured(&hello.edge_id) {
-                inner
-                    .metrics
-                    .edge_connections
-                    .with_label_values(&[&hello.edge_id, "rejected"])
-                    .inc();
-            }
-            Err((
-                "bad_credentials",
-                format!("bad credentials for edge {:?}", hello.edge_id),
-            ))
-        }
-    }
-}
-
-async fn handle_connection(
-    inner: Arc<HubInner>,
-    acceptor: TlsAcceptor,
-    tcp: TcpStream,
-    remote_addr: SocketAddr,
-    admission: Admission,
-) {
-    let _ = tcp.set_nodelay(true);
-    let handshake = async {
-        let mut tls = acceptor
-            .accept(tcp)
-            .await
-            .map_err(|e| ("tls", format!("TLS: {e}")))?;
-        let (line, rest) = read_line(&mut tls, MAX_LINE_LEN)
-            .await
-            .map_err(|e| ("malformed", format!("handshake: {e}")))?;
-        Ok::<_, (&str, String)>((tls, line, rest))
-    };
-    let Some((mut tls, line, rest)) = within_deadline(&inner, remote_addr, handshake).await else {
-        return;
-    };
-    let (hello, config) = match check_hello(&inner, &line) {
-        Ok(accepted) => accepted,
-        Err((kind, reason)) => {
-            let _ = tls.write_all(error_reply(UNAUTHORIZED).as_bytes()).await;
-            let _ = tls.shutdown().await;
-            return auth_failed(&inner, remote_addr, kind, reason);
-        }
-    };
-    if let Err(e) = tls.write_all(accept_reply(&config).as_bytes()).await {
-        let reason = format!("writing the reply failed: {e}");
-        return auth_failed(&inner, remote_addr, "tls", reason);
-    }
-    drop(admission);
-    let (session, events) = spawn_session(tls, rest, Role::Hub, inner.options.session.clone());
-    run_session(&inner, hello, config, session, events, remote_addr).await;
 }
 
 pub(crate) async fn quic_accept_loop(inner: Arc<HubInner>, endpoint: quinn::Endpoint) {
-    let global = Arc::new(Semaphore::new(inner.options.max_unauthenticated));
-    let per_source = Arc::new(PerSource::default());
     loop {
         let incoming = tokio::select! {
             incoming = endpoint.accept() => match incoming {
@@ -212,82 +51,46 @@ pub(crate) async fn quic_accept_loop(inner: Arc<HubInner>, endpoint: quinn::Endp
             () = inner.accepting.cancelled() => break,
         };
         let remote_addr = incoming.remote_address();
-        let Some(admission) = admit(&inner, &global, &per_source, remote_addr.ip()) else {
-            inner
-                .metrics
-                .auth_failures
-                .with_label_values(&["limit"])
-                .inc();
-            incoming.refuse();
-            continue;
-        };
-        let inner = inner.clone();
-        tokio::spawn(async move { handle_quic(inner, incoming, remote_addr, admission).await });
+        admit(&inner, Incoming::Quic(Box::new(incoming)), remote_addr);
     }
     endpoint.close(quinn::VarInt::from_u32(0), b"hub shutting down");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 
-async fn handle_quic(
-    inner: Arc<HubInner>,
-    incoming: quinn::Incoming,
-    remote_addr: SocketAddr,
-    admission: Admission,
-) {
-    let handshake = async {
-        let connection = incoming
-            .accept()
-            .map_err(|e| ("tls", format!("QUIC: {e}")))?
-            .await
-            .map_err(|e| ("tls", format!("QUIC: {e}")))?;
-        let (send, mut recv) = connection
-            .accept_bi()
-            .await
-            .map_err(|e| ("malformed", format!("no control stream: {e}")))?;
-        let (line, rest) = read_line(&mut recv, MAX_LINE_LEN)
-            .await
-            .map_err(|e| ("malformed", format!("handshake: {e}")))?;
-        Ok::<_, (&str, String)>((connection, send, recv, line, rest))
-    };
-    let Some((connection, mut send, recv, line, rest)) =
-        within_deadline(&inner, remote_addr, handshake).await
-    else {
+/// Takes an unauthenticated slot for a new tunnel connection and serves it, or refuses it when
+/// the hub's admission limits are reached (the same limits for both transports).
+fn admit(inner: &Arc<HubInner>, incoming: Incoming, remote_addr: SocketAddr) {
+    let Some(admission) = inner.admissions.admit(remote_addr.ip()) else {
+        tracing::warn!(%remote_addr, "too many unauthenticated tunnel connections; dropped");
+        inner
+            .metrics
+            .auth_failures
+            .with_label_values(&[AuthFailure::Limit.label()])
+            .inc();
+        if let Incoming::Quic(incoming) = incoming {
+            incoming.refuse();
+        }
         return;
     };
-    let (hello, config) = match check_hello(&inner, &line) {
-        Ok(accepted) => accepted,
-        Err((kind, reason)) => {
-            let _ = send.write_all(error_reply(UNAUTHORIZED).as_bytes()).await;
-            let _ = send.finish();
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
-            connection.close(quinn::VarInt::from_u32(1), UNAUTHORIZED.as_bytes());
-            return auth_failed(&inner, remote_addr, kind, reason);
-        }
-    };
-    if let Err(e) = send.write_all(accept_reply(&config).as_bytes()).await {
-        let reason = format!("writing the reply failed: {e}");
-        return auth_failed(&inner, remote_addr, "tls", reason);
-    }
-    drop(admission);
-    let (session, events) = remoteingress_tunnel::spawn_quic_session(
-        connection,
-        (send, recv),
-        rest,
-        Role::Hub,
-        inner.options.session.clone(),
-    );
-    run_session(&inner, hello, config, session, events, remote_addr).await;
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let Some(authenticated) = authenticate(&inner, incoming, remote_addr).await else {
+            return;
+        };
+        drop(admission);
+        run_session(&inner, authenticated, remote_addr).await;
+    });
 }
 
 /// Registers an authenticated tunnel, serves it until it ends, and forgets it.
-async fn run_session(
-    inner: &Arc<HubInner>,
-    hello: EdgeHello,
-    config: EdgeConfig,
-    session: SessionHandle,
-    events: tokio::sync::mpsc::Receiver<SessionEvent>,
-    remote_addr: SocketAddr,
-) {
+async fn run_session(inner: &Arc<HubInner>, authenticated: Authenticated, remote_addr: SocketAddr) {
+    let Authenticated {
+        link,
+        hello,
+        config,
+        rest,
+    } = authenticated;
+    let (session, events) = link.into_session(rest, Role::Hub, inner.options.session.clone());
     let edge_id = hello.edge_id.clone();
     let attached = inner.registry().attach(
         &edge_id,
@@ -301,7 +104,7 @@ async fn run_session(
         return;
     };
     let transport = session.transport();
-    tracing::info!(edge = %edge_id, %remote_addr, transport, "edge connected");
+    tracing::info!(edge = %edge_id, %remote_addr, %transport, "edge connected");
     inner
         .metrics
         .edge_connections
@@ -315,10 +118,10 @@ async fn run_session(
     crate::registry::perform(inner, newer.into_iter().collect()).await;
     serve_session(inner, &edge_id, connection_id, &session, events).await;
     inner.registry().detach(&edge_id, connection_id);
+    session.close("tunnel closed");
     let reason = session
         .close_reason()
-        .unwrap_or_else(|| "tunnel closed".into());
-    session.close(reason.clone());
+        .map_or_else(|| "tunnel closed".to_owned(), |reason| reason.to_string());
     tracing::info!(edge = %edge_id, %reason, "edge disconnected");
     inner.emit(HubEvent::EdgeDisconnected { edge_id, reason });
 }

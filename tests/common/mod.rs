@@ -248,11 +248,11 @@ impl Setup {
     }
 }
 
-/// The status name of a transport.
-pub fn transport_name(transport: remoteingress_edge::TransportMode) -> &'static str {
-    match transport {
-        remoteingress_edge::TransportMode::Quic => "quic",
-        _ => "tcpTls",
+/// The transport a session runs over when the edge is set to `mode`.
+pub fn transport_name(mode: remoteingress_edge::TransportMode) -> remoteingress_edge::Transport {
+    match mode {
+        remoteingress_edge::TransportMode::Quic => remoteingress_edge::Transport::Quic,
+        _ => remoteingress_edge::Transport::TcpTls,
     }
 }
 

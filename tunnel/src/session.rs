@@ -1,21 +1,29 @@
 //! A tunnel session, whatever its transport: what hub and edge code holds and drives.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use remoteingress_wire::frame::FrameType;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::mux::{MuxSession, SessionError, SessionStats};
-use crate::quic::QuicSession;
+use crate::error::{CloseReason, SessionError};
+use crate::event::SessionEvent;
+use crate::lifecycle::{Lifecycle, SessionStats};
+use crate::mux::{self, MuxSession};
+use crate::options::{Role, SessionOptions, Transport};
+use crate::quic::{self, QuicSession};
 use crate::stream::{StreamReader, StreamWriter};
 
 /// A cheap, cloneable handle to a running tunnel session.
 #[derive(Clone, Debug)]
 pub struct SessionHandle {
-    transport: Transport,
+    session: Session,
 }
 
 #[derive(Clone, Debug)]
-enum Transport {
+enum Session {
     Mux(MuxSession),
     Quic(QuicSession),
 }
@@ -23,31 +31,57 @@ enum Transport {
 /// Calls the same method on whichever transport the session uses.
 macro_rules! dispatch {
     ($self:ident, $session:ident => $call:expr) => {
-        match &$self.transport {
-            Transport::Mux($session) => $call,
-            Transport::Quic($session) => $call,
+        match &$self.session {
+            Session::Mux($session) => $call,
+            Session::Quic($session) => $call,
         }
     };
 }
 
+/// Starts a multiplexed (TLS transport) session over an established, authenticated byte
+/// stream. `initial` holds bytes already read past the handshake. Events arrive on the returned
+/// receiver until the session ends.
+pub fn spawn_session<IO>(
+    io: IO,
+    initial: Bytes,
+    role: Role,
+    options: SessionOptions,
+) -> (SessionHandle, mpsc::Receiver<SessionEvent>)
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (session, events) = mux::start(io, initial, role, options);
+    let handle = SessionHandle {
+        session: Session::Mux(session),
+    };
+    (handle, events)
+}
+
+/// Starts a QUIC session over an authenticated connection whose control stream is `control`.
+pub(crate) fn spawn_quic_session(
+    connection: quinn::Connection,
+    control: (quinn::SendStream, quinn::RecvStream),
+    initial: Bytes,
+    role: Role,
+    options: SessionOptions,
+) -> (SessionHandle, mpsc::Receiver<SessionEvent>) {
+    let (session, events) = quic::start(connection, control, initial, role, options);
+    let handle = SessionHandle {
+        session: Session::Quic(session),
+    };
+    (handle, events)
+}
+
 impl SessionHandle {
-    pub(crate) fn mux(session: MuxSession) -> Self {
-        Self {
-            transport: Transport::Mux(session),
-        }
+    fn lifecycle(&self) -> &Lifecycle {
+        dispatch!(self, s => s.lifecycle())
     }
 
-    pub(crate) fn quic(session: QuicSession) -> Self {
-        Self {
-            transport: Transport::Quic(session),
-        }
-    }
-
-    /// `tcpTls` or `quic`.
-    pub fn transport(&self) -> &'static str {
-        match self.transport {
-            Transport::Mux(_) => "tcpTls",
-            Transport::Quic(_) => "quic",
+    /// The transport the session runs over.
+    pub fn transport(&self) -> Transport {
+        match self.session {
+            Session::Mux(_) => Transport::TcpTls,
+            Session::Quic(_) => Transport::Quic,
         }
     }
 
@@ -63,7 +97,10 @@ impl SessionHandle {
 
     /// Opens a UDP session (edge) with its PROXY v2 header; returns its id.
     pub async fn open_udp(&self, header: Bytes) -> Result<u32, SessionError> {
-        dispatch!(self, s => s.open_udp(header).await)
+        match &self.session {
+            Session::Mux(s) => s.open_udp(header).await,
+            Session::Quic(s) => s.open_udp(header),
+        }
     }
 
     /// Sends one datagram of a UDP session, or drops it (counted); true if sent.
@@ -76,45 +113,45 @@ impl SessionHandle {
         dispatch!(self, s => s.close_udp(id))
     }
 
-    /// Ends the session with `reason`.
+    /// Ends the session from our side, with `reason`.
     pub fn close(&self, reason: impl Into<String>) {
-        let reason = reason.into();
+        let reason = CloseReason::Local(reason.into());
         dispatch!(self, s => s.close(reason))
     }
 
     /// Resolves once the session has ended.
     pub async fn closed(&self) {
-        dispatch!(self, s => s.closed().await)
+        self.lifecycle().closed().await;
     }
 
     /// A token cancelled when the session ends, for work that must stop with it.
     pub fn cancellation(&self) -> CancellationToken {
-        dispatch!(self, s => s.cancellation())
+        self.lifecycle().cancellation()
     }
 
     /// True once the session has ended.
     pub fn is_closed(&self) -> bool {
-        dispatch!(self, s => s.is_closed())
+        self.lifecycle().is_closed()
     }
 
     /// Why the session ended, if it has.
-    pub fn close_reason(&self) -> Option<String> {
-        dispatch!(self, s => s.close_reason())
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.lifecycle().reason()
     }
 
     /// Streams open now.
     pub fn active_streams(&self) -> usize {
-        dispatch!(self, s => s.active_streams())
+        self.lifecycle().active()
     }
 
     /// Last round trip of the tunnel, once known (on the TLS transport the edge learns it from
     /// the hub's PINGs).
-    pub fn rtt(&self) -> Option<std::time::Duration> {
+    pub fn rtt(&self) -> Option<Duration> {
         dispatch!(self, s => s.rtt())
     }
 
     /// Traffic counters.
     pub fn stats(&self) -> &SessionStats {
-        dispatch!(self, s => s.stats())
+        &self.lifecycle().stats
     }
 }

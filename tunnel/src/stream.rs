@@ -1,16 +1,11 @@
 //! The two halves of a tunnelled TCP connection, whatever the transport: a multiplexed stream of
 //! the TLS session (with our credit), or a native QUIC stream (with QUIC's flow control).
 
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-
 use bytes::Bytes;
-use remoteingress_wire::frame::MAX_DATA_CHUNK;
-use remoteingress_wire::qos::StreamRate;
-use std::time::Instant;
 
-use crate::mux::{MuxReader, MuxWriter, SessionError};
-use crate::quic::{QuicShared, StreamGuard};
+use crate::error::SessionError;
+use crate::mux::{MuxReader, MuxWriter};
+use crate::quic::{QuicReader, QuicWriter};
 
 /// The incoming half of a tunnelled connection.
 #[derive(Debug)]
@@ -22,11 +17,7 @@ pub struct StreamReader {
 #[derive(Debug)]
 enum ReaderKind {
     Mux(MuxReader),
-    Quic {
-        recv: quinn::RecvStream,
-        shared: Arc<QuicShared>,
-        _guard: Arc<StreamGuard>,
-    },
+    Quic(QuicReader),
 }
 
 impl StreamReader {
@@ -37,19 +28,10 @@ impl StreamReader {
         }
     }
 
-    pub(crate) fn quic(
-        id: u32,
-        recv: quinn::RecvStream,
-        shared: Arc<QuicShared>,
-        guard: Arc<StreamGuard>,
-    ) -> Self {
+    pub(crate) fn quic(reader: QuicReader) -> Self {
         Self {
-            id,
-            kind: ReaderKind::Quic {
-                recv,
-                shared,
-                _guard: guard,
-            },
+            id: reader.id(),
+            kind: ReaderKind::Quic(reader),
         }
     }
 
@@ -62,21 +44,15 @@ impl StreamReader {
     pub async fn recv(&mut self) -> Option<Bytes> {
         match &mut self.kind {
             ReaderKind::Mux(reader) => reader.recv().await,
-            ReaderKind::Quic { recv, shared, .. } => {
-                let chunk = recv.read_chunk(MAX_DATA_CHUNK, true).await.ok()??;
-                shared
-                    .stats
-                    .bytes_in
-                    .fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
-                Some(chunk.bytes)
-            }
+            ReaderKind::Quic(reader) => reader.recv().await,
         }
     }
 
     /// Reports `len` bytes written onward (returns credit on the TLS transport).
-    pub async fn consumed(&self, len: usize) {
-        if let ReaderKind::Mux(reader) = &self.kind {
-            reader.consumed(len).await;
+    pub async fn consumed(&mut self, len: usize) {
+        match &mut self.kind {
+            ReaderKind::Mux(reader) => reader.consumed(len).await,
+            ReaderKind::Quic(reader) => reader.consumed(len),
         }
     }
 }
@@ -90,16 +66,8 @@ pub struct StreamWriter {
 #[derive(Debug)]
 enum WriterKind {
     Mux(MuxWriter),
-    Quic {
-        send: quinn::SendStream,
-        shared: Arc<QuicShared>,
-        rate: StreamRate,
-        _guard: Arc<StreamGuard>,
-    },
+    Quic(QuicWriter),
 }
-
-/// Send priority of sustained (elephant) QUIC streams: below every other stream.
-const SUSTAINED_PRIORITY: i32 = -1;
 
 impl StreamWriter {
     pub(crate) fn mux(writer: MuxWriter) -> Self {
@@ -108,18 +76,9 @@ impl StreamWriter {
         }
     }
 
-    pub(crate) fn quic(
-        send: quinn::SendStream,
-        shared: Arc<QuicShared>,
-        guard: Arc<StreamGuard>,
-    ) -> Self {
+    pub(crate) fn quic(writer: QuicWriter) -> Self {
         Self {
-            kind: WriterKind::Quic {
-                send,
-                shared,
-                rate: StreamRate::new(Instant::now()),
-                _guard: guard,
-            },
+            kind: WriterKind::Quic(writer),
         }
     }
 
@@ -127,7 +86,7 @@ impl StreamWriter {
     pub async fn reserve(&self) -> Result<usize, SessionError> {
         match &self.kind {
             WriterKind::Mux(writer) => writer.reserve().await,
-            WriterKind::Quic { .. } => Ok(MAX_DATA_CHUNK),
+            WriterKind::Quic(writer) => writer.reserve(),
         }
     }
 
@@ -135,20 +94,7 @@ impl StreamWriter {
     pub async fn send(&mut self, data: Bytes) -> Result<(), SessionError> {
         match &mut self.kind {
             WriterKind::Mux(writer) => writer.send(data).await,
-            WriterKind::Quic {
-                send, shared, rate, ..
-            } => {
-                let len = data.len() as u64;
-                let was_sustained = rate.is_sustained();
-                if rate.record(Instant::now(), data.len()) && !was_sustained {
-                    let _ = send.set_priority(SUSTAINED_PRIORITY);
-                }
-                send.write_chunk(data)
-                    .await
-                    .map_err(|_| SessionError::Closed)?;
-                shared.stats.bytes_out.fetch_add(len, Ordering::Relaxed);
-                Ok(())
-            }
+            WriterKind::Quic(writer) => writer.send(data).await,
         }
     }
 
@@ -156,9 +102,7 @@ impl StreamWriter {
     pub async fn finish(&mut self) {
         match &mut self.kind {
             WriterKind::Mux(writer) => writer.finish().await,
-            WriterKind::Quic { send, .. } => {
-                let _ = send.finish();
-            }
+            WriterKind::Quic(writer) => writer.finish(),
         }
     }
 }

@@ -2,7 +2,6 @@
 //! reply (the edge's configuration, or `{"error":"…"}`).
 
 use serde::Deserialize;
-use subtle::ConstantTimeEq;
 use thiserror::Error;
 
 use crate::config::EdgeConfig;
@@ -113,21 +112,6 @@ impl EdgeHello {
     }
 }
 
-/// Compares two secrets in time that depends only on their lengths.
-pub fn secrets_equal(a: &[u8], b: &[u8]) -> bool {
-    a.ct_eq(b).into()
-}
-
-/// Finds the end of a line in `buf`: the index just past `\n`, or an error once the line is
-/// longer than [`MAX_LINE_LEN`] without one.
-pub fn find_line_end(buf: &[u8]) -> Result<Option<usize>, HandshakeError> {
-    match buf.iter().take(MAX_LINE_LEN).position(|&b| b == b'\n') {
-        Some(pos) => Ok(Some(pos + 1)),
-        None if buf.len() >= MAX_LINE_LEN => Err(HandshakeError::TooLong),
-        None => Ok(None),
-    }
-}
-
 /// The hub's reply to a successful handshake: the edge's configuration as one JSON line.
 pub fn accept_reply(config: &EdgeConfig) -> String {
     let mut line = serde_json::to_string(config).unwrap_or_else(|_| "{}".to_owned());
@@ -217,23 +201,6 @@ mod tests {
     }
 
     #[test]
-    fn finds_line_ends_within_the_limit() {
-        assert_eq!(find_line_end(b"EDGE a b"), Ok(None));
-        assert_eq!(find_line_end(b"EDGE a b\nrest"), Ok(Some(9)));
-        assert_eq!(
-            find_line_end(&vec![b'x'; MAX_LINE_LEN]),
-            Err(HandshakeError::TooLong)
-        );
-    }
-
-    #[test]
-    fn constant_time_comparison() {
-        assert!(secrets_equal(b"abc", b"abc"));
-        assert!(!secrets_equal(b"abc", b"abd"));
-        assert!(!secrets_equal(b"abc", b"abcd"));
-    }
-
-    #[test]
     fn replies() {
         let config = EdgeConfig {
             listen_ports: vec![80],
@@ -263,7 +230,6 @@ mod tests {
         #[test]
         fn random_lines_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..5000)) {
             let _ = EdgeHello::parse(&bytes);
-            let _ = find_line_end(&bytes);
             let _ = parse_reply(&bytes);
         }
     }

@@ -1,9 +1,8 @@
 #![no_main]
 use libfuzzer_sys::fuzz_target;
-use remoteingress_wire::handshake::{find_line_end, parse_reply, EdgeHello};
+use remoteingress_wire::handshake::{parse_reply, EdgeHello};
 
 fuzz_target!(|data: &[u8]| {
-    let _ = find_line_end(data);
     let _ = EdgeHello::parse(data);
     let _ = parse_reply(data);
 });

@@ -1,0 +1,140 @@
+//! Admitting a tunnel connection: TLS or QUIC, the edge's handshake line checked against the
+//! allowed edges, and the reply. One path for both transports.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use remoteingress_tunnel::{Link, LinkError};
+use remoteingress_wire::handshake::{
+    accept_reply, error_reply, EdgeHello, HandshakeError, MAX_LINE_LEN, UNAUTHORIZED,
+};
+use remoteingress_wire::EdgeConfig;
+use thiserror::Error;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+
+use crate::{HubEvent, HubInner};
+
+/// Why a tunnel connection was refused before its session started.
+#[derive(Debug, Error)]
+pub enum AuthFailure {
+    /// Too many connections are authenticating already (in all, or from this address).
+    #[error("too many unauthenticated tunnel connections")]
+    Limit,
+    /// TLS or QUIC failed, or the handshake line could not be read or answered.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The handshake line is not a valid `EDGE <edgeId> <secret>`.
+    #[error("handshake: {0}")]
+    Malformed(#[from] HandshakeError),
+    /// Unknown edge or wrong secret (which of the two is never told).
+    #[error("bad credentials for edge {0:?}")]
+    BadCredentials(String),
+    /// The handshake did not finish within the deadline.
+    #[error("handshake not finished in time")]
+    Timeout,
+}
+
+impl AuthFailure {
+    /// A stable, bounded label for metrics and events.
+    pub fn label(&self) -> &'static str {
+        match self {
+            AuthFailure::Limit => "limit",
+            AuthFailure::Link(LinkError::Line(_)) | AuthFailure::Malformed(_) => "malformed",
+            AuthFailure::Link(_) => "tls",
+            AuthFailure::BadCredentials(_) => "bad_credentials",
+            AuthFailure::Timeout => "timeout",
+        }
+    }
+}
+
+/// A tunnel connection on its way in, before TLS or QUIC has completed.
+pub(crate) enum Incoming {
+    /// A TCP connection for the TLS transport.
+    Tls(TcpStream, TlsAcceptor),
+    /// A QUIC connection attempt.
+    Quic(Box<quinn::Incoming>),
+}
+
+/// An edge that passed the handshake, with its link ready for the session.
+pub(crate) struct Authenticated {
+    pub(crate) link: Link,
+    pub(crate) hello: EdgeHello,
+    pub(crate) config: EdgeConfig,
+    /// Bytes that arrived after the handshake line.
+    pub(crate) rest: Bytes,
+}
+
+/// Records a refused connection in logs, metrics and events.
+pub(crate) fn auth_failed(inner: &HubInner, remote_addr: SocketAddr, failure: &AuthFailure) {
+    tracing::warn!(%remote_addr, reason = %failure, "edge authentication failed");
+    let kind = failure.label();
+    inner.metrics.auth_failures.with_label_values(&[kind]).inc();
+    inner.emit(HubEvent::AuthFailed {
+        remote_addr,
+        kind,
+        reason: failure.to_string(),
+    });
+}
+
+/// Completes the transport and the handshake within the deadline; answers the edge with its
+/// configuration, or refuses it. A failure is recorded and gives `None`.
+pub(crate) async fn authenticate(
+    inner: &Arc<HubInner>,
+    incoming: Incoming,
+    remote_addr: SocketAddr,
+) -> Option<Authenticated> {
+    let handshake = async {
+        let mut link = match incoming {
+            Incoming::Tls(tcp, acceptor) => Link::accept_tls(&acceptor, tcp).await?,
+            Incoming::Quic(incoming) => Link::accept_quic(*incoming).await?,
+        };
+        let (line, rest) = link.read_line(MAX_LINE_LEN).await?;
+        Ok::<_, AuthFailure>((link, line, rest))
+    };
+    let result = match tokio::time::timeout(inner.options.handshake_timeout, handshake).await {
+        Ok(Ok((link, line, rest))) => check_hello(inner, link, &line, rest).await,
+        Ok(Err(failure)) => Err(failure),
+        Err(_) => Err(AuthFailure::Timeout),
+    };
+    result
+        .map_err(|failure| auth_failed(inner, remote_addr, &failure))
+        .ok()
+}
+
+/// Checks a handshake line against the allowed edges and answers it.
+async fn check_hello(
+    inner: &HubInner,
+    mut link: Link,
+    line: &[u8],
+    rest: Bytes,
+) -> Result<Authenticated, AuthFailure> {
+    let hello = match EdgeHello::parse(line) {
+        Ok(hello) => hello,
+        Err(error) => {
+            link.refuse(&error_reply(UNAUTHORIZED)).await;
+            return Err(error.into());
+        }
+    };
+    // Bound first: a guard in the match scrutinee would live through the arms below.
+    let config = inner.registry().authenticate(&hello.edge_id, &hello.secret);
+    let Some(config) = config else {
+        if inner.registry().is_configured(&hello.edge_id) {
+            inner
+                .metrics
+                .edge_connections
+                .with_label_values(&[&hello.edge_id, "rejected"])
+                .inc();
+        }
+        link.refuse(&error_reply(UNAUTHORIZED)).await;
+        return Err(AuthFailure::BadCredentials(hello.edge_id));
+    };
+    link.write_line(&accept_reply(&config)).await?;
+    Ok(Authenticated {
+        link,
+        hello,
+        config,
+        rest,
+    })
+}

@@ -1,0 +1,154 @@
+//! What every session has whatever its transport: whether and why it ended, its counters, and
+//! the tasks that end it when they stop.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+use crate::error::CloseReason;
+
+/// Traffic counters of a session.
+#[derive(Debug, Default)]
+pub struct SessionStats {
+    /// Payload bytes received (DATA or DATA_BACK).
+    pub bytes_in: AtomicU64,
+    /// Payload bytes sent.
+    pub bytes_out: AtomicU64,
+    /// Largest number of received bytes any one stream held before they were written onward.
+    pub peak_stream_buffer: AtomicU64,
+    /// Streams opened in this session.
+    pub streams_opened: AtomicU64,
+    /// UDP datagrams dropped because a queue was full or a limit was reached.
+    pub udp_dropped: AtomicU64,
+    /// UDP sessions open now (kept up to date by the session's owner, which manages them).
+    pub udp_sessions: AtomicU64,
+    /// Times a stream had data to send but had to wait for the peer's flow control.
+    pub flow_stalls: AtomicU64,
+}
+
+impl SessionStats {
+    /// Counts `len` bytes received.
+    pub(crate) fn received(&self, len: usize) {
+        self.bytes_in.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// Counts `len` bytes sent.
+    pub(crate) fn sent(&self, len: usize) {
+        self.bytes_out.fetch_add(len as u64, Ordering::Relaxed);
+    }
+
+    /// Records how much one stream holds unconsumed now.
+    pub(crate) fn stream_buffered(&self, unconsumed: u64) {
+        self.peak_stream_buffer
+            .fetch_max(unconsumed, Ordering::Relaxed);
+    }
+
+    /// Counts a stream that waited for flow control.
+    pub(crate) fn stalled(&self) {
+        self.flow_stalls.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a dropped datagram.
+    pub(crate) fn udp_drop(&self) {
+        self.udp_dropped.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The lifecycle of one session: open until the first close reason is recorded.
+#[derive(Debug, Default)]
+pub(crate) struct Lifecycle {
+    closed: CancellationToken,
+    reason: Mutex<Option<CloseReason>>,
+    active: AtomicUsize,
+    pub(crate) stats: SessionStats,
+}
+
+impl Lifecycle {
+    /// Records `reason` unless one is recorded already and marks the session closed; true for
+    /// the call that closed it.
+    pub(crate) fn close(&self, reason: CloseReason) -> bool {
+        {
+            let mut current = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+            if current.is_some() {
+                return false;
+            }
+            *current = Some(reason);
+        }
+        self.closed.cancel();
+        true
+    }
+
+    /// Why the session ended, if it has.
+    pub(crate) fn reason(&self) -> Option<CloseReason> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// True once the session has ended.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Resolves once the session has ended.
+    pub(crate) async fn closed(&self) {
+        self.closed.cancelled().await;
+    }
+
+    /// A token cancelled when the session ends.
+    pub(crate) fn cancellation(&self) -> CancellationToken {
+        self.closed.child_token()
+    }
+
+    /// Streams open now.
+    pub(crate) fn active(&self) -> usize {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    /// Counts a newly opened stream.
+    pub(crate) fn stream_opened(&self) {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.stats.streams_opened.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a stream that is gone.
+    pub(crate) fn stream_released(&self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A transport's session state: its lifecycle, and what closing means for the transport.
+pub(crate) trait SessionCore: Send + Sync + 'static {
+    /// The shared lifecycle.
+    fn lifecycle(&self) -> &Lifecycle;
+
+    /// Ends the session with `reason` (the first reason wins) and releases what the transport
+    /// holds: waiting streams are woken, the connection is closed.
+    fn close(&self, reason: CloseReason);
+}
+
+/// What a session's task returns: it runs until it must end the session, and says why.
+pub(crate) type TaskEnd = Result<Infallible, CloseReason>;
+
+/// Runs one of a session's tasks until the session ends; a task that stops first ends the
+/// session with its reason.
+pub(crate) fn spawn_task<S: SessionCore>(
+    core: &Arc<S>,
+    task: impl Future<Output = TaskEnd> + Send + 'static,
+) {
+    let core = core.clone();
+    tokio::spawn(async move {
+        let ended = tokio::select! {
+            ended = task => ended,
+            () = core.lifecycle().closed() => return,
+        };
+        match ended {
+            Err(reason) => core.close(reason),
+            Ok(never) => match never {},
+        }
+    });
+}

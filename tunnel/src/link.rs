@@ -1,0 +1,197 @@
+//! A tunnel connection between its transport's setup and its session: TLS over TCP, or a QUIC
+//! connection with its control stream. Hub and edge run the one-line handshake over either in
+//! the same way, then turn the link into a session.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use quinn::{Connection, RecvStream, SendStream};
+use thiserror::Error;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+
+use crate::event::SessionEvent;
+use crate::line::{read_line, LineError};
+use crate::options::{Role, SessionOptions, Transport};
+use crate::session::{spawn_quic_session, spawn_session, SessionHandle};
+
+/// Time a refused peer has to take our reply before the connection is closed.
+const REFUSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Why a link could not be set up or used for the handshake.
+#[derive(Debug, Error)]
+pub enum LinkError {
+    /// The hub's address could not be resolved.
+    #[error("resolving {host}: {source}")]
+    Resolve {
+        /// The host name.
+        host: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The hub's name resolved to no address.
+    #[error("{0} has no address")]
+    NoAddress(String),
+    /// The TCP connection failed.
+    #[error("connect: {0}")]
+    Connect(std::io::Error),
+    /// The TLS handshake failed.
+    #[error("TLS: {0}")]
+    Tls(std::io::Error),
+    /// The QUIC connection could not be started.
+    #[error("QUIC: {0}")]
+    QuicConnect(#[from] quinn::ConnectError),
+    /// The QUIC connection failed.
+    #[error("QUIC: {0}")]
+    Quic(#[from] quinn::ConnectionError),
+    /// The handshake line could not be read.
+    #[error("handshake: {0}")]
+    Line(#[from] LineError),
+    /// The handshake line could not be written.
+    #[error("handshake: {0}")]
+    Write(std::io::Error),
+}
+
+/// A connected, encrypted tunnel connection before its session starts.
+#[derive(Debug)]
+pub enum Link {
+    /// TLS over TCP.
+    Tls(Box<TlsStream<TcpStream>>),
+    /// A QUIC connection and its control stream.
+    Quic {
+        /// The connection.
+        connection: Connection,
+        /// Our side of the control stream.
+        send: SendStream,
+        /// The peer's side of the control stream.
+        recv: RecvStream,
+    },
+}
+
+impl Link {
+    /// Hub: completes the TLS handshake of an accepted TCP connection.
+    pub async fn accept_tls(acceptor: &TlsAcceptor, tcp: TcpStream) -> Result<Self, LinkError> {
+        let _ = tcp.set_nodelay(true);
+        let tls = acceptor.accept(tcp).await.map_err(LinkError::Tls)?;
+        Ok(Link::Tls(Box::new(TlsStream::Server(tls))))
+    }
+
+    /// Hub: completes an incoming QUIC connection and accepts its control stream.
+    pub async fn accept_quic(incoming: quinn::Incoming) -> Result<Self, LinkError> {
+        let connection = incoming.accept()?.await?;
+        let (send, recv) = connection.accept_bi().await?;
+        Ok(Link::Quic {
+            connection,
+            send,
+            recv,
+        })
+    }
+
+    /// Edge: connects over TCP and TLS, verifying the hub as `connector` is configured to.
+    pub async fn connect_tls(
+        connector: &TlsConnector,
+        server_name: ServerName<'static>,
+        host: &str,
+        port: u16,
+    ) -> Result<Self, LinkError> {
+        let tcp = TcpStream::connect((host, port))
+            .await
+            .map_err(LinkError::Connect)?;
+        let _ = tcp.set_nodelay(true);
+        let tls = connector
+            .connect(server_name, tcp)
+            .await
+            .map_err(LinkError::Tls)?;
+        Ok(Link::Tls(Box::new(TlsStream::Client(tls))))
+    }
+
+    /// Edge: connects over QUIC from `endpoint` and opens the control stream.
+    pub async fn connect_quic(
+        endpoint: &quinn::Endpoint,
+        host: &str,
+        port: u16,
+        server_name: &str,
+    ) -> Result<Self, LinkError> {
+        let hub: SocketAddr = tokio::net::lookup_host((host, port))
+            .await
+            .map_err(|source| LinkError::Resolve {
+                host: host.to_owned(),
+                source,
+            })?
+            .next()
+            .ok_or_else(|| LinkError::NoAddress(host.to_owned()))?;
+        let connection = endpoint.connect(hub, server_name)?.await?;
+        let (send, recv) = connection.open_bi().await?;
+        Ok(Link::Quic {
+            connection,
+            send,
+            recv,
+        })
+    }
+
+    /// The transport the link runs over.
+    pub fn transport(&self) -> Transport {
+        match self {
+            Link::Tls(_) => Transport::TcpTls,
+            Link::Quic { .. } => Transport::Quic,
+        }
+    }
+
+    /// Reads one handshake line of at most `limit` bytes; returns it and the bytes after it.
+    pub async fn read_line(&mut self, limit: usize) -> Result<(Bytes, Bytes), LinkError> {
+        let line = match self {
+            Link::Tls(tls) => read_line(tls, limit).await?,
+            Link::Quic { recv, .. } => read_line(recv, limit).await?,
+        };
+        Ok(line)
+    }
+
+    /// Writes a handshake line (or reply) whole.
+    pub async fn write_line(&mut self, line: &str) -> Result<(), LinkError> {
+        match self {
+            Link::Tls(tls) => tls.write_all(line.as_bytes()).await,
+            Link::Quic { send, .. } => send.write_all(line.as_bytes()).await.map_err(Into::into),
+        }
+        .map_err(LinkError::Write)
+    }
+
+    /// Sends a refusal `reply` and closes the connection, giving the peer a moment to read it.
+    pub async fn refuse(mut self, reply: &str) {
+        let _ = self.write_line(reply).await;
+        match self {
+            Link::Tls(mut tls) => {
+                let _ = tokio::time::timeout(REFUSE_GRACE, tls.shutdown()).await;
+            }
+            Link::Quic {
+                connection,
+                mut send,
+                ..
+            } => {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(REFUSE_GRACE, send.stopped()).await;
+                connection.close(quinn::VarInt::from_u32(1), reply.trim_end().as_bytes());
+            }
+        }
+    }
+
+    /// Starts the session over the link once the handshake is done; `initial` holds the bytes
+    /// that arrived after the handshake line.
+    pub fn into_session(
+        self,
+        initial: Bytes,
+        role: Role,
+        options: SessionOptions,
+    ) -> (SessionHandle, mpsc::Receiver<SessionEvent>) {
+        match self {
+            Link::Tls(tls) => spawn_session(*tls, initial, role, options),
+            Link::Quic {
+                connection,
+                send,
+                recv,
+            } => spawn_quic_session(connection, (send, recv), initial, role, options),
+        }
+    }
+}

@@ -1,0 +1,165 @@
+//! The TLS transport's session: frames multiplexed over one connection. A reader task decodes
+//! and dispatches frames ([`reader`]), a writer task drains the three QoS lanes into large
+//! writes ([`writer`]), the hub pings ([`ping`]); tunnelled connections are stream halves with
+//! per-stream credit ([`stream`]) over the state they share ([`shared`]).
+
+mod ping;
+mod reader;
+mod shared;
+mod stream;
+mod writer;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use remoteingress_wire::frame::{Frame, FrameType, CONTROL_STREAM};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+
+use crate::error::{CloseReason, SessionError};
+use crate::event::{SessionEvent, EVENT_QUEUE};
+use crate::lifecycle::{spawn_task, Lifecycle, SessionCore};
+use crate::options::{Role, SessionOptions};
+use crate::stream::{StreamReader, StreamWriter};
+use shared::{send_soon, udp_data_out, Outgoing, Shared, StreamSlot};
+
+pub(crate) use stream::{MuxReader, MuxWriter};
+
+/// A running multiplexed session.
+#[derive(Clone, Debug)]
+pub(crate) struct MuxSession {
+    shared: Arc<Shared>,
+}
+
+/// Starts the session's tasks over an established, authenticated connection. `initial` holds
+/// bytes already read past the handshake.
+pub(crate) fn start<IO>(
+    io: IO,
+    initial: Bytes,
+    role: Role,
+    options: SessionOptions,
+) -> (MuxSession, mpsc::Receiver<SessionEvent>)
+where
+    IO: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let (senders, lanes) = shared::lanes(options.lanes.control_frames);
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let shared = Arc::new(Shared::new(role, options, senders));
+    let (read_half, write_half) = tokio::io::split(io);
+    tokio::spawn(writer::write_task(write_half, lanes, shared.clone()));
+    let reader = reader::Reader::new(shared.clone(), events_tx);
+    spawn_task(&shared, reader.run(read_half, initial));
+    if role == Role::Hub {
+        spawn_task(&shared, ping::ping_loop(shared.clone()));
+    }
+    (MuxSession { shared }, events_rx)
+}
+
+impl MuxSession {
+    pub(crate) fn lifecycle(&self) -> &Lifecycle {
+        &self.shared.lifecycle
+    }
+
+    pub(crate) fn close(&self, reason: CloseReason) {
+        self.shared.close(reason);
+    }
+
+    /// Opens a stream (edge): sends OPEN with `header` and raises the stream's window.
+    pub(crate) async fn open(
+        &self,
+        header: Bytes,
+    ) -> Result<(StreamReader, StreamWriter), SessionError> {
+        let shared = &self.shared;
+        if shared.lifecycle.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        if shared.lifecycle.active() >= shared.options.max_streams {
+            return Err(SessionError::TooManyStreams(shared.options.max_streams));
+        }
+        let send = |frame| shared.lanes.control.send(Outgoing::Frame(frame));
+        let mut next_id = shared.next_id.lock().await;
+        let id = *next_id;
+        *next_id = id.checked_add(1).ok_or(SessionError::StreamIdsExhausted)?;
+        let slot = StreamSlot::new(id);
+        let raise = shared.register(&slot);
+        shared.last_opened.store(id, Ordering::Relaxed);
+        send(Frame::new(id, FrameType::Open, header))
+            .await
+            .map_err(|_| SessionError::Closed)?;
+        drop(next_id);
+        if let Some(increment) = raise {
+            send(Frame::window_update(
+                id,
+                shared::window_out(shared.role),
+                increment,
+            ))
+            .await
+            .map_err(|_| SessionError::Closed)?;
+        }
+        let (reader, writer) = stream::halves(shared, slot);
+        Ok((StreamReader::mux(reader), StreamWriter::mux(writer)))
+    }
+
+    /// Sends a tunnel-level frame (CONFIG, CONFIG_ACK) on the control lane.
+    pub(crate) async fn send_control(
+        &self,
+        kind: FrameType,
+        payload: Bytes,
+    ) -> Result<(), SessionError> {
+        self.shared
+            .lanes
+            .control
+            .send(Outgoing::Frame(Frame::new(CONTROL_STREAM, kind, payload)))
+            .await
+            .map_err(|_| SessionError::Closed)
+    }
+
+    /// Opens a UDP session (edge): queues UDP_OPEN with its PROXY v2 header; returns its id.
+    pub(crate) async fn open_udp(&self, header: Bytes) -> Result<u32, SessionError> {
+        let mut next_id = self.shared.next_udp_id.lock().await;
+        let id = *next_id;
+        *next_id = id.checked_add(1).ok_or(SessionError::StreamIdsExhausted)?;
+        self.shared.last_udp_opened.store(id, Ordering::Relaxed);
+        self.shared
+            .lanes
+            .control
+            .send(Outgoing::Frame(Frame::new(id, FrameType::UdpOpen, header)))
+            .await
+            .map_err(|_| SessionError::Closed)?;
+        Ok(id)
+    }
+
+    /// Queues one datagram of a UDP session, or drops it (counted) when the data lane is
+    /// full: UDP is never queued without bound and never waits.
+    pub(crate) fn send_udp(&self, id: u32, payload: Bytes) -> bool {
+        let kind = udp_data_out(self.shared.role);
+        let queued = self
+            .shared
+            .lanes
+            .data
+            .try_send(Outgoing::Frame(Frame::new(id, kind, payload)))
+            .is_ok();
+        if !queued {
+            self.shared.lifecycle.stats.udp_drop();
+        }
+        queued
+    }
+
+    /// Tells the peer that a UDP session ended.
+    pub(crate) fn close_udp(&self, id: u32) {
+        send_soon(
+            &self.shared.lanes.control,
+            Outgoing::Frame(Frame::empty(id, FrameType::UdpClose)),
+        );
+    }
+
+    /// Last tunnel round trip, once known.
+    pub(crate) fn rtt(&self) -> Option<Duration> {
+        match self.shared.rtt_micros() {
+            0 => None,
+            micros => Some(Duration::from_micros(micros)),
+        }
+    }
+}

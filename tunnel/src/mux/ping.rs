@@ -1,0 +1,56 @@
+//! The hub's pinger: a PING every interval, at most one unanswered, and the round trip its
+//! PONG measures.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use remoteingress_wire::frame::{Frame, FrameType};
+
+use super::shared::{Outgoing, Shared};
+use crate::error::{CloseReason, ProtocolViolation};
+use crate::lifecycle::TaskEnd;
+
+/// Sends a PING every interval unless the last one is still unanswered (hub).
+pub(crate) async fn ping_loop(shared: Arc<Shared>) -> TaskEnd {
+    let mut interval = tokio::time::interval(shared.options.ping_interval);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        // The payload is opaque to the protocol; ours carries the last round trip for the edge.
+        let token = shared.rtt_micros().to_be_bytes();
+        let due = {
+            let mut sent = shared.ping_sent.lock().unwrap_or_else(|p| p.into_inner());
+            let due = sent.is_none();
+            if due {
+                *sent = Some((token, Instant::now()));
+            }
+            due
+        };
+        if due {
+            shared
+                .lanes
+                .control
+                .send(Outgoing::Frame(Frame::ping(FrameType::Ping, token)))
+                .await
+                .map_err(|_| CloseReason::Local("the writer is gone".into()))?;
+        }
+    }
+}
+
+/// Records the round trip a PONG answers (hub); a PONG without its PING breaks the protocol.
+pub(crate) fn pong_received(
+    shared: &Shared,
+    token: Option<[u8; 8]>,
+) -> Result<Duration, ProtocolViolation> {
+    let mut sent = shared.ping_sent.lock().unwrap_or_else(|p| p.into_inner());
+    match sent.take() {
+        Some((sent_token, at)) if Some(sent_token) == token => {
+            let rtt = at.elapsed();
+            let micros = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
+            shared.rtt_us.store(micros, Ordering::Relaxed);
+            Ok(rtt)
+        }
+        _ => Err(ProtocolViolation::UnmatchedPong),
+    }
+}

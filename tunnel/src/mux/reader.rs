@@ -1,0 +1,276 @@
+//! The tunnel reader: decodes frames and dispatches each to its stream, to the owner as an
+//! event, or to the writer as an answer. Every protocol violation ends the session here.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use remoteingress_wire::frame::{Frame, FrameDecoder, FrameType};
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::mpsc;
+
+use super::ping::pong_received;
+use super::shared::{close_out, data_out, udp_data_out, window_out, Outgoing, Shared, StreamSlot};
+use super::stream::halves;
+use crate::error::{CloseReason, ProtocolViolation};
+use crate::event::SessionEvent;
+use crate::lifecycle::TaskEnd;
+use crate::options::Role;
+use crate::stream::{StreamReader, StreamWriter};
+
+/// Largest read from the tunnel in one call.
+const READ_CHUNK: usize = 64 * 1024;
+/// Consecutive empty DATA frames tolerated.
+const MAX_EMPTY_DATA_RUN: u32 = 100;
+/// DATA payloads smaller than this are copied out of the read buffer so that a few stalled
+/// bytes never pin a whole 64 KiB read buffer.
+const COPY_BELOW: usize = 8 * 1024;
+
+/// What the reader needs to dispatch frames.
+pub(crate) struct Reader {
+    shared: Arc<Shared>,
+    events: mpsc::Sender<SessionEvent>,
+    last_peer_id: u32,
+    last_udp_id: u32,
+    empty_data_run: u32,
+}
+
+type Dispatched = Result<(), CloseReason>;
+
+impl Reader {
+    pub(crate) fn new(shared: Arc<Shared>, events: mpsc::Sender<SessionEvent>) -> Self {
+        Self {
+            shared,
+            events,
+            last_peer_id: 0,
+            last_udp_id: 0,
+            empty_data_run: 0,
+        }
+    }
+
+    /// Reads and dispatches frames until the tunnel ends; `initial` holds bytes read past the
+    /// handshake.
+    pub(crate) async fn run<R: AsyncRead>(mut self, io: R, initial: Bytes) -> TaskEnd {
+        tokio::pin!(io);
+        let mut decoder = FrameDecoder::new();
+        decoder.feed(&initial);
+        let idle = self.shared.options.idle_timeout;
+        // An initialised buffer reused for every read: handing TLS uninitialised capacity would
+        // make it zero the whole capacity on each read, however little it returns.
+        let mut scratch = vec![0u8; READ_CHUNK];
+        loop {
+            while let Some(frame) = decoder.next_frame().map_err(ProtocolViolation::from)? {
+                self.dispatch(frame).await?;
+            }
+            match tokio::time::timeout(idle, io.read(&mut scratch)).await {
+                Err(_) => return Err(CloseReason::Idle(idle)),
+                Ok(Err(e)) => return Err(CloseReason::Io(format!("read failed: {e}"))),
+                Ok(Ok(0)) => return Err(CloseReason::PeerClosed),
+                Ok(Ok(n)) => decoder.feed(&scratch[..n]),
+            }
+        }
+    }
+
+    fn known_slot(&self, frame: &Frame) -> Result<Arc<StreamSlot>, ProtocolViolation> {
+        self.shared
+            .slot(frame.stream_id)
+            .ok_or(ProtocolViolation::UnknownStream {
+                kind: frame.kind,
+                id: frame.stream_id,
+            })
+    }
+
+    async fn dispatch(&mut self, frame: Frame) -> Dispatched {
+        let role = self.shared.role;
+        let peer = role.peer();
+        match frame.kind {
+            kind if kind == data_out(peer) => self.on_data(frame),
+            kind if kind == close_out(peer) => self.on_close(&frame),
+            kind if kind == window_out(peer) => self.on_window_update(&frame),
+            FrameType::Open if role == Role::Hub => self.on_open(frame),
+            FrameType::Ping if role == Role::Edge => {
+                let token = frame.ping_token().unwrap_or_default();
+                let reported = u64::from_be_bytes(token);
+                if reported > 0 {
+                    self.shared.rtt_us.store(reported, Ordering::Relaxed);
+                }
+                self.shared
+                    .send_control_now(Outgoing::Frame(Frame::ping(FrameType::Pong, token)))
+            }
+            FrameType::Pong if role == Role::Hub => {
+                let rtt = pong_received(&self.shared, frame.ping_token())?;
+                let _ = self.events.try_send(SessionEvent::RoundTrip(rtt));
+                Ok(())
+            }
+            FrameType::Config if role == Role::Edge => self
+                .events
+                .send(SessionEvent::Config(frame.payload))
+                .await
+                .map_err(|_| CloseReason::OwnerGone),
+            FrameType::ConfigAck if role == Role::Hub => {
+                let _ = self.events.try_send(SessionEvent::ConfigAck(frame.payload));
+                Ok(())
+            }
+            FrameType::UdpOpen if role == Role::Hub => {
+                if frame.stream_id <= self.last_udp_id {
+                    return Err(ProtocolViolation::UdpIdReused(frame.stream_id).into());
+                }
+                self.last_udp_id = frame.stream_id;
+                self.udp_event(SessionEvent::UdpOpen {
+                    id: frame.stream_id,
+                    header: frame.payload,
+                })
+            }
+            kind if kind == udp_data_out(peer) => {
+                if !self.is_known_udp(frame.stream_id) {
+                    return Err(ProtocolViolation::UnknownUdpSession(frame.stream_id).into());
+                }
+                self.udp_event(SessionEvent::UdpDatagram {
+                    id: frame.stream_id,
+                    payload: frame.payload,
+                })
+            }
+            FrameType::UdpClose => self.udp_event(SessionEvent::UdpClose {
+                id: frame.stream_id,
+            }),
+            kind => Err(ProtocolViolation::UnexpectedFrame { kind, from: peer }.into()),
+        }
+    }
+
+    fn on_close(&self, frame: &Frame) -> Dispatched {
+        let slot = self.known_slot(frame)?;
+        let mut state = slot.lock();
+        if state.peer_closed {
+            return Err(ProtocolViolation::ClosedTwice(slot.id).into());
+        }
+        state.peer_closed = true;
+        self.shared.release_if_done(&slot, &state);
+        drop(state);
+        slot.readable.notify_one();
+        Ok(())
+    }
+
+    fn on_window_update(&self, frame: &Frame) -> Dispatched {
+        let increment = frame.u32_payload().unwrap_or(0);
+        let Some(slot) = self.shared.slot(frame.stream_id) else {
+            // Credit for a stream that has just been fully closed is harmless.
+            return if self.is_past_stream(frame.stream_id) {
+                Ok(())
+            } else {
+                Err(ProtocolViolation::UnknownStream {
+                    kind: frame.kind,
+                    id: frame.stream_id,
+                }
+                .into())
+            };
+        };
+        slot.lock()
+            .send
+            .grant(increment)
+            .map_err(|error| ProtocolViolation::Flow { id: slot.id, error })?;
+        slot.writable.notify_one();
+        Ok(())
+    }
+
+    /// UDP events never wait for the owner: when it lags, datagrams are dropped and counted.
+    fn udp_event(&self, event: SessionEvent) -> Dispatched {
+        if self.events.try_send(event).is_err() {
+            self.shared.lifecycle.stats.udp_drop();
+        }
+        Ok(())
+    }
+
+    fn is_known_udp(&self, id: u32) -> bool {
+        match self.shared.role {
+            Role::Hub => id != 0 && id <= self.last_udp_id,
+            Role::Edge => id != 0 && id <= self.shared.last_udp_opened.load(Ordering::Relaxed),
+        }
+    }
+
+    fn is_past_stream(&self, id: u32) -> bool {
+        match self.shared.role {
+            Role::Hub => id != 0 && id <= self.last_peer_id,
+            Role::Edge => id != 0 && id <= self.shared.last_opened.load(Ordering::Relaxed),
+        }
+    }
+
+    fn on_data(&mut self, frame: Frame) -> Dispatched {
+        let len = frame.payload.len();
+        if len == 0 {
+            self.empty_data_run += 1;
+            if self.empty_data_run > MAX_EMPTY_DATA_RUN {
+                return Err(ProtocolViolation::EmptyDataFlood.into());
+            }
+            return Ok(());
+        }
+        self.empty_data_run = 0;
+        let slot = self.known_slot(&frame)?;
+        let stats = &self.shared.lifecycle.stats;
+        stats.received(len);
+        let mut state = slot.lock();
+        if state.peer_closed {
+            return Err(ProtocolViolation::DataAfterClose(slot.id).into());
+        }
+        state
+            .recv
+            .on_data(len as u32)
+            .map_err(|error| ProtocolViolation::Flow { id: slot.id, error })?;
+        state.inbound_rate.record(Instant::now(), len);
+        if state.discard {
+            let window = self.shared.window(&state);
+            let increment = state.recv.on_consumed(len as u32, window);
+            drop(state);
+            if let Some(increment) = increment {
+                self.shared
+                    .send_control_now(self.shared.window_update(slot.id, increment))?;
+            }
+            return Ok(());
+        }
+        let payload = if len < COPY_BELOW {
+            Bytes::copy_from_slice(&frame.payload)
+        } else {
+            frame.payload
+        };
+        state.inbox.push_back(payload);
+        stats.stream_buffered(u64::from(state.recv.unconsumed()));
+        drop(state);
+        slot.readable.notify_one();
+        Ok(())
+    }
+
+    fn on_open(&mut self, frame: Frame) -> Dispatched {
+        let id = frame.stream_id;
+        if id <= self.last_peer_id {
+            return Err(ProtocolViolation::StreamIdReused(id).into());
+        }
+        self.last_peer_id = id;
+        let shared = &self.shared;
+        let over_limit = shared.lifecycle.active() >= shared.options.max_streams;
+        if shared.streams().len() >= shared.options.max_streams * 2 {
+            return Err(ProtocolViolation::RefusedStreamsIgnored.into());
+        }
+        let slot = StreamSlot::new(id);
+        if let Some(increment) = shared.register(&slot) {
+            shared.send_control_now(shared.window_update(id, increment))?;
+        }
+        let (reader, writer) = halves(shared, slot);
+        if over_limit {
+            tracing::warn!(stream = id, "stream limit reached; refusing stream");
+            return Ok(());
+        }
+        let event = SessionEvent::Opened {
+            reader: StreamReader::mux(reader),
+            writer: StreamWriter::mux(writer),
+            header: frame.payload,
+        };
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
+            tracing::warn!(
+                stream = id,
+                "too many streams waiting to be handled; refusing stream"
+            );
+            drop(event);
+        }
+        Ok(())
+    }
+}

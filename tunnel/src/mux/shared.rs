@@ -1,0 +1,282 @@
+//! State that every task and stream of a multiplexed session shares: the stream table, the
+//! writer's lanes, the ping in flight, and the lifecycle.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use bytes::Bytes;
+use remoteingress_wire::flow::{window_for, RecvWindow, SendCredit, SUSTAINED_WINDOW};
+use remoteingress_wire::frame::{Frame, FrameType};
+use remoteingress_wire::qos::StreamRate;
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::error::{CloseReason, ProtocolViolation};
+use crate::lifecycle::{Lifecycle, SessionCore};
+use crate::options::{Role, SessionOptions};
+
+/// The frame types a role sends for its streams and UDP sessions.
+pub(crate) fn data_out(role: Role) -> FrameType {
+    match role {
+        Role::Edge => FrameType::Data,
+        Role::Hub => FrameType::DataBack,
+    }
+}
+
+/// CLOSE or CLOSE_BACK.
+pub(crate) fn close_out(role: Role) -> FrameType {
+    match role {
+        Role::Edge => FrameType::Close,
+        Role::Hub => FrameType::CloseBack,
+    }
+}
+
+/// WINDOW_UPDATE or WINDOW_UPDATE_BACK.
+pub(crate) fn window_out(role: Role) -> FrameType {
+    match role {
+        Role::Edge => FrameType::WindowUpdate,
+        Role::Hub => FrameType::WindowUpdateBack,
+    }
+}
+
+/// UDP_DATA or UDP_DATA_BACK.
+pub(crate) fn udp_data_out(role: Role) -> FrameType {
+    match role {
+        Role::Edge => FrameType::UdpData,
+        Role::Hub => FrameType::UdpDataBack,
+    }
+}
+
+/// What the writer is given to do.
+pub(crate) enum Outgoing {
+    /// Write this frame.
+    Frame(Frame),
+    /// Fires once every frame queued before it on the same lane has been written.
+    Flushed(oneshot::Sender<()>),
+}
+
+/// The sending ends of the writer's three lanes.
+pub(crate) struct LaneSenders {
+    pub(crate) control: mpsc::Sender<Outgoing>,
+    pub(crate) data: mpsc::Sender<Outgoing>,
+    pub(crate) sustained: mpsc::Sender<Outgoing>,
+}
+
+/// The receiving ends of the writer's three lanes.
+pub(crate) struct Lanes {
+    pub(crate) control: mpsc::Receiver<Outgoing>,
+    pub(crate) data: mpsc::Receiver<Outgoing>,
+    pub(crate) sustained: mpsc::Receiver<Outgoing>,
+}
+
+/// Frames of ordinary data queued on the data lane.
+const DATA_LANE_FRAMES: usize = 256;
+/// Frames of sustained streams queued on their lane.
+const SUSTAINED_LANE_FRAMES: usize = 64;
+
+/// A connected pair of lane ends.
+pub(crate) fn lanes(control_frames: usize) -> (LaneSenders, Lanes) {
+    let (control_tx, control) = mpsc::channel(control_frames);
+    let (data_tx, data) = mpsc::channel(DATA_LANE_FRAMES);
+    let (sustained_tx, sustained) = mpsc::channel(SUSTAINED_LANE_FRAMES);
+    (
+        LaneSenders {
+            control: control_tx,
+            data: data_tx,
+            sustained: sustained_tx,
+        },
+        Lanes {
+            control,
+            data,
+            sustained,
+        },
+    )
+}
+
+/// Queues `outgoing` without waiting, or from a spawned task when the lane is momentarily full.
+pub(crate) fn send_soon(lane: &mpsc::Sender<Outgoing>, outgoing: Outgoing) {
+    if let Err(mpsc::error::TrySendError::Full(outgoing)) = lane.try_send(outgoing) {
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let lane = lane.clone();
+            runtime.spawn(async move {
+                let _ = lane.send(outgoing).await;
+            });
+        }
+    }
+}
+
+/// One stream's state, behind its slot's lock.
+#[derive(Debug)]
+pub(crate) struct StreamState {
+    pub(crate) inbox: VecDeque<Bytes>,
+    pub(crate) recv: RecvWindow,
+    pub(crate) send: SendCredit,
+    pub(crate) inbound_rate: StreamRate,
+    pub(crate) peer_closed: bool,
+    pub(crate) local_closed: bool,
+    /// Nobody reads any more: arriving data is consumed at once.
+    pub(crate) discard: bool,
+    /// The session ended under the stream.
+    pub(crate) aborted: bool,
+}
+
+/// A stream as the session's table holds it.
+#[derive(Debug)]
+pub(crate) struct StreamSlot {
+    pub(crate) id: u32,
+    state: Mutex<StreamState>,
+    pub(crate) readable: Notify,
+    pub(crate) writable: Notify,
+}
+
+impl StreamSlot {
+    pub(crate) fn new(id: u32) -> Arc<Self> {
+        Arc::new(Self {
+            id,
+            state: Mutex::new(StreamState {
+                inbox: VecDeque::new(),
+                recv: RecvWindow::default(),
+                send: SendCredit::default(),
+                inbound_rate: StreamRate::new(Instant::now()),
+                peer_closed: false,
+                local_closed: false,
+                discard: false,
+                aborted: false,
+            }),
+            readable: Notify::new(),
+            writable: Notify::new(),
+        })
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, StreamState> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// The state of one multiplexed session.
+///
+/// Lock order: a slot's lock may be held while the stream table's lock is taken
+/// ([`Shared::release_if_done`]), never the other way round.
+pub(crate) struct Shared {
+    pub(crate) role: Role,
+    pub(crate) options: SessionOptions,
+    streams: Mutex<HashMap<u32, Arc<StreamSlot>>>,
+    /// Next stream id to open; held while the OPEN is queued so ids reach the peer in order.
+    pub(crate) next_id: tokio::sync::Mutex<u32>,
+    /// Highest stream id opened so far (for telling stale frames from bogus ones).
+    pub(crate) last_opened: AtomicU32,
+    /// Next UDP session id to open (edge); held while UDP_OPEN is queued, as for streams.
+    pub(crate) next_udp_id: tokio::sync::Mutex<u32>,
+    /// Highest UDP session id opened so far (edge).
+    pub(crate) last_udp_opened: AtomicU32,
+    pub(crate) lanes: LaneSenders,
+    pub(crate) lifecycle: Lifecycle,
+    /// The PING in flight (hub): its token and when it was sent.
+    pub(crate) ping_sent: Mutex<Option<([u8; 8], Instant)>>,
+    /// Last round trip in µs: measured (hub) or as the hub reported it in its PING (edge).
+    pub(crate) rtt_us: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("role", &self.role)
+            .field("active_streams", &self.lifecycle.active())
+            .finish()
+    }
+}
+
+impl SessionCore for Shared {
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
+    }
+
+    fn close(&self, reason: CloseReason) {
+        if !self.lifecycle.close(reason) {
+            return;
+        }
+        // Slots are locked after the table lock is released (see the lock order above).
+        let slots: Vec<Arc<StreamSlot>> = self.streams().values().cloned().collect();
+        for slot in slots {
+            slot.lock().aborted = true;
+            slot.readable.notify_one();
+            slot.writable.notify_one();
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(role: Role, options: SessionOptions, lanes: LaneSenders) -> Self {
+        Self {
+            role,
+            options,
+            streams: Mutex::new(HashMap::new()),
+            next_id: tokio::sync::Mutex::new(1),
+            last_opened: AtomicU32::new(0),
+            next_udp_id: tokio::sync::Mutex::new(1),
+            last_udp_opened: AtomicU32::new(0),
+            lanes,
+            lifecycle: Lifecycle::default(),
+            ping_sent: Mutex::new(None),
+            rtt_us: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn streams(&self) -> MutexGuard<'_, HashMap<u32, Arc<StreamSlot>>> {
+        self.streams
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The stream with this id, while it is open.
+    pub(crate) fn slot(&self, id: u32) -> Option<Arc<StreamSlot>> {
+        self.streams().get(&id).cloned()
+    }
+
+    /// The receive window a stream is granted now.
+    pub(crate) fn window(&self, state: &StreamState) -> u32 {
+        let window = window_for(self.options.budget, self.lifecycle.active());
+        if state.inbound_rate.is_sustained() {
+            window.min(SUSTAINED_WINDOW)
+        } else {
+            window
+        }
+    }
+
+    /// Adds a new stream to the table and returns the credit to grant it, if any.
+    pub(crate) fn register(&self, slot: &Arc<StreamSlot>) -> Option<u32> {
+        self.streams().insert(slot.id, slot.clone());
+        self.lifecycle.stream_opened();
+        let mut state = slot.lock();
+        let window = self.window(&state);
+        state.recv.top_up(window)
+    }
+
+    /// Forgets a stream once both directions are closed.
+    pub(crate) fn release_if_done(&self, slot: &StreamSlot, state: &StreamState) {
+        if state.peer_closed && state.local_closed && self.streams().remove(&slot.id).is_some() {
+            self.lifecycle.stream_released();
+        }
+    }
+
+    /// A WINDOW_UPDATE(_BACK) returning `increment` bytes of credit on stream `id`.
+    pub(crate) fn window_update(&self, id: u32, increment: u32) -> Outgoing {
+        Outgoing::Frame(Frame::window_update(id, window_out(self.role), increment))
+    }
+
+    /// Queues a control frame that the peer caused; a full queue means the peer floods us.
+    pub(crate) fn send_control_now(&self, outgoing: Outgoing) -> Result<(), CloseReason> {
+        self.lanes
+            .control
+            .try_send(outgoing)
+            .map_err(|_| ProtocolViolation::ControlFlood.into())
+    }
+
+    /// Last tunnel round trip in µs (0: not known yet).
+    pub(crate) fn rtt_micros(&self) -> u64 {
+        self.rtt_us.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,77 @@
+//! What a session is: its role, its transport, and its limits and timers.
+
+use std::time::Duration;
+
+use remoteingress_wire::flow::DEFAULT_BUDGET;
+use remoteingress_wire::qos::LaneLimits;
+
+/// Which end of the tunnel a session is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Opens streams, sends DATA, answers PINGs.
+    Edge,
+    /// Accepts streams, sends DATA_BACK and PINGs.
+    Hub,
+}
+
+impl Role {
+    /// The other end.
+    pub fn peer(self) -> Role {
+        match self {
+            Role::Edge => Role::Hub,
+            Role::Hub => Role::Edge,
+        }
+    }
+}
+
+/// The transport a session runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// One TLS connection over TCP with our frame multiplexing.
+    TcpTls,
+    /// One QUIC connection with native streams and datagrams.
+    Quic,
+}
+
+impl Transport {
+    /// The name used in configuration, logs and the API (`tcpTls`, `quic`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::TcpTls => "tcpTls",
+            Transport::Quic => "quic",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Limits and timers of a session.
+#[derive(Debug, Clone)]
+pub struct SessionOptions {
+    /// Bytes of unconsumed data all streams may hold together.
+    pub budget: u64,
+    /// Most concurrent streams; an OPEN past it is refused at once.
+    pub max_streams: usize,
+    /// A peer silent for this long is gone.
+    pub idle_timeout: Duration,
+    /// Interval between PINGs (sent by the hub only).
+    pub ping_interval: Duration,
+    /// Bounds of the writer's lanes.
+    pub lanes: LaneLimits,
+}
+
+impl Default for SessionOptions {
+    fn default() -> Self {
+        Self {
+            budget: DEFAULT_BUDGET,
+            max_streams: 10_000,
+            idle_timeout: Duration::from_secs(45),
+            ping_interval: Duration::from_secs(15),
+            lanes: LaneLimits::default(),
+        }
+    }
+}

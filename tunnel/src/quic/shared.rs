@@ -1,0 +1,101 @@
+//! State that every task and stream of a QUIC session shares.
+
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use quinn::{Connection, VarInt};
+use remoteingress_wire::frame::FrameType;
+use remoteingress_wire::quic::Datagram;
+use tokio::sync::mpsc;
+
+use crate::error::CloseReason;
+use crate::lifecycle::{Lifecycle, SessionCore};
+use crate::options::{Role, SessionOptions};
+
+/// The state of one QUIC session.
+#[derive(Debug)]
+pub(crate) struct QuicShared {
+    pub(crate) role: Role,
+    pub(crate) options: SessionOptions,
+    pub(crate) connection: Connection,
+    pub(crate) control_tx: mpsc::Sender<(FrameType, Bytes)>,
+    pub(crate) lifecycle: Lifecycle,
+    pub(crate) next_udp_id: AtomicU32,
+    /// Opening headers of UDP sessions the hub has not answered yet (edge): the open is repeated
+    /// before each datagram until it has, so a lost open never black-holes a session.
+    unconfirmed_udp: Mutex<HashMap<u32, Bytes>>,
+}
+
+impl SessionCore for QuicShared {
+    fn lifecycle(&self) -> &Lifecycle {
+        &self.lifecycle
+    }
+
+    fn close(&self, reason: CloseReason) {
+        let message = reason.to_string();
+        if self.lifecycle.close(reason) {
+            self.connection
+                .close(VarInt::from_u32(0), message.as_bytes());
+        }
+    }
+}
+
+impl QuicShared {
+    pub(crate) fn new(
+        role: Role,
+        options: SessionOptions,
+        connection: Connection,
+        control_tx: mpsc::Sender<(FrameType, Bytes)>,
+    ) -> Self {
+        Self {
+            role,
+            options,
+            connection,
+            control_tx,
+            lifecycle: Lifecycle::default(),
+            next_udp_id: AtomicU32::new(1),
+            unconfirmed_udp: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// UDP sessions whose open the hub has not confirmed yet, with their headers.
+    pub(crate) fn unconfirmed(&self) -> MutexGuard<'_, HashMap<u32, Bytes>> {
+        self.unconfirmed_udp
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Sends a datagram if it fits the connection now; a datagram that does not is dropped and
+    /// counted.
+    pub(crate) fn send_datagram(&self, datagram: &Datagram) -> bool {
+        let bytes = datagram.encode();
+        let fits = self
+            .connection
+            .max_datagram_size()
+            .is_some_and(|max| bytes.len() <= max);
+        let sent = fits && self.connection.send_datagram(bytes).is_ok();
+        if !sent {
+            self.lifecycle.stats.udp_drop();
+        }
+        sent
+    }
+}
+
+/// Counts a stream as active until both of its halves are gone.
+#[derive(Debug)]
+pub(crate) struct StreamGuard(pub(crate) Arc<QuicShared>);
+
+impl StreamGuard {
+    pub(crate) fn new(shared: &Arc<QuicShared>) -> Arc<Self> {
+        shared.lifecycle.stream_opened();
+        Arc::new(Self(shared.clone()))
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.0.lifecycle.stream_released();
+    }
+}

@@ -1,0 +1,115 @@
+//! The two halves of a native QUIC stream, counted in the session's statistics like the
+//! multiplexed ones.
+
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Instant;
+
+use bytes::Bytes;
+use remoteingress_wire::frame::MAX_DATA_CHUNK;
+use remoteingress_wire::qos::StreamRate;
+
+use super::shared::StreamGuard;
+use crate::error::SessionError;
+
+/// Send priority of sustained (elephant) QUIC streams: below every other stream.
+const SUSTAINED_PRIORITY: i32 = -1;
+
+/// Both halves of a stream; the stream counts as active until both are gone.
+pub(crate) fn halves(
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    guard: Arc<StreamGuard>,
+) -> (QuicReader, QuicWriter) {
+    let reader = QuicReader {
+        id: recv.id().index() as u32,
+        recv,
+        unconsumed: 0,
+        guard: guard.clone(),
+    };
+    let writer = QuicWriter {
+        send,
+        rate: StreamRate::new(Instant::now()),
+        guard,
+    };
+    (reader, writer)
+}
+
+/// The incoming half of a QUIC stream.
+#[derive(Debug)]
+pub(crate) struct QuicReader {
+    id: u32,
+    recv: quinn::RecvStream,
+    /// Bytes handed out and not yet reported consumed.
+    unconsumed: u64,
+    guard: Arc<StreamGuard>,
+}
+
+impl QuicReader {
+    /// The stream's index among the connection's bidirectional streams.
+    pub(crate) fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// The next chunk of the peer's bytes; `None` once the peer has finished (or is gone).
+    pub(crate) async fn recv(&mut self) -> Option<Bytes> {
+        let chunk = self.recv.read_chunk(MAX_DATA_CHUNK, true).await.ok()??;
+        let stats = &self.guard.0.lifecycle.stats;
+        stats.received(chunk.bytes.len());
+        self.unconsumed += chunk.bytes.len() as u64;
+        stats.stream_buffered(self.unconsumed);
+        Some(chunk.bytes)
+    }
+
+    /// Reports `len` bytes written onward (QUIC returns credit by itself).
+    pub(crate) fn consumed(&mut self, len: usize) {
+        self.unconsumed = self.unconsumed.saturating_sub(len as u64);
+    }
+}
+
+/// The outgoing half of a QUIC stream.
+#[derive(Debug)]
+pub(crate) struct QuicWriter {
+    send: quinn::SendStream,
+    rate: StreamRate,
+    guard: Arc<StreamGuard>,
+}
+
+impl QuicWriter {
+    /// How many bytes may be sent now: QUIC's own flow control applies in [`QuicWriter::send`].
+    pub(crate) fn reserve(&self) -> Result<usize, SessionError> {
+        if self.guard.0.lifecycle.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        Ok(MAX_DATA_CHUNK)
+    }
+
+    /// Sends bytes, waiting for QUIC's flow control (a wait is counted as a stall).
+    pub(crate) async fn send(&mut self, data: Bytes) -> Result<(), SessionError> {
+        let len = data.len();
+        let was_sustained = self.rate.is_sustained();
+        if self.rate.record(Instant::now(), len) && !was_sustained {
+            let _ = self.send.set_priority(SUSTAINED_PRIORITY);
+        }
+        let stats = &self.guard.0.lifecycle.stats;
+        let mut write = pin!(self.send.write_chunk(data));
+        let ready = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
+        let written = match ready {
+            Poll::Ready(written) => written,
+            Poll::Pending => {
+                stats.stalled();
+                write.await
+            }
+        };
+        written.map_err(|_| SessionError::Closed)?;
+        stats.sent(len);
+        Ok(())
+    }
+
+    /// Half-closes: we send nothing more. Idempotent.
+    pub(crate) fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+}

@@ -1,0 +1,192 @@
+//! The tasks of a QUIC session: the control stream in both directions, incoming datagrams,
+//! incoming streams (hub), round-trip reports (hub), and the connection's end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use quinn::{RecvStream, SendStream};
+use remoteingress_wire::frame::FrameType;
+use remoteingress_wire::proxy::V1_MAX_LEN;
+use remoteingress_wire::quic::{encode_control, ControlDecoder, Datagram};
+use tokio::io::AsyncReadExt;
+use tokio::sync::mpsc;
+
+use super::shared::{QuicShared, StreamGuard};
+use super::stream::halves;
+use crate::error::{CloseReason, ProtocolViolation};
+use crate::event::SessionEvent;
+use crate::lifecycle::TaskEnd;
+use crate::options::Role;
+use crate::stream::{StreamReader, StreamWriter};
+
+/// Time a new stream has to deliver its PROXY line.
+const PROXY_LINE_DEADLINE: Duration = Duration::from_secs(10);
+
+fn lost(shared: &QuicShared, error: quinn::ConnectionError) -> CloseReason {
+    CloseReason::from_connection(error, shared.options.idle_timeout)
+}
+
+/// Ends the session with the connection's own reason once it closes.
+pub(crate) async fn watch_connection(shared: Arc<QuicShared>) -> TaskEnd {
+    let error = shared.connection.closed().await;
+    Err(lost(&shared, error))
+}
+
+/// Writes queued control messages to the control stream.
+pub(crate) async fn write_control(
+    mut send: SendStream,
+    mut rx: mpsc::Receiver<(FrameType, Bytes)>,
+) -> TaskEnd {
+    let mut buf = BytesMut::new();
+    while let Some((kind, payload)) = rx.recv().await {
+        encode_control(&mut buf, kind, &payload);
+        send.write_all(&buf)
+            .await
+            .map_err(|e| CloseReason::Io(format!("control stream write failed: {e}")))?;
+        buf.clear();
+    }
+    Err(CloseReason::Local("the control queue closed".into()))
+}
+
+/// Reads control messages and reports them as events.
+pub(crate) async fn read_control(
+    mut recv: RecvStream,
+    initial: Bytes,
+    shared: Arc<QuicShared>,
+    events: mpsc::Sender<SessionEvent>,
+) -> TaskEnd {
+    let mut decoder = ControlDecoder::default();
+    decoder.feed(&initial);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        while let Some((kind, payload)) = decoder.next_message().map_err(ProtocolViolation::from)? {
+            let event = match (kind, shared.role) {
+                (FrameType::Config, Role::Edge) => SessionEvent::Config(payload),
+                (FrameType::ConfigAck, Role::Hub) => SessionEvent::ConfigAck(payload),
+                (FrameType::UdpClose, _) => {
+                    let id: [u8; 4] = payload
+                        .as_ref()
+                        .try_into()
+                        .map_err(|_| ProtocolViolation::UdpCloseWithoutId)?;
+                    let id = u32::from_be_bytes(id);
+                    shared.unconfirmed().remove(&id);
+                    SessionEvent::UdpClose { id }
+                }
+                (kind, role) => {
+                    let from = role.peer();
+                    return Err(ProtocolViolation::UnexpectedFrame { kind, from }.into());
+                }
+            };
+            events
+                .send(event)
+                .await
+                .map_err(|_| CloseReason::OwnerGone)?;
+        }
+        match recv.read(&mut buf).await {
+            Ok(Some(n)) => decoder.feed(&buf[..n]),
+            Ok(None) => return Err(CloseReason::PeerClosed),
+            Err(e) => return Err(CloseReason::Io(format!("control stream read failed: {e}"))),
+        }
+    }
+}
+
+/// Reads UDP datagrams and reports them as events; a full event queue drops (and counts) them.
+pub(crate) async fn read_datagrams(
+    shared: Arc<QuicShared>,
+    events: mpsc::Sender<SessionEvent>,
+) -> TaskEnd {
+    let mut last_open = 0u32;
+    loop {
+        let bytes = shared
+            .connection
+            .read_datagram()
+            .await
+            .map_err(|e| lost(&shared, e))?;
+        let Some(datagram) = Datagram::parse(bytes) else {
+            continue;
+        };
+        let event = match (datagram, shared.role) {
+            (Datagram::Open { id, header }, Role::Hub) if id > last_open => {
+                last_open = id;
+                SessionEvent::UdpOpen { id, header }
+            }
+            // A repeated open of a known session; its data follows separately.
+            (Datagram::Open { .. }, _) => continue,
+            // Data whose open was lost: the edge repeats the open with the next datagram.
+            (Datagram::Data { id, .. }, Role::Hub) if id > last_open => {
+                shared.lifecycle.stats.udp_drop();
+                continue;
+            }
+            (Datagram::Data { id, payload }, Role::Edge) => {
+                shared.unconfirmed().remove(&id);
+                SessionEvent::UdpDatagram { id, payload }
+            }
+            (Datagram::Data { id, payload }, Role::Hub) => {
+                SessionEvent::UdpDatagram { id, payload }
+            }
+        };
+        if events.try_send(event).is_err() {
+            shared.lifecycle.stats.udp_drop();
+        }
+    }
+}
+
+/// Reads a stream's PROXY v1 line byte by byte, so no byte after it is consumed.
+async fn read_proxy_line(recv: &mut RecvStream) -> Result<Bytes, String> {
+    let mut line = Vec::with_capacity(V1_MAX_LEN);
+    while line.len() < V1_MAX_LEN {
+        let byte = recv
+            .read_u8()
+            .await
+            .map_err(|e| format!("stream ended before its PROXY line: {e}"))?;
+        line.push(byte);
+        if byte == b'\n' {
+            return Ok(Bytes::from(line));
+        }
+    }
+    Err(format!("PROXY line longer than {V1_MAX_LEN} bytes"))
+}
+
+/// Accepts the edge's streams and reports each once its PROXY line has arrived (hub).
+pub(crate) async fn accept_streams(
+    shared: Arc<QuicShared>,
+    events: mpsc::Sender<SessionEvent>,
+) -> TaskEnd {
+    loop {
+        let (send, mut recv) = shared
+            .connection
+            .accept_bi()
+            .await
+            .map_err(|e| lost(&shared, e))?;
+        let shared = shared.clone();
+        let events = events.clone();
+        tokio::spawn(async move {
+            let header =
+                match tokio::time::timeout(PROXY_LINE_DEADLINE, read_proxy_line(&mut recv)).await {
+                    Ok(Ok(header)) => header,
+                    Ok(Err(reason)) => return tracing::debug!(%reason, "stream refused"),
+                    Err(_) => return tracing::debug!("stream refused: no PROXY line in time"),
+                };
+            let (reader, writer) = halves(send, recv, StreamGuard::new(&shared));
+            let event = SessionEvent::Opened {
+                reader: StreamReader::quic(reader),
+                writer: StreamWriter::quic(writer),
+                header,
+            };
+            let _ = events.send(event).await;
+        });
+    }
+}
+
+/// Reports QUIC's round-trip estimate every ping interval (hub).
+pub(crate) async fn report_rtt(
+    shared: Arc<QuicShared>,
+    events: mpsc::Sender<SessionEvent>,
+) -> TaskEnd {
+    let mut interval = tokio::time::interval(shared.options.ping_interval);
+    loop {
+        interval.tick().await;
+        let _ = events.try_send(SessionEvent::RoundTrip(shared.connection.rtt()));
+    }
+}
