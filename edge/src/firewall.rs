@@ -3,6 +3,13 @@
 //!
 //! We write the JSON ourselves (it is a small, documented schema) and run the `nft` binary: the
 //! batch is atomic in the kernel, so a rejected config leaves the previous rules in force.
+//!
+//! Not the `nftables` crate (0.6.3), which has this schema as types, because it cannot express
+//! what we need: its set statement has no per-element statements, so a per-source rate limit
+//! (`update @set { ip saddr limit rate … }` on a set whose entries time out) cannot be written;
+//! its `meter` stand-in has no expiry, so per-source state would grow until the table is
+//! replaced; and its runner does not capture nft's stderr, which is the reason we report in
+//! status, events and CONFIG_ACK when nft refuses a config.
 
 use std::net::IpAddr;
 use std::process::Stdio;

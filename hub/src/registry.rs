@@ -423,3 +423,177 @@ pub(crate) async fn perform(inner: &HubInner, pushes: Vec<Push>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use remoteingress_tunnel::{spawn_session, CloseReason, Role, SessionOptions};
+
+    const ADDR: &str = "192.0.2.7:40000";
+
+    /// A live hub session whose peer end is kept open by the returned stream.
+    fn live_session() -> (SessionHandle, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1024);
+        let (session, _events) =
+            spawn_session(ours, Bytes::new(), Role::Hub, SessionOptions::default());
+        (session, theirs)
+    }
+
+    fn edge(id: &str, secret: &str, ports: &[u16]) -> AllowedEdge {
+        AllowedEdge::new(id, secret, ports.to_vec())
+    }
+
+    fn attach(registry: &mut Registry, id: &str, session: &SessionHandle) -> (u64, Option<Push>) {
+        let version = registry.authenticate(id, "s").unwrap().version.unwrap();
+        registry
+            .attach(id, "s", session.clone(), ADDR.parse().unwrap(), version)
+            .unwrap()
+    }
+
+    #[test]
+    fn only_allowed_edges_with_their_secret_authenticate() {
+        let mut registry = Registry::default();
+        assert!(registry.replace_all(vec![edge("a", "s", &[80])]).is_empty());
+        let config = registry.authenticate("a", "s").expect("allowed");
+        assert_eq!(config.listen_ports, [80]);
+        assert_eq!(config.version, Some(1));
+        assert!(registry.authenticate("a", "wrong").is_none());
+        assert!(registry.authenticate("b", "s").is_none());
+        assert!(registry.is_configured("a"));
+        assert!(!registry.is_configured("b"));
+
+        registry.replace_all(vec![edge("b", "s", &[])]);
+        assert!(registry.authenticate("a", "s").is_none(), "a was replaced");
+        assert!(registry.authenticate("b", "s").is_some());
+    }
+
+    #[test]
+    fn targets_default_to_the_edge_port_unless_mapped() {
+        let mut registry = Registry::default();
+        let mut entry = edge("a", "s", &[80, 443]);
+        entry.target_ports.insert(443, 8443);
+        registry.upsert(entry);
+        assert_eq!(registry.target_port("a", 80), Some(80));
+        assert_eq!(registry.target_port("a", 443), Some(8443));
+        assert_eq!(registry.target_port("b", 80), None);
+    }
+
+    #[tokio::test]
+    async fn versions_rise_only_when_the_config_changes_and_reach_the_connected_edge() {
+        let mut registry = Registry::default();
+        registry.upsert(edge("a", "s", &[80]));
+        let (session, _peer) = live_session();
+        let (_, newer) = attach(&mut registry, "a", &session);
+        assert!(
+            newer.is_none(),
+            "the edge got the current version at connect"
+        );
+
+        assert!(
+            registry.upsert(edge("a", "s", &[80])).is_empty(),
+            "an unchanged config is not pushed"
+        );
+        assert_eq!(registry.list()[0].desired_version, 1);
+
+        let pushes = registry.upsert(edge("a", "s", &[80, 443]));
+        assert_eq!(pushes.len(), 1);
+        assert_eq!(pushes[0].edge_id, "a");
+        assert_eq!(pushes[0].config.version, Some(2));
+        assert_eq!(pushes[0].config.listen_ports, [80, 443]);
+        assert_eq!(registry.list()[0].desired_version, 2);
+    }
+
+    #[tokio::test]
+    async fn a_change_made_during_the_handshake_is_sent_after_attach() {
+        let mut registry = Registry::default();
+        registry.upsert(edge("a", "s", &[80]));
+        let sent = registry.authenticate("a", "s").unwrap().version.unwrap();
+        registry.upsert(edge("a", "s", &[81]));
+        let (session, _peer) = live_session();
+        let (_, newer) = registry
+            .attach("a", "s", session, ADDR.parse().unwrap(), sent)
+            .unwrap();
+        let newer = newer.expect("the newer config follows");
+        assert_eq!(newer.config.version, Some(2));
+        assert_eq!(newer.config.listen_ports, [81]);
+    }
+
+    #[test]
+    fn acks_record_the_applied_version_and_errors_keep_it() {
+        let mut registry = Registry::default();
+        registry.upsert(edge("a", "s", &[80]));
+        registry.record_ack("a", 1, None);
+        let info = &registry.list()[0];
+        assert_eq!(
+            (info.applied_version, info.last_error.clone()),
+            (Some(1), None)
+        );
+        registry.record_ack("a", 2, Some("port 80 in use".into()));
+        let info = &registry.list()[0];
+        assert_eq!(
+            info.applied_version,
+            Some(1),
+            "a failed version is not applied"
+        );
+        assert_eq!(info.last_error.as_deref(), Some("port 80 in use"));
+        registry.record_ack("a", 3, None);
+        assert_eq!(registry.list()[0].last_error, None);
+        registry.record_ack("unknown", 1, None);
+    }
+
+    #[tokio::test]
+    async fn a_second_tunnel_of_the_same_edge_takes_over() {
+        let mut registry = Registry::default();
+        registry.upsert(edge("a", "s", &[80]));
+        let (first, _first_peer) = live_session();
+        let (second, _second_peer) = live_session();
+        let (first_id, _) = attach(&mut registry, "a", &first);
+        let (second_id, _) = attach(&mut registry, "a", &second);
+        assert_ne!(first_id, second_id);
+        assert_eq!(registry.connection_count(), 1);
+        assert_eq!(
+            first.close_reason(),
+            Some(CloseReason::Local(
+                "replaced by a newer connection of the same edge".into()
+            ))
+        );
+        assert!(!second.is_closed());
+        // The old tunnel ending later must not forget the new one.
+        registry.detach("a", first_id);
+        assert_eq!(registry.connection_count(), 1);
+        registry.detach("a", second_id);
+        assert_eq!(registry.connection_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_changed_secret_or_a_removal_disconnects_and_refuses_attach() {
+        let mut registry = Registry::default();
+        registry.upsert(edge("a", "s", &[80]));
+        let (session, _peer) = live_session();
+        attach(&mut registry, "a", &session);
+        assert!(registry.upsert(edge("a", "new", &[80])).is_empty());
+        assert_eq!(
+            session.close_reason(),
+            Some(CloseReason::Local("edge secret changed".into()))
+        );
+        let (late, _late_peer) = live_session();
+        assert!(
+            registry
+                .attach("a", "s", late, ADDR.parse().unwrap(), 1)
+                .is_err(),
+            "the old secret no longer attaches"
+        );
+
+        let (current, _current_peer) = live_session();
+        registry
+            .attach("a", "new", current.clone(), ADDR.parse().unwrap(), 1)
+            .unwrap();
+        let (found, _) = registry.delete("a");
+        assert!(found);
+        assert!(current.is_closed());
+        assert_eq!(registry.connection_count(), 0);
+        assert!(!registry.delete("a").0);
+    }
+}

@@ -9,6 +9,8 @@
 
 pub mod error;
 mod event;
+#[cfg(test)]
+mod harness;
 mod lifecycle;
 pub mod line;
 pub mod link;

@@ -7,6 +7,8 @@ mod ping;
 mod reader;
 mod shared;
 mod stream;
+#[cfg(test)]
+mod tests;
 mod writer;
 
 use std::sync::atomic::Ordering;

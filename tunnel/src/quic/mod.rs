@@ -6,6 +6,8 @@ mod endpoint;
 mod shared;
 mod stream;
 mod tasks;
+#[cfg(test)]
+mod tests;
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -46,7 +48,10 @@ pub(crate) fn start(
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     let shared = Arc::new(QuicShared::new(role, options, connection, control_tx));
     let (send, recv) = control;
-    spawn_task(&shared, tasks::write_control(send, control_rx));
+    spawn_task(
+        &shared,
+        tasks::write_control(send, control_rx, shared.clone()),
+    );
     spawn_task(
         &shared,
         tasks::read_control(recv, initial, shared.clone(), events_tx.clone()),

@@ -37,13 +37,15 @@ pub(crate) async fn watch_connection(shared: Arc<QuicShared>) -> TaskEnd {
 pub(crate) async fn write_control(
     mut send: SendStream,
     mut rx: mpsc::Receiver<(FrameType, Bytes)>,
+    shared: Arc<QuicShared>,
 ) -> TaskEnd {
     let mut buf = BytesMut::new();
     while let Some((kind, payload)) = rx.recv().await {
         encode_control(&mut buf, kind, &payload);
-        send.write_all(&buf)
-            .await
-            .map_err(|e| CloseReason::Io(format!("control stream write failed: {e}")))?;
+        send.write_all(&buf).await.map_err(|e| match e {
+            quinn::WriteError::ConnectionLost(e) => lost(&shared, e),
+            e => CloseReason::Io(format!("control stream write failed: {e}")),
+        })?;
         buf.clear();
     }
     Err(CloseReason::Local("the control queue closed".into()))
@@ -86,6 +88,7 @@ pub(crate) async fn read_control(
         match recv.read(&mut buf).await {
             Ok(Some(n)) => decoder.feed(&buf[..n]),
             Ok(None) => return Err(CloseReason::PeerClosed),
+            Err(quinn::ReadError::ConnectionLost(e)) => return Err(lost(&shared, e)),
             Err(e) => return Err(CloseReason::Io(format!("control stream read failed: {e}"))),
         }
     }

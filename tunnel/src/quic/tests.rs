@@ -1,0 +1,210 @@
+//! The QUIC session pinned down with the in-process harness: streams, statistics that match the
+//! multiplexer's, half-close, shutdown, and UDP opens that survive loss.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use remoteingress_wire::quic::Datagram;
+
+use crate::error::{CloseReason, SessionError};
+use crate::harness::{
+    eventually, pattern, read_exactly, read_to_end, send_all, udp_header, within, Pair, DEADLINE,
+};
+use crate::link::Link;
+use crate::options::{Role, SessionOptions};
+use crate::quic::{client_endpoint, server_endpoint};
+use crate::tls::{HubIdentity, HubTrust};
+
+#[tokio::test]
+async fn streams_carry_bytes_and_fill_the_same_statistics() {
+    let mut pair = Pair::quic(SessionOptions::default()).await;
+    let mut stream = pair.open().await;
+    assert!(stream.header.starts_with(b"PROXY TCP4 "));
+    // The hub does not read yet: the edge's writer must wait for QUIC's flow control.
+    let up = pattern(12 * 1024 * 1024);
+    let mut writer = stream.edge_writer;
+    let sent = up.clone();
+    let pushed = tokio::spawn(async move {
+        send_all(&mut writer, sent).await;
+        writer
+    });
+    let edge_stats = pair.edge.session.stats();
+    eventually("the edge's writer waits", || {
+        edge_stats.flow_stalls.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    assert_eq!(read_exactly(&mut stream.hub_reader, up.len()).await, up);
+    let mut edge_writer = within("the push ends", pushed).await.unwrap();
+    edge_writer.finish().await;
+    assert_eq!(read_to_end(&mut stream.hub_reader).await, b"");
+
+    let hub_stats = pair.hub.session.stats();
+    assert_eq!(hub_stats.bytes_in.load(Ordering::Relaxed), up.len() as u64);
+    assert_eq!(
+        edge_stats.bytes_out.load(Ordering::Relaxed),
+        up.len() as u64
+    );
+    assert_eq!(hub_stats.streams_opened.load(Ordering::Relaxed), 1);
+    assert!(hub_stats.peak_stream_buffer.load(Ordering::Relaxed) > 0);
+}
+
+#[tokio::test]
+async fn half_close_works_in_both_directions() {
+    let mut pair = Pair::quic(SessionOptions::default()).await;
+    let mut stream = pair.open().await;
+    send_all(&mut stream.edge_writer, Bytes::from_static(b"request")).await;
+    stream.edge_writer.finish().await;
+    assert_eq!(read_to_end(&mut stream.hub_reader).await, b"request");
+    send_all(&mut stream.hub_writer, Bytes::from_static(b"response")).await;
+    stream.hub_writer.finish().await;
+    assert_eq!(read_to_end(&mut stream.edge_reader).await, b"response");
+    drop(stream);
+    let (edge, hub) = (&pair.edge.session, &pair.hub.session);
+    eventually("both sides forget the stream", || {
+        edge.active_streams() == 0 && hub.active_streams() == 0
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_releases_every_stream_and_tells_the_peer() {
+    let mut pair = Pair::quic(SessionOptions::default()).await;
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        streams.push(pair.open().await);
+    }
+    pair.hub.session.close("test over");
+    for stream in &mut streams {
+        assert_eq!(
+            within("edge reader ends", stream.edge_reader.recv()).await,
+            None
+        );
+        assert_eq!(
+            within("hub reader ends", stream.hub_reader.recv()).await,
+            None
+        );
+        assert_eq!(stream.hub_writer.reserve().await, Err(SessionError::Closed));
+    }
+    within("the edge session ends", pair.edge.session.closed()).await;
+    assert_eq!(
+        pair.hub.session.close_reason(),
+        Some(CloseReason::Local("test over".into()))
+    );
+    assert_eq!(
+        pair.edge.session.close_reason(),
+        Some(CloseReason::PeerClosed)
+    );
+}
+
+#[tokio::test]
+async fn udp_datagrams_and_closes_travel_both_ways() {
+    let mut pair = Pair::quic(SessionOptions::default()).await;
+    let id = pair.edge.session.open_udp(udp_header()).await.unwrap();
+    assert!(pair.edge.session.send_udp(id, Bytes::from_static(b"ping")));
+    let mut opened = false;
+    loop {
+        match within("hub UDP events", pair.hub.events.recv())
+            .await
+            .unwrap()
+        {
+            crate::event::SessionEvent::UdpOpen { id: of, header } => {
+                assert_eq!((of, header), (id, udp_header()));
+                opened = true;
+            }
+            crate::event::SessionEvent::UdpDatagram { id: of, payload } => {
+                assert!(opened, "the open comes first");
+                assert_eq!((of, &payload[..]), (id, &b"ping"[..]));
+                break;
+            }
+            _ => {}
+        }
+    }
+    pair.hub.session.close_udp(id);
+    loop {
+        if let crate::event::SessionEvent::UdpClose { id: closed } =
+            within("edge UDP close", pair.edge.events.recv())
+                .await
+                .unwrap()
+        {
+            assert_eq!(closed, id);
+            break;
+        }
+    }
+}
+
+/// The next datagram the raw hub receives.
+async fn next_datagram(connection: &quinn::Connection) -> Datagram {
+    let bytes = within("a datagram", connection.read_datagram())
+        .await
+        .unwrap();
+    Datagram::parse(bytes).expect("a well-formed datagram")
+}
+
+#[tokio::test]
+async fn a_lost_udp_open_is_repeated_until_the_hub_answers() {
+    // The hub side is raw QUIC, so the test decides which datagrams are "lost".
+    let options = SessionOptions::default();
+    let dir = tempfile::tempdir().unwrap();
+    let identity = HubIdentity::load_or_generate(dir.path()).unwrap();
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_nonblocking(true).unwrap();
+    let server = server_endpoint(&identity, socket, &options).unwrap();
+    let port = server.local_addr().unwrap().port();
+    let client = client_endpoint(&HubTrust::Pin(identity.pin()), &options).unwrap();
+    let connect = async {
+        let mut link = Link::connect_quic(&client, "127.0.0.1", port, "localhost")
+            .await
+            .unwrap();
+        link.write_line("hello\n").await.unwrap();
+        link
+    };
+    let accept = async {
+        let connecting = server.accept().await.unwrap().accept().unwrap();
+        connecting.await.unwrap()
+    };
+    let (link, hub) = within("QUIC setup", async { tokio::join!(connect, accept) }).await;
+    let (edge, _events) = link.into_session(Bytes::new(), Role::Edge, options);
+
+    let header = udp_header();
+    let id = edge.open_udp(header.clone()).await.unwrap();
+    // The first open is "lost": the raw hub ignores it.
+    assert!(matches!(next_datagram(&hub).await, Datagram::Open { id: of, .. } if of == id));
+    assert!(edge.send_udp(id, Bytes::from_static(b"first")));
+    match next_datagram(&hub).await {
+        Datagram::Open {
+            id: of,
+            header: repeated,
+        } => {
+            assert_eq!((of, &repeated[..]), (id, &header[..]));
+        }
+        other => panic!("the open is not repeated before the data: {other:?}"),
+    }
+    assert!(
+        matches!(next_datagram(&hub).await, Datagram::Data { id: of, payload } if of == id && &payload[..] == b"first")
+    );
+    // A reply confirms the session: later datagrams go without the open.
+    hub.send_datagram(
+        Datagram::Data {
+            id,
+            payload: Bytes::from_static(b"reply"),
+        }
+        .encode(),
+    )
+    .unwrap();
+    let confirmed = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        assert!(edge.send_udp(id, Bytes::from_static(b"later")));
+        let first = next_datagram(&hub).await;
+        if matches!(first, Datagram::Data { .. }) {
+            break;
+        }
+        // Still unconfirmed: the open came first, its data follows.
+        assert!(matches!(next_datagram(&hub).await, Datagram::Data { .. }));
+        assert!(
+            tokio::time::Instant::now() < confirmed,
+            "the reply never confirmed the session"
+        );
+    }
+}
