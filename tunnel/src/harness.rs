@@ -63,23 +63,35 @@ pub(crate) struct Pair {
     _keep: Option<(quinn::Endpoint, tempfile::TempDir)>,
 }
 
+type Started = (SessionHandle, mpsc::Receiver<SessionEvent>);
+
 impl Pair {
+    fn new(
+        edge: Started,
+        hub: Started,
+        keep: Option<(quinn::Endpoint, tempfile::TempDir)>,
+    ) -> Self {
+        Self {
+            edge: Side {
+                session: edge.0,
+                events: edge.1,
+            },
+            hub: Side {
+                session: hub.0,
+                events: hub.1,
+            },
+            _keep: keep,
+        }
+    }
+
     /// Over the TLS transport's multiplexer, in memory.
     pub(crate) fn mux(options: SessionOptions) -> Self {
         let (edge_io, hub_io) = tokio::io::duplex(256 * 1024);
-        let (edge, edge_events) = spawn_session(edge_io, Bytes::new(), Role::Edge, options.clone());
-        let (hub, hub_events) = spawn_session(hub_io, Bytes::new(), Role::Hub, options);
-        Self {
-            edge: Side {
-                session: edge,
-                events: edge_events,
-            },
-            hub: Side {
-                session: hub,
-                events: hub_events,
-            },
-            _keep: None,
-        }
+        Self::new(
+            spawn_session(edge_io, Bytes::new(), Role::Edge, options.clone()),
+            spawn_session(hub_io, Bytes::new(), Role::Hub, options),
+            None,
+        )
     }
 
     /// Over QUIC on loopback, after the same one-line exchange the real handshake makes.
@@ -108,19 +120,11 @@ impl Pair {
         };
         let (edge_link, (hub_link, rest)) =
             within("QUIC setup", async { tokio::join!(connect, accept) }).await;
-        let (edge, edge_events) = edge_link.into_session(Bytes::new(), Role::Edge, options.clone());
-        let (hub, hub_events) = hub_link.into_session(rest, Role::Hub, options);
-        Self {
-            edge: Side {
-                session: edge,
-                events: edge_events,
-            },
-            hub: Side {
-                session: hub,
-                events: hub_events,
-            },
-            _keep: Some((server, dir)),
-        }
+        Self::new(
+            edge_link.into_session(Bytes::new(), Role::Edge, options.clone()),
+            hub_link.into_session(rest, Role::Hub, options),
+            Some((server, dir)),
+        )
     }
 
     /// Opens a stream from the edge and takes it on the hub.
@@ -270,5 +274,107 @@ impl RawPeer {
         self.session
             .close_reason()
             .expect("a closed session has a reason")
+    }
+}
+
+/// Checks for behaviour both transports share: each takes a fresh pair.
+pub(crate) mod checks {
+    use bytes::Bytes;
+
+    use super::{eventually, read_exactly, read_to_end, send_all, udp_header, within, Pair};
+    use crate::error::{CloseReason, SessionError};
+    use crate::event::SessionEvent;
+
+    /// Each direction finishes on its own; the stream is forgotten once both have.
+    pub(crate) async fn half_close_works_in_both_directions(mut pair: Pair) {
+        let mut stream = pair.open().await;
+        send_all(&mut stream.edge_writer, Bytes::from_static(b"request")).await;
+        stream.edge_writer.finish().await;
+        assert_eq!(read_to_end(&mut stream.hub_reader).await, b"request");
+        // The edge has finished sending, yet still receives.
+        send_all(&mut stream.hub_writer, Bytes::from_static(b"response")).await;
+        assert_eq!(read_exactly(&mut stream.edge_reader, 8).await, b"response");
+        assert_eq!(
+            pair.hub.session.active_streams(),
+            1,
+            "half-closed, still open"
+        );
+        stream.hub_writer.finish().await;
+        assert_eq!(read_to_end(&mut stream.edge_reader).await, b"");
+        drop(stream);
+        let (edge, hub) = (&pair.edge.session, &pair.hub.session);
+        eventually("both sides forget the stream", || {
+            edge.active_streams() == 0 && hub.active_streams() == 0
+        })
+        .await;
+    }
+
+    /// Closing one side ends every stream on both sides and the peer's session, which learns
+    /// that its peer closed.
+    pub(crate) async fn shutdown_releases_every_stream_on_both_sides(mut pair: Pair) {
+        let mut streams = Vec::new();
+        for _ in 0..3 {
+            streams.push(pair.open().await);
+        }
+        pair.hub.session.close("test over");
+        for stream in &mut streams {
+            let edge_read = within("edge reader ends", stream.edge_reader.recv()).await;
+            assert_eq!(edge_read, None);
+            let hub_read = within("hub reader ends", stream.hub_reader.recv()).await;
+            assert_eq!(hub_read, None);
+            let reserved = within("hub writer fails", stream.hub_writer.reserve()).await;
+            assert_eq!(reserved, Err(SessionError::Closed));
+        }
+        within("the edge session ends", pair.edge.session.closed()).await;
+        let hub_reason = pair.hub.session.close_reason();
+        assert_eq!(hub_reason, Some(CloseReason::Local("test over".into())));
+        assert_eq!(
+            pair.edge.session.close_reason(),
+            Some(CloseReason::PeerClosed)
+        );
+        let opened = pair.edge.session.open(Bytes::from_static(b"x")).await;
+        assert_eq!(opened.err(), Some(SessionError::Closed));
+    }
+
+    /// A UDP session opens, carries a datagram each way, and is closed by the hub.
+    pub(crate) async fn udp_datagrams_and_closes_travel_both_ways(mut pair: Pair) {
+        let id = pair.edge.session.open_udp(udp_header()).await.unwrap_or(0);
+        assert!(pair.edge.session.send_udp(id, Bytes::from_static(b"ping")));
+        let mut opened = false;
+        loop {
+            match within("hub UDP events", pair.hub.events.recv()).await {
+                Some(SessionEvent::UdpOpen { id: of, header }) => {
+                    assert_eq!((of, header), (id, udp_header()));
+                    opened = true;
+                }
+                Some(SessionEvent::UdpDatagram { id: of, payload }) => {
+                    assert!(opened, "the open comes first");
+                    assert_eq!((of, &payload[..]), (id, &b"ping"[..]));
+                    break;
+                }
+                Some(_) => {}
+                None => panic!("the hub session ended"),
+            }
+        }
+        assert!(pair.hub.session.send_udp(id, Bytes::from_static(b"pong")));
+        pair.hub.session.close_udp(id);
+        // UDP_CLOSE travels on the control lane (stream), so it may overtake the datagram.
+        let mut back = Vec::new();
+        while back.len() < 2 {
+            match within("edge UDP events", pair.edge.events.recv()).await {
+                Some(SessionEvent::UdpDatagram { id: of, payload }) => {
+                    assert_eq!((of, &payload[..]), (id, &b"pong"[..]));
+                    back.push("datagram");
+                }
+                Some(SessionEvent::UdpClose { id: closed }) => {
+                    assert_eq!(closed, id);
+                    back.push("close");
+                }
+                Some(_) => {}
+                None => panic!("the edge session ended"),
+            }
+        }
+        back.sort_unstable();
+        assert_eq!(back, ["close", "datagram"]);
     }
 }

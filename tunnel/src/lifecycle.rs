@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::error::CloseReason;
+use crate::error::{CloseReason, SessionError};
 
 /// Traffic counters of a session.
 #[derive(Debug, Default)]
@@ -107,6 +107,17 @@ impl Lifecycle {
     /// Streams open now.
     pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
+    }
+
+    /// Whether a stream may be opened now: the session is open and below `max_streams`.
+    pub(crate) fn may_open(&self, max_streams: usize) -> Result<(), SessionError> {
+        if self.is_closed() {
+            return Err(SessionError::Closed);
+        }
+        if self.active() >= max_streams {
+            return Err(SessionError::TooManyStreams(max_streams));
+        }
+        Ok(())
     }
 
     /// Counts a newly opened stream.

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::{CloseReason, SessionError};
 use crate::event::SessionEvent;
-use crate::lifecycle::{Lifecycle, SessionStats};
+use crate::lifecycle::{Lifecycle, SessionCore, SessionStats};
 use crate::mux::{self, MuxSession};
 use crate::options::{Role, SessionOptions, Transport};
 use crate::quic::{self, QuicSession};
@@ -73,8 +73,12 @@ pub(crate) fn spawn_quic_session(
 }
 
 impl SessionHandle {
+    fn core(&self) -> &dyn SessionCore {
+        dispatch!(self, s => s.core())
+    }
+
     fn lifecycle(&self) -> &Lifecycle {
-        dispatch!(self, s => s.lifecycle())
+        self.core().lifecycle()
     }
 
     /// The transport the session runs over.
@@ -115,8 +119,7 @@ impl SessionHandle {
 
     /// Ends the session from our side, with `reason`.
     pub fn close(&self, reason: impl Into<String>) {
-        let reason = CloseReason::Local(reason.into());
-        dispatch!(self, s => s.close(reason))
+        self.core().close(CloseReason::Local(reason.into()));
     }
 
     /// Resolves once the session has ended.

@@ -20,9 +20,9 @@ use remoteingress_wire::frame::{Frame, FrameType, CONTROL_STREAM};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 
-use crate::error::{CloseReason, SessionError};
+use crate::error::SessionError;
 use crate::event::{SessionEvent, EVENT_QUEUE};
-use crate::lifecycle::{spawn_task, Lifecycle, SessionCore};
+use crate::lifecycle::{spawn_task, SessionCore};
 use crate::options::{Role, SessionOptions};
 use crate::stream::{StreamReader, StreamWriter};
 use shared::{send_soon, udp_data_out, Outgoing, Shared, StreamSlot};
@@ -60,12 +60,9 @@ where
 }
 
 impl MuxSession {
-    pub(crate) fn lifecycle(&self) -> &Lifecycle {
-        &self.shared.lifecycle
-    }
-
-    pub(crate) fn close(&self, reason: CloseReason) {
-        self.shared.close(reason);
+    /// The session's state, with what closing means for this transport.
+    pub(crate) fn core(&self) -> &dyn SessionCore {
+        &*self.shared
     }
 
     /// Opens a stream (edge): sends OPEN with `header` and raises the stream's window.
@@ -74,12 +71,7 @@ impl MuxSession {
         header: Bytes,
     ) -> Result<(StreamReader, StreamWriter), SessionError> {
         let shared = &self.shared;
-        if shared.lifecycle.is_closed() {
-            return Err(SessionError::Closed);
-        }
-        if shared.lifecycle.active() >= shared.options.max_streams {
-            return Err(SessionError::TooManyStreams(shared.options.max_streams));
-        }
+        shared.lifecycle.may_open(shared.options.max_streams)?;
         let send = |frame| shared.lanes.control.send(Outgoing::Frame(frame));
         let mut next_id = shared.next_id.lock().await;
         let id = *next_id;

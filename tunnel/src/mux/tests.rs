@@ -9,9 +9,9 @@ use bytes::Bytes;
 use remoteingress_wire::flow::{window_for, FlowError, MAX_WINDOW};
 use remoteingress_wire::frame::{FrameError, FrameType, HEADER_LEN, MAX_PAYLOAD_LEN};
 
-use crate::error::{CloseReason, ProtocolViolation, SessionError};
+use crate::error::{CloseReason, ProtocolViolation};
 use crate::harness::{
-    eventually, pattern, read_exactly, read_to_end, send_all, udp_header, within, Pair, RawPeer,
+    checks, eventually, pattern, read_exactly, read_to_end, send_all, within, Pair, RawPeer,
 };
 use crate::options::{Role, SessionOptions};
 
@@ -349,30 +349,6 @@ async fn pings_are_answered_and_give_the_hub_its_round_trip() {
 }
 
 #[tokio::test]
-async fn half_close_works_in_both_directions() {
-    let mut pair = Pair::mux(SessionOptions::default());
-    let mut stream = pair.open().await;
-    send_all(&mut stream.edge_writer, Bytes::from_static(b"request")).await;
-    stream.edge_writer.finish().await;
-    assert_eq!(read_to_end(&mut stream.hub_reader).await, b"request");
-    // The edge has finished sending, yet still receives.
-    send_all(&mut stream.hub_writer, Bytes::from_static(b"response")).await;
-    assert_eq!(read_exactly(&mut stream.edge_reader, 8).await, b"response");
-    assert_eq!(
-        pair.hub.session.active_streams(),
-        1,
-        "half-closed, still open"
-    );
-    stream.hub_writer.finish().await;
-    assert_eq!(read_to_end(&mut stream.edge_reader).await, b"");
-    let (edge, hub) = (&pair.edge.session, &pair.hub.session);
-    eventually("both sides forget the stream", || {
-        edge.active_streams() == 0 && hub.active_streams() == 0
-    })
-    .await;
-}
-
-#[tokio::test]
 async fn dropping_both_halves_closes_the_stream_on_both_sides() {
     let mut pair = Pair::mux(SessionOptions::default());
     let stream = pair.open().await;
@@ -389,89 +365,17 @@ async fn dropping_both_halves_closes_the_stream_on_both_sides() {
 }
 
 #[tokio::test]
+async fn half_close_works_in_both_directions() {
+    checks::half_close_works_in_both_directions(Pair::mux(SessionOptions::default())).await;
+}
+
+#[tokio::test]
 async fn shutdown_releases_every_stream_on_both_sides() {
-    let mut pair = Pair::mux(SessionOptions::default());
-    let mut streams = Vec::new();
-    for _ in 0..3 {
-        streams.push(pair.open().await);
-    }
-    pair.hub.session.close("test over");
-    for stream in &mut streams {
-        assert_eq!(
-            within("edge reader ends", stream.edge_reader.recv()).await,
-            None
-        );
-        assert_eq!(
-            within("hub reader ends", stream.hub_reader.recv()).await,
-            None
-        );
-        assert_eq!(
-            within("edge writer fails", stream.edge_writer.reserve()).await,
-            Err(SessionError::Closed)
-        );
-    }
-    within("the edge session ends", pair.edge.session.closed()).await;
-    assert_eq!(
-        pair.hub.session.close_reason(),
-        Some(CloseReason::Local("test over".into()))
-    );
-    assert_eq!(
-        pair.edge.session.close_reason(),
-        Some(CloseReason::PeerClosed)
-    );
-    assert_eq!(
-        pair.edge
-            .session
-            .open(Bytes::from_static(OPEN_LINE))
-            .await
-            .err(),
-        Some(SessionError::Closed)
-    );
+    checks::shutdown_releases_every_stream_on_both_sides(Pair::mux(SessionOptions::default()))
+        .await;
 }
 
 #[tokio::test]
 async fn udp_datagrams_and_closes_travel_both_ways() {
-    let mut pair = Pair::mux(SessionOptions::default());
-    let id = pair.edge.session.open_udp(udp_header()).await.unwrap();
-    assert!(pair.edge.session.send_udp(id, Bytes::from_static(b"ping")));
-    let mut seen = Vec::new();
-    while seen.len() < 2 {
-        match within("hub UDP events", pair.hub.events.recv())
-            .await
-            .unwrap()
-        {
-            crate::event::SessionEvent::UdpOpen { id: opened, header } => {
-                assert_eq!((opened, header), (id, udp_header()));
-                seen.push("open");
-            }
-            crate::event::SessionEvent::UdpDatagram { id: of, payload } => {
-                assert_eq!((of, &payload[..]), (id, &b"ping"[..]));
-                seen.push("datagram");
-            }
-            _ => {}
-        }
-    }
-    assert_eq!(seen, ["open", "datagram"]);
-    assert!(pair.hub.session.send_udp(id, Bytes::from_static(b"pong")));
-    pair.hub.session.close_udp(id);
-    // UDP_CLOSE travels on the control lane, so it may overtake the datagram.
-    let mut back = Vec::new();
-    while back.len() < 2 {
-        match within("edge UDP events", pair.edge.events.recv())
-            .await
-            .unwrap()
-        {
-            crate::event::SessionEvent::UdpDatagram { payload, .. } => {
-                assert_eq!(&payload[..], b"pong");
-                back.push("datagram");
-            }
-            crate::event::SessionEvent::UdpClose { id: closed } => {
-                assert_eq!(closed, id);
-                back.push("close");
-            }
-            _ => {}
-        }
-    }
-    back.sort_unstable();
-    assert_eq!(back, ["close", "datagram"]);
+    checks::udp_datagrams_and_closes_travel_both_ways(Pair::mux(SessionOptions::default())).await;
 }

@@ -19,9 +19,9 @@ use remoteingress_wire::frame::FrameType;
 use remoteingress_wire::quic::Datagram;
 use tokio::sync::mpsc;
 
-use crate::error::{CloseReason, SessionError};
+use crate::error::SessionError;
 use crate::event::{SessionEvent, EVENT_QUEUE};
-use crate::lifecycle::{spawn_task, Lifecycle, SessionCore};
+use crate::lifecycle::{spawn_task, SessionCore};
 use crate::options::{Role, SessionOptions};
 use crate::stream::{StreamReader, StreamWriter};
 use shared::{QuicShared, StreamGuard};
@@ -72,12 +72,9 @@ pub(crate) fn start(
 }
 
 impl QuicSession {
-    pub(crate) fn lifecycle(&self) -> &Lifecycle {
-        &self.shared.lifecycle
-    }
-
-    pub(crate) fn close(&self, reason: CloseReason) {
-        self.shared.close(reason);
+    /// The session's state, with what closing means for this transport.
+    pub(crate) fn core(&self) -> &dyn SessionCore {
+        &*self.shared
     }
 
     /// Opens a stream (edge) and writes its PROXY v1 line.
@@ -86,9 +83,7 @@ impl QuicSession {
         header: Bytes,
     ) -> Result<(StreamReader, StreamWriter), SessionError> {
         let shared = &self.shared;
-        if shared.lifecycle.active() >= shared.options.max_streams {
-            return Err(SessionError::TooManyStreams(shared.options.max_streams));
-        }
+        shared.lifecycle.may_open(shared.options.max_streams)?;
         let (mut send, recv) = shared
             .connection
             .open_bi()

@@ -8,9 +8,9 @@ use std::sync::atomic::Ordering;
 use bytes::Bytes;
 use remoteingress_wire::quic::Datagram;
 
-use crate::error::{CloseReason, SessionError};
 use crate::harness::{
-    eventually, pattern, read_exactly, read_to_end, send_all, udp_header, within, Pair, DEADLINE,
+    checks, eventually, pattern, read_exactly, read_to_end, send_all, udp_header, within, Pair,
+    DEADLINE,
 };
 use crate::link::Link;
 use crate::options::{Role, SessionOptions};
@@ -52,86 +52,20 @@ async fn streams_carry_bytes_and_fill_the_same_statistics() {
 
 #[tokio::test]
 async fn half_close_works_in_both_directions() {
-    let mut pair = Pair::quic(SessionOptions::default()).await;
-    let mut stream = pair.open().await;
-    send_all(&mut stream.edge_writer, Bytes::from_static(b"request")).await;
-    stream.edge_writer.finish().await;
-    assert_eq!(read_to_end(&mut stream.hub_reader).await, b"request");
-    send_all(&mut stream.hub_writer, Bytes::from_static(b"response")).await;
-    stream.hub_writer.finish().await;
-    assert_eq!(read_to_end(&mut stream.edge_reader).await, b"response");
-    drop(stream);
-    let (edge, hub) = (&pair.edge.session, &pair.hub.session);
-    eventually("both sides forget the stream", || {
-        edge.active_streams() == 0 && hub.active_streams() == 0
-    })
-    .await;
+    let pair = Pair::quic(SessionOptions::default()).await;
+    checks::half_close_works_in_both_directions(pair).await;
 }
 
 #[tokio::test]
-async fn shutdown_releases_every_stream_and_tells_the_peer() {
-    let mut pair = Pair::quic(SessionOptions::default()).await;
-    let mut streams = Vec::new();
-    for _ in 0..3 {
-        streams.push(pair.open().await);
-    }
-    pair.hub.session.close("test over");
-    for stream in &mut streams {
-        assert_eq!(
-            within("edge reader ends", stream.edge_reader.recv()).await,
-            None
-        );
-        assert_eq!(
-            within("hub reader ends", stream.hub_reader.recv()).await,
-            None
-        );
-        assert_eq!(stream.hub_writer.reserve().await, Err(SessionError::Closed));
-    }
-    within("the edge session ends", pair.edge.session.closed()).await;
-    assert_eq!(
-        pair.hub.session.close_reason(),
-        Some(CloseReason::Local("test over".into()))
-    );
-    assert_eq!(
-        pair.edge.session.close_reason(),
-        Some(CloseReason::PeerClosed)
-    );
+async fn shutdown_releases_every_stream_on_both_sides() {
+    let pair = Pair::quic(SessionOptions::default()).await;
+    checks::shutdown_releases_every_stream_on_both_sides(pair).await;
 }
 
 #[tokio::test]
 async fn udp_datagrams_and_closes_travel_both_ways() {
-    let mut pair = Pair::quic(SessionOptions::default()).await;
-    let id = pair.edge.session.open_udp(udp_header()).await.unwrap();
-    assert!(pair.edge.session.send_udp(id, Bytes::from_static(b"ping")));
-    let mut opened = false;
-    loop {
-        match within("hub UDP events", pair.hub.events.recv())
-            .await
-            .unwrap()
-        {
-            crate::event::SessionEvent::UdpOpen { id: of, header } => {
-                assert_eq!((of, header), (id, udp_header()));
-                opened = true;
-            }
-            crate::event::SessionEvent::UdpDatagram { id: of, payload } => {
-                assert!(opened, "the open comes first");
-                assert_eq!((of, &payload[..]), (id, &b"ping"[..]));
-                break;
-            }
-            _ => {}
-        }
-    }
-    pair.hub.session.close_udp(id);
-    loop {
-        if let crate::event::SessionEvent::UdpClose { id: closed } =
-            within("edge UDP close", pair.edge.events.recv())
-                .await
-                .unwrap()
-        {
-            assert_eq!(closed, id);
-            break;
-        }
-    }
+    let pair = Pair::quic(SessionOptions::default()).await;
+    checks::udp_datagrams_and_closes_travel_both_ways(pair).await;
 }
 
 /// The next datagram the raw hub receives.
