@@ -58,15 +58,27 @@ impl SessionStats {
 }
 
 /// The lifecycle of one session: open until the first close reason is recorded.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Lifecycle {
     closed: CancellationToken,
     reason: Mutex<Option<CloseReason>>,
     active: AtomicUsize,
+    max_streams: usize,
     pub(crate) stats: SessionStats,
 }
 
 impl Lifecycle {
+    /// An open session that allows `max_streams` streams at once.
+    pub(crate) fn new(max_streams: usize) -> Self {
+        Self {
+            closed: CancellationToken::new(),
+            reason: Mutex::new(None),
+            active: AtomicUsize::new(0),
+            max_streams,
+            stats: SessionStats::default(),
+        }
+    }
+
     /// Records `reason` unless one is recorded already and marks the session closed; true for
     /// the call that closed it.
     pub(crate) fn close(&self, reason: CloseReason) -> bool {
@@ -109,13 +121,13 @@ impl Lifecycle {
         self.active.load(Ordering::Relaxed)
     }
 
-    /// Whether a stream may be opened now: the session is open and below `max_streams`.
-    pub(crate) fn may_open(&self, max_streams: usize) -> Result<(), SessionError> {
+    /// Whether a stream may be opened now: the session is open and below its stream cap.
+    pub(crate) fn may_open(&self) -> Result<(), SessionError> {
         if self.is_closed() {
             return Err(SessionError::Closed);
         }
-        if self.active() >= max_streams {
-            return Err(SessionError::TooManyStreams(max_streams));
+        if self.active() >= self.max_streams {
+            return Err(SessionError::TooManyStreams(self.max_streams));
         }
         Ok(())
     }

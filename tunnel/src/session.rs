@@ -74,7 +74,10 @@ pub(crate) fn spawn_quic_session(
 
 impl SessionHandle {
     fn core(&self) -> &dyn SessionCore {
-        dispatch!(self, s => s.core())
+        match &self.session {
+            Session::Mux(s) => &*s.shared,
+            Session::Quic(s) => &*s.shared,
+        }
     }
 
     fn lifecycle(&self) -> &Lifecycle {
@@ -91,6 +94,7 @@ impl SessionHandle {
 
     /// Opens a stream (edge) whose first bytes are `header` (the client's PROXY v1 line).
     pub async fn open(&self, header: Bytes) -> Result<(StreamReader, StreamWriter), SessionError> {
+        self.lifecycle().may_open()?;
         dispatch!(self, s => s.open(header).await)
     }
 

@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::error::SessionError;
 use crate::event::{SessionEvent, EVENT_QUEUE};
-use crate::lifecycle::{spawn_task, SessionCore};
+use crate::lifecycle::spawn_task;
 use crate::options::{Role, SessionOptions};
 use crate::stream::{StreamReader, StreamWriter};
 use shared::{send_soon, udp_data_out, Outgoing, Shared, StreamSlot};
@@ -32,7 +32,7 @@ pub(crate) use stream::{MuxReader, MuxWriter};
 /// A running multiplexed session.
 #[derive(Clone, Debug)]
 pub(crate) struct MuxSession {
-    shared: Arc<Shared>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 /// Starts the session's tasks over an established, authenticated connection. `initial` holds
@@ -60,18 +60,13 @@ where
 }
 
 impl MuxSession {
-    /// The session's state, with what closing means for this transport.
-    pub(crate) fn core(&self) -> &dyn SessionCore {
-        &*self.shared
-    }
-
-    /// Opens a stream (edge): sends OPEN with `header` and raises the stream's window.
+    /// Opens a stream (edge): sends OPEN with `header` and raises the stream's window. The
+    /// caller has checked that the session may open one.
     pub(crate) async fn open(
         &self,
         header: Bytes,
     ) -> Result<(StreamReader, StreamWriter), SessionError> {
         let shared = &self.shared;
-        shared.lifecycle.may_open(shared.options.max_streams)?;
         let send = |frame| shared.lanes.control.send(Outgoing::Frame(frame));
         let mut next_id = shared.next_id.lock().await;
         let id = *next_id;

@@ -211,6 +211,7 @@ impl SessionCore for Shared {
 impl Shared {
     pub(crate) fn new(role: Role, options: SessionOptions, lanes: LaneSenders) -> Self {
         Self {
+            lifecycle: Lifecycle::new(options.max_streams),
             role,
             options,
             streams: Mutex::new(HashMap::new()),
@@ -219,7 +220,6 @@ impl Shared {
             next_udp_id: tokio::sync::Mutex::new(1),
             last_udp_opened: AtomicU32::new(0),
             lanes,
-            lifecycle: Lifecycle::default(),
             ping_sent: Mutex::new(None),
             rtt_us: AtomicU64::new(0),
         }

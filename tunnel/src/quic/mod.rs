@@ -21,7 +21,7 @@ use tokio::sync::mpsc;
 
 use crate::error::SessionError;
 use crate::event::{SessionEvent, EVENT_QUEUE};
-use crate::lifecycle::{spawn_task, SessionCore};
+use crate::lifecycle::spawn_task;
 use crate::options::{Role, SessionOptions};
 use crate::stream::{StreamReader, StreamWriter};
 use shared::{QuicShared, StreamGuard};
@@ -32,7 +32,7 @@ pub(crate) use stream::{QuicReader, QuicWriter};
 /// A running QUIC session.
 #[derive(Clone, Debug)]
 pub(crate) struct QuicSession {
-    shared: Arc<QuicShared>,
+    pub(crate) shared: Arc<QuicShared>,
 }
 
 /// Starts the session's tasks over an authenticated connection whose control stream is
@@ -72,18 +72,13 @@ pub(crate) fn start(
 }
 
 impl QuicSession {
-    /// The session's state, with what closing means for this transport.
-    pub(crate) fn core(&self) -> &dyn SessionCore {
-        &*self.shared
-    }
-
-    /// Opens a stream (edge) and writes its PROXY v1 line.
+    /// Opens a stream (edge) and writes its PROXY v1 line. The caller has checked that the
+    /// session may open one.
     pub(crate) async fn open(
         &self,
         header: Bytes,
     ) -> Result<(StreamReader, StreamWriter), SessionError> {
         let shared = &self.shared;
-        shared.lifecycle.may_open(shared.options.max_streams)?;
         let (mut send, recv) = shared
             .connection
             .open_bi()

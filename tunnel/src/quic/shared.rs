@@ -50,11 +50,11 @@ impl QuicShared {
         control_tx: mpsc::Sender<(FrameType, Bytes)>,
     ) -> Self {
         Self {
+            lifecycle: Lifecycle::new(options.max_streams),
             role,
             options,
             connection,
             control_tx,
-            lifecycle: Lifecycle::default(),
             next_udp_id: AtomicU32::new(1),
             unconfirmed_udp: Mutex::new(HashMap::new()),
         }
