@@ -11,7 +11,7 @@ use axum::Router;
 use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio_util::sync::CancellationToken;
 
-use crate::{ControlPlaneError, Served};
+use crate::server::{ControlPlaneError, Served};
 
 /// Whether the process is ready for traffic.
 pub type Readiness = Arc<dyn Fn() -> bool + Send + Sync>;

@@ -7,6 +7,7 @@
 //! with their stream halves, [`stream`] and `event` (transport-neutral halves and events),
 //! `session` ([`SessionHandle`]), [`link`] (the handshake's connection), [`pipe`].
 
+mod clock;
 pub mod error;
 mod event;
 #[cfg(test)]

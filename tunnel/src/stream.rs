@@ -4,8 +4,8 @@
 use bytes::Bytes;
 
 use crate::error::SessionError;
-use crate::mux::{MuxReader, MuxWriter};
-use crate::quic::{QuicReader, QuicWriter};
+use crate::mux::stream::{MuxReader, MuxWriter};
+use crate::quic::stream::{QuicReader, QuicWriter};
 
 /// The incoming half of a tunnelled connection.
 #[derive(Debug)]

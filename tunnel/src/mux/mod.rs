@@ -6,7 +6,7 @@
 mod ping;
 mod reader;
 mod shared;
-mod stream;
+pub(crate) mod stream;
 #[cfg(test)]
 mod tests;
 mod writer;
@@ -26,8 +26,6 @@ use crate::lifecycle::spawn_task;
 use crate::options::{Role, SessionOptions};
 use crate::stream::{StreamReader, StreamWriter};
 use shared::{send_soon, udp_data_out, Outgoing, Shared, StreamSlot};
-
-pub(crate) use stream::{MuxReader, MuxWriter};
 
 /// A running multiplexed session.
 #[derive(Clone, Debug)]

@@ -3,11 +3,12 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use remoteingress_wire::frame::{Frame, FrameType};
 
 use super::shared::{Outgoing, Shared};
+use crate::clock::now;
 use crate::error::{CloseReason, ProtocolViolation};
 use crate::lifecycle::TaskEnd;
 
@@ -23,7 +24,7 @@ pub(crate) async fn ping_loop(shared: Arc<Shared>) -> TaskEnd {
             let mut sent = shared.ping_sent.lock().unwrap_or_else(|p| p.into_inner());
             let due = sent.is_none();
             if due {
-                *sent = Some((token, Instant::now()));
+                *sent = Some((token, now()));
             }
             due
         };
@@ -46,7 +47,7 @@ pub(crate) fn pong_received(
     let mut sent = shared.ping_sent.lock().unwrap_or_else(|p| p.into_inner());
     match sent.take() {
         Some((sent_token, at)) if Some(sent_token) == token => {
-            let rtt = at.elapsed();
+            let rtt = now().saturating_duration_since(at);
             let micros = u64::try_from(rtt.as_micros()).unwrap_or(u64::MAX).max(1);
             shared.rtt_us.store(micros, Ordering::Relaxed);
             Ok(rtt)

@@ -3,7 +3,6 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use remoteingress_wire::frame::{Frame, FrameDecoder, FrameType};
@@ -13,6 +12,7 @@ use tokio::sync::mpsc;
 use super::ping::pong_received;
 use super::shared::{close_out, data_out, udp_data_out, window_out, Outgoing, Shared, StreamSlot};
 use super::stream::halves;
+use crate::clock::now;
 use crate::error::{CloseReason, ProtocolViolation};
 use crate::event::SessionEvent;
 use crate::lifecycle::TaskEnd;
@@ -216,7 +216,7 @@ impl Reader {
             .recv
             .on_data(len as u32)
             .map_err(|error| ProtocolViolation::Flow { id: slot.id, error })?;
-        state.inbound_rate.record(Instant::now(), len);
+        state.inbound_rate.record(now(), len);
         if state.discard {
             let window = self.shared.window(&state);
             let increment = state.recv.on_consumed(len as u32, window);

@@ -12,6 +12,7 @@ use remoteingress_wire::frame::{Frame, FrameType};
 use remoteingress_wire::qos::StreamRate;
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use crate::clock::now;
 use crate::error::{CloseReason, ProtocolViolation};
 use crate::lifecycle::{Lifecycle, SessionCore};
 use crate::options::{Role, SessionOptions};
@@ -138,7 +139,7 @@ impl StreamSlot {
                 inbox: VecDeque::new(),
                 recv: RecvWindow::default(),
                 send: SendCredit::default(),
-                inbound_rate: StreamRate::new(Instant::now()),
+                inbound_rate: StreamRate::new(now()),
                 peer_closed: false,
                 local_closed: false,
                 discard: false,

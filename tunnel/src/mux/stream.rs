@@ -1,7 +1,6 @@
 //! The two halves of one multiplexed stream, with per-stream credit both ways.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use bytes::Bytes;
 use remoteingress_wire::frame::{Frame, MAX_DATA_CHUNK};
@@ -9,6 +8,7 @@ use remoteingress_wire::qos::{Lane, StreamRate};
 use tokio::sync::{mpsc, oneshot};
 
 use super::shared::{close_out, data_out, send_soon, Outgoing, Shared, StreamSlot};
+use crate::clock::now;
 use crate::error::SessionError;
 
 /// Both halves of a stream that has just been registered.
@@ -21,7 +21,7 @@ pub(crate) fn halves(shared: &Arc<Shared>, slot: Arc<StreamSlot>) -> (MuxReader,
         slot,
         shared: shared.clone(),
         lane: Lane::Data,
-        rate: StreamRate::new(Instant::now()),
+        rate: StreamRate::new(now()),
         finished: false,
     };
     (reader, writer)
@@ -132,7 +132,7 @@ impl MuxWriter {
         }
         let taken = self.slot.lock().send.take(len);
         debug_assert_eq!(taken, len, "send without reserved credit");
-        if self.rate.record(Instant::now(), len) && self.lane == Lane::Data {
+        if self.rate.record(now(), len) && self.lane == Lane::Data {
             self.move_to_sustained_lane().await?;
         }
         let frame = Frame::new(self.slot.id, data_out(self.shared.role), data);

@@ -7,7 +7,9 @@ use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
 use remoteingress_wire::flow::{window_for, FlowError, MAX_WINDOW};
-use remoteingress_wire::frame::{FrameError, FrameType, HEADER_LEN, MAX_PAYLOAD_LEN};
+use remoteingress_wire::frame::{
+    FrameError, FrameType, HEADER_LEN, MAX_DATA_CHUNK, MAX_PAYLOAD_LEN,
+};
 
 use crate::error::{CloseReason, ProtocolViolation};
 use crate::harness::{
@@ -378,4 +380,100 @@ async fn shutdown_releases_every_stream_on_both_sides() {
 #[tokio::test]
 async fn udp_datagrams_and_closes_travel_both_ways() {
     checks::udp_datagrams_and_closes_travel_both_ways(Pair::mux(SessionOptions::default())).await;
+}
+
+/// Reads frames until `stream` has delivered `len` more DATA bytes, granting back what it reads
+/// so the stream keeps its credit; returns the DATA bytes of each stream id seen meanwhile.
+async fn read_data_of(
+    peer: &mut RawPeer,
+    stream: u32,
+    len: usize,
+    grant: bool,
+) -> std::collections::BTreeMap<u32, usize> {
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.get(&stream).copied().unwrap_or(0) < len {
+        let frame = peer.next_frame().await.expect("session writing");
+        if frame.kind == FrameType::Data {
+            *seen.entry(frame.stream_id).or_default() += frame.payload.len();
+            if grant {
+                let back = u32::try_from(frame.payload.len()).unwrap();
+                peer.send(
+                    frame.stream_id,
+                    FrameType::WindowUpdateBack,
+                    &back.to_be_bytes(),
+                )
+                .await;
+            }
+        }
+    }
+    seen
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_elephant_moves_to_the_sustained_lane_and_still_gets_its_share() {
+    use remoteingress_wire::flow::INITIAL_WINDOW;
+    use remoteingress_wire::qos::{SUSTAINED_AFTER, SUSTAINED_RATE};
+    let hour = std::time::Duration::from_secs(3600);
+    let options = SessionOptions {
+        idle_timeout: hour,
+        ping_interval: hour,
+        ..SessionOptions::default()
+    };
+    let mut peer = RawPeer::new(Role::Edge, options, 64 * 1024);
+    let session = peer.session.clone();
+    let (_elephant_reader, mut elephant) =
+        session.open(Bytes::from_static(OPEN_LINE)).await.unwrap();
+    let (_mouse_reader, mut mouse) = session.open(Bytes::from_static(OPEN_LINE)).await.unwrap();
+    let full = (MAX_WINDOW - INITIAL_WINDOW).to_be_bytes();
+    peer.send(1, FrameType::WindowUpdateBack, &full).await;
+    peer.send(2, FrameType::WindowUpdateBack, &full).await;
+
+    // Old enough, then fast enough: the elephant becomes sustained.
+    tokio::time::advance(SUSTAINED_AFTER + std::time::Duration::from_secs(1)).await;
+    let enough = (SUSTAINED_RATE * 12.0) as usize;
+    let pushed = tokio::spawn(async move {
+        send_all(&mut elephant, pattern(enough)).await;
+        elephant
+    });
+    read_data_of(&mut peer, 1, enough, true).await;
+    let mut elephant = within("the elephant's push", pushed).await.unwrap();
+
+    // The peer stops reading; the mouse queues its window of data, then the elephant its own.
+    let chunk = MAX_WINDOW as usize;
+    let out = &session.stats().bytes_out;
+    let before = out.load(Ordering::Relaxed);
+    tokio::spawn(async move { send_all(&mut mouse, pattern(chunk)).await });
+    eventually("the mouse's data queued", || {
+        out.load(Ordering::Relaxed) == before + chunk as u64
+    })
+    .await;
+    tokio::spawn(async move { send_all(&mut elephant, pattern(chunk)).await });
+    eventually("the elephant's data queued", || {
+        out.load(Ordering::Relaxed) == before + 2 * chunk as u64
+    })
+    .await;
+
+    // Ordinary data goes first while no time passes: the elephant gets at most the one frame
+    // of allowance it saved up while the data lane was idle...
+    let first = read_data_of(&mut peer, 2, chunk / 2, false).await;
+    let saved = first.get(&1).copied().unwrap_or(0);
+    assert!(
+        saved <= MAX_DATA_CHUNK,
+        "the sustained lane waited: {first:?}"
+    );
+    // ...but once time passes, the sustained lane gets its guaranteed share before the mouse
+    // has finished.
+    tokio::time::advance(std::time::Duration::from_secs(1)).await;
+    let mut later = std::collections::BTreeMap::new();
+    while later.get(&1).copied().unwrap_or(0) == 0 {
+        let frame = peer.next_frame().await.expect("session writing");
+        if frame.kind == FrameType::Data {
+            *later.entry(frame.stream_id).or_default() += frame.payload.len();
+        }
+    }
+    let mouse_total = first[&2] + later.get(&2).copied().unwrap_or(0);
+    assert!(
+        mouse_total < chunk,
+        "the elephant waited for all of the mouse's data: {later:?}"
+    );
 }

@@ -1,13 +1,14 @@
 //! The single tunnel writer: drains the three QoS lanes into large writes.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use remoteingress_wire::qos::{Lane, Scheduler};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::shared::{Lanes, Outgoing, Shared};
+use crate::clock::now;
 use crate::error::{CloseReason, ProtocolViolation};
 use crate::lifecycle::{SessionCore, TaskEnd};
 
@@ -79,9 +80,9 @@ async fn write_loop<W: AsyncWrite>(
         while let Ok(item) = lanes.control.try_recv() {
             queue(&mut scheduler, Lane::Control, item)?;
         }
-        let now = Instant::now();
+        let at = now();
         while buf.len() < WRITE_BATCH {
-            match scheduler.pop(now) {
+            match scheduler.pop(at) {
                 Some((_, Outgoing::Frame(frame))) => frame.encode(&mut buf),
                 Some((_, Outgoing::Flushed(done))) => flushed.push(done),
                 None => break,

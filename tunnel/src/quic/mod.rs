@@ -4,7 +4,7 @@
 
 mod endpoint;
 mod shared;
-mod stream;
+pub(crate) mod stream;
 mod tasks;
 #[cfg(test)]
 mod tests;
@@ -27,7 +27,6 @@ use crate::stream::{StreamReader, StreamWriter};
 use shared::{QuicShared, StreamGuard};
 
 pub use endpoint::{client_endpoint, server_endpoint, QUIC_ALPN};
-pub(crate) use stream::{QuicReader, QuicWriter};
 
 /// A running QUIC session.
 #[derive(Clone, Debug)]

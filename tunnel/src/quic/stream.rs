@@ -5,13 +5,13 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::Instant;
 
 use bytes::Bytes;
 use remoteingress_wire::frame::MAX_DATA_CHUNK;
 use remoteingress_wire::qos::StreamRate;
 
 use super::shared::StreamGuard;
+use crate::clock::now;
 use crate::error::SessionError;
 
 /// Send priority of sustained (elephant) QUIC streams: below every other stream.
@@ -31,7 +31,7 @@ pub(crate) fn halves(
     };
     let writer = QuicWriter {
         send,
-        rate: StreamRate::new(Instant::now()),
+        rate: StreamRate::new(now()),
         guard,
     };
     (reader, writer)
@@ -90,7 +90,7 @@ impl QuicWriter {
     pub(crate) async fn send(&mut self, data: Bytes) -> Result<(), SessionError> {
         let len = data.len();
         let was_sustained = self.rate.is_sustained();
-        if self.rate.record(Instant::now(), len) && !was_sustained {
+        if self.rate.record(now(), len) && !was_sustained {
             let _ = self.send.set_priority(SUSTAINED_PRIORITY);
         }
         let stats = &self.guard.0.lifecycle.stats;
