@@ -171,7 +171,7 @@ async fn rules_apply_whole_replace_whole_and_leave_nothing_behind() {
         blocked_ips: vec!["10.3.0.1".into(), "not-an-address".into()],
         ..FirewallConfig::default()
     };
-    let error = firewall.apply(&broken).await.unwrap_err();
+    let error = firewall.apply(&broken).await.unwrap_err().to_string();
     assert!(error.contains("nft refused"), "{error}");
     assert_eq!(
         netns.table().unwrap(),

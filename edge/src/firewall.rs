@@ -18,6 +18,7 @@ use remoteingress_wire::config::{
     parse_cidr, Action, Direction, FirewallConfig, Protocol, Rate, RateUnit,
 };
 use serde_json::{json, Value};
+use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 
 /// The table the edge owns; nothing else is touched.
@@ -50,6 +51,28 @@ pub enum FirewallState {
     Error(String),
 }
 
+/// Why nftables could not be used or refused a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FirewallError {
+    /// The nft command is empty.
+    #[error("no nft command")]
+    NoCommand,
+    /// The nft command could not be run or talked to.
+    #[error("cannot run {command}: {message}")]
+    Run {
+        /// The command line.
+        command: String,
+        /// What failed.
+        message: String,
+    },
+    /// nft may not change the ruleset here (no root, no nf_tables, …); nft's own words.
+    #[error("{0}")]
+    NotPermitted(String),
+    /// nft refused the batch; nft's own words. The previous rules stay in force.
+    #[error("nft refused the ruleset: {0}")]
+    Refused(String),
+}
+
 /// Runs `nft` (or a command that runs it, e.g. inside a network namespace).
 #[derive(Debug, Clone)]
 pub struct Firewall {
@@ -62,37 +85,45 @@ impl Firewall {
         Self { command }
     }
 
-    fn nft(&self) -> Option<tokio::process::Command> {
-        let (program, args) = self.command.split_first()?;
+    fn nft(&self) -> Result<tokio::process::Command, FirewallError> {
+        let (program, args) = self.command.split_first().ok_or(FirewallError::NoCommand)?;
         let mut command = tokio::process::Command::new(program);
         command.args(args).arg("-j");
-        Some(command)
+        Ok(command)
+    }
+
+    fn run_failed(&self, message: impl std::fmt::Display) -> FirewallError {
+        FirewallError::Run {
+            command: self.command.join(" "),
+            message: message.to_string(),
+        }
     }
 
     /// Checks that nft runs and may change the ruleset here; why not otherwise.
-    pub async fn probe(&self) -> Result<(), String> {
-        let mut command = self.nft().ok_or("no nft command")?;
-        let output = command
+    pub async fn probe(&self) -> Result<(), FirewallError> {
+        let output = self
+            .nft()?
             .args(["list", "tables"])
             .output()
             .await
-            .map_err(|e| format!("cannot run {}: {e}", self.command.join(" ")))?;
+            .map_err(|e| self.run_failed(e))?;
         if output.status.success() {
             Ok(())
         } else {
-            Err(String::from_utf8_lossy(&output.stderr).trim().to_owned())
+            let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+            Err(FirewallError::NotPermitted(stderr))
         }
     }
 
     /// Replaces the table with `config` in one transaction; the number of rules in force.
-    pub async fn apply(&self, config: &FirewallConfig) -> Result<usize, String> {
+    pub async fn apply(&self, config: &FirewallConfig) -> Result<usize, FirewallError> {
         let (batch, rules) = ruleset(config);
         self.run_batch(&batch).await?;
         Ok(rules)
     }
 
     /// Removes the table (nothing of ours stays behind).
-    pub async fn remove(&self) -> Result<(), String> {
+    pub async fn remove(&self) -> Result<(), FirewallError> {
         let batch = json!({ "nftables": [
             { "add": { "table": { "family": "inet", "name": TABLE } } },
             { "delete": { "table": { "family": "inet", "name": TABLE } } },
@@ -100,32 +131,33 @@ impl Firewall {
         self.run_batch(&batch).await
     }
 
-    async fn run_batch(&self, batch: &Value) -> Result<(), String> {
-        let mut command = self.nft().ok_or("no nft command")?;
-        let mut child = command
+    async fn run_batch(&self, batch: &Value) -> Result<(), FirewallError> {
+        let mut child = self
+            .nft()?
             .args(["-f", "-"])
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot run {}: {e}", self.command.join(" ")))?;
-        let mut stdin = child.stdin.take().ok_or("nft has no stdin")?;
+            .map_err(|e| self.run_failed(e))?;
+        let mut stdin = child
+            .stdin
+            .take()
+            .ok_or_else(|| self.run_failed("it has no stdin"))?;
         stdin
             .write_all(batch.to_string().as_bytes())
             .await
-            .map_err(|e| format!("writing to nft: {e}"))?;
+            .map_err(|e| self.run_failed(format_args!("writing the batch: {e}")))?;
         drop(stdin);
         let output = child
             .wait_with_output()
             .await
-            .map_err(|e| format!("waiting for nft: {e}"))?;
+            .map_err(|e| self.run_failed(format_args!("waiting for it: {e}")))?;
         if output.status.success() {
             Ok(())
         } else {
-            Err(format!(
-                "nft refused the ruleset: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            ))
+            let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+            Err(FirewallError::Refused(stderr))
         }
     }
 }

@@ -2,7 +2,9 @@
 //! the hub assigns, and carries every client connection through the tunnel with a PROXY v1
 //! header that names the real client.
 
+mod apply;
 mod backoff;
+mod connect;
 pub mod firewall;
 mod metrics;
 mod ports;
@@ -13,13 +15,9 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use remoteingress_tunnel::tls::{client_config, TlsError};
-use remoteingress_tunnel::{
-    quic, HubTrust, Link, LinkError, Role, SessionEvent, SessionHandle, SessionOptions,
-};
-use remoteingress_wire::frame::FrameType;
-use remoteingress_wire::handshake::{parse_reply, EdgeHello, HandshakeError};
+use remoteingress_tunnel::{HubTrust, SessionEvent, SessionHandle, SessionOptions};
+use remoteingress_wire::handshake::{EdgeHello, HandshakeError};
 use remoteingress_wire::EdgeConfig;
 use thiserror::Error;
 use tokio::sync::{broadcast, mpsc, Semaphore};
@@ -28,14 +26,16 @@ use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
+pub use apply::ApplyError;
+use apply::{acknowledge, apply_config, reject, Serving};
 pub use backoff::BackoffPolicy;
-pub use firewall::{Firewall, FirewallMode, FirewallState};
+use connect::connect;
+pub use connect::ConnectError;
+pub use firewall::{Firewall, FirewallError, FirewallMode, FirewallState};
+pub use ports::BindError;
 use ports::PortSet;
 pub use remoteingress_tunnel::Transport;
 use udp::{UdpLimits, UdpPorts};
-
-/// Longest handshake reply (the edge's configuration) accepted from the hub.
-const MAX_REPLY_LEN: usize = 1024 * 1024;
 
 /// Why the edge cannot start.
 #[derive(Debug, Error)]
@@ -51,7 +51,7 @@ pub enum EdgeError {
     Metrics(#[from] prometheus::Error),
     /// `--firewall required` but nftables does not work here.
     #[error("the firewall is required but nftables cannot be used: {0}")]
-    FirewallUnavailable(String),
+    FirewallUnavailable(FirewallError),
     /// The hub host is not a valid TLS server name.
     #[error("hub host {0:?} is not a valid host name or address")]
     HubHost(String),
@@ -270,7 +270,7 @@ impl Edge {
                     }
                     Err(why) => {
                         tracing::warn!(%why, "nftables cannot be used here: firewall configs will not be applied; tunnelling continues");
-                        (None, FirewallState::Unavailable(why))
+                        (None, FirewallState::Unavailable(why.to_string()))
                     }
                 }
             }
@@ -415,80 +415,6 @@ async fn supervise(inner: Arc<EdgeInner>) {
     }
 }
 
-type Connected = (SessionHandle, mpsc::Receiver<SessionEvent>, EdgeConfig);
-
-/// Why one attempt to reach the hub failed.
-#[derive(Debug, Error)]
-pub enum ConnectError {
-    /// TCP, TLS, QUIC or the handshake line failed.
-    #[error(transparent)]
-    Link(#[from] LinkError),
-    /// The hub refused the edge, or its reply was not valid.
-    #[error(transparent)]
-    Refused(#[from] HandshakeError),
-    /// The QUIC endpoint could not be set up.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// The attempt took longer than allowed.
-    #[error("connecting to the hub timed out")]
-    Timeout,
-}
-
-/// One attempt: the transport (verifying the hub), the handshake, and the session.
-async fn connect(inner: &EdgeInner) -> Result<Connected, ConnectError> {
-    let options = &inner.options;
-    if options.trust == HubTrust::Insecure {
-        tracing::warn!(
-            "--insecure: the hub's certificate is NOT verified; the secret may reach an impostor"
-        );
-    }
-    let within = |budget, transport| async move {
-        tokio::time::timeout(budget, connect_over(inner, transport))
-            .await
-            .map_err(|_| ConnectError::Timeout)?
-    };
-    match options.transport {
-        TransportMode::TcpTls => within(options.connect_timeout, Transport::TcpTls).await,
-        TransportMode::Quic => within(options.connect_timeout, Transport::Quic).await,
-        TransportMode::QuicWithFallback => {
-            match within(options.quic_fallback_after, Transport::Quic).await {
-                Ok(connected) => {
-                    tracing::info!("connected over QUIC");
-                    Ok(connected)
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "QUIC did not connect; falling back to TLS");
-                    within(options.connect_timeout, Transport::TcpTls).await
-                }
-            }
-        }
-    }
-}
-
-/// Connects over `transport`, sends the handshake line and starts the session.
-async fn connect_over(inner: &EdgeInner, transport: Transport) -> Result<Connected, ConnectError> {
-    let options = &inner.options;
-    let (host, port) = (options.hub_host.as_str(), options.hub_port);
-    let mut link = match transport {
-        Transport::TcpTls => {
-            Link::connect_tls(&inner.tls, inner.server_name.clone(), host, port).await?
-        }
-        Transport::Quic => {
-            let endpoint = quic::client_endpoint(&options.trust, &options.session)?;
-            let server_name = match &inner.server_name {
-                ServerName::DnsName(name) => name.as_ref().to_owned(),
-                _ => "remoteingress-hub".to_owned(),
-            };
-            Link::connect_quic(&endpoint, host, port, &server_name).await?
-        }
-    };
-    link.write_line(&inner.hello.to_line()).await?;
-    let (line, rest) = link.read_line(MAX_REPLY_LEN).await?;
-    let config = parse_reply(&line)?;
-    let (session, events) = link.into_session(rest, Role::Edge, options.session.clone());
-    Ok((session, events, config))
-}
-
 /// Runs one tunnel until it ends; returns why it ended.
 async fn serve(
     inner: &Arc<EdgeInner>,
@@ -554,7 +480,7 @@ async fn serve(
             event = events.recv() => match event {
                 Some(SessionEvent::Config(json)) => match serde_json::from_slice::<EdgeConfig>(&json) {
                     Ok(config) => apply_config(inner, &session, &mut ports, &config, false).await,
-                    Err(e) => reject(inner, &session, None, format!("unreadable configuration: {e}")).await,
+                    Err(e) => reject(inner, &session, None, &ApplyError::from(e)).await,
                 },
                 Some(SessionEvent::UdpDatagram { id, payload }) => ports.udp.reply(id, &payload),
                 Some(SessionEvent::UdpClose { id }) => ports.udp.closed_by_hub(id),
@@ -579,89 +505,6 @@ async fn serve(
     session
         .close_reason()
         .map_or_else(|| "tunnel closed".to_owned(), |reason| reason.to_string())
-}
-
-/// What one tunnel session serves: its public listeners and its STUN refresh interval.
-struct Serving {
-    tcp: PortSet,
-    udp: UdpPorts,
-    stun_interval: tokio::sync::watch::Sender<u64>,
-}
-
-/// Validates and applies a configuration whole, or keeps the previous one; acknowledges it.
-async fn apply_config(
-    inner: &EdgeInner,
-    session: &SessionHandle,
-    ports: &mut Serving,
-    config: &EdgeConfig,
-    initial: bool,
-) {
-    // Every new port is bound before anything changes, so a failure leaves the old set whole.
-    let bound = config.validate().map_err(|e| e.to_string()).and_then(|()| {
-        let tcp = ports.tcp.bind_new(&config.listen_ports)?;
-        let udp = ports.udp.bind_new(&config.listen_ports_udp)?;
-        Ok((tcp, udp))
-    });
-    let (tcp, udp) = match bound {
-        Ok(bound) => bound,
-        Err(error) => return reject(inner, session, config.version, error).await,
-    };
-    if let Err(error) = apply_firewall(inner, config).await {
-        return reject(inner, session, config.version, error).await;
-    }
-    ports.tcp.commit(&config.listen_ports, tcp);
-    ports.udp.commit(&config.listen_ports_udp, udp);
-    ports.stun_interval.send_replace(config.stun_interval_secs);
-    let (listen_ports, listen_ports_udp) = (ports.tcp.ports(), ports.udp.ports());
-    tracing::info!(tcp = ?listen_ports, udp = ?listen_ports_udp, version = ?config.version, "configuration applied");
-    inner.update(|s| {
-        s.listen_ports = listen_ports.clone();
-        s.listen_ports_udp = listen_ports_udp.clone();
-    });
-    inner.emit(if initial {
-        EdgeEvent::PortsAssigned {
-            listen_ports,
-            listen_ports_udp,
-        }
-    } else {
-        EdgeEvent::PortsUpdated {
-            listen_ports,
-            listen_ports_udp,
-        }
-    });
-    if let Some(version) = config.version {
-        acknowledge(session, serde_json::json!({ "version": version })).await;
-    }
-}
-
-/// Applies the firewall part of a configuration, when nftables is in use.
-async fn apply_firewall(inner: &EdgeInner, config: &EdgeConfig) -> Result<(), String> {
-    let Some(firewall) = &inner.firewall else {
-        return Ok(());
-    };
-    let rules = config.firewall_config.clone().unwrap_or_default();
-    let result = firewall.apply(&rules).await;
-    let (state, label) = match &result {
-        Ok(count) => {
-            inner.metrics.firewall_rules.set(*count as i64);
-            (FirewallState::Applied(*count), "ok")
-        }
-        Err(error) => (FirewallState::Error(error.clone()), "error"),
-    };
-    inner
-        .metrics
-        .firewall_applies
-        .with_label_values(&[label])
-        .inc();
-    inner.emit(EdgeEvent::FirewallApplied {
-        rules: match &state {
-            FirewallState::Applied(count) => *count,
-            _ => 0,
-        },
-        error: result.as_ref().err().cloned(),
-    });
-    inner.update(|s| s.firewall = Some(state));
-    result.map(|count| tracing::info!(rules = count, "firewall applied"))
 }
 
 /// Learns the public IP at connect and every `stunIntervalSecs` (0: only at connect), trying
@@ -732,26 +575,4 @@ async fn public_ip_learned(inner: &EdgeInner, session: &SessionHandle, ip: std::
     inner.update(|s| s.public_ip = Some(ip));
     inner.emit(EdgeEvent::PublicIpDiscovered { ip });
     acknowledge(session, serde_json::json!({ "publicIp": ip.to_string() })).await;
-}
-
-async fn reject(inner: &EdgeInner, session: &SessionHandle, version: Option<u64>, error: String) {
-    tracing::error!(?version, %error, "configuration rejected; keeping the previous one");
-    inner.update(|s| s.last_error = Some(error.clone()));
-    inner.emit(EdgeEvent::ConfigRejected {
-        version,
-        error: error.clone(),
-    });
-    if let Some(version) = version {
-        acknowledge(
-            session,
-            serde_json::json!({ "version": version, "error": error }),
-        )
-        .await;
-    }
-}
-
-async fn acknowledge(session: &SessionHandle, ack: serde_json::Value) {
-    let _ = session
-        .send_control(FrameType::ConfigAck, Bytes::from(ack.to_string()))
-        .await;
 }

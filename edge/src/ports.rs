@@ -15,6 +15,38 @@ use tokio_util::sync::CancellationToken;
 /// Listeners bound for new ports, not yet serving.
 pub(crate) type BoundTcp = Vec<(u16, TcpListener)>;
 
+/// A public port that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {protocol} {addr}: {source}")]
+pub struct BindError {
+    /// `tcp` or `udp`.
+    pub protocol: &'static str,
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// The cause.
+    pub source: std::io::Error,
+}
+
+impl BindError {
+    /// The error for a TCP listener on `addr`, from its cause.
+    pub(crate) fn tcp(addr: SocketAddr) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| Self {
+            protocol: "tcp",
+            addr,
+            source,
+        }
+    }
+
+    /// The error for a UDP socket on `addr`, from its cause.
+    pub(crate) fn udp(addr: SocketAddr) -> impl FnOnce(std::io::Error) -> Self {
+        move |source| Self {
+            protocol: "udp",
+            addr,
+            source,
+        }
+    }
+}
+
 /// Listeners bound for one tunnel session.
 pub(crate) struct PortSet {
     bind_address: IpAddr,
@@ -49,14 +81,14 @@ impl PortSet {
     }
 
     /// Binds the ports of `ports` not yet listened on; nothing changes until [`Self::commit`].
-    pub(crate) fn bind_new(&self, ports: &[u16]) -> Result<BoundTcp, String> {
+    pub(crate) fn bind_new(&self, ports: &[u16]) -> Result<BoundTcp, BindError> {
         let mut fresh: BoundTcp = Vec::new();
         for &port in ports {
             if self.listeners.contains_key(&port) || fresh.iter().any(|(p, _)| *p == port) {
                 continue;
             }
             let addr = SocketAddr::new(self.bind_address, port);
-            let listener = listen_tcp(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            let listener = listen_tcp(addr).map_err(BindError::tcp(addr))?;
             fresh.push((port, listener));
         }
         Ok(fresh)

@@ -13,6 +13,8 @@ use remoteingress_wire::proxy::{ProxyV2, V2Transport};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
+use crate::ports::BindError;
+
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
 
@@ -84,7 +86,7 @@ impl UdpPorts {
     }
 
     /// Binds the ports of `ports` not yet listened on; nothing changes until [`Self::commit`].
-    pub(crate) fn bind_new(&self, ports: &[u16]) -> Result<BoundUdp, String> {
+    pub(crate) fn bind_new(&self, ports: &[u16]) -> Result<BoundUdp, BindError> {
         let mut fresh: BoundUdp = Vec::new();
         for &port in ports {
             if self.listeners.contains_key(&port) || fresh.iter().any(|(p, _)| *p == port) {
@@ -96,7 +98,7 @@ impl UdpPorts {
                     s.set_nonblocking(true)?;
                     UdpSocket::from_std(s)
                 })
-                .map_err(|e| format!("cannot listen on udp {addr}: {e}"))?;
+                .map_err(BindError::udp(addr))?;
             fresh.push((port, socket));
         }
         Ok(fresh)

@@ -12,6 +12,7 @@ mod registry;
 mod secret;
 mod server;
 mod store;
+mod target;
 mod udp;
 
 use std::net::SocketAddr;

@@ -14,6 +14,7 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
 use crate::handshake::{authenticate, AuthFailure, Authenticated, Incoming};
+use crate::target::TargetError;
 use crate::udp::UdpSessions;
 use crate::{HubEvent, HubInner};
 
@@ -240,8 +241,8 @@ async fn forward(
             let cancel = inner.shutdown.child_token();
             pipe(socket, reader, writer, cancel).await;
         }
-        Err(reason) => {
-            tracing::debug!(edge = %edge_id, stream = stream_id, %reason, "stream refused");
+        Err(error) => {
+            tracing::debug!(edge = %edge_id, stream = stream_id, %error, "stream refused");
             inner
                 .metrics
                 .target_connect_errors
@@ -257,29 +258,26 @@ async fn connect_target(
     inner: &HubInner,
     edge_id: &str,
     header: &[u8],
-) -> Result<TcpStream, String> {
-    let (proxy, len) = ProxyV1::parse(header)
-        .map_err(|e| e.to_string())?
-        .ok_or("incomplete PROXY line")?;
+) -> Result<TcpStream, TargetError> {
+    let (proxy, len) = ProxyV1::parse(header)?.ok_or(TargetError::Incomplete)?;
     if len != header.len() {
-        return Err("bytes after the PROXY line in OPEN".into());
+        return Err(TargetError::NotJustHeader);
     }
-    let edge_port = proxy
-        .destination_port()
-        .ok_or("PROXY UNKNOWN has no destination port")?;
+    let edge_port = proxy.destination_port().ok_or(TargetError::NoPort)?;
     let port = inner
         .registry()
         .target_port(edge_id, edge_port)
-        .ok_or("edge no longer configured")?;
+        .ok_or(TargetError::EdgeGone)?;
     let host = inner.options.target_host.as_str();
+    let target = format!("{host}:{port}");
     let started = std::time::Instant::now();
     let mut socket = tokio::time::timeout(
         inner.options.connect_timeout,
         TcpStream::connect((host, port)),
     )
     .await
-    .map_err(|_| format!("connecting to {host}:{port} timed out"))?
-    .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
+    .map_err(|_| TargetError::Timeout(target.clone()))?
+    .map_err(TargetError::io("connecting to", &target))?;
     inner
         .metrics
         .target_connect_duration
@@ -288,6 +286,6 @@ async fn connect_target(
     socket
         .write_all(header)
         .await
-        .map_err(|e| format!("writing the PROXY line to {host}:{port}: {e}"))?;
+        .map_err(TargetError::io("writing the PROXY line to", &target))?;
     Ok(socket)
 }

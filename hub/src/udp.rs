@@ -14,6 +14,7 @@ use remoteingress_wire::proxy::{ProxyV2, V2Transport};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
+use crate::target::TargetError;
 use crate::{HubEvent, HubInner};
 
 /// Largest UDP payload.
@@ -106,43 +107,49 @@ impl UdpSessions {
                     session_id: id,
                 });
             }
-            Err(reason) => {
-                tracing::debug!(edge = %self.edge_id, session = id, %reason, "UDP session refused");
+            Err(error) => {
+                tracing::debug!(edge = %self.edge_id, session = id, %error, "UDP session refused");
                 self.session.close_udp(id);
             }
         }
     }
 
     /// A socket connected to the session's target, with the PROXY v2 header already sent.
-    async fn connect(&self, inner: &HubInner, header: &[u8]) -> Result<UdpSocket, String> {
-        let (proxy, len) = ProxyV2::parse(header)
-            .map_err(|e| e.to_string())?
-            .ok_or("incomplete PROXY v2 header")?;
+    async fn connect(&self, inner: &HubInner, header: &[u8]) -> Result<UdpSocket, TargetError> {
+        let (proxy, len) = ProxyV2::parse(header)?.ok_or(TargetError::Incomplete)?;
         let addresses = proxy
             .addresses
             .filter(|a| a.transport == V2Transport::Datagram && len == header.len())
-            .ok_or("UDP_OPEN must carry exactly a PROXY v2 header for UDP")?;
+            .ok_or(TargetError::NotJustHeader)?;
         let port = inner
             .registry()
             .target_port(&self.edge_id, addresses.destination.port())
-            .ok_or("edge no longer configured")?;
+            .ok_or(TargetError::EdgeGone)?;
         let host = inner.options.target_host.as_str();
         let target = tokio::net::lookup_host((host, port))
             .await
-            .map_err(|e| format!("resolving {host}: {e}"))?
+            .map_err(|source| TargetError::Resolve {
+                host: host.to_owned(),
+                source,
+            })?
             .next()
-            .ok_or_else(|| format!("{host} has no address"))?;
+            .ok_or_else(|| TargetError::NoAddress(host.to_owned()))?;
         let local: SocketAddr = if target.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
         } else {
             ([0u16; 8], 0).into()
         };
-        let socket = UdpSocket::bind(local).await.map_err(|e| e.to_string())?;
-        socket.connect(target).await.map_err(|e| e.to_string())?;
+        let socket = UdpSocket::bind(local)
+            .await
+            .map_err(TargetError::io("binding a UDP socket for", target))?;
+        socket
+            .connect(target)
+            .await
+            .map_err(TargetError::io("connecting to", target))?;
         socket
             .send(header)
             .await
-            .map_err(|e| format!("sending the PROXY header to {target}: {e}"))?;
+            .map_err(TargetError::io("sending the PROXY header to", target))?;
         Ok(socket)
     }
 

@@ -17,6 +17,7 @@ use super::stream::halves;
 use crate::error::{CloseReason, ProtocolViolation};
 use crate::event::SessionEvent;
 use crate::lifecycle::TaskEnd;
+use crate::line::LineError;
 use crate::options::Role;
 use crate::stream::{StreamReader, StreamWriter};
 
@@ -136,19 +137,19 @@ pub(crate) async fn read_datagrams(
 }
 
 /// Reads a stream's PROXY v1 line byte by byte, so no byte after it is consumed.
-async fn read_proxy_line(recv: &mut RecvStream) -> Result<Bytes, String> {
+async fn read_proxy_line(recv: &mut RecvStream) -> Result<Bytes, LineError> {
     let mut line = Vec::with_capacity(V1_MAX_LEN);
     while line.len() < V1_MAX_LEN {
-        let byte = recv
-            .read_u8()
-            .await
-            .map_err(|e| format!("stream ended before its PROXY line: {e}"))?;
+        let byte = recv.read_u8().await.map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => LineError::Eof,
+            _ => LineError::Io(e),
+        })?;
         line.push(byte);
         if byte == b'\n' {
             return Ok(Bytes::from(line));
         }
     }
-    Err(format!("PROXY line longer than {V1_MAX_LEN} bytes"))
+    Err(LineError::TooLong(V1_MAX_LEN))
 }
 
 /// Accepts the edge's streams and reports each once its PROXY line has arrived (hub).
@@ -168,7 +169,7 @@ pub(crate) async fn accept_streams(
             let header =
                 match tokio::time::timeout(PROXY_LINE_DEADLINE, read_proxy_line(&mut recv)).await {
                     Ok(Ok(header)) => header,
-                    Ok(Err(reason)) => return tracing::debug!(%reason, "stream refused"),
+                    Ok(Err(error)) => return tracing::debug!(%error, "stream refused: PROXY line"),
                     Err(_) => return tracing::debug!("stream refused: no PROXY line in time"),
                 };
             let (reader, writer) = halves(send, recv, StreamGuard::new(&shared));

@@ -1,0 +1,143 @@
+//! Applying a configuration from the hub whole or not at all: ports bound, firewall applied,
+//! then acknowledged; on any failure the previous configuration stays and the error is reported.
+
+use bytes::Bytes;
+use remoteingress_tunnel::SessionHandle;
+use remoteingress_wire::config::ConfigError;
+use remoteingress_wire::frame::FrameType;
+use remoteingress_wire::EdgeConfig;
+use thiserror::Error;
+
+use crate::firewall::{FirewallError, FirewallState};
+use crate::ports::{BindError, PortSet};
+use crate::udp::UdpPorts;
+use crate::{EdgeEvent, EdgeInner};
+
+/// Why a configuration from the hub was not applied.
+#[derive(Debug, Error)]
+pub enum ApplyError {
+    /// Not JSON of the configuration's shape.
+    #[error("unreadable configuration: {0}")]
+    Unreadable(#[from] serde_json::Error),
+    /// A field is out of range or malformed.
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
+    /// A port could not be bound.
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// nftables refused the firewall part.
+    #[error(transparent)]
+    Firewall(#[from] FirewallError),
+}
+
+/// What one tunnel session serves: its public listeners and its STUN refresh interval.
+pub(crate) struct Serving {
+    pub(crate) tcp: PortSet,
+    pub(crate) udp: UdpPorts,
+    pub(crate) stun_interval: tokio::sync::watch::Sender<u64>,
+}
+
+/// Validates and applies a configuration whole, or keeps the previous one; acknowledges it.
+pub(crate) async fn apply_config(
+    inner: &EdgeInner,
+    session: &SessionHandle,
+    ports: &mut Serving,
+    config: &EdgeConfig,
+    initial: bool,
+) {
+    // Every new port is bound before anything changes, so a failure leaves the old set whole.
+    let bound = async {
+        config.validate()?;
+        let tcp = ports.tcp.bind_new(&config.listen_ports)?;
+        let udp = ports.udp.bind_new(&config.listen_ports_udp)?;
+        apply_firewall(inner, config).await?;
+        Ok::<_, ApplyError>((tcp, udp))
+    };
+    let (tcp, udp) = match bound.await {
+        Ok(bound) => bound,
+        Err(error) => return reject(inner, session, config.version, &error).await,
+    };
+    ports.tcp.commit(&config.listen_ports, tcp);
+    ports.udp.commit(&config.listen_ports_udp, udp);
+    ports.stun_interval.send_replace(config.stun_interval_secs);
+    let (listen_ports, listen_ports_udp) = (ports.tcp.ports(), ports.udp.ports());
+    tracing::info!(tcp = ?listen_ports, udp = ?listen_ports_udp, version = ?config.version, "configuration applied");
+    inner.update(|s| {
+        s.listen_ports = listen_ports.clone();
+        s.listen_ports_udp = listen_ports_udp.clone();
+    });
+    inner.emit(if initial {
+        EdgeEvent::PortsAssigned {
+            listen_ports,
+            listen_ports_udp,
+        }
+    } else {
+        EdgeEvent::PortsUpdated {
+            listen_ports,
+            listen_ports_udp,
+        }
+    });
+    if let Some(version) = config.version {
+        acknowledge(session, serde_json::json!({ "version": version })).await;
+    }
+}
+
+/// Applies the firewall part of a configuration, when nftables is in use.
+async fn apply_firewall(inner: &EdgeInner, config: &EdgeConfig) -> Result<(), FirewallError> {
+    let Some(firewall) = &inner.firewall else {
+        return Ok(());
+    };
+    let rules = config.firewall_config.clone().unwrap_or_default();
+    let result = firewall.apply(&rules).await;
+    let (state, label) = match &result {
+        Ok(count) => {
+            inner.metrics.firewall_rules.set(*count as i64);
+            (FirewallState::Applied(*count), "ok")
+        }
+        Err(error) => (FirewallState::Error(error.to_string()), "error"),
+    };
+    inner
+        .metrics
+        .firewall_applies
+        .with_label_values(&[label])
+        .inc();
+    inner.emit(EdgeEvent::FirewallApplied {
+        rules: match &state {
+            FirewallState::Applied(count) => *count,
+            _ => 0,
+        },
+        error: result.as_ref().err().map(ToString::to_string),
+    });
+    inner.update(|s| s.firewall = Some(state));
+    result.map(|count| tracing::info!(rules = count, "firewall applied"))
+}
+
+/// Reports a configuration that was not applied: logs, status, events, and CONFIG_ACK.
+pub(crate) async fn reject(
+    inner: &EdgeInner,
+    session: &SessionHandle,
+    version: Option<u64>,
+    error: &ApplyError,
+) {
+    let error = error.to_string();
+    tracing::error!(?version, %error, "configuration rejected; keeping the previous one");
+    inner.update(|s| s.last_error = Some(error.clone()));
+    inner.emit(EdgeEvent::ConfigRejected {
+        version,
+        error: error.clone(),
+    });
+    if let Some(version) = version {
+        acknowledge(
+            session,
+            serde_json::json!({ "version": version, "error": error }),
+        )
+        .await;
+    }
+}
+
+/// Sends a CONFIG_ACK (an applied version, an error, or the public IP).
+pub(crate) async fn acknowledge(session: &SessionHandle, ack: serde_json::Value) {
+    let _ = session
+        .send_control(FrameType::ConfigAck, Bytes::from(ack.to_string()))
+        .await;
+}

@@ -1,0 +1,63 @@
+//! Why a tunnelled connection or UDP session could not reach its target.
+
+use remoteingress_wire::proxy::ProxyError;
+use thiserror::Error;
+
+/// Why a stream or UDP session was refused on its way to the target.
+#[derive(Debug, Error)]
+pub(crate) enum TargetError {
+    /// The open's PROXY header is malformed.
+    #[error("PROXY header: {0}")]
+    Header(#[from] ProxyError),
+    /// The open ends before its PROXY header does.
+    #[error("incomplete PROXY header")]
+    Incomplete,
+    /// The open is not exactly one PROXY header of its protocol (TCP or UDP).
+    #[error("the open must carry exactly one PROXY header for its protocol")]
+    NotJustHeader,
+    /// The header names no destination port (PROXY UNKNOWN).
+    #[error("the PROXY header names no destination port")]
+    NoPort,
+    /// The edge was removed meanwhile.
+    #[error("edge no longer configured")]
+    EdgeGone,
+    /// The target host could not be resolved.
+    #[error("resolving {host}: {source}")]
+    Resolve {
+        /// The host.
+        host: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The target host resolved to no address.
+    #[error("{0} has no address")]
+    NoAddress(String),
+    /// The target did not accept the connection in time.
+    #[error("connecting to {0} timed out")]
+    Timeout(String),
+    /// A socket operation towards the target failed.
+    #[error("{step} {target}: {source}")]
+    Io {
+        /// What was being done.
+        step: &'static str,
+        /// `host:port`.
+        target: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+impl TargetError {
+    /// The error of `step` towards `target`, from its cause.
+    pub(crate) fn io(
+        step: &'static str,
+        target: impl std::fmt::Display,
+    ) -> impl FnOnce(std::io::Error) -> Self {
+        let target = target.to_string();
+        move |source| TargetError::Io {
+            step,
+            target,
+            source,
+        }
+    }
+}
