@@ -12,6 +12,7 @@ use remoteingress_controlplane::pb;
 use remoteingress_controlplane::pb::edge_status_client::EdgeStatusClient;
 use remoteingress_controlplane::pb::hub_admin_client::HubAdminClient;
 use remoteingress_controlplane::{serve_edge_status, serve_hub_admin, AdminOptions};
+use remoteingress_edge::Edge;
 use remoteingress_hub::{Hub, HubHandle};
 use remoteingress_tunnel::HubIdentity;
 use remoteingress_wire::token::ConnectionToken;
@@ -574,4 +575,30 @@ async fn an_open_event_stream_never_holds_up_a_graceful_stop() {
         .await
         .expect("the server to stop while a watcher is connected")
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_failures_are_streamed_with_their_kind() {
+    use pb::watch_events_response::Event;
+    let mut cp = ControlPlane::new().await;
+    let mut events = cp
+        .admin
+        .watch_events(pb::WatchEventsRequest {
+            edge_id: String::new(),
+            kinds: vec![pb::EventKind::AuthFailed as i32],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let intruder = Edge::start(edge_options(&cp.hub, "nobody", SECRET))
+        .await
+        .unwrap();
+    let Event::AuthFailed(failure) = next_event(&mut events).await else {
+        panic!("only auth failures were asked for");
+    };
+    assert_eq!(failure.kind, "bad_credentials");
+    assert!(failure.reason.contains("\"nobody\""), "{}", failure.reason);
+    assert!(failure.remote_addr.starts_with("127.0.0.1:"));
+    intruder.shutdown().await;
+    cp.stop.cancel();
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use common::*;
 use remoteingress_edge::{Edge, Transport, TransportMode};
 use remoteingress_hub::Hub;
-use remoteingress_tunnel::HubIdentity;
+use remoteingress_tunnel::{quic, HubIdentity, HubTrust, Link, SessionOptions};
 
 async fn fallback_lands_on(quic_enabled: bool) -> Transport {
     init_logs();
@@ -46,4 +46,44 @@ async fn fallback_lands_on(quic_enabled: bool) -> Transport {
 async fn with_fallback_an_edge_uses_quic_when_it_can_and_tls_when_it_cannot() {
     assert_eq!(fallback_lands_on(true).await, Transport::Quic);
     assert_eq!(fallback_lands_on(false).await, Transport::TcpTls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unauthenticated_connections_share_one_cap_across_tls_and_quic() {
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let identity = HubIdentity::load_or_generate(state.path()).unwrap();
+    let mut options = hub_options(0);
+    options.max_unauthenticated = 1;
+    options.handshake_timeout = Duration::from_secs(120);
+    let hub = Hub::start(options, &identity).await.unwrap();
+    let port = hub.local_addr().port();
+    let trust = HubTrust::Pin(hub.pin().to_owned());
+    let quic_link = || async {
+        let endpoint = quic::client_endpoint(&trust, &SessionOptions::default()).unwrap();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            Link::connect_quic(&endpoint, "127.0.0.1", port, "localhost"),
+        )
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())
+    };
+
+    // A TCP connection that never starts TLS holds the only unauthenticated slot...
+    let silent = tokio::net::TcpStream::connect(hub.local_addr())
+        .await
+        .unwrap();
+    eventually("the silent connection holds the slot", || async {
+        let refused = quic_link().await.is_err();
+        refused.then_some(())
+    })
+    .await;
+    // ...and once it is gone, QUIC gets in.
+    drop(silent);
+    eventually("QUIC is admitted again", || async {
+        quic_link().await.ok().map(|_| ())
+    })
+    .await;
+    hub.shutdown().await;
 }

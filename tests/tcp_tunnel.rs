@@ -239,15 +239,20 @@ async fn rejects_bad_credentials_and_junk_and_keeps_serving() {
     let _silent = TcpStream::connect(hub_addr).await.unwrap();
 
     let expected = ["\"e1\"", "\"nobody\"", "TLS", "not finished in time"];
+    let expected_kinds = ["bad_credentials", "tls", "timeout"];
     let mut reasons = String::new();
-    while !expected.iter().all(|e| reasons.contains(e)) {
+    let mut kinds = std::collections::BTreeSet::new();
+    while !expected.iter().all(|e| reasons.contains(e))
+        || !expected_kinds.iter().all(|k| kinds.contains(k))
+    {
         let event = tokio::time::timeout(Duration::from_secs(20), events.recv())
             .await
             .unwrap_or_else(|_| panic!("auth failures not all reported: {reasons}"))
             .unwrap();
-        if let HubEvent::AuthFailed { reason, .. } = event {
+        if let HubEvent::AuthFailed { reason, kind, .. } = event {
             reasons.push_str(&reason);
             reasons.push_str(" | ");
+            kinds.insert(kind);
         }
     }
     for edge in [&wrong_secret, &unknown_id] {

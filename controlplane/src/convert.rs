@@ -300,13 +300,14 @@ pub(crate) fn hub_event(event: HubEvent) -> (pb::EventKind, pb::WatchEventsRespo
         HubEvent::AuthFailed {
             remote_addr,
             reason,
-            kind: _,
+            kind,
         } => (
             Kind::AuthFailed,
             String::new(),
             HubPbEvent::AuthFailed(pb::AuthFailed {
                 remote_addr: remote_addr.to_string(),
                 reason,
+                kind: kind.to_owned(),
             }),
         ),
         HubEvent::StreamOpened { edge_id, stream_id } => (

@@ -35,7 +35,7 @@ export interface HubEvents extends WatchEvents {
   /** An edge acknowledged a configuration (`error` set if it kept its previous one). */
   configApplied: [HubEventBase & { version: number; error?: string }];
   /** A tunnel connection failed to authenticate. */
-  authFailed: [HubEventBase & { remoteAddr: string; reason: string }];
+  authFailed: [HubEventBase & { remoteAddr: string; reason: string; kind: string }];
   /** This watcher was too slow and missed `count` events. */
   eventsMissed: [HubEventBase & { count: number }];
 }
@@ -147,7 +147,7 @@ export class RemoteIngressHub extends StreamingClient<HubEvents, WatchEventsResp
         this.emit(event.case, { ...base, version: Number(event.value.version), error: event.value.error || undefined });
         break;
       case "authFailed":
-        this.emit(event.case, { ...base, remoteAddr: event.value.remoteAddr, reason: event.value.reason });
+        this.emit(event.case, { ...base, remoteAddr: event.value.remoteAddr, reason: event.value.reason, kind: event.value.kind });
         break;
       case "eventsMissed":
         this.emit(event.case, { ...base, count: Number(event.value.count) });

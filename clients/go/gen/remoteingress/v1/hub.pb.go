@@ -1347,7 +1347,10 @@ type AuthFailed struct {
 	// Address it came from.
 	RemoteAddr string `protobuf:"bytes,1,opt,name=remote_addr,json=remoteAddr,proto3" json:"remote_addr,omitempty"`
 	// What was wrong.
-	Reason        string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	// Stable label of the failure, as in the metric auth_failures_total: bad_credentials,
+	// malformed, timeout or tls.
+	Kind          string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1392,6 +1395,13 @@ func (x *AuthFailed) GetRemoteAddr() string {
 func (x *AuthFailed) GetReason() string {
 	if x != nil {
 		return x.Reason
+	}
+	return ""
+}
+
+func (x *AuthFailed) GetKind() string {
+	if x != nil {
+		return x.Kind
 	}
 	return ""
 }
@@ -1989,12 +1999,13 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\"?\n" +
 	"\rConfigApplied\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\x04R\aversion\x12\x14\n" +
-	"\x05error\x18\x02 \x01(\tR\x05error\"E\n" +
+	"\x05error\x18\x02 \x01(\tR\x05error\"Y\n" +
 	"\n" +
 	"AuthFailed\x12\x1f\n" +
 	"\vremote_addr\x18\x01 \x01(\tR\n" +
 	"remoteAddr\x12\x16\n" +
-	"\x06reason\x18\x02 \x01(\tR\x06reason\"$\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x12\n" +
+	"\x04kind\x18\x03 \x01(\tR\x04kind\"$\n" +
 	"\fEventsMissed\x12\x14\n" +
 	"\x05count\x18\x01 \x01(\x04R\x05count\"\xd3\x06\n" +
 	"\x13WatchEventsResponse\x12.\n" +
