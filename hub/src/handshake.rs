@@ -98,9 +98,13 @@ pub(crate) async fn authenticate(
         Ok(Err(failure)) => Err(failure),
         Err(_) => Err(AuthFailure::Timeout),
     };
-    result
-        .map_err(|failure| auth_failed(inner, remote_addr, &failure))
-        .ok()
+    match result {
+        Ok(authenticated) => Some(authenticated),
+        Err(failure) => {
+            auth_failed(inner, remote_addr, &failure);
+            None
+        }
+    }
 }
 
 /// Checks a handshake line against the allowed edges and answers it.

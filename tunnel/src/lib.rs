@@ -2,10 +2,12 @@
 //! `wire` state machines on tokio (frame multiplexing over TLS, native streams over QUIC), and
 //! piping between sockets and tunnelled streams.
 //!
-//! Module order, each using only those before it: [`options`] and [`error`] (what a session is
-//! and why it ends), `lifecycle` (what every session shares), the transports `mux` and [`quic`]
-//! with their stream halves, [`stream`] and `event` (transport-neutral halves and events),
-//! `session` ([`SessionHandle`]), [`link`] (the handshake's connection), [`pipe`].
+//! Layers, each using only those above it (file by file, no import circles):
+//! [`options`], [`error`] and `clock` (what a session is, why it ends, its time); `lifecycle`
+//! (what every session shares); each transport's shared state and stream halves (`mux::shared`,
+//! `mux::stream`, `quic::shared`, `quic::stream`); `stream` and `event` (transport-neutral
+//! halves and events); each transport's tasks and session (`mux`, [`quic`]); `session`
+//! ([`SessionHandle`]); [`link`] (the handshake's connection); [`pipe`].
 
 mod clock;
 pub mod error;

@@ -25,7 +25,8 @@ pub struct SessionStats {
     pub udp_dropped: AtomicU64,
     /// UDP sessions open now (kept up to date by the session's owner, which manages them).
     pub udp_sessions: AtomicU64,
-    /// Times a stream had data to send but had to wait for the peer's flow control.
+    /// Times a stream had data to send but had to wait: for the peer's credit (TLS transport)
+    /// or for QUIC's flow or congestion control.
     pub flow_stalls: AtomicU64,
 }
 

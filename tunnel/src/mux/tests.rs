@@ -162,6 +162,15 @@ async fn malformed_headers_close_before_any_payload() {
             max: MAX_PAYLOAD_LEN
         })
     );
+
+    assert_eq!(
+        violation(hub_closes_on(&[(1, FrameType::WindowUpdate, &[0, 0, 1])]).await),
+        ProtocolViolation::Frame(FrameError::BadLength {
+            kind: FrameType::WindowUpdate,
+            expected: 4,
+            len: 3
+        })
+    );
 }
 
 #[tokio::test]
