@@ -1,5 +1,6 @@
 //! Why a tunnelled connection or UDP session could not reach its target.
 
+use remoteingress_tunnel::ResolveError;
 use remoteingress_wire::proxy::ProxyError;
 use thiserror::Error;
 
@@ -22,16 +23,8 @@ pub(crate) enum TargetError {
     #[error("edge no longer configured")]
     EdgeGone,
     /// The target host could not be resolved.
-    #[error("resolving {host}: {source}")]
-    Resolve {
-        /// The host.
-        host: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The target host resolved to no address.
-    #[error("{0} has no address")]
-    NoAddress(String),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
     /// The target did not accept the connection in time.
     #[error("connecting to {0} timed out")]
     Timeout(String),

@@ -126,14 +126,7 @@ impl UdpSessions {
             .target_port(&self.edge_id, addresses.destination.port())
             .ok_or(TargetError::EdgeGone)?;
         let host = inner.options.target_host.as_str();
-        let target = tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|source| TargetError::Resolve {
-                host: host.to_owned(),
-                source,
-            })?
-            .next()
-            .ok_or_else(|| TargetError::NoAddress(host.to_owned()))?;
+        let target = remoteingress_tunnel::resolve(host, port).await?;
         let local: SocketAddr = if target.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
         } else {

@@ -2,8 +2,6 @@
 //! connection with its control stream. Hub and edge run the one-line handshake over either in
 //! the same way, then turn the link into a session.
 
-use std::net::SocketAddr;
-
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
 use thiserror::Error;
@@ -16,6 +14,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 use crate::event::SessionEvent;
 use crate::line::{read_line, LineError};
 use crate::options::{Role, SessionOptions, Transport};
+use crate::resolve::{resolve, ResolveError};
 use crate::session::{spawn_quic_session, spawn_session, SessionHandle};
 
 /// Time a refused peer has to take our reply before the connection is closed.
@@ -25,16 +24,8 @@ const REFUSE_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 #[derive(Debug, Error)]
 pub enum LinkError {
     /// The hub's address could not be resolved.
-    #[error("resolving {host}: {source}")]
-    Resolve {
-        /// The host name.
-        host: String,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The hub's name resolved to no address.
-    #[error("{0} has no address")]
-    NoAddress(String),
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
     /// The TCP connection failed.
     #[error("connect: {0}")]
     Connect(std::io::Error),
@@ -115,14 +106,7 @@ impl Link {
         port: u16,
         server_name: &str,
     ) -> Result<Self, LinkError> {
-        let hub: SocketAddr = tokio::net::lookup_host((host, port))
-            .await
-            .map_err(|source| LinkError::Resolve {
-                host: host.to_owned(),
-                source,
-            })?
-            .next()
-            .ok_or_else(|| LinkError::NoAddress(host.to_owned()))?;
+        let hub = resolve(host, port).await?;
         let connection = endpoint.connect(hub, server_name)?.await?;
         let (send, recv) = connection.open_bi().await?;
         Ok(Link::Quic {
