@@ -71,3 +71,88 @@ pub async fn pipe(
         () = cancel.cancelled() => Piped::default(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use bytes::Bytes;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+
+    use super::{pipe, Piped};
+    use crate::harness::{pattern, read_to_end, send_all, within, Pair};
+    use crate::options::SessionOptions;
+
+    /// A connected pair of loopback sockets: (the client's end, the end the pipe takes).
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap());
+        let (client, accepted) = tokio::join!(client, listener.accept());
+        (client.unwrap(), accepted.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn carries_both_directions_with_half_close_and_counts_them() {
+        for mut pair in [
+            Pair::mux(SessionOptions::default()),
+            Pair::quic(SessionOptions::default()).await,
+        ] {
+            let stream = pair.open().await;
+            let (mut client, socket) = socket_pair().await;
+            let cancel = CancellationToken::new();
+            let piped = tokio::spawn(pipe(socket, stream.hub_reader, stream.hub_writer, cancel));
+            let (mut edge_reader, mut edge_writer) = (stream.edge_reader, stream.edge_writer);
+
+            // The client's bytes and its EOF reach the peer's reader.
+            let up = pattern(200_000);
+            client.write_all(&up).await.unwrap();
+            client.shutdown().await.unwrap();
+            assert_eq!(within("upload", read_to_end(&mut edge_reader)).await, up);
+
+            // The peer still sends; its finish becomes the client's EOF.
+            let down = pattern(300_000);
+            send_all(&mut edge_writer, down.clone()).await;
+            edge_writer.finish().await;
+            let mut received = Vec::new();
+            within("download", client.read_to_end(&mut received))
+                .await
+                .unwrap();
+            assert_eq!(Bytes::from(received), down);
+
+            let totals = within("the pipe ends", piped).await.unwrap();
+            assert_eq!(
+                totals,
+                Piped {
+                    to_tunnel: up.len() as u64,
+                    from_tunnel: down.len() as u64
+                }
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn cancelling_ends_the_pipe_and_closes_the_socket() {
+        let mut pair = Pair::mux(SessionOptions::default());
+        let stream = pair.open().await;
+        let (mut client, socket) = socket_pair().await;
+        let cancel = CancellationToken::new();
+        let piped = tokio::spawn(pipe(
+            socket,
+            stream.hub_reader,
+            stream.hub_writer,
+            cancel.clone(),
+        ));
+        cancel.cancel();
+        assert_eq!(
+            within("the pipe ends", piped).await.unwrap(),
+            Piped::default()
+        );
+        let mut rest = Vec::new();
+        let read = within("the socket closes", client.read_to_end(&mut rest)).await;
+        assert!(read.is_ok_and(|n| n == 0) || rest.is_empty());
+        let mut edge_reader = stream.edge_reader;
+        assert_eq!(within("the stream ends", edge_reader.recv()).await, None);
+    }
+}
