@@ -49,19 +49,6 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    /// A stable, bounded label for metrics and events.
-    pub fn label(&self) -> &'static str {
-        match self {
-            CloseReason::PeerClosed => "peer_closed",
-            CloseReason::Idle(_) => "idle",
-            CloseReason::Protocol(_) => "protocol",
-            CloseReason::Io(_) => "io",
-            CloseReason::Connection(_) => "connection",
-            CloseReason::Local(_) => "local",
-            CloseReason::OwnerGone => "owner_gone",
-        }
-    }
-
     /// The reason for a QUIC connection that ended: an application close by the peer is an
     /// orderly end, a timeout is silence.
     pub(crate) fn from_connection(error: quinn::ConnectionError, idle: Duration) -> Self {

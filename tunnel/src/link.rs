@@ -13,7 +13,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
 use crate::event::SessionEvent;
 use crate::line::{read_line, LineError};
-use crate::options::{Role, SessionOptions, Transport};
+use crate::options::{Role, SessionOptions};
 use crate::resolve::{resolve, ResolveError};
 use crate::session::{spawn_quic_session, spawn_session, SessionHandle};
 
@@ -114,14 +114,6 @@ impl Link {
             send,
             recv,
         })
-    }
-
-    /// The transport the link runs over.
-    pub fn transport(&self) -> Transport {
-        match self {
-            Link::Tls(_) => Transport::TcpTls,
-            Link::Quic { .. } => Transport::Quic,
-        }
     }
 
     /// Reads one handshake line of at most `limit` bytes; returns it and the bytes after it.
