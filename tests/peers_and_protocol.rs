@@ -8,19 +8,12 @@ mod common;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use bytes::BytesMut;
 use common::*;
 use remoteingress_hub::HubEvent;
-use remoteingress_tunnel::line::read_line;
-use remoteingress_tunnel::tls::client_config;
-use remoteingress_tunnel::HubTrust;
-use remoteingress_wire::frame::{encode_frame, FrameType};
-use remoteingress_wire::handshake::EdgeHello;
+use remoteingress_wire::frame::FrameType;
 use remoteingress_wire::proxy::ProxyV1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::rustls::pki_types::ServerName;
-use tokio_rustls::TlsConnector;
 
 struct Nginx(Child);
 
@@ -102,29 +95,6 @@ async fn nginx_reads_the_real_client_address_from_the_proxy_header() {
     );
 }
 
-/// Authenticates as e1 by hand and returns the TLS stream, ready for frames.
-async fn raw_edge(setup: &Setup) -> tokio_rustls::client::TlsStream<TcpStream> {
-    let config = client_config(&HubTrust::Pin(setup.hub.pin().to_owned())).unwrap();
-    let tcp = TcpStream::connect(setup.hub.local_addr()).await.unwrap();
-    let mut tls = TlsConnector::from(config)
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    let hello = EdgeHello::new("e1", SECRET).unwrap();
-    tls.write_all(hello.to_line().as_bytes()).await.unwrap();
-    let (reply, _) = read_line(&mut tls, 1 << 20).await.unwrap();
-    assert!(reply.starts_with(b"{\"listenPorts\""));
-    tls
-}
-
-fn frames(list: &[(u32, FrameType, &[u8])]) -> Vec<u8> {
-    let mut buf = BytesMut::new();
-    for (id, kind, payload) in list {
-        encode_frame(&mut buf, *id, *kind, payload);
-    }
-    buf.to_vec()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protocol_violations_end_only_the_offending_tunnel() {
     let setup = Setup::new().await;
@@ -190,8 +160,8 @@ async fn protocol_violations_end_only_the_offending_tunnel() {
     ];
     for (expected, bytes) in cases {
         let mut events = setup.hub.subscribe();
-        let mut tls = raw_edge(&setup).await;
-        tls.write_all(&bytes).await.unwrap();
+        let mut edge = RawEdge::connect(&setup.hub, "e1").await;
+        edge.send_bytes(&bytes).await;
         let reason = loop {
             let event = tokio::time::timeout(Duration::from_secs(10), events.recv())
                 .await

@@ -336,6 +336,18 @@ pub(crate) fn hub_event(event: HubEvent) -> (pb::EventKind, pb::WatchEventsRespo
             edge_id,
             HubPbEvent::UdpSessionClosed(pb::UdpSessionClosed { session_id }),
         ),
+        HubEvent::OpenRefused {
+            edge_id,
+            protocol,
+            port,
+        } => (
+            Kind::OpenRefused,
+            edge_id,
+            HubPbEvent::OpenRefused(pb::OpenRefused {
+                protocol: protocol.as_str().to_owned(),
+                port: u32::from(port),
+            }),
+        ),
         HubEvent::ConfigPushed { edge_id, version } => (
             Kind::ConfigPushed,
             edge_id,

@@ -84,7 +84,8 @@ async fn connect_over(inner: &EdgeInner, transport: Transport) -> Result<Connect
     };
     link.write_line(&inner.hello.to_line()).await?;
     let (line, rest) = link.read_line(MAX_REPLY_LEN).await?;
-    let config = parse_reply(&line)?;
-    let (session, events) = link.into_session(rest, Role::Edge, options.session.clone());
-    Ok((session, events, config))
+    let reply = parse_reply(&line)?;
+    let agreed = reply.offered.intersect(options.session.extensions);
+    let (session, events) = link.into_session(rest, Role::Edge, options.session.clone(), agreed);
+    Ok((session, events, reply.config))
 }

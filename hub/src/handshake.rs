@@ -134,7 +134,8 @@ async fn check_hello(
         link.refuse(&error_reply(UNAUTHORIZED)).await;
         return Err(AuthFailure::BadCredentials(hello.edge_id));
     };
-    link.write_line(&accept_reply(&config)).await?;
+    link.write_line(&accept_reply(&config, inner.options.session.extensions))
+        .await?;
     Ok(Authenticated {
         link,
         hello,

@@ -31,6 +31,7 @@ pub use edges::{load_edges_file, validate_all, AllowedEdge};
 pub use handshake::AuthFailure;
 use registry::Registry;
 pub use remoteingress_tunnel::Transport;
+pub use remoteingress_wire::config::Protocol;
 
 /// Why a hub operation failed.
 #[derive(Debug, Error)]
@@ -197,6 +198,15 @@ pub enum HubEvent {
         edge_id: String,
         /// Session id.
         session_id: u32,
+    },
+    /// An edge asked for a stream or UDP session on a port it is not assigned; refused.
+    OpenRefused {
+        /// Edge id.
+        edge_id: String,
+        /// TCP stream or UDP session.
+        protocol: Protocol,
+        /// The port it named.
+        port: u16,
     },
     /// A configuration was sent to a connected edge.
     ConfigPushed {

@@ -17,6 +17,7 @@ pub(crate) struct HubMetrics {
     pub(crate) auth_failures: IntCounterVec,
     pub(crate) streams_opened: IntCounterVec,
     pub(crate) target_connect_errors: IntCounterVec,
+    pub(crate) opens_refused: IntCounterVec,
     pub(crate) target_connect_duration: Histogram,
     pub(crate) udp_datagrams: IntCounterVec,
     pub(crate) udp_dropped: IntCounterVec,
@@ -77,6 +78,12 @@ impl HubMetrics {
                 "remoteingress_target_connect_errors_total",
                 "Tunnelled connections whose target could not be reached",
                 &["edge"],
+            )?,
+            opens_refused: counter(
+                registry,
+                "remoteingress_opens_refused_total",
+                "Streams and UDP sessions an edge asked for on a port it is not assigned",
+                &["edge", "protocol"],
             )?,
             target_connect_duration,
             udp_datagrams: counter(

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use remoteingress_tunnel::SessionHandle;
+use remoteingress_wire::config::Protocol;
 use remoteingress_wire::frame::FrameType;
 use remoteingress_wire::EdgeConfig;
 use std::sync::LazyLock;
@@ -15,6 +16,7 @@ use std::sync::LazyLock;
 use crate::metrics::{Live, Totals};
 use crate::secret::StoredSecret;
 use crate::store::StoredEdge;
+use crate::target::TargetError;
 use crate::{AllowedEdge, ConnectedEdge, EdgeInfo, HubEvent, HubInner, TokenSecretError};
 
 struct EdgeRecord {
@@ -350,11 +352,30 @@ impl Registry {
         }
     }
 
-    /// Where a connection the edge accepted on `edge_port` goes.
-    pub(crate) fn target_port(&self, edge_id: &str, edge_port: u16) -> Option<u16> {
-        self.edges
-            .get(edge_id)
-            .map(|r| r.target_ports.get(&edge_port).copied().unwrap_or(edge_port))
+    /// Where a connection the edge accepted on `edge_port` goes; only ports assigned to the
+    /// edge for that protocol lead anywhere.
+    pub(crate) fn target_port(
+        &self,
+        edge_id: &str,
+        protocol: Protocol,
+        edge_port: u16,
+    ) -> Result<u16, TargetError> {
+        let record = self.edges.get(edge_id).ok_or(TargetError::EdgeGone)?;
+        let assigned = match protocol {
+            Protocol::Tcp => &record.config.listen_ports,
+            Protocol::Udp => &record.config.listen_ports_udp,
+        };
+        if !assigned.contains(&edge_port) {
+            return Err(TargetError::NotAssigned {
+                protocol,
+                port: edge_port,
+            });
+        }
+        Ok(record
+            .target_ports
+            .get(&edge_port)
+            .copied()
+            .unwrap_or(edge_port))
     }
 
     pub(crate) fn list(&self) -> Vec<EdgeInfo> {
@@ -436,8 +457,13 @@ mod tests {
     /// A live hub session whose peer end is kept open by the returned stream.
     fn live_session() -> (SessionHandle, tokio::io::DuplexStream) {
         let (ours, theirs) = tokio::io::duplex(1024);
-        let (session, _events) =
-            spawn_session(ours, Bytes::new(), Role::Hub, SessionOptions::default());
+        let (session, _events) = spawn_session(
+            ours,
+            Bytes::new(),
+            Role::Hub,
+            SessionOptions::default(),
+            remoteingress_wire::extension::Extensions::NONE,
+        );
         (session, theirs)
     }
 
@@ -474,10 +500,38 @@ mod tests {
         let mut registry = Registry::default();
         let mut entry = edge("a", "s", &[80, 443]);
         entry.target_ports.insert(443, 8443);
+        entry.config.listen_ports_udp = vec![53];
         registry.upsert(entry);
-        assert_eq!(registry.target_port("a", 80), Some(80));
-        assert_eq!(registry.target_port("a", 443), Some(8443));
-        assert_eq!(registry.target_port("b", 80), None);
+        let route = |edge: &str, protocol, port| registry.target_port(edge, protocol, port);
+        assert_eq!(route("a", Protocol::Tcp, 80).ok(), Some(80));
+        assert_eq!(route("a", Protocol::Tcp, 443).ok(), Some(8443));
+        assert_eq!(route("a", Protocol::Udp, 53).ok(), Some(53));
+        assert!(matches!(
+            route("b", Protocol::Tcp, 80),
+            Err(TargetError::EdgeGone)
+        ));
+    }
+
+    #[test]
+    fn only_ports_assigned_to_the_edge_lead_anywhere() {
+        let mut registry = Registry::default();
+        let mut entry = edge("a", "s", &[80]);
+        entry.config.listen_ports_udp = vec![53];
+        registry.upsert(entry);
+        for (protocol, port) in [
+            (Protocol::Tcp, 22),
+            (Protocol::Tcp, 53),
+            (Protocol::Udp, 80),
+            (Protocol::Udp, 54),
+        ] {
+            assert!(
+                matches!(
+                    registry.target_port("a", protocol, port),
+                    Err(TargetError::NotAssigned { protocol: p, port: n }) if p == protocol && n == port
+                ),
+                "{protocol} {port} must be refused"
+            );
+        }
     }
 
     #[tokio::test]

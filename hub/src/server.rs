@@ -6,6 +6,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use remoteingress_tunnel::{pipe, Role, SessionEvent, SessionHandle, StreamReader, StreamWriter};
+use remoteingress_wire::config::Protocol;
+use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::proxy::ProxyV1;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
@@ -14,7 +16,7 @@ use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
 use crate::handshake::{authenticate, AuthFailure, Authenticated, Incoming};
-use crate::target::TargetError;
+use crate::target::{report_refusal, TargetError};
 use crate::udp::UdpSessions;
 use crate::{HubEvent, HubInner};
 
@@ -91,7 +93,8 @@ async fn run_session(inner: &Arc<HubInner>, authenticated: Authenticated, remote
         config,
         rest,
     } = authenticated;
-    let (session, events) = link.into_session(rest, Role::Hub, inner.options.session.clone());
+    let options = inner.options.session.clone();
+    let (session, events) = link.into_session(rest, Role::Hub, options, Extensions::NONE);
     let edge_id = hello.edge_id.clone();
     let attached = inner.registry().attach(
         &edge_id,
@@ -236,20 +239,22 @@ async fn forward(
         edge_id: edge_id.clone(),
         stream_id,
     });
-    match connect_target(&inner, &edge_id, &header).await {
-        Ok(socket) => {
+    // A RESET from the edge or the tunnel's loss cancels the connect at once.
+    let abort = reader.abort_signal();
+    let connected = tokio::select! {
+        connected = connect_target(&inner, &edge_id, &header) => Some(connected),
+        () = abort.cancelled() => None,
+    };
+    match connected {
+        Some(Ok(socket)) => {
             let cancel = inner.shutdown.child_token();
             pipe(socket, reader, writer, cancel).await;
         }
-        Err(error) => {
-            tracing::debug!(edge = %edge_id, stream = stream_id, %error, "stream refused");
-            inner
-                .metrics
-                .target_connect_errors
-                .with_label_values(&[&edge_id])
-                .inc();
-            writer.finish().await;
+        Some(Err(error)) => {
+            report_refusal(&inner, &edge_id, stream_id, &error);
+            writer.reset();
         }
+        None => {}
     }
     inner.emit(HubEvent::StreamClosed { edge_id, stream_id });
 }
@@ -266,8 +271,7 @@ async fn connect_target(
     let edge_port = proxy.destination_port().ok_or(TargetError::NoPort)?;
     let port = inner
         .registry()
-        .target_port(edge_id, edge_port)
-        .ok_or(TargetError::EdgeGone)?;
+        .target_port(edge_id, Protocol::Tcp, edge_port)?;
     let host = inner.options.target_host.as_str();
     let target = format!("{host}:{port}");
     let started = std::time::Instant::now();

@@ -1,8 +1,11 @@
 //! Why a tunnelled connection or UDP session could not reach its target.
 
 use remoteingress_tunnel::ResolveError;
+use remoteingress_wire::config::Protocol;
 use remoteingress_wire::proxy::ProxyError;
 use thiserror::Error;
+
+use crate::{HubEvent, HubInner};
 
 /// Why a stream or UDP session was refused on its way to the target.
 #[derive(Debug, Error)]
@@ -22,6 +25,14 @@ pub(crate) enum TargetError {
     /// The edge was removed meanwhile.
     #[error("edge no longer configured")]
     EdgeGone,
+    /// The edge named a port it is not assigned: it is never connected.
+    #[error("{protocol} port {port} is not assigned to this edge")]
+    NotAssigned {
+        /// TCP stream or UDP session.
+        protocol: Protocol,
+        /// The port the edge's PROXY header named.
+        port: u16,
+    },
     /// The target host could not be resolved.
     #[error(transparent)]
     Resolve(#[from] ResolveError),
@@ -51,6 +62,34 @@ impl TargetError {
             step,
             target,
             source,
+        }
+    }
+}
+
+/// Counts and reports a refused stream or UDP session: a port the edge is not assigned is a
+/// warning and an event (a buggy or compromised edge), anything else a target problem.
+pub(crate) fn report_refusal(inner: &HubInner, edge_id: &str, id: u32, error: &TargetError) {
+    match error {
+        TargetError::NotAssigned { protocol, port } => {
+            tracing::warn!(edge = %edge_id, id, %error, "open refused");
+            inner
+                .metrics
+                .opens_refused
+                .with_label_values(&[edge_id, protocol.as_str()])
+                .inc();
+            inner.emit(HubEvent::OpenRefused {
+                edge_id: edge_id.to_owned(),
+                protocol: *protocol,
+                port: *port,
+            });
+        }
+        _ => {
+            tracing::debug!(edge = %edge_id, id, %error, "target not reached");
+            inner
+                .metrics
+                .target_connect_errors
+                .with_label_values(&[edge_id])
+                .inc();
         }
     }
 }

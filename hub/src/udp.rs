@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use remoteingress_tunnel::SessionHandle;
+use remoteingress_wire::config::Protocol;
 use remoteingress_wire::proxy::{ProxyV2, V2Transport};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 
-use crate::target::TargetError;
+use crate::target::{report_refusal, TargetError};
 use crate::{HubEvent, HubInner};
 
 /// Largest UDP payload.
@@ -108,7 +109,7 @@ impl UdpSessions {
                 });
             }
             Err(error) => {
-                tracing::debug!(edge = %self.edge_id, session = id, %error, "UDP session refused");
+                report_refusal(inner, &self.edge_id, id, &error);
                 self.session.close_udp(id);
             }
         }
@@ -121,10 +122,11 @@ impl UdpSessions {
             .addresses
             .filter(|a| a.transport == V2Transport::Datagram && len == header.len())
             .ok_or(TargetError::NotJustHeader)?;
-        let port = inner
-            .registry()
-            .target_port(&self.edge_id, addresses.destination.port())
-            .ok_or(TargetError::EdgeGone)?;
+        let port = inner.registry().target_port(
+            &self.edge_id,
+            Protocol::Udp,
+            addresses.destination.port(),
+        )?;
         let host = inner.options.target_host.as_str();
         let target = remoteingress_tunnel::resolve(host, port).await?;
         let local: SocketAddr = if target.is_ipv4() {

@@ -343,3 +343,97 @@ fn dechunk(mut body: &str) -> String {
     }
     out
 }
+
+/// A hand-driven edge over TLS: authenticates, then sends and reads raw frames.
+pub struct RawEdge {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    decoder: remoteingress_wire::frame::FrameDecoder,
+    /// The hub's handshake reply.
+    pub reply: Vec<u8>,
+}
+
+impl RawEdge {
+    /// Authenticates as `id` (with [`SECRET`]); the reply must accept it.
+    pub async fn connect(hub: &HubHandle, id: &str) -> Self {
+        let config =
+            remoteingress_tunnel::tls::client_config(&HubTrust::Pin(hub.pin().to_owned())).unwrap();
+        let tcp = TcpStream::connect(hub.local_addr()).await.unwrap();
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .unwrap();
+        let hello = remoteingress_wire::handshake::EdgeHello::new(id, SECRET).unwrap();
+        tls.write_all(hello.to_line().as_bytes()).await.unwrap();
+        let (reply, rest) = remoteingress_tunnel::line::read_line(&mut tls, 1 << 20)
+            .await
+            .unwrap();
+        remoteingress_wire::handshake::parse_reply(&reply).expect("accepted");
+        let mut decoder = remoteingress_wire::frame::FrameDecoder::new();
+        decoder.feed(&rest);
+        Self {
+            tls,
+            decoder,
+            reply: reply.to_vec(),
+        }
+    }
+
+    /// Writes bytes as they are.
+    pub async fn send_bytes(&mut self, bytes: &[u8]) {
+        self.tls.write_all(bytes).await.unwrap();
+    }
+
+    /// Writes frames.
+    pub async fn send(&mut self, list: &[(u32, remoteingress_wire::frame::FrameType, &[u8])]) {
+        self.send_bytes(&frames(list)).await;
+    }
+
+    /// The next frame from the hub that is not a PING (answered) nor a CONFIG; `None` once the
+    /// hub has closed the tunnel.
+    pub async fn next_frame(&mut self) -> Option<remoteingress_wire::frame::Frame> {
+        use remoteingress_wire::frame::FrameType;
+        loop {
+            while let Some(frame) = self.decoder.next_frame().unwrap() {
+                match frame.kind {
+                    FrameType::Ping => {
+                        let pong = [(0, FrameType::Pong, &frame.payload[..])];
+                        self.send(&pong).await;
+                    }
+                    FrameType::Config => {}
+                    _ => return Some(frame),
+                }
+            }
+            let mut buf = vec![0u8; 64 * 1024];
+            let read = tokio::time::timeout(Duration::from_secs(20), self.tls.read(&mut buf))
+                .await
+                .expect("the hub stays silent");
+            match read {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => self.decoder.feed(&buf[..n]),
+            }
+        }
+    }
+
+    /// The next frame of `kind` on stream `id`, skipping others.
+    pub async fn next_of(
+        &mut self,
+        id: u32,
+        kind: remoteingress_wire::frame::FrameType,
+    ) -> remoteingress_wire::frame::Frame {
+        loop {
+            let frame = self.next_frame().await.expect("tunnel closed");
+            if frame.stream_id == id && frame.kind == kind {
+                return frame;
+            }
+        }
+    }
+}
+
+/// Frames encoded back to back.
+pub fn frames(list: &[(u32, remoteingress_wire::frame::FrameType, &[u8])]) -> Vec<u8> {
+    let mut buf = bytes::BytesMut::new();
+    for (id, kind, payload) in list {
+        remoteingress_wire::frame::encode_frame(&mut buf, *id, *kind, payload);
+    }
+    buf.to_vec()
+}

@@ -22,6 +22,11 @@ pub enum SessionError {
     StreamIdsExhausted,
 }
 
+/// A stream ended without its orderly finish: the peer reset it, or the tunnel is gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+#[error("stream aborted")]
+pub struct StreamAborted;
+
 /// Why a session ended. The first reason recorded wins.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CloseReason {
@@ -117,6 +122,9 @@ pub enum ProtocolViolation {
     /// The peer keeps opening streams while we refuse them.
     #[error("peer ignores refused streams")]
     RefusedStreamsIgnored,
+    /// An EXTENSIONS frame that is not a JSON list of names, or a second one.
+    #[error("{0}")]
+    Extensions(String),
     /// A QUIC UDP_CLOSE message without its 4-byte session id.
     #[error("UDP_CLOSE without a session id")]
     UdpCloseWithoutId,

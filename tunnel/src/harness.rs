@@ -6,6 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::frame::{encode_frame, Frame, FrameDecoder, FrameType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
@@ -87,9 +88,10 @@ impl Pair {
     /// Over the TLS transport's multiplexer, in memory.
     pub(crate) fn mux(options: SessionOptions) -> Self {
         let (edge_io, hub_io) = tokio::io::duplex(256 * 1024);
+        let agreed = options.extensions;
         Self::new(
-            spawn_session(edge_io, Bytes::new(), Role::Edge, options.clone()),
-            spawn_session(hub_io, Bytes::new(), Role::Hub, options),
+            spawn_session(edge_io, Bytes::new(), Role::Edge, options.clone(), agreed),
+            spawn_session(hub_io, Bytes::new(), Role::Hub, options, Extensions::NONE),
             None,
         )
     }
@@ -121,8 +123,8 @@ impl Pair {
         let (edge_link, (hub_link, rest)) =
             within("QUIC setup", async { tokio::join!(connect, accept) }).await;
         Self::new(
-            edge_link.into_session(Bytes::new(), Role::Edge, options.clone()),
-            hub_link.into_session(rest, Role::Hub, options),
+            edge_link.into_session(Bytes::new(), Role::Edge, options.clone(), Extensions::NONE),
+            hub_link.into_session(rest, Role::Hub, options, Extensions::NONE),
             Some((server, dir)),
         )
     }
@@ -168,7 +170,7 @@ pub(crate) async fn send_all(writer: &mut StreamWriter, mut data: Bytes) {
 /// Reads until the peer finishes; returns everything, reporting it consumed as it goes.
 pub(crate) async fn read_to_end(reader: &mut StreamReader) -> Vec<u8> {
     let mut all = Vec::new();
-    while let Some(chunk) = reader.recv().await {
+    while let Some(chunk) = reader.recv().await.expect("not aborted") {
         reader.consumed(chunk.len()).await;
         all.extend_from_slice(&chunk);
     }
@@ -179,7 +181,11 @@ pub(crate) async fn read_to_end(reader: &mut StreamReader) -> Vec<u8> {
 pub(crate) async fn read_exactly(reader: &mut StreamReader, len: usize) -> Vec<u8> {
     let mut all = Vec::new();
     while all.len() < len {
-        let chunk = reader.recv().await.expect("more bytes");
+        let chunk = reader
+            .recv()
+            .await
+            .expect("not aborted")
+            .expect("more bytes");
         reader.consumed(chunk.len()).await;
         all.extend_from_slice(&chunk);
     }
@@ -207,21 +213,32 @@ pub(crate) struct RawPeer {
     decoder: FrameDecoder,
     scratch: Vec<u8>,
     pub(crate) session: SessionHandle,
-    /// Kept open so that the session never finds its owner gone.
-    _events: mpsc::Receiver<SessionEvent>,
+    /// The session's events (kept open so that it never finds its owner gone).
+    pub(crate) events: mpsc::Receiver<SessionEvent>,
 }
 
 impl RawPeer {
-    /// A session in `role` whose peer is raw; `buffer` bounds the bytes in flight each way.
+    /// A session in `role` whose peer is raw and speaks the original protocol; `buffer` bounds
+    /// the bytes in flight each way.
     pub(crate) fn new(role: Role, options: SessionOptions, buffer: usize) -> Self {
+        Self::agreeing(role, options, buffer, Extensions::NONE)
+    }
+
+    /// As [`RawPeer::new`], for an edge session that confirms `agreed` to its raw hub.
+    pub(crate) fn agreeing(
+        role: Role,
+        options: SessionOptions,
+        buffer: usize,
+        agreed: Extensions,
+    ) -> Self {
         let (io, session_io) = tokio::io::duplex(buffer);
-        let (session, events) = spawn_session(session_io, Bytes::new(), role, options);
+        let (session, events) = spawn_session(session_io, Bytes::new(), role, options, agreed);
         Self {
             io,
             decoder: FrameDecoder::new(),
             scratch: vec![0; 64 * 1024],
             session,
-            _events: events,
+            events,
         }
     }
 
@@ -281,8 +298,10 @@ impl RawPeer {
 pub(crate) mod checks {
     use bytes::Bytes;
 
-    use super::{eventually, read_exactly, read_to_end, send_all, udp_header, within, Pair};
-    use crate::error::{CloseReason, SessionError};
+    use super::{
+        eventually, pattern, read_exactly, read_to_end, send_all, udp_header, within, Pair,
+    };
+    use crate::error::{CloseReason, SessionError, StreamAborted};
     use crate::event::SessionEvent;
 
     /// Each direction finishes on its own; the stream is forgotten once both have.
@@ -319,9 +338,9 @@ pub(crate) mod checks {
         pair.hub.session.close("test over");
         for stream in &mut streams {
             let edge_read = within("edge reader ends", stream.edge_reader.recv()).await;
-            assert_eq!(edge_read, None);
+            assert_eq!(edge_read, Err(StreamAborted));
             let hub_read = within("hub reader ends", stream.hub_reader.recv()).await;
-            assert_eq!(hub_read, None);
+            assert_eq!(hub_read, Err(StreamAborted));
             let reserved = within("hub writer fails", stream.hub_writer.reserve()).await;
             assert_eq!(reserved, Err(SessionError::Closed));
         }
@@ -334,6 +353,42 @@ pub(crate) mod checks {
         );
         let opened = pair.edge.session.open(Bytes::from_static(b"x")).await;
         assert_eq!(opened.err(), Some(SessionError::Closed));
+    }
+
+    /// A reset on either side aborts the stream on both sides at once, whatever is in flight,
+    /// and releases it; the session and its other streams go on.
+    pub(crate) async fn a_reset_aborts_the_stream_on_both_sides(mut pair: Pair) {
+        let mut bystander = pair.open().await;
+        for edge_resets in [true, false] {
+            let mut stream = pair.open().await;
+            send_all(&mut stream.edge_writer, pattern(10_000)).await;
+            send_all(&mut stream.hub_writer, pattern(10_000)).await;
+            let far = if edge_resets {
+                stream.edge_writer.reset();
+                &mut stream.hub_reader
+            } else {
+                stream.hub_writer.reset();
+                &mut stream.edge_reader
+            };
+            loop {
+                match within("the far side sees the abort", far.recv()).await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => panic!("a reset stream finished in order"),
+                    Err(StreamAborted) => break,
+                }
+            }
+            within("the abort signal fires", far.abort_signal().cancelled()).await;
+            drop(stream);
+            let (edge, hub) = (&pair.edge.session, &pair.hub.session);
+            eventually("both sides release the stream", || {
+                edge.active_streams() == 1 && hub.active_streams() == 1
+            })
+            .await;
+        }
+        send_all(&mut bystander.edge_writer, pattern(1000)).await;
+        bystander.edge_writer.finish().await;
+        assert_eq!(read_to_end(&mut bystander.hub_reader).await, pattern(1000));
+        assert!(!pair.edge.session.is_closed() && !pair.hub.session.is_closed());
     }
 
     /// A UDP session opens, carries a datagram each way, and is closed by the hub.

@@ -26,8 +26,9 @@ mod resolve;
 mod session;
 mod stream;
 pub mod tls;
+pub mod warn;
 
-pub use error::{CloseReason, ProtocolViolation, SessionError};
+pub use error::{CloseReason, ProtocolViolation, SessionError, StreamAborted};
 pub use event::SessionEvent;
 pub use lifecycle::SessionStats;
 pub use link::{Link, LinkError};

@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
+use remoteingress_wire::extension::Extensions;
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -154,15 +155,17 @@ impl Link {
     }
 
     /// Starts the session over the link once the handshake is done; `initial` holds the bytes
-    /// that arrived after the handshake line.
+    /// that arrived after the handshake line, `agreed` the extensions the edge confirms (TLS;
+    /// QUIC has stream resets natively).
     pub fn into_session(
         self,
         initial: Bytes,
         role: Role,
         options: SessionOptions,
+        agreed: Extensions,
     ) -> (SessionHandle, mpsc::Receiver<SessionEvent>) {
         match self {
-            Link::Tls(tls) => spawn_session(*tls, initial, role, options),
+            Link::Tls(tls) => spawn_session(*tls, initial, role, options, agreed),
             Link::Quic {
                 connection,
                 send,

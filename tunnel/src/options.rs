@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::flow::DEFAULT_BUDGET;
 use remoteingress_wire::qos::LaneLimits;
 
@@ -62,6 +63,9 @@ pub struct SessionOptions {
     pub ping_interval: Duration,
     /// Bounds of the writer's lanes.
     pub lanes: LaneLimits,
+    /// Protocol extensions this side offers (hub) or accepts (edge) on the TLS transport;
+    /// [`Extensions::NONE`] speaks the original protocol only.
+    pub extensions: Extensions,
 }
 
 impl Default for SessionOptions {
@@ -72,6 +76,7 @@ impl Default for SessionOptions {
             idle_timeout: Duration::from_secs(45),
             ping_interval: Duration::from_secs(15),
             lanes: LaneLimits::default(),
+            extensions: Extensions::ALL,
         }
     }
 }

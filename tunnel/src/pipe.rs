@@ -1,74 +1,92 @@
-//! Moves bytes between a TCP socket and a tunnelled stream, both ways, with half-close.
+//! Moves bytes between a TCP socket and a tunnelled stream, both ways, with half-close and
+//! abort.
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::StreamAborted;
 use crate::stream::{StreamReader, StreamWriter};
 
-/// Bytes moved by one [`pipe`].
+/// Bytes moved by one [`pipe`], and how it ended.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Piped {
     /// Socket → tunnel.
     pub to_tunnel: u64,
     /// Tunnel → socket.
     pub from_tunnel: u64,
+    /// The pipe was aborted (reset on either side, tunnel lost, cancelled) rather than finished.
+    pub aborted: bool,
 }
 
-/// Pipes `socket` and the stream until both directions have finished, or `cancel` fires.
+/// Pipes `socket` and the stream until both directions have finished, or either is aborted.
 ///
 /// The socket's EOF becomes our CLOSE; the peer's CLOSE becomes a write shutdown on the socket.
-/// A socket that stops reading stops returning credit, so the peer stops sending.
+/// A socket that stops reading stops returning credit, so the peer stops sending. A socket
+/// error (a reset), the peer's RESET, the tunnel's loss or `cancel` abort both sides at once:
+/// the stream is reset and the socket closed with a TCP reset, so nothing outlives the other.
 pub async fn pipe(
-    socket: TcpStream,
+    mut socket: TcpStream,
     mut reader: StreamReader,
     mut writer: StreamWriter,
     cancel: CancellationToken,
 ) -> Piped {
-    let (mut socket_rd, mut socket_wr) = socket.into_split();
-    let upload = async {
-        let mut total = 0u64;
-        loop {
-            let Ok(credit) = writer.reserve().await else {
-                break;
-            };
-            if socket_rd.readable().await.is_err() {
-                break;
-            }
-            // The buffer exists only while bytes are ready, so idle streams hold none. A read
-            // (unlike `try_read`) that returns less than asked marks the socket drained, which
-            // saves the system call that would only find it empty.
-            let mut buf = BytesMut::with_capacity(credit);
-            match socket_rd.read_buf(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    total += n as u64;
-                    if writer.send(buf.freeze()).await.is_err() {
-                        break;
+    let aborted = reader.abort_signal();
+    // Counted outside the two directions so that an aborted pipe still reports its totals.
+    let to_tunnel = AtomicU64::new(0);
+    let from_tunnel = AtomicU64::new(0);
+    let finished = {
+        let (mut socket_rd, mut socket_wr) = socket.split();
+        let upload = async {
+            loop {
+                let credit = writer.reserve().await.map_err(|_| StreamAborted)?;
+                socket_rd.readable().await.map_err(|_| StreamAborted)?;
+                // The buffer exists only while bytes are ready, so idle streams hold none. A
+                // read (unlike `try_read`) that returns less than asked marks the socket
+                // drained, which saves the system call that would only find it empty.
+                let mut buf = BytesMut::with_capacity(credit);
+                match socket_rd.read_buf(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        to_tunnel.fetch_add(n as u64, Ordering::Relaxed);
+                        writer.send(buf.freeze()).await.map_err(|_| StreamAborted)?;
                     }
+                    Err(_) => return Err(StreamAborted),
                 }
             }
-        }
-        writer.finish().await;
-        total
-    };
-    let download = async {
-        let mut total = 0u64;
-        while let Some(chunk) = reader.recv().await {
-            if socket_wr.write_all(&chunk).await.is_err() {
-                break;
+            writer.finish().await;
+            Ok(())
+        };
+        let download = async {
+            while let Some(chunk) = reader.recv().await? {
+                socket_wr
+                    .write_all(&chunk)
+                    .await
+                    .map_err(|_| StreamAborted)?;
+                from_tunnel.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                reader.consumed(chunk.len()).await;
             }
-            total += chunk.len() as u64;
-            reader.consumed(chunk.len()).await;
+            let _ = socket_wr.shutdown().await;
+            Ok::<(), StreamAborted>(())
+        };
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => false,
+            () = aborted.cancelled() => false,
+            both = async { tokio::try_join!(upload, download) } => both.is_ok(),
         }
-        let _ = socket_wr.shutdown().await;
-        total
     };
-    let both = async { tokio::join!(upload, download) };
-    tokio::select! {
-        (to_tunnel, from_tunnel) = both => Piped { to_tunnel, from_tunnel },
-        () = cancel.cancelled() => Piped::default(),
+    if !finished {
+        writer.reset();
+        let _ = socket.set_zero_linger();
+    }
+    Piped {
+        to_tunnel: to_tunnel.into_inner(),
+        from_tunnel: from_tunnel.into_inner(),
+        aborted: !finished,
     }
 }
 
@@ -126,7 +144,8 @@ mod tests {
                 totals,
                 Piped {
                     to_tunnel: up.len() as u64,
-                    from_tunnel: down.len() as u64
+                    from_tunnel: down.len() as u64,
+                    aborted: false,
                 }
             );
         }
@@ -147,13 +166,20 @@ mod tests {
         cancel.cancel();
         assert_eq!(
             within("the pipe ends", piped).await.unwrap(),
-            Piped::default()
+            Piped {
+                aborted: true,
+                ..Piped::default()
+            }
         );
         // The read ends (EOF or reset) only once the pipe has let go of the socket.
         let mut rest = Vec::new();
         let read = within("the socket closes", client.read_to_end(&mut rest)).await;
         assert_eq!(read.unwrap_or(0), 0, "nothing was sent through the pipe");
         let mut edge_reader = stream.edge_reader;
-        assert_eq!(within("the stream ends", edge_reader.recv()).await, None);
+        assert_eq!(
+            within("the stream ends", edge_reader.recv()).await,
+            Err(crate::StreamAborted),
+            "the cancelled pipe resets the stream"
+        );
     }
 }

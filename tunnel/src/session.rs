@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::frame::FrameType;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -39,18 +40,20 @@ macro_rules! dispatch {
 }
 
 /// Starts a multiplexed (TLS transport) session over an established, authenticated byte
-/// stream. `initial` holds bytes already read past the handshake. Events arrive on the returned
-/// receiver until the session ends.
+/// stream. `initial` holds bytes already read past the handshake; `agreed` the extensions the
+/// edge confirms (the hub passes none and learns them from the edge). Events arrive on the
+/// returned receiver until the session ends.
 pub fn spawn_session<IO>(
     io: IO,
     initial: Bytes,
     role: Role,
     options: SessionOptions,
+    agreed: Extensions,
 ) -> (SessionHandle, mpsc::Receiver<SessionEvent>)
 where
     IO: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let (session, events) = mux::start(io, initial, role, options);
+    let (session, events) = mux::start(io, initial, role, options, agreed);
     let handle = SessionHandle {
         session: Session::Mux(session),
     };

@@ -3,7 +3,9 @@
 
 use bytes::Bytes;
 
-use crate::error::SessionError;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{SessionError, StreamAborted};
 use crate::mux::stream::{MuxReader, MuxWriter};
 use crate::quic::stream::{QuicReader, QuicWriter};
 
@@ -40,11 +42,20 @@ impl StreamReader {
         self.id
     }
 
-    /// The next chunk of the peer's bytes; `None` once the peer has finished (or is gone).
-    pub async fn recv(&mut self) -> Option<Bytes> {
+    /// The next chunk of the peer's bytes; `None` once the peer has finished, an error once
+    /// the stream is aborted (reset by the peer, or the tunnel lost).
+    pub async fn recv(&mut self) -> Result<Option<Bytes>, StreamAborted> {
         match &mut self.kind {
             ReaderKind::Mux(reader) => reader.recv().await,
             ReaderKind::Quic(reader) => reader.recv().await,
+        }
+    }
+
+    /// A token cancelled when the stream is aborted: reset either way, or the tunnel lost.
+    pub fn abort_signal(&self) -> CancellationToken {
+        match &self.kind {
+            ReaderKind::Mux(reader) => reader.abort_signal(),
+            ReaderKind::Quic(reader) => reader.abort_signal(),
         }
     }
 
@@ -103,6 +114,15 @@ impl StreamWriter {
         match &mut self.kind {
             WriterKind::Mux(writer) => writer.finish().await,
             WriterKind::Quic(writer) => writer.finish(),
+        }
+    }
+
+    /// Aborts the stream both ways (a client or target reset, a failed connect). A TLS peer
+    /// without the `reset` extension gets the CLOSE it understands instead.
+    pub fn reset(&mut self) {
+        match &mut self.kind {
+            WriterKind::Mux(writer) => writer.reset(),
+            WriterKind::Quic(writer) => writer.reset(),
         }
     }
 }

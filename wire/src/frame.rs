@@ -50,11 +50,15 @@ pub enum FrameType {
     UdpClose = 0x0E,
     /// Edge → hub: JSON acknowledgement of an applied (or rejected) CONFIG.
     ConfigAck = 0x0F,
+    /// Either way, extension `reset`: abort the stream at once (both directions).
+    Reset = 0x10,
+    /// Edge → hub, stream 0: the JSON list of the hub's announced extensions the edge uses.
+    Extensions = 0x12,
 }
 
 impl FrameType {
     /// Every frame type, in wire order.
-    pub const ALL: [FrameType; 15] = [
+    pub const ALL: [FrameType; 17] = [
         FrameType::Open,
         FrameType::Data,
         FrameType::Close,
@@ -70,11 +74,13 @@ impl FrameType {
         FrameType::UdpDataBack,
         FrameType::UdpClose,
         FrameType::ConfigAck,
+        FrameType::Reset,
+        FrameType::Extensions,
     ];
 
     /// The frame type for a wire value, if it is one.
     pub fn from_u8(value: u8) -> Option<Self> {
-        Self::ALL.get(usize::from(value).checked_sub(1)?).copied()
+        Self::ALL.into_iter().find(|kind| *kind as u8 == value)
     }
 
     /// True for frames that carry payload bytes of a stream or session rather than control.
@@ -88,7 +94,9 @@ impl FrameType {
     /// The exact payload length this type requires, if it is fixed.
     fn fixed_len(self) -> Option<u32> {
         match self {
-            FrameType::Close | FrameType::CloseBack | FrameType::UdpClose => Some(0),
+            FrameType::Close | FrameType::CloseBack | FrameType::UdpClose | FrameType::Reset => {
+                Some(0)
+            }
             FrameType::WindowUpdate | FrameType::WindowUpdateBack => Some(4),
             FrameType::Ping | FrameType::Pong => Some(8),
             _ => None,
@@ -396,6 +404,14 @@ mod tests {
                 Frame::new(0, FrameType::ConfigAck, &b"{\"version\":1}"[..]),
                 b"\x00\x00\x00\x00\x0f\x00\x00\x00\x0d{\"version\":1}",
             ),
+            (
+                Frame::empty(3, FrameType::Reset),
+                b"\x00\x00\x00\x03\x10\x00\x00\x00\x00",
+            ),
+            (
+                Frame::new(0, FrameType::Extensions, &b"[\"reset\"]"[..]),
+                b"\x00\x00\x00\x00\x12\x00\x00\x00\x09[\"reset\"]",
+            ),
         ];
         assert_eq!(cases.len(), FrameType::ALL.len());
         for (frame, bytes) in cases {
@@ -432,8 +448,8 @@ mod tests {
     #[test]
     fn rejects_from_the_header_alone() {
         let mut decoder = FrameDecoder::new();
-        decoder.feed(b"\x00\x00\x00\x01\x10\x00\x00\x00\x00");
-        assert_eq!(decoder.next_frame(), Err(FrameError::UnknownType(0x10)));
+        decoder.feed(b"\x00\x00\x00\x01\x11\x00\x00\x00\x00");
+        assert_eq!(decoder.next_frame(), Err(FrameError::UnknownType(0x11)));
 
         let mut decoder = FrameDecoder::new();
         decoder.feed(b"\x00\x00\x00\x01\x02\x01\x00\x00\x01");

@@ -1,10 +1,11 @@
 //! The tunnel handshake: the edge's `EDGE <edgeId> <secret>\n` line and the hub's one-line JSON
 //! reply (the edge's configuration, or `{"error":"…"}`).
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::config::EdgeConfig;
+use crate::extension::Extensions;
 
 /// Longest handshake line, newline included.
 pub const MAX_LINE_LEN: usize = 4096;
@@ -112,11 +113,31 @@ impl EdgeHello {
     }
 }
 
-/// The hub's reply to a successful handshake: the edge's configuration as one JSON line.
-pub fn accept_reply(config: &EdgeConfig) -> String {
-    let mut line = serde_json::to_string(config).unwrap_or_else(|_| "{}".to_owned());
+/// The hub's reply to a successful handshake: the edge's configuration as one JSON line, with
+/// the extensions the hub offers under `"extensions"` (a key an original edge ignores).
+pub fn accept_reply(config: &EdgeConfig, offered: Extensions) -> String {
+    #[derive(Serialize)]
+    struct Reply<'a> {
+        #[serde(flatten)]
+        config: &'a EdgeConfig,
+        extensions: Vec<&'static str>,
+    }
+    let reply = Reply {
+        config,
+        extensions: offered.names(),
+    };
+    let mut line = serde_json::to_string(&reply).unwrap_or_else(|_| "{}".to_owned());
     line.push('\n');
     line
+}
+
+/// What an edge learns from an accepting reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubReply {
+    /// Its configuration.
+    pub config: EdgeConfig,
+    /// The extensions the hub offers (none from an original hub).
+    pub offered: Extensions,
 }
 
 /// The hub's reply to a refused handshake.
@@ -127,19 +148,22 @@ pub fn error_reply(reason: &str) -> String {
 }
 
 /// Interprets the hub's reply line on the edge.
-pub fn parse_reply(line: &[u8]) -> Result<EdgeConfig, HandshakeError> {
+pub fn parse_reply(line: &[u8]) -> Result<HubReply, HandshakeError> {
     #[derive(Deserialize)]
-    struct MaybeError {
+    struct Envelope {
         error: Option<String>,
+        #[serde(default)]
+        extensions: Vec<String>,
     }
     let bad = |e: serde_json::Error| HandshakeError::BadReply(e.to_string());
-    if let Some(reason) = serde_json::from_slice::<MaybeError>(line)
-        .map_err(bad)?
-        .error
-    {
+    let envelope = serde_json::from_slice::<Envelope>(line).map_err(bad)?;
+    if let Some(reason) = envelope.error {
         return Err(HandshakeError::Rejected(reason));
     }
-    serde_json::from_slice(line).map_err(bad)
+    Ok(HubReply {
+        config: serde_json::from_slice(line).map_err(bad)?,
+        offered: Extensions::from_names(envelope.extensions.iter().map(String::as_str)),
+    })
 }
 
 #[cfg(test)]
@@ -206,9 +230,22 @@ mod tests {
             listen_ports: vec![80],
             ..EdgeConfig::default()
         };
-        let line = accept_reply(&config);
+        let line = accept_reply(&config, Extensions::ALL);
         assert!(line.ends_with('\n'));
-        assert_eq!(parse_reply(line.as_bytes()).unwrap(), config);
+        assert!(line.contains("\"extensions\":[\"reset\"]"), "{line}");
+        assert_eq!(
+            parse_reply(line.as_bytes()).unwrap(),
+            HubReply {
+                config: config.clone(),
+                offered: Extensions::ALL
+            }
+        );
+        // An original hub's reply: the configuration alone.
+        let original = serde_json::to_string(&config).unwrap();
+        assert_eq!(
+            parse_reply(original.as_bytes()).unwrap().offered,
+            Extensions::NONE
+        );
         assert_eq!(error_reply(UNAUTHORIZED), "{\"error\":\"unauthorized\"}\n");
         assert_eq!(
             parse_reply(error_reply(UNAUTHORIZED).as_bytes()),

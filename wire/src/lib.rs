@@ -5,6 +5,7 @@
 //! normative description of the formats implemented here.
 
 pub mod config;
+pub mod extension;
 pub mod flow;
 pub mod frame;
 pub mod handshake;

@@ -36,6 +36,8 @@ export interface HubEvents extends WatchEvents {
   configApplied: [HubEventBase & { version: number; error?: string }];
   /** A tunnel connection failed to authenticate. */
   authFailed: [HubEventBase & { remoteAddr: string; reason: string; kind: string }];
+  /** An edge asked for a port it is not assigned; nothing was connected. */
+  openRefused: [HubEventBase & { protocol: string; port: number }];
   /** This watcher was too slow and missed `count` events. */
   eventsMissed: [HubEventBase & { count: number }];
 }
@@ -148,6 +150,9 @@ export class RemoteIngressHub extends StreamingClient<HubEvents, WatchEventsResp
         break;
       case "authFailed":
         this.emit(event.case, { ...base, remoteAddr: event.value.remoteAddr, reason: event.value.reason, kind: event.value.kind });
+        break;
+      case "openRefused":
+        this.emit(event.case, { ...base, protocol: event.value.protocol, port: event.value.port });
         break;
       case "eventsMissed":
         this.emit(event.case, { ...base, count: Number(event.value.count) });

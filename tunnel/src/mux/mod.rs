@@ -5,6 +5,8 @@
 
 mod ping;
 mod reader;
+#[cfg(test)]
+mod reset_tests;
 mod shared;
 pub(crate) mod stream;
 #[cfg(test)]
@@ -16,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::frame::{Frame, FrameType, CONTROL_STREAM};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
@@ -34,19 +37,25 @@ pub(crate) struct MuxSession {
 }
 
 /// Starts the session's tasks over an established, authenticated connection. `initial` holds
-/// bytes already read past the handshake.
+/// bytes already read past the handshake. `agreed`: the extensions the edge confirms to the
+/// hub with its first frame; the hub passes none and learns them from that frame.
 pub(crate) fn start<IO>(
     io: IO,
     initial: Bytes,
     role: Role,
     options: SessionOptions,
+    agreed: Extensions,
 ) -> (MuxSession, mpsc::Receiver<SessionEvent>)
 where
     IO: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (senders, lanes) = shared::lanes(options.lanes.control_frames);
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-    let shared = Arc::new(Shared::new(role, options, senders));
+    if role == Role::Edge && !agreed.is_empty() {
+        let confirm = Frame::new(CONTROL_STREAM, FrameType::Extensions, agreed.to_payload());
+        send_soon(&senders.control, Outgoing::Frame(confirm));
+    }
+    let shared = Arc::new(Shared::new(role, options, senders, agreed));
     let (read_half, write_half) = tokio::io::split(io);
     tokio::spawn(writer::write_task(write_half, lanes, shared.clone()));
     let reader = reader::Reader::new(shared.clone(), events_tx);
@@ -69,7 +78,7 @@ impl MuxSession {
         let mut next_id = shared.next_id.lock().await;
         let id = *next_id;
         *next_id = id.checked_add(1).ok_or(SessionError::StreamIdsExhausted)?;
-        let slot = StreamSlot::new(id);
+        let slot = StreamSlot::new(id, &shared.lifecycle);
         let raise = shared.register(&slot);
         shared.last_opened.store(id, Ordering::Relaxed);
         send(Frame::new(id, FrameType::Open, header))

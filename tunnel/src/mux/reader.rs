@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::frame::{Frame, FrameDecoder, FrameType};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
@@ -34,6 +35,7 @@ pub(crate) struct Reader {
     last_peer_id: u32,
     last_udp_id: u32,
     empty_data_run: u32,
+    extensions_seen: bool,
 }
 
 type Dispatched = Result<(), CloseReason>;
@@ -46,6 +48,7 @@ impl Reader {
             last_peer_id: 0,
             last_udp_id: 0,
             empty_data_run: 0,
+            extensions_seen: false,
         }
     }
 
@@ -85,10 +88,12 @@ impl Reader {
         let role = self.shared.role;
         let peer = role.peer();
         match frame.kind {
-            kind if kind == data_out(peer) => self.on_data(frame),
+            kind if kind == data_out(peer) => self.on_data(frame).await,
             kind if kind == close_out(peer) => self.on_close(&frame),
             kind if kind == window_out(peer) => self.on_window_update(&frame),
-            FrameType::Open if role == Role::Hub => self.on_open(frame),
+            FrameType::Open if role == Role::Hub => self.on_open(frame).await,
+            FrameType::Reset if self.shared.reset_agreed() => self.on_reset(&frame),
+            FrameType::Extensions if role == Role::Hub => self.on_extensions(&frame),
             FrameType::Ping if role == Role::Edge => {
                 let token = frame.ping_token().unwrap_or_default();
                 let reported = u64::from_be_bytes(token);
@@ -138,9 +143,58 @@ impl Reader {
         }
     }
 
+    /// The stream a frame is for; `None` for a stream this side has reset, whose frames may
+    /// still be on their way.
+    fn live_slot(&self, frame: &Frame) -> Result<Option<Arc<StreamSlot>>, ProtocolViolation> {
+        match self.known_slot(frame) {
+            Ok(slot) => Ok(Some(slot)),
+            Err(_) if self.shared.reset_agreed() && self.is_past_stream(frame.stream_id) => {
+                Ok(None)
+            }
+            Err(unknown) => Err(unknown),
+        }
+    }
+
+    fn on_reset(&self, frame: &Frame) -> Dispatched {
+        if let Some(slot) = self.live_slot(frame)? {
+            self.shared.abort_stream(&slot);
+        }
+        Ok(())
+    }
+
+    fn on_extensions(&mut self, frame: &Frame) -> Dispatched {
+        if std::mem::replace(&mut self.extensions_seen, true) {
+            return Err(ProtocolViolation::Extensions("second EXTENSIONS frame".into()).into());
+        }
+        let confirmed = Extensions::parse(&frame.payload)
+            .map_err(|e| ProtocolViolation::Extensions(e.to_string()))?;
+        self.shared.confirm(confirmed);
+        Ok(())
+    }
+
+    /// Queues a frame that answers the peer's legitimate traffic, waiting while the control
+    /// lane is full: we stop reading the tunnel rather than count it as abuse. A peer that
+    /// reads nothing for the idle timeout is gone.
+    async fn answer(&self, outgoing: Outgoing) -> Dispatched {
+        let idle = self.shared.options.idle_timeout;
+        match tokio::time::timeout(idle, self.shared.lanes.control.send(outgoing)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(CloseReason::Local("tunnel writer stopped".into())),
+            Err(_) => Err(CloseReason::Io(format!(
+                "peer read none of our frames for {} s",
+                idle.as_secs()
+            ))),
+        }
+    }
+
     fn on_close(&self, frame: &Frame) -> Dispatched {
-        let slot = self.known_slot(frame)?;
+        let Some(slot) = self.live_slot(frame)? else {
+            return Ok(());
+        };
         let mut state = slot.lock();
+        if state.aborted {
+            return Ok(());
+        }
         if state.peer_closed {
             return Err(ProtocolViolation::ClosedTwice(slot.id).into());
         }
@@ -195,7 +249,7 @@ impl Reader {
         }
     }
 
-    fn on_data(&mut self, frame: Frame) -> Dispatched {
+    async fn on_data(&mut self, frame: Frame) -> Dispatched {
         let len = frame.payload.len();
         if len == 0 {
             self.empty_data_run += 1;
@@ -205,41 +259,53 @@ impl Reader {
             return Ok(());
         }
         self.empty_data_run = 0;
-        let slot = self.known_slot(&frame)?;
+        let Some(slot) = self.live_slot(&frame)? else {
+            return Ok(());
+        };
         let stats = &self.shared.lifecycle.stats;
         stats.received(len);
-        let mut state = slot.lock();
-        if state.peer_closed {
-            return Err(ProtocolViolation::DataAfterClose(slot.id).into());
-        }
-        state
-            .recv
-            .on_data(len as u32)
-            .map_err(|error| ProtocolViolation::Flow { id: slot.id, error })?;
-        state.inbound_rate.record(now(), len);
-        if state.discard {
-            let window = self.shared.window(&state);
-            let increment = state.recv.on_consumed(len as u32, window);
-            drop(state);
-            if let Some(increment) = increment {
-                self.shared
-                    .send_control_now(self.shared.window_update(slot.id, increment))?;
+        let discarded = {
+            let mut state = slot.lock();
+            if state.aborted {
+                // Reset here while the frame was on its way.
+                return Ok(());
             }
-            return Ok(());
-        }
-        let payload = if len < COPY_BELOW {
-            Bytes::copy_from_slice(&frame.payload)
-        } else {
-            frame.payload
+            if state.peer_closed {
+                return Err(ProtocolViolation::DataAfterClose(slot.id).into());
+            }
+            state
+                .recv
+                .on_data(len as u32)
+                .map_err(|error| ProtocolViolation::Flow { id: slot.id, error })?;
+            state.inbound_rate.record(now(), len);
+            if state.discard {
+                let window = self.shared.window(&state);
+                Some(state.recv.on_consumed(len as u32, window))
+            } else {
+                let payload = if len < COPY_BELOW {
+                    Bytes::copy_from_slice(&frame.payload)
+                } else {
+                    frame.payload
+                };
+                state.inbox.push_back(payload);
+                stats.stream_buffered(u64::from(state.recv.unconsumed()));
+                None
+            }
         };
-        state.inbox.push_back(payload);
-        stats.stream_buffered(u64::from(state.recv.unconsumed()));
-        drop(state);
-        slot.readable.notify_one();
-        Ok(())
+        match discarded {
+            Some(Some(increment)) => {
+                self.answer(self.shared.window_update(slot.id, increment))
+                    .await
+            }
+            Some(None) => Ok(()),
+            None => {
+                slot.readable.notify_one();
+                Ok(())
+            }
+        }
     }
 
-    fn on_open(&mut self, frame: Frame) -> Dispatched {
+    async fn on_open(&mut self, frame: Frame) -> Dispatched {
         let id = frame.stream_id;
         if id <= self.last_peer_id {
             return Err(ProtocolViolation::StreamIdReused(id).into());
@@ -250,13 +316,17 @@ impl Reader {
         if shared.streams().len() >= shared.options.max_streams * 2 {
             return Err(ProtocolViolation::RefusedStreamsIgnored.into());
         }
-        let slot = StreamSlot::new(id);
+        let slot = StreamSlot::new(id, &shared.lifecycle);
         if let Some(increment) = shared.register(&slot) {
-            shared.send_control_now(shared.window_update(id, increment))?;
+            self.answer(shared.window_update(id, increment)).await?;
         }
         let (reader, writer) = halves(shared, slot);
         if over_limit {
-            tracing::warn!(stream = id, "stream limit reached; refusing stream");
+            crate::warn_limited!(
+                "stream_limit",
+                stream = id,
+                "stream limit reached; stream refused"
+            );
             return Ok(());
         }
         let event = SessionEvent::Opened {
@@ -264,13 +334,10 @@ impl Reader {
             writer: StreamWriter::mux(writer),
             header: frame.payload,
         };
-        if let Err(mpsc::error::TrySendError::Full(event)) = self.events.try_send(event) {
-            tracing::warn!(
-                stream = id,
-                "too many streams waiting to be handled; refusing stream"
-            );
-            drop(event);
-        }
-        Ok(())
+        // The owner takes streams as fast as it can; while it lags we stop reading the tunnel.
+        self.events
+            .send(event)
+            .await
+            .map_err(|_| CloseReason::OwnerGone)
     }
 }

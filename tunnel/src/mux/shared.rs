@@ -2,7 +2,7 @@
 //! writer's lanes, the ping in flight, and the lifecycle.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -11,11 +11,13 @@ use remoteingress_wire::flow::{window_for, RecvWindow, SendCredit, SUSTAINED_WIN
 use remoteingress_wire::frame::{Frame, FrameType};
 use remoteingress_wire::qos::StreamRate;
 use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
 
 use crate::clock::now;
 use crate::error::{CloseReason, ProtocolViolation};
 use crate::lifecycle::{Lifecycle, SessionCore};
 use crate::options::{Role, SessionOptions};
+use remoteingress_wire::extension::Extensions;
 
 /// The frame types a role sends for its streams and UDP sessions.
 pub(crate) fn data_out(role: Role) -> FrameType {
@@ -118,7 +120,7 @@ pub(crate) struct StreamState {
     pub(crate) local_closed: bool,
     /// Nobody reads any more: arriving data is consumed at once.
     pub(crate) discard: bool,
-    /// The session ended under the stream.
+    /// The session ended under the stream, or either side reset it.
     pub(crate) aborted: bool,
 }
 
@@ -129,12 +131,15 @@ pub(crate) struct StreamSlot {
     state: Mutex<StreamState>,
     pub(crate) readable: Notify,
     pub(crate) writable: Notify,
+    /// Cancelled when the stream is aborted: reset by either side, or the session ended.
+    pub(crate) abort: CancellationToken,
 }
 
 impl StreamSlot {
-    pub(crate) fn new(id: u32) -> Arc<Self> {
+    pub(crate) fn new(id: u32, lifecycle: &Lifecycle) -> Arc<Self> {
         Arc::new(Self {
             id,
+            abort: lifecycle.cancellation(),
             state: Mutex::new(StreamState {
                 inbox: VecDeque::new(),
                 recv: RecvWindow::default(),
@@ -179,6 +184,8 @@ pub(crate) struct Shared {
     pub(crate) ping_sent: Mutex<Option<([u8; 8], Instant)>>,
     /// Last round trip in µs: measured (hub) or as the hub reported it in its PING (edge).
     pub(crate) rtt_us: AtomicU64,
+    /// Both sides confirmed the `reset` extension: streams abort with RESET.
+    reset_agreed: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -210,8 +217,14 @@ impl SessionCore for Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(role: Role, options: SessionOptions, lanes: LaneSenders) -> Self {
+    pub(crate) fn new(
+        role: Role,
+        options: SessionOptions,
+        lanes: LaneSenders,
+        agreed: Extensions,
+    ) -> Self {
         Self {
+            reset_agreed: AtomicBool::new(agreed.reset),
             lifecycle: Lifecycle::new(options.max_streams),
             role,
             options,
@@ -258,9 +271,46 @@ impl Shared {
 
     /// Forgets a stream once both directions are closed.
     pub(crate) fn release_if_done(&self, slot: &StreamSlot, state: &StreamState) {
-        if state.peer_closed && state.local_closed && self.streams().remove(&slot.id).is_some() {
+        if state.peer_closed && state.local_closed {
+            self.release(slot);
+        }
+    }
+
+    fn release(&self, slot: &StreamSlot) {
+        if self.streams().remove(&slot.id).is_some() {
             self.lifecycle.stream_released();
         }
+    }
+
+    /// Aborts a stream (a RESET either way): both halves fail at once, what it buffered is
+    /// dropped, and it leaves the table. False if it had ended already.
+    pub(crate) fn abort_stream(&self, slot: &StreamSlot) -> bool {
+        {
+            let mut state = slot.lock();
+            if state.aborted || (state.peer_closed && state.local_closed) {
+                return false;
+            }
+            state.aborted = true;
+            state.peer_closed = true;
+            state.local_closed = true;
+            state.inbox.clear();
+        }
+        self.release(slot);
+        slot.abort.cancel();
+        slot.readable.notify_one();
+        slot.writable.notify_one();
+        true
+    }
+
+    /// Whether both sides confirmed the `reset` extension.
+    pub(crate) fn reset_agreed(&self) -> bool {
+        self.reset_agreed.load(Ordering::Relaxed)
+    }
+
+    /// Records the extensions the edge confirmed (hub), within what this side offers.
+    pub(crate) fn confirm(&self, confirmed: Extensions) {
+        let agreed = confirmed.intersect(self.options.extensions);
+        self.reset_agreed.store(agreed.reset, Ordering::Relaxed);
     }
 
     /// A WINDOW_UPDATE(_BACK) returning `increment` bytes of credit on stream `id`.

@@ -3,13 +3,14 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use remoteingress_wire::frame::{Frame, MAX_DATA_CHUNK};
+use remoteingress_wire::frame::{Frame, FrameType, MAX_DATA_CHUNK};
 use remoteingress_wire::qos::{Lane, StreamRate};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 use super::shared::{close_out, data_out, send_soon, Outgoing, Shared, StreamSlot};
 use crate::clock::now;
-use crate::error::SessionError;
+use crate::error::{SessionError, StreamAborted};
 
 /// Both halves of a stream that has just been registered.
 pub(crate) fn halves(shared: &Arc<Shared>, slot: Arc<StreamSlot>) -> (MuxReader, MuxWriter) {
@@ -40,20 +41,28 @@ impl MuxReader {
         self.slot.id
     }
 
-    /// The next chunk of the peer's bytes; `None` once the peer has closed (or the tunnel died).
-    pub(crate) async fn recv(&self) -> Option<Bytes> {
+    /// The next chunk of the peer's bytes; `None` once the peer has closed.
+    pub(crate) async fn recv(&self) -> Result<Option<Bytes>, StreamAborted> {
         loop {
             {
                 let mut state = self.slot.lock();
-                if let Some(chunk) = state.inbox.pop_front() {
-                    return Some(chunk);
+                if state.aborted {
+                    return Err(StreamAborted);
                 }
-                if state.peer_closed || state.aborted {
-                    return None;
+                if let Some(chunk) = state.inbox.pop_front() {
+                    return Ok(Some(chunk));
+                }
+                if state.peer_closed {
+                    return Ok(None);
                 }
             }
             self.slot.readable.notified().await;
         }
+    }
+
+    /// Cancelled when the stream is aborted (reset either way, or the tunnel lost).
+    pub(crate) fn abort_signal(&self) -> CancellationToken {
+        self.slot.abort.clone()
     }
 
     /// Reports `len` bytes written onward, returning credit to the peer when due.
@@ -80,6 +89,9 @@ impl Drop for MuxReader {
     fn drop(&mut self) {
         let increment = {
             let mut state = self.slot.lock();
+            if state.aborted {
+                return;
+            }
             state.discard = true;
             let pending: usize = state.inbox.drain(..).map(|chunk| chunk.len()).sum();
             let window = self.shared.window(&state);
@@ -172,6 +184,23 @@ impl MuxWriter {
         let _ = self.lane_tx().send(self.close_frame()).await;
     }
 
+    /// Aborts the stream both ways: RESET when the peer confirmed the extension, otherwise
+    /// the CLOSE that is all an original peer understands (unless it was sent already).
+    pub(crate) fn reset(&mut self) {
+        let finished = std::mem::replace(&mut self.finished, true);
+        if self.shared.reset_agreed() {
+            if self.shared.abort_stream(&self.slot) {
+                send_soon(
+                    &self.shared.lanes.control,
+                    Outgoing::Frame(Frame::empty(self.slot.id, FrameType::Reset)),
+                );
+            }
+        } else if !finished && !self.slot.lock().aborted {
+            let close = self.close_frame();
+            send_soon(self.lane_tx(), close);
+        }
+    }
+
     fn close_frame(&self) -> Outgoing {
         let mut state = self.slot.lock();
         state.local_closed = true;
@@ -182,7 +211,7 @@ impl MuxWriter {
 
 impl Drop for MuxWriter {
     fn drop(&mut self) {
-        if !self.finished {
+        if !self.finished && !self.slot.lock().aborted {
             self.finished = true;
             let close = self.close_frame();
             send_soon(self.lane_tx(), close);

@@ -9,6 +9,7 @@ use quinn::{Connection, VarInt};
 use remoteingress_wire::frame::FrameType;
 use remoteingress_wire::quic::Datagram;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::CloseReason;
 use crate::lifecycle::{Lifecycle, SessionCore};
@@ -83,19 +84,26 @@ impl QuicShared {
     }
 }
 
-/// Counts a stream as active until both of its halves are gone.
+/// Counts a stream as active until both of its halves are gone, and signals its abort.
 #[derive(Debug)]
-pub(crate) struct StreamGuard(pub(crate) Arc<QuicShared>);
+pub(crate) struct StreamGuard {
+    pub(crate) shared: Arc<QuicShared>,
+    /// Cancelled when the stream is aborted: reset either way, or the connection lost.
+    pub(crate) abort: CancellationToken,
+}
 
 impl StreamGuard {
     pub(crate) fn new(shared: &Arc<QuicShared>) -> Arc<Self> {
         shared.lifecycle.stream_opened();
-        Arc::new(Self(shared.clone()))
+        Arc::new(Self {
+            shared: shared.clone(),
+            abort: shared.lifecycle.cancellation(),
+        })
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        self.0.lifecycle.stream_released();
+        self.shared.lifecycle.stream_released();
     }
 }

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::task::Poll;
 
 use bytes::Bytes;
+use quinn::VarInt;
 use remoteingress_wire::frame::MAX_DATA_CHUNK;
 use remoteingress_wire::qos::StreamRate;
+use tokio_util::sync::CancellationToken;
 
 use super::shared::StreamGuard;
 use crate::clock::now;
-use crate::error::SessionError;
+use crate::error::{SessionError, StreamAborted};
 
 /// Send priority of sustained (elephant) QUIC streams: below every other stream.
 const SUSTAINED_PRIORITY: i32 = -1;
@@ -53,14 +55,26 @@ impl QuicReader {
         self.id
     }
 
-    /// The next chunk of the peer's bytes; `None` once the peer has finished (or is gone).
-    pub(crate) async fn recv(&mut self) -> Option<Bytes> {
-        let chunk = self.recv.read_chunk(MAX_DATA_CHUNK, true).await.ok()??;
-        let stats = &self.guard.0.lifecycle.stats;
+    /// The next chunk of the peer's bytes; `None` once the peer has finished.
+    pub(crate) async fn recv(&mut self) -> Result<Option<Bytes>, StreamAborted> {
+        let chunk = match self.recv.read_chunk(MAX_DATA_CHUNK, true).await {
+            Ok(Some(chunk)) => chunk,
+            Ok(None) => return Ok(None),
+            Err(_) => {
+                self.guard.abort.cancel();
+                return Err(StreamAborted);
+            }
+        };
+        let stats = &self.guard.shared.lifecycle.stats;
         stats.received(chunk.bytes.len());
         self.unconsumed += chunk.bytes.len() as u64;
         stats.stream_buffered(self.unconsumed);
-        Some(chunk.bytes)
+        Ok(Some(chunk.bytes))
+    }
+
+    /// Cancelled when the stream is aborted (reset either way, or the connection lost).
+    pub(crate) fn abort_signal(&self) -> CancellationToken {
+        self.guard.abort.clone()
     }
 
     /// Reports `len` bytes written onward (QUIC returns credit by itself).
@@ -80,7 +94,7 @@ pub(crate) struct QuicWriter {
 impl QuicWriter {
     /// How many bytes may be sent now: QUIC's own flow control applies in [`QuicWriter::send`].
     pub(crate) fn reserve(&self) -> Result<usize, SessionError> {
-        if self.guard.0.lifecycle.is_closed() {
+        if self.guard.shared.lifecycle.is_closed() {
             return Err(SessionError::Closed);
         }
         Ok(MAX_DATA_CHUNK)
@@ -93,7 +107,7 @@ impl QuicWriter {
         if self.rate.record(now(), len) && !was_sustained {
             let _ = self.send.set_priority(SUSTAINED_PRIORITY);
         }
-        let stats = &self.guard.0.lifecycle.stats;
+        let stats = &self.guard.shared.lifecycle.stats;
         let mut write = pin!(self.send.write_chunk(data));
         let ready = std::future::poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await;
         let written = match ready {
@@ -111,5 +125,11 @@ impl QuicWriter {
     /// Half-closes: we send nothing more. Idempotent.
     pub(crate) fn finish(&mut self) {
         let _ = self.send.finish();
+    }
+
+    /// Aborts our direction with RESET_STREAM (the reader's drop stops the other).
+    pub(crate) fn reset(&mut self) {
+        let _ = self.send.reset(VarInt::from_u32(0));
+        self.guard.abort.cancel();
     }
 }

@@ -6,6 +6,7 @@
 use std::sync::atomic::Ordering;
 
 use bytes::Bytes;
+use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::quic::Datagram;
 
 use crate::harness::{
@@ -99,7 +100,7 @@ async fn a_lost_udp_open_is_repeated_until_the_hub_answers() {
         connecting.await.unwrap()
     };
     let (link, hub) = within("QUIC setup", async { tokio::join!(connect, accept) }).await;
-    let (edge, _events) = link.into_session(Bytes::new(), Role::Edge, options);
+    let (edge, _events) = link.into_session(Bytes::new(), Role::Edge, options, Extensions::NONE);
 
     let header = udp_header();
     let id = edge.open_udp(header.clone()).await.unwrap();
@@ -141,4 +142,10 @@ async fn a_lost_udp_open_is_repeated_until_the_hub_answers() {
             "the reply never confirmed the session"
         );
     }
+}
+
+#[tokio::test]
+async fn a_reset_aborts_the_stream_on_both_sides() {
+    let pair = Pair::quic(SessionOptions::default()).await;
+    checks::a_reset_aborts_the_stream_on_both_sides(pair).await;
 }

@@ -47,21 +47,24 @@ const (
 	EventKind_EVENT_KIND_CONFIG_APPLIED EventKind = 8
 	// AuthFailed.
 	EventKind_EVENT_KIND_AUTH_FAILED EventKind = 9
+	// OpenRefused.
+	EventKind_EVENT_KIND_OPEN_REFUSED EventKind = 10
 )
 
 // Enum value maps for EventKind.
 var (
 	EventKind_name = map[int32]string{
-		0: "EVENT_KIND_UNSPECIFIED",
-		1: "EVENT_KIND_EDGE_CONNECTED",
-		2: "EVENT_KIND_EDGE_DISCONNECTED",
-		3: "EVENT_KIND_STREAM_OPENED",
-		4: "EVENT_KIND_STREAM_CLOSED",
-		5: "EVENT_KIND_UDP_SESSION_OPENED",
-		6: "EVENT_KIND_UDP_SESSION_CLOSED",
-		7: "EVENT_KIND_CONFIG_PUSHED",
-		8: "EVENT_KIND_CONFIG_APPLIED",
-		9: "EVENT_KIND_AUTH_FAILED",
+		0:  "EVENT_KIND_UNSPECIFIED",
+		1:  "EVENT_KIND_EDGE_CONNECTED",
+		2:  "EVENT_KIND_EDGE_DISCONNECTED",
+		3:  "EVENT_KIND_STREAM_OPENED",
+		4:  "EVENT_KIND_STREAM_CLOSED",
+		5:  "EVENT_KIND_UDP_SESSION_OPENED",
+		6:  "EVENT_KIND_UDP_SESSION_CLOSED",
+		7:  "EVENT_KIND_CONFIG_PUSHED",
+		8:  "EVENT_KIND_CONFIG_APPLIED",
+		9:  "EVENT_KIND_AUTH_FAILED",
+		10: "EVENT_KIND_OPEN_REFUSED",
 	}
 	EventKind_value = map[string]int32{
 		"EVENT_KIND_UNSPECIFIED":        0,
@@ -74,6 +77,7 @@ var (
 		"EVENT_KIND_CONFIG_PUSHED":      7,
 		"EVENT_KIND_CONFIG_APPLIED":     8,
 		"EVENT_KIND_AUTH_FAILED":        9,
+		"EVENT_KIND_OPEN_REFUSED":       10,
 	}
 )
 
@@ -1406,6 +1410,62 @@ func (x *AuthFailed) GetKind() string {
 	return ""
 }
 
+// An edge asked for a TCP stream or UDP session to a port it is not assigned; nothing was
+// connected.
+type OpenRefused struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "tcp" or "udp".
+	Protocol string `protobuf:"bytes,1,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	// The port the edge's PROXY header named.
+	Port          uint32 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *OpenRefused) Reset() {
+	*x = OpenRefused{}
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *OpenRefused) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*OpenRefused) ProtoMessage() {}
+
+func (x *OpenRefused) ProtoReflect() protoreflect.Message {
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use OpenRefused.ProtoReflect.Descriptor instead.
+func (*OpenRefused) Descriptor() ([]byte, []int) {
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *OpenRefused) GetProtocol() string {
+	if x != nil {
+		return x.Protocol
+	}
+	return ""
+}
+
+func (x *OpenRefused) GetPort() uint32 {
+	if x != nil {
+		return x.Port
+	}
+	return 0
+}
+
 // The watcher was too slow: this many events were dropped for it.
 type EventsMissed struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1417,7 +1477,7 @@ type EventsMissed struct {
 
 func (x *EventsMissed) Reset() {
 	*x = EventsMissed{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[23]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1429,7 +1489,7 @@ func (x *EventsMissed) String() string {
 func (*EventsMissed) ProtoMessage() {}
 
 func (x *EventsMissed) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[23]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1442,7 +1502,7 @@ func (x *EventsMissed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsMissed.ProtoReflect.Descriptor instead.
 func (*EventsMissed) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{23}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *EventsMissed) GetCount() uint64 {
@@ -1473,6 +1533,7 @@ type WatchEventsResponse struct {
 	//	*WatchEventsResponse_ConfigApplied
 	//	*WatchEventsResponse_AuthFailed
 	//	*WatchEventsResponse_EventsMissed
+	//	*WatchEventsResponse_OpenRefused
 	Event         isWatchEventsResponse_Event `protobuf_oneof:"event"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1480,7 +1541,7 @@ type WatchEventsResponse struct {
 
 func (x *WatchEventsResponse) Reset() {
 	*x = WatchEventsResponse{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[24]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1492,7 +1553,7 @@ func (x *WatchEventsResponse) String() string {
 func (*WatchEventsResponse) ProtoMessage() {}
 
 func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[24]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1505,7 +1566,7 @@ func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEventsResponse.ProtoReflect.Descriptor instead.
 func (*WatchEventsResponse) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{24}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *WatchEventsResponse) GetTime() *timestamppb.Timestamp {
@@ -1619,6 +1680,15 @@ func (x *WatchEventsResponse) GetEventsMissed() *EventsMissed {
 	return nil
 }
 
+func (x *WatchEventsResponse) GetOpenRefused() *OpenRefused {
+	if x != nil {
+		if x, ok := x.Event.(*WatchEventsResponse_OpenRefused); ok {
+			return x.OpenRefused
+		}
+	}
+	return nil
+}
+
 type isWatchEventsResponse_Event interface {
 	isWatchEventsResponse_Event()
 }
@@ -1673,6 +1743,11 @@ type WatchEventsResponse_EventsMissed struct {
 	EventsMissed *EventsMissed `protobuf:"bytes,12,opt,name=events_missed,json=eventsMissed,proto3,oneof"`
 }
 
+type WatchEventsResponse_OpenRefused struct {
+	// OpenRefused.
+	OpenRefused *OpenRefused `protobuf:"bytes,13,opt,name=open_refused,json=openRefused,proto3,oneof"`
+}
+
 func (*WatchEventsResponse_EdgeConnected) isWatchEventsResponse_Event() {}
 
 func (*WatchEventsResponse_EdgeDisconnected) isWatchEventsResponse_Event() {}
@@ -1693,6 +1768,8 @@ func (*WatchEventsResponse_AuthFailed) isWatchEventsResponse_Event() {}
 
 func (*WatchEventsResponse_EventsMissed) isWatchEventsResponse_Event() {}
 
+func (*WatchEventsResponse_OpenRefused) isWatchEventsResponse_Event() {}
+
 // Request of CreateConnectionToken.
 type CreateConnectionTokenRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1706,7 +1783,7 @@ type CreateConnectionTokenRequest struct {
 
 func (x *CreateConnectionTokenRequest) Reset() {
 	*x = CreateConnectionTokenRequest{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[25]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1718,7 +1795,7 @@ func (x *CreateConnectionTokenRequest) String() string {
 func (*CreateConnectionTokenRequest) ProtoMessage() {}
 
 func (x *CreateConnectionTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[25]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1731,7 +1808,7 @@ func (x *CreateConnectionTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateConnectionTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateConnectionTokenRequest) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{25}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CreateConnectionTokenRequest) GetEdgeId() string {
@@ -1765,7 +1842,7 @@ type CreateConnectionTokenResponse struct {
 
 func (x *CreateConnectionTokenResponse) Reset() {
 	*x = CreateConnectionTokenResponse{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[26]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1777,7 +1854,7 @@ func (x *CreateConnectionTokenResponse) String() string {
 func (*CreateConnectionTokenResponse) ProtoMessage() {}
 
 func (x *CreateConnectionTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[26]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1790,7 +1867,7 @@ func (x *CreateConnectionTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateConnectionTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateConnectionTokenResponse) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{26}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CreateConnectionTokenResponse) GetToken() string {
@@ -1832,7 +1909,7 @@ type DisconnectEdgeRequest struct {
 
 func (x *DisconnectEdgeRequest) Reset() {
 	*x = DisconnectEdgeRequest{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[27]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1844,7 +1921,7 @@ func (x *DisconnectEdgeRequest) String() string {
 func (*DisconnectEdgeRequest) ProtoMessage() {}
 
 func (x *DisconnectEdgeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[27]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1857,7 +1934,7 @@ func (x *DisconnectEdgeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectEdgeRequest.ProtoReflect.Descriptor instead.
 func (*DisconnectEdgeRequest) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{27}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *DisconnectEdgeRequest) GetId() string {
@@ -1878,7 +1955,7 @@ type DisconnectEdgeResponse struct {
 
 func (x *DisconnectEdgeResponse) Reset() {
 	*x = DisconnectEdgeResponse{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[28]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1890,7 +1967,7 @@ func (x *DisconnectEdgeResponse) String() string {
 func (*DisconnectEdgeResponse) ProtoMessage() {}
 
 func (x *DisconnectEdgeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[28]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1903,7 +1980,7 @@ func (x *DisconnectEdgeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectEdgeResponse.ProtoReflect.Descriptor instead.
 func (*DisconnectEdgeResponse) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{28}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *DisconnectEdgeResponse) GetDisconnected() bool {
@@ -2005,9 +2082,12 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\vremote_addr\x18\x01 \x01(\tR\n" +
 	"remoteAddr\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x12\n" +
-	"\x04kind\x18\x03 \x01(\tR\x04kind\"$\n" +
+	"\x04kind\x18\x03 \x01(\tR\x04kind\"=\n" +
+	"\vOpenRefused\x12\x1a\n" +
+	"\bprotocol\x18\x01 \x01(\tR\bprotocol\x12\x12\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\"$\n" +
 	"\fEventsMissed\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x04R\x05count\"\xd3\x06\n" +
+	"\x05count\x18\x01 \x01(\x04R\x05count\"\x97\a\n" +
 	"\x13WatchEventsResponse\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x17\n" +
 	"\aedge_id\x18\x02 \x01(\tR\x06edgeId\x12H\n" +
@@ -2022,7 +2102,8 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	" \x01(\v2\x1f.remoteingress.v1.ConfigAppliedH\x00R\rconfigApplied\x12?\n" +
 	"\vauth_failed\x18\v \x01(\v2\x1c.remoteingress.v1.AuthFailedH\x00R\n" +
 	"authFailed\x12E\n" +
-	"\revents_missed\x18\f \x01(\v2\x1e.remoteingress.v1.EventsMissedH\x00R\feventsMissedB\a\n" +
+	"\revents_missed\x18\f \x01(\v2\x1e.remoteingress.v1.EventsMissedH\x00R\feventsMissed\x12B\n" +
+	"\fopen_refused\x18\r \x01(\v2\x1d.remoteingress.v1.OpenRefusedH\x00R\vopenRefusedB\a\n" +
 	"\x05event\"O\n" +
 	"\x1cCreateConnectionTokenRequest\x12\x17\n" +
 	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\x12\x16\n" +
@@ -2035,7 +2116,7 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\x15DisconnectEdgeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"<\n" +
 	"\x16DisconnectEdgeResponse\x12\"\n" +
-	"\fdisconnected\x18\x01 \x01(\bR\fdisconnected*\xc3\x02\n" +
+	"\fdisconnected\x18\x01 \x01(\bR\fdisconnected*\xe0\x02\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19EVENT_KIND_EDGE_CONNECTED\x10\x01\x12 \n" +
@@ -2046,7 +2127,9 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\x1dEVENT_KIND_UDP_SESSION_CLOSED\x10\x06\x12\x1c\n" +
 	"\x18EVENT_KIND_CONFIG_PUSHED\x10\a\x12\x1d\n" +
 	"\x19EVENT_KIND_CONFIG_APPLIED\x10\b\x12\x1a\n" +
-	"\x16EVENT_KIND_AUTH_FAILED\x10\t2\x96\x06\n" +
+	"\x16EVENT_KIND_AUTH_FAILED\x10\t\x12\x1b\n" +
+	"\x17EVENT_KIND_OPEN_REFUSED\x10\n" +
+	"2\x96\x06\n" +
 	"\bHubAdmin\x12o\n" +
 	"\x12UpdateAllowedEdges\x12+.remoteingress.v1.UpdateAllowedEdgesRequest\x1a,.remoteingress.v1.UpdateAllowedEdgesResponse\x12W\n" +
 	"\n" +
@@ -2072,7 +2155,7 @@ func file_remoteingress_v1_hub_proto_rawDescGZIP() []byte {
 }
 
 var file_remoteingress_v1_hub_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_remoteingress_v1_hub_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_remoteingress_v1_hub_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_remoteingress_v1_hub_proto_goTypes = []any{
 	(EventKind)(0),                        // 0: remoteingress.v1.EventKind
 	(*Edge)(nil),                          // 1: remoteingress.v1.Edge
@@ -2098,34 +2181,35 @@ var file_remoteingress_v1_hub_proto_goTypes = []any{
 	(*ConfigPushed)(nil),                  // 21: remoteingress.v1.ConfigPushed
 	(*ConfigApplied)(nil),                 // 22: remoteingress.v1.ConfigApplied
 	(*AuthFailed)(nil),                    // 23: remoteingress.v1.AuthFailed
-	(*EventsMissed)(nil),                  // 24: remoteingress.v1.EventsMissed
-	(*WatchEventsResponse)(nil),           // 25: remoteingress.v1.WatchEventsResponse
-	(*CreateConnectionTokenRequest)(nil),  // 26: remoteingress.v1.CreateConnectionTokenRequest
-	(*CreateConnectionTokenResponse)(nil), // 27: remoteingress.v1.CreateConnectionTokenResponse
-	(*DisconnectEdgeRequest)(nil),         // 28: remoteingress.v1.DisconnectEdgeRequest
-	(*DisconnectEdgeResponse)(nil),        // 29: remoteingress.v1.DisconnectEdgeResponse
-	nil,                                   // 30: remoteingress.v1.Edge.TargetPortsEntry
-	nil,                                   // 31: remoteingress.v1.EdgeInfo.TargetPortsEntry
-	(*FirewallConfig)(nil),                // 32: remoteingress.v1.FirewallConfig
-	(*timestamppb.Timestamp)(nil),         // 33: google.protobuf.Timestamp
-	(Transport)(0),                        // 34: remoteingress.v1.Transport
-	(*durationpb.Duration)(nil),           // 35: google.protobuf.Duration
+	(*OpenRefused)(nil),                   // 24: remoteingress.v1.OpenRefused
+	(*EventsMissed)(nil),                  // 25: remoteingress.v1.EventsMissed
+	(*WatchEventsResponse)(nil),           // 26: remoteingress.v1.WatchEventsResponse
+	(*CreateConnectionTokenRequest)(nil),  // 27: remoteingress.v1.CreateConnectionTokenRequest
+	(*CreateConnectionTokenResponse)(nil), // 28: remoteingress.v1.CreateConnectionTokenResponse
+	(*DisconnectEdgeRequest)(nil),         // 29: remoteingress.v1.DisconnectEdgeRequest
+	(*DisconnectEdgeResponse)(nil),        // 30: remoteingress.v1.DisconnectEdgeResponse
+	nil,                                   // 31: remoteingress.v1.Edge.TargetPortsEntry
+	nil,                                   // 32: remoteingress.v1.EdgeInfo.TargetPortsEntry
+	(*FirewallConfig)(nil),                // 33: remoteingress.v1.FirewallConfig
+	(*timestamppb.Timestamp)(nil),         // 34: google.protobuf.Timestamp
+	(Transport)(0),                        // 35: remoteingress.v1.Transport
+	(*durationpb.Duration)(nil),           // 36: google.protobuf.Duration
 }
 var file_remoteingress_v1_hub_proto_depIdxs = []int32{
-	30, // 0: remoteingress.v1.Edge.target_ports:type_name -> remoteingress.v1.Edge.TargetPortsEntry
-	32, // 1: remoteingress.v1.Edge.firewall_config:type_name -> remoteingress.v1.FirewallConfig
+	31, // 0: remoteingress.v1.Edge.target_ports:type_name -> remoteingress.v1.Edge.TargetPortsEntry
+	33, // 1: remoteingress.v1.Edge.firewall_config:type_name -> remoteingress.v1.FirewallConfig
 	1,  // 2: remoteingress.v1.UpdateAllowedEdgesRequest.edges:type_name -> remoteingress.v1.Edge
 	1,  // 3: remoteingress.v1.UpsertEdgeRequest.edge:type_name -> remoteingress.v1.Edge
-	31, // 4: remoteingress.v1.EdgeInfo.target_ports:type_name -> remoteingress.v1.EdgeInfo.TargetPortsEntry
-	32, // 5: remoteingress.v1.EdgeInfo.firewall_config:type_name -> remoteingress.v1.FirewallConfig
+	32, // 4: remoteingress.v1.EdgeInfo.target_ports:type_name -> remoteingress.v1.EdgeInfo.TargetPortsEntry
+	33, // 5: remoteingress.v1.EdgeInfo.firewall_config:type_name -> remoteingress.v1.FirewallConfig
 	9,  // 6: remoteingress.v1.ListEdgesResponse.edges:type_name -> remoteingress.v1.EdgeInfo
-	33, // 7: remoteingress.v1.ConnectedEdge.connected_since:type_name -> google.protobuf.Timestamp
-	34, // 8: remoteingress.v1.ConnectedEdge.transport:type_name -> remoteingress.v1.Transport
-	35, // 9: remoteingress.v1.ConnectedEdge.rtt:type_name -> google.protobuf.Duration
+	34, // 7: remoteingress.v1.ConnectedEdge.connected_since:type_name -> google.protobuf.Timestamp
+	35, // 8: remoteingress.v1.ConnectedEdge.transport:type_name -> remoteingress.v1.Transport
+	36, // 9: remoteingress.v1.ConnectedEdge.rtt:type_name -> google.protobuf.Duration
 	12, // 10: remoteingress.v1.GetStatusResponse.connected_edges:type_name -> remoteingress.v1.ConnectedEdge
 	0,  // 11: remoteingress.v1.WatchEventsRequest.kinds:type_name -> remoteingress.v1.EventKind
-	34, // 12: remoteingress.v1.EdgeConnected.transport:type_name -> remoteingress.v1.Transport
-	33, // 13: remoteingress.v1.WatchEventsResponse.time:type_name -> google.protobuf.Timestamp
+	35, // 12: remoteingress.v1.EdgeConnected.transport:type_name -> remoteingress.v1.Transport
+	34, // 13: remoteingress.v1.WatchEventsResponse.time:type_name -> google.protobuf.Timestamp
 	15, // 14: remoteingress.v1.WatchEventsResponse.edge_connected:type_name -> remoteingress.v1.EdgeConnected
 	16, // 15: remoteingress.v1.WatchEventsResponse.edge_disconnected:type_name -> remoteingress.v1.EdgeDisconnected
 	17, // 16: remoteingress.v1.WatchEventsResponse.stream_opened:type_name -> remoteingress.v1.StreamOpened
@@ -2135,28 +2219,29 @@ var file_remoteingress_v1_hub_proto_depIdxs = []int32{
 	21, // 20: remoteingress.v1.WatchEventsResponse.config_pushed:type_name -> remoteingress.v1.ConfigPushed
 	22, // 21: remoteingress.v1.WatchEventsResponse.config_applied:type_name -> remoteingress.v1.ConfigApplied
 	23, // 22: remoteingress.v1.WatchEventsResponse.auth_failed:type_name -> remoteingress.v1.AuthFailed
-	24, // 23: remoteingress.v1.WatchEventsResponse.events_missed:type_name -> remoteingress.v1.EventsMissed
-	2,  // 24: remoteingress.v1.HubAdmin.UpdateAllowedEdges:input_type -> remoteingress.v1.UpdateAllowedEdgesRequest
-	4,  // 25: remoteingress.v1.HubAdmin.UpsertEdge:input_type -> remoteingress.v1.UpsertEdgeRequest
-	6,  // 26: remoteingress.v1.HubAdmin.DeleteEdge:input_type -> remoteingress.v1.DeleteEdgeRequest
-	8,  // 27: remoteingress.v1.HubAdmin.ListEdges:input_type -> remoteingress.v1.ListEdgesRequest
-	11, // 28: remoteingress.v1.HubAdmin.GetStatus:input_type -> remoteingress.v1.GetStatusRequest
-	14, // 29: remoteingress.v1.HubAdmin.WatchEvents:input_type -> remoteingress.v1.WatchEventsRequest
-	26, // 30: remoteingress.v1.HubAdmin.CreateConnectionToken:input_type -> remoteingress.v1.CreateConnectionTokenRequest
-	28, // 31: remoteingress.v1.HubAdmin.DisconnectEdge:input_type -> remoteingress.v1.DisconnectEdgeRequest
-	3,  // 32: remoteingress.v1.HubAdmin.UpdateAllowedEdges:output_type -> remoteingress.v1.UpdateAllowedEdgesResponse
-	5,  // 33: remoteingress.v1.HubAdmin.UpsertEdge:output_type -> remoteingress.v1.UpsertEdgeResponse
-	7,  // 34: remoteingress.v1.HubAdmin.DeleteEdge:output_type -> remoteingress.v1.DeleteEdgeResponse
-	10, // 35: remoteingress.v1.HubAdmin.ListEdges:output_type -> remoteingress.v1.ListEdgesResponse
-	13, // 36: remoteingress.v1.HubAdmin.GetStatus:output_type -> remoteingress.v1.GetStatusResponse
-	25, // 37: remoteingress.v1.HubAdmin.WatchEvents:output_type -> remoteingress.v1.WatchEventsResponse
-	27, // 38: remoteingress.v1.HubAdmin.CreateConnectionToken:output_type -> remoteingress.v1.CreateConnectionTokenResponse
-	29, // 39: remoteingress.v1.HubAdmin.DisconnectEdge:output_type -> remoteingress.v1.DisconnectEdgeResponse
-	32, // [32:40] is the sub-list for method output_type
-	24, // [24:32] is the sub-list for method input_type
-	24, // [24:24] is the sub-list for extension type_name
-	24, // [24:24] is the sub-list for extension extendee
-	0,  // [0:24] is the sub-list for field type_name
+	25, // 23: remoteingress.v1.WatchEventsResponse.events_missed:type_name -> remoteingress.v1.EventsMissed
+	24, // 24: remoteingress.v1.WatchEventsResponse.open_refused:type_name -> remoteingress.v1.OpenRefused
+	2,  // 25: remoteingress.v1.HubAdmin.UpdateAllowedEdges:input_type -> remoteingress.v1.UpdateAllowedEdgesRequest
+	4,  // 26: remoteingress.v1.HubAdmin.UpsertEdge:input_type -> remoteingress.v1.UpsertEdgeRequest
+	6,  // 27: remoteingress.v1.HubAdmin.DeleteEdge:input_type -> remoteingress.v1.DeleteEdgeRequest
+	8,  // 28: remoteingress.v1.HubAdmin.ListEdges:input_type -> remoteingress.v1.ListEdgesRequest
+	11, // 29: remoteingress.v1.HubAdmin.GetStatus:input_type -> remoteingress.v1.GetStatusRequest
+	14, // 30: remoteingress.v1.HubAdmin.WatchEvents:input_type -> remoteingress.v1.WatchEventsRequest
+	27, // 31: remoteingress.v1.HubAdmin.CreateConnectionToken:input_type -> remoteingress.v1.CreateConnectionTokenRequest
+	29, // 32: remoteingress.v1.HubAdmin.DisconnectEdge:input_type -> remoteingress.v1.DisconnectEdgeRequest
+	3,  // 33: remoteingress.v1.HubAdmin.UpdateAllowedEdges:output_type -> remoteingress.v1.UpdateAllowedEdgesResponse
+	5,  // 34: remoteingress.v1.HubAdmin.UpsertEdge:output_type -> remoteingress.v1.UpsertEdgeResponse
+	7,  // 35: remoteingress.v1.HubAdmin.DeleteEdge:output_type -> remoteingress.v1.DeleteEdgeResponse
+	10, // 36: remoteingress.v1.HubAdmin.ListEdges:output_type -> remoteingress.v1.ListEdgesResponse
+	13, // 37: remoteingress.v1.HubAdmin.GetStatus:output_type -> remoteingress.v1.GetStatusResponse
+	26, // 38: remoteingress.v1.HubAdmin.WatchEvents:output_type -> remoteingress.v1.WatchEventsResponse
+	28, // 39: remoteingress.v1.HubAdmin.CreateConnectionToken:output_type -> remoteingress.v1.CreateConnectionTokenResponse
+	30, // 40: remoteingress.v1.HubAdmin.DisconnectEdge:output_type -> remoteingress.v1.DisconnectEdgeResponse
+	33, // [33:41] is the sub-list for method output_type
+	25, // [25:33] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_remoteingress_v1_hub_proto_init() }
@@ -2165,7 +2250,7 @@ func file_remoteingress_v1_hub_proto_init() {
 		return
 	}
 	file_remoteingress_v1_config_proto_init()
-	file_remoteingress_v1_hub_proto_msgTypes[24].OneofWrappers = []any{
+	file_remoteingress_v1_hub_proto_msgTypes[25].OneofWrappers = []any{
 		(*WatchEventsResponse_EdgeConnected)(nil),
 		(*WatchEventsResponse_EdgeDisconnected)(nil),
 		(*WatchEventsResponse_StreamOpened)(nil),
@@ -2176,6 +2261,7 @@ func file_remoteingress_v1_hub_proto_init() {
 		(*WatchEventsResponse_ConfigApplied)(nil),
 		(*WatchEventsResponse_AuthFailed)(nil),
 		(*WatchEventsResponse_EventsMissed)(nil),
+		(*WatchEventsResponse_OpenRefused)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2183,7 +2269,7 @@ func file_remoteingress_v1_hub_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_remoteingress_v1_hub_proto_rawDesc), len(file_remoteingress_v1_hub_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   31,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
