@@ -112,3 +112,146 @@ async fn an_edge_reaches_only_the_ports_it_is_assigned() {
     let echoed = edge.next_of(3, FrameType::DataBack).await;
     assert!(b"ping".starts_with(&echoed.payload));
 }
+
+/// A target that accepts connections, reads their PROXY line and then holds them without
+/// reading or writing: the worst case for releasing hub-side sockets.
+struct SilentTarget {
+    port: u16,
+    held: tokio::sync::mpsc::Receiver<tokio::net::TcpStream>,
+}
+
+async fn silent_target() -> SilentTarget {
+    let listener = remoteingress_tunnel::listen_tcp(([127, 0, 0, 1], 0).into()).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, held) = tokio::sync::mpsc::channel(100_000);
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            if tx.send(socket).await.is_err() {
+                return;
+            }
+        }
+    });
+    SilentTarget { port, held }
+}
+
+/// A hub and edge "e1" whose one port leads to a silent target.
+async fn silent_setup(
+    transport: remoteingress_edge::TransportMode,
+) -> (
+    tempfile::TempDir,
+    remoteingress_hub::HubHandle,
+    remoteingress_edge::EdgeHandle,
+    SilentTarget,
+    SocketAddr,
+) {
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let hub = start_hub(state.path(), 0).await;
+    let target = silent_target().await;
+    let edge_port = free_port(EDGE_IP);
+    hub.update_allowed_edges(vec![allowed("e1", &[(edge_port, target.port)])])
+        .await
+        .unwrap();
+    let mut options = edge_options(&hub, "e1", SECRET);
+    options.transport = transport;
+    let edge = remoteingress_edge::Edge::start(options).await.unwrap();
+    wait_listening(&edge, edge_port).await;
+    (
+        state,
+        hub,
+        edge,
+        target,
+        SocketAddr::new(EDGE_IP, edge_port),
+    )
+}
+
+/// TCP sockets on this host connected to local `port` from elsewhere (the hub's side of
+/// target connections), from `/proc/net/tcp`; TIME_WAIT leftovers hold nothing and don't count.
+fn sockets_towards(port: u16) -> usize {
+    const TIME_WAIT: &str = "06";
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields[2].rsplit(':').next().unwrap();
+            u16::from_str_radix(remote_port, 16) == Ok(port) && fields[3] != TIME_WAIT
+        })
+        .count()
+}
+
+/// Whether the peer of `socket` has let go of it: a read ends (EOF or reset).
+async fn released(socket: &mut tokio::net::TcpStream) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    loop {
+        match socket.read(&mut buf).await {
+            Ok(0) => return Ok(0),
+            Ok(_) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn a_client_reset_reaches_the_target_and_frees_the_stream(
+    transport: remoteingress_edge::TransportMode,
+) {
+    use tokio::io::AsyncWriteExt;
+    let (_state, hub, _edge, mut target, edge_addr) = silent_setup(transport).await;
+    let mut client = tokio::net::TcpStream::connect(edge_addr).await.unwrap();
+    client.write_all(b"request").await.unwrap();
+    let mut held = target.held.recv().await.unwrap();
+    eventually("the hub counts the stream", || async {
+        (hub.active_streams() == 1).then_some(())
+    })
+    .await;
+    client.set_zero_linger().unwrap();
+    drop(client);
+    let read = tokio::time::timeout(std::time::Duration::from_secs(20), released(&mut held))
+        .await
+        .expect("the target connection is let go");
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the client's reset reaches the target as a reset"
+    );
+    eventually("the hub frees the stream", || async {
+        (hub.active_streams() == 0).then_some(())
+    })
+    .await;
+}
+
+async fn a_lost_tunnel_releases_every_target_socket(transport: remoteingress_edge::TransportMode) {
+    use tokio::io::AsyncWriteExt;
+    const STREAMS: usize = 200;
+    let (_state, hub, edge, mut target, edge_addr) = silent_setup(transport).await;
+    let mut clients = Vec::new();
+    for _ in 0..STREAMS {
+        let mut client = tokio::net::TcpStream::connect(edge_addr).await.unwrap();
+        client.write_all(b"request").await.unwrap();
+        clients.push(client);
+    }
+    let mut held = Vec::new();
+    while held.len() < STREAMS {
+        held.push(target.held.recv().await.unwrap());
+    }
+    assert_eq!(sockets_towards(target.port), STREAMS);
+    edge.shutdown().await;
+    for socket in &mut held {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(20), released(socket))
+            .await
+            .expect("the hub lets go of the target connection");
+    }
+    eventually("the hub closes its sockets", || async {
+        (sockets_towards(target.port) == 0).then_some(())
+    })
+    .await;
+    assert_eq!(hub.active_streams(), 0);
+    drop(clients);
+}
+
+for_each_transport!(
+    a_client_reset_reaches_the_target_and_frees_the_stream,
+    a_lost_tunnel_releases_every_target_socket
+);
