@@ -192,6 +192,25 @@ struct HubArgs {
         default_value_t = 10
     )]
     handshake_timeout_secs: u64,
+    /// Tunnel connections that may be authenticating at once; a new one past it evicts the
+    /// oldest.
+    #[arg(long, env = "REMOTEINGRESS_MAX_UNAUTHENTICATED", default_value_t = 256)]
+    max_unauthenticated: usize,
+    /// Tunnel connections one address may have authenticating at once.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_MAX_UNAUTHENTICATED_PER_SOURCE",
+        default_value_t = 16
+    )]
+    max_unauthenticated_per_source: usize,
+    /// Failed authentications one address may have per minute before its connections are
+    /// refused unread.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_FAILED_AUTHS_PER_MINUTE",
+        default_value_t = 30
+    )]
+    failed_auths_per_minute: u32,
     /// Address of the gRPC admin API.
     #[arg(
         long,
@@ -423,6 +442,9 @@ async fn run_hub(args: HubArgs) -> Result<()> {
             .then(|| args.state_dir.join("edges.json")),
         target_host: args.target_host,
         handshake_timeout: Duration::from_secs(args.handshake_timeout_secs),
+        max_unauthenticated: args.max_unauthenticated,
+        max_unauthenticated_per_source: args.max_unauthenticated_per_source,
+        failed_auths_per_minute: args.failed_auths_per_minute,
         session: args
             .timers
             .session(Duration::from_secs(args.ping_interval_secs.max(1))),

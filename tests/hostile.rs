@@ -251,6 +251,77 @@ async fn a_lost_tunnel_releases_every_target_socket(transport: remoteingress_edg
     drop(clients);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sustained_flood_of_pending_handshakes_never_locks_edges_out() {
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let identity = remoteingress_tunnel::HubIdentity::load_or_generate(state.path()).unwrap();
+    let mut options = hub_options(0);
+    options.max_unauthenticated = 16;
+    options.max_unauthenticated_per_source = 64;
+    // Flood slots never expire during the test: only eviction can make room.
+    options.handshake_timeout = std::time::Duration::from_secs(300);
+    let hub = remoteingress_hub::Hub::start(options, &identity)
+        .await
+        .unwrap();
+    let target = echo_target().await;
+    let (old_port, new_port) = (free_port(EDGE_IP), free_port(EDGE_IP));
+    hub.update_allowed_edges(vec![
+        allowed("connected", &[(old_port, target.addr.port())]),
+        allowed("newcomer", &[(new_port, target.addr.port())]),
+    ])
+    .await
+    .unwrap();
+    let connected = start_edge(&hub, "connected").await;
+    wait_listening(&connected, old_port).await;
+    let mut events = hub.subscribe();
+
+    // Many sources keep every slot taken, replacing each connection the hub drops.
+    let tunnel = hub.local_addr();
+    let flood = tokio::spawn(async move {
+        let mut held = std::collections::VecDeque::new();
+        loop {
+            for last in 10..=40u8 {
+                let source = std::net::SocketAddr::from(([127, 0, 1, last], 0));
+                let socket = tokio::net::TcpSocket::new_v4().unwrap();
+                socket.bind(source).unwrap();
+                if let Ok(stream) = socket.connect(tunnel).await {
+                    held.push_back(stream);
+                }
+                if held.len() > 200 {
+                    held.pop_front();
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+    });
+    wait_event(&mut events, "the flood fills the hub", |event| {
+        matches!(
+            &event,
+            HubEvent::AuthFailed {
+                kind: "evicted",
+                ..
+            }
+        )
+        .then_some(())
+    })
+    .await;
+
+    let newcomer = start_edge(&hub, "newcomer").await;
+    wait_listening(&newcomer, new_port).await;
+    for port in [old_port, new_port] {
+        let data = pattern(1000, 7);
+        assert_eq!(
+            round_trip(SocketAddr::new(EDGE_IP, port), &data).await,
+            data
+        );
+    }
+    flood.abort();
+    let disconnected = std::iter::from_fn(|| events.try_recv().ok())
+        .any(|event| matches!(event, HubEvent::EdgeDisconnected { .. }));
+    assert!(!disconnected, "a connected edge was affected");
+}
+
 for_each_transport!(
     a_client_reset_reaches_the_target_and_frees_the_stream,
     a_lost_tunnel_releases_every_target_socket

@@ -8,6 +8,8 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use tokio::io::AsyncReadExt;
+
 use common::*;
 use remoteingress_edge::{Edge, Transport, TransportMode};
 use remoteingress_hub::Hub;
@@ -49,7 +51,7 @@ async fn with_fallback_an_edge_uses_quic_when_it_can_and_tls_when_it_cannot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unauthenticated_connections_share_one_cap_across_tls_and_quic() {
+async fn tls_and_quic_share_one_unauthenticated_cap_that_evicts_the_oldest() {
     init_logs();
     let state = tempfile::tempdir().unwrap();
     let identity = HubIdentity::load_or_generate(state.path()).unwrap();
@@ -70,20 +72,19 @@ async fn unauthenticated_connections_share_one_cap_across_tls_and_quic() {
         .map_err(|e| e.to_string())
     };
 
-    // A TCP connection that never starts TLS holds the only unauthenticated slot...
-    let silent = tokio::net::TcpStream::connect(hub.local_addr())
+    // A TCP connection that never starts TLS holds the only unauthenticated slot; QUIC gets in
+    // by evicting it (with a cap per listener, both would simply be admitted).
+    let mut silent = tokio::net::TcpStream::connect(hub.local_addr())
         .await
         .unwrap();
-    eventually("the silent connection holds the slot", || async {
-        let refused = quic_link().await.is_err();
-        refused.then_some(())
-    })
-    .await;
-    // ...and once it is gone, QUIC gets in.
-    drop(silent);
-    eventually("QUIC is admitted again", || async {
+    eventually("QUIC gets in", || async {
         quic_link().await.ok().map(|_| ())
     })
     .await;
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(20), silent.read(&mut buf))
+        .await
+        .expect("the silent connection was evicted");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     hub.shutdown().await;
 }

@@ -1,66 +1,176 @@
 //! Admission of unauthenticated tunnel connections: one limiter for the whole hub, shared by
-//! the TLS and QUIC listeners, with a global cap and a cap per source address.
+//! the TLS and QUIC listeners. Under a flood it keeps room for a legitimate edge: a full hub
+//! evicts its oldest pending handshake instead of refusing the newest, deadlines shorten while
+//! more than half the slots are taken, and each source address has a cap of its own and a
+//! budget of failed authentications (a token bucket).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+/// Failure buckets kept at most; past it, full (forgiven) buckets are dropped first.
+const MAX_TRACKED_SOURCES: usize = 16_384;
+
+/// The limits of [`Admissions`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdmissionLimits {
+    /// Pending handshakes in all.
+    pub(crate) max: usize,
+    /// Pending handshakes from one address.
+    pub(crate) max_per_source: usize,
+    /// Time for TLS plus the handshake line while the hub is at most half full.
+    pub(crate) deadline: Duration,
+    /// Failed authentications one address may have per minute (also its burst).
+    pub(crate) failures_per_minute: u32,
+}
+
+/// Why a connection was not admitted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Its address has as many pending handshakes as it may.
+    SourceLimit,
+    /// Its address failed to authenticate too often lately.
+    FailureBudget,
+}
 
 /// Slots for connections that have not authenticated yet.
 pub(crate) struct Admissions {
-    global: Arc<Semaphore>,
-    per_source: Mutex<HashMap<IpAddr, usize>>,
-    max_per_source: usize,
+    limits: AdmissionLimits,
+    state: Mutex<State>,
 }
 
-/// Holds one unauthenticated slot (global and per source) until dropped.
+#[derive(Default)]
+struct State {
+    /// Pending handshakes by admission order (oldest first), with their eviction signal.
+    pending: BTreeMap<u64, (IpAddr, CancellationToken)>,
+    per_source: HashMap<IpAddr, usize>,
+    failures: HashMap<IpAddr, Bucket>,
+    next: u64,
+}
+
+/// A failure budget: `tokens` left as of `at`.
+#[derive(Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl State {
+    fn forget(&mut self, id: u64) -> Option<IpAddr> {
+        let (source, _) = self.pending.remove(&id)?;
+        if let Some(count) = self.per_source.get_mut(&source) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_source.remove(&source);
+            }
+        }
+        Some(source)
+    }
+}
+
+/// Holds one unauthenticated slot until dropped.
 pub(crate) struct Admission {
-    _global: OwnedSemaphorePermit,
-    source: IpAddr,
+    id: u64,
     admissions: Arc<Admissions>,
+    /// Cancelled when a newer connection needed the slot.
+    pub(crate) evicted: CancellationToken,
+    /// Time left for TLS plus the handshake line.
+    pub(crate) deadline: Duration,
 }
 
 impl Admissions {
-    /// At most `max` connections in all and `max_per_source` from one address.
-    pub(crate) fn new(max: usize, max_per_source: usize) -> Arc<Self> {
+    /// A limiter with `limits`.
+    pub(crate) fn new(limits: AdmissionLimits) -> Arc<Self> {
         Arc::new(Self {
-            global: Arc::new(Semaphore::new(max)),
-            per_source: Mutex::new(HashMap::new()),
-            max_per_source,
+            limits,
+            state: Mutex::new(State::default()),
         })
     }
 
-    /// A slot for a connection from `source`, or `None` when a cap is reached.
-    pub(crate) fn admit(self: &Arc<Self>, source: IpAddr) -> Option<Admission> {
-        let permit = self.global.clone().try_acquire_owned().ok()?;
-        let mut counts = self.per_source.lock().unwrap_or_else(|p| p.into_inner());
-        let count = counts.entry(source).or_default();
-        if *count >= self.max_per_source {
-            return None;
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn refill(&self, bucket: &mut Bucket, now: Instant) {
+        let per_minute = f64::from(self.limits.failures_per_minute);
+        let earned = now.duration_since(bucket.at).as_secs_f64() * per_minute / 60.0;
+        bucket.tokens = (bucket.tokens + earned).min(per_minute);
+        bucket.at = now;
+    }
+
+    /// A slot for a connection from `source`; when the hub is full the oldest pending
+    /// handshake is evicted to make room.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        source: IpAddr,
+        now: Instant,
+    ) -> Result<Admission, Refusal> {
+        let mut state = self.state();
+        if let Some(bucket) = state.failures.get_mut(&source) {
+            self.refill(bucket, now);
+            if bucket.tokens < 1.0 {
+                return Err(Refusal::FailureBudget);
+            }
         }
-        *count += 1;
-        Some(Admission {
-            _global: permit,
-            source,
+        if state.per_source.get(&source).copied().unwrap_or(0) >= self.limits.max_per_source {
+            return Err(Refusal::SourceLimit);
+        }
+        while state.pending.len() >= self.limits.max.max(1) {
+            let Some((&oldest, _)) = state.pending.first_key_value() else {
+                break;
+            };
+            if let Some((_, evict)) = state.pending.get(&oldest) {
+                evict.cancel();
+            }
+            state.forget(oldest);
+        }
+        let deadline = if state.pending.len() * 2 >= self.limits.max {
+            self.limits.deadline / 4
+        } else {
+            self.limits.deadline
+        };
+        state.next += 1;
+        let id = state.next;
+        let evicted = CancellationToken::new();
+        state.pending.insert(id, (source, evicted.clone()));
+        *state.per_source.entry(source).or_default() += 1;
+        Ok(Admission {
+            id,
             admissions: self.clone(),
+            evicted,
+            deadline,
         })
+    }
+
+    /// Takes one failed authentication from `source`'s budget.
+    pub(crate) fn failed(&self, source: IpAddr, now: Instant) {
+        let full = Bucket {
+            tokens: f64::from(self.limits.failures_per_minute),
+            at: now,
+        };
+        let mut state = self.state();
+        if state.failures.len() >= MAX_TRACKED_SOURCES && !state.failures.contains_key(&source) {
+            let per_minute = f64::from(self.limits.failures_per_minute);
+            state.failures.retain(|_, bucket| {
+                let earned = now.duration_since(bucket.at).as_secs_f64() * per_minute / 60.0;
+                bucket.tokens + earned < per_minute
+            });
+            if state.failures.len() >= MAX_TRACKED_SOURCES {
+                return;
+            }
+        }
+        let bucket = state.failures.entry(source).or_insert(full);
+        self.refill(bucket, now);
+        bucket.tokens = (bucket.tokens - 1.0).max(0.0);
     }
 }
 
 impl Drop for Admission {
     fn drop(&mut self) {
-        let mut counts = self
-            .admissions
-            .per_source
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = counts.get_mut(&self.source) {
-            *count -= 1;
-            if *count == 0 {
-                counts.remove(&self.source);
-            }
-        }
+        self.admissions.state().forget(self.id);
     }
 }
 
@@ -68,23 +178,70 @@ impl Drop for Admission {
 mod tests {
     use super::*;
 
+    fn limits(max: usize, max_per_source: usize) -> AdmissionLimits {
+        AdmissionLimits {
+            max,
+            max_per_source,
+            deadline: Duration::from_secs(8),
+            failures_per_minute: 2,
+        }
+    }
+
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 2));
+    const C: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 3));
+
     #[test]
-    fn caps_globally_and_per_source_and_frees_on_drop() {
-        let admissions = Admissions::new(3, 2);
-        let a: IpAddr = [192, 0, 2, 1].into();
-        let b: IpAddr = [192, 0, 2, 2].into();
-        let first = admissions.admit(a).expect("first from a");
-        let _second = admissions.admit(a).expect("second from a");
-        assert!(
-            admissions.admit(a).is_none(),
-            "third from a is over its cap"
-        );
-        let _third = admissions.admit(b).expect("b has its own cap");
-        assert!(admissions.admit(b).is_none(), "the global cap is reached");
+    fn caps_per_source_and_frees_on_drop() {
+        let admissions = Admissions::new(limits(8, 2));
+        let now = Instant::now();
+        let first = admissions.admit(A, now).expect("first from A");
+        let _second = admissions.admit(A, now).expect("second from A");
+        assert_eq!(admissions.admit(A, now).err(), Some(Refusal::SourceLimit));
+        assert!(admissions.admit(B, now).is_ok(), "B has its own cap");
         drop(first);
+        assert!(admissions.admit(A, now).is_ok(), "a dropped slot is free");
+    }
+
+    #[test]
+    fn a_full_hub_evicts_its_oldest_handshake_for_the_newest() {
+        let admissions = Admissions::new(limits(2, 2));
+        let now = Instant::now();
+        let oldest = admissions.admit(A, now).unwrap();
+        let middle = admissions.admit(B, now).unwrap();
+        assert_eq!(
+            middle.deadline,
+            Duration::from_secs(2),
+            "half full: shorter"
+        );
+        let newest = admissions.admit(C, now).expect("room is made");
+        assert!(oldest.evicted.is_cancelled());
+        assert!(!middle.evicted.is_cancelled() && !newest.evicted.is_cancelled());
+        // The evicted slot's own drop frees nothing twice.
+        drop(oldest);
+        assert_eq!(admissions.state().pending.len(), 2);
+        assert!(admissions.admit(A, now).is_ok(), "A's count was released");
+    }
+
+    #[test]
+    fn failed_authentications_spend_a_per_source_budget_that_refills() {
+        let admissions = Admissions::new(limits(8, 8));
+        let now = Instant::now();
+        admissions.failed(A, now);
         assert!(
-            admissions.admit(a).is_some(),
-            "a dropped slot is free again"
+            admissions.admit(A, now).is_ok(),
+            "one failure is within budget"
+        );
+        admissions.failed(A, now);
+        assert_eq!(admissions.admit(A, now).err(), Some(Refusal::FailureBudget));
+        assert!(
+            admissions.admit(B, now).is_ok(),
+            "other sources are unaffected"
+        );
+        let later = now + Duration::from_secs(30);
+        assert!(
+            admissions.admit(A, later).is_ok(),
+            "one token back per 30 s"
         );
     }
 }

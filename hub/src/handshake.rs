@@ -14,14 +14,21 @@ use thiserror::Error;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use crate::admission::Admission;
 use crate::{HubEvent, HubInner};
 
 /// Why a tunnel connection was refused before its session started.
 #[derive(Debug, Error)]
 pub enum AuthFailure {
-    /// Too many connections are authenticating already (in all, or from this address).
-    #[error("too many unauthenticated tunnel connections")]
+    /// Too many connections from this address are authenticating already.
+    #[error("too many unauthenticated tunnel connections from this address")]
     Limit,
+    /// This address failed to authenticate too often lately.
+    #[error("too many failed authentications from this address")]
+    RateLimited,
+    /// The hub was full and a newer connection took this one's slot.
+    #[error("evicted by newer connections while the hub was full")]
+    Evicted,
     /// TLS or QUIC failed, or the handshake line could not be read or answered.
     #[error(transparent)]
     Link(#[from] LinkError),
@@ -41,6 +48,8 @@ impl AuthFailure {
     pub fn label(&self) -> &'static str {
         match self {
             AuthFailure::Limit => "limit",
+            AuthFailure::RateLimited => "rate_limited",
+            AuthFailure::Evicted => "evicted",
             AuthFailure::Link(LinkError::Line(_)) | AuthFailure::Malformed(_) => "malformed",
             AuthFailure::Link(_) => "tls",
             AuthFailure::BadCredentials(_) => "bad_credentials",
@@ -66,9 +75,23 @@ pub(crate) struct Authenticated {
     pub(crate) rest: Bytes,
 }
 
-/// Records a refused connection in logs, metrics and events.
+/// Records a refused connection in logs, metrics and events; a failure the peer caused spends
+/// its address's failure budget.
 pub(crate) fn auth_failed(inner: &HubInner, remote_addr: SocketAddr, failure: &AuthFailure) {
-    tracing::warn!(%remote_addr, reason = %failure, "edge authentication failed");
+    remoteingress_tunnel::warn_limited!(
+        "auth_failed",
+        %remote_addr,
+        reason = %failure,
+        "edge authentication failed"
+    );
+    if !matches!(
+        failure,
+        AuthFailure::Limit | AuthFailure::RateLimited | AuthFailure::Evicted
+    ) {
+        inner
+            .admissions
+            .failed(remote_addr.ip(), std::time::Instant::now());
+    }
     let kind = failure.label();
     inner.metrics.auth_failures.with_label_values(&[kind]).inc();
     inner.emit(HubEvent::AuthFailed {
@@ -78,12 +101,14 @@ pub(crate) fn auth_failed(inner: &HubInner, remote_addr: SocketAddr, failure: &A
     });
 }
 
-/// Completes the transport and the handshake within the deadline; answers the edge with its
-/// configuration, or refuses it. A failure is recorded and gives `None`.
+/// Completes the transport and the handshake within the admission's deadline, unless it is
+/// evicted first; answers the edge with its configuration, or refuses it. A failure is
+/// recorded and gives `None`.
 pub(crate) async fn authenticate(
     inner: &Arc<HubInner>,
     incoming: Incoming,
     remote_addr: SocketAddr,
+    admission: &Admission,
 ) -> Option<Authenticated> {
     let handshake = async {
         let mut link = match incoming {
@@ -93,10 +118,14 @@ pub(crate) async fn authenticate(
         let (line, rest) = link.read_line(MAX_LINE_LEN).await?;
         Ok::<_, AuthFailure>((link, line, rest))
     };
-    let result = match tokio::time::timeout(inner.options.handshake_timeout, handshake).await {
-        Ok(Ok((link, line, rest))) => check_hello(inner, link, &line, rest).await,
-        Ok(Err(failure)) => Err(failure),
-        Err(_) => Err(AuthFailure::Timeout),
+    let handshake = tokio::time::timeout(admission.deadline, handshake);
+    let result = tokio::select! {
+        finished = handshake => match finished {
+            Ok(Ok((link, line, rest))) => check_hello(inner, link, &line, rest).await,
+            Ok(Err(failure)) => Err(failure),
+            Err(_) => Err(AuthFailure::Timeout),
+        },
+        () = admission.evicted.cancelled() => Err(AuthFailure::Evicted),
     };
     match result {
         Ok(authenticated) => Some(authenticated),

@@ -102,14 +102,18 @@ pub struct HubOptions {
     pub listen_addr: SocketAddr,
     /// Host that tunnelled connections are forwarded to.
     pub target_host: String,
-    /// Time allowed for TLS plus the handshake line.
+    /// Time allowed for TLS plus the handshake line (a quarter of it while more than half the
+    /// unauthenticated slots are taken).
     pub handshake_timeout: Duration,
     /// Time allowed to connect to a target.
     pub connect_timeout: Duration,
-    /// Unauthenticated tunnel connections allowed at once.
+    /// Unauthenticated tunnel connections allowed at once; a new one past it evicts the oldest.
     pub max_unauthenticated: usize,
     /// Unauthenticated tunnel connections allowed at once from one address.
     pub max_unauthenticated_per_source: usize,
+    /// Failed authentications one address may have per minute (and in a burst) before its
+    /// connections are refused unread.
+    pub failed_auths_per_minute: u32,
     /// Limits and timers of each edge session.
     pub session: SessionOptions,
     /// Also accept QUIC tunnels on the same port number (UDP).
@@ -133,6 +137,7 @@ impl Default for HubOptions {
             connect_timeout: Duration::from_secs(10),
             max_unauthenticated: 256,
             max_unauthenticated_per_source: 16,
+            failed_auths_per_minute: 30,
             session: SessionOptions::default(),
             quic: true,
             state_file: None,
@@ -346,10 +351,12 @@ impl Hub {
         let shutdown = CancellationToken::new();
         let inner = Arc::new(HubInner {
             accepting: shutdown.child_token(),
-            admissions: admission::Admissions::new(
-                options.max_unauthenticated,
-                options.max_unauthenticated_per_source,
-            ),
+            admissions: admission::Admissions::new(admission::AdmissionLimits {
+                max: options.max_unauthenticated,
+                max_per_source: options.max_unauthenticated_per_source,
+                deadline: options.handshake_timeout,
+                failures_per_minute: options.failed_auths_per_minute,
+            }),
             metrics: hub_metrics,
             options,
             local_addr,

@@ -15,7 +15,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
-use crate::handshake::{authenticate, AuthFailure, Authenticated, Incoming};
+use crate::admission::Refusal;
+use crate::handshake::{auth_failed, authenticate, AuthFailure, Authenticated, Incoming};
 use crate::target::{report_refusal, TargetError};
 use crate::udp::UdpSessions;
 use crate::{HubEvent, HubInner};
@@ -61,27 +62,32 @@ pub(crate) async fn quic_accept_loop(inner: Arc<HubInner>, endpoint: quinn::Endp
 }
 
 /// Takes an unauthenticated slot for a new tunnel connection and serves it, or refuses it when
-/// the hub's admission limits are reached (the same limits for both transports).
+/// its address is over its limits (the same limits for both transports).
 fn admit(inner: &Arc<HubInner>, incoming: Incoming, remote_addr: SocketAddr) {
-    let Some(admission) = inner.admissions.admit(remote_addr.ip()) else {
-        tracing::warn!(%remote_addr, "too many unauthenticated tunnel connections; dropped");
-        inner
-            .metrics
-            .auth_failures
-            .with_label_values(&[AuthFailure::Limit.label()])
-            .inc();
-        if let Incoming::Quic(incoming) = incoming {
-            incoming.refuse();
+    let admitted = inner
+        .admissions
+        .admit(remote_addr.ip(), std::time::Instant::now());
+    let admission = match admitted {
+        Ok(admission) => admission,
+        Err(refusal) => {
+            let failure = match refusal {
+                Refusal::SourceLimit => AuthFailure::Limit,
+                Refusal::FailureBudget => AuthFailure::RateLimited,
+            };
+            auth_failed(inner, remote_addr, &failure);
+            if let Incoming::Quic(incoming) = incoming {
+                incoming.refuse();
+            }
+            return;
         }
-        return;
     };
     let inner = inner.clone();
     tokio::spawn(async move {
-        let Some(authenticated) = authenticate(&inner, incoming, remote_addr).await else {
-            return;
-        };
+        let authenticated = authenticate(&inner, incoming, remote_addr, &admission).await;
         drop(admission);
-        run_session(&inner, authenticated, remote_addr).await;
+        if let Some(authenticated) = authenticated {
+            run_session(&inner, authenticated, remote_addr).await;
+        }
     });
 }
 
