@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use remoteingress_controlplane::{serve_edge_status, serve_hub_admin, serve_metrics, AdminOptions};
+use remoteingress_controlplane::{
+    serve_edge_status, serve_hub_admin, serve_metrics, AdminOptions, ApiLimits,
+};
 use remoteingress_edge::{BackoffPolicy, Edge, EdgeOptions, FirewallMode, TransportMode};
 use remoteingress_hub::{Hub, HubOptions};
 use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions};
@@ -225,6 +227,23 @@ struct HubArgs {
         default_value = "127.0.0.1:9469"
     )]
     metrics_addr: SocketAddr,
+    /// Seconds an admin API call may take before it fails with DEADLINE_EXCEEDED.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_ADMIN_CALL_TIMEOUT_SECS",
+        default_value_t = 30
+    )]
+    admin_call_timeout_secs: u64,
+    /// Admin API calls served at once (more wait).
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_ADMIN_MAX_CONCURRENT_CALLS",
+        default_value_t = 64
+    )]
+    admin_max_concurrent_calls: usize,
+    /// WatchEvents streams open at once (more are refused).
+    #[arg(long, env = "REMOTEINGRESS_ADMIN_MAX_WATCHERS", default_value_t = 32)]
+    admin_max_watchers: usize,
     /// File holding the admin API's bearer token (or set REMOTEINGRESS_ADMIN_TOKEN).
     #[arg(long, env = "REMOTEINGRESS_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
@@ -470,6 +489,12 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         public_host: args.public_host,
         public_port: args.public_port.unwrap_or(hub.local_addr().port()),
         edges_file_mode,
+        limits: ApiLimits {
+            call_timeout: Duration::from_secs(args.admin_call_timeout_secs.max(1)),
+            max_concurrent_calls: args.admin_max_concurrent_calls.max(1),
+            max_watchers: args.admin_max_watchers,
+        },
+        registry: registry.clone(),
     };
     let served = serve_hub_admin(hub.clone(), admin, stop.clone()).await?;
     println!("admin API on {}", served.local_addr);

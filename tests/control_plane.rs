@@ -11,7 +11,7 @@ use common::*;
 use remoteingress_controlplane::pb;
 use remoteingress_controlplane::pb::edge_status_client::EdgeStatusClient;
 use remoteingress_controlplane::pb::hub_admin_client::HubAdminClient;
-use remoteingress_controlplane::{serve_edge_status, serve_hub_admin, AdminOptions};
+use remoteingress_controlplane::{serve_edge_status, serve_hub_admin, AdminOptions, ApiLimits};
 use remoteingress_edge::Edge;
 use remoteingress_hub::{Hub, HubHandle};
 use remoteingress_tunnel::HubIdentity;
@@ -69,6 +69,8 @@ async fn serve_admin(
         public_host: Some("hub.example.com".into()),
         public_port: 443,
         edges_file_mode,
+        limits: ApiLimits::default(),
+        registry: prometheus::Registry::new(),
     };
     serve_hub_admin(hub.clone(), options, stop.clone())
         .await
@@ -503,6 +505,8 @@ async fn the_admin_api_serves_tls_when_given_a_certificate() {
         public_host: None,
         public_port: 8443,
         edges_file_mode: false,
+        limits: ApiLimits::default(),
+        registry: prometheus::Registry::new(),
     };
     let addr = serve_hub_admin(hub.clone(), options, stop.clone())
         .await
@@ -552,6 +556,8 @@ async fn an_open_event_stream_never_holds_up_a_graceful_stop() {
         public_host: None,
         public_port: 443,
         edges_file_mode: false,
+        limits: ApiLimits::default(),
+        registry: prometheus::Registry::new(),
     };
     let served = serve_hub_admin(hub.clone(), options, stop.clone())
         .await
@@ -601,4 +607,58 @@ async fn auth_failures_are_streamed_with_their_kind() {
     assert!(failure.remote_addr.starts_with("127.0.0.1:"));
     intruder.shutdown().await;
     cp.stop.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_limits_watchers_and_counts_wrong_tokens() {
+    let state = tempfile::tempdir().unwrap();
+    let hub = start_hub_with_state(state.path(), 0).await;
+    let stop = CancellationToken::new();
+    let registry = prometheus::Registry::new();
+    let options = AdminOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        token: Some(ADMIN_TOKEN.into()),
+        tls: None,
+        public_host: None,
+        public_port: 443,
+        edges_file_mode: false,
+        limits: ApiLimits {
+            max_watchers: 1,
+            ..ApiLimits::default()
+        },
+        registry: registry.clone(),
+    };
+    let served = serve_hub_admin(hub.clone(), options, stop.clone())
+        .await
+        .unwrap();
+    let mut admin = HubAdminClient::with_interceptor(
+        channel(served.local_addr).await,
+        with_token as fn(_) -> _,
+    );
+    let watch = || pb::WatchEventsRequest {
+        edge_id: String::new(),
+        kinds: Vec::new(),
+    };
+    let first = admin.watch_events(watch()).await.unwrap();
+    let second = admin.watch_events(watch()).await.unwrap_err();
+    assert_eq!(second.code(), tonic::Code::ResourceExhausted);
+    drop(first);
+    eventually("the watcher's slot is free again", || {
+        let mut admin = admin.clone();
+        async move { admin.watch_events(watch()).await.ok().map(|_| ()) }
+    })
+    .await;
+
+    let mut stranger = HubAdminClient::new(channel(served.local_addr).await);
+    for _ in 0..3 {
+        let refused = stranger.get_status(pb::GetStatusRequest {}).await;
+        assert_eq!(refused.unwrap_err().code(), tonic::Code::Unauthenticated);
+    }
+    let failures = registry
+        .gather()
+        .iter()
+        .find(|family| family.name() == "remoteingress_admin_auth_failures_total")
+        .map(|family| family.get_metric()[0].get_counter().value());
+    assert_eq!(failures, Some(3.0));
+    stop.cancel();
 }

@@ -64,6 +64,7 @@ impl EdgeStatus for EdgeStatusService {
             self.shutdown.clone(),
             |event| Some(edge_event(event)),
             edge_events_missed,
+            None,
         );
         Ok(Response::new(stream))
     }

@@ -1,5 +1,7 @@
 //! `remoteingress.v1.HubAdmin` over a [`HubHandle`].
 
+use std::sync::Arc;
+
 use remoteingress_hub::HubHandle;
 use remoteingress_wire::token::ConnectionToken;
 use tonic::{Request, Response, Status};
@@ -20,6 +22,8 @@ pub(crate) struct HubAdminService {
     pub(crate) public_port: u16,
     /// The edges file is the source of truth: the API must not change the allowed set.
     pub(crate) edges_file_mode: bool,
+    /// One permit per open WatchEvents stream.
+    pub(crate) watchers: Arc<tokio::sync::Semaphore>,
 }
 
 impl HubAdminService {
@@ -113,6 +117,11 @@ impl HubAdmin for HubAdminService {
         &self,
         request: Request<pb::WatchEventsRequest>,
     ) -> Result<Response<Self::WatchEventsStream>, Status> {
+        let slot = self
+            .watchers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Status::resource_exhausted("too many open WatchEvents streams"))?;
         let filter = request.into_inner();
         let kinds: Vec<pb::EventKind> = filter
             .kinds
@@ -129,6 +138,7 @@ impl HubAdmin for HubAdminService {
                 (edge_matches && kind_matches).then_some(message)
             },
             hub_events_missed,
+            Some(slot),
         );
         Ok(Response::new(stream))
     }

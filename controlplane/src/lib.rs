@@ -13,7 +13,9 @@ mod metrics_http;
 mod server;
 
 pub use metrics_http::{serve_metrics, Readiness};
-pub use server::{serve_edge_status, serve_hub_admin, AdminOptions, ControlPlaneError, Served};
+pub use server::{
+    serve_edge_status, serve_hub_admin, AdminOptions, ApiLimits, ControlPlaneError, Served,
+};
 
 /// Generated protobuf types and gRPC stubs.
 #[allow(missing_docs, clippy::all)]

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use remoteingress_edge::EdgeHandle;
 use remoteingress_hub::HubHandle;
@@ -20,6 +21,8 @@ use tonic::transport::server::Router;
 use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 use tonic_health::ServingStatus;
+use tower::layer::util::{Identity as NoLayer, Stack};
+use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::edge_status::EdgeStatusService;
 use crate::hub_admin::HubAdminService;
@@ -65,6 +68,32 @@ pub struct AdminOptions {
     pub public_port: u16,
     /// True when an edges file is the source of truth (write calls are refused).
     pub edges_file_mode: bool,
+    /// Timeouts and concurrency limits.
+    pub limits: ApiLimits,
+    /// Where failed bearer-token attempts are counted.
+    pub registry: prometheus::Registry,
+}
+
+/// What one client can take from the admin API.
+#[derive(Debug, Clone, Copy)]
+pub struct ApiLimits {
+    /// A call that has not answered by then fails with DEADLINE_EXCEEDED (streams: until
+    /// their first message).
+    pub call_timeout: Duration,
+    /// Calls served at once, over all connections; more wait.
+    pub max_concurrent_calls: usize,
+    /// WatchEvents streams open at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_watchers: usize,
+}
+
+impl Default for ApiLimits {
+    fn default() -> Self {
+        Self {
+            call_timeout: Duration::from_secs(30),
+            max_concurrent_calls: 64,
+            max_watchers: 32,
+        }
+    }
 }
 
 /// A running API server.
@@ -76,10 +105,11 @@ pub struct Served {
     pub task: JoinHandle<()>,
 }
 
-/// Checks `authorization: Bearer <token>` in constant time.
+/// Checks `authorization: Bearer <token>` in constant time, counting failures.
 #[derive(Clone)]
 struct BearerAuth {
     token: Option<Arc<str>>,
+    failures: Option<prometheus::IntCounter>,
 }
 
 impl Interceptor for BearerAuth {
@@ -96,18 +126,28 @@ impl Interceptor for BearerAuth {
         if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
             Ok(request)
         } else {
+            if let Some(failures) = &self.failures {
+                failures.inc();
+            }
             Err(Status::unauthenticated("missing or wrong bearer token"))
         }
     }
 }
 
-/// Health and reflection (v1 and v1alpha) for a server, the latter behind `auth`.
+/// Health and reflection (v1 and v1alpha) for a server, the latter behind `auth`, with every
+/// call under `limits`.
 async fn base_router(
     tls: Option<&(PathBuf, PathBuf)>,
     service_name: &str,
     auth: BearerAuth,
-) -> Result<Router, ControlPlaneError> {
-    let mut builder = Server::builder();
+    limits: ApiLimits,
+) -> Result<Router<Stack<GlobalConcurrencyLimitLayer, NoLayer>>, ControlPlaneError> {
+    let mut builder =
+        Server::builder()
+            .timeout(limits.call_timeout)
+            .layer(GlobalConcurrencyLimitLayer::new(
+                limits.max_concurrent_calls,
+            ));
     if let Some((cert, key)) = tls {
         let read = |path: &PathBuf| {
             std::fs::read(path)
@@ -148,7 +188,7 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), 
 }
 
 async fn serve(
-    router: Router,
+    router: Router<Stack<GlobalConcurrencyLimitLayer, NoLayer>>,
     addr: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<Served, ControlPlaneError> {
@@ -177,8 +217,18 @@ pub async fn serve_hub_admin(
         }
         tracing::warn!(addr = %options.addr, "admin API has no token: anyone on this host can use it");
     }
+    let failures = prometheus::IntCounter::new(
+        "remoteingress_admin_auth_failures_total",
+        "Admin API calls refused for a missing or wrong bearer token",
+    )
+    .map_err(ControlPlaneError::Metrics)?;
+    options
+        .registry
+        .register(Box::new(failures.clone()))
+        .map_err(ControlPlaneError::Metrics)?;
     let auth = BearerAuth {
         token: options.token.as_deref().map(Arc::from),
+        failures: Some(failures),
     };
     let service = HubAdminService {
         hub,
@@ -186,11 +236,13 @@ pub async fn serve_hub_admin(
         public_host: options.public_host,
         public_port: options.public_port,
         edges_file_mode: options.edges_file_mode,
+        watchers: Arc::new(tokio::sync::Semaphore::new(options.limits.max_watchers)),
     };
     let router = base_router(
         options.tls.as_ref(),
         "remoteingress.v1.HubAdmin",
         auth.clone(),
+        options.limits,
     )
     .await?
     .add_service(pb::hub_admin_server::HubAdminServer::with_interceptor(
@@ -208,15 +260,23 @@ pub async fn serve_edge_status(
     addr: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<Served, ControlPlaneError> {
-    let auth = BearerAuth { token: None };
-    let router = base_router(None, "remoteingress.v1.EdgeStatus", auth)
-        .await?
-        .add_service(pb::edge_status_server::EdgeStatusServer::new(
-            EdgeStatusService {
-                edge,
-                shutdown: shutdown.clone(),
-            },
-        ));
+    let auth = BearerAuth {
+        token: None,
+        failures: None,
+    };
+    let router = base_router(
+        None,
+        "remoteingress.v1.EdgeStatus",
+        auth,
+        ApiLimits::default(),
+    )
+    .await?
+    .add_service(pb::edge_status_server::EdgeStatusServer::new(
+        EdgeStatusService {
+            edge,
+            shutdown: shutdown.clone(),
+        },
+    ));
     let served = serve(router, addr, shutdown).await?;
     tracing::info!(addr = %served.local_addr, "edge status API listening");
     Ok(served)
