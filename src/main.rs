@@ -144,7 +144,7 @@ struct UdpArgs {
     )]
     udp_idle_timeout_secs: u64,
     /// Most UDP sessions per edge; new ones past it are dropped and counted.
-    #[arg(long, env = "REMOTEINGRESS_UDP_MAX_SESSIONS", default_value_t = 65_536)]
+    #[arg(long, env = "REMOTEINGRESS_UDP_MAX_SESSIONS", default_value_t = 4_096)]
     udp_max_sessions: usize,
 }
 
@@ -213,6 +213,13 @@ struct HubArgs {
         default_value_t = 30
     )]
     failed_auths_per_minute: u32,
+    /// Most UDP sessions of all edges together (also at most half the open-files limit).
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_UDP_MAX_SESSIONS_TOTAL",
+        default_value_t = 16_384
+    )]
+    udp_max_sessions_total: usize,
     /// Address of the gRPC admin API.
     #[arg(
         long,
@@ -469,6 +476,7 @@ async fn run_hub(args: HubArgs) -> Result<()> {
             .session(Duration::from_secs(args.ping_interval_secs.max(1))),
         udp_idle_timeout: args.udp.idle_timeout(),
         udp_max_sessions: args.udp.udp_max_sessions,
+        udp_max_sessions_total: args.udp_max_sessions_total,
         registry: prometheus::Registry::new(),
         quic: !args.no_quic,
         ..HubOptions::default()

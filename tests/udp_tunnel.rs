@@ -11,6 +11,7 @@ for_each_transport!(
     idle_sessions_end_on_both_sides_and_a_new_datagram_starts_afresh,
     udp_ports_change_live_without_touching_others,
     sessions_past_the_cap_are_dropped_and_counted,
+    a_spray_is_capped_per_edge_and_for_the_hub_and_tcp_keeps_working,
 );
 
 use std::collections::BTreeMap;
@@ -106,7 +107,11 @@ impl UdpSetup {
 }
 
 fn udp_edge(ports: &[(u16, u16)]) -> AllowedEdge {
-    let mut edge = AllowedEdge::new("e1", SECRET, Vec::new());
+    udp_edge_named("e1", ports)
+}
+
+fn udp_edge_named(id: &str, ports: &[(u16, u16)]) -> AllowedEdge {
+    let mut edge = AllowedEdge::new(id, SECRET, Vec::new());
     edge.config.listen_ports_udp = ports.iter().map(|(p, _)| *p).collect();
     edge.target_ports = ports.iter().copied().collect::<BTreeMap<_, _>>();
     edge
@@ -359,4 +364,76 @@ async fn sessions_past_the_cap_are_dropped_and_counted(transport: TransportMode)
         "the 101st client got no answer"
     );
     assert_eq!(setup.target.headers.lock().unwrap().len(), 100);
+}
+
+async fn a_spray_is_capped_per_edge_and_for_the_hub_and_tcp_keeps_working(
+    transport: TransportMode,
+) {
+    const PER_EDGE: usize = 60;
+    const TOTAL: usize = 100;
+    const SOURCES: usize = 80;
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let identity = HubIdentity::load_or_generate(state.path()).unwrap();
+    let mut options = hub_options(0);
+    options.udp_max_sessions = PER_EDGE;
+    options.udp_max_sessions_total = TOTAL;
+    let hub = Hub::start(options, &identity).await.unwrap();
+    let target = udp_target(echo).await;
+    let tcp_target = echo_target().await;
+    let (spray_a, spray_b, tcp_port) = (free_udp_port(), free_udp_port(), free_port(EDGE_IP));
+    hub.update_allowed_edges(vec![
+        udp_edge_named("spray-a", &[(spray_a, target.addr.port())]),
+        udp_edge_named("spray-b", &[(spray_b, target.addr.port())]),
+        allowed("tcp-only", &[(tcp_port, tcp_target.addr.port())]),
+    ])
+    .await
+    .unwrap();
+    let mut edges = Vec::new();
+    for (id, port) in [("spray-a", spray_a), ("spray-b", spray_b)] {
+        let mut options = edge_options(&hub, id, SECRET);
+        options.transport = transport;
+        let edge = Edge::start(options).await.unwrap();
+        eventually("the UDP port", || async {
+            edge.status().listen_ports_udp.contains(&port).then_some(())
+        })
+        .await;
+        edges.push(edge);
+    }
+    let tcp_edge = start_edge(&hub, "tcp-only").await;
+    wait_listening(&tcp_edge, tcp_port).await;
+
+    let mut sprayers = Vec::new();
+    for port in [spray_a, spray_b] {
+        for _ in 0..SOURCES {
+            let socket = client().await;
+            socket
+                .send_to(b"spray", SocketAddr::new(EDGE_IP, port))
+                .await
+                .unwrap();
+            sprayers.push(socket);
+        }
+    }
+    let refused = 2 * SOURCES - TOTAL;
+    let status = eventually("every session opened or refused", || async {
+        let status = hub.status();
+        let dropped: u64 = status.connected_edges.iter().map(|e| e.udp_dropped).sum();
+        (dropped >= refused as u64).then_some(status)
+    })
+    .await;
+    let sessions: Vec<u64> = status
+        .connected_edges
+        .iter()
+        .map(|e| e.active_udp_sessions)
+        .collect();
+    assert!(
+        sessions.iter().all(|n| *n <= PER_EDGE as u64),
+        "{sessions:?}"
+    );
+    assert_eq!(sessions.iter().sum::<u64>(), TOTAL as u64, "{sessions:?}");
+    let data = pattern(2000, 3);
+    assert_eq!(
+        round_trip(SocketAddr::new(EDGE_IP, tcp_port), &data).await,
+        data
+    );
 }

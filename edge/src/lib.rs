@@ -123,7 +123,7 @@ impl EdgeOptions {
             transport: TransportMode::TcpTls,
             quic_fallback_after: Duration::from_secs(5),
             udp_idle_timeout: Duration::from_secs(60),
-            udp_max_sessions: 65_536,
+            udp_max_sessions: 4_096,
             registry: prometheus::Registry::new(),
             firewall: FirewallMode::Auto,
             nft_command: vec!["nft".to_owned()],

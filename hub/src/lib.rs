@@ -124,6 +124,9 @@ pub struct HubOptions {
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions per edge; sessions past it are refused (and counted).
     pub udp_max_sessions: usize,
+    /// Most UDP sessions of all edges together (also at most half the file descriptor limit);
+    /// sessions past it are refused (and counted).
+    pub udp_max_sessions_total: usize,
     /// Where the hub registers its metrics.
     pub registry: prometheus::Registry,
 }
@@ -142,7 +145,8 @@ impl Default for HubOptions {
             quic: true,
             state_file: None,
             udp_idle_timeout: Duration::from_secs(60),
-            udp_max_sessions: 65_536,
+            udp_max_sessions: 4_096,
+            udp_max_sessions_total: 16_384,
             registry: prometheus::Registry::new(),
         }
     }
@@ -301,6 +305,8 @@ pub(crate) struct HubInner {
     metrics: metrics::HubMetrics,
     /// Slots for unauthenticated tunnel connections, over both transports.
     admissions: Arc<admission::Admissions>,
+    /// The hub-wide UDP session cap: one permit per session.
+    udp_slots: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
     /// Cancelled to stop accepting tunnels (a child of `shutdown`).
     accepting: CancellationToken,
@@ -357,6 +363,9 @@ impl Hub {
                 deadline: options.handshake_timeout,
                 failures_per_minute: options.failed_auths_per_minute,
             }),
+            udp_slots: Arc::new(tokio::sync::Semaphore::new(udp::session_budget(
+                options.udp_max_sessions_total,
+            ))),
             metrics: hub_metrics,
             options,
             local_addr,

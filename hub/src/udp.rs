@@ -1,6 +1,7 @@
 //! The UDP sessions of one edge tunnel on the hub: one socket per session connected to the
 //! target, the edge's PROXY v2 header as its first datagram, replies sent back through the
-//! tunnel, and idle expiry.
+//! tunnel, and idle expiry. Sessions are capped per edge and for the whole hub (which also
+//! bounds their file descriptors); an idle session holds its socket and no buffer.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,6 +14,7 @@ use remoteingress_tunnel::SessionHandle;
 use remoteingress_wire::config::Protocol;
 use remoteingress_wire::proxy::{ProxyV2, V2Transport};
 use tokio::net::UdpSocket;
+use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 
 use crate::target::{report_refusal, TargetError};
@@ -21,8 +23,28 @@ use crate::{HubEvent, HubInner};
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
 
+thread_local! {
+    /// The receive buffer of every session relayed on this thread.
+    static RECEIVE_BUFFER: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(vec![0; MAX_DATAGRAM]);
+}
+
+/// UDP sessions the hub allows in all: `configured`, and at most half of the process's file
+/// descriptor limit, so that UDP can never starve TCP and the tunnels of its fds.
+pub(crate) fn session_budget(configured: usize) -> usize {
+    let half_of_fds = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+            line.split_whitespace().nth(3)?.parse::<usize>().ok()
+        })
+        .map_or(usize::MAX, |soft| soft / 2);
+    configured.min(half_of_fds)
+}
+
 struct UdpSession {
     socket: Arc<UdpSocket>,
+    /// Its place under the hub-wide cap.
+    _slot: OwnedSemaphorePermit,
     /// Milliseconds since `UdpSessions::epoch` of the last datagram either way.
     last_active: Arc<AtomicU64>,
     replies: JoinHandle<()>,
@@ -66,14 +88,21 @@ impl UdpSessions {
     /// Opens a session for UDP_OPEN, or refuses it with UDP_CLOSE.
     pub(crate) async fn open(&mut self, inner: &HubInner, id: u32, header: Bytes) {
         if self.sessions.len() >= inner.options.udp_max_sessions {
-            self.session
-                .stats()
-                .udp_dropped
-                .fetch_add(1, Ordering::Relaxed);
-            self.dropped(inner, "session_limit");
-            tracing::warn!(edge = %self.edge_id, "UDP session limit reached; session refused");
-            return self.session.close_udp(id);
+            remoteingress_tunnel::warn_limited!(
+                "udp_edge_session_limit",
+                edge = %self.edge_id,
+                "UDP session limit of the edge reached; session refused"
+            );
+            return self.refuse(inner, id, "edge_session_limit");
         }
+        let Ok(slot) = inner.udp_slots.clone().try_acquire_owned() else {
+            remoteingress_tunnel::warn_limited!(
+                "udp_hub_session_limit",
+                edge = %self.edge_id,
+                "UDP session limit of the hub reached; session refused"
+            );
+            return self.refuse(inner, id, "hub_session_limit");
+        };
         match self.connect(inner, &header).await {
             Ok(socket) => {
                 let socket = Arc::new(socket);
@@ -98,6 +127,7 @@ impl UdpSessions {
                     id,
                     UdpSession {
                         socket,
+                        _slot: slot,
                         last_active,
                         replies,
                     },
@@ -170,6 +200,15 @@ impl UdpSessions {
         }
     }
 
+    fn refuse(&self, inner: &HubInner, id: u32, reason: &str) {
+        self.session
+            .stats()
+            .udp_dropped
+            .fetch_add(1, Ordering::Relaxed);
+        self.dropped(inner, reason);
+        self.session.close_udp(id);
+    }
+
     fn dropped(&self, inner: &HubInner, reason: &str) {
         inner
             .metrics
@@ -208,6 +247,10 @@ impl UdpSessions {
             self.session.close_udp(id);
             self.closed(inner, id);
         }
+        // A spray's table shrinks back once its sessions are gone.
+        if self.sessions.capacity() > 64 && self.sessions.len() < self.sessions.capacity() / 4 {
+            self.sessions.shrink_to_fit();
+        }
     }
 
     /// How often `expire` should run.
@@ -231,17 +274,27 @@ async fn relay_replies(
     epoch: Instant,
     counters: ReplyCounters,
 ) {
-    let mut buf = vec![0u8; MAX_DATAGRAM];
     loop {
-        match socket.recv(&mut buf).await {
-            Ok(n) => {
+        if socket.readable().await.is_err() {
+            return;
+        }
+        // Read into the worker thread's buffer, shared by every session: a session holds no
+        // buffer of its own, only the bytes of a datagram in flight.
+        let received = RECEIVE_BUFFER.with_borrow_mut(|buf| {
+            socket
+                .try_recv(buf)
+                .map(|n| Bytes::copy_from_slice(&buf[..n]))
+        });
+        match received {
+            Ok(datagram) => {
                 last_active.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-                if session.send_udp(id, Bytes::copy_from_slice(&buf[..n])) {
+                if session.send_udp(id, datagram) {
                     counters.sent.inc();
                 } else {
                     counters.dropped.inc();
                 }
             }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             // An ICMP "port unreachable" for an earlier datagram; the target may come back.
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => continue,
             Err(_) => return,
