@@ -305,6 +305,9 @@ impl Edge {
             .register(Box::new(metrics::LiveCollector::new(Arc::downgrade(
                 &inner,
             ))))?;
+        inner.options.registry.register(Box::new(
+            remoteingress_tunnel::warn::SuppressedWarnings::new()?,
+        ))?;
         let task = tokio::spawn(supervise(inner.clone()));
         Ok(EdgeHandle {
             inner,

@@ -165,11 +165,14 @@ async fn accept_loop(
                     let cancel = cancel.clone();
                     tokio::spawn(serve_client(client, peer, session, cancel, permit));
                 }
-                Err(_) => tracing::warn!("client connection limit reached; connection dropped"),
+                Err(_) => remoteingress_tunnel::warn_limited!(
+                    "client_connection_limit",
+                    "client connection limit reached; connection dropped"
+                ),
             },
             Err(e) => {
                 // Usually out of file descriptors: pause accepting instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                remoteingress_tunnel::warn_limited!("client_accept_failed", error = %e, "accept failed");
                 tokio::select! {
                     () = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
                     () = cancel.cancelled() => return,

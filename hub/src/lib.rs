@@ -382,6 +382,9 @@ impl Hub {
             .register(Box::new(metrics::LiveCollector::new(Arc::downgrade(
                 &inner,
             ))))?;
+        inner.options.registry.register(Box::new(
+            remoteingress_tunnel::warn::SuppressedWarnings::new()?,
+        ))?;
         let accept = tokio::spawn(server::accept_loop(inner.clone(), listener, tls));
         inner
             .tasks

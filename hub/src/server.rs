@@ -38,7 +38,7 @@ pub(crate) async fn accept_loop(
             }
             Err(e) => {
                 // Out of file descriptors and the like: pause instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
+                remoteingress_tunnel::warn_limited!("tunnel_accept_failed", error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(100)).await;
             }
         }
@@ -201,7 +201,7 @@ fn record_ack(inner: &HubInner, edge_id: &str, connection_id: u64, json: &[u8]) 
     let ack = match serde_json::from_slice::<ConfigAck>(json) {
         Ok(ack) => ack,
         Err(e) => {
-            return tracing::warn!(edge = %edge_id, error = %e, "unreadable CONFIG_ACK ignored")
+            return remoteingress_tunnel::warn_limited!("bad_config_ack", edge = %edge_id, error = %e, "unreadable CONFIG_ACK ignored")
         }
     };
     if let Some(ip) = ack.public_ip {
@@ -214,7 +214,7 @@ fn record_ack(inner: &HubInner, edge_id: &str, connection_id: u64, json: &[u8]) 
     match &ack.error {
         None => tracing::info!(edge = %edge_id, version, "configuration applied"),
         Some(error) => {
-            tracing::warn!(edge = %edge_id, version, %error, "edge rejected its configuration")
+            remoteingress_tunnel::warn_limited!("config_rejected", edge = %edge_id, version, %error, "edge rejected its configuration")
         }
     }
     inner

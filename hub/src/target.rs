@@ -71,7 +71,7 @@ impl TargetError {
 pub(crate) fn report_refusal(inner: &HubInner, edge_id: &str, id: u32, error: &TargetError) {
     match error {
         TargetError::NotAssigned { protocol, port } => {
-            tracing::warn!(edge = %edge_id, id, %error, "open refused");
+            remoteingress_tunnel::warn_limited!("open_refused", edge = %edge_id, id, %error, "open refused");
             inner
                 .metrics
                 .opens_refused

@@ -2,9 +2,14 @@
 //! window, then one line with the count of what was suppressed. The counts are kept per cause
 //! for metrics ([`suppressed_totals`]).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
+
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{IntCounterVec, Opts};
 
 /// Lines logged per cause and window before the rest are suppressed.
 const LINES_PER_WINDOW: u64 = 5;
@@ -88,6 +93,48 @@ pub fn suppressed_totals() -> Vec<(&'static str, u64)> {
     totals
 }
 
+/// Exports [`suppressed_totals`] as `remoteingress_log_warnings_suppressed_total{cause}`.
+#[derive(Debug)]
+pub struct SuppressedWarnings {
+    desc: Desc,
+}
+
+const SUPPRESSED: (&str, &str) = (
+    "remoteingress_log_warnings_suppressed_total",
+    "Rate-limited warnings left out of the log, by cause",
+);
+
+impl SuppressedWarnings {
+    /// A collector to register with a Prometheus registry.
+    pub fn new() -> prometheus::Result<Self> {
+        Ok(Self {
+            desc: Desc::new(
+                SUPPRESSED.0.into(),
+                SUPPRESSED.1.into(),
+                vec!["cause".into()],
+                HashMap::new(),
+            )?,
+        })
+    }
+}
+
+impl Collector for SuppressedWarnings {
+    fn desc(&self) -> Vec<&Desc> {
+        vec![&self.desc]
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let build = || -> prometheus::Result<Vec<MetricFamily>> {
+            let counter = IntCounterVec::new(Opts::new(SUPPRESSED.0, SUPPRESSED.1), &["cause"])?;
+            for (cause, count) in suppressed_totals() {
+                counter.with_label_values(&[cause]).inc_by(count);
+            }
+            Ok(counter.collect())
+        };
+        build().unwrap_or_default()
+    }
+}
+
 /// `tracing::warn!` limited per call site: the first lines of each window are logged (with
 /// `suppressed`, the count left out since the previous line), the rest only counted under
 /// `cause`.
@@ -112,5 +159,18 @@ mod tests {
         let logged = admitted.iter().filter(|a| a.is_some()).count() as u64;
         assert_eq!(logged, LINES_PER_WINDOW);
         assert!(suppressed_totals().contains(&("test_cause", 20 - LINES_PER_WINDOW)));
+        let registry = prometheus::Registry::new();
+        registry
+            .register(Box::new(SuppressedWarnings::new().unwrap()))
+            .unwrap();
+        let exported = registry.gather();
+        let family = exported
+            .iter()
+            .find(|f| f.name() == SUPPRESSED.0)
+            .expect("exported");
+        assert!(family.get_metric().iter().any(|m| {
+            m.get_label()[0].value() == "test_cause"
+                && m.get_counter().value() == (20 - LINES_PER_WINDOW) as f64
+        }));
     }
 }

@@ -1353,7 +1353,7 @@ type AuthFailed struct {
 	// What was wrong.
 	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
 	// Stable label of the failure, as in the metric auth_failures_total: bad_credentials,
-	// malformed, timeout or tls.
+	// malformed, timeout, tls, limit, rate_limited or evicted.
 	Kind          string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -679,7 +679,7 @@ export type AuthFailed = Message<"remoteingress.v1.AuthFailed"> & {
 
   /**
    * Stable label of the failure, as in the metric auth_failures_total: bad_credentials,
-   * malformed, timeout or tls.
+   * malformed, timeout, tls, limit, rate_limited or evicted.
    *
    * @generated from field: string kind = 3;
    */
