@@ -57,20 +57,28 @@ async fn start_hub_with_state(state: &std::path::Path, port: u16) -> HubHandle {
     Hub::start(options, &identity).await.unwrap()
 }
 
+/// Admin API options for tests: loopback, any port, the test token, default limits.
+fn admin_options(edges_file_mode: bool) -> AdminOptions {
+    AdminOptions {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        token: Some(ADMIN_TOKEN.into()),
+        tls: None,
+        public_host: None,
+        public_port: 443,
+        edges_file_mode,
+        limits: ApiLimits::default(),
+        registry: prometheus::Registry::new(),
+    }
+}
+
 async fn serve_admin(
     hub: &HubHandle,
     stop: &CancellationToken,
     edges_file_mode: bool,
 ) -> SocketAddr {
     let options = AdminOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        token: Some(ADMIN_TOKEN.into()),
-        tls: None,
         public_host: Some("hub.example.com".into()),
-        public_port: 443,
-        edges_file_mode,
-        limits: ApiLimits::default(),
-        registry: prometheus::Registry::new(),
+        ..admin_options(edges_file_mode)
     };
     serve_hub_admin(hub.clone(), options, stop.clone())
         .await
@@ -499,14 +507,9 @@ async fn the_admin_api_serves_tls_when_given_a_certificate() {
     std::fs::write(&key, generated.key_pair.serialize_pem()).unwrap();
     let stop = CancellationToken::new();
     let options = AdminOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        token: Some(ADMIN_TOKEN.into()),
         tls: Some((cert, key)),
-        public_host: None,
         public_port: 8443,
-        edges_file_mode: false,
-        limits: ApiLimits::default(),
-        registry: prometheus::Registry::new(),
+        ..admin_options(false)
     };
     let addr = serve_hub_admin(hub.clone(), options, stop.clone())
         .await
@@ -549,16 +552,7 @@ async fn an_open_event_stream_never_holds_up_a_graceful_stop() {
     let state = tempfile::tempdir().unwrap();
     let hub = start_hub_with_state(state.path(), 0).await;
     let stop = CancellationToken::new();
-    let options = AdminOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        token: Some(ADMIN_TOKEN.into()),
-        tls: None,
-        public_host: None,
-        public_port: 443,
-        edges_file_mode: false,
-        limits: ApiLimits::default(),
-        registry: prometheus::Registry::new(),
-    };
+    let options = admin_options(false);
     let served = serve_hub_admin(hub.clone(), options, stop.clone())
         .await
         .unwrap();
@@ -616,17 +610,12 @@ async fn the_admin_api_limits_watchers_and_counts_wrong_tokens() {
     let stop = CancellationToken::new();
     let registry = prometheus::Registry::new();
     let options = AdminOptions {
-        addr: "127.0.0.1:0".parse().unwrap(),
-        token: Some(ADMIN_TOKEN.into()),
-        tls: None,
-        public_host: None,
-        public_port: 443,
-        edges_file_mode: false,
         limits: ApiLimits {
             max_watchers: 1,
             ..ApiLimits::default()
         },
         registry: registry.clone(),
+        ..admin_options(false)
     };
     let served = serve_hub_admin(hub.clone(), options, stop.clone())
         .await

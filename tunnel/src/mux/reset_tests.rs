@@ -15,6 +15,9 @@ use crate::stream::StreamWriter;
 
 const OPEN_LINE: &[u8] = b"PROXY TCP4 192.0.2.1 198.51.100.1 40000 80\r\n";
 
+/// Frames a raw peer sends: stream id, type, payload.
+type Frames<'a> = &'a [(u32, FrameType, &'a [u8])];
+
 /// The writer of the next stream the hub session hands its owner.
 async fn next_opened(peer: &mut RawPeer) -> StreamWriter {
     loop {
@@ -98,7 +101,7 @@ async fn the_edge_confirms_only_what_the_hub_offered() {
 #[tokio::test]
 async fn reset_and_extensions_out_of_turn_close_the_tunnel() {
     use FrameType::*;
-    let cases: [(&[(u32, FrameType, &[u8])], ProtocolViolation); 3] = [
+    let cases: [(Frames, ProtocolViolation); 3] = [
         (
             &[(1, Open, OPEN_LINE), (1, Reset, b"")],
             ProtocolViolation::UnexpectedFrame {

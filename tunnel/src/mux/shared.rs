@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use bytes::Bytes;
+use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::flow::{window_for, RecvWindow, SendCredit, SUSTAINED_WINDOW};
 use remoteingress_wire::frame::{Frame, FrameType};
 use remoteingress_wire::qos::StreamRate;
@@ -17,7 +18,6 @@ use crate::clock::now;
 use crate::error::{CloseReason, ProtocolViolation};
 use crate::lifecycle::{Lifecycle, SessionCore};
 use crate::options::{Role, SessionOptions};
-use remoteingress_wire::extension::Extensions;
 
 /// The frame types a role sends for its streams and UDP sessions.
 pub(crate) fn data_out(role: Role) -> FrameType {
