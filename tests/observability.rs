@@ -134,7 +134,12 @@ async fn each_metric_moves_when_its_event_happens() {
         1.0
     );
     wait_listening(&edge, refused_port).await;
-    round_trip(SocketAddr::new(EDGE_IP, refused_port), b"x").await;
+    // The refused connect aborts the stream: the client's connection is reset.
+    let ended = exchange_until_end(SocketAddr::new(EDGE_IP, refused_port), b"x").await;
+    assert_eq!(
+        ended.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
     eventually("the connect error to be counted", || async {
         (h(
             "remoteingress_target_connect_errors_total",
@@ -148,7 +153,7 @@ async fn each_metric_moves_when_its_event_happens() {
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.send_to(b"hello", (EDGE_IP, udp_port)).await.unwrap();
     eventually("the UDP drop to be counted", || async {
-        let labels = [("edge", "e1"), ("reason", "session_limit")];
+        let labels = [("edge", "e1"), ("reason", "edge_session_limit")];
         (h("remoteingress_udp_dropped_total", &labels) == 1.0).then_some(())
     })
     .await;

@@ -167,6 +167,16 @@ async fn echo(mut socket: TcpStream, seen: Arc<Mutex<Vec<ProxyV1>>>) {
     let _ = wr.shutdown().await;
 }
 
+/// Connects, sends `data` and reads until the connection ends: what arrived, or the error that
+/// ended it (a reset, for an aborted stream — possibly already at connect).
+pub async fn exchange_until_end(addr: SocketAddr, data: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut stream = TcpStream::connect(addr).await?;
+    let _ = stream.write_all(data).await;
+    let mut received = Vec::new();
+    stream.read_to_end(&mut received).await?;
+    Ok(received)
+}
+
 /// Sends `data`, half-closes, and returns everything received until EOF.
 pub async fn round_trip(addr: SocketAddr, data: &[u8]) -> Vec<u8> {
     let stream = TcpStream::connect(addr).await.unwrap();
