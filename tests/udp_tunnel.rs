@@ -61,6 +61,7 @@ struct UdpSetup {
     _state: tempfile::TempDir,
     hub: HubHandle,
     edge: EdgeHandle,
+    edge_metrics: prometheus::Registry,
     target: UdpTarget,
     port: u16,
 }
@@ -87,6 +88,7 @@ impl UdpSetup {
         edge_options.udp_idle_timeout = idle;
         edge_options.udp_max_sessions = max_sessions;
         edge_options.transport = transport;
+        let edge_metrics = edge_options.registry.clone();
         let edge = Edge::start(edge_options).await.unwrap();
         eventually("the UDP port", || async {
             edge.status().listen_ports_udp.contains(&port).then_some(())
@@ -96,6 +98,7 @@ impl UdpSetup {
             _state: state,
             hub,
             edge,
+            edge_metrics,
             target,
             port,
         }
@@ -350,6 +353,19 @@ async fn sessions_past_the_cap_are_dropped_and_counted(transport: TransportMode)
         (setup.edge.status().udp_dropped >= 1).then_some(())
     })
     .await;
+    let by_cause = setup
+        .edge_metrics
+        .gather()
+        .into_iter()
+        .find(|family| family.name() == "remoteingress_udp_dropped_total")
+        .and_then(|family| {
+            family
+                .get_metric()
+                .iter()
+                .find(|m| m.get_label()[0].value() == "session_limit")
+                .map(|m| m.get_counter().value())
+        });
+    assert_eq!(by_cause, Some(1.0), "counted under its cause");
     assert_eq!(setup.edge.status().active_udp_sessions, 100);
     for (i, socket) in clients.iter().enumerate() {
         let message = format!("still here {i}");

@@ -35,7 +35,7 @@ pub use firewall::{Firewall, FirewallError, FirewallMode, FirewallState};
 pub use ports::BindError;
 use ports::PortSet;
 pub use remoteingress_tunnel::Transport;
-use udp::{UdpLimits, UdpPorts};
+use udp::{UdpCounters, UdpLimits, UdpPorts};
 
 /// Why the edge cannot start.
 #[derive(Debug, Error)]
@@ -461,7 +461,10 @@ async fn serve(
                 idle_timeout: inner.options.udp_idle_timeout,
                 max_sessions: inner.options.udp_max_sessions,
             },
-            inner.metrics.client_connections.clone(),
+            UdpCounters {
+                opened: inner.metrics.client_connections.clone(),
+                dropped: inner.metrics.udp_dropped.clone(),
+            },
         ),
         stun_interval: tokio::sync::watch::Sender::new(config.stun_interval_secs),
     };

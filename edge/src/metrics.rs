@@ -16,6 +16,7 @@ pub(crate) struct EdgeMetrics {
     pub(crate) tunnel_connected: IntGauge,
     pub(crate) tunnel_reconnects: IntCounter,
     pub(crate) client_connections: IntCounterVec,
+    pub(crate) udp_dropped: IntCounterVec,
     pub(crate) firewall_rules: IntGauge,
     pub(crate) firewall_applies: IntCounterVec,
     pub(crate) public_ip: prometheus::IntGaugeVec,
@@ -41,6 +42,15 @@ impl EdgeMetrics {
         registry.register(Box::new(tunnel_connected.clone()))?;
         registry.register(Box::new(tunnel_reconnects.clone()))?;
         registry.register(Box::new(client_connections.clone()))?;
+        let udp_dropped = IntCounterVec::new(
+            Opts::new(
+                "remoteingress_udp_dropped_total",
+                "UDP datagrams or sessions dropped, by reason (session_limit, tunnel_down, \
+                 queue_full, socket_busy)",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(udp_dropped.clone()))?;
         let firewall_rules = IntGauge::new(
             "remoteingress_firewall_rules",
             "nftables rules in force in the remoteingress table",
@@ -67,6 +77,7 @@ impl EdgeMetrics {
             tunnel_connected,
             tunnel_reconnects,
             client_connections,
+            udp_dropped,
             firewall_rules,
             firewall_applies,
         })
@@ -78,7 +89,6 @@ impl EdgeMetrics {
 pub(crate) struct Totals {
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
-    pub(crate) udp_dropped: u64,
 }
 
 impl Totals {
@@ -86,14 +96,12 @@ impl Totals {
         Self {
             bytes_in: stats.bytes_in.load(Ordering::Relaxed),
             bytes_out: stats.bytes_out.load(Ordering::Relaxed),
-            udp_dropped: stats.udp_dropped.load(Ordering::Relaxed),
         }
     }
 
     pub(crate) fn add(&mut self, other: Totals) {
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;
-        self.udp_dropped += other.udp_dropped;
     }
 }
 
@@ -110,10 +118,6 @@ const RTT: (&str, &str) = (
     "remoteingress_tunnel_rtt_seconds",
     "Last round trip of the tunnel",
 );
-const DROPPED: (&str, &str) = (
-    "remoteingress_udp_dropped_total",
-    "UDP datagrams dropped at the session limit or a full queue",
-);
 
 /// Reads the current tunnel at scrape time.
 pub(crate) struct LiveCollector {
@@ -123,7 +127,7 @@ pub(crate) struct LiveCollector {
 
 impl LiveCollector {
     pub(crate) fn new(edge: Weak<EdgeInner>) -> Self {
-        let descs = [STREAMS, UDP, BYTES, DROPPED, RTT]
+        let descs = [STREAMS, UDP, BYTES, RTT]
             .iter()
             .filter_map(|(name, help)| {
                 Desc::new((*name).into(), (*help).into(), vec![], HashMap::new()).ok()
@@ -146,7 +150,6 @@ impl Collector for LiveCollector {
             let streams = IntGauge::new(STREAMS.0, STREAMS.1)?;
             let udp = IntGauge::new(UDP.0, UDP.1)?;
             let bytes = IntCounterVec::new(Opts::new(BYTES.0, BYTES.1), &["direction"])?;
-            let dropped = IntCounter::new(DROPPED.0, DROPPED.1)?;
             let rtt = prometheus::Gauge::new(RTT.0, RTT.1)?;
             let mut totals = *edge.ended.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(session) = &*edge.session.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -160,12 +163,10 @@ impl Collector for LiveCollector {
             }
             bytes.with_label_values(&["in"]).inc_by(totals.bytes_in);
             bytes.with_label_values(&["out"]).inc_by(totals.bytes_out);
-            dropped.inc_by(totals.udp_dropped);
             Ok([
                 streams.collect(),
                 udp.collect(),
                 bytes.collect(),
-                dropped.collect(),
                 rtt.collect(),
             ]
             .concat())

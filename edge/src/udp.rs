@@ -46,12 +46,55 @@ pub(crate) struct UdpLimits {
     pub(crate) max_sessions: usize,
 }
 
+/// Counters the UDP side moves.
+#[derive(Clone)]
+pub(crate) struct UdpCounters {
+    /// Sessions opened, by port and protocol.
+    pub(crate) opened: prometheus::IntCounterVec,
+    /// Datagrams or sessions dropped, by reason.
+    pub(crate) dropped: prometheus::IntCounterVec,
+}
+
+/// Why a datagram was dropped on the edge.
+#[derive(Debug, Clone, Copy)]
+enum DropCause {
+    /// The edge has as many sessions as it may.
+    SessionLimit,
+    /// No tunnel to open a session over.
+    TunnelDown,
+    /// The tunnel's queue was full.
+    QueueFull,
+    /// The client's socket could not take a reply now.
+    SocketBusy,
+}
+
+impl DropCause {
+    fn label(self) -> &'static str {
+        match self {
+            DropCause::SessionLimit => "session_limit",
+            DropCause::TunnelDown => "tunnel_down",
+            DropCause::QueueFull => "queue_full",
+            DropCause::SocketBusy => "socket_busy",
+        }
+    }
+}
+
+impl UdpCounters {
+    /// Counts a drop by cause, and in the session's total unless the tunnel counted it.
+    fn dropped(&self, session: &SessionHandle, cause: DropCause) {
+        self.dropped.with_label_values(&[cause.label()]).inc();
+        if !matches!(cause, DropCause::QueueFull) {
+            session.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
 /// UDP listeners and sessions of one tunnel session.
 pub(crate) struct UdpPorts {
     bind_address: IpAddr,
     session: SessionHandle,
     limits: UdpLimits,
-    opened: prometheus::IntCounterVec,
+    counters: UdpCounters,
     listeners: BTreeMap<u16, CancellationToken>,
     table: Arc<Mutex<Table>>,
 }
@@ -64,13 +107,13 @@ impl UdpPorts {
         bind_address: IpAddr,
         session: SessionHandle,
         limits: UdpLimits,
-        opened: prometheus::IntCounterVec,
+        counters: UdpCounters,
     ) -> Self {
         Self {
             bind_address,
             session,
             limits,
-            opened,
+            counters,
             listeners: BTreeMap::new(),
             table: Arc::default(),
         }
@@ -128,7 +171,11 @@ impl UdpPorts {
                 session: self.session.clone(),
                 table: self.table.clone(),
                 limits: self.limits,
-                opened: self.opened.with_label_values(&[&port.to_string(), "udp"]),
+                opened: self
+                    .counters
+                    .opened
+                    .with_label_values(&[&port.to_string(), "udp"]),
+                counters: self.counters.clone(),
             };
             tokio::spawn(receiver.run(cancel));
         }
@@ -158,10 +205,7 @@ impl UdpPorts {
         };
         session.last_active = Instant::now();
         if session.socket.try_send_to(payload, session.client).is_err() {
-            self.session
-                .stats()
-                .udp_dropped
-                .fetch_add(1, Ordering::Relaxed);
+            self.counters.dropped(&self.session, DropCause::SocketBusy);
         }
     }
 
@@ -207,6 +251,7 @@ struct Receiver {
     table: Arc<Mutex<Table>>,
     limits: UdpLimits,
     opened: prometheus::IntCounter,
+    counters: UdpCounters,
 }
 
 impl Receiver {
@@ -223,35 +268,43 @@ impl Receiver {
                 },
                 () = cancel.cancelled() => return,
             };
-            let Some(id) = self.session_for(client, local).await else {
-                self.session
-                    .stats()
-                    .udp_dropped
-                    .fetch_add(1, Ordering::Relaxed);
-                continue;
+            let id = match self.session_for(client, local).await {
+                Ok(id) => id,
+                Err(cause) => {
+                    self.counters.dropped(&self.session, cause);
+                    continue;
+                }
             };
-            self.session
-                .send_udp(id, Bytes::copy_from_slice(&buf[..len]));
+            if !self
+                .session
+                .send_udp(id, Bytes::copy_from_slice(&buf[..len]))
+            {
+                self.counters.dropped(&self.session, DropCause::QueueFull);
+            }
         }
     }
 
-    /// The client's session, opened (with its PROXY v2 header) if it has none; `None` when the
-    /// session limit is reached or the tunnel is gone.
-    async fn session_for(&self, client: SocketAddr, local: SocketAddr) -> Option<u32> {
+    /// The client's session, opened (with its PROXY v2 header) if it has none; why not when
+    /// the session limit is reached or the tunnel is gone.
+    async fn session_for(&self, client: SocketAddr, local: SocketAddr) -> Result<u32, DropCause> {
         {
             let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(&id) = table.by_client.get(&(self.port, client)) {
                 if let Some(session) = table.sessions.get_mut(&id) {
                     session.last_active = Instant::now();
                 }
-                return Some(id);
+                return Ok(id);
             }
             if table.sessions.len() >= self.limits.max_sessions {
-                return None;
+                return Err(DropCause::SessionLimit);
             }
         }
         let header = ProxyV2::proxy(V2Transport::Datagram, client, local).to_bytes();
-        let id = self.session.open_udp(Bytes::from(header)).await.ok()?;
+        let id = self
+            .session
+            .open_udp(Bytes::from(header))
+            .await
+            .map_err(|_| DropCause::TunnelDown)?;
         self.opened.inc();
         let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
         table.by_client.insert((self.port, client), id);
@@ -269,6 +322,6 @@ impl Receiver {
             .stats()
             .udp_sessions
             .store(count, Ordering::Relaxed);
-        Some(id)
+        Ok(id)
     }
 }
