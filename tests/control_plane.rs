@@ -624,10 +624,7 @@ async fn the_admin_api_limits_watchers_and_counts_wrong_tokens() {
         channel(served.local_addr).await,
         with_token as fn(_) -> _,
     );
-    let watch = || pb::WatchEventsRequest {
-        edge_id: String::new(),
-        kinds: Vec::new(),
-    };
+    let watch = pb::WatchEventsRequest::default;
     let first = admin.watch_events(watch()).await.unwrap();
     let second = admin.watch_events(watch()).await.unwrap_err();
     assert_eq!(second.code(), tonic::Code::ResourceExhausted);
