@@ -94,10 +94,19 @@ impl Admissions {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The most failures one address may have in reserve.
+    fn budget(&self) -> f64 {
+        f64::from(self.limits.failures_per_minute)
+    }
+
+    /// The tokens `bucket` holds at `now`, refilled at the budget per minute.
+    fn tokens_at(&self, bucket: &Bucket, now: Instant) -> f64 {
+        let earned = now.duration_since(bucket.at).as_secs_f64() * self.budget() / 60.0;
+        (bucket.tokens + earned).min(self.budget())
+    }
+
     fn refill(&self, bucket: &mut Bucket, now: Instant) {
-        let per_minute = f64::from(self.limits.failures_per_minute);
-        let earned = now.duration_since(bucket.at).as_secs_f64() * per_minute / 60.0;
-        bucket.tokens = (bucket.tokens + earned).min(per_minute);
+        bucket.tokens = self.tokens_at(bucket, now);
         bucket.at = now;
     }
 
@@ -148,16 +157,15 @@ impl Admissions {
     /// Takes one failed authentication from `source`'s budget.
     pub(crate) fn failed(&self, source: IpAddr, now: Instant) {
         let full = Bucket {
-            tokens: f64::from(self.limits.failures_per_minute),
+            tokens: self.budget(),
             at: now,
         };
         let mut state = self.state();
         if state.failures.len() >= MAX_TRACKED_SOURCES && !state.failures.contains_key(&source) {
-            let per_minute = f64::from(self.limits.failures_per_minute);
-            state.failures.retain(|_, bucket| {
-                let earned = now.duration_since(bucket.at).as_secs_f64() * per_minute / 60.0;
-                bucket.tokens + earned < per_minute
-            });
+            // Forget addresses whose budget has refilled: they hold nothing against them.
+            state
+                .failures
+                .retain(|_, bucket| self.tokens_at(bucket, now) < self.budget());
             if state.failures.len() >= MAX_TRACKED_SOURCES {
                 return;
             }

@@ -192,24 +192,21 @@ impl UdpSessions {
                 .with_label_values(&[&self.edge_id, "in"])
                 .inc();
         } else {
-            self.session
-                .stats()
-                .udp_dropped
-                .fetch_add(1, Ordering::Relaxed);
             self.dropped(inner, "socket_busy");
         }
     }
 
     fn refuse(&self, inner: &HubInner, id: u32, reason: &str) {
-        self.session
-            .stats()
-            .udp_dropped
-            .fetch_add(1, Ordering::Relaxed);
         self.dropped(inner, reason);
         self.session.close_udp(id);
     }
 
+    /// Counts a drop in the tunnel's total and by cause.
     fn dropped(&self, inner: &HubInner, reason: &str) {
+        self.session
+            .stats()
+            .udp_dropped
+            .fetch_add(1, Ordering::Relaxed);
         inner
             .metrics
             .udp_dropped

@@ -187,15 +187,22 @@ impl MuxWriter {
     /// Aborts the stream both ways: RESET when the peer confirmed the extension, otherwise
     /// the CLOSE that is all an original peer understands (unless it was sent already).
     pub(crate) fn reset(&mut self) {
-        let finished = std::mem::replace(&mut self.finished, true);
-        if self.shared.reset_agreed() {
-            if self.shared.abort_stream(&self.slot) {
-                send_soon(
-                    &self.shared.lanes.control,
-                    Outgoing::Frame(Frame::empty(self.slot.id, FrameType::Reset)),
-                );
-            }
-        } else if !finished && !self.slot.lock().aborted {
+        if !self.shared.reset_agreed() {
+            return self.close_soon();
+        }
+        self.finished = true;
+        if self.shared.abort_stream(&self.slot) {
+            send_soon(
+                &self.shared.lanes.control,
+                Outgoing::Frame(Frame::empty(self.slot.id, FrameType::Reset)),
+            );
+        }
+    }
+
+    /// Queues our CLOSE without waiting, unless it was sent or the stream is aborted.
+    fn close_soon(&mut self) {
+        if !self.finished && !self.slot.lock().aborted {
+            self.finished = true;
             let close = self.close_frame();
             send_soon(self.lane_tx(), close);
         }
@@ -211,10 +218,6 @@ impl MuxWriter {
 
 impl Drop for MuxWriter {
     fn drop(&mut self) {
-        if !self.finished && !self.slot.lock().aborted {
-            self.finished = true;
-            let close = self.close_frame();
-            send_soon(self.lane_tx(), close);
-        }
+        self.close_soon();
     }
 }
