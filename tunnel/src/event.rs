@@ -23,6 +23,8 @@ pub enum SessionEvent {
     },
     /// Edge: the hub sent a new configuration (JSON).
     Config(Bytes),
+    /// Edge: the hub asks for no new streams on this tunnel (it is shutting down).
+    Drain,
     /// Hub: the edge acknowledged a configuration (JSON).
     ConfigAck(Bytes),
     /// Hub: the tunnel's round trip was measured.

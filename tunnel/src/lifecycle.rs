@@ -3,9 +3,10 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use remoteingress_wire::extension::Extensions;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{CloseReason, SessionError};
@@ -58,6 +59,36 @@ impl SessionStats {
     }
 }
 
+/// The extensions both sides use; the hub learns them after the session has started.
+#[derive(Debug)]
+pub(crate) struct Agreed {
+    reset: AtomicBool,
+    drain: AtomicBool,
+}
+
+impl Agreed {
+    fn new(agreed: Extensions) -> Self {
+        Self {
+            reset: AtomicBool::new(agreed.reset),
+            drain: AtomicBool::new(agreed.drain),
+        }
+    }
+
+    /// The extensions agreed so far.
+    pub(crate) fn get(&self) -> Extensions {
+        Extensions {
+            reset: self.reset.load(Ordering::Relaxed),
+            drain: self.drain.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records the extensions both sides confirmed.
+    pub(crate) fn set(&self, agreed: Extensions) {
+        self.reset.store(agreed.reset, Ordering::Relaxed);
+        self.drain.store(agreed.drain, Ordering::Relaxed);
+    }
+}
+
 /// The lifecycle of one session: open until the first close reason is recorded.
 #[derive(Debug)]
 pub(crate) struct Lifecycle {
@@ -66,17 +97,20 @@ pub(crate) struct Lifecycle {
     active: AtomicUsize,
     max_streams: usize,
     pub(crate) stats: SessionStats,
+    pub(crate) agreed: Agreed,
 }
 
 impl Lifecycle {
-    /// An open session that allows `max_streams` streams at once.
-    pub(crate) fn new(max_streams: usize) -> Self {
+    /// An open session that allows `max_streams` streams at once, using the `agreed`
+    /// extensions until told otherwise.
+    pub(crate) fn new(max_streams: usize, agreed: Extensions) -> Self {
         Self {
             closed: CancellationToken::new(),
             reason: Mutex::new(None),
             active: AtomicUsize::new(0),
             max_streams,
             stats: SessionStats::default(),
+            agreed: Agreed::new(agreed),
         }
     }
 
@@ -131,6 +165,11 @@ impl Lifecycle {
             return Err(SessionError::TooManyStreams(self.max_streams));
         }
         Ok(())
+    }
+
+    /// Records the extensions the edge confirmed (hub), within what this side `offered`.
+    pub(crate) fn confirm(&self, confirmed: Extensions, offered: Extensions) {
+        self.agreed.set(confirmed.intersect(offered));
     }
 
     /// Counts a newly opened stream.

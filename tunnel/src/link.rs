@@ -155,8 +155,7 @@ impl Link {
     }
 
     /// Starts the session over the link once the handshake is done; `initial` holds the bytes
-    /// that arrived after the handshake line, `agreed` the extensions the edge confirms (TLS;
-    /// QUIC has stream resets natively).
+    /// that arrived after the handshake line, `agreed` the extensions the edge confirms.
     pub fn into_session(
         self,
         initial: Bytes,
@@ -170,7 +169,7 @@ impl Link {
                 connection,
                 send,
                 recv,
-            } => spawn_quic_session(connection, (send, recv), initial, role, options),
+            } => spawn_quic_session(connection, (send, recv), initial, role, options, agreed),
         }
     }
 }

@@ -60,15 +60,17 @@ where
     (handle, events)
 }
 
-/// Starts a QUIC session over an authenticated connection whose control stream is `control`.
+/// Starts a QUIC session over an authenticated connection whose control stream is `control`
+/// (`agreed` as for [`spawn_session`]).
 pub(crate) fn spawn_quic_session(
     connection: quinn::Connection,
     control: (quinn::SendStream, quinn::RecvStream),
     initial: Bytes,
     role: Role,
     options: SessionOptions,
+    agreed: Extensions,
 ) -> (SessionHandle, mpsc::Receiver<SessionEvent>) {
-    let (session, events) = quic::start(connection, control, initial, role, options);
+    let (session, events) = quic::start(connection, control, initial, role, options, agreed);
     let handle = SessionHandle {
         session: Session::Quic(session),
     };
@@ -122,6 +124,21 @@ impl SessionHandle {
     /// Tells the peer that a UDP session ended.
     pub fn close_udp(&self, id: u32) {
         dispatch!(self, s => s.close_udp(id))
+    }
+
+    /// The extensions both sides confirmed (on the hub: once the edge's confirmation arrived).
+    pub fn agreed(&self) -> Extensions {
+        self.lifecycle().agreed.get()
+    }
+
+    /// Asks the edge (hub) to open no new streams on this tunnel and to connect elsewhere;
+    /// false if the edge does not know DRAIN or the tunnel is gone.
+    pub async fn drain(&self) -> bool {
+        self.agreed().drain
+            && self
+                .send_control(FrameType::Drain, Bytes::new())
+                .await
+                .is_ok()
     }
 
     /// Ends the session from our side, with `reason`.

@@ -6,12 +6,16 @@ use thiserror::Error;
 
 /// Name of the RESET extension (RESET frames, 0x10, either direction).
 pub const RESET: &str = "reset";
+/// Name of the DRAIN extension (DRAIN frames, 0x11, hub to edge).
+pub const DRAIN: &str = "drain";
 
 /// A set of extensions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Extensions {
     /// RESET: abort a stream at once, both directions.
     pub reset: bool,
+    /// DRAIN: the hub asks the edge to open no new streams on this tunnel.
+    pub drain: bool,
 }
 
 /// Why an EXTENSIONS payload was refused.
@@ -21,16 +25,24 @@ pub struct ExtensionsError(String);
 
 impl Extensions {
     /// Every extension this build implements.
-    pub const ALL: Extensions = Extensions { reset: true };
+    pub const ALL: Extensions = Extensions {
+        reset: true,
+        drain: true,
+    };
     /// None: the original protocol.
-    pub const NONE: Extensions = Extensions { reset: false };
+    pub const NONE: Extensions = Extensions {
+        reset: false,
+        drain: false,
+    };
 
     /// The extensions named in `names`; names this build does not know are ignored.
     pub fn from_names<'a>(names: impl IntoIterator<Item = &'a str>) -> Self {
         let mut extensions = Self::NONE;
         for name in names {
-            if name == RESET {
-                extensions.reset = true;
+            match name {
+                RESET => extensions.reset = true,
+                DRAIN => extensions.drain = true,
+                _ => {}
             }
         }
         extensions
@@ -38,7 +50,7 @@ impl Extensions {
 
     /// The names of the extensions in the set.
     pub fn names(self) -> Vec<&'static str> {
-        [(self.reset, RESET)]
+        [(self.reset, RESET), (self.drain, DRAIN)]
             .into_iter()
             .filter_map(|(on, name)| on.then_some(name))
             .collect()
@@ -48,6 +60,7 @@ impl Extensions {
     pub fn intersect(self, other: Extensions) -> Self {
         Self {
             reset: self.reset && other.reset,
+            drain: self.drain && other.drain,
         }
     }
 
@@ -75,11 +88,15 @@ mod tests {
 
     #[test]
     fn payload_round_trip_and_unknown_names() {
-        assert_eq!(Extensions::ALL.to_payload(), b"[\"reset\"]");
+        assert_eq!(Extensions::ALL.to_payload(), b"[\"reset\",\"drain\"]");
         assert_eq!(Extensions::NONE.to_payload(), b"[]");
         assert_eq!(
-            Extensions::parse(b"[\"reset\",\"teleport\"]"),
+            Extensions::parse(b"[\"drain\",\"teleport\",\"reset\"]"),
             Ok(Extensions::ALL)
+        );
+        assert_eq!(
+            Extensions::parse(b"[\"drain\"]").map(|e| (e.reset, e.drain)),
+            Ok((false, true))
         );
         assert_eq!(Extensions::parse(b"[]"), Ok(Extensions::NONE));
         assert!(Extensions::parse(b"{\"reset\":true}").is_err());

@@ -52,13 +52,16 @@ pub enum FrameType {
     ConfigAck = 0x0F,
     /// Either way, extension `reset`: abort the stream at once (both directions).
     Reset = 0x10,
+    /// Hub → edge, stream 0, extension `drain`: open no new streams on this tunnel, let open
+    /// ones finish, and connect elsewhere.
+    Drain = 0x11,
     /// Edge → hub, stream 0: the JSON list of the hub's announced extensions the edge uses.
     Extensions = 0x12,
 }
 
 impl FrameType {
     /// Every frame type, in wire order.
-    pub const ALL: [FrameType; 17] = [
+    pub const ALL: [FrameType; 18] = [
         FrameType::Open,
         FrameType::Data,
         FrameType::Close,
@@ -75,6 +78,7 @@ impl FrameType {
         FrameType::UdpClose,
         FrameType::ConfigAck,
         FrameType::Reset,
+        FrameType::Drain,
         FrameType::Extensions,
     ];
 
@@ -94,9 +98,11 @@ impl FrameType {
     /// The exact payload length this type requires, if it is fixed.
     fn fixed_len(self) -> Option<u32> {
         match self {
-            FrameType::Close | FrameType::CloseBack | FrameType::UdpClose | FrameType::Reset => {
-                Some(0)
-            }
+            FrameType::Close
+            | FrameType::CloseBack
+            | FrameType::UdpClose
+            | FrameType::Reset
+            | FrameType::Drain => Some(0),
             FrameType::WindowUpdate | FrameType::WindowUpdateBack => Some(4),
             FrameType::Ping | FrameType::Pong => Some(8),
             _ => None,
@@ -409,6 +415,10 @@ mod tests {
                 b"\x00\x00\x00\x03\x10\x00\x00\x00\x00",
             ),
             (
+                Frame::empty(0, FrameType::Drain),
+                b"\x00\x00\x00\x00\x11\x00\x00\x00\x00",
+            ),
+            (
                 Frame::new(0, FrameType::Extensions, &b"[\"reset\"]"[..]),
                 b"\x00\x00\x00\x00\x12\x00\x00\x00\x09[\"reset\"]",
             ),
@@ -448,8 +458,8 @@ mod tests {
     #[test]
     fn rejects_from_the_header_alone() {
         let mut decoder = FrameDecoder::new();
-        decoder.feed(b"\x00\x00\x00\x01\x11\x00\x00\x00\x00");
-        assert_eq!(decoder.next_frame(), Err(FrameError::UnknownType(0x11)));
+        decoder.feed(b"\x00\x00\x00\x01\x13\x00\x00\x00\x00");
+        assert_eq!(decoder.next_frame(), Err(FrameError::UnknownType(0x13)));
 
         let mut decoder = FrameDecoder::new();
         decoder.feed(b"\x00\x00\x00\x01\x02\x01\x00\x00\x01");

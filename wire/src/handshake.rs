@@ -114,16 +114,20 @@ impl EdgeHello {
 }
 
 /// The hub's reply to a successful handshake: the edge's configuration as one JSON line, with
-/// the extensions the hub offers under `"extensions"` (a key an original edge ignores).
-pub fn accept_reply(config: &EdgeConfig, offered: Extensions) -> String {
+/// the hub's instance id under `"hubId"` and the extensions it offers under `"extensions"`
+/// (keys an original edge ignores).
+pub fn accept_reply(config: &EdgeConfig, offered: Extensions, hub_id: &str) -> String {
     #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
     struct Reply<'a> {
         #[serde(flatten)]
         config: &'a EdgeConfig,
+        hub_id: &'a str,
         extensions: Vec<&'static str>,
     }
     let reply = Reply {
         config,
+        hub_id,
         extensions: offered.names(),
     };
     let mut line = serde_json::to_string(&reply).unwrap_or_else(|_| "{}".to_owned());
@@ -138,6 +142,9 @@ pub struct HubReply {
     pub config: EdgeConfig,
     /// The extensions the hub offers (none from an original hub).
     pub offered: Extensions,
+    /// The hub's instance id (none from an original hub): tells apart hubs reached through
+    /// one address.
+    pub hub_id: Option<String>,
 }
 
 /// The hub's reply to a refused handshake.
@@ -150,10 +157,12 @@ pub fn error_reply(reason: &str) -> String {
 /// Interprets the hub's reply line on the edge.
 pub fn parse_reply(line: &[u8]) -> Result<HubReply, HandshakeError> {
     #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
     struct Envelope {
         error: Option<String>,
         #[serde(default)]
         extensions: Vec<String>,
+        hub_id: Option<String>,
     }
     let bad = |e: serde_json::Error| HandshakeError::BadReply(e.to_string());
     let envelope = serde_json::from_slice::<Envelope>(line).map_err(bad)?;
@@ -163,6 +172,7 @@ pub fn parse_reply(line: &[u8]) -> Result<HubReply, HandshakeError> {
     Ok(HubReply {
         config: serde_json::from_slice(line).map_err(bad)?,
         offered: Extensions::from_names(envelope.extensions.iter().map(String::as_str)),
+        hub_id: envelope.hub_id,
     })
 }
 
@@ -230,22 +240,24 @@ mod tests {
             listen_ports: vec![80],
             ..EdgeConfig::default()
         };
-        let line = accept_reply(&config, Extensions::ALL);
+        let line = accept_reply(&config, Extensions::ALL, "hub-a");
         assert!(line.ends_with('\n'));
-        assert!(line.contains("\"extensions\":[\"reset\"]"), "{line}");
+        assert!(
+            line.contains("\"hubId\":\"hub-a\",\"extensions\":[\"reset\",\"drain\"]"),
+            "{line}"
+        );
         assert_eq!(
             parse_reply(line.as_bytes()).unwrap(),
             HubReply {
                 config: config.clone(),
-                offered: Extensions::ALL
+                offered: Extensions::ALL,
+                hub_id: Some("hub-a".into()),
             }
         );
         // An original hub's reply: the configuration alone.
         let original = serde_json::to_string(&config).unwrap();
-        assert_eq!(
-            parse_reply(original.as_bytes()).unwrap().offered,
-            Extensions::NONE
-        );
+        let reply = parse_reply(original.as_bytes()).unwrap();
+        assert_eq!((reply.offered, reply.hub_id), (Extensions::NONE, None));
         assert_eq!(error_reply(UNAUTHORIZED), "{\"error\":\"unauthorized\"}\n");
         assert_eq!(
             parse_reply(error_reply(UNAUTHORIZED).as_bytes()),

@@ -1,8 +1,9 @@
 //! Connection tokens: everything an edge needs to reach its hub, in one copy-pasteable string.
 //!
 //! A token is base64url (no padding) of compact JSON `{"h":host,"p":port,"e":edgeId,"s":secret}`
-//! plus, optionally, `"f"`: the hex SHA-256 pin of the hub's certificate. Tokens of the original
-//! system (without `f`) decode unchanged.
+//! plus, optionally, `"f"`: the hex SHA-256 pin of the hub's certificate, and `"hubs"`: further
+//! hub addresses (`host:port`) of the same hub tier. Tokens of the original system (without
+//! `f` and `hubs`) decode unchanged.
 
 use base64::engine::general_purpose::{URL_SAFE, URL_SAFE_NO_PAD};
 use base64::Engine;
@@ -30,6 +31,9 @@ pub struct ConnectionToken {
     /// SHA-256 of the hub certificate (DER), lowercase hex.
     #[serde(rename = "f", default, skip_serializing_if = "Option::is_none")]
     pub pin: Option<String>,
+    /// Further hubs of the same tier, `host:port`, besides `hub_host:hub_port`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hubs: Vec<String>,
 }
 
 impl std::fmt::Debug for ConnectionToken {
@@ -40,6 +44,7 @@ impl std::fmt::Debug for ConnectionToken {
             .field("edge_id", &self.edge_id)
             .field("secret", &"<redacted>")
             .field("pin", &self.pin)
+            .field("hubs", &self.hubs)
             .finish()
     }
 }
@@ -72,6 +77,17 @@ pub fn normalize_pin(pin: &str) -> Result<String, TokenError> {
 }
 
 impl ConnectionToken {
+    /// Every hub address the token names, `host:port`, the first hub first, without repeats.
+    pub fn hub_addresses(&self) -> Vec<String> {
+        let mut addresses = vec![join_host_port(&self.hub_host, self.hub_port)];
+        for hub in &self.hubs {
+            if !addresses.contains(hub) {
+                addresses.push(hub.clone());
+            }
+        }
+        addresses
+    }
+
     /// The token string.
     pub fn encode(&self) -> String {
         let json = serde_json::to_vec(self).unwrap_or_default();
@@ -99,6 +115,15 @@ impl ConnectionToken {
     }
 }
 
+/// `host:port`, with an IPv6 address in brackets.
+pub fn join_host_port(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -111,6 +136,7 @@ mod tests {
             edge_id: "edge-nyc-01".into(),
             secret: "supersecrettoken1".into(),
             pin: None,
+            hubs: Vec::new(),
         }
     }
 
@@ -139,6 +165,21 @@ mod tests {
     }
 
     #[test]
+    fn carries_further_hubs() {
+        let token = ConnectionToken {
+            hubs: vec!["hub-b.example.com:8443".into(), "hub.example.com:8443".into()],
+            ..example()
+        };
+        let decoded = ConnectionToken::decode(&token.encode()).unwrap();
+        assert_eq!(
+            decoded.hub_addresses(),
+            ["hub.example.com:8443", "hub-b.example.com:8443"]
+        );
+        assert_eq!(example().hub_addresses(), ["hub.example.com:8443"]);
+        assert_eq!(join_host_port("::1", 8443), "[::1]:8443");
+    }
+
+    #[test]
     fn malformed_tokens_are_typed_errors() {
         assert!(matches!(
             ConnectionToken::decode("!!!"),
@@ -161,8 +202,9 @@ mod tests {
     proptest! {
         #[test]
         fn round_trip(host in "[a-z0-9.-]{1,40}", port in any::<u16>(), id in "[A-Za-z0-9._-]{1,20}",
-                      secret in "\\PC{1,40}", pin in proptest::option::of("[0-9a-f]{64}")) {
-            let token = ConnectionToken { hub_host: host, hub_port: port, edge_id: id, secret, pin };
+                      secret in "\\PC{1,40}", pin in proptest::option::of("[0-9a-f]{64}"),
+                      hubs in proptest::collection::vec("[a-z0-9.-]{1,20}:[0-9]{1,5}", 0..3)) {
+            let token = ConnectionToken { hub_host: host, hub_port: port, edge_id: id, secret, pin, hubs };
             prop_assert_eq!(ConnectionToken::decode(&token.encode()).unwrap(), token);
         }
 

@@ -113,6 +113,11 @@ impl Reader {
                 .send(SessionEvent::Config(frame.payload))
                 .await
                 .map_err(|_| CloseReason::OwnerGone),
+            FrameType::Drain if role == Role::Edge && self.shared.drain_agreed() => self
+                .events
+                .send(SessionEvent::Drain)
+                .await
+                .map_err(|_| CloseReason::OwnerGone),
             FrameType::ConfigAck if role == Role::Hub => {
                 let _ = self.events.try_send(SessionEvent::ConfigAck(frame.payload));
                 Ok(())
@@ -168,7 +173,9 @@ impl Reader {
         }
         let confirmed = Extensions::parse(&frame.payload)
             .map_err(|e| ProtocolViolation::Extensions(e.to_string()))?;
-        self.shared.confirm(confirmed);
+        self.shared
+            .lifecycle
+            .confirm(confirmed, self.shared.options.extensions);
         Ok(())
     }
 

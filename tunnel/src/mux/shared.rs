@@ -2,7 +2,7 @@
 //! writer's lanes, the ping in flight, and the lifecycle.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -184,8 +184,6 @@ pub(crate) struct Shared {
     pub(crate) ping_sent: Mutex<Option<([u8; 8], Instant)>>,
     /// Last round trip in µs: measured (hub) or as the hub reported it in its PING (edge).
     pub(crate) rtt_us: AtomicU64,
-    /// Both sides confirmed the `reset` extension: streams abort with RESET.
-    reset_agreed: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -224,8 +222,7 @@ impl Shared {
         agreed: Extensions,
     ) -> Self {
         Self {
-            reset_agreed: AtomicBool::new(agreed.reset),
-            lifecycle: Lifecycle::new(options.max_streams),
+            lifecycle: Lifecycle::new(options.max_streams, agreed),
             role,
             options,
             streams: Mutex::new(HashMap::new()),
@@ -302,15 +299,14 @@ impl Shared {
         true
     }
 
-    /// Whether both sides confirmed the `reset` extension.
+    /// Whether both sides confirmed the `reset` extension: streams abort with RESET.
     pub(crate) fn reset_agreed(&self) -> bool {
-        self.reset_agreed.load(Ordering::Relaxed)
+        self.lifecycle.agreed.get().reset
     }
 
-    /// Records the extensions the edge confirmed (hub), within what this side offers.
-    pub(crate) fn confirm(&self, confirmed: Extensions) {
-        let agreed = confirmed.intersect(self.options.extensions);
-        self.reset_agreed.store(agreed.reset, Ordering::Relaxed);
+    /// Whether both sides confirmed the `drain` extension.
+    pub(crate) fn drain_agreed(&self) -> bool {
+        self.lifecycle.agreed.get().drain
     }
 
     /// A WINDOW_UPDATE(_BACK) returning `increment` bytes of credit on stream `id`.

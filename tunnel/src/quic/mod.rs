@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
+use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::frame::FrameType;
 use remoteingress_wire::quic::Datagram;
 use tokio::sync::mpsc;
@@ -42,10 +43,14 @@ pub(crate) fn start(
     initial: Bytes,
     role: Role,
     options: SessionOptions,
+    agreed: Extensions,
 ) -> (QuicSession, mpsc::Receiver<SessionEvent>) {
     let (control_tx, control_rx) = mpsc::channel(options.lanes.control_frames);
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-    let shared = Arc::new(QuicShared::new(role, options, connection, control_tx));
+    if role == Role::Edge && !agreed.is_empty() {
+        let _ = control_tx.try_send((FrameType::Extensions, Bytes::from(agreed.to_payload())));
+    }
+    let shared = Arc::new(QuicShared::new(role, options, connection, control_tx, agreed));
     let (send, recv) = control;
     spawn_task(
         &shared,

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use quinn::{Connection, VarInt};
+use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::frame::FrameType;
 use remoteingress_wire::quic::Datagram;
 use tokio::sync::mpsc;
@@ -49,9 +50,10 @@ impl QuicShared {
         options: SessionOptions,
         connection: Connection,
         control_tx: mpsc::Sender<(FrameType, Bytes)>,
+        agreed: Extensions,
     ) -> Self {
         Self {
-            lifecycle: Lifecycle::new(options.max_streams),
+            lifecycle: Lifecycle::new(options.max_streams, agreed),
             role,
             options,
             connection,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
+use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::frame::FrameType;
 use remoteingress_wire::proxy::V1_MAX_LEN;
 use remoteingress_wire::quic::{encode_control, ControlDecoder, Datagram};
@@ -61,11 +62,22 @@ pub(crate) async fn read_control(
 ) -> TaskEnd {
     let mut decoder = ControlDecoder::default();
     decoder.feed(&initial);
+    let mut extensions_seen = false;
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         while let Some((kind, payload)) = decoder.next_message().map_err(ProtocolViolation::from)? {
             let event = match (kind, shared.role) {
                 (FrameType::Config, Role::Edge) => SessionEvent::Config(payload),
+                (FrameType::Drain, Role::Edge) if shared.lifecycle.agreed.get().drain => {
+                    SessionEvent::Drain
+                }
+                (FrameType::Extensions, Role::Hub) if !extensions_seen => {
+                    extensions_seen = true;
+                    let confirmed = Extensions::parse(&payload)
+                        .map_err(|e| ProtocolViolation::Extensions(e.to_string()))?;
+                    shared.lifecycle.confirm(confirmed, shared.options.extensions);
+                    continue;
+                }
                 (FrameType::ConfigAck, Role::Hub) => SessionEvent::ConfigAck(payload),
                 (FrameType::UdpClose, _) => {
                     let id: [u8; 4] = payload
