@@ -163,7 +163,11 @@ async fn check_hello(
         link.refuse(&error_reply(UNAUTHORIZED)).await;
         return Err(AuthFailure::BadCredentials(hello.edge_id));
     };
-    link.write_line(&accept_reply(&config, inner.options.session.extensions))
+    link.write_line(&accept_reply(
+        &config,
+        inner.options.session.extensions,
+        &inner.options.hub_id,
+    ))
         .await?;
     Ok(Authenticated {
         link,

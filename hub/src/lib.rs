@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use edges::{load_edges_file, validate_all, AllowedEdge};
 pub use handshake::AuthFailure;
+pub use registry::ReplicaConflict;
 use registry::Registry;
 pub use remoteingress_tunnel::Transport;
 pub use remoteingress_wire::config::Protocol;
@@ -71,6 +72,10 @@ pub enum HubError {
     /// Metrics could not be registered (a name registered twice in one registry).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    /// In replica mode: a write that would let this hub's configuration diverge from the
+    /// other replicas'.
+    #[error(transparent)]
+    Replica(#[from] ReplicaConflict),
     /// The edges file could not be read or parsed.
     #[error("edges file {path}: {message}")]
     EdgesFile {
@@ -129,11 +134,23 @@ pub struct HubOptions {
     pub udp_max_sessions_total: usize,
     /// Where the hub registers its metrics.
     pub registry: prometheus::Registry,
+    /// This hub instance's id, sent to edges so that they tell hubs behind one address apart.
+    pub hub_id: String,
+    /// One of several hubs serving the same edges: admin writes must carry a generation that
+    /// orders them (see [`ReplicaConflict`]).
+    pub replica: bool,
+}
+
+/// A fresh hub instance id: `hub-` and 12 random hex digits.
+pub fn random_hub_id() -> String {
+    format!("hub-{:012x}", rand::random::<u64>() >> 16)
 }
 
 impl Default for HubOptions {
     fn default() -> Self {
         Self {
+            hub_id: random_hub_id(),
+            replica: false,
             listen_addr: SocketAddr::from(([0, 0, 0, 0], 8443)),
             target_host: "127.0.0.1".to_owned(),
             handshake_timeout: Duration::from_secs(10),
@@ -248,6 +265,8 @@ pub struct EdgeInfo {
     pub connected: bool,
     /// Version of the configuration the hub wants it to run.
     pub desired_version: u64,
+    /// Generation of that configuration.
+    pub generation: u64,
     /// Version it last acknowledged.
     pub applied_version: Option<u64>,
     /// Error of its last rejected configuration.
@@ -290,6 +309,11 @@ pub struct HubStatus {
     pub running: bool,
     /// Port of the tunnel listener.
     pub tunnel_port: u16,
+    /// This hub instance's id.
+    pub hub_id: String,
+    /// True once the hub has begun draining: it accepts no new tunnels and has asked its edges
+    /// to open new streams elsewhere.
+    pub draining: bool,
     /// Edges whose tunnel is up.
     pub connected_edges: Vec<ConnectedEdge>,
 }
@@ -451,6 +475,7 @@ impl HubHandle {
     /// changed are disconnected.
     pub async fn update_allowed_edges(&self, edges: Vec<AllowedEdge>) -> Result<(), HubError> {
         validate_all(&edges)?;
+        self.check_replica_writes(&edges)?;
         self.change(|registry| ((), registry.replace_all(edges)))
             .await
     }
@@ -458,7 +483,20 @@ impl HubHandle {
     /// Adds or replaces one edge.
     pub async fn upsert_edge(&self, edge: AllowedEdge) -> Result<(), HubError> {
         edge.validate()?;
+        self.check_replica_writes(std::slice::from_ref(&edge))?;
         self.change(|registry| ((), registry.upsert(edge))).await
+    }
+
+    /// In replica mode, refuses writes that other replicas could not agree with.
+    fn check_replica_writes(&self, edges: &[AllowedEdge]) -> Result<(), HubError> {
+        if !self.inner.options.replica {
+            return Ok(());
+        }
+        let registry = self.inner.registry();
+        for edge in edges {
+            registry.check_replica_write(edge)?;
+        }
+        Ok(())
     }
 
     /// Removes an edge (disconnecting it); false if it was not configured.
@@ -512,6 +550,8 @@ impl HubHandle {
         HubStatus {
             running: !self.inner.shutdown.is_cancelled(),
             tunnel_port: self.inner.local_addr.port(),
+            hub_id: self.inner.options.hub_id.clone(),
+            draining: self.inner.accepting.is_cancelled() && !self.inner.shutdown.is_cancelled(),
             connected_edges: self.inner.registry().connected(),
         }
     }
@@ -564,6 +604,46 @@ impl HubHandle {
     /// Stops accepting new tunnels (releasing the listener); open tunnels carry on.
     pub fn stop_accepting(&self) {
         self.inner.accepting.cancel();
+    }
+
+    /// Begins a drain (SIGTERM, or the Drain admin call): accepts no new tunnels (so readiness
+    /// turns false) and asks every edge to open new streams on its other tunnels. Open streams
+    /// carry on; edges close a drained tunnel once its streams have finished.
+    pub async fn drain(&self) {
+        self.stop_accepting();
+        let sessions = self.inner.registry().sessions();
+        tracing::info!(tunnels = sessions.len(), "draining: edges asked to move new streams elsewhere");
+        for session in sessions {
+            session.drain().await;
+        }
+    }
+
+    /// Asks one edge to open new streams on its other tunnels; false if it has no tunnel here
+    /// that knows DRAIN.
+    pub async fn drain_edge(&self, id: &str) -> bool {
+        let sessions = self.inner.registry().sessions_of(id);
+        let mut drained = false;
+        for session in sessions {
+            drained |= session.drain().await;
+        }
+        drained
+    }
+
+    /// What a drain waits for: tunnels of edges that close them once drained, and the streams
+    /// on tunnels of edges that do not know DRAIN.
+    pub fn drain_pending(&self) -> usize {
+        self.inner
+            .registry()
+            .sessions()
+            .iter()
+            .map(|session| {
+                if session.agreed().drain {
+                    1
+                } else {
+                    session.active_streams()
+                }
+            })
+            .sum()
     }
 
     /// Tunnelled TCP connections open now, over all edges.

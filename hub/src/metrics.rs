@@ -213,8 +213,8 @@ impl Collector for LiveCollector {
     }
 }
 
-/// What is open right now on one edge's tunnel.
-#[derive(Debug, Clone, Copy)]
+/// What is open right now on one edge's tunnels.
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Live {
     pub(crate) streams: usize,
     pub(crate) udp_sessions: u64,

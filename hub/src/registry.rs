@@ -25,7 +25,10 @@ struct EdgeRecord {
     plaintext: Option<String>,
     config: EdgeConfig,
     target_ports: BTreeMap<u16, u16>,
+    /// Counts the pushes of this process, for acknowledgements.
     version: u64,
+    /// How new the configuration is: the source's, or counted here when it gives none.
+    generation: u64,
     applied_version: Option<u64>,
     last_error: Option<String>,
 }
@@ -34,9 +37,37 @@ impl EdgeRecord {
     fn versioned_config(&self) -> EdgeConfig {
         EdgeConfig {
             version: Some(self.version),
+            generation: Some(self.generation),
             ..self.config.clone()
         }
     }
+}
+
+/// Why a write was refused in replica mode, where every hub of the tier must end up with the
+/// same configuration at the same generation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplicaConflict {
+    /// The write has no generation, so edges could not order it against other hubs' configs.
+    #[error("edge {0:?}: a hub running as one of several replicas needs a `generation` on every edge write")]
+    GenerationRequired(String),
+    /// The write is older than what this hub has.
+    #[error("edge {edge:?}: generation {given} is older than the current generation {current}")]
+    Stale {
+        /// Edge id.
+        edge: String,
+        /// The write's generation.
+        given: u64,
+        /// The hub's.
+        current: u64,
+    },
+    /// Same generation as what this hub has, different content: hubs would disagree.
+    #[error("edge {edge:?}: generation {generation} already names a different configuration")]
+    Conflicting {
+        /// Edge id.
+        edge: String,
+        /// The generation both name.
+        generation: u64,
+    },
 }
 
 /// Compared against for unknown ids, so that timing does not tell whether an id exists.
@@ -63,7 +94,9 @@ pub(crate) struct Push {
 #[derive(Default)]
 pub(crate) struct Registry {
     edges: BTreeMap<String, EdgeRecord>,
-    connections: HashMap<String, Connection>,
+    /// Live tunnels per edge: one, or several from an edge that keeps tunnels to several hubs
+    /// (and may reach this one twice through a load balancer before it knows).
+    connections: HashMap<String, Vec<Connection>>,
     next_connection_id: u64,
     /// Traffic of ended tunnels per edge, so that metrics never go backwards.
     ended: HashMap<String, Totals>,
@@ -100,6 +133,7 @@ impl Registry {
                 EdgeRecord {
                     secret: StoredSecret::new(&secret),
                     plaintext: Some(secret),
+                    generation: config.generation.unwrap_or(1),
                     config,
                     target_ports,
                     version: 1,
@@ -110,13 +144,20 @@ impl Registry {
             return Vec::new();
         };
         let secret_changed = !record.secret.matches(&secret);
-        let config_changed = record.config != config;
+        let content_changed = !record.config.same_content(&config);
+        let generation = config.generation.unwrap_or(if content_changed {
+            record.generation + 1
+        } else {
+            record.generation
+        });
+        let config_changed = content_changed || generation != record.generation;
         if secret_changed {
             record.secret = StoredSecret::new(&secret);
         }
         record.plaintext = Some(secret);
         record.config = config;
         record.target_ports = target_ports;
+        record.generation = generation;
         if config_changed {
             record.version += 1;
         }
@@ -124,18 +165,46 @@ impl Registry {
             self.disconnect(&id, "edge secret changed");
             return Vec::new();
         }
-        match self.connections.get_mut(&id) {
-            Some(connection) if config_changed => {
-                let record = &self.edges[&id];
-                connection.sent_version = record.version;
-                vec![Push {
-                    session: connection.session.clone(),
-                    edge_id: id,
-                    config: record.versioned_config(),
-                }]
-            }
-            _ => Vec::new(),
+        if !config_changed {
+            return Vec::new();
         }
+        let record = &self.edges[&id];
+        let mut pushes = Vec::new();
+        for connection in self.connections.get_mut(&id).into_iter().flatten() {
+            connection.sent_version = record.version;
+            pushes.push(Push {
+                session: connection.session.clone(),
+                edge_id: id.clone(),
+                config: record.versioned_config(),
+            });
+        }
+        pushes
+    }
+
+    /// Checks a write in replica mode: it names a generation, not older than this hub's, and
+    /// not the same generation for different content.
+    pub(crate) fn check_replica_write(&self, edge: &AllowedEdge) -> Result<(), ReplicaConflict> {
+        let given = edge
+            .config
+            .generation
+            .ok_or_else(|| ReplicaConflict::GenerationRequired(edge.id.clone()))?;
+        let Some(record) = self.edges.get(&edge.id) else {
+            return Ok(());
+        };
+        if given < record.generation {
+            return Err(ReplicaConflict::Stale {
+                edge: edge.id.clone(),
+                given,
+                current: record.generation,
+            });
+        }
+        if given == record.generation && !record.config.same_content(&edge.config) {
+            return Err(ReplicaConflict::Conflicting {
+                edge: edge.id.clone(),
+                generation: given,
+            });
+        }
+        Ok(())
     }
 
     /// The allowed edges as persisted.
@@ -147,6 +216,7 @@ impl Registry {
                 secret_hash: record.secret.encode(),
                 config: record.config.clone(),
                 target_ports: record.target_ports.clone(),
+                generation: record.generation,
             })
             .collect()
     }
@@ -163,6 +233,7 @@ impl Registry {
                     plaintext: None,
                     config: edge.config,
                     target_ports: edge.target_ports,
+                    generation: edge.generation.max(1),
                     version: 1,
                     applied_version: None,
                     last_error: None,
@@ -193,24 +264,54 @@ impl Registry {
         (found, Vec::new())
     }
 
-    /// Forgets an edge's tunnel, keeping its traffic in the totals.
-    fn take_connection(&mut self, id: &str) -> Option<Connection> {
-        let connection = self.connections.remove(id)?;
-        self.ended
-            .entry(id.to_owned())
-            .or_default()
-            .add(Totals::of(connection.session.stats()));
-        Some(connection)
+    /// Forgets an edge's tunnels that match `which`, keeping their traffic in the totals.
+    fn take_connections(
+        &mut self,
+        id: &str,
+        which: impl Fn(&Connection) -> bool,
+    ) -> Vec<Connection> {
+        let Some(all) = self.connections.get_mut(id) else {
+            return Vec::new();
+        };
+        let (taken, kept): (Vec<Connection>, Vec<Connection>) =
+            std::mem::take(all).into_iter().partition(which);
+        if kept.is_empty() {
+            self.connections.remove(id);
+        } else {
+            *all = kept;
+        }
+        let totals = self.ended.entry(id.to_owned()).or_default();
+        for connection in &taken {
+            totals.add(Totals::of(connection.session.stats()));
+        }
+        taken
+    }
+
+    /// The sessions of one edge's live tunnels.
+    pub(crate) fn sessions_of(&self, id: &str) -> Vec<SessionHandle> {
+        self.connections
+            .get(id)
+            .into_iter()
+            .flatten()
+            .map(|c| c.session.clone())
+            .collect()
+    }
+
+    /// Every live tunnel's session.
+    pub(crate) fn sessions(&self) -> Vec<SessionHandle> {
+        self.connections
+            .values()
+            .flatten()
+            .map(|c| c.session.clone())
+            .collect()
     }
 
     pub(crate) fn disconnect(&mut self, id: &str, reason: &str) -> bool {
-        match self.take_connection(id) {
-            Some(connection) => {
-                connection.session.close(reason);
-                true
-            }
-            None => false,
+        let taken = self.take_connections(id, |_| true);
+        for connection in &taken {
+            connection.session.close(reason);
         }
+        !taken.is_empty()
     }
 
     pub(crate) fn disconnect_all(&mut self, reason: &str) {
@@ -221,7 +322,7 @@ impl Registry {
     }
 
     pub(crate) fn connection_count(&self) -> usize {
-        self.connections.len()
+        self.connections.values().map(Vec::len).sum()
     }
 
     /// Per edge with traffic: what is open now, and all traffic so far.
@@ -232,13 +333,15 @@ impl Registry {
         ids.into_iter()
             .map(|id| {
                 let mut totals = self.ended.get(id).copied().unwrap_or_default();
-                let live = self.connections.get(id).map(|c| {
-                    let stats = c.session.stats();
-                    totals.add(Totals::of(stats));
-                    Live {
-                        streams: c.session.active_streams(),
-                        udp_sessions: stats.udp_sessions.load(Ordering::Relaxed),
+                let live = self.connections.get(id).map(|connections| {
+                    let mut live = Live::default();
+                    for c in connections {
+                        let stats = c.session.stats();
+                        totals.add(Totals::of(stats));
+                        live.streams += c.session.active_streams();
+                        live.udp_sessions += stats.udp_sessions.load(Ordering::Relaxed);
                     }
+                    live
                 });
                 (id.clone(), live, totals)
             })
@@ -259,7 +362,8 @@ impl Registry {
         }
     }
 
-    /// Registers a new tunnel, replacing any previous one of the same edge. Fails if the edge
+    /// Registers a new tunnel, replacing any previous one of an edge that does not keep several
+    /// tunnels. Fails if the edge
     /// was removed or its secret changed since it authenticated. May return a newer config.
     pub(crate) fn attach(
         &mut self,
@@ -281,10 +385,13 @@ impl Registry {
         let version = record.version;
         self.next_connection_id += 1;
         let id = self.next_connection_id;
-        let previous = self.take_connection(edge_id);
-        self.connections.insert(
-            edge_id.to_owned(),
-            Connection {
+        // An edge that keeps several tunnels (it confirmed DRAIN) manages them itself; any
+        // other edge connecting again has lost its previous tunnel.
+        let replaced = self.take_connections(edge_id, |c| !c.session.agreed().drain);
+        self.connections
+            .entry(edge_id.to_owned())
+            .or_default()
+            .push(Connection {
                 id,
                 session,
                 since: SystemTime::now(),
@@ -292,9 +399,8 @@ impl Registry {
                 sent_version: version,
                 rtt: None,
                 public_ip: None,
-            },
-        );
-        if let Some(previous) = previous {
+            });
+        for previous in replaced {
             previous
                 .session
                 .close("replaced by a newer connection of the same edge");
@@ -302,15 +408,16 @@ impl Registry {
         Ok((id, newer))
     }
 
-    /// Forgets a tunnel if it is still the edge's current one.
+    /// Forgets a tunnel if the edge still has it.
     pub(crate) fn detach(&mut self, edge_id: &str, connection_id: u64) {
-        if self
-            .connections
-            .get(edge_id)
-            .is_some_and(|c| c.id == connection_id)
-        {
-            self.take_connection(edge_id);
-        }
+        self.take_connections(edge_id, |c| c.id == connection_id);
+    }
+
+    fn connection_mut(&mut self, edge_id: &str, connection_id: u64) -> Option<&mut Connection> {
+        self.connections
+            .get_mut(edge_id)?
+            .iter_mut()
+            .find(|c| c.id == connection_id)
     }
 
     pub(crate) fn record_ack(&mut self, edge_id: &str, version: u64, error: Option<String>) {
@@ -326,12 +433,12 @@ impl Registry {
     }
 
     pub(crate) fn record_rtt(&mut self, edge_id: &str, connection_id: u64, rtt: Duration) -> bool {
-        match self.connections.get_mut(edge_id) {
-            Some(connection) if connection.id == connection_id => {
+        match self.connection_mut(edge_id, connection_id) {
+            Some(connection) => {
                 connection.rtt = Some(rtt);
                 true
             }
-            _ => false,
+            None => false,
         }
     }
 
@@ -345,10 +452,8 @@ impl Registry {
         connection_id: u64,
         ip: std::net::IpAddr,
     ) {
-        if let Some(connection) = self.connections.get_mut(edge_id) {
-            if connection.id == connection_id {
-                connection.public_ip = Some(ip);
-            }
+        if let Some(connection) = self.connection_mut(edge_id, connection_id) {
+            connection.public_ip = Some(ip);
         }
     }
 
@@ -387,6 +492,7 @@ impl Registry {
                 target_ports: record.target_ports.clone(),
                 connected: self.connections.contains_key(id),
                 desired_version: record.version,
+                generation: record.generation,
                 applied_version: record.applied_version,
                 last_error: record.last_error.clone(),
             })
@@ -397,6 +503,7 @@ impl Registry {
         let mut edges: Vec<ConnectedEdge> = self
             .connections
             .iter()
+            .flat_map(|(id, connections)| connections.iter().map(move |c| (id, c)))
             .map(|(id, c)| {
                 let stats = c.session.stats();
                 ConnectedEdge {
@@ -415,7 +522,7 @@ impl Registry {
                 }
             })
             .collect();
-        edges.sort_by(|a, b| a.id.cmp(&b.id));
+        edges.sort_by(|a, b| (&a.id, a.connected_since).cmp(&(&b.id, b.connected_since)));
         edges
     }
 }
@@ -456,13 +563,19 @@ mod tests {
 
     /// A live hub session whose peer end is kept open by the returned stream.
     fn live_session() -> (SessionHandle, tokio::io::DuplexStream) {
+        session_agreeing(remoteingress_wire::extension::Extensions::NONE)
+    }
+
+    fn session_agreeing(
+        agreed: remoteingress_wire::extension::Extensions,
+    ) -> (SessionHandle, tokio::io::DuplexStream) {
         let (ours, theirs) = tokio::io::duplex(1024);
         let (session, _events) = spawn_session(
             ours,
             Bytes::new(),
             Role::Hub,
             SessionOptions::default(),
-            remoteingress_wire::extension::Extensions::NONE,
+            agreed,
         );
         (session, theirs)
     }
@@ -619,6 +732,73 @@ mod tests {
         assert_eq!(registry.connection_count(), 1);
         registry.detach("a", second_id);
         assert_eq!(registry.connection_count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_edge_that_keeps_several_tunnels_keeps_them_all_and_gets_every_push() {
+        let mut registry = Registry::default();
+        registry.upsert(edge("a", "s", &[80]));
+        let all = remoteingress_wire::extension::Extensions::ALL;
+        let (first, _first_peer) = session_agreeing(all);
+        let (second, _second_peer) = session_agreeing(all);
+        let (first_id, _) = attach(&mut registry, "a", &first);
+        attach(&mut registry, "a", &second);
+        assert_eq!(registry.connection_count(), 2);
+        assert!(!first.is_closed() && !second.is_closed());
+        assert_eq!(registry.connected().len(), 2);
+        let pushes = registry.upsert(edge("a", "s", &[80, 443]));
+        assert_eq!(pushes.len(), 2, "every tunnel gets the new configuration");
+        registry.detach("a", first_id);
+        assert_eq!(registry.sessions_of("a").len(), 1);
+        assert!(registry.disconnect("a", "bye"));
+        assert!(second.is_closed());
+    }
+
+    #[test]
+    fn generations_are_the_sources_or_counted_on_change() {
+        let mut registry = Registry::default();
+        registry.upsert(edge("a", "s", &[80]));
+        let generation = |registry: &Registry| registry.list()[0].generation;
+        assert_eq!(generation(&registry), 1);
+        registry.upsert(edge("a", "s", &[80]));
+        assert_eq!(generation(&registry), 1, "no change, same generation");
+        registry.upsert(edge("a", "s", &[81]));
+        assert_eq!(generation(&registry), 2);
+        let mut explicit = edge("a", "s", &[81]);
+        explicit.config.generation = Some(40);
+        registry.upsert(explicit);
+        assert_eq!(generation(&registry), 40);
+        assert_eq!(
+            registry.authenticate("a", "s").unwrap().generation,
+            Some(40)
+        );
+    }
+
+    #[test]
+    fn replica_writes_need_a_generation_that_orders_them() {
+        let mut registry = Registry::default();
+        let mut current = edge("a", "s", &[80]);
+        assert_eq!(
+            registry.check_replica_write(&current),
+            Err(ReplicaConflict::GenerationRequired("a".into()))
+        );
+        current.config.generation = Some(5);
+        assert_eq!(registry.check_replica_write(&current), Ok(()));
+        registry.upsert(current.clone());
+        assert_eq!(registry.check_replica_write(&current), Ok(()), "idempotent");
+        let mut other = edge("a", "s", &[443]);
+        other.config.generation = Some(5);
+        assert!(matches!(
+            registry.check_replica_write(&other),
+            Err(ReplicaConflict::Conflicting { generation: 5, .. })
+        ));
+        other.config.generation = Some(4);
+        assert!(matches!(
+            registry.check_replica_write(&other),
+            Err(ReplicaConflict::Stale { given: 4, current: 5, .. })
+        ));
+        other.config.generation = Some(6);
+        assert_eq!(registry.check_replica_write(&other), Ok(()));
     }
 
     #[tokio::test]

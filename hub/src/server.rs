@@ -192,7 +192,8 @@ async fn serve_session(
             SessionEvent::UdpOpen { id, header } => udp.open(inner, id, header).await,
             SessionEvent::UdpDatagram { id, payload } => udp.datagram(inner, id, &payload),
             SessionEvent::UdpClose { id } => udp.close(inner, id),
-            SessionEvent::Config(_) => {}
+            // Only an edge receives these.
+            SessionEvent::Config(_) | SessionEvent::Drain => {}
         }
     }
 }

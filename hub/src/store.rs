@@ -22,6 +22,9 @@ pub(crate) struct StoredEdge {
     pub(crate) config: EdgeConfig,
     #[serde(default)]
     pub(crate) target_ports: BTreeMap<u16, u16>,
+    /// The configuration's generation (0 in files written before generations existed).
+    #[serde(default)]
+    pub(crate) generation: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -104,6 +107,7 @@ mod tests {
             secret_hash: "sha256:00:00".into(),
             config: EdgeConfig::default(),
             target_ports: BTreeMap::from([(80, 8080)]),
+            generation: 7,
         };
         save(&path, vec![edge.clone()]).unwrap();
         assert_eq!(load(&path).unwrap(), vec![edge]);

@@ -33,10 +33,27 @@ pub struct EdgeConfig {
     /// Per-edge increasing config version (our extension; acknowledged with CONFIG_ACK).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// How new the configuration is, set by its source (edges file, admin caller, operator) and
+    /// the same on every hub that serves the edge: an edge applies only a newer one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u64>,
 }
 
 fn default_stun_interval() -> u64 {
     DEFAULT_STUN_INTERVAL_SECS
+}
+
+impl EdgeConfig {
+    /// True if both ask for the same ports, STUN interval and firewall, whatever their version
+    /// and generation.
+    pub fn same_content(&self, other: &EdgeConfig) -> bool {
+        let bare = |config: &EdgeConfig| EdgeConfig {
+            version: None,
+            generation: None,
+            ..config.clone()
+        };
+        bare(self) == bare(other)
+    }
 }
 
 impl Default for EdgeConfig {
@@ -47,6 +64,7 @@ impl Default for EdgeConfig {
             stun_interval_secs: DEFAULT_STUN_INTERVAL_SECS,
             firewall_config: None,
             version: None,
+            generation: None,
         }
     }
 }
@@ -512,8 +530,9 @@ mod tests {
                 proptest::collection::vec(rule, 0..3),
             )),
             proptest::option::of(any::<u64>()),
+            proptest::option::of(any::<u64>()),
         )
-            .prop_map(|(tcp, udp, stun, firewall, version)| EdgeConfig {
+            .prop_map(|(tcp, udp, stun, firewall, version, generation)| EdgeConfig {
                 listen_ports: tcp,
                 listen_ports_udp: udp,
                 stun_interval_secs: stun,
@@ -523,6 +542,7 @@ mod tests {
                     rules,
                 }),
                 version,
+                generation,
             })
     }
 
