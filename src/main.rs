@@ -12,8 +12,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use remoteingress_controlplane::{
     serve_edge_status, serve_hub_admin, serve_metrics, AdminOptions, ApiLimits,
 };
-use remoteingress_edge::{BackoffPolicy, Edge, EdgeOptions, FirewallMode, TransportMode};
-use remoteingress_hub::{Hub, HubOptions};
+use remoteingress_edge::{
+    BackoffPolicy, Edge, EdgeOptions, FirewallMode, HubAddress, TransportMode,
+};
+use remoteingress_hub::{random_hub_id, Hub, HubOptions};
 use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions};
 use remoteingress_wire::token::{normalize_pin, ConnectionToken};
 use tokio_util::sync::CancellationToken;
@@ -266,6 +268,18 @@ struct HubArgs {
     /// Port edges use to reach this hub (default: the tunnel port).
     #[arg(long, env = "REMOTEINGRESS_PUBLIC_PORT")]
     public_port: Option<u16>,
+    /// This hub instance's id, sent to edges so that they tell hubs behind one address apart
+    /// (default: random per start; a pod name suits).
+    #[arg(long, env = "REMOTEINGRESS_HUB_ID")]
+    hub_id: Option<String>,
+    /// The other hubs serving the same edges (HOST:PORT, repeatable or comma-separated), named
+    /// in connection tokens too. Implies --replica.
+    #[arg(long = "peer", env = "REMOTEINGRESS_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// This hub is one of several serving the same edges: admin writes must carry a
+    /// generation, and writes that would let the hubs diverge are refused.
+    #[arg(long, env = "REMOTEINGRESS_REPLICA")]
+    replica: bool,
     #[command(flatten)]
     timers: TunnelTimers,
     #[command(flatten)]
@@ -278,14 +292,21 @@ struct HubArgs {
 struct EdgeArgs {
     /// Connection token from `remoteingress token encode` (or the hub's API).
     #[arg(long, env = "REMOTEINGRESS_TOKEN", hide_env_values = true,
-          conflicts_with_all = ["hub_host", "edge_id", "secret"])]
+          conflicts_with_all = ["hub_host", "hubs", "edge_id", "secret"])]
     token: Option<String>,
-    /// Hub host name or address.
-    #[arg(long, env = "REMOTEINGRESS_HUB_HOST")]
+    /// Hub host name or address (one hub; see --hub for several).
+    #[arg(long, env = "REMOTEINGRESS_HUB_HOST", conflicts_with = "hubs")]
     hub_host: Option<String>,
     /// Hub tunnel port.
     #[arg(long, env = "REMOTEINGRESS_HUB_PORT", default_value_t = 8443)]
     hub_port: u16,
+    /// A hub's HOST:PORT; repeat (or separate with commas) for several hubs.
+    #[arg(long = "hub", env = "REMOTEINGRESS_HUBS", value_delimiter = ',')]
+    hubs: Vec<String>,
+    /// Tunnels to keep up, each to a distinct hub instance (through the --hub list, or
+    /// repeatedly through one load-balanced address).
+    #[arg(long, env = "REMOTEINGRESS_HUB_CONNECTIONS", default_value_t = 1)]
+    hub_connections: usize,
     /// Edge id.
     #[arg(long, env = "REMOTEINGRESS_EDGE_ID")]
     edge_id: Option<String>,
@@ -384,6 +405,9 @@ struct EncodeArgs {
     /// SHA-256 pin of the hub certificate (64 hex digits), printed by `remoteingress hub`.
     #[arg(long, env = "REMOTEINGRESS_HUB_PIN")]
     pin: Option<String>,
+    /// Further hubs of the same tier (HOST:PORT, repeatable or comma-separated).
+    #[arg(long = "hub", env = "REMOTEINGRESS_HUBS", value_delimiter = ',')]
+    hubs: Vec<String>,
 }
 
 fn main() -> Result<()> {
@@ -439,6 +463,11 @@ fn encode_token(args: EncodeArgs) -> Result<String> {
         edge_id: args.edge_id,
         secret: args.secret,
         pin: args.pin.as_deref().map(normalize_pin).transpose()?,
+        hubs: args
+            .hubs
+            .iter()
+            .map(|hub| Ok(HubAddress::parse(hub)?.to_string()))
+            .collect::<Result<_>>()?,
     };
     Ok(token.encode())
 }
@@ -451,6 +480,7 @@ fn token_json(token: &ConnectionToken) -> serde_json::Value {
         "edgeId": token.edge_id,
         "secret": token.secret,
         "pin": token.pin,
+        "hubs": token.hub_addresses(),
     })
 }
 
@@ -479,12 +509,15 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         udp_max_sessions_total: args.udp_max_sessions_total,
         registry: prometheus::Registry::new(),
         quic: !args.no_quic,
+        hub_id: args.hub_id.unwrap_or_else(random_hub_id),
+        replica: args.replica || !args.peers.is_empty(),
         ..HubOptions::default()
     };
     let registry = options.registry.clone();
     let hub = Hub::start(options, &identity).await?;
     println!("hub listening on {}", hub.local_addr());
     println!("certificate pin (sha256): {}", hub.pin());
+    println!("hub id: {}", hub.status().hub_id);
     let edges_file_mode = args.edges_file.is_some();
     if let Some(path) = args.edges_file {
         hub.watch_edges_file(path, Duration::from_secs(1)).await?;
@@ -496,6 +529,7 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         tls: args.admin_tls_cert.zip(args.admin_tls_key),
         public_host: args.public_host,
         public_port: args.public_port.unwrap_or(hub.local_addr().port()),
+        peers: args.peers,
         edges_file_mode,
         limits: ApiLimits {
             call_timeout: Duration::from_secs(args.admin_call_timeout_secs.max(1)),
@@ -516,7 +550,13 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         stop: stop.clone(),
     };
     service
-        .run(|| hub.stop_accepting(), move || draining.active_streams())
+        .run(
+            || {
+                let hub = hub.clone();
+                tokio::spawn(async move { hub.drain().await });
+            },
+            move || draining.drain_pending(),
+        )
         .await?;
     hub.shutdown().await;
     let _ = served.task.await;
@@ -524,21 +564,30 @@ async fn run_hub(args: HubArgs) -> Result<()> {
 }
 
 async fn run_edge(args: EdgeArgs) -> Result<()> {
-    let (hub_host, hub_port, edge_id, secret, token_pin) = match args.token {
+    let (hubs, edge_id, secret, token_pin) = match args.token {
         Some(token) => {
             let token = ConnectionToken::decode(&token)?;
-            (
-                token.hub_host,
-                token.hub_port,
-                token.edge_id,
-                token.secret,
-                token.pin,
-            )
+            let hubs = token
+                .hub_addresses()
+                .iter()
+                .map(|hub| HubAddress::parse(hub))
+                .collect::<Result<Vec<_>, _>>()?;
+            (hubs, token.edge_id, token.secret, token.pin)
         }
-        None => match (args.hub_host, args.edge_id, args.secret) {
-            (Some(host), Some(id), Some(secret)) => (host, args.hub_port, id, secret, None),
-            _ => bail!("give --token, or all of --hub-host, --edge-id and --secret"),
-        },
+        None => {
+            let hubs = match args.hub_host {
+                Some(host) => vec![HubAddress::new(&host, args.hub_port)],
+                None => args
+                    .hubs
+                    .iter()
+                    .map(|hub| HubAddress::parse(hub))
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            match (hubs.is_empty(), args.edge_id, args.secret) {
+                (false, Some(id), Some(secret)) => (hubs, id, secret, None),
+                _ => bail!("give --token, or --hub-host (or --hub) with --edge-id and --secret"),
+            }
+        }
     };
     let trust = match (args.ca_file, args.hub_pin.or(token_pin), args.insecure) {
         (Some(ca), _, _) => HubTrust::CaFile(ca),
@@ -549,7 +598,10 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
              --ca-file, or --insecure for tests"
         ),
     };
-    let mut options = EdgeOptions::new(&hub_host, hub_port, &edge_id, &secret, trust);
+    let mut options = EdgeOptions::new(&hubs[0].host, hubs[0].port, &edge_id, &secret, trust);
+    options.hubs = hubs;
+    options.hub_connections = args.hub_connections.max(1);
+    options.drain_grace = args.service.grace();
     options.bind_address = args.bind_address;
     options.max_connections = args.max_connections;
     options.backoff = BackoffPolicy {

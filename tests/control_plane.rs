@@ -65,6 +65,7 @@ fn admin_options(edges_file_mode: bool) -> AdminOptions {
         tls: None,
         public_host: None,
         public_port: 443,
+        peers: Vec::new(),
         edges_file_mode,
         limits: ApiLimits::default(),
         registry: prometheus::Registry::new(),

@@ -342,6 +342,7 @@ async fn the_systemd_units_verify_and_their_command_lines_bring_a_tunnel_up() {
         edge_id: "e1".into(),
         secret: SECRET.into(),
         pin: Some(pin),
+        hubs: Vec::new(),
     }
     .encode();
     let mut edge_env = environment(edge_unit, &systemd.join("edge.env.example"));

@@ -3,7 +3,7 @@
 
 use std::time::SystemTime;
 
-use remoteingress_edge::EdgeEvent;
+use remoteingress_edge::{Disagreement, EdgeEvent, TunnelState, TunnelStatus};
 use remoteingress_hub::Transport;
 use remoteingress_hub::{
     AllowedEdge, ConnectedEdge, EdgeInfo, HubError, HubEvent, TokenSecretError,
@@ -24,6 +24,7 @@ pub(crate) fn hub_status(error: HubError) -> Status {
         HubError::InvalidEdge { .. } | HubError::EdgesFile { .. } => {
             Status::invalid_argument(error.to_string())
         }
+        HubError::Replica(_) => Status::failed_precondition(error.to_string()),
         HubError::TokenSecret(TokenSecretError::UnknownEdge) => {
             Status::not_found(error.to_string())
         }
@@ -213,6 +214,7 @@ pub(crate) fn edge_from_proto(edge: pb::Edge) -> Result<AllowedEdge, Status> {
             .map(|fw| firewall_from(&id, fw))
             .transpose()?,
         version: None,
+        generation: edge.generation,
     };
     Ok(AllowedEdge {
         id,
@@ -248,6 +250,7 @@ pub(crate) fn edge_info(info: EdgeInfo) -> pb::EdgeInfo {
         desired_config_version: info.desired_version,
         applied_config_version: info.applied_version.unwrap_or_default(),
         last_config_error: info.last_error.unwrap_or_default(),
+        generation: info.generation,
     }
 }
 
@@ -310,10 +313,21 @@ pub(crate) fn hub_event(event: HubEvent) -> (pb::EventKind, pb::WatchEventsRespo
                 kind: kind.to_owned(),
             }),
         ),
-        HubEvent::StreamOpened { edge_id, stream_id } => (
+        HubEvent::StreamOpened {
+            edge_id,
+            stream_id,
+            client_addr,
+            edge_port,
+            target,
+        } => (
             Kind::StreamOpened,
             edge_id,
-            HubPbEvent::StreamOpened(pb::StreamOpened { stream_id }),
+            HubPbEvent::StreamOpened(pb::StreamOpened {
+                stream_id,
+                client_addr: client_addr.to_string(),
+                edge_port: u32::from(edge_port),
+                target,
+            }),
         ),
         HubEvent::StreamClosed { edge_id, stream_id } => (
             Kind::StreamClosed,
@@ -323,10 +337,18 @@ pub(crate) fn hub_event(event: HubEvent) -> (pb::EventKind, pb::WatchEventsRespo
         HubEvent::UdpSessionOpened {
             edge_id,
             session_id,
+            client_addr,
+            edge_port,
+            target,
         } => (
             Kind::UdpSessionOpened,
             edge_id,
-            HubPbEvent::UdpSessionOpened(pb::UdpSessionOpened { session_id }),
+            HubPbEvent::UdpSessionOpened(pb::UdpSessionOpened {
+                session_id,
+                client_addr: client_addr.to_string(),
+                edge_port: u32::from(edge_port),
+                target,
+            }),
         ),
         HubEvent::UdpSessionClosed {
             edge_id,
@@ -396,13 +418,32 @@ pub(crate) fn edge_event(event: EdgeEvent) -> pb::EdgeStatusWatchEventsResponse 
         })
     };
     let event = match event {
-        EdgeEvent::TunnelConnected { transport: name } => {
-            Event::TunnelConnected(pb::TunnelConnected {
-                transport: transport(Some(name)),
+        EdgeEvent::TunnelConnected {
+            transport: name,
+            hub_id,
+            address,
+        } => Event::TunnelConnected(pb::TunnelConnected {
+            transport: transport(Some(name)),
+            hub_id: hub_id.unwrap_or_default(),
+            address,
+        }),
+        EdgeEvent::TunnelDisconnected {
+            reason,
+            hub_id,
+            address,
+        } => Event::TunnelDisconnected(pb::TunnelDisconnected {
+            reason,
+            hub_id: hub_id.unwrap_or_default(),
+            address,
+        }),
+        EdgeEvent::TunnelDraining { hub_id, address } => {
+            Event::TunnelDraining(pb::TunnelDraining {
+                hub_id: hub_id.unwrap_or_default(),
+                address,
             })
         }
-        EdgeEvent::TunnelDisconnected { reason } => {
-            Event::TunnelDisconnected(pb::TunnelDisconnected { reason })
+        EdgeEvent::ConfigDisagreement { generation, hubs } => {
+            Event::ConfigDisagreement(disagreement(Disagreement { generation, hubs }))
         }
         EdgeEvent::PortsAssigned {
             listen_ports,
@@ -429,6 +470,31 @@ pub(crate) fn edge_event(event: EdgeEvent) -> pb::EdgeStatusWatchEventsResponse 
     pb::EdgeStatusWatchEventsResponse {
         time: Some(SystemTime::now().into()),
         event: Some(event),
+    }
+}
+
+/// A disagreement between hubs as the edge API shows it.
+pub(crate) fn disagreement(disagreement: Disagreement) -> pb::ConfigDisagreement {
+    pb::ConfigDisagreement {
+        generation: disagreement.generation,
+        hubs: disagreement.hubs,
+    }
+}
+
+/// One of the edge's tunnels as the edge API shows it.
+pub(crate) fn tunnel(tunnel: TunnelStatus) -> pb::Tunnel {
+    pb::Tunnel {
+        hub_id: tunnel.hub_id.unwrap_or_default(),
+        address: tunnel.address,
+        transport: transport(Some(tunnel.transport)),
+        state: match tunnel.state {
+            TunnelState::Active => pb::TunnelState::Active,
+            TunnelState::Draining => pb::TunnelState::Draining,
+        } as i32,
+        active_streams: u32::try_from(tunnel.active_streams).unwrap_or(u32::MAX),
+        active_udp_sessions: u32::try_from(tunnel.active_udp_sessions).unwrap_or(u32::MAX),
+        rtt: tunnel.rtt.and_then(|rtt| rtt.try_into().ok()),
+        connected_since: Some(tunnel.connected_since.into()),
     }
 }
 

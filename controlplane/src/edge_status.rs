@@ -3,7 +3,7 @@
 use remoteingress_edge::{EdgeHandle, FirewallState};
 use tonic::{Request, Response, Status};
 
-use crate::convert::{edge_event, edge_events_missed};
+use crate::convert::{disagreement, edge_event, edge_events_missed, tunnel};
 use crate::events::{forward_events, EventStream};
 use crate::pb;
 use crate::pb::edge_status_server::EdgeStatus;
@@ -50,6 +50,9 @@ impl EdgeStatus for EdgeStatusService {
             firewall: firewall_state as i32,
             firewall_message,
             last_error: status.last_error.unwrap_or_default(),
+            tunnels: status.tunnels.into_iter().map(tunnel).collect(),
+            generation: status.generation.unwrap_or_default(),
+            config_disagreement: status.config_disagreement.map(disagreement),
         }))
     }
 

@@ -20,6 +20,8 @@ pub(crate) struct HubAdminService {
     pub(crate) shutdown: tokio_util::sync::CancellationToken,
     pub(crate) public_host: Option<String>,
     pub(crate) public_port: u16,
+    /// The other hubs' public tunnel addresses, named in connection tokens too.
+    pub(crate) peers: Vec<String>,
     /// The edges file is the source of truth: the API must not change the allowed set.
     pub(crate) edges_file_mode: bool,
     /// One permit per open WatchEvents stream.
@@ -108,6 +110,8 @@ impl HubAdmin for HubAdminService {
                 .into_iter()
                 .map(connected_edge)
                 .collect(),
+            hub_id: status.hub_id,
+            draining: status.draining,
         }))
     }
 
@@ -163,6 +167,7 @@ impl HubAdmin for HubAdminService {
             edge_id: request.edge_id,
             secret,
             pin: Some(pin.clone()),
+            hubs: self.peers.clone(),
         };
         Ok(Response::new(pb::CreateConnectionTokenResponse {
             token: token.encode(),
@@ -178,5 +183,23 @@ impl HubAdmin for HubAdminService {
     ) -> Result<Response<pb::DisconnectEdgeResponse>, Status> {
         let disconnected = self.hub.disconnect_edge(&request.into_inner().id);
         Ok(Response::new(pb::DisconnectEdgeResponse { disconnected }))
+    }
+
+    async fn drain(
+        &self,
+        _request: Request<pb::DrainRequest>,
+    ) -> Result<Response<pb::DrainResponse>, Status> {
+        let tunnels = self.hub.drain().await;
+        Ok(Response::new(pb::DrainResponse {
+            tunnels: u32::try_from(tunnels).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn drain_edge(
+        &self,
+        request: Request<pb::DrainEdgeRequest>,
+    ) -> Result<Response<pb::DrainEdgeResponse>, Status> {
+        let drained = self.hub.drain_edge(&request.into_inner().id).await;
+        Ok(Response::new(pb::DrainEdgeResponse { drained }))
     }
 }

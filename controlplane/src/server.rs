@@ -66,6 +66,8 @@ pub struct AdminOptions {
     pub public_host: Option<String>,
     /// Hub port that connection tokens name.
     pub public_port: u16,
+    /// The other hubs' public tunnel addresses (`host:port`), which connection tokens name too.
+    pub peers: Vec<String>,
     /// True when an edges file is the source of truth (write calls are refused).
     pub edges_file_mode: bool,
     /// Timeouts and concurrency limits.
@@ -235,6 +237,7 @@ pub async fn serve_hub_admin(
         shutdown: shutdown.clone(),
         public_host: options.public_host,
         public_port: options.public_port,
+        peers: options.peers,
         edges_file_mode: options.edges_file_mode,
         watchers: Arc::new(tokio::sync::Semaphore::new(options.limits.max_watchers)),
     };

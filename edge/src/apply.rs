@@ -1,5 +1,7 @@
-//! Applying a configuration from the hub whole or not at all: ports bound, firewall applied,
+//! Applying a configuration from a hub whole or not at all: ports bound, firewall applied,
 //! then acknowledged; on any failure the previous configuration stays and the error is reported.
+//! With several hubs, only a configuration newer than the running one is applied (see
+//! [`crate::offers`]).
 
 use bytes::Bytes;
 use remoteingress_tunnel::SessionHandle;
@@ -9,7 +11,9 @@ use remoteingress_wire::EdgeConfig;
 use thiserror::Error;
 
 use crate::firewall::{FirewallError, FirewallState};
+use crate::offers::{judge, Disagreement, Offers, Verdict};
 use crate::ports::{BindError, PortSet};
+use crate::tunnels::TunnelKey;
 use crate::udp::UdpPorts;
 use crate::{EdgeEvent, EdgeInner};
 
@@ -30,21 +34,80 @@ pub enum ApplyError {
     Firewall(#[from] FirewallError),
 }
 
-/// What one tunnel session serves: its public listeners and its STUN refresh interval.
+/// What the edge serves while at least one tunnel is up: its public listeners, the
+/// configuration in force, and what each hub offers.
 pub(crate) struct Serving {
     pub(crate) tcp: PortSet,
     pub(crate) udp: UdpPorts,
-    pub(crate) stun_interval: tokio::sync::watch::Sender<u64>,
+    /// The configuration in force; `None` until one applied.
+    pub(crate) running: Option<EdgeConfig>,
+    pub(crate) offers: Offers,
+    pub(crate) disagreement: Option<Disagreement>,
+}
+
+/// A configuration offered by `hub` over tunnel `key` (`session`): applied if it is newer than
+/// the running one, acknowledged either way; a disagreement between hubs is reported.
+pub(crate) async fn offer(
+    inner: &EdgeInner,
+    serving: &mut Serving,
+    (key, hub, session): (TunnelKey, &str, &SessionHandle),
+    config: &EdgeConfig,
+) {
+    serving.offers.insert(key, hub, config);
+    let verdict = judge(serving.running.as_ref(), config);
+    match verdict {
+        Verdict::Apply => apply_config(inner, session, serving, config).await,
+        Verdict::Unchanged => {
+            if let Some(running) = &mut serving.running {
+                running.generation = running.generation.max(config.generation);
+            }
+            if let Some(version) = config.version {
+                acknowledge(session, serde_json::json!({ "version": version })).await;
+            }
+        }
+        Verdict::Older { .. } | Verdict::Disagrees { .. } => {
+            let why = verdict.refusal(config.generation).unwrap_or_default();
+            tracing::warn!(%hub, generation = ?config.generation, %why, "configuration not applied");
+            if let Some(version) = config.version {
+                acknowledge(
+                    session,
+                    serde_json::json!({ "version": version, "error": why }),
+                )
+                .await;
+            }
+        }
+    }
+    report_disagreement(inner, serving);
+}
+
+/// Publishes whether live hubs disagree, once per change.
+pub(crate) fn report_disagreement(inner: &EdgeInner, serving: &mut Serving) {
+    let now = serving.offers.disagreement();
+    if now == serving.disagreement {
+        return;
+    }
+    serving.disagreement = now.clone();
+    inner.metrics.config_disagreement.set(i64::from(now.is_some()));
+    if let Some(disagreement) = &now {
+        tracing::error!(generation = disagreement.generation, hubs = ?disagreement.hubs,
+            "hubs offer different configurations under one generation; keeping the running one");
+        inner.metrics.config_disagreements.inc();
+        inner.emit(EdgeEvent::ConfigDisagreement {
+            generation: disagreement.generation,
+            hubs: disagreement.hubs.clone(),
+        });
+    }
+    inner.update(|s| s.config_disagreement = now);
 }
 
 /// Validates and applies a configuration whole, or keeps the previous one; acknowledges it.
-pub(crate) async fn apply_config(
+async fn apply_config(
     inner: &EdgeInner,
     session: &SessionHandle,
     ports: &mut Serving,
     config: &EdgeConfig,
-    initial: bool,
 ) {
+    let initial = ports.running.is_none();
     // Every new port is bound before anything changes, so a failure leaves the old set whole.
     let bound = async {
         config.validate()?;
@@ -59,12 +122,16 @@ pub(crate) async fn apply_config(
     };
     ports.tcp.commit(&config.listen_ports, tcp);
     ports.udp.commit(&config.listen_ports_udp, udp);
-    ports.stun_interval.send_replace(config.stun_interval_secs);
+    ports.running = Some(config.clone());
+    inner.stun_interval.send_replace(config.stun_interval_secs);
     let (listen_ports, listen_ports_udp) = (ports.tcp.ports(), ports.udp.ports());
-    tracing::info!(tcp = ?listen_ports, udp = ?listen_ports_udp, version = ?config.version, "configuration applied");
+    tracing::info!(tcp = ?listen_ports, udp = ?listen_ports_udp, version = ?config.version,
+        generation = ?config.generation, "configuration applied");
+    inner.metrics.config_generation.set(config.generation.unwrap_or_default() as i64);
     inner.update(|s| {
         s.listen_ports = listen_ports.clone();
         s.listen_ports_udp = listen_ports_udp.clone();
+        s.generation = config.generation;
     });
     inner.emit(if initial {
         EdgeEvent::PortsAssigned {

@@ -3,8 +3,8 @@
 
 use remoteingress_tunnel::tls::TlsError;
 use remoteingress_tunnel::{quic, HubTrust, Link, LinkError, Role, SessionEvent, SessionHandle};
-use remoteingress_wire::handshake::{parse_reply, HandshakeError};
-use remoteingress_wire::EdgeConfig;
+use remoteingress_wire::handshake::{parse_reply, HandshakeError, HubReply};
+use remoteingress_wire::token::join_host_port;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -14,8 +14,58 @@ use crate::{EdgeInner, Transport, TransportMode};
 /// Longest handshake reply (the edge's configuration) accepted from the hub.
 const MAX_REPLY_LEN: usize = 1024 * 1024;
 
-/// A session that has just started, its events, and the configuration the hub sent.
-pub(crate) type Connected = (SessionHandle, mpsc::Receiver<SessionEvent>, EdgeConfig);
+/// A session that has just started, its events, and the hub's reply (configuration, hub id).
+pub(crate) type Connected = (SessionHandle, mpsc::Receiver<SessionEvent>, HubReply);
+
+/// Where a hub listens: `host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubAddress {
+    /// Host name or address.
+    pub host: String,
+    /// Tunnel port.
+    pub port: u16,
+}
+
+/// Why a hub address could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("hub address {0:?} is not HOST:PORT")]
+pub struct HubAddressError(String);
+
+impl HubAddress {
+    /// A hub at `host` and `port`.
+    pub fn new(host: &str, port: u16) -> Self {
+        Self {
+            host: host.to_owned(),
+            port,
+        }
+    }
+
+    /// Reads `host:port` (an IPv6 address in brackets).
+    pub fn parse(text: &str) -> Result<Self, HubAddressError> {
+        let bad = || HubAddressError(text.to_owned());
+        let (host, port) = text.trim().rsplit_once(':').ok_or_else(bad)?;
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let port = port.parse::<u16>().map_err(|_| bad())?;
+        if host.is_empty() || port == 0 {
+            return Err(bad());
+        }
+        Ok(Self::new(host, port))
+    }
+
+    /// The name the hub's certificate is checked against.
+    pub(crate) fn server_name(&self) -> Option<ServerName<'static>> {
+        ServerName::try_from(self.host.clone()).ok()
+    }
+}
+
+impl std::fmt::Display for HubAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&join_host_port(&self.host, self.port))
+    }
+}
 
 /// Why one attempt to reach the hub failed.
 #[derive(Debug, Error)]
@@ -32,10 +82,14 @@ pub enum ConnectError {
     /// The attempt took longer than allowed.
     #[error("connecting to the hub timed out")]
     Timeout,
+    /// The hub's host is not a valid TLS server name.
+    #[error("the hub host is not a valid host name or address")]
+    HubHost,
 }
 
-/// One attempt: the transport (verifying the hub), the handshake, and the session.
-pub(crate) async fn connect(inner: &EdgeInner) -> Result<Connected, ConnectError> {
+/// One attempt to reach the hub at `hub`: the transport (verifying the hub), the handshake,
+/// and the session.
+pub(crate) async fn connect(inner: &EdgeInner, hub: &HubAddress) -> Result<Connected, ConnectError> {
     let options = &inner.options;
     if options.trust == HubTrust::Insecure {
         tracing::warn!(
@@ -43,7 +97,7 @@ pub(crate) async fn connect(inner: &EdgeInner) -> Result<Connected, ConnectError
         );
     }
     let within = |budget, transport| async move {
-        tokio::time::timeout(budget, connect_over(inner, transport))
+        tokio::time::timeout(budget, connect_over(inner, hub, transport))
             .await
             .map_err(|_| ConnectError::Timeout)?
     };
@@ -66,16 +120,19 @@ pub(crate) async fn connect(inner: &EdgeInner) -> Result<Connected, ConnectError
 }
 
 /// Connects over `transport`, sends the handshake line and starts the session.
-async fn connect_over(inner: &EdgeInner, transport: Transport) -> Result<Connected, ConnectError> {
+async fn connect_over(
+    inner: &EdgeInner,
+    hub: &HubAddress,
+    transport: Transport,
+) -> Result<Connected, ConnectError> {
     let options = &inner.options;
-    let (host, port) = (options.hub_host.as_str(), options.hub_port);
+    let (host, port) = (hub.host.as_str(), hub.port);
+    let server_name = hub.server_name().ok_or(ConnectError::HubHost)?;
     let mut link = match transport {
-        Transport::TcpTls => {
-            Link::connect_tls(&inner.tls, inner.server_name.clone(), host, port).await?
-        }
+        Transport::TcpTls => Link::connect_tls(&inner.tls, server_name, host, port).await?,
         Transport::Quic => {
             let endpoint = quic::client_endpoint(&options.trust, &options.session)?;
-            let server_name = match &inner.server_name {
+            let server_name = match &server_name {
                 ServerName::DnsName(name) => name.as_ref().to_owned(),
                 _ => "remoteingress-hub".to_owned(),
             };
@@ -87,5 +144,5 @@ async fn connect_over(inner: &EdgeInner, transport: Transport) -> Result<Connect
     let reply = parse_reply(&line)?;
     let agreed = reply.offered.intersect(options.session.extensions);
     let (session, events) = link.into_session(rest, Role::Edge, options.session.clone(), agreed);
-    Ok((session, events, reply.config))
+    Ok((session, events, reply))
 }

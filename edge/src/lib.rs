@@ -1,41 +1,43 @@
-//! The edge: keeps one tunnel to the hub up (reconnecting with backoff), listens on the ports
-//! the hub assigns, and carries every client connection through the tunnel with a PROXY v1
-//! header that names the real client.
+//! The edge: keeps tunnels to one or several hub instances up (reconnecting with backoff),
+//! listens on the ports the hubs assign, and carries every client connection through the least
+//! loaded tunnel with a PROXY v1 header that names the real client.
 
 mod apply;
 mod backoff;
 mod connect;
 pub mod firewall;
 mod metrics;
+mod offers;
 mod ports;
+mod slots;
 pub mod stun;
+mod tunnels;
 mod udp;
 
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use remoteingress_tunnel::tls::{client_config, TlsError};
-use remoteingress_tunnel::{HubTrust, SessionEvent, SessionHandle, SessionOptions};
+use remoteingress_tunnel::{HubTrust, SessionHandle, SessionOptions};
 use remoteingress_wire::handshake::{EdgeHello, HandshakeError};
-use remoteingress_wire::EdgeConfig;
 use thiserror::Error;
-use tokio::sync::{broadcast, mpsc, Semaphore};
+use tokio::sync::{broadcast, Semaphore};
 use tokio::task::JoinHandle;
-use tokio_rustls::rustls::pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 
 pub use apply::ApplyError;
-use apply::{acknowledge, apply_config, reject, Serving};
+use apply::{acknowledge, Serving};
 pub use backoff::BackoffPolicy;
-use connect::connect;
-pub use connect::ConnectError;
+pub use connect::{ConnectError, HubAddress, HubAddressError};
 pub use firewall::{Firewall, FirewallError, FirewallMode, FirewallState};
+pub use offers::Disagreement;
 pub use ports::BindError;
-use ports::PortSet;
 pub use remoteingress_tunnel::Transport;
-use udp::{UdpCounters, UdpLimits, UdpPorts};
+pub use tunnels::{TunnelState, TunnelStatus};
+use tunnels::Tunnels;
+use udp::{UdpCounters, UdpLimits, UdpSessions};
 
 /// Why the edge cannot start.
 #[derive(Debug, Error)]
@@ -55,15 +57,21 @@ pub enum EdgeError {
     /// The hub host is not a valid TLS server name.
     #[error("hub host {0:?} is not a valid host name or address")]
     HubHost(String),
+    /// No hub address was given.
+    #[error("no hub address given")]
+    NoHub,
 }
 
-/// How the edge reaches its hub and serves clients.
+/// How the edge reaches its hubs and serves clients.
 #[derive(Debug, Clone)]
 pub struct EdgeOptions {
-    /// Hub host name or address.
-    pub hub_host: String,
-    /// Hub tunnel port.
-    pub hub_port: u16,
+    /// The hubs' addresses: one per hub instance, or one load-balanced address for all.
+    pub hubs: Vec<HubAddress>,
+    /// Tunnels kept up, each to a distinct hub instance (told apart by the id in the hub's
+    /// reply).
+    pub hub_connections: usize,
+    /// How long a drained tunnel's open streams may take to finish before it is closed.
+    pub drain_grace: Duration,
     /// Edge id.
     pub edge_id: String,
     /// Edge secret.
@@ -110,8 +118,9 @@ impl EdgeOptions {
         trust: HubTrust,
     ) -> Self {
         Self {
-            hub_host: hub_host.to_owned(),
-            hub_port,
+            hubs: vec![HubAddress::new(hub_host, hub_port)],
+            hub_connections: 1,
+            drain_grace: Duration::from_secs(30),
             edge_id: edge_id.to_owned(),
             secret: secret.to_owned(),
             trust,
@@ -148,15 +157,37 @@ pub enum TransportMode {
 /// Something that happened on the edge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EdgeEvent {
-    /// The tunnel is up.
+    /// A tunnel is up.
     TunnelConnected {
         /// The transport of the tunnel.
         transport: Transport,
+        /// The hub instance's id (none from an original hub).
+        hub_id: Option<String>,
+        /// The address dialled.
+        address: String,
     },
-    /// The tunnel went down (the edge reconnects).
+    /// A tunnel went down (the edge reconnects).
     TunnelDisconnected {
         /// Why.
         reason: String,
+        /// The hub instance's id (none from an original hub).
+        hub_id: Option<String>,
+        /// The address dialled.
+        address: String,
+    },
+    /// A hub asked the edge to move new streams off its tunnel (it is shutting down).
+    TunnelDraining {
+        /// The hub instance's id.
+        hub_id: Option<String>,
+        /// The address dialled.
+        address: String,
+    },
+    /// Hubs offer different configurations under the same generation; the running one stays.
+    ConfigDisagreement {
+        /// The generation they share.
+        generation: u64,
+        /// The hubs that disagree.
+        hubs: Vec<String>,
     },
     /// Listening on these ports after connecting.
     PortsAssigned {
@@ -198,19 +229,25 @@ pub enum EdgeEvent {
 pub struct EdgeStatus {
     /// True until shutdown.
     pub running: bool,
-    /// Whether the tunnel is up.
+    /// Whether at least one tunnel is up.
     pub connected: bool,
-    /// The tunnel's transport while connected.
+    /// The oldest tunnel's transport while connected.
     pub transport: Option<Transport>,
-    /// Streams open now.
+    /// Streams open now, over all tunnels.
     pub active_streams: usize,
+    /// Every tunnel, oldest first.
+    pub tunnels: Vec<TunnelStatus>,
+    /// Generation of the configuration in force.
+    pub generation: Option<u64>,
+    /// Hubs that offer different configurations under one generation, if any do.
+    pub config_disagreement: Option<Disagreement>,
     /// TCP ports listened on.
     pub listen_ports: Vec<u16>,
     /// UDP ports listened on.
     pub listen_ports_udp: Vec<u16>,
     /// UDP sessions open now.
     pub active_udp_sessions: u64,
-    /// UDP datagrams dropped at a limit or a full queue, this tunnel.
+    /// UDP datagrams dropped at a limit or a full queue, on the tunnels up now.
     pub udp_dropped: u64,
     /// Last connection or configuration error.
     pub last_error: Option<String>,
@@ -226,10 +263,14 @@ struct EdgeInner {
     options: EdgeOptions,
     hello: EdgeHello,
     tls: TlsConnector,
-    server_name: ServerName<'static>,
     events: broadcast::Sender<EdgeEvent>,
     status: Mutex<EdgeStatus>,
-    session: Mutex<Option<SessionHandle>>,
+    tunnels: Arc<Tunnels>,
+    /// Listeners and configuration while a tunnel is up; one change at a time.
+    serving: tokio::sync::Mutex<Option<Serving>>,
+    udp: Arc<UdpSessions>,
+    /// The STUN refresh interval of the configuration in force.
+    stun_interval: tokio::sync::watch::Sender<u64>,
     /// Traffic of ended tunnels.
     ended: Mutex<metrics::Totals>,
     metrics: metrics::EdgeMetrics,
@@ -276,18 +317,37 @@ impl Edge {
             }
         };
         let tls = TlsConnector::from(client_config(&options.trust)?);
-        let server_name = ServerName::try_from(options.hub_host.clone())
-            .map_err(|_| EdgeError::HubHost(options.hub_host.clone()))?;
+        if options.hubs.is_empty() {
+            return Err(EdgeError::NoHub);
+        }
+        if let Some(hub) = options.hubs.iter().find(|hub| hub.server_name().is_none()) {
+            return Err(EdgeError::HubHost(hub.host.clone()));
+        }
         let (events, _) = broadcast::channel(1024);
         let edge_metrics = metrics::EdgeMetrics::register(&options.registry)?;
+        let udp = Arc::new(UdpSessions::new(
+            UdpLimits {
+                idle_timeout: options.udp_idle_timeout,
+                max_sessions: options.udp_max_sessions,
+            },
+            UdpCounters {
+                opened: edge_metrics.client_connections.clone(),
+                dropped: edge_metrics.udp_dropped.clone(),
+            },
+        ));
         let inner = Arc::new(EdgeInner {
             ended: Mutex::default(),
             metrics: edge_metrics,
             connections: Arc::new(Semaphore::new(options.max_connections)),
+            tunnels: Arc::default(),
+            serving: tokio::sync::Mutex::new(None),
+            udp,
+            stun_interval: tokio::sync::watch::Sender::new(
+                remoteingress_wire::config::DEFAULT_STUN_INTERVAL_SECS,
+            ),
             options,
             hello,
             tls,
-            server_name,
             events,
             status: Mutex::new(EdgeStatus {
                 running: true,
@@ -295,7 +355,6 @@ impl Edge {
                 ..EdgeStatus::default()
             }),
             firewall,
-            session: Mutex::new(None),
             shutdown: CancellationToken::new(),
             accepting: CancellationToken::new(),
         });
@@ -308,7 +367,26 @@ impl Edge {
         inner.options.registry.register(Box::new(
             remoteingress_tunnel::warn::SuppressedWarnings::new()?,
         ))?;
-        let task = tokio::spawn(supervise(inner.clone()));
+        if !inner.options.stun_servers.is_empty() {
+            let stun = inner.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = stun_loop(&stun) => {}
+                    () = stun.shutdown.cancelled() => {}
+                }
+            });
+        }
+        let sweeper = inner.clone();
+        tokio::spawn(async move {
+            let mut sweep = tokio::time::interval(sweeper.udp.sweep_interval());
+            loop {
+                tokio::select! {
+                    _ = sweep.tick() => sweeper.udp.expire(),
+                    () = sweeper.shutdown.cancelled() => return,
+                }
+            }
+        });
+        let task = tokio::spawn(slots::supervise(inner.clone()));
         Ok(EdgeHandle {
             inner,
             task: Arc::new(Mutex::new(Some(task))),
@@ -345,18 +423,22 @@ impl EdgeHandle {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        if let Some(session) = &*self.inner.session.lock().unwrap_or_else(|p| p.into_inner()) {
-            let stats = session.stats();
-            status.active_streams = session.active_streams();
-            status.active_udp_sessions = stats
-                .udp_sessions
-                .load(std::sync::atomic::Ordering::Relaxed);
-            status.udp_dropped = stats.udp_dropped.load(std::sync::atomic::Ordering::Relaxed);
-        }
+        status.tunnels = self.inner.tunnels.statuses();
+        status.connected = !status.tunnels.is_empty();
+        status.transport = status.tunnels.first().map(|tunnel| tunnel.transport);
+        status.active_streams = status.tunnels.iter().map(|t| t.active_streams).sum();
+        status.active_udp_sessions = status.tunnels.iter().map(|t| t.active_udp_sessions).sum();
+        status.udp_dropped = self
+            .inner
+            .tunnels
+            .sessions()
+            .iter()
+            .map(|s| s.stats().udp_dropped.load(std::sync::atomic::Ordering::Relaxed))
+            .sum();
         status
     }
 
-    /// True while the tunnel is up.
+    /// True while at least one tunnel is up.
     pub fn is_ready(&self) -> bool {
         self.status().connected
     }
@@ -382,144 +464,10 @@ impl EdgeHandle {
     }
 }
 
-/// Connects, serves, and reconnects until shutdown.
-async fn supervise(inner: Arc<EdgeInner>) {
-    let mut backoff = backoff::Backoff::new(inner.options.backoff);
-    loop {
-        let attempt = tokio::select! {
-            attempt = connect(&inner) => attempt,
-            () = inner.shutdown.cancelled() => return,
-        };
-        match attempt {
-            Ok((session, events, config)) => {
-                let started = Instant::now();
-                let reason = serve(&inner, session, events, config).await;
-                backoff.connection_ended(started.elapsed());
-                tracing::warn!(%reason, "tunnel disconnected");
-                inner.update(|s| {
-                    s.connected = false;
-                    s.transport = None;
-                    s.listen_ports.clear();
-                    s.listen_ports_udp.clear();
-                    s.last_error = Some(reason.clone());
-                });
-                inner.emit(EdgeEvent::TunnelDisconnected { reason });
-            }
-            Err(error) => {
-                tracing::warn!(hub = %inner.options.hub_host, port = inner.options.hub_port, %error, "cannot reach the hub");
-                inner.update(|s| s.last_error = Some(error.to_string()));
-            }
-        }
-        let delay = backoff.next_delay(rand::random::<f64>());
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = inner.shutdown.cancelled() => return,
-        }
-    }
-}
-
-/// Runs one tunnel until it ends; returns why it ended.
-async fn serve(
-    inner: &Arc<EdgeInner>,
-    session: SessionHandle,
-    mut events: mpsc::Receiver<SessionEvent>,
-    config: EdgeConfig,
-) -> String {
-    tracing::info!(hub = %inner.options.hub_host, "tunnel connected");
-    *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = Some(session.clone());
-    inner.metrics.tunnel_connected.set(1);
-    if inner
-        .status
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .connections
-        > 0
-    {
-        inner.metrics.tunnel_reconnects.inc();
-    }
-    inner.update(|s| {
-        s.connected = true;
-        s.transport = Some(session.transport());
-        s.connections += 1;
-        s.last_error = None;
-    });
-    inner.emit(EdgeEvent::TunnelConnected {
-        transport: session.transport(),
-    });
-    let mut ports = Serving {
-        tcp: PortSet::new(
-            inner.options.bind_address,
-            session.clone(),
-            inner.connections.clone(),
-            inner.metrics.client_connections.clone(),
-            inner.accepting.clone(),
-        ),
-        udp: UdpPorts::new(
-            inner.options.bind_address,
-            session.clone(),
-            UdpLimits {
-                idle_timeout: inner.options.udp_idle_timeout,
-                max_sessions: inner.options.udp_max_sessions,
-            },
-            UdpCounters {
-                opened: inner.metrics.client_connections.clone(),
-                dropped: inner.metrics.udp_dropped.clone(),
-            },
-        ),
-        stun_interval: tokio::sync::watch::Sender::new(config.stun_interval_secs),
-    };
-    if !inner.options.stun_servers.is_empty() {
-        let interval = ports.stun_interval.subscribe();
-        let cancel = session.cancellation();
-        let (inner_for_stun, session_for_stun) = (inner.clone(), session.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                () = stun_loop(&inner_for_stun, &session_for_stun, interval) => {}
-                () = cancel.cancelled() => {}
-            }
-        });
-    }
-    apply_config(inner, &session, &mut ports, &config, true).await;
-    let mut sweep = tokio::time::interval(ports.udp.sweep_interval());
-    loop {
-        tokio::select! {
-            event = events.recv() => match event {
-                Some(SessionEvent::Config(json)) => match serde_json::from_slice::<EdgeConfig>(&json) {
-                    Ok(config) => apply_config(inner, &session, &mut ports, &config, false).await,
-                    Err(e) => reject(inner, &session, None, &ApplyError::from(e)).await,
-                },
-                Some(SessionEvent::UdpDatagram { id, payload }) => ports.udp.reply(id, &payload),
-                Some(SessionEvent::UdpClose { id }) => ports.udp.closed_by_hub(id),
-                Some(_) => {}
-                None => break,
-            },
-            _ = sweep.tick() => ports.udp.expire(),
-            () = inner.shutdown.cancelled() => {
-                session.close("edge shutting down");
-                break;
-            }
-        }
-    }
-    drop(ports);
-    *inner.session.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    inner.metrics.tunnel_connected.set(0);
-    inner
-        .ended
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .add(metrics::Totals::of(session.stats()));
-    session
-        .close_reason()
-        .map_or_else(|| "tunnel closed".to_owned(), |reason| reason.to_string())
-}
-
-/// Learns the public IP at connect and every `stunIntervalSecs` (0: only at connect), trying
-/// the servers in order; reports changes in status, events, metrics and to the hub.
-async fn stun_loop(
-    inner: &EdgeInner,
-    session: &SessionHandle,
-    mut interval: tokio::sync::watch::Receiver<u64>,
-) {
+/// Learns the public IP at start and every `stunIntervalSecs` (0: only at start), trying the
+/// servers in order; reports changes in status, events, metrics and to the hubs.
+async fn stun_loop(inner: &EdgeInner) {
+    let mut interval = inner.stun_interval.subscribe();
     loop {
         let mut learned = None;
         for server in &inner.options.stun_servers {
@@ -532,7 +480,7 @@ async fn stun_loop(
             }
         }
         match learned {
-            Some(ip) => public_ip_learned(inner, session, ip).await,
+            Some(ip) => public_ip_learned(inner, ip).await,
             None => tracing::warn!("no STUN server answered; will retry"),
         }
         let secs = *interval.borrow_and_update();
@@ -557,7 +505,7 @@ async fn stun_loop(
     }
 }
 
-async fn public_ip_learned(inner: &EdgeInner, session: &SessionHandle, ip: std::net::IpAddr) {
+async fn public_ip_learned(inner: &EdgeInner, ip: std::net::IpAddr) {
     let previous = inner
         .status
         .lock()
@@ -580,5 +528,12 @@ async fn public_ip_learned(inner: &EdgeInner, session: &SessionHandle, ip: std::
         .set(1);
     inner.update(|s| s.public_ip = Some(ip));
     inner.emit(EdgeEvent::PublicIpDiscovered { ip });
+    for session in inner.tunnels.sessions() {
+        report_public_ip(&session, ip).await;
+    }
+}
+
+/// Tells a hub the edge's public IP.
+async fn report_public_ip(session: &SessionHandle, ip: std::net::IpAddr) {
     acknowledge(session, serde_json::json!({ "publicIp": ip.to_string() })).await;
 }

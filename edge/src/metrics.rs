@@ -7,9 +7,9 @@ use std::sync::Weak;
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
-use crate::EdgeInner;
+use crate::{EdgeInner, TunnelState};
 
 /// Metrics moved by edge code; all named `remoteingress_*`.
 pub(crate) struct EdgeMetrics {
@@ -20,13 +20,16 @@ pub(crate) struct EdgeMetrics {
     pub(crate) firewall_rules: IntGauge,
     pub(crate) firewall_applies: IntCounterVec,
     pub(crate) public_ip: prometheus::IntGaugeVec,
+    pub(crate) config_generation: IntGauge,
+    pub(crate) config_disagreement: IntGauge,
+    pub(crate) config_disagreements: IntCounter,
 }
 
 impl EdgeMetrics {
     pub(crate) fn register(registry: &Registry) -> prometheus::Result<Self> {
         let tunnel_connected = IntGauge::new(
             "remoteingress_tunnel_connected",
-            "1 while the tunnel to the hub is up",
+            "1 while at least one tunnel to a hub is up",
         )?;
         let tunnel_reconnects = IntCounter::new(
             "remoteingress_tunnel_reconnects_total",
@@ -72,7 +75,25 @@ impl EdgeMetrics {
             &["ip"],
         )?;
         registry.register(Box::new(public_ip.clone()))?;
+        let config_generation = IntGauge::new(
+            "remoteingress_config_generation",
+            "Generation of the configuration in force",
+        )?;
+        let config_disagreement = IntGauge::new(
+            "remoteingress_config_disagreement",
+            "1 while hubs offer different configurations under one generation",
+        )?;
+        let config_disagreements = IntCounter::new(
+            "remoteingress_config_disagreements_total",
+            "Times hubs were found offering different configurations under one generation",
+        )?;
+        registry.register(Box::new(config_generation.clone()))?;
+        registry.register(Box::new(config_disagreement.clone()))?;
+        registry.register(Box::new(config_disagreements.clone()))?;
         Ok(Self {
+            config_generation,
+            config_disagreement,
+            config_disagreements,
             public_ip,
             tunnel_connected,
             tunnel_reconnects,
@@ -116,8 +137,13 @@ const BYTES: (&str, &str) = (
 );
 const RTT: (&str, &str) = (
     "remoteingress_tunnel_rtt_seconds",
-    "Last round trip of the tunnel",
+    "Last round trip of each tunnel, by hub instance",
 );
+const TUNNEL_STREAMS: (&str, &str) = (
+    "remoteingress_tunnel_streams_active",
+    "Tunnelled TCP connections open now on each tunnel, by hub instance",
+);
+const TUNNELS: (&str, &str) = ("remoteingress_tunnels", "Tunnels up, by state (active, draining)");
 
 /// Reads the current tunnel at scrape time.
 pub(crate) struct LiveCollector {
@@ -127,7 +153,7 @@ pub(crate) struct LiveCollector {
 
 impl LiveCollector {
     pub(crate) fn new(edge: Weak<EdgeInner>) -> Self {
-        let descs = [STREAMS, UDP, BYTES, RTT]
+        let descs = [STREAMS, UDP, BYTES, RTT, TUNNEL_STREAMS, TUNNELS]
             .iter()
             .filter_map(|(name, help)| {
                 Desc::new((*name).into(), (*help).into(), vec![], HashMap::new()).ok()
@@ -150,16 +176,28 @@ impl Collector for LiveCollector {
             let streams = IntGauge::new(STREAMS.0, STREAMS.1)?;
             let udp = IntGauge::new(UDP.0, UDP.1)?;
             let bytes = IntCounterVec::new(Opts::new(BYTES.0, BYTES.1), &["direction"])?;
-            let rtt = prometheus::Gauge::new(RTT.0, RTT.1)?;
+            let rtt = prometheus::GaugeVec::new(Opts::new(RTT.0, RTT.1), &["hub"])?;
+            let tunnel_streams =
+                IntGaugeVec::new(Opts::new(TUNNEL_STREAMS.0, TUNNEL_STREAMS.1), &["hub"])?;
+            let tunnels = IntGaugeVec::new(Opts::new(TUNNELS.0, TUNNELS.1), &["state"])?;
+            for state in [TunnelState::Active, TunnelState::Draining] {
+                tunnels.with_label_values(&[state.as_str()]).set(0);
+            }
             let mut totals = *edge.ended.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(session) = &*edge.session.lock().unwrap_or_else(|p| p.into_inner()) {
-                let stats = session.stats();
-                totals.add(Totals::of(stats));
-                streams.set(session.active_streams() as i64);
-                if let Some(measured) = session.rtt() {
-                    rtt.set(measured.as_secs_f64());
+            for session in edge.tunnels.sessions() {
+                totals.add(Totals::of(session.stats()));
+            }
+            for tunnel in edge.tunnels.statuses() {
+                let hub = tunnel.hub_id.unwrap_or(tunnel.address);
+                streams.add(tunnel.active_streams as i64);
+                udp.add(tunnel.active_udp_sessions as i64);
+                tunnel_streams
+                    .with_label_values(&[&hub])
+                    .set(tunnel.active_streams as i64);
+                tunnels.with_label_values(&[tunnel.state.as_str()]).inc();
+                if let Some(measured) = tunnel.rtt {
+                    rtt.with_label_values(&[&hub]).set(measured.as_secs_f64());
                 }
-                udp.set(stats.udp_sessions.load(Ordering::Relaxed) as i64);
             }
             bytes.with_label_values(&["in"]).inc_by(totals.bytes_in);
             bytes.with_label_values(&["out"]).inc_by(totals.bytes_out);
@@ -168,6 +206,8 @@ impl Collector for LiveCollector {
                 udp.collect(),
                 bytes.collect(),
                 rtt.collect(),
+                tunnel_streams.collect(),
+                tunnels.collect(),
             ]
             .concat())
         };

@@ -6,11 +6,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use remoteingress_tunnel::{listen_tcp, pipe, SessionHandle};
+use remoteingress_tunnel::{listen_tcp, pipe};
 use remoteingress_wire::proxy::ProxyV1;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+
+use crate::tunnels::Tunnels;
+
+/// Tunnels tried for one client connection before it is refused (a tunnel may end between
+/// being chosen and opening the stream).
+const OPEN_ATTEMPTS: usize = 3;
 
 /// Listeners bound for new ports, not yet serving.
 pub(crate) type BoundTcp = Vec<(u16, TcpListener)>;
@@ -47,10 +53,10 @@ impl BindError {
     }
 }
 
-/// Listeners bound for one tunnel session.
+/// The public TCP listeners, serving clients over whichever tunnels are up.
 pub(crate) struct PortSet {
     bind_address: IpAddr,
-    session: SessionHandle,
+    tunnels: Arc<Tunnels>,
     connections: Arc<Semaphore>,
     accepted: prometheus::IntCounterVec,
     accepting: CancellationToken,
@@ -60,14 +66,14 @@ pub(crate) struct PortSet {
 impl PortSet {
     pub(crate) fn new(
         bind_address: IpAddr,
-        session: SessionHandle,
+        tunnels: Arc<Tunnels>,
         connections: Arc<Semaphore>,
         accepted: prometheus::IntCounterVec,
         accepting: CancellationToken,
     ) -> Self {
         Self {
             bind_address,
-            session,
+            tunnels,
             connections,
             accepted,
             accepting,
@@ -99,15 +105,15 @@ impl PortSet {
     pub(crate) fn commit(&mut self, ports: &[u16], fresh: BoundTcp) {
         close_removed(&mut self.listeners, ports);
         for (port, listener) in fresh {
-            let cancel = self.session.cancellation();
+            let cancel = CancellationToken::new();
             self.listeners.insert(port, cancel.clone());
-            let session = self.session.clone();
+            let tunnels = self.tunnels.clone();
             let connections = self.connections.clone();
             let accepted = self.accepted.with_label_values(&[&port.to_string(), "tcp"]);
             let accepting = self.accepting.clone();
             tokio::spawn(accept_loop(
                 listener,
-                session,
+                tunnels,
                 connections,
                 accepted,
                 accepting,
@@ -145,7 +151,7 @@ impl Drop for PortSet {
 
 async fn accept_loop(
     listener: TcpListener,
-    session: SessionHandle,
+    tunnels: Arc<Tunnels>,
     connections: Arc<Semaphore>,
     accepted_total: prometheus::IntCounter,
     accepting: CancellationToken,
@@ -161,9 +167,9 @@ async fn accept_loop(
             Ok((client, peer)) => match connections.clone().try_acquire_owned() {
                 Ok(permit) => {
                     accepted_total.inc();
-                    let session = session.clone();
+                    let tunnels = tunnels.clone();
                     let cancel = cancel.clone();
-                    tokio::spawn(serve_client(client, peer, session, cancel, permit));
+                    tokio::spawn(serve_client(client, peer, tunnels, cancel, permit));
                 }
                 Err(_) => remoteingress_tunnel::warn_limited!(
                     "client_connection_limit",
@@ -182,10 +188,11 @@ async fn accept_loop(
     }
 }
 
+/// Carries one client connection through the least loaded tunnel.
 async fn serve_client(
     client: TcpStream,
     peer: SocketAddr,
-    session: SessionHandle,
+    tunnels: Arc<Tunnels>,
     cancel: CancellationToken,
     _permit: OwnedSemaphorePermit,
 ) {
@@ -194,10 +201,17 @@ async fn serve_client(
         return;
     };
     let header = Bytes::from(ProxyV1::tcp(peer, local).to_line());
-    match session.open(header).await {
-        Ok((reader, writer)) => {
-            pipe(client, reader, writer, cancel).await;
+    for _ in 0..OPEN_ATTEMPTS {
+        let Some((_, session)) = tunnels.pick() else {
+            break;
+        };
+        match session.open(header.clone()).await {
+            Ok((reader, writer)) => {
+                pipe(client, reader, writer, cancel).await;
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, %peer, "tunnel refused a stream; trying another"),
         }
-        Err(e) => tracing::debug!(error = %e, %peer, "client refused"),
     }
+    tracing::debug!(%peer, "client refused: no tunnel took the stream");
 }

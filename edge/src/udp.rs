@@ -1,5 +1,6 @@
 //! The public UDP listeners of an edge and their sessions: one session per (listen port, client
-//! address), opened with a PROXY v2 header, answered from the same socket, ended when idle.
+//! address), opened with a PROXY v2 header on the least loaded tunnel, answered from the same
+//! socket, ended when idle or when its tunnel drains.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -14,6 +15,7 @@ use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
 
 use crate::ports::BindError;
+use crate::tunnels::{TunnelKey, Tunnels};
 
 /// Largest UDP payload.
 const MAX_DATAGRAM: usize = 65_535;
@@ -23,19 +25,42 @@ struct Session {
     client: SocketAddr,
     socket: Arc<UdpSocket>,
     last_active: Instant,
+    tunnel: SessionHandle,
 }
+
+/// A UDP session: the tunnel it runs over and its id there.
+type SessionKey = (TunnelKey, u32);
 
 #[derive(Default)]
 struct Table {
-    by_client: HashMap<(u16, SocketAddr), u32>,
-    sessions: HashMap<u32, Session>,
+    by_client: HashMap<(u16, SocketAddr), SessionKey>,
+    sessions: HashMap<SessionKey, Session>,
 }
 
 impl Table {
-    fn remove(&mut self, id: u32) -> Option<Session> {
-        let session = self.sessions.remove(&id)?;
+    fn remove(&mut self, key: SessionKey) -> Option<Session> {
+        let session = self.sessions.remove(&key)?;
         self.by_client.remove(&(session.port, session.client));
         Some(session)
+    }
+
+    /// Sessions matching `which`, removed.
+    fn remove_where(&mut self, which: impl Fn(&SessionKey, &Session) -> bool) -> Vec<(SessionKey, Session)> {
+        let keys: Vec<SessionKey> = self
+            .sessions
+            .iter()
+            .filter(|(key, session)| which(key, session))
+            .map(|(key, _)| *key)
+            .collect();
+        keys.into_iter()
+            .filter_map(|key| self.remove(key).map(|session| (key, session)))
+            .collect()
+    }
+
+    /// Publishes the number of sessions on tunnel `tunnel` in its counters.
+    fn publish_count(&self, tunnel: TunnelKey, session: &SessionHandle) {
+        let count = self.sessions.keys().filter(|(t, _)| *t == tunnel).count() as u64;
+        session.stats().udp_sessions.store(count, Ordering::Relaxed);
     }
 }
 
@@ -80,23 +105,96 @@ impl DropCause {
 }
 
 impl UdpCounters {
-    /// Counts a drop by cause, and in the session's total unless the tunnel counted it.
-    fn dropped(&self, session: &SessionHandle, cause: DropCause) {
+    /// Counts a drop by cause, and in the tunnel's total unless the tunnel counted it.
+    fn dropped(&self, tunnel: Option<&SessionHandle>, cause: DropCause) {
         self.dropped.with_label_values(&[cause.label()]).inc();
-        if !matches!(cause, DropCause::QueueFull) {
-            session.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
+        if let Some(tunnel) = tunnel.filter(|_| !matches!(cause, DropCause::QueueFull)) {
+            tunnel.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-/// UDP listeners and sessions of one tunnel session.
-pub(crate) struct UdpPorts {
-    bind_address: IpAddr,
-    session: SessionHandle,
+/// The edge's UDP sessions over all its tunnels: opened by the listeners, answered from the
+/// tunnels' events, ended when idle or when their tunnel goes.
+pub(crate) struct UdpSessions {
     limits: UdpLimits,
     counters: UdpCounters,
+    table: Mutex<Table>,
+}
+
+impl UdpSessions {
+    pub(crate) fn new(limits: UdpLimits, counters: UdpCounters) -> Self {
+        Self {
+            limits,
+            counters,
+            table: Mutex::default(),
+        }
+    }
+
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Ends sessions on our side and tells the hub.
+    fn end(&self, which: impl Fn(&SessionKey, &Session) -> bool) {
+        let mut table = self.table();
+        for ((tunnel, id), session) in table.remove_where(which) {
+            session.tunnel.close_udp(id);
+            table.publish_count(tunnel, &session.tunnel);
+        }
+    }
+
+    /// Sends a reply datagram of session `id` on `tunnel` to its client, from the port the
+    /// client wrote to.
+    pub(crate) fn reply(&self, tunnel: TunnelKey, id: u32, payload: &[u8]) {
+        let mut table = self.table();
+        let Some(session) = table.sessions.get_mut(&(tunnel, id)) else {
+            return;
+        };
+        session.last_active = Instant::now();
+        if session.socket.try_send_to(payload, session.client).is_err() {
+            self.counters
+                .dropped(Some(&session.tunnel), DropCause::SocketBusy);
+        }
+    }
+
+    /// The hub ended a session.
+    pub(crate) fn closed_by_hub(&self, tunnel: TunnelKey, id: u32) {
+        let mut table = self.table();
+        if let Some(session) = table.remove((tunnel, id)) {
+            table.publish_count(tunnel, &session.tunnel);
+        }
+    }
+
+    /// A tunnel is draining: its sessions end now, so that their clients' next datagrams open
+    /// new sessions on another tunnel.
+    pub(crate) fn end_tunnel(&self, tunnel: TunnelKey) {
+        self.end(|(t, _), _| *t == tunnel);
+    }
+
+    /// A tunnel is gone, and its sessions with it.
+    pub(crate) fn forget_tunnel(&self, tunnel: TunnelKey) {
+        self.table().remove_where(|(t, _), _| *t == tunnel);
+    }
+
+    /// Ends sessions idle for the timeout.
+    pub(crate) fn expire(&self) {
+        let idle_timeout = self.limits.idle_timeout;
+        self.end(|_, session| session.last_active.elapsed() >= idle_timeout);
+    }
+
+    /// How often `expire` should run.
+    pub(crate) fn sweep_interval(&self) -> Duration {
+        (self.limits.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+    }
+}
+
+/// The public UDP listeners.
+pub(crate) struct UdpPorts {
+    bind_address: IpAddr,
+    tunnels: Arc<Tunnels>,
+    sessions: Arc<UdpSessions>,
     listeners: BTreeMap<u16, CancellationToken>,
-    table: Arc<Mutex<Table>>,
 }
 
 /// Sockets bound for new ports, not yet serving.
@@ -105,22 +203,15 @@ pub(crate) type BoundUdp = Vec<(u16, UdpSocket)>;
 impl UdpPorts {
     pub(crate) fn new(
         bind_address: IpAddr,
-        session: SessionHandle,
-        limits: UdpLimits,
-        counters: UdpCounters,
+        tunnels: Arc<Tunnels>,
+        sessions: Arc<UdpSessions>,
     ) -> Self {
         Self {
             bind_address,
-            session,
-            limits,
-            counters,
+            tunnels,
+            sessions,
             listeners: BTreeMap::new(),
-            table: Arc::default(),
         }
-    }
-
-    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
-        self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The ports listened on.
@@ -151,87 +242,24 @@ impl UdpPorts {
     /// end their sessions.
     pub(crate) fn commit(&mut self, ports: &[u16], fresh: BoundUdp) {
         for port in crate::ports::close_removed(&mut self.listeners, ports) {
-            let ids: Vec<u32> = self
-                .table()
-                .sessions
-                .iter()
-                .filter(|(_, s)| s.port == port)
-                .map(|(id, _)| *id)
-                .collect();
-            for id in ids {
-                self.end(id);
-            }
+            self.sessions.end(|_, session| session.port == port);
         }
         for (port, socket) in fresh {
-            let cancel = self.session.cancellation();
+            let cancel = CancellationToken::new();
             self.listeners.insert(port, cancel.clone());
             let receiver = Receiver {
                 port,
                 socket: Arc::new(socket),
-                session: self.session.clone(),
-                table: self.table.clone(),
-                limits: self.limits,
+                tunnels: self.tunnels.clone(),
+                sessions: self.sessions.clone(),
                 opened: self
+                    .sessions
                     .counters
                     .opened
                     .with_label_values(&[&port.to_string(), "udp"]),
-                counters: self.counters.clone(),
             };
             tokio::spawn(receiver.run(cancel));
         }
-    }
-
-    /// Ends a session on our side and tells the hub.
-    fn end(&self, id: u32) {
-        if self.table().remove(id).is_some() {
-            self.session.close_udp(id);
-        }
-        self.publish_count();
-    }
-
-    fn publish_count(&self) {
-        let count = self.table().sessions.len() as u64;
-        self.session
-            .stats()
-            .udp_sessions
-            .store(count, Ordering::Relaxed);
-    }
-
-    /// Sends a reply datagram to the session's client, from the port it wrote to.
-    pub(crate) fn reply(&self, id: u32, payload: &[u8]) {
-        let mut table = self.table();
-        let Some(session) = table.sessions.get_mut(&id) else {
-            return;
-        };
-        session.last_active = Instant::now();
-        if session.socket.try_send_to(payload, session.client).is_err() {
-            self.counters.dropped(&self.session, DropCause::SocketBusy);
-        }
-    }
-
-    /// The hub ended a session.
-    pub(crate) fn closed_by_hub(&self, id: u32) {
-        self.table().remove(id);
-        self.publish_count();
-    }
-
-    /// Ends sessions idle for the timeout.
-    pub(crate) fn expire(&self) {
-        let idle: Vec<u32> = self
-            .table()
-            .sessions
-            .iter()
-            .filter(|(_, s)| s.last_active.elapsed() >= self.limits.idle_timeout)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in idle {
-            self.end(id);
-        }
-    }
-
-    /// How often `expire` should run.
-    pub(crate) fn sweep_interval(&self) -> Duration {
-        (self.limits.idle_timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
     }
 }
 
@@ -247,11 +275,9 @@ impl Drop for UdpPorts {
 struct Receiver {
     port: u16,
     socket: Arc<UdpSocket>,
-    session: SessionHandle,
-    table: Arc<Mutex<Table>>,
-    limits: UdpLimits,
+    tunnels: Arc<Tunnels>,
+    sessions: Arc<UdpSessions>,
     opened: prometheus::IntCounter,
-    counters: UdpCounters,
 }
 
 impl Receiver {
@@ -260,6 +286,7 @@ impl Receiver {
         let Ok(local) = self.socket.local_addr() else {
             return;
         };
+        let counters = &self.sessions.counters;
         loop {
             let (len, client) = tokio::select! {
                 received = self.socket.recv_from(&mut buf) => match received {
@@ -268,60 +295,62 @@ impl Receiver {
                 },
                 () = cancel.cancelled() => return,
             };
-            let id = match self.session_for(client, local).await {
-                Ok(id) => id,
-                Err(cause) => {
-                    self.counters.dropped(&self.session, cause);
+            let (id, tunnel) = match self.session_for(client, local).await {
+                Ok(found) => found,
+                Err((cause, tunnel)) => {
+                    counters.dropped(tunnel.as_ref(), cause);
                     continue;
                 }
             };
-            if !self
-                .session
-                .send_udp(id, Bytes::copy_from_slice(&buf[..len]))
-            {
-                self.counters.dropped(&self.session, DropCause::QueueFull);
+            if !tunnel.send_udp(id, Bytes::copy_from_slice(&buf[..len])) {
+                counters.dropped(Some(&tunnel), DropCause::QueueFull);
             }
         }
     }
 
-    /// The client's session, opened (with its PROXY v2 header) if it has none; why not when
-    /// the session limit is reached or the tunnel is gone.
-    async fn session_for(&self, client: SocketAddr, local: SocketAddr) -> Result<u32, DropCause> {
+    /// The client's session and its tunnel, opened (with its PROXY v2 header, on the least
+    /// loaded tunnel) if it has none; why not when the session limit is reached or no tunnel
+    /// is up.
+    async fn session_for(
+        &self,
+        client: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<(u32, SessionHandle), (DropCause, Option<SessionHandle>)> {
         {
-            let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(&id) = table.by_client.get(&(self.port, client)) {
-                if let Some(session) = table.sessions.get_mut(&id) {
+            let mut table = self.sessions.table();
+            if let Some(&key) = table.by_client.get(&(self.port, client)) {
+                if let Some(session) = table.sessions.get_mut(&key) {
                     session.last_active = Instant::now();
+                    return Ok((key.1, session.tunnel.clone()));
                 }
-                return Ok(id);
             }
-            if table.sessions.len() >= self.limits.max_sessions {
-                return Err(DropCause::SessionLimit);
+            if table.sessions.len() >= self.sessions.limits.max_sessions {
+                return Err((DropCause::SessionLimit, None));
             }
         }
+        let (tunnel_key, tunnel) = self
+            .tunnels
+            .pick()
+            .ok_or((DropCause::TunnelDown, None))?;
         let header = ProxyV2::proxy(V2Transport::Datagram, client, local).to_bytes();
-        let id = self
-            .session
+        let id = tunnel
             .open_udp(Bytes::from(header))
             .await
-            .map_err(|_| DropCause::TunnelDown)?;
+            .map_err(|_| (DropCause::TunnelDown, Some(tunnel.clone())))?;
         self.opened.inc();
-        let mut table = self.table.lock().unwrap_or_else(|p| p.into_inner());
-        table.by_client.insert((self.port, client), id);
+        let mut table = self.sessions.table();
+        table.by_client.insert((self.port, client), (tunnel_key, id));
         table.sessions.insert(
-            id,
+            (tunnel_key, id),
             Session {
                 port: self.port,
                 client,
                 socket: self.socket.clone(),
                 last_active: Instant::now(),
+                tunnel: tunnel.clone(),
             },
         );
-        let count = table.sessions.len() as u64;
-        self.session
-            .stats()
-            .udp_sessions
-            .store(count, Ordering::Relaxed);
-        Ok(id)
+        table.publish_count(tunnel_key, &tunnel);
+        Ok((id, tunnel))
     }
 }

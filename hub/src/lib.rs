@@ -203,6 +203,12 @@ pub enum HubEvent {
         edge_id: String,
         /// Stream id.
         stream_id: u32,
+        /// The client, as the edge saw it.
+        client_addr: SocketAddr,
+        /// The edge port the client connected to.
+        edge_port: u16,
+        /// Where it is forwarded, `host:port`.
+        target: String,
     },
     /// A tunnelled connection ended.
     StreamClosed {
@@ -217,6 +223,12 @@ pub enum HubEvent {
         edge_id: String,
         /// Session id.
         session_id: u32,
+        /// The client, as the edge saw it.
+        client_addr: SocketAddr,
+        /// The edge port the client wrote to.
+        edge_port: u16,
+        /// Where it is forwarded, `host:port`.
+        target: String,
     },
     /// A UDP session ended.
     UdpSessionClosed {
@@ -609,13 +621,16 @@ impl HubHandle {
     /// Begins a drain (SIGTERM, or the Drain admin call): accepts no new tunnels (so readiness
     /// turns false) and asks every edge to open new streams on its other tunnels. Open streams
     /// carry on; edges close a drained tunnel once its streams have finished.
-    pub async fn drain(&self) {
+    /// Returns how many tunnels were asked.
+    pub async fn drain(&self) -> usize {
         self.stop_accepting();
         let sessions = self.inner.registry().sessions();
         tracing::info!(tunnels = sessions.len(), "draining: edges asked to move new streams elsewhere");
+        let mut asked = 0;
         for session in sessions {
-            session.drain().await;
+            asked += usize::from(session.drain().await);
         }
+        asked
     }
 
     /// Asks one edge to open new streams on its other tunnels; false if it has no tunnel here

@@ -17,7 +17,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::admission::Refusal;
 use crate::handshake::{auth_failed, authenticate, AuthFailure, Authenticated, Incoming};
-use crate::target::{report_refusal, TargetError};
+use crate::target::{report_refusal, Route, TargetError};
 use crate::udp::UdpSessions;
 use crate::{HubEvent, HubInner};
 
@@ -242,14 +242,25 @@ async fn forward(
         .streams_opened
         .with_label_values(&[&edge_id])
         .inc();
+    let route = match route_of(&inner, &edge_id, &header) {
+        Ok(route) => route,
+        Err(error) => {
+            report_refusal(&inner, &edge_id, stream_id, &error);
+            writer.reset();
+            return;
+        }
+    };
     inner.emit(HubEvent::StreamOpened {
         edge_id: edge_id.clone(),
         stream_id,
+        client_addr: route.client,
+        edge_port: route.edge_port,
+        target: route.target(&inner),
     });
     // A RESET from the edge or the tunnel's loss cancels the connect at once.
     let abort = reader.abort_signal();
     let connected = tokio::select! {
-        connected = connect_target(&inner, &edge_id, &header) => Some(connected),
+        connected = connect_target(&inner, &route, &header) => Some(connected),
         () = abort.cancelled() => None,
     };
     match connected {
@@ -266,19 +277,27 @@ async fn forward(
     inner.emit(HubEvent::StreamClosed { edge_id, stream_id });
 }
 
-async fn connect_target(
-    inner: &HubInner,
-    edge_id: &str,
-    header: &[u8],
-) -> Result<TcpStream, TargetError> {
+/// Where a stream goes, from its OPEN's PROXY v1 line.
+fn route_of(inner: &HubInner, edge_id: &str, header: &[u8]) -> Result<Route, TargetError> {
     let (proxy, len) = ProxyV1::parse(header)?.ok_or(TargetError::Incomplete)?;
     if len != header.len() {
         return Err(TargetError::NotJustHeader);
     }
-    let edge_port = proxy.destination_port().ok_or(TargetError::NoPort)?;
-    let port = inner
-        .registry()
-        .target_port(edge_id, Protocol::Tcp, edge_port)?;
+    match proxy {
+        ProxyV1::Tcp {
+            source,
+            destination,
+        } => Route::of(inner, edge_id, Protocol::Tcp, source, destination.port()),
+        ProxyV1::Unknown => Err(TargetError::NoPort),
+    }
+}
+
+async fn connect_target(
+    inner: &HubInner,
+    route: &Route,
+    header: &[u8],
+) -> Result<TcpStream, TargetError> {
+    let port = route.target_port;
     let host = inner.options.target_host.as_str();
     let target = format!("{host}:{port}");
     let started = std::time::Instant::now();

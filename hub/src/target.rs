@@ -7,6 +7,43 @@ use thiserror::Error;
 
 use crate::{HubEvent, HubInner};
 
+/// Where one stream or UDP session goes, as its open's PROXY header and the edge's
+/// assignment say.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    /// The client, as the edge saw it.
+    pub(crate) client: std::net::SocketAddr,
+    /// The edge port the client reached.
+    pub(crate) edge_port: u16,
+    /// The target port on the hub's target host.
+    pub(crate) target_port: u16,
+}
+
+impl Route {
+    /// The route of a client and edge port, if the port is assigned to the edge.
+    pub(crate) fn of(
+        inner: &HubInner,
+        edge_id: &str,
+        protocol: Protocol,
+        client: std::net::SocketAddr,
+        edge_port: u16,
+    ) -> Result<Self, TargetError> {
+        let target_port = inner
+            .registry()
+            .target_port(edge_id, protocol, edge_port)?;
+        Ok(Self {
+            client,
+            edge_port,
+            target_port,
+        })
+    }
+
+    /// `host:port` of the target.
+    pub(crate) fn target(&self, inner: &HubInner) -> String {
+        remoteingress_wire::token::join_host_port(&inner.options.target_host, self.target_port)
+    }
+}
+
 /// Why a stream or UDP session was refused on its way to the target.
 #[derive(Debug, Error)]
 pub(crate) enum TargetError {

@@ -17,7 +17,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 
-use crate::target::{report_refusal, TargetError};
+use crate::target::{report_refusal, Route, TargetError};
 use crate::{HubEvent, HubInner};
 
 /// Largest UDP payload.
@@ -104,7 +104,7 @@ impl UdpSessions {
             return self.refuse(inner, id, "hub_session_limit");
         };
         match self.connect(inner, &header).await {
-            Ok(socket) => {
+            Ok((socket, route)) => {
                 let socket = Arc::new(socket);
                 let last_active = Arc::new(AtomicU64::new(self.now_ms()));
                 let metrics = &inner.metrics;
@@ -136,6 +136,9 @@ impl UdpSessions {
                 inner.emit(HubEvent::UdpSessionOpened {
                     edge_id: self.edge_id.clone(),
                     session_id: id,
+                    client_addr: route.client,
+                    edge_port: route.edge_port,
+                    target: route.target(inner),
                 });
             }
             Err(error) => {
@@ -145,18 +148,26 @@ impl UdpSessions {
         }
     }
 
-    /// A socket connected to the session's target, with the PROXY v2 header already sent.
-    async fn connect(&self, inner: &HubInner, header: &[u8]) -> Result<UdpSocket, TargetError> {
+    /// A socket connected to the session's target, with the PROXY v2 header already sent, and
+    /// the session's route.
+    async fn connect(
+        &self,
+        inner: &HubInner,
+        header: &[u8],
+    ) -> Result<(UdpSocket, Route), TargetError> {
         let (proxy, len) = ProxyV2::parse(header)?.ok_or(TargetError::Incomplete)?;
         let addresses = proxy
             .addresses
             .filter(|a| a.transport == V2Transport::Datagram && len == header.len())
             .ok_or(TargetError::NotJustHeader)?;
-        let port = inner.registry().target_port(
+        let route = Route::of(
+            inner,
             &self.edge_id,
             Protocol::Udp,
+            addresses.source,
             addresses.destination.port(),
         )?;
+        let port = route.target_port;
         let host = inner.options.target_host.as_str();
         let target = remoteingress_tunnel::resolve(host, port).await?;
         let local: SocketAddr = if target.is_ipv4() {
@@ -175,7 +186,7 @@ impl UdpSessions {
             .send(header)
             .await
             .map_err(TargetError::io("sending the PROXY header to", target))?;
-        Ok(socket)
+        Ok((socket, route))
     }
 
     /// Forwards one client datagram; dropped (and counted) if the socket cannot take it now.

@@ -25,6 +25,10 @@ fn token_from(fields: &Value) -> ConnectionToken {
         edge_id: fields["edgeId"].as_str().unwrap().into(),
         secret: fields["secret"].as_str().unwrap().into(),
         pin: fields["pin"].as_str().map(str::to_owned),
+        hubs: fields["hubs"]
+            .as_array()
+            .map(|hubs| hubs.iter().filter_map(|h| h.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default(),
     }
 }
 

@@ -1,0 +1,314 @@
+//! Keeping `hub_connections` tunnels up, each to a distinct hub instance: one slot per tunnel
+//! connects (rotating through the hub addresses), serves the tunnel's events, and reconnects
+//! after a loss (with backoff) or at once after a DRAIN, while the drained tunnel's open streams
+//! finish in the background.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use remoteingress_tunnel::{SessionEvent, SessionHandle};
+use remoteingress_wire::EdgeConfig;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::apply::{offer, reject, report_disagreement, ApplyError, Serving};
+use crate::backoff::Backoff;
+use crate::connect::{connect, HubAddress};
+use crate::ports::PortSet;
+use crate::tunnels::TunnelKey;
+use crate::udp::UdpPorts;
+use crate::{metrics, report_public_ip, EdgeEvent, EdgeInner};
+
+/// How often a drained tunnel is checked for open streams.
+const DRAIN_POLL: Duration = Duration::from_millis(50);
+
+/// One tunnel as its slot knows it.
+struct Tunnel {
+    key: TunnelKey,
+    session: SessionHandle,
+    hub_id: Option<String>,
+    address: String,
+}
+
+impl Tunnel {
+    /// The hub the tunnel reaches: its instance id, or the address for an original hub.
+    fn hub(&self) -> &str {
+        self.hub_id.as_deref().unwrap_or(&self.address)
+    }
+}
+
+/// How one attempt ended.
+enum Ended {
+    /// No tunnel: the hub could not be reached, refused, or is one the edge already has.
+    Failed,
+    /// The tunnel was up for this long and is gone.
+    Lost(Duration),
+    /// The hub drained the tunnel: it finishes its streams in the background.
+    Drained,
+    /// The edge is shutting down.
+    Shutdown,
+}
+
+/// Starts the slots one after another (each after the previous one's first attempt, so that
+/// edges behind a load balancer tell hubs apart before the next tunnel is dialled).
+pub(crate) async fn supervise(inner: Arc<EdgeInner>) {
+    let mut slots = Vec::new();
+    for slot in 0..inner.options.hub_connections.max(1) {
+        let (first_attempt, attempted) = oneshot::channel();
+        slots.push(tokio::spawn(keep_tunnel(inner.clone(), slot, first_attempt)));
+        tokio::select! {
+            _ = attempted => {}
+            () = inner.shutdown.cancelled() => break,
+        }
+    }
+    for slot in slots {
+        let _ = slot.await;
+    }
+}
+
+/// The address slot `slot` dials on its `attempt`-th try: its own turn in the list, skipping
+/// addresses another tunnel already holds.
+fn address_for(inner: &EdgeInner, slot: usize, attempt: usize) -> HubAddress {
+    let hubs = &inner.options.hubs;
+    let start = slot + attempt;
+    (0..hubs.len())
+        .map(|offset| &hubs[(start + offset) % hubs.len()])
+        .find(|hub| hubs.len() == 1 || !inner.tunnels.holds_address(&hub.to_string()))
+        .unwrap_or(&hubs[start % hubs.len()])
+        .clone()
+}
+
+/// Connects, serves, and reconnects one tunnel until shutdown.
+async fn keep_tunnel(inner: Arc<EdgeInner>, slot: usize, first_attempt: oneshot::Sender<()>) {
+    let mut first_attempt = Some(first_attempt);
+    let mut backoff = Backoff::new(inner.options.backoff);
+    for attempt in 0.. {
+        let hub = address_for(&inner, slot, attempt);
+        let ended = tokio::select! {
+            ended = attempt_tunnel(&inner, &hub, slot, &mut first_attempt) => ended,
+            () = inner.shutdown.cancelled() => return,
+        };
+        if let Some(first) = first_attempt.take() {
+            let _ = first.send(());
+        }
+        match ended {
+            Ended::Shutdown => return,
+            Ended::Drained => continue,
+            Ended::Lost(lasted) => backoff.connection_ended(lasted),
+            Ended::Failed => {}
+        }
+        let delay = backoff.next_delay(rand::random::<f64>());
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = inner.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// One connection attempt to `hub` and, if it gives a tunnel to a hub instance the edge has
+/// no tunnel to yet, that tunnel's service.
+async fn attempt_tunnel(
+    inner: &Arc<EdgeInner>,
+    hub: &HubAddress,
+    slot: usize,
+    first_attempt: &mut Option<oneshot::Sender<()>>,
+) -> Ended {
+    let (session, events, reply) = match connect(inner, hub).await {
+        Ok(connected) => connected,
+        Err(error) => {
+            tracing::warn!(%hub, %error, "cannot reach the hub");
+            inner.update(|s| s.last_error = Some(error.to_string()));
+            return Ended::Failed;
+        }
+    };
+    let address = hub.to_string();
+    let Some(key) = inner
+        .tunnels
+        .add(&session, reply.hub_id.as_deref(), &address)
+    else {
+        tracing::debug!(%hub, hub_id = ?reply.hub_id, slot, "reached a hub this edge already has a tunnel to");
+        session.close("already connected to this hub");
+        return Ended::Failed;
+    };
+    if let Some(first) = first_attempt.take() {
+        let _ = first.send(());
+    }
+    let tunnel = Tunnel {
+        key,
+        session,
+        hub_id: reply.hub_id,
+        address,
+    };
+    serve_tunnel(inner, tunnel, events, reply.config).await
+}
+
+/// Serves one tunnel's events until it ends or its hub drains it.
+async fn serve_tunnel(
+    inner: &Arc<EdgeInner>,
+    tunnel: Tunnel,
+    mut events: mpsc::Receiver<SessionEvent>,
+    config: EdgeConfig,
+) -> Ended {
+    let started = Instant::now();
+    tunnel_up(inner, &tunnel, &config).await;
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            () = inner.shutdown.cancelled() => {
+                tunnel.session.close("edge shutting down");
+                tunnel_down(inner, &tunnel, "edge shutting down".into()).await;
+                return Ended::Shutdown;
+            }
+        };
+        match event {
+            Some(SessionEvent::Config(json)) => configure(inner, &tunnel, &json).await,
+            Some(SessionEvent::UdpDatagram { id, payload }) => {
+                inner.udp.reply(tunnel.key, id, &payload);
+            }
+            Some(SessionEvent::UdpClose { id }) => inner.udp.closed_by_hub(tunnel.key, id),
+            Some(SessionEvent::Drain) => {
+                drain(inner, tunnel, events);
+                return Ended::Drained;
+            }
+            Some(_) => {}
+            None => break,
+        }
+    }
+    let reason = tunnel
+        .session
+        .close_reason()
+        .map_or_else(|| "tunnel closed".to_owned(), |reason| reason.to_string());
+    tracing::warn!(address = %tunnel.address, %reason, "tunnel disconnected");
+    tunnel_down(inner, &tunnel, reason).await;
+    Ended::Lost(started.elapsed())
+}
+
+/// A configuration pushed over a tunnel.
+async fn configure(inner: &EdgeInner, tunnel: &Tunnel, json: &[u8]) {
+    let mut serving = inner.serving.lock().await;
+    let Some(serving) = serving.as_mut() else {
+        return;
+    };
+    match serde_json::from_slice::<EdgeConfig>(json) {
+        Ok(config) => {
+            let from = (tunnel.key, tunnel.hub(), &tunnel.session);
+            offer(inner, serving, from, &config).await;
+        }
+        Err(e) => reject(inner, &tunnel.session, None, &ApplyError::from(e)).await,
+    }
+}
+
+/// Takes a drained tunnel out of the choice for new streams, ends its UDP sessions (their
+/// clients' next datagrams open sessions elsewhere), and lets its open streams finish in the
+/// background, within the drain grace, before closing it.
+fn drain(inner: &Arc<EdgeInner>, tunnel: Tunnel, mut events: mpsc::Receiver<SessionEvent>) {
+    tracing::info!(address = %tunnel.address, hub_id = ?tunnel.hub_id, "hub is draining this tunnel; new streams go elsewhere");
+    inner.tunnels.set_draining(tunnel.key);
+    inner.udp.end_tunnel(tunnel.key);
+    inner.emit(EdgeEvent::TunnelDraining {
+        hub_id: tunnel.hub_id.clone(),
+        address: tunnel.address.clone(),
+    });
+    let inner = inner.clone();
+    tokio::spawn(async move {
+        let deadline = tokio::time::sleep(inner.options.drain_grace);
+        tokio::pin!(deadline);
+        let mut poll = tokio::time::interval(DRAIN_POLL);
+        let reason = loop {
+            if tunnel.session.active_streams() == 0 {
+                break "drained".to_owned();
+            }
+            tokio::select! {
+                event = events.recv() => if event.is_none() {
+                    break "tunnel closed while draining".to_owned();
+                },
+                _ = poll.tick() => {}
+                () = &mut deadline => break "drain grace period over".to_owned(),
+                () = inner.shutdown.cancelled() => break "edge shutting down".to_owned(),
+            }
+        };
+        tunnel.session.close(reason.clone());
+        tunnel_down(&inner, &tunnel, reason).await;
+    });
+}
+
+/// A tunnel came up: the listeners start if it is the first, and its hub's configuration is
+/// judged against the running one.
+async fn tunnel_up(inner: &EdgeInner, tunnel: &Tunnel, config: &EdgeConfig) {
+    tracing::info!(address = %tunnel.address, hub_id = ?tunnel.hub_id, "tunnel connected");
+    let mut serving = inner.serving.lock().await;
+    let serving = serving.get_or_insert_with(|| Serving {
+        tcp: PortSet::new(
+            inner.options.bind_address,
+            inner.tunnels.clone(),
+            inner.connections.clone(),
+            inner.metrics.client_connections.clone(),
+            inner.accepting.clone(),
+        ),
+        udp: UdpPorts::new(
+            inner.options.bind_address,
+            inner.tunnels.clone(),
+            inner.udp.clone(),
+        ),
+        running: None,
+        offers: Default::default(),
+        disagreement: None,
+    });
+    inner.metrics.tunnel_connected.set(1);
+    let reconnect = {
+        let mut status = inner.status.lock().unwrap_or_else(|p| p.into_inner());
+        status.connections += 1;
+        status.last_error = None;
+        status.connections > 1
+    };
+    if reconnect {
+        inner.metrics.tunnel_reconnects.inc();
+    }
+    inner.emit(EdgeEvent::TunnelConnected {
+        transport: tunnel.session.transport(),
+        hub_id: tunnel.hub_id.clone(),
+        address: tunnel.address.clone(),
+    });
+    let public_ip = inner
+        .status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .public_ip;
+    if let Some(ip) = public_ip {
+        report_public_ip(&tunnel.session, ip).await;
+    }
+    let from = (tunnel.key, tunnel.hub(), &tunnel.session);
+    offer(inner, serving, from, config).await;
+}
+
+/// A tunnel ended: its streams and UDP sessions are gone; the listeners close if it was the
+/// last.
+async fn tunnel_down(inner: &EdgeInner, tunnel: &Tunnel, reason: String) {
+    let mut serving = inner.serving.lock().await;
+    let remaining = inner.tunnels.remove(tunnel.key);
+    inner.udp.forget_tunnel(tunnel.key);
+    inner
+        .ended
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .add(metrics::Totals::of(tunnel.session.stats()));
+    if remaining == 0 {
+        *serving = None;
+        inner.metrics.tunnel_connected.set(0);
+        inner.update(|s| {
+            s.listen_ports.clear();
+            s.listen_ports_udp.clear();
+            s.generation = None;
+            s.config_disagreement = None;
+        });
+        inner.metrics.config_disagreement.set(0);
+    } else if let Some(serving) = serving.as_mut() {
+        serving.offers.remove(tunnel.key);
+        report_disagreement(inner, serving);
+    }
+    inner.update(|s| s.last_error = Some(reason.clone()));
+    inner.emit(EdgeEvent::TunnelDisconnected {
+        reason,
+        hub_id: tunnel.hub_id.clone(),
+        address: tunnel.address.clone(),
+    });
+}
