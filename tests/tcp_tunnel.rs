@@ -323,27 +323,38 @@ async fn removed_edge_is_disconnected_and_secret_change_forces_reauthentication(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_connection_of_the_same_edge_replaces_the_first() {
+async fn a_second_connection_of_an_original_edge_replaces_the_first() {
     let setup = Setup::new().await;
     setup.edge.shutdown().await;
-    let first = start_edge(&setup.hub, "e1").await;
-    wait_listening(&first, setup.edge_port).await;
+    eventually("the edge's tunnel to be gone", || async {
+        setup.hub.status().connected_edges.is_empty().then_some(())
+    })
+    .await;
     let mut events = setup.hub.subscribe();
+    let mut first = RawEdge::connect(&setup.hub, "e1").await;
+    let _second = RawEdge::connect(&setup.hub, "e1").await;
+    assert!(disconnect_reason(&mut events).await.contains("replaced"));
+    assert!(
+        first.next_frame().await.is_none(),
+        "the first tunnel is closed"
+    );
+    assert_eq!(setup.hub.status().connected_edges.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_that_keeps_several_tunnels_is_never_replaced() {
+    let setup = Setup::new().await;
     let mut second_options = edge_options(&setup.hub, "e1", SECRET);
     second_options.bind_address = "127.0.0.3".parse().unwrap();
     let second = Edge::start(second_options).await.unwrap();
-    assert!(disconnect_reason(&mut events).await.contains("replaced"));
-    first.shutdown().await;
     wait_listening(&second, setup.edge_port).await;
-    let status = setup.hub.status();
-    assert_eq!(status.connected_edges.len(), 1);
+    wait_listening(&setup.edge, setup.edge_port).await;
+    assert_eq!(setup.hub.status().connected_edges.len(), 2);
     let data = pattern(1000, 3);
-    let addr = SocketAddr::new("127.0.0.3".parse().unwrap(), setup.edge_port);
-    assert_eq!(round_trip(addr, &data).await, data);
-    eventually("streams of the replaced tunnel to be gone", || async {
-        (setup.hub.status().connected_edges[0].active_streams == 0).then_some(())
-    })
-    .await;
+    for ip in ["127.0.0.2", "127.0.0.3"] {
+        let addr = SocketAddr::new(ip.parse().unwrap(), setup.edge_port);
+        assert_eq!(round_trip(addr, &data).await, data);
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

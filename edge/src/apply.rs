@@ -87,7 +87,10 @@ pub(crate) fn report_disagreement(inner: &EdgeInner, serving: &mut Serving) {
         return;
     }
     serving.disagreement = now.clone();
-    inner.metrics.config_disagreement.set(i64::from(now.is_some()));
+    inner
+        .metrics
+        .config_disagreement
+        .set(i64::from(now.is_some()));
     if let Some(disagreement) = &now {
         tracing::error!(generation = disagreement.generation, hubs = ?disagreement.hubs,
             "hubs offer different configurations under one generation; keeping the running one");
@@ -127,7 +130,10 @@ async fn apply_config(
     let (listen_ports, listen_ports_udp) = (ports.tcp.ports(), ports.udp.ports());
     tracing::info!(tcp = ?listen_ports, udp = ?listen_ports_udp, version = ?config.version,
         generation = ?config.generation, "configuration applied");
-    inner.metrics.config_generation.set(config.generation.unwrap_or_default() as i64);
+    inner
+        .metrics
+        .config_generation
+        .set(config.generation.unwrap_or_default() as i64);
     inner.update(|s| {
         s.listen_ports = listen_ports.clone();
         s.listen_ports_udp = listen_ports_udp.clone();

@@ -89,7 +89,10 @@ pub enum ConnectError {
 
 /// One attempt to reach the hub at `hub`: the transport (verifying the hub), the handshake,
 /// and the session.
-pub(crate) async fn connect(inner: &EdgeInner, hub: &HubAddress) -> Result<Connected, ConnectError> {
+pub(crate) async fn connect(
+    inner: &EdgeInner,
+    hub: &HubAddress,
+) -> Result<Connected, ConnectError> {
     let options = &inner.options;
     if options.trust == HubTrust::Insecure {
         tracing::warn!(

@@ -35,8 +35,8 @@ pub use firewall::{Firewall, FirewallError, FirewallMode, FirewallState};
 pub use offers::Disagreement;
 pub use ports::BindError;
 pub use remoteingress_tunnel::Transport;
-pub use tunnels::{TunnelState, TunnelStatus};
 use tunnels::Tunnels;
+pub use tunnels::{TunnelState, TunnelStatus};
 use udp::{UdpCounters, UdpLimits, UdpSessions};
 
 /// Why the edge cannot start.
@@ -247,7 +247,8 @@ pub struct EdgeStatus {
     pub listen_ports_udp: Vec<u16>,
     /// UDP sessions open now.
     pub active_udp_sessions: u64,
-    /// UDP datagrams dropped at a limit or a full queue, on the tunnels up now.
+    /// UDP datagrams dropped at a limit or a full queue: before a tunnel was chosen, and on
+    /// the tunnels up now.
     pub udp_dropped: u64,
     /// Last connection or configuration error.
     pub last_error: Option<String>,
@@ -433,8 +434,13 @@ impl EdgeHandle {
             .tunnels
             .sessions()
             .iter()
-            .map(|s| s.stats().udp_dropped.load(std::sync::atomic::Ordering::Relaxed))
-            .sum();
+            .map(|s| {
+                s.stats()
+                    .udp_dropped
+                    .load(std::sync::atomic::Ordering::Relaxed)
+            })
+            .sum::<u64>()
+            + self.inner.udp.dropped_untunnelled();
         status
     }
 

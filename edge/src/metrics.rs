@@ -143,7 +143,10 @@ const TUNNEL_STREAMS: (&str, &str) = (
     "remoteingress_tunnel_streams_active",
     "Tunnelled TCP connections open now on each tunnel, by hub instance",
 );
-const TUNNELS: (&str, &str) = ("remoteingress_tunnels", "Tunnels up, by state (active, draining)");
+const TUNNELS: (&str, &str) = (
+    "remoteingress_tunnels",
+    "Tunnels up, by state (active, draining)",
+);
 
 /// Reads the current tunnel at scrape time.
 pub(crate) struct LiveCollector {

@@ -55,9 +55,9 @@ pub(crate) fn judge(running: Option<&EdgeConfig>, offered: &EdgeConfig) -> Verdi
     }
     match (running.generation, offered.generation) {
         (Some(running), Some(offered)) if offered < running => Verdict::Older { running },
-        (Some(running), Some(offered)) if offered == running => {
-            Verdict::Disagrees { generation: running }
-        }
+        (Some(running), Some(offered)) if offered == running => Verdict::Disagrees {
+            generation: running,
+        },
         _ => Verdict::Apply,
     }
 }
@@ -80,8 +80,7 @@ pub(crate) struct Offers {
 impl Offers {
     /// Records what `hub` offers over tunnel `key`.
     pub(crate) fn insert(&mut self, key: TunnelKey, hub: &str, config: &EdgeConfig) {
-        self.by_tunnel
-            .insert(key, (hub.to_owned(), config.clone()));
+        self.by_tunnel.insert(key, (hub.to_owned(), config.clone()));
     }
 
     /// Forgets a tunnel's offer.
@@ -130,7 +129,10 @@ mod tests {
     fn only_a_newer_generation_replaces_the_running_configuration() {
         let running = config(&[80], Some(5));
         assert_eq!(judge(None, &running), Verdict::Apply);
-        assert_eq!(judge(Some(&running), &config(&[81], Some(6))), Verdict::Apply);
+        assert_eq!(
+            judge(Some(&running), &config(&[81], Some(6))),
+            Verdict::Apply
+        );
         assert_eq!(
             judge(Some(&running), &config(&[80], Some(9))),
             Verdict::Unchanged
@@ -169,7 +171,11 @@ mod tests {
             })
         );
         offers.insert(2, "hub-b", &config(&[81], Some(6)));
-        assert_eq!(offers.disagreement(), None, "a newer generation is no quarrel");
+        assert_eq!(
+            offers.disagreement(),
+            None,
+            "a newer generation is no quarrel"
+        );
         offers.insert(2, "hub-b", &config(&[81], Some(5)));
         offers.remove(2);
         assert_eq!(offers.disagreement(), None);

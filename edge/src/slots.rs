@@ -54,7 +54,11 @@ pub(crate) async fn supervise(inner: Arc<EdgeInner>) {
     let mut slots = Vec::new();
     for slot in 0..inner.options.hub_connections.max(1) {
         let (first_attempt, attempted) = oneshot::channel();
-        slots.push(tokio::spawn(keep_tunnel(inner.clone(), slot, first_attempt)));
+        slots.push(tokio::spawn(keep_tunnel(
+            inner.clone(),
+            slot,
+            first_attempt,
+        )));
         tokio::select! {
             _ = attempted => {}
             () = inner.shutdown.cancelled() => break,

@@ -199,7 +199,11 @@ mod tests {
         let (b, _peer_b) = session();
         let key_a = tunnels.add(&a, Some("hub-a"), "h:1").unwrap();
         let key_b = tunnels.add(&b, Some("hub-b"), "h:1").unwrap();
-        assert_eq!(tunnels.add(&b, Some("hub-a"), "h:2"), None, "one tunnel per hub");
+        assert_eq!(
+            tunnels.add(&b, Some("hub-a"), "h:2"),
+            None,
+            "one tunnel per hub"
+        );
         let (original, _peer) = session();
         assert!(tunnels.add(&original, None, "h:9").is_some());
         assert_eq!(tunnels.add(&original, None, "h:9"), None);

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -45,7 +45,10 @@ impl Table {
     }
 
     /// Sessions matching `which`, removed.
-    fn remove_where(&mut self, which: impl Fn(&SessionKey, &Session) -> bool) -> Vec<(SessionKey, Session)> {
+    fn remove_where(
+        &mut self,
+        which: impl Fn(&SessionKey, &Session) -> bool,
+    ) -> Vec<(SessionKey, Session)> {
         let keys: Vec<SessionKey> = self
             .sessions
             .iter()
@@ -104,22 +107,14 @@ impl DropCause {
     }
 }
 
-impl UdpCounters {
-    /// Counts a drop by cause, and in the tunnel's total unless the tunnel counted it.
-    fn dropped(&self, tunnel: Option<&SessionHandle>, cause: DropCause) {
-        self.dropped.with_label_values(&[cause.label()]).inc();
-        if let Some(tunnel) = tunnel.filter(|_| !matches!(cause, DropCause::QueueFull)) {
-            tunnel.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
 /// The edge's UDP sessions over all its tunnels: opened by the listeners, answered from the
 /// tunnels' events, ended when idle or when their tunnel goes.
 pub(crate) struct UdpSessions {
     limits: UdpLimits,
     counters: UdpCounters,
     table: Mutex<Table>,
+    /// Drops before a tunnel was chosen (session limit, no tunnel up).
+    dropped_untunnelled: AtomicU64,
 }
 
 impl UdpSessions {
@@ -128,7 +123,31 @@ impl UdpSessions {
             limits,
             counters,
             table: Mutex::default(),
+            dropped_untunnelled: AtomicU64::new(0),
         }
+    }
+
+    /// Counts a drop by cause, and in the tunnel's total (unless the tunnel counted it) or in
+    /// the edge's when no tunnel was chosen yet.
+    fn dropped(&self, tunnel: Option<&SessionHandle>, cause: DropCause) {
+        self.counters
+            .dropped
+            .with_label_values(&[cause.label()])
+            .inc();
+        match tunnel {
+            None => {
+                self.dropped_untunnelled.fetch_add(1, Ordering::Relaxed);
+            }
+            Some(_) if matches!(cause, DropCause::QueueFull) => {}
+            Some(tunnel) => {
+                tunnel.stats().udp_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Datagrams dropped before a tunnel was chosen.
+    pub(crate) fn dropped_untunnelled(&self) -> u64 {
+        self.dropped_untunnelled.load(Ordering::Relaxed)
     }
 
     fn table(&self) -> std::sync::MutexGuard<'_, Table> {
@@ -153,8 +172,9 @@ impl UdpSessions {
         };
         session.last_active = Instant::now();
         if session.socket.try_send_to(payload, session.client).is_err() {
-            self.counters
-                .dropped(Some(&session.tunnel), DropCause::SocketBusy);
+            let tunnel = session.tunnel.clone();
+            drop(table);
+            self.dropped(Some(&tunnel), DropCause::SocketBusy);
         }
     }
 
@@ -286,7 +306,6 @@ impl Receiver {
         let Ok(local) = self.socket.local_addr() else {
             return;
         };
-        let counters = &self.sessions.counters;
         loop {
             let (len, client) = tokio::select! {
                 received = self.socket.recv_from(&mut buf) => match received {
@@ -298,12 +317,12 @@ impl Receiver {
             let (id, tunnel) = match self.session_for(client, local).await {
                 Ok(found) => found,
                 Err((cause, tunnel)) => {
-                    counters.dropped(tunnel.as_ref(), cause);
+                    self.sessions.dropped(tunnel.as_ref(), cause);
                     continue;
                 }
             };
             if !tunnel.send_udp(id, Bytes::copy_from_slice(&buf[..len])) {
-                counters.dropped(Some(&tunnel), DropCause::QueueFull);
+                self.sessions.dropped(Some(&tunnel), DropCause::QueueFull);
             }
         }
     }
@@ -328,10 +347,7 @@ impl Receiver {
                 return Err((DropCause::SessionLimit, None));
             }
         }
-        let (tunnel_key, tunnel) = self
-            .tunnels
-            .pick()
-            .ok_or((DropCause::TunnelDown, None))?;
+        let (tunnel_key, tunnel) = self.tunnels.pick().ok_or((DropCause::TunnelDown, None))?;
         let header = ProxyV2::proxy(V2Transport::Datagram, client, local).to_bytes();
         let id = tunnel
             .open_udp(Bytes::from(header))
@@ -339,7 +355,9 @@ impl Receiver {
             .map_err(|_| (DropCause::TunnelDown, Some(tunnel.clone())))?;
         self.opened.inc();
         let mut table = self.sessions.table();
-        table.by_client.insert((self.port, client), (tunnel_key, id));
+        table
+            .by_client
+            .insert((self.port, client), (tunnel_key, id));
         table.sessions.insert(
             (tunnel_key, id),
             Session {

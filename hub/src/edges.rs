@@ -217,11 +217,21 @@ mod tests {
         std::fs::write(&json, r#"[{"id":"e1","secret":"s"}]"#).unwrap();
         let by_time = load_edges_file(&json).unwrap()[0].config.generation;
         assert_eq!(by_time, modified_millis(&json));
-        assert!(by_time.is_some_and(|ms| ms > 1_600_000_000_000), "{by_time:?}");
+        assert!(
+            by_time.is_some_and(|ms| ms > 1_600_000_000_000),
+            "{by_time:?}"
+        );
 
         let toml = dir.path().join("edges.toml");
-        std::fs::write(&toml, "generation = 3\n[[edges]]\nid = \"e1\"\nsecret = \"s\"\n").unwrap();
-        assert_eq!(load_edges_file(&toml).unwrap()[0].config.generation, Some(3));
+        std::fs::write(
+            &toml,
+            "generation = 3\n[[edges]]\nid = \"e1\"\nsecret = \"s\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            load_edges_file(&toml).unwrap()[0].config.generation,
+            Some(3)
+        );
     }
 
     #[test]

@@ -168,7 +168,7 @@ async fn check_hello(
         inner.options.session.extensions,
         &inner.options.hub_id,
     ))
-        .await?;
+    .await?;
     Ok(Authenticated {
         link,
         hello,

@@ -29,8 +29,8 @@ use tokio_util::sync::CancellationToken;
 
 pub use edges::{load_edges_file, validate_all, AllowedEdge};
 pub use handshake::AuthFailure;
-pub use registry::ReplicaConflict;
 use registry::Registry;
+pub use registry::ReplicaConflict;
 pub use remoteingress_tunnel::Transport;
 pub use remoteingress_wire::config::Protocol;
 
@@ -625,7 +625,10 @@ impl HubHandle {
     pub async fn drain(&self) -> usize {
         self.stop_accepting();
         let sessions = self.inner.registry().sessions();
-        tracing::info!(tunnels = sessions.len(), "draining: edges asked to move new streams elsewhere");
+        tracing::info!(
+            tunnels = sessions.len(),
+            "draining: edges asked to move new streams elsewhere"
+        );
         let mut asked = 0;
         for session in sessions {
             asked += usize::from(session.drain().await);

@@ -795,7 +795,11 @@ mod tests {
         other.config.generation = Some(4);
         assert!(matches!(
             registry.check_replica_write(&other),
-            Err(ReplicaConflict::Stale { given: 4, current: 5, .. })
+            Err(ReplicaConflict::Stale {
+                given: 4,
+                current: 5,
+                ..
+            })
         ));
         other.config.generation = Some(6);
         assert_eq!(registry.check_replica_write(&other), Ok(()));

@@ -57,6 +57,9 @@ pub(crate) async fn quic_accept_loop(inner: Arc<HubInner>, endpoint: quinn::Endp
         let remote_addr = incoming.remote_address();
         admit(&inner, Incoming::Quic(Box::new(incoming)), remote_addr);
     }
+    // No new tunnels (a drain); the open ones carry on until shutdown.
+    endpoint.set_server_config(None);
+    inner.shutdown.cancelled().await;
     endpoint.close(quinn::VarInt::from_u32(0), b"hub shutting down");
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
 }

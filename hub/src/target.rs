@@ -28,9 +28,7 @@ impl Route {
         client: std::net::SocketAddr,
         edge_port: u16,
     ) -> Result<Self, TargetError> {
-        let target_port = inner
-            .registry()
-            .target_port(edge_id, protocol, edge_port)?;
+        let target_port = inner.registry().target_port(edge_id, protocol, edge_port)?;
         Ok(Self {
             client,
             edge_port,

@@ -532,18 +532,22 @@ mod tests {
             proptest::option::of(any::<u64>()),
             proptest::option::of(any::<u64>()),
         )
-            .prop_map(|(tcp, udp, stun, firewall, version, generation)| EdgeConfig {
-                listen_ports: tcp,
-                listen_ports_udp: udp,
-                stun_interval_secs: stun,
-                firewall_config: firewall.map(|(blocked_ips, rate_limits, rules)| FirewallConfig {
-                    blocked_ips,
-                    rate_limits,
-                    rules,
-                }),
-                version,
-                generation,
-            })
+            .prop_map(
+                |(tcp, udp, stun, firewall, version, generation)| EdgeConfig {
+                    listen_ports: tcp,
+                    listen_ports_udp: udp,
+                    stun_interval_secs: stun,
+                    firewall_config: firewall.map(|(blocked_ips, rate_limits, rules)| {
+                        FirewallConfig {
+                            blocked_ips,
+                            rate_limits,
+                            rules,
+                        }
+                    }),
+                    version,
+                    generation,
+                },
+            )
     }
 
     proptest! {

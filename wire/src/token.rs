@@ -167,7 +167,10 @@ mod tests {
     #[test]
     fn carries_further_hubs() {
         let token = ConnectionToken {
-            hubs: vec!["hub-b.example.com:8443".into(), "hub.example.com:8443".into()],
+            hubs: vec![
+                "hub-b.example.com:8443".into(),
+                "hub.example.com:8443".into(),
+            ],
             ..example()
         };
         let decoded = ConnectionToken::decode(&token.encode()).unwrap();

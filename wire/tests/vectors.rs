@@ -27,7 +27,11 @@ fn token_from(fields: &Value) -> ConnectionToken {
         pin: fields["pin"].as_str().map(str::to_owned),
         hubs: fields["hubs"]
             .as_array()
-            .map(|hubs| hubs.iter().filter_map(|h| h.as_str().map(str::to_owned)).collect())
+            .map(|hubs| {
+                hubs.iter()
+                    .filter_map(|h| h.as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default(),
     }
 }

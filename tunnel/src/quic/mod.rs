@@ -50,7 +50,9 @@ pub(crate) fn start(
     if role == Role::Edge && !agreed.is_empty() {
         let _ = control_tx.try_send((FrameType::Extensions, Bytes::from(agreed.to_payload())));
     }
-    let shared = Arc::new(QuicShared::new(role, options, connection, control_tx, agreed));
+    let shared = Arc::new(QuicShared::new(
+        role, options, connection, control_tx, agreed,
+    ));
     let (send, recv) = control;
     spawn_task(
         &shared,

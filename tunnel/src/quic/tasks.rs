@@ -75,7 +75,9 @@ pub(crate) async fn read_control(
                     extensions_seen = true;
                     let confirmed = Extensions::parse(&payload)
                         .map_err(|e| ProtocolViolation::Extensions(e.to_string()))?;
-                    shared.lifecycle.confirm(confirmed, shared.options.extensions);
+                    shared
+                        .lifecycle
+                        .confirm(confirmed, shared.options.extensions);
                     continue;
                 }
                 (FrameType::ConfigAck, Role::Hub) => SessionEvent::ConfigAck(payload),

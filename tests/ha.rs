@@ -1,0 +1,632 @@
+//! High availability with real processes on loopback: an edge with tunnels to two hubs keeps
+//! serving new connections when one hub is killed and through a rolling restart of both; it
+//! finds two distinct hubs behind one load-balanced address; it runs only the newest
+//! configuration generation and reports hubs that disagree; and an edge of the original
+//! protocol is never sent a DRAIN.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+for_each_transport!(a_drained_tunnel_finishes_its_streams_while_new_ones_go_elsewhere);
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use remoteingress_edge::{Edge, HubAddress, TransportMode, TunnelState};
+use remoteingress_hub::HubEvent;
+use remoteingress_wire::frame::FrameType;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const LOCALHOST: [u8; 4] = [127, 0, 0, 1];
+
+/// How a hub is started: a restart reuses its id, ports and edges file.
+#[derive(Clone)]
+struct HubSpec {
+    id: String,
+    tunnel_port: u16,
+    metrics_port: u16,
+    admin_port: u16,
+    edges_file: PathBuf,
+}
+
+/// A running hub process.
+struct HubProcess {
+    spec: HubSpec,
+    process: Process,
+}
+
+/// Hubs sharing one certificate (one pin) and a target they forward to.
+struct Tier {
+    dir: tempfile::TempDir,
+    pin: String,
+    target: EchoTarget,
+    edge_port: u16,
+}
+
+impl Tier {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let pin = remoteingress_tunnel::HubIdentity::load_or_generate(dir.path())
+            .unwrap()
+            .pin();
+        Self {
+            dir,
+            pin,
+            target: echo_target().await,
+            edge_port: free_port(EDGE_IP),
+        }
+    }
+
+    /// Writes an edges file for edge `e1` with `generation`, listening on `port`.
+    fn edges_file(&self, name: &str, generation: u64, port: u16) -> PathBuf {
+        let path = self.dir.path().join(name);
+        let edges = serde_json::json!({
+            "generation": generation,
+            "edges": [allowed("e1", &[(port, self.target.addr.port())])],
+        });
+        std::fs::write(&path, edges.to_string()).unwrap();
+        path
+    }
+
+    async fn hub(&self, id: &str, edges_file: PathBuf) -> HubProcess {
+        let localhost = LOCALHOST.into();
+        self.start(HubSpec {
+            id: id.to_owned(),
+            tunnel_port: free_port(localhost),
+            metrics_port: free_port(localhost),
+            admin_port: free_port(localhost),
+            edges_file,
+        })
+        .await
+    }
+
+    /// Starts (or starts again) a hub process and waits until it is ready.
+    async fn start(&self, hub: HubSpec) -> HubProcess {
+        let process = spawn_binary(
+            &[
+                "hub".into(),
+                "--listen-address=127.0.0.1".into(),
+                format!("--tunnel-port={}", hub.tunnel_port),
+                format!("--admin-addr=127.0.0.1:{}", hub.admin_port),
+                format!("--metrics-addr=127.0.0.1:{}", hub.metrics_port),
+                format!("--state-dir={}", self.dir.path().display()),
+                format!("--edges-file={}", hub.edges_file.display()),
+                format!("--hub-id={}", hub.id),
+                "--no-quic".into(),
+                "--ping-interval-secs=1".into(),
+                "--shutdown-grace-secs=20".into(),
+            ],
+            &[],
+        );
+        let metrics = SocketAddr::from((LOCALHOST, hub.metrics_port));
+        eventually(&format!("{} to be ready", hub.id), || async {
+            match TcpStream::connect(metrics).await {
+                Ok(_) => (http_get(metrics, "/readyz").await.0 == 200).then_some(()),
+                Err(_) => None,
+            }
+        })
+        .await;
+        HubProcess { spec: hub, process }
+    }
+
+    /// An edge process with `hub_args` (its `--hub` list and connection count).
+    async fn edge(&self, hub_args: &[String]) -> EdgeProcess {
+        let localhost = LOCALHOST.into();
+        let metrics = SocketAddr::from((LOCALHOST, free_port(localhost)));
+        let mut args: Vec<String> = vec![
+            "edge".into(),
+            "--edge-id=e1".into(),
+            format!("--secret={SECRET}"),
+            format!("--hub-pin={}", self.pin),
+            format!("--bind-address={EDGE_IP}"),
+            format!("--status-addr=127.0.0.1:{}", free_port(localhost)),
+            format!("--metrics-addr={metrics}"),
+            "--firewall=off".into(),
+            "--no-stun".into(),
+            "--reconnect-min-ms=50".into(),
+            "--reconnect-max-secs=1".into(),
+        ];
+        args.extend(hub_args.iter().cloned());
+        EdgeProcess {
+            _process: spawn_binary(&args, &[]),
+            metrics,
+        }
+    }
+}
+
+struct EdgeProcess {
+    _process: Process,
+    metrics: SocketAddr,
+}
+
+impl EdgeProcess {
+    /// The value of one sample (name with labels, as Prometheus prints it), if present.
+    async fn metric(&self, sample: &str) -> Option<f64> {
+        TcpStream::connect(self.metrics).await.ok()?;
+        let (_, body) = http_get(self.metrics, "/metrics").await;
+        body.lines()
+            .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+    }
+
+    /// Waits until `count` tunnels are active, to the hubs named.
+    async fn wait_tunnels(&self, hubs: &[&str]) {
+        eventually(&format!("active tunnels to {hubs:?}"), || async {
+            let active = self
+                .metric("remoteingress_tunnels{state=\"active\"}")
+                .await?;
+            let mut all = active == hubs.len() as f64;
+            for hub in hubs {
+                let sample = format!("remoteingress_tunnel_streams_active{{hub=\"{hub}\"}}");
+                all &= self.metric(&sample).await.is_some();
+            }
+            all.then_some(())
+        })
+        .await;
+    }
+}
+
+fn hub_flags(hubs: &[&HubProcess], connections: usize) -> Vec<String> {
+    let mut flags: Vec<String> = hubs
+        .iter()
+        .map(|hub| format!("--hub=127.0.0.1:{}", hub.spec.tunnel_port))
+        .collect();
+    flags.push(format!("--hub-connections={connections}"));
+    flags
+}
+
+fn signal(hub: &HubProcess, signal: &str) {
+    let pid = hub.process.0.id().to_string();
+    assert!(Command::new("kill")
+        .args([signal, &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// Connect, send a few bytes, half-close, read the echo: true if it all came back.
+async fn short_exchange(addr: SocketAddr, n: usize) -> bool {
+    let exchange = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        let data = format!("connection {n}");
+        stream.write_all(data.as_bytes()).await?;
+        stream.shutdown().await?;
+        let mut received = Vec::new();
+        stream.read_to_end(&mut received).await?;
+        Ok::<_, std::io::Error>(received == data.as_bytes())
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), exchange).await,
+        Ok(Ok(true))
+    )
+}
+
+/// A transfer that lasts about a second: 20 chunks, 50 ms apart, then the whole echo.
+async fn long_transfer(addr: SocketAddr) -> bool {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let data = pattern(20 * 16 * 1024, 7);
+    let (mut rd, mut wr) = stream.split();
+    let write = async {
+        for chunk in data.chunks(16 * 1024) {
+            wr.write_all(chunk).await?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        wr.shutdown().await
+    };
+    let mut received = Vec::new();
+    let (written, read) = tokio::join!(write, rd.read_to_end(&mut received));
+    written.is_ok() && read.is_ok() && received == data
+}
+
+/// New connections at about 200 per second (4 workers, each every 20 ms), until stopped.
+struct Load {
+    stop: Arc<AtomicBool>,
+    started: Arc<AtomicUsize>,
+    workers: Vec<tokio::task::JoinHandle<Vec<(Instant, bool)>>>,
+}
+
+const WORKERS: usize = 4;
+
+impl Load {
+    fn start(addr: SocketAddr) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(AtomicUsize::new(0));
+        let workers = (0..WORKERS)
+            .map(|_| {
+                let (stop, started) = (stop.clone(), started.clone());
+                tokio::spawn(async move {
+                    let mut outcomes = Vec::new();
+                    let mut pace = tokio::time::interval(Duration::from_millis(20));
+                    while !stop.load(Ordering::Relaxed) {
+                        pace.tick().await;
+                        let n = started.fetch_add(1, Ordering::Relaxed);
+                        let at = Instant::now();
+                        outcomes.push((at, short_exchange(addr, n).await));
+                    }
+                    outcomes
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            started,
+            workers,
+        }
+    }
+
+    /// Waits until `more` connections beyond those started so far have started.
+    async fn run_for(&self, more: usize) {
+        let target = self.started.load(Ordering::Relaxed) + more;
+        eventually("the load to go on", || async {
+            (self.started.load(Ordering::Relaxed) >= target).then_some(())
+        })
+        .await;
+    }
+
+    /// Stops and returns every connection's start time and success.
+    async fn finish(self) -> Vec<(Instant, bool)> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut all = Vec::new();
+        for worker in self.workers {
+            all.extend(worker.await.unwrap());
+        }
+        all
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killing_one_hub_costs_only_its_own_streams() {
+    let tier = Tier::new().await;
+    let file = tier.edges_file("edges.json", 1, tier.edge_port);
+    let a = tier.hub("hub-a", file.clone()).await;
+    let b = tier.hub("hub-b", file).await;
+    let edge = tier.edge(&hub_flags(&[&a, &b], 2)).await;
+    edge.wait_tunnels(&["hub-a", "hub-b"]).await;
+    let addr = SocketAddr::new(EDGE_IP, tier.edge_port);
+
+    let load = Load::start(addr);
+    load.run_for(100).await;
+    let mut a = a;
+    let killed = Instant::now();
+    a.process.0.kill().unwrap();
+    edge.wait_tunnels(&["hub-b"]).await;
+    let noticed = Instant::now();
+    load.run_for(200).await;
+    let outcomes = load.finish().await;
+
+    let failed: Vec<&(Instant, bool)> = outcomes.iter().filter(|(_, ok)| !ok).collect();
+    let failed_after = failed.iter().filter(|(at, _)| *at >= noticed).count();
+    println!(
+        "kill -9 of one hub: {} connections, {} failed (at most the {WORKERS} in flight), \
+         edge routed around it within {:?}",
+        outcomes.len(),
+        failed.len(),
+        noticed - killed
+    );
+    assert_eq!(
+        failed_after, 0,
+        "connections after the loss was noticed all succeed"
+    );
+    assert!(
+        failed.len() <= WORKERS,
+        "only connections in flight on the killed hub may fail: {} did",
+        failed.len()
+    );
+    assert!(outcomes.iter().filter(|(at, _)| *at >= noticed).count() >= 150);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_of_every_hub_loses_no_connection() {
+    let tier = Tier::new().await;
+    let file = tier.edges_file("edges.json", 1, tier.edge_port);
+    let mut hubs = vec![
+        tier.hub("hub-a", file.clone()).await,
+        tier.hub("hub-b", file).await,
+    ];
+    let edge = tier.edge(&hub_flags(&[&hubs[0], &hubs[1]], 2)).await;
+    edge.wait_tunnels(&["hub-a", "hub-b"]).await;
+    let addr = SocketAddr::new(EDGE_IP, tier.edge_port);
+
+    let load = Load::start(addr);
+    load.run_for(50).await;
+    for i in 0..hubs.len() {
+        // One long transfer lands on each tunnel (new streams go to the least loaded).
+        let first = tokio::spawn(long_transfer(addr));
+        eventually("the first transfer to be open", || async {
+            let open = edge.metric("remoteingress_streams_active").await?;
+            (open >= 1.0).then_some(())
+        })
+        .await;
+        let second = tokio::spawn(long_transfer(addr));
+        let mut hub = hubs.remove(i);
+        signal(&hub, "-TERM");
+        let id = hub.spec.id.clone();
+        eventually(&format!("{id} to exit after draining"), || {
+            let exited = hub.process.0.try_wait().unwrap().map(|_| ());
+            async move { exited }
+        })
+        .await;
+        assert!(
+            first.await.unwrap(),
+            "a transfer in flight survives the drain"
+        );
+        assert!(
+            second.await.unwrap(),
+            "a transfer in flight survives the drain"
+        );
+        hubs.insert(i, tier.start(hub.spec.clone()).await);
+        edge.wait_tunnels(&["hub-a", "hub-b"]).await;
+        load.run_for(50).await;
+    }
+    let outcomes = load.finish().await;
+    let failed = outcomes.iter().filter(|(_, ok)| !ok).count();
+    println!(
+        "rolling restart of 2 hubs: {} connections, {failed} failed",
+        outcomes.len()
+    );
+    assert_eq!(failed, 0, "no connection fails during a rolling restart");
+}
+
+/// A TCP relay that sends connection `n` to `backends[(n / 2) % len]`: the edge's first two
+/// dials reach the same hub, so it must tell hubs apart by their id.
+async fn pairwise_relay(backends: Vec<SocketAddr>) -> SocketAddr {
+    let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        for n in 0.. {
+            let Ok((mut client, _)) = listener.accept().await else {
+                return;
+            };
+            let backend = backends[(n / 2) % backends.len()];
+            tokio::spawn(async move {
+                if let Ok(mut upstream) = TcpStream::connect(backend).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_load_balanced_address_leads_to_two_distinct_hubs() {
+    let tier = Tier::new().await;
+    let file = tier.edges_file("edges.json", 1, tier.edge_port);
+    let a = tier.hub("hub-a", file.clone()).await;
+    let b = tier.hub("hub-b", file).await;
+    let relay = pairwise_relay(
+        [&a, &b]
+            .iter()
+            .map(|hub| SocketAddr::from((LOCALHOST, hub.spec.tunnel_port)))
+            .collect(),
+    )
+    .await;
+    let edge = tier
+        .edge(&[
+            format!("--hub=127.0.0.1:{}", relay.port()),
+            "--hub-connections=2".into(),
+        ])
+        .await;
+    edge.wait_tunnels(&["hub-a", "hub-b"]).await;
+    let data = pattern(10_000, 1);
+    assert_eq!(
+        round_trip(SocketAddr::new(EDGE_IP, tier.edge_port), &data).await,
+        data
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hubs_that_disagree_are_reported_and_the_newest_generation_wins() {
+    let tier = Tier::new().await;
+    let (port_a, port_b) = (tier.edge_port, free_port(EDGE_IP));
+    let a = tier
+        .hub("hub-a", tier.edges_file("a.json", 5, port_a))
+        .await;
+    let edge = tier.edge(&hub_flags(&[&a], 1)).await;
+    edge.wait_tunnels(&["hub-a"]).await;
+    let b = tier
+        .hub("hub-b", tier.edges_file("b.json", 5, port_b))
+        .await;
+    drop(edge);
+    let edge = tier.edge(&hub_flags(&[&a, &b], 2)).await;
+    edge.wait_tunnels(&["hub-a", "hub-b"]).await;
+    eventually("the disagreement to be reported", || async {
+        let disagreement = edge.metric("remoteingress_config_disagreement").await?;
+        (disagreement == 1.0).then_some(())
+    })
+    .await;
+    // Whichever came first stays; the other is not applied.
+    let listening = |port: u16| async move { TcpStream::connect((EDGE_IP, port)).await.is_ok() };
+    let first = if listening(port_a).await {
+        port_a
+    } else {
+        port_b
+    };
+    let other = if first == port_a { port_b } else { port_a };
+    assert!(
+        !listening(other).await,
+        "only one of the two configurations runs"
+    );
+    assert_eq!(
+        edge.metric("remoteingress_config_generation").await,
+        Some(5.0)
+    );
+
+    // Hub B's source moves on to generation 6: the edge follows it and the quarrel is over.
+    tier.edges_file("b.json", 6, port_b);
+    eventually("generation 6 to be applied", || async {
+        let generation = edge.metric("remoteingress_config_generation").await?;
+        (generation == 6.0 && listening(port_b).await).then_some(())
+    })
+    .await;
+    eventually("the disagreement to clear", || async {
+        let disagreement = edge.metric("remoteingress_config_disagreement").await?;
+        (disagreement == 0.0).then_some(())
+    })
+    .await;
+    assert!(
+        !listening(port_a).await,
+        "hub A's older configuration is not applied"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_of_the_original_protocol_is_never_sent_a_drain() {
+    let state = tempfile::tempdir().unwrap();
+    let hub = start_hub(state.path(), 0).await;
+    let target = echo_target().await;
+    hub.update_allowed_edges(vec![allowed("e1", &[(8080, target.addr.port())])])
+        .await
+        .unwrap();
+    let mut edge = RawEdge::connect(&hub, "e1").await;
+    let header = remoteingress_wire::proxy::ProxyV1::tcp(
+        "203.0.113.9:5000".parse().unwrap(),
+        "198.51.100.1:8080".parse().unwrap(),
+    )
+    .to_line();
+    edge.send(&[
+        (1, FrameType::Open, header.as_bytes()),
+        (1, FrameType::Data, b"hello"),
+    ])
+    .await;
+    edge.next_of(1, FrameType::DataBack).await;
+    assert_eq!(
+        hub.drain().await,
+        0,
+        "nothing is sent to an edge without DRAIN"
+    );
+    assert_eq!(
+        hub.drain_pending(),
+        1,
+        "the drain waits for its open stream"
+    );
+    assert!(!hub.is_ready() && hub.status().draining);
+    edge.send(&[(1, FrameType::Close, b"")]).await;
+    loop {
+        let frame = edge.next_frame().await.expect("the tunnel stays up");
+        assert_ne!(
+            frame.kind,
+            FrameType::Drain,
+            "an original edge never sees DRAIN"
+        );
+        if frame.kind == FrameType::CloseBack {
+            break;
+        }
+    }
+    eventually("the stream to end", || async {
+        (hub.drain_pending() == 0).then_some(())
+    })
+    .await;
+    hub.shutdown().await;
+}
+
+/// Two in-process hubs with one certificate, one edge with a tunnel to each (library level:
+/// here the test can see which hub each stream reaches).
+async fn a_drained_tunnel_finishes_its_streams_while_new_ones_go_elsewhere(
+    transport: TransportMode,
+) {
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let target = echo_target().await;
+    let edge_port = free_port(EDGE_IP);
+    let hubs = [
+        start_hub(state.path(), 0).await,
+        start_hub(state.path(), 0).await,
+    ];
+    for hub in &hubs {
+        hub.update_allowed_edges(vec![allowed("e1", &[(edge_port, target.addr.port())])])
+            .await
+            .unwrap();
+    }
+    let mut options = edge_options(&hubs[0], "e1", SECRET);
+    options.hubs = hubs
+        .iter()
+        .map(|hub| HubAddress::new("127.0.0.1", hub.local_addr().port()))
+        .collect();
+    options.hub_connections = 2;
+    options.transport = transport;
+    let edge = Edge::start(options).await.unwrap();
+    eventually("a tunnel to each hub", || async {
+        (edge.status().tunnels.len() == 2).then_some(())
+    })
+    .await;
+    wait_listening(&edge, edge_port).await;
+    let addr = SocketAddr::new(EDGE_IP, edge_port);
+
+    let mut open = TcpStream::connect(addr).await.unwrap();
+    open.write_all(b"before").await.unwrap();
+    let mut buf = [0u8; 6];
+    open.read_exact(&mut buf).await.unwrap();
+    let (drained, other) = if hubs[0].active_streams() == 1 {
+        (&hubs[0], &hubs[1])
+    } else {
+        (&hubs[1], &hubs[0])
+    };
+    let drained_id = drained.status().hub_id;
+    assert_eq!(
+        drained.drain().await,
+        1,
+        "the edge's tunnel is asked to drain"
+    );
+    eventually("the edge to see the drain", || async {
+        edge.status()
+            .tunnels
+            .iter()
+            .any(|t| {
+                t.hub_id.as_deref() == Some(drained_id.as_str()) && t.state == TunnelState::Draining
+            })
+            .then_some(())
+    })
+    .await;
+
+    let mut events = other.subscribe();
+    let data = pattern(5000, 2);
+    assert_eq!(
+        round_trip(addr, &data).await,
+        data,
+        "a new connection works"
+    );
+    let opened = loop {
+        if let HubEvent::StreamOpened {
+            client_addr,
+            edge_port,
+            target,
+            ..
+        } = events.recv().await.unwrap()
+        {
+            break (client_addr, edge_port, target);
+        }
+    };
+    assert_eq!(
+        opened.0.ip(),
+        std::net::IpAddr::from(LOCALHOST),
+        "the event names the client"
+    );
+    assert_eq!(opened.1, edge_port);
+    assert_eq!(opened.2, format!("127.0.0.1:{}", target.addr.port()));
+    assert_eq!(
+        drained.active_streams(),
+        1,
+        "nothing new reached the draining hub"
+    );
+
+    open.write_all(b"after!").await.unwrap();
+    open.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"after!", "the open stream still flows");
+    drop(open);
+    eventually("the edge to close the drained tunnel", || async {
+        drained.status().connected_edges.is_empty().then_some(())
+    })
+    .await;
+    assert_eq!(drained.drain_pending(), 0);
+    assert_eq!(round_trip(addr, &data).await, data);
+    edge.shutdown().await;
+}
