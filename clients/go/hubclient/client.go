@@ -161,6 +161,25 @@ func (c *Client) DisconnectEdge(ctx context.Context, id string) (bool, error) {
 	return response.GetDisconnected(), nil
 }
 
+// Drain begins draining the hub, as SIGTERM does: no new tunnels, and every edge moves its new
+// streams to its other tunnels. It returns how many tunnels were asked.
+func (c *Client) Drain(ctx context.Context) (uint32, error) {
+	response, err := c.admin.Drain(ctx, &pb.DrainRequest{})
+	if err != nil {
+		return 0, wrap(err)
+	}
+	return response.GetTunnels(), nil
+}
+
+// DrainEdge asks one edge to move its new streams to its other tunnels; false if it cannot.
+func (c *Client) DrainEdge(ctx context.Context, id string) (bool, error) {
+	response, err := c.admin.DrainEdge(ctx, &pb.DrainEdgeRequest{Id: id})
+	if err != nil {
+		return false, wrap(err)
+	}
+	return response.GetDrained(), nil
+}
+
 // bearer attaches the admin token to every call.
 type bearer struct {
 	token  string

@@ -25,6 +25,9 @@ type EdgeSpec struct {
 	TargetPorts map[uint32]uint32 `json:"targetPorts,omitempty"`
 	// StunIntervalSecs is the STUN refresh interval; 0 means the default (300).
 	StunIntervalSecs uint64 `json:"stunIntervalSecs,omitempty"`
+	// Generation orders configurations across hubs (edges apply only a newer one); nil lets the
+	// hub count changes itself. Hubs run as replicas require it.
+	Generation *uint64 `json:"generation,omitempty"`
 	// FirewallConfig holds the nftables rules the edge applies.
 	FirewallConfig *FirewallSpec `json:"firewallConfig,omitempty"`
 }
@@ -92,6 +95,7 @@ func (e EdgeSpec) Proto() (*pb.Edge, error) {
 		ListenPortsUdp:   e.ListenPortsUDP,
 		TargetPorts:      e.TargetPorts,
 		StunIntervalSecs: e.StunIntervalSecs,
+		Generation:       e.Generation,
 	}
 	if e.FirewallConfig == nil {
 		return edge, nil

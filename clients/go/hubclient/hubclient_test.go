@@ -189,4 +189,20 @@ func TestEveryRPCAgainstARealHub(t *testing.T) {
 		eventually(t, says("EdgeDisconnected after the restart"), func() bool { return recorded.seen(resubscribed, disconnected("e1")) })
 		eventually(t, says("EdgeConnected after the restart"), func() bool { return recorded.seen(resubscribed, connected("e1")) })
 	})
+
+	t.Run("DrainEdge moves the edge to a new tunnel; Drain stops the hub taking tunnels", func(t *testing.T) {
+		mark := recorded.mark()
+		if ok, err := client.DrainEdge(ctx, "e1"); !ok || err != nil {
+			t.Fatalf("drain edge: %v, %v", ok, err)
+		}
+		eventually(t, says("the drained tunnel to close"), func() bool { return recorded.seen(mark, disconnected("e1")) })
+		eventually(t, says("a replacement tunnel"), func() bool { return recorded.seen(mark, connected("e1")) })
+		if _, err := client.Drain(ctx); err != nil {
+			t.Fatal(err)
+		}
+		status, err := client.GetStatus(ctx)
+		if err != nil || !status.GetDraining() || status.GetHubId() == "" {
+			t.Fatalf("status after Drain: %v, %v", status, err)
+		}
+	})
 }

@@ -25,6 +25,8 @@ type ConnectionToken struct {
 	Secret string
 	// Pin is the SHA-256 of the hub's certificate in lowercase hex; empty for none.
 	Pin string
+	// Hubs are further hubs of the same tier, "host:port", besides HubHost:HubPort.
+	Hubs []string
 }
 
 // MaxTokenLen is the longest token accepted.
@@ -57,7 +59,8 @@ func NormalizePin(pin string) (string, error) {
 }
 
 // Encode returns the token string: base64url without padding of the compact JSON
-// {"h":host,"p":port,"e":edgeId,"s":secret[,"f":pin]}. A pin that is not a SHA-256 is an error.
+// {"h":host,"p":port,"e":edgeId,"s":secret[,"f":pin][,"hubs":[...]]}. A pin that is not a
+// SHA-256 is an error.
 func (t ConnectionToken) Encode() (string, error) {
 	var buf bytes.Buffer
 	buf.WriteString(`{"h":`)
@@ -73,6 +76,16 @@ func (t ConnectionToken) Encode() (string, error) {
 		}
 		buf.WriteString(`,"f":`)
 		writeJSONString(&buf, pin)
+	}
+	if len(t.Hubs) > 0 {
+		buf.WriteString(`,"hubs":[`)
+		for i, hub := range t.Hubs {
+			if i > 0 {
+				buf.WriteByte(',')
+			}
+			writeJSONString(&buf, hub)
+		}
+		buf.WriteString("]")
 	}
 	buf.WriteString("}")
 	return base64.RawURLEncoding.EncodeToString(buf.Bytes()), nil
@@ -155,6 +168,11 @@ func DecodeConnectionToken(token string) (ConnectionToken, error) {
 	if pin != nil {
 		if decoded.Pin, err = NormalizePin(*pin); err != nil {
 			return ConnectionToken{}, err
+		}
+	}
+	if hubs, ok := fields["hubs"]; ok && string(hubs) != "null" {
+		if err := json.Unmarshal(hubs, &decoded.Hubs); err != nil {
+			return ConnectionToken{}, fmt.Errorf("%w: field \"hubs\": %v", ErrTokenJSON, err)
 		}
 	}
 	return decoded, nil

@@ -19,10 +19,14 @@ export interface EdgeEventBase {
 
 /** The events of {@link RemoteIngressEdgeStatus}, each with its listener's arguments. */
 export interface EdgeEvents extends WatchEvents {
-  /** The tunnel came up. */
-  tunnelConnected: [EdgeEventBase & { transport: Transport }];
-  /** The tunnel went down; the edge reconnects. */
-  tunnelDisconnected: [EdgeEventBase & { reason: string }];
+  /** A tunnel came up (to hub instance `hubId`, empty for an original hub, at `address`). */
+  tunnelConnected: [EdgeEventBase & { transport: Transport; hubId: string; address: string }];
+  /** A tunnel went down; the edge reconnects. */
+  tunnelDisconnected: [EdgeEventBase & { reason: string; hubId: string; address: string }];
+  /** A hub asked the edge to move new streams off its tunnel (it is shutting down). */
+  tunnelDraining: [EdgeEventBase & { hubId: string; address: string }];
+  /** Hubs offer different configurations under one generation; the running one stays. */
+  configDisagreement: [EdgeEventBase & { generation: number; hubs: string[] }];
   /** STUN found the edge's public address. */
   publicIpDiscovered: [EdgeEventBase & { ip: string }];
   /** Ports listened on after connecting (`update` false) or after a live change. */
@@ -48,7 +52,7 @@ export class RemoteIngressEdgeStatus extends StreamingClient<EdgeEvents, EdgeSta
     this.raw = createClient(EdgeStatus, this.connection.transport);
   }
 
-  /** The edge's state now: tunnel, ports, public IP, firewall. */
+  /** The edge's state now: tunnels (one per hub instance), ports, public IP, firewall. */
   async getStatus(): Promise<EdgeStatusGetStatusResponse> {
     return call(() => this.raw.getStatus({}));
   }
@@ -62,10 +66,26 @@ export class RemoteIngressEdgeStatus extends StreamingClient<EdgeEvents, EdgeSta
     const event = message.event;
     switch (event.case) {
       case "tunnelConnected":
-        this.emit(event.case, { ...base, transport: event.value.transport });
+        this.emit(event.case, {
+          ...base,
+          transport: event.value.transport,
+          hubId: event.value.hubId,
+          address: event.value.address,
+        });
         break;
       case "tunnelDisconnected":
-        this.emit(event.case, { ...base, reason: event.value.reason });
+        this.emit(event.case, {
+          ...base,
+          reason: event.value.reason,
+          hubId: event.value.hubId,
+          address: event.value.address,
+        });
+        break;
+      case "tunnelDraining":
+        this.emit(event.case, { ...base, hubId: event.value.hubId, address: event.value.address });
+        break;
+      case "configDisagreement":
+        this.emit(event.case, { ...base, generation: Number(event.value.generation), hubs: event.value.hubs });
         break;
       case "publicIpDiscovered":
         this.emit(event.case, { ...base, ip: event.value.ip });

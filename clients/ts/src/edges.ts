@@ -69,6 +69,11 @@ export interface EdgeDefinition {
   stunIntervalSecs?: number;
   /** Firewall rules for the edge. */
   firewallConfig?: FirewallConfigDefinition;
+  /**
+   * How new this configuration is, the same on every hub serving the edge (edges apply only a
+   * newer one). Absent: the hub counts changes itself. Required by hubs run as replicas.
+   */
+  generation?: number;
 }
 
 /** A configured edge as the hub reports it (never with its secret). */
@@ -81,6 +86,8 @@ export interface EdgeState extends Omit<EdgeDefinition, "secret"> {
   appliedConfigVersion: number;
   /** Why it rejected its last configuration, if it did. */
   lastConfigError?: string;
+  /** Generation of the configuration the hub wants it to run. */
+  generation: number;
 }
 
 const PROTOCOLS: Record<ProtocolName, Protocol> = { tcp: Protocol.TCP, udp: Protocol.UDP };
@@ -110,6 +117,7 @@ export function edgeToProto(edge: EdgeDefinition): Edge {
     listenPortsUdp: edge.listenPortsUdp ?? [],
     targetPorts: Object.fromEntries(Object.entries(edge.targetPorts ?? {}).map(([from, to]) => [Number(from), to])),
     stunIntervalSecs: BigInt(edge.stunIntervalSecs ?? 0),
+    generation: edge.generation === undefined ? undefined : BigInt(edge.generation),
     firewallConfig:
       firewall &&
       create(FirewallConfigSchema, {
@@ -152,6 +160,7 @@ export function edgeFromProto(info: EdgeInfo): EdgeState {
     connected: info.connected,
     desiredConfigVersion: Number(info.desiredConfigVersion),
     appliedConfigVersion: Number(info.appliedConfigVersion),
+    generation: Number(info.generation),
   };
   if (info.lastConfigError !== "") {
     state.lastConfigError = info.lastConfigError;

@@ -22,12 +22,12 @@ export interface HubEvents extends WatchEvents {
   edgeConnected: [HubEventBase & { remoteAddr: string; transport: Transport }];
   /** An edge's tunnel ended. */
   edgeDisconnected: [HubEventBase & { reason: string }];
-  /** A tunnelled TCP connection started. */
-  streamOpened: [HubEventBase & { streamId: number }];
+  /** A tunnelled TCP connection started: its client, the edge port it reached, its target. */
+  streamOpened: [HubEventBase & { streamId: number; clientAddr: string; edgePort: number; target: string }];
   /** A tunnelled TCP connection ended. */
   streamClosed: [HubEventBase & { streamId: number }];
-  /** A UDP session started. */
-  udpSessionOpened: [HubEventBase & { sessionId: number }];
+  /** A UDP session started: its client, the edge port it wrote to, its target. */
+  udpSessionOpened: [HubEventBase & { sessionId: number; clientAddr: string; edgePort: number; target: string }];
   /** A UDP session ended. */
   udpSessionClosed: [HubEventBase & { sessionId: number }];
   /** A configuration was sent to an edge. */
@@ -117,6 +117,19 @@ export class RemoteIngressHub extends StreamingClient<HubEvents, WatchEventsResp
     return (await call(() => this.raw.disconnectEdge({ id }))).disconnected;
   }
 
+  /**
+   * Begins draining the hub, as SIGTERM does: no new tunnels, and every edge moves its new
+   * streams to its other tunnels. Returns how many tunnels were asked.
+   */
+  async drain(): Promise<number> {
+    return (await call(() => this.raw.drain({}))).tunnels;
+  }
+
+  /** Asks one edge to move its new streams to its other tunnels; false if it cannot. */
+  async drainEdge(id: string): Promise<boolean> {
+    return (await call(() => this.raw.drainEdge({ id }))).drained;
+  }
+
   protected override subscribe(signal: AbortSignal, onHeader: (headers: Headers) => void) {
     return this.raw.watchEvents({ edgeId: this.watchEdgeId }, { signal, onHeader, timeoutMs: 0 });
   }
@@ -134,11 +147,19 @@ export class RemoteIngressHub extends StreamingClient<HubEvents, WatchEventsResp
       case "edgeDisconnected":
         this.emit(event.case, { ...base, reason: event.value.reason });
         break;
-      case "streamOpened":
+      case "streamOpened": {
+        const { streamId, clientAddr, edgePort, target } = event.value;
+        this.emit(event.case, { ...base, streamId, clientAddr, edgePort, target });
+        break;
+      }
       case "streamClosed":
         this.emit(event.case, { ...base, streamId: event.value.streamId });
         break;
-      case "udpSessionOpened":
+      case "udpSessionOpened": {
+        const { sessionId, clientAddr, edgePort, target } = event.value;
+        this.emit(event.case, { ...base, sessionId, clientAddr, edgePort, target });
+        break;
+      }
       case "udpSessionClosed":
         this.emit(event.case, { ...base, sessionId: event.value.sessionId });
         break;

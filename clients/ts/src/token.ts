@@ -4,7 +4,7 @@
  *
  * A token is base64url (no padding) of the compact JSON
  * `{"h":host,"p":port,"e":edgeId,"s":secret}` plus, optionally, `"f"`: the hub certificate's
- * SHA-256 pin in lowercase hex.
+ * SHA-256 pin in lowercase hex, and `"hubs"`: further hub addresses of the same tier.
  */
 
 /** The contents of a connection token. */
@@ -19,6 +19,8 @@ export interface ConnectionToken {
   secret: string;
   /** SHA-256 of the hub's certificate, lowercase hex; absent for none. */
   pin?: string;
+  /** Further hubs of the same tier, `host:port`, besides hubHost:hubPort; absent for none. */
+  hubs?: string[];
 }
 
 /** The longest token accepted. */
@@ -53,7 +55,7 @@ export function encodeConnectionToken(token: ConnectionToken): string {
   if (!Number.isInteger(token.hubPort) || token.hubPort < 0 || token.hubPort > 65535) {
     throw new RangeError(`hubPort ${token.hubPort} is not a port`);
   }
-  const fields: Record<string, string | number> = {
+  const fields: Record<string, string | number | string[]> = {
     h: token.hubHost,
     p: token.hubPort,
     e: token.edgeId,
@@ -61,6 +63,9 @@ export function encodeConnectionToken(token: ConnectionToken): string {
   };
   if (token.pin !== undefined && token.pin !== "") {
     fields.f = normalizePin(token.pin);
+  }
+  if (token.hubs !== undefined && token.hubs.length > 0) {
+    fields.hubs = token.hubs;
   }
   return Buffer.from(JSON.stringify(fields), "utf8").toString("base64url");
 }
@@ -125,6 +130,12 @@ export function decodeConnectionToken(token: string): ConnectionToken {
       throw new TokenError("json", 'token does not hold connection details: field "f" is not a string');
     }
     decoded.pin = normalizePin(fields.f);
+  }
+  if (fields.hubs !== undefined && fields.hubs !== null) {
+    if (!Array.isArray(fields.hubs) || !fields.hubs.every((hub) => typeof hub === "string")) {
+      throw new TokenError("json", 'token does not hold connection details: field "hubs" is not a list of strings');
+    }
+    decoded.hubs = fields.hubs as string[];
   }
   return decoded;
 }

@@ -182,3 +182,14 @@ test("the event stream survives a hub restart", async () => {
   await eventually("edgeDisconnected after the restart", eventAfter(resubscribed, "edgeDisconnected", "e1"));
   await eventually("edgeConnected after the restart", eventAfter(resubscribed, "edgeConnected", "e1"));
 });
+
+test("drainEdge moves the edge to a new tunnel and drain stops the hub taking tunnels", async () => {
+  const mark = seen.length;
+  assert.equal(await client.drainEdge("e1"), true);
+  await eventually("the drained tunnel to close", eventAfter(mark, "edgeDisconnected", "e1"));
+  await eventually("a replacement tunnel", eventAfter(mark, "edgeConnected", "e1"));
+  assert.equal(typeof (await client.drain()), "number");
+  const status = await client.getStatus();
+  assert.equal(status.draining, true);
+  assert.match(status.hubId, /.+/);
+});

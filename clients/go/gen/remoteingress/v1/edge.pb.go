@@ -9,6 +9,7 @@ package remoteingressv1
 import (
 	protoreflect "google.golang.org/protobuf/reflect/protoreflect"
 	protoimpl "google.golang.org/protobuf/runtime/protoimpl"
+	durationpb "google.golang.org/protobuf/types/known/durationpb"
 	timestamppb "google.golang.org/protobuf/types/known/timestamppb"
 	reflect "reflect"
 	sync "sync"
@@ -79,6 +80,59 @@ func (FirewallState) EnumDescriptor() ([]byte, []int) {
 	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{0}
 }
 
+// Whether a tunnel takes new streams.
+type TunnelState int32
+
+const (
+	// Not reported.
+	TunnelState_TUNNEL_STATE_UNSPECIFIED TunnelState = 0
+	// Takes new streams.
+	TunnelState_TUNNEL_STATE_ACTIVE TunnelState = 1
+	// Its hub is shutting down: open streams finish, new ones go to other tunnels.
+	TunnelState_TUNNEL_STATE_DRAINING TunnelState = 2
+)
+
+// Enum value maps for TunnelState.
+var (
+	TunnelState_name = map[int32]string{
+		0: "TUNNEL_STATE_UNSPECIFIED",
+		1: "TUNNEL_STATE_ACTIVE",
+		2: "TUNNEL_STATE_DRAINING",
+	}
+	TunnelState_value = map[string]int32{
+		"TUNNEL_STATE_UNSPECIFIED": 0,
+		"TUNNEL_STATE_ACTIVE":      1,
+		"TUNNEL_STATE_DRAINING":    2,
+	}
+)
+
+func (x TunnelState) Enum() *TunnelState {
+	p := new(TunnelState)
+	*p = x
+	return p
+}
+
+func (x TunnelState) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (TunnelState) Descriptor() protoreflect.EnumDescriptor {
+	return file_remoteingress_v1_edge_proto_enumTypes[1].Descriptor()
+}
+
+func (TunnelState) Type() protoreflect.EnumType {
+	return &file_remoteingress_v1_edge_proto_enumTypes[1]
+}
+
+func (x TunnelState) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use TunnelState.Descriptor instead.
+func (TunnelState) EnumDescriptor() ([]byte, []int) {
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{1}
+}
+
 // Request of EdgeStatus.GetStatus.
 type EdgeStatusGetStatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -140,9 +194,15 @@ type EdgeStatusGetStatusResponse struct {
 	// Detail for the firewall state.
 	FirewallMessage string `protobuf:"bytes,10,opt,name=firewall_message,json=firewallMessage,proto3" json:"firewall_message,omitempty"`
 	// Last connection or configuration error.
-	LastError     string `protobuf:"bytes,11,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	LastError string `protobuf:"bytes,11,opt,name=last_error,json=lastError,proto3" json:"last_error,omitempty"`
+	// Every tunnel, oldest first.
+	Tunnels []*Tunnel `protobuf:"bytes,12,rep,name=tunnels,proto3" json:"tunnels,omitempty"`
+	// Generation of the configuration in force (0: none).
+	Generation uint64 `protobuf:"varint,13,opt,name=generation,proto3" json:"generation,omitempty"`
+	// Set while hubs offer different configurations under one generation.
+	ConfigDisagreement *ConfigDisagreement `protobuf:"bytes,14,opt,name=config_disagreement,json=configDisagreement,proto3" json:"config_disagreement,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
 }
 
 func (x *EdgeStatusGetStatusResponse) Reset() {
@@ -252,6 +312,246 @@ func (x *EdgeStatusGetStatusResponse) GetLastError() string {
 	return ""
 }
 
+func (x *EdgeStatusGetStatusResponse) GetTunnels() []*Tunnel {
+	if x != nil {
+		return x.Tunnels
+	}
+	return nil
+}
+
+func (x *EdgeStatusGetStatusResponse) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *EdgeStatusGetStatusResponse) GetConfigDisagreement() *ConfigDisagreement {
+	if x != nil {
+		return x.ConfigDisagreement
+	}
+	return nil
+}
+
+// One tunnel to a hub instance.
+type Tunnel struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The hub instance's id (empty for an original hub).
+	HubId string `protobuf:"bytes,1,opt,name=hub_id,json=hubId,proto3" json:"hub_id,omitempty"`
+	// The address dialled, host:port.
+	Address string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	// Its transport.
+	Transport Transport `protobuf:"varint,3,opt,name=transport,proto3,enum=remoteingress.v1.Transport" json:"transport,omitempty"`
+	// Whether it takes new streams.
+	State TunnelState `protobuf:"varint,4,opt,name=state,proto3,enum=remoteingress.v1.TunnelState" json:"state,omitempty"`
+	// TCP streams open on it.
+	ActiveStreams uint32 `protobuf:"varint,5,opt,name=active_streams,json=activeStreams,proto3" json:"active_streams,omitempty"`
+	// UDP sessions open on it.
+	ActiveUdpSessions uint32 `protobuf:"varint,6,opt,name=active_udp_sessions,json=activeUdpSessions,proto3" json:"active_udp_sessions,omitempty"`
+	// Last round trip, once known.
+	Rtt *durationpb.Duration `protobuf:"bytes,7,opt,name=rtt,proto3" json:"rtt,omitempty"`
+	// When it came up.
+	ConnectedSince *timestamppb.Timestamp `protobuf:"bytes,8,opt,name=connected_since,json=connectedSince,proto3" json:"connected_since,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *Tunnel) Reset() {
+	*x = Tunnel{}
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Tunnel) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Tunnel) ProtoMessage() {}
+
+func (x *Tunnel) ProtoReflect() protoreflect.Message {
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Tunnel.ProtoReflect.Descriptor instead.
+func (*Tunnel) Descriptor() ([]byte, []int) {
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *Tunnel) GetHubId() string {
+	if x != nil {
+		return x.HubId
+	}
+	return ""
+}
+
+func (x *Tunnel) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
+func (x *Tunnel) GetTransport() Transport {
+	if x != nil {
+		return x.Transport
+	}
+	return Transport_TRANSPORT_UNSPECIFIED
+}
+
+func (x *Tunnel) GetState() TunnelState {
+	if x != nil {
+		return x.State
+	}
+	return TunnelState_TUNNEL_STATE_UNSPECIFIED
+}
+
+func (x *Tunnel) GetActiveStreams() uint32 {
+	if x != nil {
+		return x.ActiveStreams
+	}
+	return 0
+}
+
+func (x *Tunnel) GetActiveUdpSessions() uint32 {
+	if x != nil {
+		return x.ActiveUdpSessions
+	}
+	return 0
+}
+
+func (x *Tunnel) GetRtt() *durationpb.Duration {
+	if x != nil {
+		return x.Rtt
+	}
+	return nil
+}
+
+func (x *Tunnel) GetConnectedSince() *timestamppb.Timestamp {
+	if x != nil {
+		return x.ConnectedSince
+	}
+	return nil
+}
+
+// Hubs offering different configurations under one generation; the running one stays.
+type ConfigDisagreement struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The generation they share.
+	Generation uint64 `protobuf:"varint,1,opt,name=generation,proto3" json:"generation,omitempty"`
+	// The hubs (instance ids, or addresses of original hubs).
+	Hubs          []string `protobuf:"bytes,2,rep,name=hubs,proto3" json:"hubs,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConfigDisagreement) Reset() {
+	*x = ConfigDisagreement{}
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConfigDisagreement) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConfigDisagreement) ProtoMessage() {}
+
+func (x *ConfigDisagreement) ProtoReflect() protoreflect.Message {
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConfigDisagreement.ProtoReflect.Descriptor instead.
+func (*ConfigDisagreement) Descriptor() ([]byte, []int) {
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *ConfigDisagreement) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
+}
+
+func (x *ConfigDisagreement) GetHubs() []string {
+	if x != nil {
+		return x.Hubs
+	}
+	return nil
+}
+
+// A hub asked the edge to move new streams off its tunnel.
+type TunnelDraining struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The hub instance's id.
+	HubId string `protobuf:"bytes,1,opt,name=hub_id,json=hubId,proto3" json:"hub_id,omitempty"`
+	// The address dialled.
+	Address       string `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TunnelDraining) Reset() {
+	*x = TunnelDraining{}
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TunnelDraining) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TunnelDraining) ProtoMessage() {}
+
+func (x *TunnelDraining) ProtoReflect() protoreflect.Message {
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TunnelDraining.ProtoReflect.Descriptor instead.
+func (*TunnelDraining) Descriptor() ([]byte, []int) {
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *TunnelDraining) GetHubId() string {
+	if x != nil {
+		return x.HubId
+	}
+	return ""
+}
+
+func (x *TunnelDraining) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
 // Request of EdgeStatus.WatchEvents.
 type EdgeStatusWatchEventsRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -261,7 +561,7 @@ type EdgeStatusWatchEventsRequest struct {
 
 func (x *EdgeStatusWatchEventsRequest) Reset() {
 	*x = EdgeStatusWatchEventsRequest{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[2]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -273,7 +573,7 @@ func (x *EdgeStatusWatchEventsRequest) String() string {
 func (*EdgeStatusWatchEventsRequest) ProtoMessage() {}
 
 func (x *EdgeStatusWatchEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[2]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -286,21 +586,25 @@ func (x *EdgeStatusWatchEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EdgeStatusWatchEventsRequest.ProtoReflect.Descriptor instead.
 func (*EdgeStatusWatchEventsRequest) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{2}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{5}
 }
 
 // The tunnel came up.
 type TunnelConnected struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Transport in use.
-	Transport     Transport `protobuf:"varint,1,opt,name=transport,proto3,enum=remoteingress.v1.Transport" json:"transport,omitempty"`
+	Transport Transport `protobuf:"varint,1,opt,name=transport,proto3,enum=remoteingress.v1.Transport" json:"transport,omitempty"`
+	// The hub instance's id (empty for an original hub).
+	HubId string `protobuf:"bytes,2,opt,name=hub_id,json=hubId,proto3" json:"hub_id,omitempty"`
+	// The address dialled.
+	Address       string `protobuf:"bytes,3,opt,name=address,proto3" json:"address,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TunnelConnected) Reset() {
 	*x = TunnelConnected{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[3]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -312,7 +616,7 @@ func (x *TunnelConnected) String() string {
 func (*TunnelConnected) ProtoMessage() {}
 
 func (x *TunnelConnected) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[3]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -325,7 +629,7 @@ func (x *TunnelConnected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelConnected.ProtoReflect.Descriptor instead.
 func (*TunnelConnected) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{3}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *TunnelConnected) GetTransport() Transport {
@@ -335,18 +639,36 @@ func (x *TunnelConnected) GetTransport() Transport {
 	return Transport_TRANSPORT_UNSPECIFIED
 }
 
+func (x *TunnelConnected) GetHubId() string {
+	if x != nil {
+		return x.HubId
+	}
+	return ""
+}
+
+func (x *TunnelConnected) GetAddress() string {
+	if x != nil {
+		return x.Address
+	}
+	return ""
+}
+
 // The tunnel went down; the edge reconnects.
 type TunnelDisconnected struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Why.
-	Reason        string `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	Reason string `protobuf:"bytes,1,opt,name=reason,proto3" json:"reason,omitempty"`
+	// The hub instance's id (empty for an original hub).
+	HubId string `protobuf:"bytes,2,opt,name=hub_id,json=hubId,proto3" json:"hub_id,omitempty"`
+	// The address dialled.
+	Address       string `protobuf:"bytes,3,opt,name=address,proto3" json:"address,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *TunnelDisconnected) Reset() {
 	*x = TunnelDisconnected{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[4]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -358,7 +680,7 @@ func (x *TunnelDisconnected) String() string {
 func (*TunnelDisconnected) ProtoMessage() {}
 
 func (x *TunnelDisconnected) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[4]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -371,12 +693,26 @@ func (x *TunnelDisconnected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelDisconnected.ProtoReflect.Descriptor instead.
 func (*TunnelDisconnected) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{4}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *TunnelDisconnected) GetReason() string {
 	if x != nil {
 		return x.Reason
+	}
+	return ""
+}
+
+func (x *TunnelDisconnected) GetHubId() string {
+	if x != nil {
+		return x.HubId
+	}
+	return ""
+}
+
+func (x *TunnelDisconnected) GetAddress() string {
+	if x != nil {
+		return x.Address
 	}
 	return ""
 }
@@ -392,7 +728,7 @@ type PublicIpDiscovered struct {
 
 func (x *PublicIpDiscovered) Reset() {
 	*x = PublicIpDiscovered{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[5]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -404,7 +740,7 @@ func (x *PublicIpDiscovered) String() string {
 func (*PublicIpDiscovered) ProtoMessage() {}
 
 func (x *PublicIpDiscovered) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[5]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -417,7 +753,7 @@ func (x *PublicIpDiscovered) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublicIpDiscovered.ProtoReflect.Descriptor instead.
 func (*PublicIpDiscovered) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{5}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *PublicIpDiscovered) GetIp() string {
@@ -442,7 +778,7 @@ type PortsChanged struct {
 
 func (x *PortsChanged) Reset() {
 	*x = PortsChanged{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[6]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -454,7 +790,7 @@ func (x *PortsChanged) String() string {
 func (*PortsChanged) ProtoMessage() {}
 
 func (x *PortsChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[6]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -467,7 +803,7 @@ func (x *PortsChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortsChanged.ProtoReflect.Descriptor instead.
 func (*PortsChanged) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{6}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PortsChanged) GetListenPorts() []uint32 {
@@ -504,7 +840,7 @@ type ConfigRejected struct {
 
 func (x *ConfigRejected) Reset() {
 	*x = ConfigRejected{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[7]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -516,7 +852,7 @@ func (x *ConfigRejected) String() string {
 func (*ConfigRejected) ProtoMessage() {}
 
 func (x *ConfigRejected) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[7]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -529,7 +865,7 @@ func (x *ConfigRejected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConfigRejected.ProtoReflect.Descriptor instead.
 func (*ConfigRejected) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{7}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ConfigRejected) GetVersion() uint64 {
@@ -559,7 +895,7 @@ type FirewallApplied struct {
 
 func (x *FirewallApplied) Reset() {
 	*x = FirewallApplied{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[8]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -571,7 +907,7 @@ func (x *FirewallApplied) String() string {
 func (*FirewallApplied) ProtoMessage() {}
 
 func (x *FirewallApplied) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[8]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -584,7 +920,7 @@ func (x *FirewallApplied) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FirewallApplied.ProtoReflect.Descriptor instead.
 func (*FirewallApplied) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{8}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *FirewallApplied) GetRules() uint32 {
@@ -612,7 +948,7 @@ type EdgeEventsMissed struct {
 
 func (x *EdgeEventsMissed) Reset() {
 	*x = EdgeEventsMissed{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[9]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -624,7 +960,7 @@ func (x *EdgeEventsMissed) String() string {
 func (*EdgeEventsMissed) ProtoMessage() {}
 
 func (x *EdgeEventsMissed) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[9]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -637,7 +973,7 @@ func (x *EdgeEventsMissed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EdgeEventsMissed.ProtoReflect.Descriptor instead.
 func (*EdgeEventsMissed) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{9}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *EdgeEventsMissed) GetCount() uint64 {
@@ -663,6 +999,8 @@ type EdgeStatusWatchEventsResponse struct {
 	//	*EdgeStatusWatchEventsResponse_ConfigRejected
 	//	*EdgeStatusWatchEventsResponse_FirewallApplied
 	//	*EdgeStatusWatchEventsResponse_EventsMissed
+	//	*EdgeStatusWatchEventsResponse_TunnelDraining
+	//	*EdgeStatusWatchEventsResponse_ConfigDisagreement
 	Event         isEdgeStatusWatchEventsResponse_Event `protobuf_oneof:"event"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -670,7 +1008,7 @@ type EdgeStatusWatchEventsResponse struct {
 
 func (x *EdgeStatusWatchEventsResponse) Reset() {
 	*x = EdgeStatusWatchEventsResponse{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[10]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -682,7 +1020,7 @@ func (x *EdgeStatusWatchEventsResponse) String() string {
 func (*EdgeStatusWatchEventsResponse) ProtoMessage() {}
 
 func (x *EdgeStatusWatchEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[10]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -695,7 +1033,7 @@ func (x *EdgeStatusWatchEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EdgeStatusWatchEventsResponse.ProtoReflect.Descriptor instead.
 func (*EdgeStatusWatchEventsResponse) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{10}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *EdgeStatusWatchEventsResponse) GetTime() *timestamppb.Timestamp {
@@ -775,6 +1113,24 @@ func (x *EdgeStatusWatchEventsResponse) GetEventsMissed() *EdgeEventsMissed {
 	return nil
 }
 
+func (x *EdgeStatusWatchEventsResponse) GetTunnelDraining() *TunnelDraining {
+	if x != nil {
+		if x, ok := x.Event.(*EdgeStatusWatchEventsResponse_TunnelDraining); ok {
+			return x.TunnelDraining
+		}
+	}
+	return nil
+}
+
+func (x *EdgeStatusWatchEventsResponse) GetConfigDisagreement() *ConfigDisagreement {
+	if x != nil {
+		if x, ok := x.Event.(*EdgeStatusWatchEventsResponse_ConfigDisagreement); ok {
+			return x.ConfigDisagreement
+		}
+	}
+	return nil
+}
+
 type isEdgeStatusWatchEventsResponse_Event interface {
 	isEdgeStatusWatchEventsResponse_Event()
 }
@@ -814,6 +1170,16 @@ type EdgeStatusWatchEventsResponse_EventsMissed struct {
 	EventsMissed *EdgeEventsMissed `protobuf:"bytes,8,opt,name=events_missed,json=eventsMissed,proto3,oneof"`
 }
 
+type EdgeStatusWatchEventsResponse_TunnelDraining struct {
+	// TunnelDraining.
+	TunnelDraining *TunnelDraining `protobuf:"bytes,9,opt,name=tunnel_draining,json=tunnelDraining,proto3,oneof"`
+}
+
+type EdgeStatusWatchEventsResponse_ConfigDisagreement struct {
+	// ConfigDisagreement.
+	ConfigDisagreement *ConfigDisagreement `protobuf:"bytes,10,opt,name=config_disagreement,json=configDisagreement,proto3,oneof"`
+}
+
 func (*EdgeStatusWatchEventsResponse_TunnelConnected) isEdgeStatusWatchEventsResponse_Event() {}
 
 func (*EdgeStatusWatchEventsResponse_TunnelDisconnected) isEdgeStatusWatchEventsResponse_Event() {}
@@ -828,12 +1194,16 @@ func (*EdgeStatusWatchEventsResponse_FirewallApplied) isEdgeStatusWatchEventsRes
 
 func (*EdgeStatusWatchEventsResponse_EventsMissed) isEdgeStatusWatchEventsResponse_Event() {}
 
+func (*EdgeStatusWatchEventsResponse_TunnelDraining) isEdgeStatusWatchEventsResponse_Event() {}
+
+func (*EdgeStatusWatchEventsResponse_ConfigDisagreement) isEdgeStatusWatchEventsResponse_Event() {}
+
 var File_remoteingress_v1_edge_proto protoreflect.FileDescriptor
 
 const file_remoteingress_v1_edge_proto_rawDesc = "" +
 	"\n" +
-	"\x1bremoteingress/v1/edge.proto\x12\x10remoteingress.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dremoteingress/v1/config.proto\"\x1c\n" +
-	"\x1aEdgeStatusGetStatusRequest\"\xd8\x03\n" +
+	"\x1bremoteingress/v1/edge.proto\x12\x10remoteingress.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dremoteingress/v1/config.proto\"\x1c\n" +
+	"\x1aEdgeStatusGetStatusRequest\"\x83\x05\n" +
 	"\x1bEdgeStatusGetStatusResponse\x12\x18\n" +
 	"\arunning\x18\x01 \x01(\bR\arunning\x12\x1c\n" +
 	"\tconnected\x18\x02 \x01(\bR\tconnected\x129\n" +
@@ -847,12 +1217,38 @@ const file_remoteingress_v1_edge_proto_rawDesc = "" +
 	"\x10firewall_message\x18\n" +
 	" \x01(\tR\x0ffirewallMessage\x12\x1d\n" +
 	"\n" +
-	"last_error\x18\v \x01(\tR\tlastError\"\x1e\n" +
-	"\x1cEdgeStatusWatchEventsRequest\"L\n" +
+	"last_error\x18\v \x01(\tR\tlastError\x122\n" +
+	"\atunnels\x18\f \x03(\v2\x18.remoteingress.v1.TunnelR\atunnels\x12\x1e\n" +
+	"\n" +
+	"generation\x18\r \x01(\x04R\n" +
+	"generation\x12U\n" +
+	"\x13config_disagreement\x18\x0e \x01(\v2$.remoteingress.v1.ConfigDisagreementR\x12configDisagreement\"\xf2\x02\n" +
+	"\x06Tunnel\x12\x15\n" +
+	"\x06hub_id\x18\x01 \x01(\tR\x05hubId\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\x129\n" +
+	"\ttransport\x18\x03 \x01(\x0e2\x1b.remoteingress.v1.TransportR\ttransport\x123\n" +
+	"\x05state\x18\x04 \x01(\x0e2\x1d.remoteingress.v1.TunnelStateR\x05state\x12%\n" +
+	"\x0eactive_streams\x18\x05 \x01(\rR\ractiveStreams\x12.\n" +
+	"\x13active_udp_sessions\x18\x06 \x01(\rR\x11activeUdpSessions\x12+\n" +
+	"\x03rtt\x18\a \x01(\v2\x19.google.protobuf.DurationR\x03rtt\x12C\n" +
+	"\x0fconnected_since\x18\b \x01(\v2\x1a.google.protobuf.TimestampR\x0econnectedSince\"H\n" +
+	"\x12ConfigDisagreement\x12\x1e\n" +
+	"\n" +
+	"generation\x18\x01 \x01(\x04R\n" +
+	"generation\x12\x12\n" +
+	"\x04hubs\x18\x02 \x03(\tR\x04hubs\"A\n" +
+	"\x0eTunnelDraining\x12\x15\n" +
+	"\x06hub_id\x18\x01 \x01(\tR\x05hubId\x12\x18\n" +
+	"\aaddress\x18\x02 \x01(\tR\aaddress\"\x1e\n" +
+	"\x1cEdgeStatusWatchEventsRequest\"}\n" +
 	"\x0fTunnelConnected\x129\n" +
-	"\ttransport\x18\x01 \x01(\x0e2\x1b.remoteingress.v1.TransportR\ttransport\",\n" +
+	"\ttransport\x18\x01 \x01(\x0e2\x1b.remoteingress.v1.TransportR\ttransport\x12\x15\n" +
+	"\x06hub_id\x18\x02 \x01(\tR\x05hubId\x12\x18\n" +
+	"\aaddress\x18\x03 \x01(\tR\aaddress\"]\n" +
 	"\x12TunnelDisconnected\x12\x16\n" +
-	"\x06reason\x18\x01 \x01(\tR\x06reason\"$\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\x12\x15\n" +
+	"\x06hub_id\x18\x02 \x01(\tR\x05hubId\x12\x18\n" +
+	"\aaddress\x18\x03 \x01(\tR\aaddress\"$\n" +
 	"\x12PublicIpDiscovered\x12\x0e\n" +
 	"\x02ip\x18\x01 \x01(\tR\x02ip\"s\n" +
 	"\fPortsChanged\x12!\n" +
@@ -866,7 +1262,7 @@ const file_remoteingress_v1_edge_proto_rawDesc = "" +
 	"\x05rules\x18\x01 \x01(\rR\x05rules\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\"(\n" +
 	"\x10EdgeEventsMissed\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x04R\x05count\"\x8a\x05\n" +
+	"\x05count\x18\x01 \x01(\x04R\x05count\"\xb0\x06\n" +
 	"\x1dEdgeStatusWatchEventsResponse\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12N\n" +
 	"\x10tunnel_connected\x18\x02 \x01(\v2!.remoteingress.v1.TunnelConnectedH\x00R\x0ftunnelConnected\x12W\n" +
@@ -875,13 +1271,20 @@ const file_remoteingress_v1_edge_proto_rawDesc = "" +
 	"\rports_changed\x18\x05 \x01(\v2\x1e.remoteingress.v1.PortsChangedH\x00R\fportsChanged\x12K\n" +
 	"\x0fconfig_rejected\x18\x06 \x01(\v2 .remoteingress.v1.ConfigRejectedH\x00R\x0econfigRejected\x12N\n" +
 	"\x10firewall_applied\x18\a \x01(\v2!.remoteingress.v1.FirewallAppliedH\x00R\x0ffirewallApplied\x12I\n" +
-	"\revents_missed\x18\b \x01(\v2\".remoteingress.v1.EdgeEventsMissedH\x00R\feventsMissedB\a\n" +
+	"\revents_missed\x18\b \x01(\v2\".remoteingress.v1.EdgeEventsMissedH\x00R\feventsMissed\x12K\n" +
+	"\x0ftunnel_draining\x18\t \x01(\v2 .remoteingress.v1.TunnelDrainingH\x00R\x0etunnelDraining\x12W\n" +
+	"\x13config_disagreement\x18\n" +
+	" \x01(\v2$.remoteingress.v1.ConfigDisagreementH\x00R\x12configDisagreementB\a\n" +
 	"\x05event*\x85\x01\n" +
 	"\rFirewallState\x12\x1e\n" +
 	"\x1aFIREWALL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16FIREWALL_STATE_APPLIED\x10\x01\x12\x1e\n" +
 	"\x1aFIREWALL_STATE_UNAVAILABLE\x10\x02\x12\x18\n" +
-	"\x14FIREWALL_STATE_ERROR\x10\x032\xe8\x01\n" +
+	"\x14FIREWALL_STATE_ERROR\x10\x03*_\n" +
+	"\vTunnelState\x12\x1c\n" +
+	"\x18TUNNEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
+	"\x13TUNNEL_STATE_ACTIVE\x10\x01\x12\x19\n" +
+	"\x15TUNNEL_STATE_DRAINING\x10\x022\xe8\x01\n" +
 	"\n" +
 	"EdgeStatus\x12h\n" +
 	"\tGetStatus\x12,.remoteingress.v1.EdgeStatusGetStatusRequest\x1a-.remoteingress.v1.EdgeStatusGetStatusResponse\x12p\n" +
@@ -899,45 +1302,58 @@ func file_remoteingress_v1_edge_proto_rawDescGZIP() []byte {
 	return file_remoteingress_v1_edge_proto_rawDescData
 }
 
-var file_remoteingress_v1_edge_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_remoteingress_v1_edge_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_remoteingress_v1_edge_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
+var file_remoteingress_v1_edge_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
 var file_remoteingress_v1_edge_proto_goTypes = []any{
 	(FirewallState)(0),                    // 0: remoteingress.v1.FirewallState
-	(*EdgeStatusGetStatusRequest)(nil),    // 1: remoteingress.v1.EdgeStatusGetStatusRequest
-	(*EdgeStatusGetStatusResponse)(nil),   // 2: remoteingress.v1.EdgeStatusGetStatusResponse
-	(*EdgeStatusWatchEventsRequest)(nil),  // 3: remoteingress.v1.EdgeStatusWatchEventsRequest
-	(*TunnelConnected)(nil),               // 4: remoteingress.v1.TunnelConnected
-	(*TunnelDisconnected)(nil),            // 5: remoteingress.v1.TunnelDisconnected
-	(*PublicIpDiscovered)(nil),            // 6: remoteingress.v1.PublicIpDiscovered
-	(*PortsChanged)(nil),                  // 7: remoteingress.v1.PortsChanged
-	(*ConfigRejected)(nil),                // 8: remoteingress.v1.ConfigRejected
-	(*FirewallApplied)(nil),               // 9: remoteingress.v1.FirewallApplied
-	(*EdgeEventsMissed)(nil),              // 10: remoteingress.v1.EdgeEventsMissed
-	(*EdgeStatusWatchEventsResponse)(nil), // 11: remoteingress.v1.EdgeStatusWatchEventsResponse
-	(Transport)(0),                        // 12: remoteingress.v1.Transport
-	(*timestamppb.Timestamp)(nil),         // 13: google.protobuf.Timestamp
+	(TunnelState)(0),                      // 1: remoteingress.v1.TunnelState
+	(*EdgeStatusGetStatusRequest)(nil),    // 2: remoteingress.v1.EdgeStatusGetStatusRequest
+	(*EdgeStatusGetStatusResponse)(nil),   // 3: remoteingress.v1.EdgeStatusGetStatusResponse
+	(*Tunnel)(nil),                        // 4: remoteingress.v1.Tunnel
+	(*ConfigDisagreement)(nil),            // 5: remoteingress.v1.ConfigDisagreement
+	(*TunnelDraining)(nil),                // 6: remoteingress.v1.TunnelDraining
+	(*EdgeStatusWatchEventsRequest)(nil),  // 7: remoteingress.v1.EdgeStatusWatchEventsRequest
+	(*TunnelConnected)(nil),               // 8: remoteingress.v1.TunnelConnected
+	(*TunnelDisconnected)(nil),            // 9: remoteingress.v1.TunnelDisconnected
+	(*PublicIpDiscovered)(nil),            // 10: remoteingress.v1.PublicIpDiscovered
+	(*PortsChanged)(nil),                  // 11: remoteingress.v1.PortsChanged
+	(*ConfigRejected)(nil),                // 12: remoteingress.v1.ConfigRejected
+	(*FirewallApplied)(nil),               // 13: remoteingress.v1.FirewallApplied
+	(*EdgeEventsMissed)(nil),              // 14: remoteingress.v1.EdgeEventsMissed
+	(*EdgeStatusWatchEventsResponse)(nil), // 15: remoteingress.v1.EdgeStatusWatchEventsResponse
+	(Transport)(0),                        // 16: remoteingress.v1.Transport
+	(*durationpb.Duration)(nil),           // 17: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),         // 18: google.protobuf.Timestamp
 }
 var file_remoteingress_v1_edge_proto_depIdxs = []int32{
-	12, // 0: remoteingress.v1.EdgeStatusGetStatusResponse.transport:type_name -> remoteingress.v1.Transport
+	16, // 0: remoteingress.v1.EdgeStatusGetStatusResponse.transport:type_name -> remoteingress.v1.Transport
 	0,  // 1: remoteingress.v1.EdgeStatusGetStatusResponse.firewall:type_name -> remoteingress.v1.FirewallState
-	12, // 2: remoteingress.v1.TunnelConnected.transport:type_name -> remoteingress.v1.Transport
-	13, // 3: remoteingress.v1.EdgeStatusWatchEventsResponse.time:type_name -> google.protobuf.Timestamp
-	4,  // 4: remoteingress.v1.EdgeStatusWatchEventsResponse.tunnel_connected:type_name -> remoteingress.v1.TunnelConnected
-	5,  // 5: remoteingress.v1.EdgeStatusWatchEventsResponse.tunnel_disconnected:type_name -> remoteingress.v1.TunnelDisconnected
-	6,  // 6: remoteingress.v1.EdgeStatusWatchEventsResponse.public_ip_discovered:type_name -> remoteingress.v1.PublicIpDiscovered
-	7,  // 7: remoteingress.v1.EdgeStatusWatchEventsResponse.ports_changed:type_name -> remoteingress.v1.PortsChanged
-	8,  // 8: remoteingress.v1.EdgeStatusWatchEventsResponse.config_rejected:type_name -> remoteingress.v1.ConfigRejected
-	9,  // 9: remoteingress.v1.EdgeStatusWatchEventsResponse.firewall_applied:type_name -> remoteingress.v1.FirewallApplied
-	10, // 10: remoteingress.v1.EdgeStatusWatchEventsResponse.events_missed:type_name -> remoteingress.v1.EdgeEventsMissed
-	1,  // 11: remoteingress.v1.EdgeStatus.GetStatus:input_type -> remoteingress.v1.EdgeStatusGetStatusRequest
-	3,  // 12: remoteingress.v1.EdgeStatus.WatchEvents:input_type -> remoteingress.v1.EdgeStatusWatchEventsRequest
-	2,  // 13: remoteingress.v1.EdgeStatus.GetStatus:output_type -> remoteingress.v1.EdgeStatusGetStatusResponse
-	11, // 14: remoteingress.v1.EdgeStatus.WatchEvents:output_type -> remoteingress.v1.EdgeStatusWatchEventsResponse
-	13, // [13:15] is the sub-list for method output_type
-	11, // [11:13] is the sub-list for method input_type
-	11, // [11:11] is the sub-list for extension type_name
-	11, // [11:11] is the sub-list for extension extendee
-	0,  // [0:11] is the sub-list for field type_name
+	4,  // 2: remoteingress.v1.EdgeStatusGetStatusResponse.tunnels:type_name -> remoteingress.v1.Tunnel
+	5,  // 3: remoteingress.v1.EdgeStatusGetStatusResponse.config_disagreement:type_name -> remoteingress.v1.ConfigDisagreement
+	16, // 4: remoteingress.v1.Tunnel.transport:type_name -> remoteingress.v1.Transport
+	1,  // 5: remoteingress.v1.Tunnel.state:type_name -> remoteingress.v1.TunnelState
+	17, // 6: remoteingress.v1.Tunnel.rtt:type_name -> google.protobuf.Duration
+	18, // 7: remoteingress.v1.Tunnel.connected_since:type_name -> google.protobuf.Timestamp
+	16, // 8: remoteingress.v1.TunnelConnected.transport:type_name -> remoteingress.v1.Transport
+	18, // 9: remoteingress.v1.EdgeStatusWatchEventsResponse.time:type_name -> google.protobuf.Timestamp
+	8,  // 10: remoteingress.v1.EdgeStatusWatchEventsResponse.tunnel_connected:type_name -> remoteingress.v1.TunnelConnected
+	9,  // 11: remoteingress.v1.EdgeStatusWatchEventsResponse.tunnel_disconnected:type_name -> remoteingress.v1.TunnelDisconnected
+	10, // 12: remoteingress.v1.EdgeStatusWatchEventsResponse.public_ip_discovered:type_name -> remoteingress.v1.PublicIpDiscovered
+	11, // 13: remoteingress.v1.EdgeStatusWatchEventsResponse.ports_changed:type_name -> remoteingress.v1.PortsChanged
+	12, // 14: remoteingress.v1.EdgeStatusWatchEventsResponse.config_rejected:type_name -> remoteingress.v1.ConfigRejected
+	13, // 15: remoteingress.v1.EdgeStatusWatchEventsResponse.firewall_applied:type_name -> remoteingress.v1.FirewallApplied
+	14, // 16: remoteingress.v1.EdgeStatusWatchEventsResponse.events_missed:type_name -> remoteingress.v1.EdgeEventsMissed
+	6,  // 17: remoteingress.v1.EdgeStatusWatchEventsResponse.tunnel_draining:type_name -> remoteingress.v1.TunnelDraining
+	5,  // 18: remoteingress.v1.EdgeStatusWatchEventsResponse.config_disagreement:type_name -> remoteingress.v1.ConfigDisagreement
+	2,  // 19: remoteingress.v1.EdgeStatus.GetStatus:input_type -> remoteingress.v1.EdgeStatusGetStatusRequest
+	7,  // 20: remoteingress.v1.EdgeStatus.WatchEvents:input_type -> remoteingress.v1.EdgeStatusWatchEventsRequest
+	3,  // 21: remoteingress.v1.EdgeStatus.GetStatus:output_type -> remoteingress.v1.EdgeStatusGetStatusResponse
+	15, // 22: remoteingress.v1.EdgeStatus.WatchEvents:output_type -> remoteingress.v1.EdgeStatusWatchEventsResponse
+	21, // [21:23] is the sub-list for method output_type
+	19, // [19:21] is the sub-list for method input_type
+	19, // [19:19] is the sub-list for extension type_name
+	19, // [19:19] is the sub-list for extension extendee
+	0,  // [0:19] is the sub-list for field type_name
 }
 
 func init() { file_remoteingress_v1_edge_proto_init() }
@@ -946,7 +1362,7 @@ func file_remoteingress_v1_edge_proto_init() {
 		return
 	}
 	file_remoteingress_v1_config_proto_init()
-	file_remoteingress_v1_edge_proto_msgTypes[10].OneofWrappers = []any{
+	file_remoteingress_v1_edge_proto_msgTypes[13].OneofWrappers = []any{
 		(*EdgeStatusWatchEventsResponse_TunnelConnected)(nil),
 		(*EdgeStatusWatchEventsResponse_TunnelDisconnected)(nil),
 		(*EdgeStatusWatchEventsResponse_PublicIpDiscovered)(nil),
@@ -954,14 +1370,16 @@ func file_remoteingress_v1_edge_proto_init() {
 		(*EdgeStatusWatchEventsResponse_ConfigRejected)(nil),
 		(*EdgeStatusWatchEventsResponse_FirewallApplied)(nil),
 		(*EdgeStatusWatchEventsResponse_EventsMissed)(nil),
+		(*EdgeStatusWatchEventsResponse_TunnelDraining)(nil),
+		(*EdgeStatusWatchEventsResponse_ConfigDisagreement)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_remoteingress_v1_edge_proto_rawDesc), len(file_remoteingress_v1_edge_proto_rawDesc)),
-			NumEnums:      1,
-			NumMessages:   11,
+			NumEnums:      2,
+			NumMessages:   14,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

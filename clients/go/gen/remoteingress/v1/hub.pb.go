@@ -125,8 +125,12 @@ type Edge struct {
 	StunIntervalSecs uint64 `protobuf:"varint,6,opt,name=stun_interval_secs,json=stunIntervalSecs,proto3" json:"stun_interval_secs,omitempty"`
 	// Firewall rules for the edge.
 	FirewallConfig *FirewallConfig `protobuf:"bytes,7,opt,name=firewall_config,json=firewallConfig,proto3" json:"firewall_config,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// How new this configuration is, set by the caller and the same on every hub serving the
+	// edge (edges apply only a newer one). Unset: the hub counts changes itself. Required when
+	// the hub runs as one of several replicas.
+	Generation    *uint64 `protobuf:"varint,8,opt,name=generation,proto3,oneof" json:"generation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Edge) Reset() {
@@ -206,6 +210,13 @@ func (x *Edge) GetFirewallConfig() *FirewallConfig {
 		return x.FirewallConfig
 	}
 	return nil
+}
+
+func (x *Edge) GetGeneration() uint64 {
+	if x != nil && x.Generation != nil {
+		return *x.Generation
+	}
+	return 0
 }
 
 // Request of UpdateAllowedEdges.
@@ -526,8 +537,10 @@ type EdgeInfo struct {
 	AppliedConfigVersion uint64 `protobuf:"varint,9,opt,name=applied_config_version,json=appliedConfigVersion,proto3" json:"applied_config_version,omitempty"`
 	// Why it rejected its last configuration, if it did.
 	LastConfigError string `protobuf:"bytes,10,opt,name=last_config_error,json=lastConfigError,proto3" json:"last_config_error,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Generation of the configuration the hub wants it to run.
+	Generation    uint64 `protobuf:"varint,11,opt,name=generation,proto3" json:"generation,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *EdgeInfo) Reset() {
@@ -628,6 +641,13 @@ func (x *EdgeInfo) GetLastConfigError() string {
 		return x.LastConfigError
 	}
 	return ""
+}
+
+func (x *EdgeInfo) GetGeneration() uint64 {
+	if x != nil {
+		return x.Generation
+	}
+	return 0
 }
 
 // Response of ListEdges.
@@ -847,10 +867,14 @@ type GetStatusResponse struct {
 	Running bool `protobuf:"varint,1,opt,name=running,proto3" json:"running,omitempty"`
 	// Tunnel port.
 	TunnelPort uint32 `protobuf:"varint,2,opt,name=tunnel_port,json=tunnelPort,proto3" json:"tunnel_port,omitempty"`
-	// Edges whose tunnel is up.
+	// Tunnels that are up (an edge with tunnels to several hubs may reach this one twice).
 	ConnectedEdges []*ConnectedEdge `protobuf:"bytes,3,rep,name=connected_edges,json=connectedEdges,proto3" json:"connected_edges,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// This hub instance's id, as edges see it.
+	HubId string `protobuf:"bytes,4,opt,name=hub_id,json=hubId,proto3" json:"hub_id,omitempty"`
+	// True once the hub has begun draining.
+	Draining      bool `protobuf:"varint,5,opt,name=draining,proto3" json:"draining,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *GetStatusResponse) Reset() {
@@ -902,6 +926,20 @@ func (x *GetStatusResponse) GetConnectedEdges() []*ConnectedEdge {
 		return x.ConnectedEdges
 	}
 	return nil
+}
+
+func (x *GetStatusResponse) GetHubId() string {
+	if x != nil {
+		return x.HubId
+	}
+	return ""
+}
+
+func (x *GetStatusResponse) GetDraining() bool {
+	if x != nil {
+		return x.Draining
+	}
+	return false
 }
 
 // Request of WatchEvents.
@@ -1064,7 +1102,13 @@ func (x *EdgeDisconnected) GetReason() string {
 type StreamOpened struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Stream id within the tunnel.
-	StreamId      uint32 `protobuf:"varint,1,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
+	StreamId uint32 `protobuf:"varint,1,opt,name=stream_id,json=streamId,proto3" json:"stream_id,omitempty"`
+	// The client's address, from the edge's PROXY header.
+	ClientAddr string `protobuf:"bytes,2,opt,name=client_addr,json=clientAddr,proto3" json:"client_addr,omitempty"`
+	// The edge port the client connected to.
+	EdgePort uint32 `protobuf:"varint,3,opt,name=edge_port,json=edgePort,proto3" json:"edge_port,omitempty"`
+	// Where the hub forwards it, host:port.
+	Target        string `protobuf:"bytes,4,opt,name=target,proto3" json:"target,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1104,6 +1148,27 @@ func (x *StreamOpened) GetStreamId() uint32 {
 		return x.StreamId
 	}
 	return 0
+}
+
+func (x *StreamOpened) GetClientAddr() string {
+	if x != nil {
+		return x.ClientAddr
+	}
+	return ""
+}
+
+func (x *StreamOpened) GetEdgePort() uint32 {
+	if x != nil {
+		return x.EdgePort
+	}
+	return 0
+}
+
+func (x *StreamOpened) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
 }
 
 // A tunnelled TCP connection ended.
@@ -1156,7 +1221,13 @@ func (x *StreamClosed) GetStreamId() uint32 {
 type UdpSessionOpened struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Session id within the tunnel.
-	SessionId     uint32 `protobuf:"varint,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	SessionId uint32 `protobuf:"varint,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
+	// The client's address, from the edge's PROXY header.
+	ClientAddr string `protobuf:"bytes,2,opt,name=client_addr,json=clientAddr,proto3" json:"client_addr,omitempty"`
+	// The edge port the client wrote to.
+	EdgePort uint32 `protobuf:"varint,3,opt,name=edge_port,json=edgePort,proto3" json:"edge_port,omitempty"`
+	// Where the hub forwards it, host:port.
+	Target        string `protobuf:"bytes,4,opt,name=target,proto3" json:"target,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1196,6 +1267,27 @@ func (x *UdpSessionOpened) GetSessionId() uint32 {
 		return x.SessionId
 	}
 	return 0
+}
+
+func (x *UdpSessionOpened) GetClientAddr() string {
+	if x != nil {
+		return x.ClientAddr
+	}
+	return ""
+}
+
+func (x *UdpSessionOpened) GetEdgePort() uint32 {
+	if x != nil {
+		return x.EdgePort
+	}
+	return 0
+}
+
+func (x *UdpSessionOpened) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
 }
 
 // A UDP session ended.
@@ -1990,11 +2082,186 @@ func (x *DisconnectEdgeResponse) GetDisconnected() bool {
 	return false
 }
 
+// Request of Drain.
+type DrainRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainRequest) Reset() {
+	*x = DrainRequest{}
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainRequest) ProtoMessage() {}
+
+func (x *DrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
+func (*DrainRequest) Descriptor() ([]byte, []int) {
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{30}
+}
+
+// Response of Drain.
+type DrainResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Tunnels asked to drain.
+	Tunnels       uint32 `protobuf:"varint,1,opt,name=tunnels,proto3" json:"tunnels,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainResponse) Reset() {
+	*x = DrainResponse{}
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainResponse) ProtoMessage() {}
+
+func (x *DrainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
+func (*DrainResponse) Descriptor() ([]byte, []int) {
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *DrainResponse) GetTunnels() uint32 {
+	if x != nil {
+		return x.Tunnels
+	}
+	return 0
+}
+
+// Request of DrainEdge.
+type DrainEdgeRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Edge id.
+	Id            string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainEdgeRequest) Reset() {
+	*x = DrainEdgeRequest{}
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainEdgeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainEdgeRequest) ProtoMessage() {}
+
+func (x *DrainEdgeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainEdgeRequest.ProtoReflect.Descriptor instead.
+func (*DrainEdgeRequest) Descriptor() ([]byte, []int) {
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *DrainEdgeRequest) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+// Response of DrainEdge.
+type DrainEdgeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// False if the edge has no tunnel here that knows DRAIN.
+	Drained       bool `protobuf:"varint,1,opt,name=drained,proto3" json:"drained,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainEdgeResponse) Reset() {
+	*x = DrainEdgeResponse{}
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainEdgeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainEdgeResponse) ProtoMessage() {}
+
+func (x *DrainEdgeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainEdgeResponse.ProtoReflect.Descriptor instead.
+func (*DrainEdgeResponse) Descriptor() ([]byte, []int) {
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *DrainEdgeResponse) GetDrained() bool {
+	if x != nil {
+		return x.Drained
+	}
+	return false
+}
+
 var File_remoteingress_v1_hub_proto protoreflect.FileDescriptor
 
 const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\n" +
-	"\x1aremoteingress/v1/hub.proto\x12\x10remoteingress.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dremoteingress/v1/config.proto\"\x80\x03\n" +
+	"\x1aremoteingress/v1/hub.proto\x12\x10remoteingress.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dremoteingress/v1/config.proto\"\xb4\x03\n" +
 	"\x04Edge\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06secret\x18\x02 \x01(\tR\x06secret\x12!\n" +
@@ -2002,10 +2269,14 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\x10listen_ports_udp\x18\x04 \x03(\rR\x0elistenPortsUdp\x12J\n" +
 	"\ftarget_ports\x18\x05 \x03(\v2'.remoteingress.v1.Edge.TargetPortsEntryR\vtargetPorts\x12,\n" +
 	"\x12stun_interval_secs\x18\x06 \x01(\x04R\x10stunIntervalSecs\x12I\n" +
-	"\x0ffirewall_config\x18\a \x01(\v2 .remoteingress.v1.FirewallConfigR\x0efirewallConfig\x1a>\n" +
+	"\x0ffirewall_config\x18\a \x01(\v2 .remoteingress.v1.FirewallConfigR\x0efirewallConfig\x12#\n" +
+	"\n" +
+	"generation\x18\b \x01(\x04H\x00R\n" +
+	"generation\x88\x01\x01\x1a>\n" +
 	"\x10TargetPortsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"I\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01B\r\n" +
+	"\v_generation\"I\n" +
 	"\x19UpdateAllowedEdgesRequest\x12,\n" +
 	"\x05edges\x18\x01 \x03(\v2\x16.remoteingress.v1.EdgeR\x05edges\"\x1c\n" +
 	"\x1aUpdateAllowedEdgesResponse\"?\n" +
@@ -2016,7 +2287,7 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\".\n" +
 	"\x12DeleteEdgeResponse\x12\x18\n" +
 	"\adeleted\x18\x01 \x01(\bR\adeleted\"\x12\n" +
-	"\x10ListEdgesRequest\"\xa6\x04\n" +
+	"\x10ListEdgesRequest\"\xc6\x04\n" +
 	"\bEdgeInfo\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
 	"\flisten_ports\x18\x02 \x03(\rR\vlistenPorts\x12(\n" +
@@ -2028,7 +2299,10 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\x16desired_config_version\x18\b \x01(\x04R\x14desiredConfigVersion\x124\n" +
 	"\x16applied_config_version\x18\t \x01(\x04R\x14appliedConfigVersion\x12*\n" +
 	"\x11last_config_error\x18\n" +
-	" \x01(\tR\x0flastConfigError\x1a>\n" +
+	" \x01(\tR\x0flastConfigError\x12\x1e\n" +
+	"\n" +
+	"generation\x18\v \x01(\x04R\n" +
+	"generation\x1a>\n" +
 	"\x10TargetPortsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"E\n" +
@@ -2047,12 +2321,14 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\tbytes_out\x18\b \x01(\x04R\bbytesOut\x12\x1b\n" +
 	"\tpublic_ip\x18\t \x01(\tR\bpublicIp\x12+\n" +
 	"\x03rtt\x18\n" +
-	" \x01(\v2\x19.google.protobuf.DurationR\x03rtt\"\x98\x01\n" +
+	" \x01(\v2\x19.google.protobuf.DurationR\x03rtt\"\xcb\x01\n" +
 	"\x11GetStatusResponse\x12\x18\n" +
 	"\arunning\x18\x01 \x01(\bR\arunning\x12\x1f\n" +
 	"\vtunnel_port\x18\x02 \x01(\rR\n" +
 	"tunnelPort\x12H\n" +
-	"\x0fconnected_edges\x18\x03 \x03(\v2\x1f.remoteingress.v1.ConnectedEdgeR\x0econnectedEdges\"`\n" +
+	"\x0fconnected_edges\x18\x03 \x03(\v2\x1f.remoteingress.v1.ConnectedEdgeR\x0econnectedEdges\x12\x15\n" +
+	"\x06hub_id\x18\x04 \x01(\tR\x05hubId\x12\x1a\n" +
+	"\bdraining\x18\x05 \x01(\bR\bdraining\"`\n" +
 	"\x12WatchEventsRequest\x12\x17\n" +
 	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\x121\n" +
 	"\x05kinds\x18\x02 \x03(\x0e2\x1b.remoteingress.v1.EventKindR\x05kinds\"k\n" +
@@ -2061,14 +2337,22 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"remoteAddr\x129\n" +
 	"\ttransport\x18\x02 \x01(\x0e2\x1b.remoteingress.v1.TransportR\ttransport\"*\n" +
 	"\x10EdgeDisconnected\x12\x16\n" +
-	"\x06reason\x18\x01 \x01(\tR\x06reason\"+\n" +
+	"\x06reason\x18\x01 \x01(\tR\x06reason\"\x81\x01\n" +
 	"\fStreamOpened\x12\x1b\n" +
-	"\tstream_id\x18\x01 \x01(\rR\bstreamId\"+\n" +
+	"\tstream_id\x18\x01 \x01(\rR\bstreamId\x12\x1f\n" +
+	"\vclient_addr\x18\x02 \x01(\tR\n" +
+	"clientAddr\x12\x1b\n" +
+	"\tedge_port\x18\x03 \x01(\rR\bedgePort\x12\x16\n" +
+	"\x06target\x18\x04 \x01(\tR\x06target\"+\n" +
 	"\fStreamClosed\x12\x1b\n" +
-	"\tstream_id\x18\x01 \x01(\rR\bstreamId\"1\n" +
+	"\tstream_id\x18\x01 \x01(\rR\bstreamId\"\x87\x01\n" +
 	"\x10UdpSessionOpened\x12\x1d\n" +
 	"\n" +
-	"session_id\x18\x01 \x01(\rR\tsessionId\"1\n" +
+	"session_id\x18\x01 \x01(\rR\tsessionId\x12\x1f\n" +
+	"\vclient_addr\x18\x02 \x01(\tR\n" +
+	"clientAddr\x12\x1b\n" +
+	"\tedge_port\x18\x03 \x01(\rR\bedgePort\x12\x16\n" +
+	"\x06target\x18\x04 \x01(\tR\x06target\"1\n" +
 	"\x10UdpSessionClosed\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\rR\tsessionId\"(\n" +
@@ -2116,7 +2400,14 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\x15DisconnectEdgeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"<\n" +
 	"\x16DisconnectEdgeResponse\x12\"\n" +
-	"\fdisconnected\x18\x01 \x01(\bR\fdisconnected*\xe0\x02\n" +
+	"\fdisconnected\x18\x01 \x01(\bR\fdisconnected\"\x0e\n" +
+	"\fDrainRequest\")\n" +
+	"\rDrainResponse\x12\x18\n" +
+	"\atunnels\x18\x01 \x01(\rR\atunnels\"\"\n" +
+	"\x10DrainEdgeRequest\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"-\n" +
+	"\x11DrainEdgeResponse\x12\x18\n" +
+	"\adrained\x18\x01 \x01(\bR\adrained*\xe0\x02\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19EVENT_KIND_EDGE_CONNECTED\x10\x01\x12 \n" +
@@ -2129,7 +2420,7 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\x19EVENT_KIND_CONFIG_APPLIED\x10\b\x12\x1a\n" +
 	"\x16EVENT_KIND_AUTH_FAILED\x10\t\x12\x1b\n" +
 	"\x17EVENT_KIND_OPEN_REFUSED\x10\n" +
-	"2\x96\x06\n" +
+	"2\xb6\a\n" +
 	"\bHubAdmin\x12o\n" +
 	"\x12UpdateAllowedEdges\x12+.remoteingress.v1.UpdateAllowedEdgesRequest\x1a,.remoteingress.v1.UpdateAllowedEdgesResponse\x12W\n" +
 	"\n" +
@@ -2140,7 +2431,9 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\tGetStatus\x12\".remoteingress.v1.GetStatusRequest\x1a#.remoteingress.v1.GetStatusResponse\x12\\\n" +
 	"\vWatchEvents\x12$.remoteingress.v1.WatchEventsRequest\x1a%.remoteingress.v1.WatchEventsResponse0\x01\x12x\n" +
 	"\x15CreateConnectionToken\x12..remoteingress.v1.CreateConnectionTokenRequest\x1a/.remoteingress.v1.CreateConnectionTokenResponse\x12c\n" +
-	"\x0eDisconnectEdge\x12'.remoteingress.v1.DisconnectEdgeRequest\x1a(.remoteingress.v1.DisconnectEdgeResponseBXZVgithub.com/remoteingress/remoteingress/clients/go/gen/remoteingress/v1;remoteingressv1b\x06proto3"
+	"\x0eDisconnectEdge\x12'.remoteingress.v1.DisconnectEdgeRequest\x1a(.remoteingress.v1.DisconnectEdgeResponse\x12H\n" +
+	"\x05Drain\x12\x1e.remoteingress.v1.DrainRequest\x1a\x1f.remoteingress.v1.DrainResponse\x12T\n" +
+	"\tDrainEdge\x12\".remoteingress.v1.DrainEdgeRequest\x1a#.remoteingress.v1.DrainEdgeResponseBXZVgithub.com/remoteingress/remoteingress/clients/go/gen/remoteingress/v1;remoteingressv1b\x06proto3"
 
 var (
 	file_remoteingress_v1_hub_proto_rawDescOnce sync.Once
@@ -2155,7 +2448,7 @@ func file_remoteingress_v1_hub_proto_rawDescGZIP() []byte {
 }
 
 var file_remoteingress_v1_hub_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_remoteingress_v1_hub_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_remoteingress_v1_hub_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_remoteingress_v1_hub_proto_goTypes = []any{
 	(EventKind)(0),                        // 0: remoteingress.v1.EventKind
 	(*Edge)(nil),                          // 1: remoteingress.v1.Edge
@@ -2188,28 +2481,32 @@ var file_remoteingress_v1_hub_proto_goTypes = []any{
 	(*CreateConnectionTokenResponse)(nil), // 28: remoteingress.v1.CreateConnectionTokenResponse
 	(*DisconnectEdgeRequest)(nil),         // 29: remoteingress.v1.DisconnectEdgeRequest
 	(*DisconnectEdgeResponse)(nil),        // 30: remoteingress.v1.DisconnectEdgeResponse
-	nil,                                   // 31: remoteingress.v1.Edge.TargetPortsEntry
-	nil,                                   // 32: remoteingress.v1.EdgeInfo.TargetPortsEntry
-	(*FirewallConfig)(nil),                // 33: remoteingress.v1.FirewallConfig
-	(*timestamppb.Timestamp)(nil),         // 34: google.protobuf.Timestamp
-	(Transport)(0),                        // 35: remoteingress.v1.Transport
-	(*durationpb.Duration)(nil),           // 36: google.protobuf.Duration
+	(*DrainRequest)(nil),                  // 31: remoteingress.v1.DrainRequest
+	(*DrainResponse)(nil),                 // 32: remoteingress.v1.DrainResponse
+	(*DrainEdgeRequest)(nil),              // 33: remoteingress.v1.DrainEdgeRequest
+	(*DrainEdgeResponse)(nil),             // 34: remoteingress.v1.DrainEdgeResponse
+	nil,                                   // 35: remoteingress.v1.Edge.TargetPortsEntry
+	nil,                                   // 36: remoteingress.v1.EdgeInfo.TargetPortsEntry
+	(*FirewallConfig)(nil),                // 37: remoteingress.v1.FirewallConfig
+	(*timestamppb.Timestamp)(nil),         // 38: google.protobuf.Timestamp
+	(Transport)(0),                        // 39: remoteingress.v1.Transport
+	(*durationpb.Duration)(nil),           // 40: google.protobuf.Duration
 }
 var file_remoteingress_v1_hub_proto_depIdxs = []int32{
-	31, // 0: remoteingress.v1.Edge.target_ports:type_name -> remoteingress.v1.Edge.TargetPortsEntry
-	33, // 1: remoteingress.v1.Edge.firewall_config:type_name -> remoteingress.v1.FirewallConfig
+	35, // 0: remoteingress.v1.Edge.target_ports:type_name -> remoteingress.v1.Edge.TargetPortsEntry
+	37, // 1: remoteingress.v1.Edge.firewall_config:type_name -> remoteingress.v1.FirewallConfig
 	1,  // 2: remoteingress.v1.UpdateAllowedEdgesRequest.edges:type_name -> remoteingress.v1.Edge
 	1,  // 3: remoteingress.v1.UpsertEdgeRequest.edge:type_name -> remoteingress.v1.Edge
-	32, // 4: remoteingress.v1.EdgeInfo.target_ports:type_name -> remoteingress.v1.EdgeInfo.TargetPortsEntry
-	33, // 5: remoteingress.v1.EdgeInfo.firewall_config:type_name -> remoteingress.v1.FirewallConfig
+	36, // 4: remoteingress.v1.EdgeInfo.target_ports:type_name -> remoteingress.v1.EdgeInfo.TargetPortsEntry
+	37, // 5: remoteingress.v1.EdgeInfo.firewall_config:type_name -> remoteingress.v1.FirewallConfig
 	9,  // 6: remoteingress.v1.ListEdgesResponse.edges:type_name -> remoteingress.v1.EdgeInfo
-	34, // 7: remoteingress.v1.ConnectedEdge.connected_since:type_name -> google.protobuf.Timestamp
-	35, // 8: remoteingress.v1.ConnectedEdge.transport:type_name -> remoteingress.v1.Transport
-	36, // 9: remoteingress.v1.ConnectedEdge.rtt:type_name -> google.protobuf.Duration
+	38, // 7: remoteingress.v1.ConnectedEdge.connected_since:type_name -> google.protobuf.Timestamp
+	39, // 8: remoteingress.v1.ConnectedEdge.transport:type_name -> remoteingress.v1.Transport
+	40, // 9: remoteingress.v1.ConnectedEdge.rtt:type_name -> google.protobuf.Duration
 	12, // 10: remoteingress.v1.GetStatusResponse.connected_edges:type_name -> remoteingress.v1.ConnectedEdge
 	0,  // 11: remoteingress.v1.WatchEventsRequest.kinds:type_name -> remoteingress.v1.EventKind
-	35, // 12: remoteingress.v1.EdgeConnected.transport:type_name -> remoteingress.v1.Transport
-	34, // 13: remoteingress.v1.WatchEventsResponse.time:type_name -> google.protobuf.Timestamp
+	39, // 12: remoteingress.v1.EdgeConnected.transport:type_name -> remoteingress.v1.Transport
+	38, // 13: remoteingress.v1.WatchEventsResponse.time:type_name -> google.protobuf.Timestamp
 	15, // 14: remoteingress.v1.WatchEventsResponse.edge_connected:type_name -> remoteingress.v1.EdgeConnected
 	16, // 15: remoteingress.v1.WatchEventsResponse.edge_disconnected:type_name -> remoteingress.v1.EdgeDisconnected
 	17, // 16: remoteingress.v1.WatchEventsResponse.stream_opened:type_name -> remoteingress.v1.StreamOpened
@@ -2229,16 +2526,20 @@ var file_remoteingress_v1_hub_proto_depIdxs = []int32{
 	14, // 30: remoteingress.v1.HubAdmin.WatchEvents:input_type -> remoteingress.v1.WatchEventsRequest
 	27, // 31: remoteingress.v1.HubAdmin.CreateConnectionToken:input_type -> remoteingress.v1.CreateConnectionTokenRequest
 	29, // 32: remoteingress.v1.HubAdmin.DisconnectEdge:input_type -> remoteingress.v1.DisconnectEdgeRequest
-	3,  // 33: remoteingress.v1.HubAdmin.UpdateAllowedEdges:output_type -> remoteingress.v1.UpdateAllowedEdgesResponse
-	5,  // 34: remoteingress.v1.HubAdmin.UpsertEdge:output_type -> remoteingress.v1.UpsertEdgeResponse
-	7,  // 35: remoteingress.v1.HubAdmin.DeleteEdge:output_type -> remoteingress.v1.DeleteEdgeResponse
-	10, // 36: remoteingress.v1.HubAdmin.ListEdges:output_type -> remoteingress.v1.ListEdgesResponse
-	13, // 37: remoteingress.v1.HubAdmin.GetStatus:output_type -> remoteingress.v1.GetStatusResponse
-	26, // 38: remoteingress.v1.HubAdmin.WatchEvents:output_type -> remoteingress.v1.WatchEventsResponse
-	28, // 39: remoteingress.v1.HubAdmin.CreateConnectionToken:output_type -> remoteingress.v1.CreateConnectionTokenResponse
-	30, // 40: remoteingress.v1.HubAdmin.DisconnectEdge:output_type -> remoteingress.v1.DisconnectEdgeResponse
-	33, // [33:41] is the sub-list for method output_type
-	25, // [25:33] is the sub-list for method input_type
+	31, // 33: remoteingress.v1.HubAdmin.Drain:input_type -> remoteingress.v1.DrainRequest
+	33, // 34: remoteingress.v1.HubAdmin.DrainEdge:input_type -> remoteingress.v1.DrainEdgeRequest
+	3,  // 35: remoteingress.v1.HubAdmin.UpdateAllowedEdges:output_type -> remoteingress.v1.UpdateAllowedEdgesResponse
+	5,  // 36: remoteingress.v1.HubAdmin.UpsertEdge:output_type -> remoteingress.v1.UpsertEdgeResponse
+	7,  // 37: remoteingress.v1.HubAdmin.DeleteEdge:output_type -> remoteingress.v1.DeleteEdgeResponse
+	10, // 38: remoteingress.v1.HubAdmin.ListEdges:output_type -> remoteingress.v1.ListEdgesResponse
+	13, // 39: remoteingress.v1.HubAdmin.GetStatus:output_type -> remoteingress.v1.GetStatusResponse
+	26, // 40: remoteingress.v1.HubAdmin.WatchEvents:output_type -> remoteingress.v1.WatchEventsResponse
+	28, // 41: remoteingress.v1.HubAdmin.CreateConnectionToken:output_type -> remoteingress.v1.CreateConnectionTokenResponse
+	30, // 42: remoteingress.v1.HubAdmin.DisconnectEdge:output_type -> remoteingress.v1.DisconnectEdgeResponse
+	32, // 43: remoteingress.v1.HubAdmin.Drain:output_type -> remoteingress.v1.DrainResponse
+	34, // 44: remoteingress.v1.HubAdmin.DrainEdge:output_type -> remoteingress.v1.DrainEdgeResponse
+	35, // [35:45] is the sub-list for method output_type
+	25, // [25:35] is the sub-list for method input_type
 	25, // [25:25] is the sub-list for extension type_name
 	25, // [25:25] is the sub-list for extension extendee
 	0,  // [0:25] is the sub-list for field type_name
@@ -2250,6 +2551,7 @@ func file_remoteingress_v1_hub_proto_init() {
 		return
 	}
 	file_remoteingress_v1_config_proto_init()
+	file_remoteingress_v1_hub_proto_msgTypes[0].OneofWrappers = []any{}
 	file_remoteingress_v1_hub_proto_msgTypes[25].OneofWrappers = []any{
 		(*WatchEventsResponse_EdgeConnected)(nil),
 		(*WatchEventsResponse_EdgeDisconnected)(nil),
@@ -2269,7 +2571,7 @@ func file_remoteingress_v1_hub_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_remoteingress_v1_hub_proto_rawDesc), len(file_remoteingress_v1_hub_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   32,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -27,6 +27,8 @@ const (
 	HubAdmin_WatchEvents_FullMethodName           = "/remoteingress.v1.HubAdmin/WatchEvents"
 	HubAdmin_CreateConnectionToken_FullMethodName = "/remoteingress.v1.HubAdmin/CreateConnectionToken"
 	HubAdmin_DisconnectEdge_FullMethodName        = "/remoteingress.v1.HubAdmin/DisconnectEdge"
+	HubAdmin_Drain_FullMethodName                 = "/remoteingress.v1.HubAdmin/Drain"
+	HubAdmin_DrainEdge_FullMethodName             = "/remoteingress.v1.HubAdmin/DrainEdge"
 )
 
 // HubAdminClient is the client API for HubAdmin service.
@@ -53,6 +55,11 @@ type HubAdminClient interface {
 	CreateConnectionToken(ctx context.Context, in *CreateConnectionTokenRequest, opts ...grpc.CallOption) (*CreateConnectionTokenResponse, error)
 	// Drops an edge's tunnel; the edge reconnects by itself.
 	DisconnectEdge(ctx context.Context, in *DisconnectEdgeRequest, opts ...grpc.CallOption) (*DisconnectEdgeResponse, error)
+	// Begins draining the whole hub, as SIGTERM does: no new tunnels (readiness turns false),
+	// and every edge is asked to open new streams on its other tunnels. Open streams carry on.
+	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error)
+	// Asks one edge to open new streams on its other tunnels (it reconnects elsewhere).
+	DrainEdge(ctx context.Context, in *DrainEdgeRequest, opts ...grpc.CallOption) (*DrainEdgeResponse, error)
 }
 
 type hubAdminClient struct {
@@ -152,6 +159,26 @@ func (c *hubAdminClient) DisconnectEdge(ctx context.Context, in *DisconnectEdgeR
 	return out, nil
 }
 
+func (c *hubAdminClient) Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrainResponse)
+	err := c.cc.Invoke(ctx, HubAdmin_Drain_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *hubAdminClient) DrainEdge(ctx context.Context, in *DrainEdgeRequest, opts ...grpc.CallOption) (*DrainEdgeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrainEdgeResponse)
+	err := c.cc.Invoke(ctx, HubAdmin_DrainEdge_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // HubAdminServer is the server API for HubAdmin service.
 // All implementations must embed UnimplementedHubAdminServer
 // for forward compatibility.
@@ -176,6 +203,11 @@ type HubAdminServer interface {
 	CreateConnectionToken(context.Context, *CreateConnectionTokenRequest) (*CreateConnectionTokenResponse, error)
 	// Drops an edge's tunnel; the edge reconnects by itself.
 	DisconnectEdge(context.Context, *DisconnectEdgeRequest) (*DisconnectEdgeResponse, error)
+	// Begins draining the whole hub, as SIGTERM does: no new tunnels (readiness turns false),
+	// and every edge is asked to open new streams on its other tunnels. Open streams carry on.
+	Drain(context.Context, *DrainRequest) (*DrainResponse, error)
+	// Asks one edge to open new streams on its other tunnels (it reconnects elsewhere).
+	DrainEdge(context.Context, *DrainEdgeRequest) (*DrainEdgeResponse, error)
 	mustEmbedUnimplementedHubAdminServer()
 }
 
@@ -209,6 +241,12 @@ func (UnimplementedHubAdminServer) CreateConnectionToken(context.Context, *Creat
 }
 func (UnimplementedHubAdminServer) DisconnectEdge(context.Context, *DisconnectEdgeRequest) (*DisconnectEdgeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DisconnectEdge not implemented")
+}
+func (UnimplementedHubAdminServer) Drain(context.Context, *DrainRequest) (*DrainResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Drain not implemented")
+}
+func (UnimplementedHubAdminServer) DrainEdge(context.Context, *DrainEdgeRequest) (*DrainEdgeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DrainEdge not implemented")
 }
 func (UnimplementedHubAdminServer) mustEmbedUnimplementedHubAdminServer() {}
 func (UnimplementedHubAdminServer) testEmbeddedByValue()                  {}
@@ -368,6 +406,42 @@ func _HubAdmin_DisconnectEdge_Handler(srv interface{}, ctx context.Context, dec 
 	return interceptor(ctx, in, info, handler)
 }
 
+func _HubAdmin_Drain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HubAdminServer).Drain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HubAdmin_Drain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HubAdminServer).Drain(ctx, req.(*DrainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _HubAdmin_DrainEdge_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrainEdgeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(HubAdminServer).DrainEdge(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: HubAdmin_DrainEdge_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(HubAdminServer).DrainEdge(ctx, req.(*DrainEdgeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // HubAdmin_ServiceDesc is the grpc.ServiceDesc for HubAdmin service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -402,6 +476,14 @@ var HubAdmin_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DisconnectEdge",
 			Handler:    _HubAdmin_DisconnectEdge_Handler,
+		},
+		{
+			MethodName: "Drain",
+			Handler:    _HubAdmin_Drain_Handler,
+		},
+		{
+			MethodName: "DrainEdge",
+			Handler:    _HubAdmin_DrainEdge_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

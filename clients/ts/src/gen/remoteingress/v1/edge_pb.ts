@@ -4,8 +4,8 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Transport } from "./config_pb.js";
 import { file_remoteingress_v1_config } from "./config_pb.js";
 import type { Message } from "@bufbuild/protobuf";
@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file remoteingress/v1/edge.proto.
  */
 export const file_remoteingress_v1_edge: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZW1vdGVpbmdyZXNzL3YxL2VkZ2UucHJvdG8SEHJlbW90ZWluZ3Jlc3MudjEiHAoaRWRnZVN0YXR1c0dldFN0YXR1c1JlcXVlc3QiygIKG0VkZ2VTdGF0dXNHZXRTdGF0dXNSZXNwb25zZRIPCgdydW5uaW5nGAEgASgIEhEKCWNvbm5lY3RlZBgCIAEoCBIuCgl0cmFuc3BvcnQYAyABKA4yGy5yZW1vdGVpbmdyZXNzLnYxLlRyYW5zcG9ydBIRCglwdWJsaWNfaXAYBCABKAkSFgoOYWN0aXZlX3N0cmVhbXMYBSABKA0SGwoTYWN0aXZlX3VkcF9zZXNzaW9ucxgGIAEoDRIUCgxsaXN0ZW5fcG9ydHMYByADKA0SGAoQbGlzdGVuX3BvcnRzX3VkcBgIIAMoDRIxCghmaXJld2FsbBgJIAEoDjIfLnJlbW90ZWluZ3Jlc3MudjEuRmlyZXdhbGxTdGF0ZRIYChBmaXJld2FsbF9tZXNzYWdlGAogASgJEhIKCmxhc3RfZXJyb3IYCyABKAkiHgocRWRnZVN0YXR1c1dhdGNoRXZlbnRzUmVxdWVzdCJBCg9UdW5uZWxDb25uZWN0ZWQSLgoJdHJhbnNwb3J0GAEgASgOMhsucmVtb3RlaW5ncmVzcy52MS5UcmFuc3BvcnQiJAoSVHVubmVsRGlzY29ubmVjdGVkEg4KBnJlYXNvbhgBIAEoCSIgChJQdWJsaWNJcERpc2NvdmVyZWQSCgoCaXAYASABKAkiTgoMUG9ydHNDaGFuZ2VkEhQKDGxpc3Rlbl9wb3J0cxgBIAMoDRIYChBsaXN0ZW5fcG9ydHNfdWRwGAIgAygNEg4KBnVwZGF0ZRgDIAEoCCIwCg5Db25maWdSZWplY3RlZBIPCgd2ZXJzaW9uGAEgASgEEg0KBWVycm9yGAIgASgJIi8KD0ZpcmV3YWxsQXBwbGllZBINCgVydWxlcxgBIAEoDRINCgVlcnJvchgCIAEoCSIhChBFZGdlRXZlbnRzTWlzc2VkEg0KBWNvdW50GAEgASgEIo4ECh1FZGdlU3RhdHVzV2F0Y2hFdmVudHNSZXNwb25zZRIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI9ChB0dW5uZWxfY29ubmVjdGVkGAIgASgLMiEucmVtb3RlaW5ncmVzcy52MS5UdW5uZWxDb25uZWN0ZWRIABJDChN0dW5uZWxfZGlzY29ubmVjdGVkGAMgASgLMiQucmVtb3RlaW5ncmVzcy52MS5UdW5uZWxEaXNjb25uZWN0ZWRIABJEChRwdWJsaWNfaXBfZGlzY292ZXJlZBgEIAEoCzIkLnJlbW90ZWluZ3Jlc3MudjEuUHVibGljSXBEaXNjb3ZlcmVkSAASNwoNcG9ydHNfY2hhbmdlZBgFIAEoCzIeLnJlbW90ZWluZ3Jlc3MudjEuUG9ydHNDaGFuZ2VkSAASOwoPY29uZmlnX3JlamVjdGVkGAYgASgLMiAucmVtb3RlaW5ncmVzcy52MS5Db25maWdSZWplY3RlZEgAEj0KEGZpcmV3YWxsX2FwcGxpZWQYByABKAsyIS5yZW1vdGVpbmdyZXNzLnYxLkZpcmV3YWxsQXBwbGllZEgAEjsKDWV2ZW50c19taXNzZWQYCCABKAsyIi5yZW1vdGVpbmdyZXNzLnYxLkVkZ2VFdmVudHNNaXNzZWRIAEIHCgVldmVudCqFAQoNRmlyZXdhbGxTdGF0ZRIeChpGSVJFV0FMTF9TVEFURV9VTlNQRUNJRklFRBAAEhoKFkZJUkVXQUxMX1NUQVRFX0FQUExJRUQQARIeChpGSVJFV0FMTF9TVEFURV9VTkFWQUlMQUJMRRACEhgKFEZJUkVXQUxMX1NUQVRFX0VSUk9SEAMy6AEKCkVkZ2VTdGF0dXMSaAoJR2V0U3RhdHVzEiwucmVtb3RlaW5ncmVzcy52MS5FZGdlU3RhdHVzR2V0U3RhdHVzUmVxdWVzdBotLnJlbW90ZWluZ3Jlc3MudjEuRWRnZVN0YXR1c0dldFN0YXR1c1Jlc3BvbnNlEnAKC1dhdGNoRXZlbnRzEi4ucmVtb3RlaW5ncmVzcy52MS5FZGdlU3RhdHVzV2F0Y2hFdmVudHNSZXF1ZXN0Gi8ucmVtb3RlaW5ncmVzcy52MS5FZGdlU3RhdHVzV2F0Y2hFdmVudHNSZXNwb25zZTABQlhaVmdpdGh1Yi5jb20vcmVtb3RlaW5ncmVzcy9yZW1vdGVpbmdyZXNzL2NsaWVudHMvZ28vZ2VuL3JlbW90ZWluZ3Jlc3MvdjE7cmVtb3RlaW5ncmVzc3YxYgZwcm90bzM", [file_google_protobuf_timestamp, file_remoteingress_v1_config]);
+  fileDesc("ChtyZW1vdGVpbmdyZXNzL3YxL2VkZ2UucHJvdG8SEHJlbW90ZWluZ3Jlc3MudjEiHAoaRWRnZVN0YXR1c0dldFN0YXR1c1JlcXVlc3QizAMKG0VkZ2VTdGF0dXNHZXRTdGF0dXNSZXNwb25zZRIPCgdydW5uaW5nGAEgASgIEhEKCWNvbm5lY3RlZBgCIAEoCBIuCgl0cmFuc3BvcnQYAyABKA4yGy5yZW1vdGVpbmdyZXNzLnYxLlRyYW5zcG9ydBIRCglwdWJsaWNfaXAYBCABKAkSFgoOYWN0aXZlX3N0cmVhbXMYBSABKA0SGwoTYWN0aXZlX3VkcF9zZXNzaW9ucxgGIAEoDRIUCgxsaXN0ZW5fcG9ydHMYByADKA0SGAoQbGlzdGVuX3BvcnRzX3VkcBgIIAMoDRIxCghmaXJld2FsbBgJIAEoDjIfLnJlbW90ZWluZ3Jlc3MudjEuRmlyZXdhbGxTdGF0ZRIYChBmaXJld2FsbF9tZXNzYWdlGAogASgJEhIKCmxhc3RfZXJyb3IYCyABKAkSKQoHdHVubmVscxgMIAMoCzIYLnJlbW90ZWluZ3Jlc3MudjEuVHVubmVsEhIKCmdlbmVyYXRpb24YDSABKAQSQQoTY29uZmlnX2Rpc2FncmVlbWVudBgOIAEoCzIkLnJlbW90ZWluZ3Jlc3MudjEuQ29uZmlnRGlzYWdyZWVtZW50IpkCCgZUdW5uZWwSDgoGaHViX2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSLgoJdHJhbnNwb3J0GAMgASgOMhsucmVtb3RlaW5ncmVzcy52MS5UcmFuc3BvcnQSLAoFc3RhdGUYBCABKA4yHS5yZW1vdGVpbmdyZXNzLnYxLlR1bm5lbFN0YXRlEhYKDmFjdGl2ZV9zdHJlYW1zGAUgASgNEhsKE2FjdGl2ZV91ZHBfc2Vzc2lvbnMYBiABKA0SJgoDcnR0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjMKD2Nvbm5lY3RlZF9zaW5jZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiNgoSQ29uZmlnRGlzYWdyZWVtZW50EhIKCmdlbmVyYXRpb24YASABKAQSDAoEaHVicxgCIAMoCSIxCg5UdW5uZWxEcmFpbmluZxIOCgZodWJfaWQYASABKAkSDwoHYWRkcmVzcxgCIAEoCSIeChxFZGdlU3RhdHVzV2F0Y2hFdmVudHNSZXF1ZXN0ImIKD1R1bm5lbENvbm5lY3RlZBIuCgl0cmFuc3BvcnQYASABKA4yGy5yZW1vdGVpbmdyZXNzLnYxLlRyYW5zcG9ydBIOCgZodWJfaWQYAiABKAkSDwoHYWRkcmVzcxgDIAEoCSJFChJUdW5uZWxEaXNjb25uZWN0ZWQSDgoGcmVhc29uGAEgASgJEg4KBmh1Yl9pZBgCIAEoCRIPCgdhZGRyZXNzGAMgASgJIiAKElB1YmxpY0lwRGlzY292ZXJlZBIKCgJpcBgBIAEoCSJOCgxQb3J0c0NoYW5nZWQSFAoMbGlzdGVuX3BvcnRzGAEgAygNEhgKEGxpc3Rlbl9wb3J0c191ZHAYAiADKA0SDgoGdXBkYXRlGAMgASgIIjAKDkNvbmZpZ1JlamVjdGVkEg8KB3ZlcnNpb24YASABKAQSDQoFZXJyb3IYAiABKAkiLwoPRmlyZXdhbGxBcHBsaWVkEg0KBXJ1bGVzGAEgASgNEg0KBWVycm9yGAIgASgJIiEKEEVkZ2VFdmVudHNNaXNzZWQSDQoFY291bnQYASABKAQikAUKHUVkZ2VTdGF0dXNXYXRjaEV2ZW50c1Jlc3BvbnNlEigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEj0KEHR1bm5lbF9jb25uZWN0ZWQYAiABKAsyIS5yZW1vdGVpbmdyZXNzLnYxLlR1bm5lbENvbm5lY3RlZEgAEkMKE3R1bm5lbF9kaXNjb25uZWN0ZWQYAyABKAsyJC5yZW1vdGVpbmdyZXNzLnYxLlR1bm5lbERpc2Nvbm5lY3RlZEgAEkQKFHB1YmxpY19pcF9kaXNjb3ZlcmVkGAQgASgLMiQucmVtb3RlaW5ncmVzcy52MS5QdWJsaWNJcERpc2NvdmVyZWRIABI3Cg1wb3J0c19jaGFuZ2VkGAUgASgLMh4ucmVtb3RlaW5ncmVzcy52MS5Qb3J0c0NoYW5nZWRIABI7Cg9jb25maWdfcmVqZWN0ZWQYBiABKAsyIC5yZW1vdGVpbmdyZXNzLnYxLkNvbmZpZ1JlamVjdGVkSAASPQoQZmlyZXdhbGxfYXBwbGllZBgHIAEoCzIhLnJlbW90ZWluZ3Jlc3MudjEuRmlyZXdhbGxBcHBsaWVkSAASOwoNZXZlbnRzX21pc3NlZBgIIAEoCzIiLnJlbW90ZWluZ3Jlc3MudjEuRWRnZUV2ZW50c01pc3NlZEgAEjsKD3R1bm5lbF9kcmFpbmluZxgJIAEoCzIgLnJlbW90ZWluZ3Jlc3MudjEuVHVubmVsRHJhaW5pbmdIABJDChNjb25maWdfZGlzYWdyZWVtZW50GAogASgLMiQucmVtb3RlaW5ncmVzcy52MS5Db25maWdEaXNhZ3JlZW1lbnRIAEIHCgVldmVudCqFAQoNRmlyZXdhbGxTdGF0ZRIeChpGSVJFV0FMTF9TVEFURV9VTlNQRUNJRklFRBAAEhoKFkZJUkVXQUxMX1NUQVRFX0FQUExJRUQQARIeChpGSVJFV0FMTF9TVEFURV9VTkFWQUlMQUJMRRACEhgKFEZJUkVXQUxMX1NUQVRFX0VSUk9SEAMqXwoLVHVubmVsU3RhdGUSHAoYVFVOTkVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASFwoTVFVOTkVMX1NUQVRFX0FDVElWRRABEhkKFVRVTk5FTF9TVEFURV9EUkFJTklORxACMugBCgpFZGdlU3RhdHVzEmgKCUdldFN0YXR1cxIsLnJlbW90ZWluZ3Jlc3MudjEuRWRnZVN0YXR1c0dldFN0YXR1c1JlcXVlc3QaLS5yZW1vdGVpbmdyZXNzLnYxLkVkZ2VTdGF0dXNHZXRTdGF0dXNSZXNwb25zZRJwCgtXYXRjaEV2ZW50cxIuLnJlbW90ZWluZ3Jlc3MudjEuRWRnZVN0YXR1c1dhdGNoRXZlbnRzUmVxdWVzdBovLnJlbW90ZWluZ3Jlc3MudjEuRWRnZVN0YXR1c1dhdGNoRXZlbnRzUmVzcG9uc2UwAUJYWlZnaXRodWIuY29tL3JlbW90ZWluZ3Jlc3MvcmVtb3RlaW5ncmVzcy9jbGllbnRzL2dvL2dlbi9yZW1vdGVpbmdyZXNzL3YxO3JlbW90ZWluZ3Jlc3N2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_remoteingress_v1_config]);
 
 /**
  * Request of EdgeStatus.GetStatus.
@@ -113,6 +113,27 @@ export type EdgeStatusGetStatusResponse = Message<"remoteingress.v1.EdgeStatusGe
    * @generated from field: string last_error = 11;
    */
   lastError: string;
+
+  /**
+   * Every tunnel, oldest first.
+   *
+   * @generated from field: repeated remoteingress.v1.Tunnel tunnels = 12;
+   */
+  tunnels: Tunnel[];
+
+  /**
+   * Generation of the configuration in force (0: none).
+   *
+   * @generated from field: uint64 generation = 13;
+   */
+  generation: bigint;
+
+  /**
+   * Set while hubs offer different configurations under one generation.
+   *
+   * @generated from field: remoteingress.v1.ConfigDisagreement config_disagreement = 14;
+   */
+  configDisagreement?: ConfigDisagreement | undefined;
 };
 
 /**
@@ -121,6 +142,132 @@ export type EdgeStatusGetStatusResponse = Message<"remoteingress.v1.EdgeStatusGe
  */
 export const EdgeStatusGetStatusResponseSchema: GenMessage<EdgeStatusGetStatusResponse> = /*@__PURE__*/
   messageDesc(file_remoteingress_v1_edge, 1);
+
+/**
+ * One tunnel to a hub instance.
+ *
+ * @generated from message remoteingress.v1.Tunnel
+ */
+export type Tunnel = Message<"remoteingress.v1.Tunnel"> & {
+  /**
+   * The hub instance's id (empty for an original hub).
+   *
+   * @generated from field: string hub_id = 1;
+   */
+  hubId: string;
+
+  /**
+   * The address dialled, host:port.
+   *
+   * @generated from field: string address = 2;
+   */
+  address: string;
+
+  /**
+   * Its transport.
+   *
+   * @generated from field: remoteingress.v1.Transport transport = 3;
+   */
+  transport: Transport;
+
+  /**
+   * Whether it takes new streams.
+   *
+   * @generated from field: remoteingress.v1.TunnelState state = 4;
+   */
+  state: TunnelState;
+
+  /**
+   * TCP streams open on it.
+   *
+   * @generated from field: uint32 active_streams = 5;
+   */
+  activeStreams: number;
+
+  /**
+   * UDP sessions open on it.
+   *
+   * @generated from field: uint32 active_udp_sessions = 6;
+   */
+  activeUdpSessions: number;
+
+  /**
+   * Last round trip, once known.
+   *
+   * @generated from field: google.protobuf.Duration rtt = 7;
+   */
+  rtt?: Duration | undefined;
+
+  /**
+   * When it came up.
+   *
+   * @generated from field: google.protobuf.Timestamp connected_since = 8;
+   */
+  connectedSince?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message remoteingress.v1.Tunnel.
+ * Use `create(TunnelSchema)` to create a new message.
+ */
+export const TunnelSchema: GenMessage<Tunnel> = /*@__PURE__*/
+  messageDesc(file_remoteingress_v1_edge, 2);
+
+/**
+ * Hubs offering different configurations under one generation; the running one stays.
+ *
+ * @generated from message remoteingress.v1.ConfigDisagreement
+ */
+export type ConfigDisagreement = Message<"remoteingress.v1.ConfigDisagreement"> & {
+  /**
+   * The generation they share.
+   *
+   * @generated from field: uint64 generation = 1;
+   */
+  generation: bigint;
+
+  /**
+   * The hubs (instance ids, or addresses of original hubs).
+   *
+   * @generated from field: repeated string hubs = 2;
+   */
+  hubs: string[];
+};
+
+/**
+ * Describes the message remoteingress.v1.ConfigDisagreement.
+ * Use `create(ConfigDisagreementSchema)` to create a new message.
+ */
+export const ConfigDisagreementSchema: GenMessage<ConfigDisagreement> = /*@__PURE__*/
+  messageDesc(file_remoteingress_v1_edge, 3);
+
+/**
+ * A hub asked the edge to move new streams off its tunnel.
+ *
+ * @generated from message remoteingress.v1.TunnelDraining
+ */
+export type TunnelDraining = Message<"remoteingress.v1.TunnelDraining"> & {
+  /**
+   * The hub instance's id.
+   *
+   * @generated from field: string hub_id = 1;
+   */
+  hubId: string;
+
+  /**
+   * The address dialled.
+   *
+   * @generated from field: string address = 2;
+   */
+  address: string;
+};
+
+/**
+ * Describes the message remoteingress.v1.TunnelDraining.
+ * Use `create(TunnelDrainingSchema)` to create a new message.
+ */
+export const TunnelDrainingSchema: GenMessage<TunnelDraining> = /*@__PURE__*/
+  messageDesc(file_remoteingress_v1_edge, 4);
 
 /**
  * Request of EdgeStatus.WatchEvents.
@@ -135,7 +282,7 @@ export type EdgeStatusWatchEventsRequest = Message<"remoteingress.v1.EdgeStatusW
  * Use `create(EdgeStatusWatchEventsRequestSchema)` to create a new message.
  */
 export const EdgeStatusWatchEventsRequestSchema: GenMessage<EdgeStatusWatchEventsRequest> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 2);
+  messageDesc(file_remoteingress_v1_edge, 5);
 
 /**
  * The tunnel came up.
@@ -149,6 +296,20 @@ export type TunnelConnected = Message<"remoteingress.v1.TunnelConnected"> & {
    * @generated from field: remoteingress.v1.Transport transport = 1;
    */
   transport: Transport;
+
+  /**
+   * The hub instance's id (empty for an original hub).
+   *
+   * @generated from field: string hub_id = 2;
+   */
+  hubId: string;
+
+  /**
+   * The address dialled.
+   *
+   * @generated from field: string address = 3;
+   */
+  address: string;
 };
 
 /**
@@ -156,7 +317,7 @@ export type TunnelConnected = Message<"remoteingress.v1.TunnelConnected"> & {
  * Use `create(TunnelConnectedSchema)` to create a new message.
  */
 export const TunnelConnectedSchema: GenMessage<TunnelConnected> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 3);
+  messageDesc(file_remoteingress_v1_edge, 6);
 
 /**
  * The tunnel went down; the edge reconnects.
@@ -170,6 +331,20 @@ export type TunnelDisconnected = Message<"remoteingress.v1.TunnelDisconnected"> 
    * @generated from field: string reason = 1;
    */
   reason: string;
+
+  /**
+   * The hub instance's id (empty for an original hub).
+   *
+   * @generated from field: string hub_id = 2;
+   */
+  hubId: string;
+
+  /**
+   * The address dialled.
+   *
+   * @generated from field: string address = 3;
+   */
+  address: string;
 };
 
 /**
@@ -177,7 +352,7 @@ export type TunnelDisconnected = Message<"remoteingress.v1.TunnelDisconnected"> 
  * Use `create(TunnelDisconnectedSchema)` to create a new message.
  */
 export const TunnelDisconnectedSchema: GenMessage<TunnelDisconnected> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 4);
+  messageDesc(file_remoteingress_v1_edge, 7);
 
 /**
  * STUN found the edge's public address.
@@ -198,7 +373,7 @@ export type PublicIpDiscovered = Message<"remoteingress.v1.PublicIpDiscovered"> 
  * Use `create(PublicIpDiscoveredSchema)` to create a new message.
  */
 export const PublicIpDiscoveredSchema: GenMessage<PublicIpDiscovered> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 5);
+  messageDesc(file_remoteingress_v1_edge, 8);
 
 /**
  * Ports listened on after connecting or after a change.
@@ -233,7 +408,7 @@ export type PortsChanged = Message<"remoteingress.v1.PortsChanged"> & {
  * Use `create(PortsChangedSchema)` to create a new message.
  */
 export const PortsChangedSchema: GenMessage<PortsChanged> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 6);
+  messageDesc(file_remoteingress_v1_edge, 9);
 
 /**
  * A configuration could not be applied; the previous one stays.
@@ -261,7 +436,7 @@ export type ConfigRejected = Message<"remoteingress.v1.ConfigRejected"> & {
  * Use `create(ConfigRejectedSchema)` to create a new message.
  */
 export const ConfigRejectedSchema: GenMessage<ConfigRejected> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 7);
+  messageDesc(file_remoteingress_v1_edge, 10);
 
 /**
  * A firewall configuration was applied, or failed.
@@ -289,7 +464,7 @@ export type FirewallApplied = Message<"remoteingress.v1.FirewallApplied"> & {
  * Use `create(FirewallAppliedSchema)` to create a new message.
  */
 export const FirewallAppliedSchema: GenMessage<FirewallApplied> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 8);
+  messageDesc(file_remoteingress_v1_edge, 11);
 
 /**
  * The watcher was too slow: this many events were dropped for it.
@@ -310,7 +485,7 @@ export type EdgeEventsMissed = Message<"remoteingress.v1.EdgeEventsMissed"> & {
  * Use `create(EdgeEventsMissedSchema)` to create a new message.
  */
 export const EdgeEventsMissedSchema: GenMessage<EdgeEventsMissed> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 9);
+  messageDesc(file_remoteingress_v1_edge, 12);
 
 /**
  * One event.
@@ -386,6 +561,22 @@ export type EdgeStatusWatchEventsResponse = Message<"remoteingress.v1.EdgeStatus
      */
     value: EdgeEventsMissed;
     case: "eventsMissed";
+  } | {
+    /**
+     * TunnelDraining.
+     *
+     * @generated from field: remoteingress.v1.TunnelDraining tunnel_draining = 9;
+     */
+    value: TunnelDraining;
+    case: "tunnelDraining";
+  } | {
+    /**
+     * ConfigDisagreement.
+     *
+     * @generated from field: remoteingress.v1.ConfigDisagreement config_disagreement = 10;
+     */
+    value: ConfigDisagreement;
+    case: "configDisagreement";
   } | { case: undefined; value?: undefined };
 };
 
@@ -394,7 +585,7 @@ export type EdgeStatusWatchEventsResponse = Message<"remoteingress.v1.EdgeStatus
  * Use `create(EdgeStatusWatchEventsResponseSchema)` to create a new message.
  */
 export const EdgeStatusWatchEventsResponseSchema: GenMessage<EdgeStatusWatchEventsResponse> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 10);
+  messageDesc(file_remoteingress_v1_edge, 13);
 
 /**
  * State of the edge's firewall.
@@ -436,6 +627,40 @@ export enum FirewallState {
  */
 export const FirewallStateSchema: GenEnum<FirewallState> = /*@__PURE__*/
   enumDesc(file_remoteingress_v1_edge, 0);
+
+/**
+ * Whether a tunnel takes new streams.
+ *
+ * @generated from enum remoteingress.v1.TunnelState
+ */
+export enum TunnelState {
+  /**
+   * Not reported.
+   *
+   * @generated from enum value: TUNNEL_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * Takes new streams.
+   *
+   * @generated from enum value: TUNNEL_STATE_ACTIVE = 1;
+   */
+  ACTIVE = 1,
+
+  /**
+   * Its hub is shutting down: open streams finish, new ones go to other tunnels.
+   *
+   * @generated from enum value: TUNNEL_STATE_DRAINING = 2;
+   */
+  DRAINING = 2,
+}
+
+/**
+ * Describes the enum remoteingress.v1.TunnelState.
+ */
+export const TunnelStateSchema: GenEnum<TunnelState> = /*@__PURE__*/
+  enumDesc(file_remoteingress_v1_edge, 1);
 
 /**
  * An edge's local status endpoint.

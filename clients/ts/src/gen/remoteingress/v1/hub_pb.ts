@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file remoteingress/v1/hub.proto.
  */
 export const file_remoteingress_v1_hub: GenFile = /*@__PURE__*/
-  fileDesc("ChpyZW1vdGVpbmdyZXNzL3YxL2h1Yi5wcm90bxIQcmVtb3RlaW5ncmVzcy52MSKcAgoERWRnZRIKCgJpZBgBIAEoCRIOCgZzZWNyZXQYAiABKAkSFAoMbGlzdGVuX3BvcnRzGAMgAygNEhgKEGxpc3Rlbl9wb3J0c191ZHAYBCADKA0SPQoMdGFyZ2V0X3BvcnRzGAUgAygLMicucmVtb3RlaW5ncmVzcy52MS5FZGdlLlRhcmdldFBvcnRzRW50cnkSGgoSc3R1bl9pbnRlcnZhbF9zZWNzGAYgASgEEjkKD2ZpcmV3YWxsX2NvbmZpZxgHIAEoCzIgLnJlbW90ZWluZ3Jlc3MudjEuRmlyZXdhbGxDb25maWcaMgoQVGFyZ2V0UG9ydHNFbnRyeRILCgNrZXkYASABKA0SDQoFdmFsdWUYAiABKA06AjgBIkIKGVVwZGF0ZUFsbG93ZWRFZGdlc1JlcXVlc3QSJQoFZWRnZXMYASADKAsyFi5yZW1vdGVpbmdyZXNzLnYxLkVkZ2UiHAoaVXBkYXRlQWxsb3dlZEVkZ2VzUmVzcG9uc2UiOQoRVXBzZXJ0RWRnZVJlcXVlc3QSJAoEZWRnZRgBIAEoCzIWLnJlbW90ZWluZ3Jlc3MudjEuRWRnZSIUChJVcHNlcnRFZGdlUmVzcG9uc2UiHwoRRGVsZXRlRWRnZVJlcXVlc3QSCgoCaWQYASABKAkiJQoSRGVsZXRlRWRnZVJlc3BvbnNlEg8KB2RlbGV0ZWQYASABKAgiEgoQTGlzdEVkZ2VzUmVxdWVzdCKCAwoIRWRnZUluZm8SCgoCaWQYASABKAkSFAoMbGlzdGVuX3BvcnRzGAIgAygNEhgKEGxpc3Rlbl9wb3J0c191ZHAYAyADKA0SQQoMdGFyZ2V0X3BvcnRzGAQgAygLMisucmVtb3RlaW5ncmVzcy52MS5FZGdlSW5mby5UYXJnZXRQb3J0c0VudHJ5EhoKEnN0dW5faW50ZXJ2YWxfc2VjcxgFIAEoBBI5Cg9maXJld2FsbF9jb25maWcYBiABKAsyIC5yZW1vdGVpbmdyZXNzLnYxLkZpcmV3YWxsQ29uZmlnEhEKCWNvbm5lY3RlZBgHIAEoCBIeChZkZXNpcmVkX2NvbmZpZ192ZXJzaW9uGAggASgEEh4KFmFwcGxpZWRfY29uZmlnX3ZlcnNpb24YCSABKAQSGQoRbGFzdF9jb25maWdfZXJyb3IYCiABKAkaMgoQVGFyZ2V0UG9ydHNFbnRyeRILCgNrZXkYASABKA0SDQoFdmFsdWUYAiABKA06AjgBIj4KEUxpc3RFZGdlc1Jlc3BvbnNlEikKBWVkZ2VzGAEgAygLMhoucmVtb3RlaW5ncmVzcy52MS5FZGdlSW5mbyISChBHZXRTdGF0dXNSZXF1ZXN0IqoCCg1Db25uZWN0ZWRFZGdlEgoKAmlkGAEgASgJEjMKD2Nvbm5lY3RlZF9zaW5jZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLcmVtb3RlX2FkZHIYAyABKAkSLgoJdHJhbnNwb3J0GAQgASgOMhsucmVtb3RlaW5ncmVzcy52MS5UcmFuc3BvcnQSFgoOYWN0aXZlX3N0cmVhbXMYBSABKA0SGwoTYWN0aXZlX3VkcF9zZXNzaW9ucxgGIAEoDRIQCghieXRlc19pbhgHIAEoBBIRCglieXRlc19vdXQYCCABKAQSEQoJcHVibGljX2lwGAkgASgJEiYKA3J0dBgKIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJzChFHZXRTdGF0dXNSZXNwb25zZRIPCgdydW5uaW5nGAEgASgIEhMKC3R1bm5lbF9wb3J0GAIgASgNEjgKD2Nvbm5lY3RlZF9lZGdlcxgDIAMoCzIfLnJlbW90ZWluZ3Jlc3MudjEuQ29ubmVjdGVkRWRnZSJRChJXYXRjaEV2ZW50c1JlcXVlc3QSDwoHZWRnZV9pZBgBIAEoCRIqCgVraW5kcxgCIAMoDjIbLnJlbW90ZWluZ3Jlc3MudjEuRXZlbnRLaW5kIlQKDUVkZ2VDb25uZWN0ZWQSEwoLcmVtb3RlX2FkZHIYASABKAkSLgoJdHJhbnNwb3J0GAIgASgOMhsucmVtb3RlaW5ncmVzcy52MS5UcmFuc3BvcnQiIgoQRWRnZURpc2Nvbm5lY3RlZBIOCgZyZWFzb24YASABKAkiIQoMU3RyZWFtT3BlbmVkEhEKCXN0cmVhbV9pZBgBIAEoDSIhCgxTdHJlYW1DbG9zZWQSEQoJc3RyZWFtX2lkGAEgASgNIiYKEFVkcFNlc3Npb25PcGVuZWQSEgoKc2Vzc2lvbl9pZBgBIAEoDSImChBVZHBTZXNzaW9uQ2xvc2VkEhIKCnNlc3Npb25faWQYASABKA0iHwoMQ29uZmlnUHVzaGVkEg8KB3ZlcnNpb24YASABKAQiLwoNQ29uZmlnQXBwbGllZBIPCgd2ZXJzaW9uGAEgASgEEg0KBWVycm9yGAIgASgJIj8KCkF1dGhGYWlsZWQSEwoLcmVtb3RlX2FkZHIYASABKAkSDgoGcmVhc29uGAIgASgJEgwKBGtpbmQYAyABKAkiLQoLT3BlblJlZnVzZWQSEAoIcHJvdG9jb2wYASABKAkSDAoEcG9ydBgCIAEoDSIdCgxFdmVudHNNaXNzZWQSDQoFY291bnQYASABKAQi5AUKE1dhdGNoRXZlbnRzUmVzcG9uc2USKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHZWRnZV9pZBgCIAEoCRI5Cg5lZGdlX2Nvbm5lY3RlZBgDIAEoCzIfLnJlbW90ZWluZ3Jlc3MudjEuRWRnZUNvbm5lY3RlZEgAEj8KEWVkZ2VfZGlzY29ubmVjdGVkGAQgASgLMiIucmVtb3RlaW5ncmVzcy52MS5FZGdlRGlzY29ubmVjdGVkSAASNwoNc3RyZWFtX29wZW5lZBgFIAEoCzIeLnJlbW90ZWluZ3Jlc3MudjEuU3RyZWFtT3BlbmVkSAASNwoNc3RyZWFtX2Nsb3NlZBgGIAEoCzIeLnJlbW90ZWluZ3Jlc3MudjEuU3RyZWFtQ2xvc2VkSAASQAoSdWRwX3Nlc3Npb25fb3BlbmVkGAcgASgLMiIucmVtb3RlaW5ncmVzcy52MS5VZHBTZXNzaW9uT3BlbmVkSAASQAoSdWRwX3Nlc3Npb25fY2xvc2VkGAggASgLMiIucmVtb3RlaW5ncmVzcy52MS5VZHBTZXNzaW9uQ2xvc2VkSAASNwoNY29uZmlnX3B1c2hlZBgJIAEoCzIeLnJlbW90ZWluZ3Jlc3MudjEuQ29uZmlnUHVzaGVkSAASOQoOY29uZmlnX2FwcGxpZWQYCiABKAsyHy5yZW1vdGVpbmdyZXNzLnYxLkNvbmZpZ0FwcGxpZWRIABIzCgthdXRoX2ZhaWxlZBgLIAEoCzIcLnJlbW90ZWluZ3Jlc3MudjEuQXV0aEZhaWxlZEgAEjcKDWV2ZW50c19taXNzZWQYDCABKAsyHi5yZW1vdGVpbmdyZXNzLnYxLkV2ZW50c01pc3NlZEgAEjUKDG9wZW5fcmVmdXNlZBgNIAEoCzIdLnJlbW90ZWluZ3Jlc3MudjEuT3BlblJlZnVzZWRIAEIHCgVldmVudCI/ChxDcmVhdGVDb25uZWN0aW9uVG9rZW5SZXF1ZXN0Eg8KB2VkZ2VfaWQYASABKAkSDgoGc2VjcmV0GAIgASgJIl8KHUNyZWF0ZUNvbm5lY3Rpb25Ub2tlblJlc3BvbnNlEg0KBXRva2VuGAEgASgJEhAKCGh1Yl9ob3N0GAIgASgJEhAKCGh1Yl9wb3J0GAMgASgNEgsKA3BpbhgEIAEoCSIjChVEaXNjb25uZWN0RWRnZVJlcXVlc3QSCgoCaWQYASABKAkiLgoWRGlzY29ubmVjdEVkZ2VSZXNwb25zZRIUCgxkaXNjb25uZWN0ZWQYASABKAgq4AIKCUV2ZW50S2luZBIaChZFVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASHQoZRVZFTlRfS0lORF9FREdFX0NPTk5FQ1RFRBABEiAKHEVWRU5UX0tJTkRfRURHRV9ESVNDT05ORUNURUQQAhIcChhFVkVOVF9LSU5EX1NUUkVBTV9PUEVORUQQAxIcChhFVkVOVF9LSU5EX1NUUkVBTV9DTE9TRUQQBBIhCh1FVkVOVF9LSU5EX1VEUF9TRVNTSU9OX09QRU5FRBAFEiEKHUVWRU5UX0tJTkRfVURQX1NFU1NJT05fQ0xPU0VEEAYSHAoYRVZFTlRfS0lORF9DT05GSUdfUFVTSEVEEAcSHQoZRVZFTlRfS0lORF9DT05GSUdfQVBQTElFRBAIEhoKFkVWRU5UX0tJTkRfQVVUSF9GQUlMRUQQCRIbChdFVkVOVF9LSU5EX09QRU5fUkVGVVNFRBAKMpYGCghIdWJBZG1pbhJvChJVcGRhdGVBbGxvd2VkRWRnZXMSKy5yZW1vdGVpbmdyZXNzLnYxLlVwZGF0ZUFsbG93ZWRFZGdlc1JlcXVlc3QaLC5yZW1vdGVpbmdyZXNzLnYxLlVwZGF0ZUFsbG93ZWRFZGdlc1Jlc3BvbnNlElcKClVwc2VydEVkZ2USIy5yZW1vdGVpbmdyZXNzLnYxLlVwc2VydEVkZ2VSZXF1ZXN0GiQucmVtb3RlaW5ncmVzcy52MS5VcHNlcnRFZGdlUmVzcG9uc2USVwoKRGVsZXRlRWRnZRIjLnJlbW90ZWluZ3Jlc3MudjEuRGVsZXRlRWRnZVJlcXVlc3QaJC5yZW1vdGVpbmdyZXNzLnYxLkRlbGV0ZUVkZ2VSZXNwb25zZRJUCglMaXN0RWRnZXMSIi5yZW1vdGVpbmdyZXNzLnYxLkxpc3RFZGdlc1JlcXVlc3QaIy5yZW1vdGVpbmdyZXNzLnYxLkxpc3RFZGdlc1Jlc3BvbnNlElQKCUdldFN0YXR1cxIiLnJlbW90ZWluZ3Jlc3MudjEuR2V0U3RhdHVzUmVxdWVzdBojLnJlbW90ZWluZ3Jlc3MudjEuR2V0U3RhdHVzUmVzcG9uc2USXAoLV2F0Y2hFdmVudHMSJC5yZW1vdGVpbmdyZXNzLnYxLldhdGNoRXZlbnRzUmVxdWVzdBolLnJlbW90ZWluZ3Jlc3MudjEuV2F0Y2hFdmVudHNSZXNwb25zZTABEngKFUNyZWF0ZUNvbm5lY3Rpb25Ub2tlbhIuLnJlbW90ZWluZ3Jlc3MudjEuQ3JlYXRlQ29ubmVjdGlvblRva2VuUmVxdWVzdBovLnJlbW90ZWluZ3Jlc3MudjEuQ3JlYXRlQ29ubmVjdGlvblRva2VuUmVzcG9uc2USYwoORGlzY29ubmVjdEVkZ2USJy5yZW1vdGVpbmdyZXNzLnYxLkRpc2Nvbm5lY3RFZGdlUmVxdWVzdBooLnJlbW90ZWluZ3Jlc3MudjEuRGlzY29ubmVjdEVkZ2VSZXNwb25zZUJYWlZnaXRodWIuY29tL3JlbW90ZWluZ3Jlc3MvcmVtb3RlaW5ncmVzcy9jbGllbnRzL2dvL2dlbi9yZW1vdGVpbmdyZXNzL3YxO3JlbW90ZWluZ3Jlc3N2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_remoteingress_v1_config]);
+  fileDesc("ChpyZW1vdGVpbmdyZXNzL3YxL2h1Yi5wcm90bxIQcmVtb3RlaW5ncmVzcy52MSLEAgoERWRnZRIKCgJpZBgBIAEoCRIOCgZzZWNyZXQYAiABKAkSFAoMbGlzdGVuX3BvcnRzGAMgAygNEhgKEGxpc3Rlbl9wb3J0c191ZHAYBCADKA0SPQoMdGFyZ2V0X3BvcnRzGAUgAygLMicucmVtb3RlaW5ncmVzcy52MS5FZGdlLlRhcmdldFBvcnRzRW50cnkSGgoSc3R1bl9pbnRlcnZhbF9zZWNzGAYgASgEEjkKD2ZpcmV3YWxsX2NvbmZpZxgHIAEoCzIgLnJlbW90ZWluZ3Jlc3MudjEuRmlyZXdhbGxDb25maWcSFwoKZ2VuZXJhdGlvbhgIIAEoBEgAiAEBGjIKEFRhcmdldFBvcnRzRW50cnkSCwoDa2V5GAEgASgNEg0KBXZhbHVlGAIgASgNOgI4AUINCgtfZ2VuZXJhdGlvbiJCChlVcGRhdGVBbGxvd2VkRWRnZXNSZXF1ZXN0EiUKBWVkZ2VzGAEgAygLMhYucmVtb3RlaW5ncmVzcy52MS5FZGdlIhwKGlVwZGF0ZUFsbG93ZWRFZGdlc1Jlc3BvbnNlIjkKEVVwc2VydEVkZ2VSZXF1ZXN0EiQKBGVkZ2UYASABKAsyFi5yZW1vdGVpbmdyZXNzLnYxLkVkZ2UiFAoSVXBzZXJ0RWRnZVJlc3BvbnNlIh8KEURlbGV0ZUVkZ2VSZXF1ZXN0EgoKAmlkGAEgASgJIiUKEkRlbGV0ZUVkZ2VSZXNwb25zZRIPCgdkZWxldGVkGAEgASgIIhIKEExpc3RFZGdlc1JlcXVlc3QilgMKCEVkZ2VJbmZvEgoKAmlkGAEgASgJEhQKDGxpc3Rlbl9wb3J0cxgCIAMoDRIYChBsaXN0ZW5fcG9ydHNfdWRwGAMgAygNEkEKDHRhcmdldF9wb3J0cxgEIAMoCzIrLnJlbW90ZWluZ3Jlc3MudjEuRWRnZUluZm8uVGFyZ2V0UG9ydHNFbnRyeRIaChJzdHVuX2ludGVydmFsX3NlY3MYBSABKAQSOQoPZmlyZXdhbGxfY29uZmlnGAYgASgLMiAucmVtb3RlaW5ncmVzcy52MS5GaXJld2FsbENvbmZpZxIRCgljb25uZWN0ZWQYByABKAgSHgoWZGVzaXJlZF9jb25maWdfdmVyc2lvbhgIIAEoBBIeChZhcHBsaWVkX2NvbmZpZ192ZXJzaW9uGAkgASgEEhkKEWxhc3RfY29uZmlnX2Vycm9yGAogASgJEhIKCmdlbmVyYXRpb24YCyABKAQaMgoQVGFyZ2V0UG9ydHNFbnRyeRILCgNrZXkYASABKA0SDQoFdmFsdWUYAiABKA06AjgBIj4KEUxpc3RFZGdlc1Jlc3BvbnNlEikKBWVkZ2VzGAEgAygLMhoucmVtb3RlaW5ncmVzcy52MS5FZGdlSW5mbyISChBHZXRTdGF0dXNSZXF1ZXN0IqoCCg1Db25uZWN0ZWRFZGdlEgoKAmlkGAEgASgJEjMKD2Nvbm5lY3RlZF9zaW5jZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLcmVtb3RlX2FkZHIYAyABKAkSLgoJdHJhbnNwb3J0GAQgASgOMhsucmVtb3RlaW5ncmVzcy52MS5UcmFuc3BvcnQSFgoOYWN0aXZlX3N0cmVhbXMYBSABKA0SGwoTYWN0aXZlX3VkcF9zZXNzaW9ucxgGIAEoDRIQCghieXRlc19pbhgHIAEoBBIRCglieXRlc19vdXQYCCABKAQSEQoJcHVibGljX2lwGAkgASgJEiYKA3J0dBgKIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKVAQoRR2V0U3RhdHVzUmVzcG9uc2USDwoHcnVubmluZxgBIAEoCBITCgt0dW5uZWxfcG9ydBgCIAEoDRI4Cg9jb25uZWN0ZWRfZWRnZXMYAyADKAsyHy5yZW1vdGVpbmdyZXNzLnYxLkNvbm5lY3RlZEVkZ2USDgoGaHViX2lkGAQgASgJEhAKCGRyYWluaW5nGAUgASgIIlEKEldhdGNoRXZlbnRzUmVxdWVzdBIPCgdlZGdlX2lkGAEgASgJEioKBWtpbmRzGAIgAygOMhsucmVtb3RlaW5ncmVzcy52MS5FdmVudEtpbmQiVAoNRWRnZUNvbm5lY3RlZBITCgtyZW1vdGVfYWRkchgBIAEoCRIuCgl0cmFuc3BvcnQYAiABKA4yGy5yZW1vdGVpbmdyZXNzLnYxLlRyYW5zcG9ydCIiChBFZGdlRGlzY29ubmVjdGVkEg4KBnJlYXNvbhgBIAEoCSJZCgxTdHJlYW1PcGVuZWQSEQoJc3RyZWFtX2lkGAEgASgNEhMKC2NsaWVudF9hZGRyGAIgASgJEhEKCWVkZ2VfcG9ydBgDIAEoDRIOCgZ0YXJnZXQYBCABKAkiIQoMU3RyZWFtQ2xvc2VkEhEKCXN0cmVhbV9pZBgBIAEoDSJeChBVZHBTZXNzaW9uT3BlbmVkEhIKCnNlc3Npb25faWQYASABKA0SEwoLY2xpZW50X2FkZHIYAiABKAkSEQoJZWRnZV9wb3J0GAMgASgNEg4KBnRhcmdldBgEIAEoCSImChBVZHBTZXNzaW9uQ2xvc2VkEhIKCnNlc3Npb25faWQYASABKA0iHwoMQ29uZmlnUHVzaGVkEg8KB3ZlcnNpb24YASABKAQiLwoNQ29uZmlnQXBwbGllZBIPCgd2ZXJzaW9uGAEgASgEEg0KBWVycm9yGAIgASgJIj8KCkF1dGhGYWlsZWQSEwoLcmVtb3RlX2FkZHIYASABKAkSDgoGcmVhc29uGAIgASgJEgwKBGtpbmQYAyABKAkiLQoLT3BlblJlZnVzZWQSEAoIcHJvdG9jb2wYASABKAkSDAoEcG9ydBgCIAEoDSIdCgxFdmVudHNNaXNzZWQSDQoFY291bnQYASABKAQi5AUKE1dhdGNoRXZlbnRzUmVzcG9uc2USKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHZWRnZV9pZBgCIAEoCRI5Cg5lZGdlX2Nvbm5lY3RlZBgDIAEoCzIfLnJlbW90ZWluZ3Jlc3MudjEuRWRnZUNvbm5lY3RlZEgAEj8KEWVkZ2VfZGlzY29ubmVjdGVkGAQgASgLMiIucmVtb3RlaW5ncmVzcy52MS5FZGdlRGlzY29ubmVjdGVkSAASNwoNc3RyZWFtX29wZW5lZBgFIAEoCzIeLnJlbW90ZWluZ3Jlc3MudjEuU3RyZWFtT3BlbmVkSAASNwoNc3RyZWFtX2Nsb3NlZBgGIAEoCzIeLnJlbW90ZWluZ3Jlc3MudjEuU3RyZWFtQ2xvc2VkSAASQAoSdWRwX3Nlc3Npb25fb3BlbmVkGAcgASgLMiIucmVtb3RlaW5ncmVzcy52MS5VZHBTZXNzaW9uT3BlbmVkSAASQAoSdWRwX3Nlc3Npb25fY2xvc2VkGAggASgLMiIucmVtb3RlaW5ncmVzcy52MS5VZHBTZXNzaW9uQ2xvc2VkSAASNwoNY29uZmlnX3B1c2hlZBgJIAEoCzIeLnJlbW90ZWluZ3Jlc3MudjEuQ29uZmlnUHVzaGVkSAASOQoOY29uZmlnX2FwcGxpZWQYCiABKAsyHy5yZW1vdGVpbmdyZXNzLnYxLkNvbmZpZ0FwcGxpZWRIABIzCgthdXRoX2ZhaWxlZBgLIAEoCzIcLnJlbW90ZWluZ3Jlc3MudjEuQXV0aEZhaWxlZEgAEjcKDWV2ZW50c19taXNzZWQYDCABKAsyHi5yZW1vdGVpbmdyZXNzLnYxLkV2ZW50c01pc3NlZEgAEjUKDG9wZW5fcmVmdXNlZBgNIAEoCzIdLnJlbW90ZWluZ3Jlc3MudjEuT3BlblJlZnVzZWRIAEIHCgVldmVudCI/ChxDcmVhdGVDb25uZWN0aW9uVG9rZW5SZXF1ZXN0Eg8KB2VkZ2VfaWQYASABKAkSDgoGc2VjcmV0GAIgASgJIl8KHUNyZWF0ZUNvbm5lY3Rpb25Ub2tlblJlc3BvbnNlEg0KBXRva2VuGAEgASgJEhAKCGh1Yl9ob3N0GAIgASgJEhAKCGh1Yl9wb3J0GAMgASgNEgsKA3BpbhgEIAEoCSIjChVEaXNjb25uZWN0RWRnZVJlcXVlc3QSCgoCaWQYASABKAkiLgoWRGlzY29ubmVjdEVkZ2VSZXNwb25zZRIUCgxkaXNjb25uZWN0ZWQYASABKAgiDgoMRHJhaW5SZXF1ZXN0IiAKDURyYWluUmVzcG9uc2USDwoHdHVubmVscxgBIAEoDSIeChBEcmFpbkVkZ2VSZXF1ZXN0EgoKAmlkGAEgASgJIiQKEURyYWluRWRnZVJlc3BvbnNlEg8KB2RyYWluZWQYASABKAgq4AIKCUV2ZW50S2luZBIaChZFVkVOVF9LSU5EX1VOU1BFQ0lGSUVEEAASHQoZRVZFTlRfS0lORF9FREdFX0NPTk5FQ1RFRBABEiAKHEVWRU5UX0tJTkRfRURHRV9ESVNDT05ORUNURUQQAhIcChhFVkVOVF9LSU5EX1NUUkVBTV9PUEVORUQQAxIcChhFVkVOVF9LSU5EX1NUUkVBTV9DTE9TRUQQBBIhCh1FVkVOVF9LSU5EX1VEUF9TRVNTSU9OX09QRU5FRBAFEiEKHUVWRU5UX0tJTkRfVURQX1NFU1NJT05fQ0xPU0VEEAYSHAoYRVZFTlRfS0lORF9DT05GSUdfUFVTSEVEEAcSHQoZRVZFTlRfS0lORF9DT05GSUdfQVBQTElFRBAIEhoKFkVWRU5UX0tJTkRfQVVUSF9GQUlMRUQQCRIbChdFVkVOVF9LSU5EX09QRU5fUkVGVVNFRBAKMrYHCghIdWJBZG1pbhJvChJVcGRhdGVBbGxvd2VkRWRnZXMSKy5yZW1vdGVpbmdyZXNzLnYxLlVwZGF0ZUFsbG93ZWRFZGdlc1JlcXVlc3QaLC5yZW1vdGVpbmdyZXNzLnYxLlVwZGF0ZUFsbG93ZWRFZGdlc1Jlc3BvbnNlElcKClVwc2VydEVkZ2USIy5yZW1vdGVpbmdyZXNzLnYxLlVwc2VydEVkZ2VSZXF1ZXN0GiQucmVtb3RlaW5ncmVzcy52MS5VcHNlcnRFZGdlUmVzcG9uc2USVwoKRGVsZXRlRWRnZRIjLnJlbW90ZWluZ3Jlc3MudjEuRGVsZXRlRWRnZVJlcXVlc3QaJC5yZW1vdGVpbmdyZXNzLnYxLkRlbGV0ZUVkZ2VSZXNwb25zZRJUCglMaXN0RWRnZXMSIi5yZW1vdGVpbmdyZXNzLnYxLkxpc3RFZGdlc1JlcXVlc3QaIy5yZW1vdGVpbmdyZXNzLnYxLkxpc3RFZGdlc1Jlc3BvbnNlElQKCUdldFN0YXR1cxIiLnJlbW90ZWluZ3Jlc3MudjEuR2V0U3RhdHVzUmVxdWVzdBojLnJlbW90ZWluZ3Jlc3MudjEuR2V0U3RhdHVzUmVzcG9uc2USXAoLV2F0Y2hFdmVudHMSJC5yZW1vdGVpbmdyZXNzLnYxLldhdGNoRXZlbnRzUmVxdWVzdBolLnJlbW90ZWluZ3Jlc3MudjEuV2F0Y2hFdmVudHNSZXNwb25zZTABEngKFUNyZWF0ZUNvbm5lY3Rpb25Ub2tlbhIuLnJlbW90ZWluZ3Jlc3MudjEuQ3JlYXRlQ29ubmVjdGlvblRva2VuUmVxdWVzdBovLnJlbW90ZWluZ3Jlc3MudjEuQ3JlYXRlQ29ubmVjdGlvblRva2VuUmVzcG9uc2USYwoORGlzY29ubmVjdEVkZ2USJy5yZW1vdGVpbmdyZXNzLnYxLkRpc2Nvbm5lY3RFZGdlUmVxdWVzdBooLnJlbW90ZWluZ3Jlc3MudjEuRGlzY29ubmVjdEVkZ2VSZXNwb25zZRJICgVEcmFpbhIeLnJlbW90ZWluZ3Jlc3MudjEuRHJhaW5SZXF1ZXN0Gh8ucmVtb3RlaW5ncmVzcy52MS5EcmFpblJlc3BvbnNlElQKCURyYWluRWRnZRIiLnJlbW90ZWluZ3Jlc3MudjEuRHJhaW5FZGdlUmVxdWVzdBojLnJlbW90ZWluZ3Jlc3MudjEuRHJhaW5FZGdlUmVzcG9uc2VCWFpWZ2l0aHViLmNvbS9yZW1vdGVpbmdyZXNzL3JlbW90ZWluZ3Jlc3MvY2xpZW50cy9nby9nZW4vcmVtb3RlaW5ncmVzcy92MTtyZW1vdGVpbmdyZXNzdjFiBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_remoteingress_v1_config]);
 
 /**
  * An edge the hub admits.
@@ -70,6 +70,15 @@ export type Edge = Message<"remoteingress.v1.Edge"> & {
    * @generated from field: remoteingress.v1.FirewallConfig firewall_config = 7;
    */
   firewallConfig?: FirewallConfig | undefined;
+
+  /**
+   * How new this configuration is, set by the caller and the same on every hub serving the
+   * edge (edges apply only a newer one). Unset: the hub counts changes itself. Required when
+   * the hub runs as one of several replicas.
+   *
+   * @generated from field: optional uint64 generation = 8;
+   */
+  generation?: bigint | undefined;
 };
 
 /**
@@ -283,6 +292,13 @@ export type EdgeInfo = Message<"remoteingress.v1.EdgeInfo"> & {
    * @generated from field: string last_config_error = 10;
    */
   lastConfigError: string;
+
+  /**
+   * Generation of the configuration the hub wants it to run.
+   *
+   * @generated from field: uint64 generation = 11;
+   */
+  generation: bigint;
 };
 
 /**
@@ -433,11 +449,25 @@ export type GetStatusResponse = Message<"remoteingress.v1.GetStatusResponse"> & 
   tunnelPort: number;
 
   /**
-   * Edges whose tunnel is up.
+   * Tunnels that are up (an edge with tunnels to several hubs may reach this one twice).
    *
    * @generated from field: repeated remoteingress.v1.ConnectedEdge connected_edges = 3;
    */
   connectedEdges: ConnectedEdge[];
+
+  /**
+   * This hub instance's id, as edges see it.
+   *
+   * @generated from field: string hub_id = 4;
+   */
+  hubId: string;
+
+  /**
+   * True once the hub has begun draining.
+   *
+   * @generated from field: bool draining = 5;
+   */
+  draining: boolean;
 };
 
 /**
@@ -536,6 +566,27 @@ export type StreamOpened = Message<"remoteingress.v1.StreamOpened"> & {
    * @generated from field: uint32 stream_id = 1;
    */
   streamId: number;
+
+  /**
+   * The client's address, from the edge's PROXY header.
+   *
+   * @generated from field: string client_addr = 2;
+   */
+  clientAddr: string;
+
+  /**
+   * The edge port the client connected to.
+   *
+   * @generated from field: uint32 edge_port = 3;
+   */
+  edgePort: number;
+
+  /**
+   * Where the hub forwards it, host:port.
+   *
+   * @generated from field: string target = 4;
+   */
+  target: string;
 };
 
 /**
@@ -578,6 +629,27 @@ export type UdpSessionOpened = Message<"remoteingress.v1.UdpSessionOpened"> & {
    * @generated from field: uint32 session_id = 1;
    */
   sessionId: number;
+
+  /**
+   * The client's address, from the edge's PROXY header.
+   *
+   * @generated from field: string client_addr = 2;
+   */
+  clientAddr: string;
+
+  /**
+   * The edge port the client wrote to.
+   *
+   * @generated from field: uint32 edge_port = 3;
+   */
+  edgePort: number;
+
+  /**
+   * Where the hub forwards it, host:port.
+   *
+   * @generated from field: string target = 4;
+   */
+  target: string;
 };
 
 /**
@@ -979,6 +1051,84 @@ export const DisconnectEdgeResponseSchema: GenMessage<DisconnectEdgeResponse> = 
   messageDesc(file_remoteingress_v1_hub, 29);
 
 /**
+ * Request of Drain.
+ *
+ * @generated from message remoteingress.v1.DrainRequest
+ */
+export type DrainRequest = Message<"remoteingress.v1.DrainRequest"> & {
+};
+
+/**
+ * Describes the message remoteingress.v1.DrainRequest.
+ * Use `create(DrainRequestSchema)` to create a new message.
+ */
+export const DrainRequestSchema: GenMessage<DrainRequest> = /*@__PURE__*/
+  messageDesc(file_remoteingress_v1_hub, 30);
+
+/**
+ * Response of Drain.
+ *
+ * @generated from message remoteingress.v1.DrainResponse
+ */
+export type DrainResponse = Message<"remoteingress.v1.DrainResponse"> & {
+  /**
+   * Tunnels asked to drain.
+   *
+   * @generated from field: uint32 tunnels = 1;
+   */
+  tunnels: number;
+};
+
+/**
+ * Describes the message remoteingress.v1.DrainResponse.
+ * Use `create(DrainResponseSchema)` to create a new message.
+ */
+export const DrainResponseSchema: GenMessage<DrainResponse> = /*@__PURE__*/
+  messageDesc(file_remoteingress_v1_hub, 31);
+
+/**
+ * Request of DrainEdge.
+ *
+ * @generated from message remoteingress.v1.DrainEdgeRequest
+ */
+export type DrainEdgeRequest = Message<"remoteingress.v1.DrainEdgeRequest"> & {
+  /**
+   * Edge id.
+   *
+   * @generated from field: string id = 1;
+   */
+  id: string;
+};
+
+/**
+ * Describes the message remoteingress.v1.DrainEdgeRequest.
+ * Use `create(DrainEdgeRequestSchema)` to create a new message.
+ */
+export const DrainEdgeRequestSchema: GenMessage<DrainEdgeRequest> = /*@__PURE__*/
+  messageDesc(file_remoteingress_v1_hub, 32);
+
+/**
+ * Response of DrainEdge.
+ *
+ * @generated from message remoteingress.v1.DrainEdgeResponse
+ */
+export type DrainEdgeResponse = Message<"remoteingress.v1.DrainEdgeResponse"> & {
+  /**
+   * False if the edge has no tunnel here that knows DRAIN.
+   *
+   * @generated from field: bool drained = 1;
+   */
+  drained: boolean;
+};
+
+/**
+ * Describes the message remoteingress.v1.DrainEdgeResponse.
+ * Use `create(DrainEdgeResponseSchema)` to create a new message.
+ */
+export const DrainEdgeResponseSchema: GenMessage<DrainEdgeResponse> = /*@__PURE__*/
+  messageDesc(file_remoteingress_v1_hub, 33);
+
+/**
  * Kinds of hub events, for filtering.
  *
  * @generated from enum remoteingress.v1.EventKind
@@ -1155,6 +1305,27 @@ export const HubAdmin: GenService<{
     methodKind: "unary";
     input: typeof DisconnectEdgeRequestSchema;
     output: typeof DisconnectEdgeResponseSchema;
+  },
+  /**
+   * Begins draining the whole hub, as SIGTERM does: no new tunnels (readiness turns false),
+   * and every edge is asked to open new streams on its other tunnels. Open streams carry on.
+   *
+   * @generated from rpc remoteingress.v1.HubAdmin.Drain
+   */
+  drain: {
+    methodKind: "unary";
+    input: typeof DrainRequestSchema;
+    output: typeof DrainResponseSchema;
+  },
+  /**
+   * Asks one edge to open new streams on its other tunnels (it reconnects elsewhere).
+   *
+   * @generated from rpc remoteingress.v1.HubAdmin.DrainEdge
+   */
+  drainEdge: {
+    methodKind: "unary";
+    input: typeof DrainEdgeRequestSchema;
+    output: typeof DrainEdgeResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_remoteingress_v1_hub, 0);
