@@ -185,6 +185,20 @@ fn the_helm_chart_lints_renders_and_matches_the_binary() {
         .collect();
     assert_eq!(protocols, ["TCP", "UDP"]);
     assert_eq!(kind(&docs, "NetworkPolicy").len(), 1);
+    assert_eq!(statefulset["spec"]["replicas"], 2, "two hubs by default");
+    assert_eq!(kind(&docs, "PodDisruptionBudget").len(), 1);
+    let tunnel_tls = kind(&docs, "Secret")
+        .into_iter()
+        .find(|s| s["type"] == "kubernetes.io/tls")
+        .expect("one tunnel certificate for every replica");
+    assert!(tunnel_tls["data"]["tls.crt"].is_string());
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace
+            > default_of("hub", "shutdown-grace-secs")
+                .parse::<u64>()
+                .unwrap()
+    );
     assert_eq!(kind(&docs, "ServiceMonitor").len(), 1);
 }
 
@@ -223,6 +237,8 @@ fn the_kustomize_manifests_render_and_match_the_chart() {
             "remoteingress",
             "--set",
             "adminToken.existingSecret=remoteingress-admin",
+            "--set",
+            "tunnelTls.secretName=remoteingress-tunnel-tls",
         ],
     ));
     assert!(

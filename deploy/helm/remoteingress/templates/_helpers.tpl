@@ -14,6 +14,10 @@ app.kubernetes.io/name: {{ .Chart.Name }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{- define "remoteingress.tunnelTlsSecret" -}}
+{{- default (printf "%s-tunnel-tls" (include "remoteingress.fullname" .)) .Values.tunnelTls.secretName -}}
+{{- end -}}
+
 {{- define "remoteingress.adminSecret" -}}
 {{- default (printf "%s-admin" (include "remoteingress.fullname" .)) .Values.adminToken.existingSecret -}}
 {{- end -}}
