@@ -460,6 +460,11 @@ impl EdgeHandle {
         let task = self.task.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(task) = task {
             let _ = task.await;
+            // Draining tunnels end with the shutdown too; the listeners close with the last.
+            for session in self.inner.tunnels.sessions() {
+                session.close("edge shutting down");
+            }
+            *self.inner.serving.lock().await = None;
             if let Some(firewall) = &self.inner.firewall {
                 if let Err(error) = firewall.remove().await {
                     tracing::warn!(%error, "could not remove the firewall table");

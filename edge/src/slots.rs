@@ -70,7 +70,7 @@ pub(crate) async fn supervise(inner: Arc<EdgeInner>) {
 }
 
 /// The address slot `slot` dials on its `attempt`-th try: its own turn in the list, skipping
-/// addresses another tunnel already holds.
+/// addresses an active tunnel already holds.
 fn address_for(inner: &EdgeInner, slot: usize, attempt: usize) -> HubAddress {
     let hubs = &inner.options.hubs;
     let start = slot + attempt;
@@ -87,10 +87,7 @@ async fn keep_tunnel(inner: Arc<EdgeInner>, slot: usize, first_attempt: oneshot:
     let mut backoff = Backoff::new(inner.options.backoff);
     for attempt in 0.. {
         let hub = address_for(&inner, slot, attempt);
-        let ended = tokio::select! {
-            ended = attempt_tunnel(&inner, &hub, slot, &mut first_attempt) => ended,
-            () = inner.shutdown.cancelled() => return,
-        };
+        let ended = attempt_tunnel(&inner, &hub, slot, &mut first_attempt).await;
         if let Some(first) = first_attempt.take() {
             let _ = first.send(());
         }
@@ -116,7 +113,11 @@ async fn attempt_tunnel(
     slot: usize,
     first_attempt: &mut Option<oneshot::Sender<()>>,
 ) -> Ended {
-    let (session, events, reply) = match connect(inner, hub).await {
+    let connected = tokio::select! {
+        connected = connect(inner, hub) => connected,
+        () = inner.shutdown.cancelled() => return Ended::Shutdown,
+    };
+    let (session, events, reply) = match connected {
         Ok(connected) => connected,
         Err(error) => {
             tracing::warn!(%hub, %error, "cannot reach the hub");

@@ -86,7 +86,8 @@ impl Tunnels {
     }
 
     /// Adds an active tunnel to the hub `hub_id` (`None`: an original hub, known by its
-    /// address); its key, or `None` if the edge already has a tunnel to that hub.
+    /// address); its key, or `None` if the edge already has an active tunnel to that hub (a
+    /// draining one may be replaced by a tunnel to the same hub).
     pub(crate) fn add(
         &self,
         session: &SessionHandle,
@@ -95,7 +96,10 @@ impl Tunnels {
     ) -> Option<TunnelKey> {
         let mut entries = self.entries();
         let hub = hub_id.unwrap_or(address);
-        if entries.iter().any(|entry| entry.hub() == hub) {
+        if entries
+            .iter()
+            .any(|entry| entry.hub() == hub && entry.state == TunnelState::Active)
+        {
             return None;
         }
         let key = self.next_key.fetch_add(1, Ordering::Relaxed) + 1;
@@ -139,9 +143,11 @@ impl Tunnels {
             .map(|entry| (entry.key, entry.session.clone()))
     }
 
-    /// True if a tunnel dialled this address.
+    /// True if an active tunnel dialled this address.
     pub(crate) fn holds_address(&self, address: &str) -> bool {
-        self.entries().iter().any(|entry| entry.address == address)
+        self.entries()
+            .iter()
+            .any(|entry| entry.address == address && entry.state == TunnelState::Active)
     }
 
     /// The sessions of all tunnels.
@@ -205,10 +211,11 @@ mod tests {
             "one tunnel per hub"
         );
         let (original, _peer) = session();
-        assert!(tunnels.add(&original, None, "h:9").is_some());
+        let key_original = tunnels.add(&original, None, "h:9").unwrap();
         assert_eq!(tunnels.add(&original, None, "h:9"), None);
         assert!(tunnels.holds_address("h:9"));
-        tunnels.remove(3);
+        tunnels.remove(key_original);
+
         a.stats().udp_sessions.store(3, Ordering::Relaxed);
         assert_eq!(tunnels.pick().map(|(key, _)| key), Some(key_b));
         tunnels.set_draining(key_b);
@@ -221,5 +228,10 @@ mod tests {
         );
         assert_eq!(tunnels.remove(key_a), 1);
         assert_eq!(tunnels.statuses()[0].state, TunnelState::Draining);
+        let (replacement, _peer_c) = session();
+        assert!(
+            tunnels.add(&replacement, Some("hub-b"), "h:1").is_some(),
+            "a draining tunnel's hub may be dialled again"
+        );
     }
 }
