@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use remoteingress_edge::{Edge, HubAddress, TransportMode, TunnelState};
+use remoteingress_edge::{Edge, EdgeEvent, HubAddress, TransportMode, TunnelState};
 use remoteingress_hub::HubEvent;
 use remoteingress_wire::frame::FrameType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -588,11 +588,28 @@ async fn a_drained_tunnel_finishes_its_streams_while_new_ones_go_elsewhere(
     .await;
 
     let mut events = other.subscribe();
+    let mut edge_events = edge.subscribe();
     let data = pattern(5000, 2);
     assert_eq!(
         round_trip(addr, &data).await,
         data,
         "a new connection works"
+    );
+    let went_to = loop {
+        if let EdgeEvent::ClientOpened {
+            hub,
+            edge_port: port,
+            ..
+        } = edge_events.recv().await.unwrap()
+        {
+            assert_eq!(port, edge_port);
+            break hub;
+        }
+    };
+    assert_eq!(
+        went_to,
+        other.status().hub_id,
+        "the edge says which hub it chose"
     );
     let opened = loop {
         if let HubEvent::StreamOpened {

@@ -442,6 +442,17 @@ pub(crate) fn edge_event(event: EdgeEvent) -> pb::EdgeStatusWatchEventsResponse 
                 address,
             })
         }
+        EdgeEvent::ClientOpened {
+            protocol,
+            client_addr,
+            edge_port,
+            hub,
+        } => Event::ClientOpened(pb::ClientOpened {
+            protocol: protocol.as_str().to_owned(),
+            client_addr: client_addr.to_string(),
+            edge_port: u32::from(edge_port),
+            hub,
+        }),
         EdgeEvent::ConfigDisagreement { generation, hubs } => {
             Event::ConfigDisagreement(disagreement(Disagreement { generation, hubs }))
         }

@@ -182,6 +182,17 @@ pub enum EdgeEvent {
         /// The address dialled.
         address: String,
     },
+    /// A client's TCP stream or UDP session went into a tunnel.
+    ClientOpened {
+        /// TCP stream or UDP session.
+        protocol: remoteingress_wire::config::Protocol,
+        /// The client.
+        client_addr: std::net::SocketAddr,
+        /// The edge port it reached.
+        edge_port: u16,
+        /// The hub of the tunnel it went to (instance id, or address of an original hub).
+        hub: String,
+    },
     /// Hubs offer different configurations under the same generation; the running one stays.
     ConfigDisagreement {
         /// The generation they share.
@@ -340,7 +351,7 @@ impl Edge {
             ended: Mutex::default(),
             metrics: edge_metrics,
             connections: Arc::new(Semaphore::new(options.max_connections)),
-            tunnels: Arc::default(),
+            tunnels: Arc::new(Tunnels::new(events.clone())),
             serving: tokio::sync::Mutex::new(None),
             udp,
             stun_interval: tokio::sync::watch::Sender::new(

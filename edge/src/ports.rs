@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use remoteingress_tunnel::{listen_tcp, pipe};
+use remoteingress_wire::config::Protocol;
 use remoteingress_wire::proxy::ProxyV1;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -202,11 +203,12 @@ async fn serve_client(
     };
     let header = Bytes::from(ProxyV1::tcp(peer, local).to_line());
     for _ in 0..OPEN_ATTEMPTS {
-        let Some((_, session)) = tunnels.pick() else {
+        let Some(picked) = tunnels.pick() else {
             break;
         };
-        match session.open(header.clone()).await {
+        match picked.session.open(header.clone()).await {
             Ok((reader, writer)) => {
+                tunnels.announce(&picked, Protocol::Tcp, peer, local.port());
                 pipe(client, reader, writer, cancel).await;
                 return;
             }

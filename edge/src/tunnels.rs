@@ -6,7 +6,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime};
 
+use std::net::SocketAddr;
+
 use remoteingress_tunnel::{SessionHandle, Transport};
+use remoteingress_wire::config::Protocol;
+use tokio::sync::broadcast;
+
+use crate::EdgeEvent;
 
 /// Identifies one tunnel for as long as the edge runs.
 pub(crate) type TunnelKey = u64;
@@ -73,14 +79,47 @@ impl Entry {
     }
 }
 
+/// The tunnel chosen for a new stream or UDP session.
+pub(crate) struct Picked {
+    pub(crate) key: TunnelKey,
+    pub(crate) session: SessionHandle,
+    /// Its hub: instance id, or address of an original hub.
+    pub(crate) hub: String,
+}
+
 /// The live tunnels.
-#[derive(Default)]
 pub(crate) struct Tunnels {
     entries: Mutex<Vec<Entry>>,
     next_key: AtomicU64,
+    /// Where the choice of a tunnel for each client is announced.
+    events: broadcast::Sender<EdgeEvent>,
 }
 
 impl Tunnels {
+    pub(crate) fn new(events: broadcast::Sender<EdgeEvent>) -> Self {
+        Self {
+            entries: Mutex::default(),
+            next_key: AtomicU64::new(0),
+            events,
+        }
+    }
+
+    /// Announces a client's stream (TCP) or session (UDP) opened on the `picked` tunnel.
+    pub(crate) fn announce(
+        &self,
+        picked: &Picked,
+        protocol: Protocol,
+        client: SocketAddr,
+        edge_port: u16,
+    ) {
+        let _ = self.events.send(EdgeEvent::ClientOpened {
+            protocol,
+            client_addr: client,
+            edge_port,
+            hub: picked.hub.clone(),
+        });
+    }
+
     fn entries(&self) -> std::sync::MutexGuard<'_, Vec<Entry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -130,7 +169,7 @@ impl Tunnels {
 
     /// The tunnel for a new stream or UDP session: the open active one with the least load,
     /// else an open draining one (its hub still serves streams for its grace period).
-    pub(crate) fn pick(&self) -> Option<(TunnelKey, SessionHandle)> {
+    pub(crate) fn pick(&self) -> Option<Picked> {
         let entries = self.entries();
         let open = entries.iter().filter(|entry| !entry.session.is_closed());
         let best = |state| {
@@ -140,7 +179,11 @@ impl Tunnels {
         };
         best(TunnelState::Active)
             .or_else(|| best(TunnelState::Draining))
-            .map(|entry| (entry.key, entry.session.clone()))
+            .map(|entry| Picked {
+                key: entry.key,
+                session: entry.session.clone(),
+                hub: entry.hub().to_owned(),
+            })
     }
 
     /// True if an active tunnel dialled this address.
@@ -199,7 +242,7 @@ mod tests {
 
     #[tokio::test]
     async fn new_streams_go_to_the_least_loaded_active_tunnel() {
-        let tunnels = Tunnels::default();
+        let tunnels = Tunnels::new(broadcast::channel(1).0);
         assert!(tunnels.pick().is_none());
         let (a, _peer_a) = session();
         let (b, _peer_b) = session();
@@ -217,12 +260,12 @@ mod tests {
         tunnels.remove(key_original);
 
         a.stats().udp_sessions.store(3, Ordering::Relaxed);
-        assert_eq!(tunnels.pick().map(|(key, _)| key), Some(key_b));
+        assert_eq!(tunnels.pick().map(|picked| picked.key), Some(key_b));
         tunnels.set_draining(key_b);
-        assert_eq!(tunnels.pick().map(|(key, _)| key), Some(key_a));
+        assert_eq!(tunnels.pick().map(|picked| picked.key), Some(key_a));
         a.close("gone");
         assert_eq!(
-            tunnels.pick().map(|(key, _)| key),
+            tunnels.pick().map(|picked| picked.key),
             Some(key_b),
             "a draining tunnel rather than none"
         );

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use remoteingress_tunnel::SessionHandle;
+use remoteingress_wire::config::Protocol;
 use remoteingress_wire::proxy::{ProxyV2, V2Transport};
 use tokio::net::UdpSocket;
 use tokio_util::sync::CancellationToken;
@@ -347,13 +348,16 @@ impl Receiver {
                 return Err((DropCause::SessionLimit, None));
             }
         }
-        let (tunnel_key, tunnel) = self.tunnels.pick().ok_or((DropCause::TunnelDown, None))?;
+        let picked = self.tunnels.pick().ok_or((DropCause::TunnelDown, None))?;
+        let (tunnel_key, tunnel) = (picked.key, picked.session.clone());
         let header = ProxyV2::proxy(V2Transport::Datagram, client, local).to_bytes();
         let id = tunnel
             .open_udp(Bytes::from(header))
             .await
             .map_err(|_| (DropCause::TunnelDown, Some(tunnel.clone())))?;
         self.opened.inc();
+        self.tunnels
+            .announce(&picked, Protocol::Udp, client, self.port);
         let mut table = self.sessions.table();
         table
             .by_client

@@ -25,6 +25,8 @@ export interface EdgeEvents extends WatchEvents {
   tunnelDisconnected: [EdgeEventBase & { reason: string; hubId: string; address: string }];
   /** A hub asked the edge to move new streams off its tunnel (it is shutting down). */
   tunnelDraining: [EdgeEventBase & { hubId: string; address: string }];
+  /** A client's stream (`tcp`) or UDP session (`udp`) went into the tunnel to `hub`. */
+  clientOpened: [EdgeEventBase & { protocol: string; clientAddr: string; edgePort: number; hub: string }];
   /** Hubs offer different configurations under one generation; the running one stays. */
   configDisagreement: [EdgeEventBase & { generation: number; hubs: string[] }];
   /** STUN found the edge's public address. */
@@ -84,6 +86,11 @@ export class RemoteIngressEdgeStatus extends StreamingClient<EdgeEvents, EdgeSta
       case "tunnelDraining":
         this.emit(event.case, { ...base, hubId: event.value.hubId, address: event.value.address });
         break;
+      case "clientOpened": {
+        const { protocol, clientAddr, edgePort, hub } = event.value;
+        this.emit(event.case, { ...base, protocol, clientAddr, edgePort, hub });
+        break;
+      }
       case "configDisagreement":
         this.emit(event.case, { ...base, generation: Number(event.value.generation), hubs: event.value.hubs });
         break;

@@ -497,6 +497,79 @@ func (x *ConfigDisagreement) GetHubs() []string {
 	return nil
 }
 
+// A client's TCP stream or UDP session went into a tunnel.
+type ClientOpened struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// "tcp" or "udp".
+	Protocol string `protobuf:"bytes,1,opt,name=protocol,proto3" json:"protocol,omitempty"`
+	// The client's address.
+	ClientAddr string `protobuf:"bytes,2,opt,name=client_addr,json=clientAddr,proto3" json:"client_addr,omitempty"`
+	// The edge port it reached.
+	EdgePort uint32 `protobuf:"varint,3,opt,name=edge_port,json=edgePort,proto3" json:"edge_port,omitempty"`
+	// The hub of the tunnel it went to (instance id, or address of an original hub).
+	Hub           string `protobuf:"bytes,4,opt,name=hub,proto3" json:"hub,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ClientOpened) Reset() {
+	*x = ClientOpened{}
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ClientOpened) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ClientOpened) ProtoMessage() {}
+
+func (x *ClientOpened) ProtoReflect() protoreflect.Message {
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ClientOpened.ProtoReflect.Descriptor instead.
+func (*ClientOpened) Descriptor() ([]byte, []int) {
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *ClientOpened) GetProtocol() string {
+	if x != nil {
+		return x.Protocol
+	}
+	return ""
+}
+
+func (x *ClientOpened) GetClientAddr() string {
+	if x != nil {
+		return x.ClientAddr
+	}
+	return ""
+}
+
+func (x *ClientOpened) GetEdgePort() uint32 {
+	if x != nil {
+		return x.EdgePort
+	}
+	return 0
+}
+
+func (x *ClientOpened) GetHub() string {
+	if x != nil {
+		return x.Hub
+	}
+	return ""
+}
+
 // A hub asked the edge to move new streams off its tunnel.
 type TunnelDraining struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -510,7 +583,7 @@ type TunnelDraining struct {
 
 func (x *TunnelDraining) Reset() {
 	*x = TunnelDraining{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[4]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -522,7 +595,7 @@ func (x *TunnelDraining) String() string {
 func (*TunnelDraining) ProtoMessage() {}
 
 func (x *TunnelDraining) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[4]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -535,7 +608,7 @@ func (x *TunnelDraining) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelDraining.ProtoReflect.Descriptor instead.
 func (*TunnelDraining) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{4}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *TunnelDraining) GetHubId() string {
@@ -561,7 +634,7 @@ type EdgeStatusWatchEventsRequest struct {
 
 func (x *EdgeStatusWatchEventsRequest) Reset() {
 	*x = EdgeStatusWatchEventsRequest{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[5]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -573,7 +646,7 @@ func (x *EdgeStatusWatchEventsRequest) String() string {
 func (*EdgeStatusWatchEventsRequest) ProtoMessage() {}
 
 func (x *EdgeStatusWatchEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[5]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -586,7 +659,7 @@ func (x *EdgeStatusWatchEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EdgeStatusWatchEventsRequest.ProtoReflect.Descriptor instead.
 func (*EdgeStatusWatchEventsRequest) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{5}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{6}
 }
 
 // The tunnel came up.
@@ -604,7 +677,7 @@ type TunnelConnected struct {
 
 func (x *TunnelConnected) Reset() {
 	*x = TunnelConnected{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[6]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -616,7 +689,7 @@ func (x *TunnelConnected) String() string {
 func (*TunnelConnected) ProtoMessage() {}
 
 func (x *TunnelConnected) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[6]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -629,7 +702,7 @@ func (x *TunnelConnected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelConnected.ProtoReflect.Descriptor instead.
 func (*TunnelConnected) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{6}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *TunnelConnected) GetTransport() Transport {
@@ -668,7 +741,7 @@ type TunnelDisconnected struct {
 
 func (x *TunnelDisconnected) Reset() {
 	*x = TunnelDisconnected{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[7]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -680,7 +753,7 @@ func (x *TunnelDisconnected) String() string {
 func (*TunnelDisconnected) ProtoMessage() {}
 
 func (x *TunnelDisconnected) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[7]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -693,7 +766,7 @@ func (x *TunnelDisconnected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TunnelDisconnected.ProtoReflect.Descriptor instead.
 func (*TunnelDisconnected) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{7}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *TunnelDisconnected) GetReason() string {
@@ -728,7 +801,7 @@ type PublicIpDiscovered struct {
 
 func (x *PublicIpDiscovered) Reset() {
 	*x = PublicIpDiscovered{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[8]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -740,7 +813,7 @@ func (x *PublicIpDiscovered) String() string {
 func (*PublicIpDiscovered) ProtoMessage() {}
 
 func (x *PublicIpDiscovered) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[8]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -753,7 +826,7 @@ func (x *PublicIpDiscovered) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PublicIpDiscovered.ProtoReflect.Descriptor instead.
 func (*PublicIpDiscovered) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{8}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *PublicIpDiscovered) GetIp() string {
@@ -778,7 +851,7 @@ type PortsChanged struct {
 
 func (x *PortsChanged) Reset() {
 	*x = PortsChanged{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[9]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -790,7 +863,7 @@ func (x *PortsChanged) String() string {
 func (*PortsChanged) ProtoMessage() {}
 
 func (x *PortsChanged) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[9]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -803,7 +876,7 @@ func (x *PortsChanged) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PortsChanged.ProtoReflect.Descriptor instead.
 func (*PortsChanged) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{9}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *PortsChanged) GetListenPorts() []uint32 {
@@ -840,7 +913,7 @@ type ConfigRejected struct {
 
 func (x *ConfigRejected) Reset() {
 	*x = ConfigRejected{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[10]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -852,7 +925,7 @@ func (x *ConfigRejected) String() string {
 func (*ConfigRejected) ProtoMessage() {}
 
 func (x *ConfigRejected) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[10]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -865,7 +938,7 @@ func (x *ConfigRejected) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ConfigRejected.ProtoReflect.Descriptor instead.
 func (*ConfigRejected) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{10}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *ConfigRejected) GetVersion() uint64 {
@@ -895,7 +968,7 @@ type FirewallApplied struct {
 
 func (x *FirewallApplied) Reset() {
 	*x = FirewallApplied{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[11]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -907,7 +980,7 @@ func (x *FirewallApplied) String() string {
 func (*FirewallApplied) ProtoMessage() {}
 
 func (x *FirewallApplied) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[11]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -920,7 +993,7 @@ func (x *FirewallApplied) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FirewallApplied.ProtoReflect.Descriptor instead.
 func (*FirewallApplied) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{11}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *FirewallApplied) GetRules() uint32 {
@@ -948,7 +1021,7 @@ type EdgeEventsMissed struct {
 
 func (x *EdgeEventsMissed) Reset() {
 	*x = EdgeEventsMissed{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[12]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -960,7 +1033,7 @@ func (x *EdgeEventsMissed) String() string {
 func (*EdgeEventsMissed) ProtoMessage() {}
 
 func (x *EdgeEventsMissed) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[12]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -973,7 +1046,7 @@ func (x *EdgeEventsMissed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EdgeEventsMissed.ProtoReflect.Descriptor instead.
 func (*EdgeEventsMissed) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{12}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *EdgeEventsMissed) GetCount() uint64 {
@@ -1001,6 +1074,7 @@ type EdgeStatusWatchEventsResponse struct {
 	//	*EdgeStatusWatchEventsResponse_EventsMissed
 	//	*EdgeStatusWatchEventsResponse_TunnelDraining
 	//	*EdgeStatusWatchEventsResponse_ConfigDisagreement
+	//	*EdgeStatusWatchEventsResponse_ClientOpened
 	Event         isEdgeStatusWatchEventsResponse_Event `protobuf_oneof:"event"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1008,7 +1082,7 @@ type EdgeStatusWatchEventsResponse struct {
 
 func (x *EdgeStatusWatchEventsResponse) Reset() {
 	*x = EdgeStatusWatchEventsResponse{}
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[13]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1020,7 +1094,7 @@ func (x *EdgeStatusWatchEventsResponse) String() string {
 func (*EdgeStatusWatchEventsResponse) ProtoMessage() {}
 
 func (x *EdgeStatusWatchEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_edge_proto_msgTypes[13]
+	mi := &file_remoteingress_v1_edge_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1033,7 +1107,7 @@ func (x *EdgeStatusWatchEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EdgeStatusWatchEventsResponse.ProtoReflect.Descriptor instead.
 func (*EdgeStatusWatchEventsResponse) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{13}
+	return file_remoteingress_v1_edge_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *EdgeStatusWatchEventsResponse) GetTime() *timestamppb.Timestamp {
@@ -1131,6 +1205,15 @@ func (x *EdgeStatusWatchEventsResponse) GetConfigDisagreement() *ConfigDisagreem
 	return nil
 }
 
+func (x *EdgeStatusWatchEventsResponse) GetClientOpened() *ClientOpened {
+	if x != nil {
+		if x, ok := x.Event.(*EdgeStatusWatchEventsResponse_ClientOpened); ok {
+			return x.ClientOpened
+		}
+	}
+	return nil
+}
+
 type isEdgeStatusWatchEventsResponse_Event interface {
 	isEdgeStatusWatchEventsResponse_Event()
 }
@@ -1180,6 +1263,11 @@ type EdgeStatusWatchEventsResponse_ConfigDisagreement struct {
 	ConfigDisagreement *ConfigDisagreement `protobuf:"bytes,10,opt,name=config_disagreement,json=configDisagreement,proto3,oneof"`
 }
 
+type EdgeStatusWatchEventsResponse_ClientOpened struct {
+	// ClientOpened.
+	ClientOpened *ClientOpened `protobuf:"bytes,11,opt,name=client_opened,json=clientOpened,proto3,oneof"`
+}
+
 func (*EdgeStatusWatchEventsResponse_TunnelConnected) isEdgeStatusWatchEventsResponse_Event() {}
 
 func (*EdgeStatusWatchEventsResponse_TunnelDisconnected) isEdgeStatusWatchEventsResponse_Event() {}
@@ -1197,6 +1285,8 @@ func (*EdgeStatusWatchEventsResponse_EventsMissed) isEdgeStatusWatchEventsRespon
 func (*EdgeStatusWatchEventsResponse_TunnelDraining) isEdgeStatusWatchEventsResponse_Event() {}
 
 func (*EdgeStatusWatchEventsResponse_ConfigDisagreement) isEdgeStatusWatchEventsResponse_Event() {}
+
+func (*EdgeStatusWatchEventsResponse_ClientOpened) isEdgeStatusWatchEventsResponse_Event() {}
 
 var File_remoteingress_v1_edge_proto protoreflect.FileDescriptor
 
@@ -1236,7 +1326,13 @@ const file_remoteingress_v1_edge_proto_rawDesc = "" +
 	"\n" +
 	"generation\x18\x01 \x01(\x04R\n" +
 	"generation\x12\x12\n" +
-	"\x04hubs\x18\x02 \x03(\tR\x04hubs\"A\n" +
+	"\x04hubs\x18\x02 \x03(\tR\x04hubs\"z\n" +
+	"\fClientOpened\x12\x1a\n" +
+	"\bprotocol\x18\x01 \x01(\tR\bprotocol\x12\x1f\n" +
+	"\vclient_addr\x18\x02 \x01(\tR\n" +
+	"clientAddr\x12\x1b\n" +
+	"\tedge_port\x18\x03 \x01(\rR\bedgePort\x12\x10\n" +
+	"\x03hub\x18\x04 \x01(\tR\x03hub\"A\n" +
 	"\x0eTunnelDraining\x12\x15\n" +
 	"\x06hub_id\x18\x01 \x01(\tR\x05hubId\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\"\x1e\n" +
@@ -1262,7 +1358,7 @@ const file_remoteingress_v1_edge_proto_rawDesc = "" +
 	"\x05rules\x18\x01 \x01(\rR\x05rules\x12\x14\n" +
 	"\x05error\x18\x02 \x01(\tR\x05error\"(\n" +
 	"\x10EdgeEventsMissed\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x04R\x05count\"\xb0\x06\n" +
+	"\x05count\x18\x01 \x01(\x04R\x05count\"\xf7\x06\n" +
 	"\x1dEdgeStatusWatchEventsResponse\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12N\n" +
 	"\x10tunnel_connected\x18\x02 \x01(\v2!.remoteingress.v1.TunnelConnectedH\x00R\x0ftunnelConnected\x12W\n" +
@@ -1274,7 +1370,8 @@ const file_remoteingress_v1_edge_proto_rawDesc = "" +
 	"\revents_missed\x18\b \x01(\v2\".remoteingress.v1.EdgeEventsMissedH\x00R\feventsMissed\x12K\n" +
 	"\x0ftunnel_draining\x18\t \x01(\v2 .remoteingress.v1.TunnelDrainingH\x00R\x0etunnelDraining\x12W\n" +
 	"\x13config_disagreement\x18\n" +
-	" \x01(\v2$.remoteingress.v1.ConfigDisagreementH\x00R\x12configDisagreementB\a\n" +
+	" \x01(\v2$.remoteingress.v1.ConfigDisagreementH\x00R\x12configDisagreement\x12E\n" +
+	"\rclient_opened\x18\v \x01(\v2\x1e.remoteingress.v1.ClientOpenedH\x00R\fclientOpenedB\a\n" +
 	"\x05event*\x85\x01\n" +
 	"\rFirewallState\x12\x1e\n" +
 	"\x1aFIREWALL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n" +
@@ -1303,7 +1400,7 @@ func file_remoteingress_v1_edge_proto_rawDescGZIP() []byte {
 }
 
 var file_remoteingress_v1_edge_proto_enumTypes = make([]protoimpl.EnumInfo, 2)
-var file_remoteingress_v1_edge_proto_msgTypes = make([]protoimpl.MessageInfo, 14)
+var file_remoteingress_v1_edge_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
 var file_remoteingress_v1_edge_proto_goTypes = []any{
 	(FirewallState)(0),                    // 0: remoteingress.v1.FirewallState
 	(TunnelState)(0),                      // 1: remoteingress.v1.TunnelState
@@ -1311,49 +1408,51 @@ var file_remoteingress_v1_edge_proto_goTypes = []any{
 	(*EdgeStatusGetStatusResponse)(nil),   // 3: remoteingress.v1.EdgeStatusGetStatusResponse
 	(*Tunnel)(nil),                        // 4: remoteingress.v1.Tunnel
 	(*ConfigDisagreement)(nil),            // 5: remoteingress.v1.ConfigDisagreement
-	(*TunnelDraining)(nil),                // 6: remoteingress.v1.TunnelDraining
-	(*EdgeStatusWatchEventsRequest)(nil),  // 7: remoteingress.v1.EdgeStatusWatchEventsRequest
-	(*TunnelConnected)(nil),               // 8: remoteingress.v1.TunnelConnected
-	(*TunnelDisconnected)(nil),            // 9: remoteingress.v1.TunnelDisconnected
-	(*PublicIpDiscovered)(nil),            // 10: remoteingress.v1.PublicIpDiscovered
-	(*PortsChanged)(nil),                  // 11: remoteingress.v1.PortsChanged
-	(*ConfigRejected)(nil),                // 12: remoteingress.v1.ConfigRejected
-	(*FirewallApplied)(nil),               // 13: remoteingress.v1.FirewallApplied
-	(*EdgeEventsMissed)(nil),              // 14: remoteingress.v1.EdgeEventsMissed
-	(*EdgeStatusWatchEventsResponse)(nil), // 15: remoteingress.v1.EdgeStatusWatchEventsResponse
-	(Transport)(0),                        // 16: remoteingress.v1.Transport
-	(*durationpb.Duration)(nil),           // 17: google.protobuf.Duration
-	(*timestamppb.Timestamp)(nil),         // 18: google.protobuf.Timestamp
+	(*ClientOpened)(nil),                  // 6: remoteingress.v1.ClientOpened
+	(*TunnelDraining)(nil),                // 7: remoteingress.v1.TunnelDraining
+	(*EdgeStatusWatchEventsRequest)(nil),  // 8: remoteingress.v1.EdgeStatusWatchEventsRequest
+	(*TunnelConnected)(nil),               // 9: remoteingress.v1.TunnelConnected
+	(*TunnelDisconnected)(nil),            // 10: remoteingress.v1.TunnelDisconnected
+	(*PublicIpDiscovered)(nil),            // 11: remoteingress.v1.PublicIpDiscovered
+	(*PortsChanged)(nil),                  // 12: remoteingress.v1.PortsChanged
+	(*ConfigRejected)(nil),                // 13: remoteingress.v1.ConfigRejected
+	(*FirewallApplied)(nil),               // 14: remoteingress.v1.FirewallApplied
+	(*EdgeEventsMissed)(nil),              // 15: remoteingress.v1.EdgeEventsMissed
+	(*EdgeStatusWatchEventsResponse)(nil), // 16: remoteingress.v1.EdgeStatusWatchEventsResponse
+	(Transport)(0),                        // 17: remoteingress.v1.Transport
+	(*durationpb.Duration)(nil),           // 18: google.protobuf.Duration
+	(*timestamppb.Timestamp)(nil),         // 19: google.protobuf.Timestamp
 }
 var file_remoteingress_v1_edge_proto_depIdxs = []int32{
-	16, // 0: remoteingress.v1.EdgeStatusGetStatusResponse.transport:type_name -> remoteingress.v1.Transport
+	17, // 0: remoteingress.v1.EdgeStatusGetStatusResponse.transport:type_name -> remoteingress.v1.Transport
 	0,  // 1: remoteingress.v1.EdgeStatusGetStatusResponse.firewall:type_name -> remoteingress.v1.FirewallState
 	4,  // 2: remoteingress.v1.EdgeStatusGetStatusResponse.tunnels:type_name -> remoteingress.v1.Tunnel
 	5,  // 3: remoteingress.v1.EdgeStatusGetStatusResponse.config_disagreement:type_name -> remoteingress.v1.ConfigDisagreement
-	16, // 4: remoteingress.v1.Tunnel.transport:type_name -> remoteingress.v1.Transport
+	17, // 4: remoteingress.v1.Tunnel.transport:type_name -> remoteingress.v1.Transport
 	1,  // 5: remoteingress.v1.Tunnel.state:type_name -> remoteingress.v1.TunnelState
-	17, // 6: remoteingress.v1.Tunnel.rtt:type_name -> google.protobuf.Duration
-	18, // 7: remoteingress.v1.Tunnel.connected_since:type_name -> google.protobuf.Timestamp
-	16, // 8: remoteingress.v1.TunnelConnected.transport:type_name -> remoteingress.v1.Transport
-	18, // 9: remoteingress.v1.EdgeStatusWatchEventsResponse.time:type_name -> google.protobuf.Timestamp
-	8,  // 10: remoteingress.v1.EdgeStatusWatchEventsResponse.tunnel_connected:type_name -> remoteingress.v1.TunnelConnected
-	9,  // 11: remoteingress.v1.EdgeStatusWatchEventsResponse.tunnel_disconnected:type_name -> remoteingress.v1.TunnelDisconnected
-	10, // 12: remoteingress.v1.EdgeStatusWatchEventsResponse.public_ip_discovered:type_name -> remoteingress.v1.PublicIpDiscovered
-	11, // 13: remoteingress.v1.EdgeStatusWatchEventsResponse.ports_changed:type_name -> remoteingress.v1.PortsChanged
-	12, // 14: remoteingress.v1.EdgeStatusWatchEventsResponse.config_rejected:type_name -> remoteingress.v1.ConfigRejected
-	13, // 15: remoteingress.v1.EdgeStatusWatchEventsResponse.firewall_applied:type_name -> remoteingress.v1.FirewallApplied
-	14, // 16: remoteingress.v1.EdgeStatusWatchEventsResponse.events_missed:type_name -> remoteingress.v1.EdgeEventsMissed
-	6,  // 17: remoteingress.v1.EdgeStatusWatchEventsResponse.tunnel_draining:type_name -> remoteingress.v1.TunnelDraining
+	18, // 6: remoteingress.v1.Tunnel.rtt:type_name -> google.protobuf.Duration
+	19, // 7: remoteingress.v1.Tunnel.connected_since:type_name -> google.protobuf.Timestamp
+	17, // 8: remoteingress.v1.TunnelConnected.transport:type_name -> remoteingress.v1.Transport
+	19, // 9: remoteingress.v1.EdgeStatusWatchEventsResponse.time:type_name -> google.protobuf.Timestamp
+	9,  // 10: remoteingress.v1.EdgeStatusWatchEventsResponse.tunnel_connected:type_name -> remoteingress.v1.TunnelConnected
+	10, // 11: remoteingress.v1.EdgeStatusWatchEventsResponse.tunnel_disconnected:type_name -> remoteingress.v1.TunnelDisconnected
+	11, // 12: remoteingress.v1.EdgeStatusWatchEventsResponse.public_ip_discovered:type_name -> remoteingress.v1.PublicIpDiscovered
+	12, // 13: remoteingress.v1.EdgeStatusWatchEventsResponse.ports_changed:type_name -> remoteingress.v1.PortsChanged
+	13, // 14: remoteingress.v1.EdgeStatusWatchEventsResponse.config_rejected:type_name -> remoteingress.v1.ConfigRejected
+	14, // 15: remoteingress.v1.EdgeStatusWatchEventsResponse.firewall_applied:type_name -> remoteingress.v1.FirewallApplied
+	15, // 16: remoteingress.v1.EdgeStatusWatchEventsResponse.events_missed:type_name -> remoteingress.v1.EdgeEventsMissed
+	7,  // 17: remoteingress.v1.EdgeStatusWatchEventsResponse.tunnel_draining:type_name -> remoteingress.v1.TunnelDraining
 	5,  // 18: remoteingress.v1.EdgeStatusWatchEventsResponse.config_disagreement:type_name -> remoteingress.v1.ConfigDisagreement
-	2,  // 19: remoteingress.v1.EdgeStatus.GetStatus:input_type -> remoteingress.v1.EdgeStatusGetStatusRequest
-	7,  // 20: remoteingress.v1.EdgeStatus.WatchEvents:input_type -> remoteingress.v1.EdgeStatusWatchEventsRequest
-	3,  // 21: remoteingress.v1.EdgeStatus.GetStatus:output_type -> remoteingress.v1.EdgeStatusGetStatusResponse
-	15, // 22: remoteingress.v1.EdgeStatus.WatchEvents:output_type -> remoteingress.v1.EdgeStatusWatchEventsResponse
-	21, // [21:23] is the sub-list for method output_type
-	19, // [19:21] is the sub-list for method input_type
-	19, // [19:19] is the sub-list for extension type_name
-	19, // [19:19] is the sub-list for extension extendee
-	0,  // [0:19] is the sub-list for field type_name
+	6,  // 19: remoteingress.v1.EdgeStatusWatchEventsResponse.client_opened:type_name -> remoteingress.v1.ClientOpened
+	2,  // 20: remoteingress.v1.EdgeStatus.GetStatus:input_type -> remoteingress.v1.EdgeStatusGetStatusRequest
+	8,  // 21: remoteingress.v1.EdgeStatus.WatchEvents:input_type -> remoteingress.v1.EdgeStatusWatchEventsRequest
+	3,  // 22: remoteingress.v1.EdgeStatus.GetStatus:output_type -> remoteingress.v1.EdgeStatusGetStatusResponse
+	16, // 23: remoteingress.v1.EdgeStatus.WatchEvents:output_type -> remoteingress.v1.EdgeStatusWatchEventsResponse
+	22, // [22:24] is the sub-list for method output_type
+	20, // [20:22] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_remoteingress_v1_edge_proto_init() }
@@ -1362,7 +1461,7 @@ func file_remoteingress_v1_edge_proto_init() {
 		return
 	}
 	file_remoteingress_v1_config_proto_init()
-	file_remoteingress_v1_edge_proto_msgTypes[13].OneofWrappers = []any{
+	file_remoteingress_v1_edge_proto_msgTypes[14].OneofWrappers = []any{
 		(*EdgeStatusWatchEventsResponse_TunnelConnected)(nil),
 		(*EdgeStatusWatchEventsResponse_TunnelDisconnected)(nil),
 		(*EdgeStatusWatchEventsResponse_PublicIpDiscovered)(nil),
@@ -1372,6 +1471,7 @@ func file_remoteingress_v1_edge_proto_init() {
 		(*EdgeStatusWatchEventsResponse_EventsMissed)(nil),
 		(*EdgeStatusWatchEventsResponse_TunnelDraining)(nil),
 		(*EdgeStatusWatchEventsResponse_ConfigDisagreement)(nil),
+		(*EdgeStatusWatchEventsResponse_ClientOpened)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1379,7 +1479,7 @@ func file_remoteingress_v1_edge_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_remoteingress_v1_edge_proto_rawDesc), len(file_remoteingress_v1_edge_proto_rawDesc)),
 			NumEnums:      2,
-			NumMessages:   14,
+			NumMessages:   15,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

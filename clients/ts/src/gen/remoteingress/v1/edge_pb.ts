@@ -14,7 +14,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file remoteingress/v1/edge.proto.
  */
 export const file_remoteingress_v1_edge: GenFile = /*@__PURE__*/
-  fileDesc("ChtyZW1vdGVpbmdyZXNzL3YxL2VkZ2UucHJvdG8SEHJlbW90ZWluZ3Jlc3MudjEiHAoaRWRnZVN0YXR1c0dldFN0YXR1c1JlcXVlc3QizAMKG0VkZ2VTdGF0dXNHZXRTdGF0dXNSZXNwb25zZRIPCgdydW5uaW5nGAEgASgIEhEKCWNvbm5lY3RlZBgCIAEoCBIuCgl0cmFuc3BvcnQYAyABKA4yGy5yZW1vdGVpbmdyZXNzLnYxLlRyYW5zcG9ydBIRCglwdWJsaWNfaXAYBCABKAkSFgoOYWN0aXZlX3N0cmVhbXMYBSABKA0SGwoTYWN0aXZlX3VkcF9zZXNzaW9ucxgGIAEoDRIUCgxsaXN0ZW5fcG9ydHMYByADKA0SGAoQbGlzdGVuX3BvcnRzX3VkcBgIIAMoDRIxCghmaXJld2FsbBgJIAEoDjIfLnJlbW90ZWluZ3Jlc3MudjEuRmlyZXdhbGxTdGF0ZRIYChBmaXJld2FsbF9tZXNzYWdlGAogASgJEhIKCmxhc3RfZXJyb3IYCyABKAkSKQoHdHVubmVscxgMIAMoCzIYLnJlbW90ZWluZ3Jlc3MudjEuVHVubmVsEhIKCmdlbmVyYXRpb24YDSABKAQSQQoTY29uZmlnX2Rpc2FncmVlbWVudBgOIAEoCzIkLnJlbW90ZWluZ3Jlc3MudjEuQ29uZmlnRGlzYWdyZWVtZW50IpkCCgZUdW5uZWwSDgoGaHViX2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSLgoJdHJhbnNwb3J0GAMgASgOMhsucmVtb3RlaW5ncmVzcy52MS5UcmFuc3BvcnQSLAoFc3RhdGUYBCABKA4yHS5yZW1vdGVpbmdyZXNzLnYxLlR1bm5lbFN0YXRlEhYKDmFjdGl2ZV9zdHJlYW1zGAUgASgNEhsKE2FjdGl2ZV91ZHBfc2Vzc2lvbnMYBiABKA0SJgoDcnR0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjMKD2Nvbm5lY3RlZF9zaW5jZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiNgoSQ29uZmlnRGlzYWdyZWVtZW50EhIKCmdlbmVyYXRpb24YASABKAQSDAoEaHVicxgCIAMoCSIxCg5UdW5uZWxEcmFpbmluZxIOCgZodWJfaWQYASABKAkSDwoHYWRkcmVzcxgCIAEoCSIeChxFZGdlU3RhdHVzV2F0Y2hFdmVudHNSZXF1ZXN0ImIKD1R1bm5lbENvbm5lY3RlZBIuCgl0cmFuc3BvcnQYASABKA4yGy5yZW1vdGVpbmdyZXNzLnYxLlRyYW5zcG9ydBIOCgZodWJfaWQYAiABKAkSDwoHYWRkcmVzcxgDIAEoCSJFChJUdW5uZWxEaXNjb25uZWN0ZWQSDgoGcmVhc29uGAEgASgJEg4KBmh1Yl9pZBgCIAEoCRIPCgdhZGRyZXNzGAMgASgJIiAKElB1YmxpY0lwRGlzY292ZXJlZBIKCgJpcBgBIAEoCSJOCgxQb3J0c0NoYW5nZWQSFAoMbGlzdGVuX3BvcnRzGAEgAygNEhgKEGxpc3Rlbl9wb3J0c191ZHAYAiADKA0SDgoGdXBkYXRlGAMgASgIIjAKDkNvbmZpZ1JlamVjdGVkEg8KB3ZlcnNpb24YASABKAQSDQoFZXJyb3IYAiABKAkiLwoPRmlyZXdhbGxBcHBsaWVkEg0KBXJ1bGVzGAEgASgNEg0KBWVycm9yGAIgASgJIiEKEEVkZ2VFdmVudHNNaXNzZWQSDQoFY291bnQYASABKAQikAUKHUVkZ2VTdGF0dXNXYXRjaEV2ZW50c1Jlc3BvbnNlEigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEj0KEHR1bm5lbF9jb25uZWN0ZWQYAiABKAsyIS5yZW1vdGVpbmdyZXNzLnYxLlR1bm5lbENvbm5lY3RlZEgAEkMKE3R1bm5lbF9kaXNjb25uZWN0ZWQYAyABKAsyJC5yZW1vdGVpbmdyZXNzLnYxLlR1bm5lbERpc2Nvbm5lY3RlZEgAEkQKFHB1YmxpY19pcF9kaXNjb3ZlcmVkGAQgASgLMiQucmVtb3RlaW5ncmVzcy52MS5QdWJsaWNJcERpc2NvdmVyZWRIABI3Cg1wb3J0c19jaGFuZ2VkGAUgASgLMh4ucmVtb3RlaW5ncmVzcy52MS5Qb3J0c0NoYW5nZWRIABI7Cg9jb25maWdfcmVqZWN0ZWQYBiABKAsyIC5yZW1vdGVpbmdyZXNzLnYxLkNvbmZpZ1JlamVjdGVkSAASPQoQZmlyZXdhbGxfYXBwbGllZBgHIAEoCzIhLnJlbW90ZWluZ3Jlc3MudjEuRmlyZXdhbGxBcHBsaWVkSAASOwoNZXZlbnRzX21pc3NlZBgIIAEoCzIiLnJlbW90ZWluZ3Jlc3MudjEuRWRnZUV2ZW50c01pc3NlZEgAEjsKD3R1bm5lbF9kcmFpbmluZxgJIAEoCzIgLnJlbW90ZWluZ3Jlc3MudjEuVHVubmVsRHJhaW5pbmdIABJDChNjb25maWdfZGlzYWdyZWVtZW50GAogASgLMiQucmVtb3RlaW5ncmVzcy52MS5Db25maWdEaXNhZ3JlZW1lbnRIAEIHCgVldmVudCqFAQoNRmlyZXdhbGxTdGF0ZRIeChpGSVJFV0FMTF9TVEFURV9VTlNQRUNJRklFRBAAEhoKFkZJUkVXQUxMX1NUQVRFX0FQUExJRUQQARIeChpGSVJFV0FMTF9TVEFURV9VTkFWQUlMQUJMRRACEhgKFEZJUkVXQUxMX1NUQVRFX0VSUk9SEAMqXwoLVHVubmVsU3RhdGUSHAoYVFVOTkVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASFwoTVFVOTkVMX1NUQVRFX0FDVElWRRABEhkKFVRVTk5FTF9TVEFURV9EUkFJTklORxACMugBCgpFZGdlU3RhdHVzEmgKCUdldFN0YXR1cxIsLnJlbW90ZWluZ3Jlc3MudjEuRWRnZVN0YXR1c0dldFN0YXR1c1JlcXVlc3QaLS5yZW1vdGVpbmdyZXNzLnYxLkVkZ2VTdGF0dXNHZXRTdGF0dXNSZXNwb25zZRJwCgtXYXRjaEV2ZW50cxIuLnJlbW90ZWluZ3Jlc3MudjEuRWRnZVN0YXR1c1dhdGNoRXZlbnRzUmVxdWVzdBovLnJlbW90ZWluZ3Jlc3MudjEuRWRnZVN0YXR1c1dhdGNoRXZlbnRzUmVzcG9uc2UwAUJYWlZnaXRodWIuY29tL3JlbW90ZWluZ3Jlc3MvcmVtb3RlaW5ncmVzcy9jbGllbnRzL2dvL2dlbi9yZW1vdGVpbmdyZXNzL3YxO3JlbW90ZWluZ3Jlc3N2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_remoteingress_v1_config]);
+  fileDesc("ChtyZW1vdGVpbmdyZXNzL3YxL2VkZ2UucHJvdG8SEHJlbW90ZWluZ3Jlc3MudjEiHAoaRWRnZVN0YXR1c0dldFN0YXR1c1JlcXVlc3QizAMKG0VkZ2VTdGF0dXNHZXRTdGF0dXNSZXNwb25zZRIPCgdydW5uaW5nGAEgASgIEhEKCWNvbm5lY3RlZBgCIAEoCBIuCgl0cmFuc3BvcnQYAyABKA4yGy5yZW1vdGVpbmdyZXNzLnYxLlRyYW5zcG9ydBIRCglwdWJsaWNfaXAYBCABKAkSFgoOYWN0aXZlX3N0cmVhbXMYBSABKA0SGwoTYWN0aXZlX3VkcF9zZXNzaW9ucxgGIAEoDRIUCgxsaXN0ZW5fcG9ydHMYByADKA0SGAoQbGlzdGVuX3BvcnRzX3VkcBgIIAMoDRIxCghmaXJld2FsbBgJIAEoDjIfLnJlbW90ZWluZ3Jlc3MudjEuRmlyZXdhbGxTdGF0ZRIYChBmaXJld2FsbF9tZXNzYWdlGAogASgJEhIKCmxhc3RfZXJyb3IYCyABKAkSKQoHdHVubmVscxgMIAMoCzIYLnJlbW90ZWluZ3Jlc3MudjEuVHVubmVsEhIKCmdlbmVyYXRpb24YDSABKAQSQQoTY29uZmlnX2Rpc2FncmVlbWVudBgOIAEoCzIkLnJlbW90ZWluZ3Jlc3MudjEuQ29uZmlnRGlzYWdyZWVtZW50IpkCCgZUdW5uZWwSDgoGaHViX2lkGAEgASgJEg8KB2FkZHJlc3MYAiABKAkSLgoJdHJhbnNwb3J0GAMgASgOMhsucmVtb3RlaW5ncmVzcy52MS5UcmFuc3BvcnQSLAoFc3RhdGUYBCABKA4yHS5yZW1vdGVpbmdyZXNzLnYxLlR1bm5lbFN0YXRlEhYKDmFjdGl2ZV9zdHJlYW1zGAUgASgNEhsKE2FjdGl2ZV91ZHBfc2Vzc2lvbnMYBiABKA0SJgoDcnR0GAcgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjMKD2Nvbm5lY3RlZF9zaW5jZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiNgoSQ29uZmlnRGlzYWdyZWVtZW50EhIKCmdlbmVyYXRpb24YASABKAQSDAoEaHVicxgCIAMoCSJVCgxDbGllbnRPcGVuZWQSEAoIcHJvdG9jb2wYASABKAkSEwoLY2xpZW50X2FkZHIYAiABKAkSEQoJZWRnZV9wb3J0GAMgASgNEgsKA2h1YhgEIAEoCSIxCg5UdW5uZWxEcmFpbmluZxIOCgZodWJfaWQYASABKAkSDwoHYWRkcmVzcxgCIAEoCSIeChxFZGdlU3RhdHVzV2F0Y2hFdmVudHNSZXF1ZXN0ImIKD1R1bm5lbENvbm5lY3RlZBIuCgl0cmFuc3BvcnQYASABKA4yGy5yZW1vdGVpbmdyZXNzLnYxLlRyYW5zcG9ydBIOCgZodWJfaWQYAiABKAkSDwoHYWRkcmVzcxgDIAEoCSJFChJUdW5uZWxEaXNjb25uZWN0ZWQSDgoGcmVhc29uGAEgASgJEg4KBmh1Yl9pZBgCIAEoCRIPCgdhZGRyZXNzGAMgASgJIiAKElB1YmxpY0lwRGlzY292ZXJlZBIKCgJpcBgBIAEoCSJOCgxQb3J0c0NoYW5nZWQSFAoMbGlzdGVuX3BvcnRzGAEgAygNEhgKEGxpc3Rlbl9wb3J0c191ZHAYAiADKA0SDgoGdXBkYXRlGAMgASgIIjAKDkNvbmZpZ1JlamVjdGVkEg8KB3ZlcnNpb24YASABKAQSDQoFZXJyb3IYAiABKAkiLwoPRmlyZXdhbGxBcHBsaWVkEg0KBXJ1bGVzGAEgASgNEg0KBWVycm9yGAIgASgJIiEKEEVkZ2VFdmVudHNNaXNzZWQSDQoFY291bnQYASABKAQiyQUKHUVkZ2VTdGF0dXNXYXRjaEV2ZW50c1Jlc3BvbnNlEigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEj0KEHR1bm5lbF9jb25uZWN0ZWQYAiABKAsyIS5yZW1vdGVpbmdyZXNzLnYxLlR1bm5lbENvbm5lY3RlZEgAEkMKE3R1bm5lbF9kaXNjb25uZWN0ZWQYAyABKAsyJC5yZW1vdGVpbmdyZXNzLnYxLlR1bm5lbERpc2Nvbm5lY3RlZEgAEkQKFHB1YmxpY19pcF9kaXNjb3ZlcmVkGAQgASgLMiQucmVtb3RlaW5ncmVzcy52MS5QdWJsaWNJcERpc2NvdmVyZWRIABI3Cg1wb3J0c19jaGFuZ2VkGAUgASgLMh4ucmVtb3RlaW5ncmVzcy52MS5Qb3J0c0NoYW5nZWRIABI7Cg9jb25maWdfcmVqZWN0ZWQYBiABKAsyIC5yZW1vdGVpbmdyZXNzLnYxLkNvbmZpZ1JlamVjdGVkSAASPQoQZmlyZXdhbGxfYXBwbGllZBgHIAEoCzIhLnJlbW90ZWluZ3Jlc3MudjEuRmlyZXdhbGxBcHBsaWVkSAASOwoNZXZlbnRzX21pc3NlZBgIIAEoCzIiLnJlbW90ZWluZ3Jlc3MudjEuRWRnZUV2ZW50c01pc3NlZEgAEjsKD3R1bm5lbF9kcmFpbmluZxgJIAEoCzIgLnJlbW90ZWluZ3Jlc3MudjEuVHVubmVsRHJhaW5pbmdIABJDChNjb25maWdfZGlzYWdyZWVtZW50GAogASgLMiQucmVtb3RlaW5ncmVzcy52MS5Db25maWdEaXNhZ3JlZW1lbnRIABI3Cg1jbGllbnRfb3BlbmVkGAsgASgLMh4ucmVtb3RlaW5ncmVzcy52MS5DbGllbnRPcGVuZWRIAEIHCgVldmVudCqFAQoNRmlyZXdhbGxTdGF0ZRIeChpGSVJFV0FMTF9TVEFURV9VTlNQRUNJRklFRBAAEhoKFkZJUkVXQUxMX1NUQVRFX0FQUExJRUQQARIeChpGSVJFV0FMTF9TVEFURV9VTkFWQUlMQUJMRRACEhgKFEZJUkVXQUxMX1NUQVRFX0VSUk9SEAMqXwoLVHVubmVsU3RhdGUSHAoYVFVOTkVMX1NUQVRFX1VOU1BFQ0lGSUVEEAASFwoTVFVOTkVMX1NUQVRFX0FDVElWRRABEhkKFVRVTk5FTF9TVEFURV9EUkFJTklORxACMugBCgpFZGdlU3RhdHVzEmgKCUdldFN0YXR1cxIsLnJlbW90ZWluZ3Jlc3MudjEuRWRnZVN0YXR1c0dldFN0YXR1c1JlcXVlc3QaLS5yZW1vdGVpbmdyZXNzLnYxLkVkZ2VTdGF0dXNHZXRTdGF0dXNSZXNwb25zZRJwCgtXYXRjaEV2ZW50cxIuLnJlbW90ZWluZ3Jlc3MudjEuRWRnZVN0YXR1c1dhdGNoRXZlbnRzUmVxdWVzdBovLnJlbW90ZWluZ3Jlc3MudjEuRWRnZVN0YXR1c1dhdGNoRXZlbnRzUmVzcG9uc2UwAUJYWlZnaXRodWIuY29tL3JlbW90ZWluZ3Jlc3MvcmVtb3RlaW5ncmVzcy9jbGllbnRzL2dvL2dlbi9yZW1vdGVpbmdyZXNzL3YxO3JlbW90ZWluZ3Jlc3N2MWIGcHJvdG8z", [file_google_protobuf_duration, file_google_protobuf_timestamp, file_remoteingress_v1_config]);
 
 /**
  * Request of EdgeStatus.GetStatus.
@@ -242,6 +242,48 @@ export const ConfigDisagreementSchema: GenMessage<ConfigDisagreement> = /*@__PUR
   messageDesc(file_remoteingress_v1_edge, 3);
 
 /**
+ * A client's TCP stream or UDP session went into a tunnel.
+ *
+ * @generated from message remoteingress.v1.ClientOpened
+ */
+export type ClientOpened = Message<"remoteingress.v1.ClientOpened"> & {
+  /**
+   * "tcp" or "udp".
+   *
+   * @generated from field: string protocol = 1;
+   */
+  protocol: string;
+
+  /**
+   * The client's address.
+   *
+   * @generated from field: string client_addr = 2;
+   */
+  clientAddr: string;
+
+  /**
+   * The edge port it reached.
+   *
+   * @generated from field: uint32 edge_port = 3;
+   */
+  edgePort: number;
+
+  /**
+   * The hub of the tunnel it went to (instance id, or address of an original hub).
+   *
+   * @generated from field: string hub = 4;
+   */
+  hub: string;
+};
+
+/**
+ * Describes the message remoteingress.v1.ClientOpened.
+ * Use `create(ClientOpenedSchema)` to create a new message.
+ */
+export const ClientOpenedSchema: GenMessage<ClientOpened> = /*@__PURE__*/
+  messageDesc(file_remoteingress_v1_edge, 4);
+
+/**
  * A hub asked the edge to move new streams off its tunnel.
  *
  * @generated from message remoteingress.v1.TunnelDraining
@@ -267,7 +309,7 @@ export type TunnelDraining = Message<"remoteingress.v1.TunnelDraining"> & {
  * Use `create(TunnelDrainingSchema)` to create a new message.
  */
 export const TunnelDrainingSchema: GenMessage<TunnelDraining> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 4);
+  messageDesc(file_remoteingress_v1_edge, 5);
 
 /**
  * Request of EdgeStatus.WatchEvents.
@@ -282,7 +324,7 @@ export type EdgeStatusWatchEventsRequest = Message<"remoteingress.v1.EdgeStatusW
  * Use `create(EdgeStatusWatchEventsRequestSchema)` to create a new message.
  */
 export const EdgeStatusWatchEventsRequestSchema: GenMessage<EdgeStatusWatchEventsRequest> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 5);
+  messageDesc(file_remoteingress_v1_edge, 6);
 
 /**
  * The tunnel came up.
@@ -317,7 +359,7 @@ export type TunnelConnected = Message<"remoteingress.v1.TunnelConnected"> & {
  * Use `create(TunnelConnectedSchema)` to create a new message.
  */
 export const TunnelConnectedSchema: GenMessage<TunnelConnected> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 6);
+  messageDesc(file_remoteingress_v1_edge, 7);
 
 /**
  * The tunnel went down; the edge reconnects.
@@ -352,7 +394,7 @@ export type TunnelDisconnected = Message<"remoteingress.v1.TunnelDisconnected"> 
  * Use `create(TunnelDisconnectedSchema)` to create a new message.
  */
 export const TunnelDisconnectedSchema: GenMessage<TunnelDisconnected> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 7);
+  messageDesc(file_remoteingress_v1_edge, 8);
 
 /**
  * STUN found the edge's public address.
@@ -373,7 +415,7 @@ export type PublicIpDiscovered = Message<"remoteingress.v1.PublicIpDiscovered"> 
  * Use `create(PublicIpDiscoveredSchema)` to create a new message.
  */
 export const PublicIpDiscoveredSchema: GenMessage<PublicIpDiscovered> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 8);
+  messageDesc(file_remoteingress_v1_edge, 9);
 
 /**
  * Ports listened on after connecting or after a change.
@@ -408,7 +450,7 @@ export type PortsChanged = Message<"remoteingress.v1.PortsChanged"> & {
  * Use `create(PortsChangedSchema)` to create a new message.
  */
 export const PortsChangedSchema: GenMessage<PortsChanged> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 9);
+  messageDesc(file_remoteingress_v1_edge, 10);
 
 /**
  * A configuration could not be applied; the previous one stays.
@@ -436,7 +478,7 @@ export type ConfigRejected = Message<"remoteingress.v1.ConfigRejected"> & {
  * Use `create(ConfigRejectedSchema)` to create a new message.
  */
 export const ConfigRejectedSchema: GenMessage<ConfigRejected> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 10);
+  messageDesc(file_remoteingress_v1_edge, 11);
 
 /**
  * A firewall configuration was applied, or failed.
@@ -464,7 +506,7 @@ export type FirewallApplied = Message<"remoteingress.v1.FirewallApplied"> & {
  * Use `create(FirewallAppliedSchema)` to create a new message.
  */
 export const FirewallAppliedSchema: GenMessage<FirewallApplied> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 11);
+  messageDesc(file_remoteingress_v1_edge, 12);
 
 /**
  * The watcher was too slow: this many events were dropped for it.
@@ -485,7 +527,7 @@ export type EdgeEventsMissed = Message<"remoteingress.v1.EdgeEventsMissed"> & {
  * Use `create(EdgeEventsMissedSchema)` to create a new message.
  */
 export const EdgeEventsMissedSchema: GenMessage<EdgeEventsMissed> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 12);
+  messageDesc(file_remoteingress_v1_edge, 13);
 
 /**
  * One event.
@@ -577,6 +619,14 @@ export type EdgeStatusWatchEventsResponse = Message<"remoteingress.v1.EdgeStatus
      */
     value: ConfigDisagreement;
     case: "configDisagreement";
+  } | {
+    /**
+     * ClientOpened.
+     *
+     * @generated from field: remoteingress.v1.ClientOpened client_opened = 11;
+     */
+    value: ClientOpened;
+    case: "clientOpened";
   } | { case: undefined; value?: undefined };
 };
 
@@ -585,7 +635,7 @@ export type EdgeStatusWatchEventsResponse = Message<"remoteingress.v1.EdgeStatus
  * Use `create(EdgeStatusWatchEventsResponseSchema)` to create a new message.
  */
 export const EdgeStatusWatchEventsResponseSchema: GenMessage<EdgeStatusWatchEventsResponse> = /*@__PURE__*/
-  messageDesc(file_remoteingress_v1_edge, 13);
+  messageDesc(file_remoteingress_v1_edge, 14);
 
 /**
  * State of the edge's firewall.
