@@ -131,7 +131,8 @@ enum FirewallArg {
 
 #[derive(Args)]
 struct ServiceArgs {
-    /// Seconds open connections may take to finish after SIGTERM (a second signal stops at once).
+    /// Seconds open connections may take to finish after SIGTERM (a second signal stops at
+    /// once); on an edge, also how long a tunnel its hub drains may keep its open streams.
     #[arg(long, env = "REMOTEINGRESS_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
 }
@@ -274,7 +275,12 @@ struct HubArgs {
     hub_id: Option<String>,
     /// The other hubs serving the same edges (HOST:PORT, repeatable or comma-separated), named
     /// in connection tokens too. Implies --replica.
-    #[arg(long = "peer", env = "REMOTEINGRESS_PEERS", value_delimiter = ',')]
+    #[arg(
+        long = "peer",
+        visible_alias = "peers",
+        env = "REMOTEINGRESS_PEERS",
+        value_delimiter = ','
+    )]
     peers: Vec<String>,
     /// This hub is one of several serving the same edges: admin writes must carry a
     /// generation, and writes that would let the hubs diverge are refused.
@@ -485,6 +491,9 @@ fn token_json(token: &ConnectionToken) -> serde_json::Value {
 }
 
 async fn run_hub(args: HubArgs) -> Result<()> {
+    for peer in &args.peers {
+        HubAddress::parse(peer).context("--peer")?;
+    }
     let identity = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => HubIdentity::from_pem_files(cert, key)?,
         _ => HubIdentity::load_or_generate(&args.state_dir)?,
