@@ -183,7 +183,7 @@ impl Collector for LiveCollector {
             let bytes = IntCounterVec::new(Opts::new(BYTES.0, BYTES.1), &["edge", "direction"])?;
             let stalls = IntCounterVec::new(Opts::new(STALLS.0, STALLS.1), &["edge"])?;
             let registry = hub.registry();
-            connected.set(registry.connection_count() as i64);
+            connected.set(registry.connected_edge_count() as i64);
             for (edge, live, totals) in registry.traffic() {
                 if let Some(live) = live {
                     streams.with_label_values(&[&edge]).set(live.streams as i64);

@@ -321,8 +321,9 @@ impl Registry {
         }
     }
 
-    pub(crate) fn connection_count(&self) -> usize {
-        self.connections.values().map(Vec::len).sum()
+    /// Edges with at least one live tunnel.
+    pub(crate) fn connected_edge_count(&self) -> usize {
+        self.connections.len()
     }
 
     /// Per edge with traffic: what is open now, and all traffic so far.
@@ -719,7 +720,7 @@ mod tests {
         let (first_id, _) = attach(&mut registry, "a", &first);
         let (second_id, _) = attach(&mut registry, "a", &second);
         assert_ne!(first_id, second_id);
-        assert_eq!(registry.connection_count(), 1);
+        assert_eq!(registry.connected_edge_count(), 1);
         assert_eq!(
             first.close_reason(),
             Some(CloseReason::Local(
@@ -729,9 +730,9 @@ mod tests {
         assert!(!second.is_closed());
         // The old tunnel ending later must not forget the new one.
         registry.detach("a", first_id);
-        assert_eq!(registry.connection_count(), 1);
+        assert_eq!(registry.connected_edge_count(), 1);
         registry.detach("a", second_id);
-        assert_eq!(registry.connection_count(), 0);
+        assert_eq!(registry.connected_edge_count(), 0);
     }
 
     #[tokio::test]
@@ -743,7 +744,8 @@ mod tests {
         let (second, _second_peer) = session_agreeing(all);
         let (first_id, _) = attach(&mut registry, "a", &first);
         attach(&mut registry, "a", &second);
-        assert_eq!(registry.connection_count(), 2);
+        assert_eq!(registry.connected_edge_count(), 1, "one edge, whatever its tunnels");
+        assert_eq!(registry.sessions_of("a").len(), 2);
         assert!(!first.is_closed() && !second.is_closed());
         assert_eq!(registry.connected().len(), 2);
         let pushes = registry.upsert(edge("a", "s", &[80, 443]));
@@ -831,7 +833,7 @@ mod tests {
         let (found, _) = registry.delete("a");
         assert!(found);
         assert!(current.is_closed());
-        assert_eq!(registry.connection_count(), 0);
+        assert_eq!(registry.connected_edge_count(), 0);
         assert!(!registry.delete("a").0);
     }
 }
