@@ -61,20 +61,12 @@ pub(crate) async fn offer(
             if let Some(running) = &mut serving.running {
                 running.generation = running.generation.max(config.generation);
             }
-            if let Some(version) = config.version {
-                acknowledge(session, serde_json::json!({ "version": version })).await;
-            }
+            acknowledge_version(session, config.version, None).await;
         }
         Verdict::Older { .. } | Verdict::Disagrees { .. } => {
             let why = verdict.refusal(config.generation).unwrap_or_default();
             tracing::warn!(%hub, generation = ?config.generation, %why, "configuration not applied");
-            if let Some(version) = config.version {
-                acknowledge(
-                    session,
-                    serde_json::json!({ "version": version, "error": why }),
-                )
-                .await;
-            }
+            acknowledge_version(session, config.version, Some(&why)).await;
         }
     }
     report_disagreement(inner, serving);
@@ -150,9 +142,7 @@ async fn apply_config(
             listen_ports_udp,
         }
     });
-    if let Some(version) = config.version {
-        acknowledge(session, serde_json::json!({ "version": version })).await;
-    }
+    acknowledge_version(session, config.version, None).await;
 }
 
 /// Applies the firewall part of a configuration, when nftables is in use.
@@ -199,13 +189,20 @@ pub(crate) async fn reject(
         version,
         error: error.clone(),
     });
-    if let Some(version) = version {
-        acknowledge(
-            session,
-            serde_json::json!({ "version": version, "error": error }),
-        )
-        .await;
-    }
+    acknowledge_version(session, version, Some(&error)).await;
+}
+
+/// Tells the hub that sent a configuration with `version` (none: nothing to tell) that it is
+/// in force, or the `error` that kept it from being applied.
+async fn acknowledge_version(session: &SessionHandle, version: Option<u64>, error: Option<&str>) {
+    let Some(version) = version else {
+        return;
+    };
+    let ack = match error {
+        None => serde_json::json!({ "version": version }),
+        Some(error) => serde_json::json!({ "version": version, "error": error }),
+    };
+    acknowledge(session, ack).await;
 }
 
 /// Sends a CONFIG_ACK (an applied version, an error, or the public IP).

@@ -744,7 +744,11 @@ mod tests {
         let (second, _second_peer) = session_agreeing(all);
         let (first_id, _) = attach(&mut registry, "a", &first);
         attach(&mut registry, "a", &second);
-        assert_eq!(registry.connected_edge_count(), 1, "one edge, whatever its tunnels");
+        assert_eq!(
+            registry.connected_edge_count(),
+            1,
+            "one edge, whatever its tunnels"
+        );
         assert_eq!(registry.sessions_of("a").len(), 2);
         assert!(!first.is_closed() && !second.is_closed());
         assert_eq!(registry.connected().len(), 2);
