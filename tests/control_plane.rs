@@ -649,3 +649,48 @@ async fn the_admin_api_limits_watchers_and_counts_wrong_tokens() {
     assert_eq!(failures, Some(3.0));
     stop.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_refuses_writes_that_would_let_hubs_diverge() {
+    let state = tempfile::tempdir().unwrap();
+    let identity = HubIdentity::load_or_generate(state.path()).unwrap();
+    let options = remoteingress_hub::HubOptions {
+        replica: true,
+        ..hub_options(0)
+    };
+    let hub = Hub::start(options, &identity).await.unwrap();
+    let stop = CancellationToken::new();
+    let addr = serve_admin(&hub, &stop, false).await;
+    let mut admin = HubAdminClient::with_interceptor(channel(addr).await, with_token as fn(_) -> _);
+    let mut upsert = |ports: &[(u16, u16)], generation: Option<u64>| {
+        let edge = pb::Edge {
+            generation,
+            ..edge_message("e1", ports)
+        };
+        let mut admin = admin.clone();
+        async move {
+            admin
+                .upsert_edge(pb::UpsertEdgeRequest { edge: Some(edge) })
+                .await
+                .map_err(|status| (status.code(), status.message().to_owned()))
+        }
+    };
+    let refused = upsert(&[(80, 80)], None).await.unwrap_err();
+    assert_eq!(refused.0, Code::FailedPrecondition);
+    assert!(refused.1.contains("generation"), "{}", refused.1);
+    assert!(upsert(&[(80, 80)], Some(5)).await.is_ok());
+    assert!(
+        upsert(&[(80, 80)], Some(5)).await.is_ok(),
+        "the same write again"
+    );
+    let conflicting = upsert(&[(81, 81)], Some(5)).await.unwrap_err();
+    assert_eq!(conflicting.0, Code::FailedPrecondition);
+    let stale = upsert(&[(81, 81)], Some(4)).await.unwrap_err();
+    assert!(stale.1.contains("older"), "{}", stale.1);
+    assert!(upsert(&[(81, 81)], Some(6)).await.is_ok());
+    let listed = admin.list_edges(pb::ListEdgesRequest {}).await.unwrap();
+    let edge = &listed.into_inner().edges[0];
+    assert_eq!((edge.generation, edge.listen_ports.clone()), (6, vec![81]));
+    stop.cancel();
+    hub.shutdown().await;
+}

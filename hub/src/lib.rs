@@ -452,6 +452,20 @@ impl Hub {
     }
 }
 
+/// In replica mode, refuses writes that other replicas could not agree with.
+fn check_replica_writes(
+    registry: &Registry,
+    replica: bool,
+    edges: &[AllowedEdge],
+) -> Result<(), HubError> {
+    if replica {
+        for edge in edges {
+            registry.check_replica_write(edge)?;
+        }
+    }
+    Ok(())
+}
+
 /// Control over a running hub; cheap to clone.
 #[derive(Clone)]
 pub struct HubHandle {
@@ -487,45 +501,40 @@ impl HubHandle {
     /// changed are disconnected.
     pub async fn update_allowed_edges(&self, edges: Vec<AllowedEdge>) -> Result<(), HubError> {
         validate_all(&edges)?;
-        self.check_replica_writes(&edges)?;
-        self.change(|registry| ((), registry.replace_all(edges)))
-            .await
+        let replica = self.inner.options.replica;
+        self.change(|registry| {
+            check_replica_writes(registry, replica, &edges)?;
+            Ok(((), registry.replace_all(edges)))
+        })
+        .await
     }
 
     /// Adds or replaces one edge.
     pub async fn upsert_edge(&self, edge: AllowedEdge) -> Result<(), HubError> {
         edge.validate()?;
-        self.check_replica_writes(std::slice::from_ref(&edge))?;
-        self.change(|registry| ((), registry.upsert(edge))).await
-    }
-
-    /// In replica mode, refuses writes that other replicas could not agree with.
-    fn check_replica_writes(&self, edges: &[AllowedEdge]) -> Result<(), HubError> {
-        if !self.inner.options.replica {
-            return Ok(());
-        }
-        let registry = self.inner.registry();
-        for edge in edges {
-            registry.check_replica_write(edge)?;
-        }
-        Ok(())
+        let replica = self.inner.options.replica;
+        self.change(|registry| {
+            check_replica_writes(registry, replica, std::slice::from_ref(&edge))?;
+            Ok(((), registry.upsert(edge)))
+        })
+        .await
     }
 
     /// Removes an edge (disconnecting it); false if it was not configured.
     pub async fn delete_edge(&self, id: &str) -> Result<bool, HubError> {
-        self.change(|registry| registry.delete(id)).await
+        self.change(|registry| Ok(registry.delete(id))).await
     }
 
-    /// Applies a change to the allowed set, persists the result, then pushes configurations.
-    /// A failed write is reported; the change is live but not persisted.
+    /// Applies a change to the allowed set (or refuses it whole), persists the result, then
+    /// pushes configurations. A failed write is reported; the change is live but not persisted.
     async fn change<R>(
         &self,
-        apply: impl FnOnce(&mut Registry) -> (R, Vec<registry::Push>),
+        apply: impl FnOnce(&mut Registry) -> Result<(R, Vec<registry::Push>), HubError>,
     ) -> Result<R, HubError> {
         let _serial = self.inner.changes.lock().await;
         let (result, pushes, snapshot) = {
             let mut registry = self.inner.registry();
-            let (result, pushes) = apply(&mut registry);
+            let (result, pushes) = apply(&mut registry)?;
             (result, pushes, registry.snapshot())
         };
         registry::perform(&self.inner, pushes).await;
