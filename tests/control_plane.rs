@@ -662,7 +662,7 @@ async fn a_replica_refuses_writes_that_would_let_hubs_diverge() {
     let stop = CancellationToken::new();
     let addr = serve_admin(&hub, &stop, false).await;
     let mut admin = HubAdminClient::with_interceptor(channel(addr).await, with_token as fn(_) -> _);
-    let mut upsert = |ports: &[(u16, u16)], generation: Option<u64>| {
+    let upsert = |ports: &[(u16, u16)], generation: Option<u64>| {
         let edge = pb::Edge {
             generation,
             ..edge_message("e1", ports)
