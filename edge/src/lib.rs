@@ -440,17 +440,7 @@ impl EdgeHandle {
         status.transport = status.tunnels.first().map(|tunnel| tunnel.transport);
         status.active_streams = status.tunnels.iter().map(|t| t.active_streams).sum();
         status.active_udp_sessions = status.tunnels.iter().map(|t| t.active_udp_sessions).sum();
-        status.udp_dropped = self
-            .inner
-            .tunnels
-            .sessions()
-            .iter()
-            .map(|s| {
-                s.stats()
-                    .udp_dropped
-                    .load(std::sync::atomic::Ordering::Relaxed)
-            })
-            .sum::<u64>()
+        status.udp_dropped = status.tunnels.iter().map(|t| t.udp_dropped).sum::<u64>()
             + self.inner.udp.dropped_untunnelled();
         status
     }

@@ -9,6 +9,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
 
+use crate::tunnels::hub_name;
 use crate::{EdgeInner, TunnelState};
 
 /// Metrics moved by edge code; all named `remoteingress_*`.
@@ -191,7 +192,7 @@ impl Collector for LiveCollector {
                 totals.add(Totals::of(session.stats()));
             }
             for tunnel in edge.tunnels.statuses() {
-                let hub = tunnel.hub_id.unwrap_or(tunnel.address);
+                let hub = hub_name(tunnel.hub_id.as_deref(), &tunnel.address).to_owned();
                 streams.add(tunnel.active_streams as i64);
                 udp.add(tunnel.active_udp_sessions as i64);
                 tunnel_streams

@@ -14,7 +14,7 @@ use crate::apply::{offer, reject, report_disagreement, ApplyError, Serving};
 use crate::backoff::Backoff;
 use crate::connect::{connect, HubAddress};
 use crate::ports::PortSet;
-use crate::tunnels::TunnelKey;
+use crate::tunnels::{hub_name, TunnelKey};
 use crate::udp::UdpPorts;
 use crate::{metrics, report_public_ip, EdgeEvent, EdgeInner};
 
@@ -32,7 +32,7 @@ struct Tunnel {
 impl Tunnel {
     /// The hub the tunnel reaches: its instance id, or the address for an original hub.
     fn hub(&self) -> &str {
-        self.hub_id.as_deref().unwrap_or(&self.address)
+        hub_name(self.hub_id.as_deref(), &self.address)
     }
 }
 
@@ -259,11 +259,11 @@ async fn tunnel_up(inner: &EdgeInner, tunnel: &Tunnel, config: &EdgeConfig) {
         disagreement: None,
     });
     inner.metrics.tunnel_connected.set(1);
-    let reconnect = {
+    let (reconnect, public_ip) = {
         let mut status = inner.status.lock().unwrap_or_else(|p| p.into_inner());
         status.connections += 1;
         status.last_error = None;
-        status.connections > 1
+        (status.connections > 1, status.public_ip)
     };
     if reconnect {
         inner.metrics.tunnel_reconnects.inc();
@@ -273,11 +273,6 @@ async fn tunnel_up(inner: &EdgeInner, tunnel: &Tunnel, config: &EdgeConfig) {
         hub_id: tunnel.hub_id.clone(),
         address: tunnel.address.clone(),
     });
-    let public_ip = inner
-        .status
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .public_ip;
     if let Some(ip) = public_ip {
         report_public_ip(&tunnel.session, ip).await;
     }
@@ -306,6 +301,7 @@ async fn tunnel_down(inner: &EdgeInner, tunnel: &Tunnel, reason: String) {
             s.config_disagreement = None;
         });
         inner.metrics.config_disagreement.set(0);
+        inner.metrics.config_generation.set(0);
     } else if let Some(serving) = serving.as_mut() {
         serving.offers.remove(tunnel.key);
         report_disagreement(inner, serving);

@@ -36,6 +36,11 @@ impl TunnelState {
     }
 }
 
+/// How the edge names a hub: its instance id, or the address dialled for an original hub.
+pub(crate) fn hub_name<'a>(hub_id: Option<&'a str>, address: &'a str) -> &'a str {
+    hub_id.unwrap_or(address)
+}
+
 /// One tunnel as the status API shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TunnelStatus {
@@ -51,6 +56,8 @@ pub struct TunnelStatus {
     pub active_streams: usize,
     /// UDP sessions open on it now.
     pub active_udp_sessions: u64,
+    /// UDP datagrams dropped on it.
+    pub udp_dropped: u64,
     /// Last round trip, once known.
     pub rtt: Option<Duration>,
     /// When it came up.
@@ -75,7 +82,7 @@ impl Entry {
 
     /// The hub this tunnel reaches: its instance id, or the address for an original hub.
     fn hub(&self) -> &str {
-        self.hub_id.as_deref().unwrap_or(&self.address)
+        hub_name(self.hub_id.as_deref(), &self.address)
     }
 }
 
@@ -134,7 +141,7 @@ impl Tunnels {
         address: &str,
     ) -> Option<TunnelKey> {
         let mut entries = self.entries();
-        let hub = hub_id.unwrap_or(address);
+        let hub = hub_name(hub_id, address);
         if entries
             .iter()
             .any(|entry| entry.hub() == hub && entry.state == TunnelState::Active)
@@ -212,6 +219,7 @@ impl Tunnels {
                 state: entry.state,
                 active_streams: entry.session.active_streams(),
                 active_udp_sessions: entry.session.stats().udp_sessions.load(Ordering::Relaxed),
+                udp_dropped: entry.session.stats().udp_dropped.load(Ordering::Relaxed),
                 rtt: entry.session.rtt(),
                 connected_since: entry.since,
             })

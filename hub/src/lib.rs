@@ -452,6 +452,15 @@ impl Hub {
     }
 }
 
+/// Sends DRAIN on every session whose edge knows it; how many were asked.
+async fn ask_to_drain(sessions: Vec<remoteingress_tunnel::SessionHandle>) -> usize {
+    let mut asked = 0;
+    for session in sessions {
+        asked += usize::from(session.drain().await);
+    }
+    asked
+}
+
 /// In replica mode, refuses writes that other replicas could not agree with.
 fn check_replica_writes(
     registry: &Registry,
@@ -638,22 +647,14 @@ impl HubHandle {
             tunnels = sessions.len(),
             "draining: edges asked to move new streams elsewhere"
         );
-        let mut asked = 0;
-        for session in sessions {
-            asked += usize::from(session.drain().await);
-        }
-        asked
+        ask_to_drain(sessions).await
     }
 
     /// Asks one edge to open new streams on its other tunnels; false if it has no tunnel here
     /// that knows DRAIN.
     pub async fn drain_edge(&self, id: &str) -> bool {
         let sessions = self.inner.registry().sessions_of(id);
-        let mut drained = false;
-        for session in sessions {
-            drained |= session.drain().await;
-        }
-        drained
+        ask_to_drain(sessions).await > 0
     }
 
     /// What a drain waits for: tunnels of edges that close them once drained, and the streams
