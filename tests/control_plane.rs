@@ -51,10 +51,9 @@ struct ControlPlane {
 }
 
 async fn start_hub_with_state(state: &std::path::Path, port: u16) -> HubHandle {
-    let identity = HubIdentity::load_or_generate(state).unwrap();
     let mut options = hub_options(port);
     options.state_file = Some(state.join("edges.json"));
-    Hub::start(options, &identity).await.unwrap()
+    start_hub_with(state, options).await
 }
 
 /// Admin API options for tests: loopback, any port, the test token, default limits.

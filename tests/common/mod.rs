@@ -57,14 +57,19 @@ pub fn hub_options(port: u16) -> HubOptions {
     }
 }
 
-/// Starts a hub on `port` (0: any). A fixed port may still be held for a moment by a hub that
-/// just shut down (its QUIC socket is released by a background task), so a bind that finds the
-/// port in use is retried until the deadline.
+/// Starts a hub on `port` (0: any).
 pub async fn start_hub(state_dir: &Path, port: u16) -> HubHandle {
+    start_hub_with(state_dir, hub_options(port)).await
+}
+
+/// Starts a hub with `options` and the identity kept in `state_dir`. A fixed port may still be
+/// held for a moment by a hub that just shut down (its QUIC socket is released by a background
+/// task), so a bind that finds the port in use is retried until the deadline.
+pub async fn start_hub_with(state_dir: &Path, options: HubOptions) -> HubHandle {
     let identity = HubIdentity::load_or_generate(state_dir).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        match Hub::start(hub_options(port), &identity).await {
+        match Hub::start(options.clone(), &identity).await {
             Ok(hub) => return hub,
             Err(HubError::Bind { source, .. })
                 if source.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
