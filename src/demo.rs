@@ -54,7 +54,7 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         .with_context(|| format!("no free port on {}", args.bind_address))?;
     let secret = Alphanumeric.sample_string(&mut rand::rng(), 32);
     let mut allowed = AllowedEdge::new(EDGE_ID, &secret, vec![edge_port]);
-    allowed.target_ports = BTreeMap::from([(edge_port, target_addr.port())]);
+    allowed.targets.ports = BTreeMap::from([(edge_port, target_addr.port())]);
     hub.update_allowed_edges(vec![allowed]).await?;
 
     let hub_addr = hub.local_addr();

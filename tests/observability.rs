@@ -127,7 +127,7 @@ async fn each_metric_moves_when_its_event_happens() {
     let refused_port = free_port(EDGE_IP);
     let mut with_refused = edge_entry.clone();
     with_refused.config.listen_ports.push(refused_port);
-    with_refused.target_ports.insert(refused_port, closed);
+    with_refused.targets.ports.insert(refused_port, closed);
     hub.upsert_edge(with_refused).await.unwrap();
     assert_eq!(
         h("remoteingress_config_pushes_total", &[("edge", "e1")]),

@@ -13,6 +13,7 @@ for_each_transport!(
     ports_change_live_without_touching_open_connections,
     edge_reconnects_after_a_hub_restart_with_the_same_pin,
     a_failed_target_connect_resets_the_client_at_once,
+    a_port_with_its_own_target_host_reaches_that_host,
 );
 
 use std::net::SocketAddr;
@@ -220,6 +221,33 @@ async fn ports_change_live_without_touching_open_connections(transport: Transpor
     })
     .await;
     ping(&mut kept, 3).await;
+}
+
+/// A port with its own target host (a Kubernetes Service's cluster IP, say) goes there; the
+/// others still go to the hub's target host.
+async fn a_port_with_its_own_target_host_reaches_that_host(transport: TransportMode) {
+    let setup = Setup::with_transport(transport).await;
+    let elsewhere = echo_target_on(std::net::IpAddr::from([127, 0, 0, 3])).await;
+    let own_host = free_port(EDGE_IP);
+    let mut edge = allowed(
+        "e1",
+        &[
+            (setup.edge_port, setup.target.addr.port()),
+            (own_host, elsewhere.addr.port()),
+        ],
+    );
+    edge.targets.hosts.insert(own_host, "127.0.0.3".into());
+    setup.hub.upsert_edge(edge).await.unwrap();
+    wait_listening(&setup.edge, own_host).await;
+
+    let data = pattern(1000, 7);
+    assert_eq!(
+        round_trip(SocketAddr::new(EDGE_IP, own_host), &data).await,
+        data
+    );
+    assert_eq!(round_trip(setup.edge_addr(), &data).await, data);
+    assert_eq!(elsewhere.headers.lock().unwrap().len(), 1);
+    assert_eq!(setup.target.headers.lock().unwrap().len(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -116,7 +116,7 @@ fn udp_edge(ports: &[(u16, u16)]) -> AllowedEdge {
 fn udp_edge_named(id: &str, ports: &[(u16, u16)]) -> AllowedEdge {
     let mut edge = AllowedEdge::new(id, SECRET, Vec::new());
     edge.config.listen_ports_udp = ports.iter().map(|(p, _)| *p).collect();
-    edge.target_ports = ports.iter().copied().collect::<BTreeMap<_, _>>();
+    edge.targets.ports = ports.iter().copied().collect::<BTreeMap<_, _>>();
     edge
 }
 
@@ -284,7 +284,7 @@ async fn udp_ports_change_live_without_touching_others(transport: TransportMode)
     let target_port = setup.target.addr.port();
     let mut edge = udp_edge(&[(setup.port, target_port)]);
     edge.config.listen_ports = vec![tcp_port];
-    edge.target_ports.insert(tcp_port, tcp_target.addr.port());
+    edge.targets.ports.insert(tcp_port, tcp_target.addr.port());
     setup.hub.upsert_edge(edge.clone()).await.unwrap();
     wait_listening(&setup.edge, tcp_port).await;
     let mut tcp = TcpStream::connect((EDGE_IP, tcp_port)).await.unwrap();
@@ -296,7 +296,7 @@ async fn udp_ports_change_live_without_touching_others(transport: TransportMode)
 
     let extra = free_udp_port();
     edge.config.listen_ports_udp.push(extra);
-    edge.target_ports.insert(extra, target_port);
+    edge.targets.ports.insert(extra, target_port);
     setup.hub.upsert_edge(edge.clone()).await.unwrap();
     eventually("the new UDP port", || async {
         setup

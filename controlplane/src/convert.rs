@@ -6,7 +6,7 @@ use std::time::SystemTime;
 use remoteingress_edge::{Disagreement, EdgeEvent, TunnelState, TunnelStatus};
 use remoteingress_hub::Transport;
 use remoteingress_hub::{
-    AllowedEdge, ConnectedEdge, EdgeInfo, HubError, HubEvent, TokenSecretError,
+    AllowedEdge, ConnectedEdge, EdgeInfo, HubError, HubEvent, PortTargets, TokenSecretError,
 };
 use remoteingress_wire::config::{
     Action, Direction, FirewallConfig, FirewallRule, Protocol, RateLimit,
@@ -202,6 +202,11 @@ pub(crate) fn edge_from_proto(edge: pb::Edge) -> Result<AllowedEdge, Status> {
             ))
         })
         .collect::<Result<_, Status>>()?;
+    let target_hosts = edge
+        .target_hosts
+        .into_iter()
+        .map(|(from, host)| Ok((port(&id, "targetHosts (key)", from)?, host)))
+        .collect::<Result<_, Status>>()?;
     let config = EdgeConfig {
         listen_ports: ports(&id, "listenPorts", &edge.listen_ports)?,
         listen_ports_udp: ports(&id, "listenPortsUdp", &edge.listen_ports_udp)?,
@@ -220,7 +225,10 @@ pub(crate) fn edge_from_proto(edge: pb::Edge) -> Result<AllowedEdge, Status> {
         id,
         secret: edge.secret,
         config,
-        target_ports,
+        targets: PortTargets {
+            ports: target_ports,
+            hosts: target_hosts,
+        },
     })
 }
 
@@ -240,9 +248,16 @@ pub(crate) fn edge_info(info: EdgeInfo) -> pb::EdgeInfo {
             .map(|p| u32::from(*p))
             .collect(),
         target_ports: info
-            .target_ports
+            .targets
+            .ports
             .into_iter()
             .map(|(from, to)| (u32::from(from), u32::from(to)))
+            .collect(),
+        target_hosts: info
+            .targets
+            .hosts
+            .into_iter()
+            .map(|(from, host)| (u32::from(from), host))
             .collect(),
         stun_interval_secs: info.config.stun_interval_secs,
         firewall_config: info.config.firewall_config.map(firewall_to),

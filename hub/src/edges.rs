@@ -22,24 +22,97 @@ pub struct AllowedEdge {
     /// Ports, STUN interval and firewall config sent to the edge.
     #[serde(flatten)]
     pub config: EdgeConfig,
-    /// Target port per edge port, where they differ.
+    /// Where its connections go, per edge port, where not to the same port of the target host.
+    #[serde(flatten)]
+    pub targets: PortTargets,
+}
+
+/// Per-port targets of an edge: a port or a host for some edge ports; every other port goes to
+/// the same port of the hub's target host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTargets {
+    /// Target port per edge port, where they differ (`targetPorts`).
     #[serde(
+        rename = "targetPorts",
         default,
         skip_serializing_if = "BTreeMap::is_empty",
         deserialize_with = "port_map"
     )]
-    pub target_ports: BTreeMap<u16, u16>,
+    pub ports: BTreeMap<u16, u16>,
+    /// Target host per edge port, where it is not the hub's target host (`targetHosts`): a
+    /// Kubernetes Service's cluster IP, say.
+    #[serde(
+        rename = "targetHosts",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "port_map"
+    )]
+    pub hosts: BTreeMap<u16, String>,
 }
 
-/// Reads `{"80": 8080}`: map keys are strings in JSON and TOML.
-fn port_map<'de, D: Deserializer<'de>>(deserializer: D) -> Result<BTreeMap<u16, u16>, D::Error> {
-    BTreeMap::<String, u16>::deserialize(deserializer)?
+impl PortTargets {
+    /// The target port for connections the edge accepted on `edge_port`.
+    pub fn port(&self, edge_port: u16) -> u16 {
+        self.ports.get(&edge_port).copied().unwrap_or(edge_port)
+    }
+
+    /// The target host for `edge_port`, if it is not the hub's target host.
+    pub fn host(&self, edge_port: u16) -> Option<&str> {
+        self.hosts.get(&edge_port).map(String::as_str)
+    }
+
+    /// Checks that every port is usable and every host a plausible host name or address.
+    fn validate(&self) -> Result<(), String> {
+        for (from, to) in &self.ports {
+            if *from == 0 || *to == 0 {
+                return Err(format!(
+                    "targetPorts: {from} -> {to}: port 0 is not a usable port"
+                ));
+            }
+        }
+        for (port, host) in &self.hosts {
+            if *port == 0 {
+                return Err("targetHosts: port 0 is not a usable port".into());
+            }
+            validate_host(host).map_err(|e| format!("targetHosts[{port}]: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// A host name (letters, digits, `-`, `_` and dots) or an IP address, as a target.
+fn validate_host(host: &str) -> Result<(), String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{host:?} is not a host name or IP address"))
+    }
+}
+
+/// Reads `{"80": …}`: map keys are strings in JSON and TOML.
+fn port_map<'de, D, V>(deserializer: D) -> Result<BTreeMap<u16, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    BTreeMap::<String, V>::deserialize(deserializer)?
         .into_iter()
         .map(|(key, value)| match key.parse::<u16>() {
             Ok(port) => Ok((port, value)),
-            Err(_) => Err(D::Error::custom(format!(
-                "targetPorts key {key:?} is not a port"
-            ))),
+            Err(_) => Err(D::Error::custom(format!("map key {key:?} is not a port"))),
         })
         .collect()
 }
@@ -50,7 +123,7 @@ impl std::fmt::Debug for AllowedEdge {
             .field("id", &self.id)
             .field("secret", &"<redacted>")
             .field("config", &self.config)
-            .field("target_ports", &self.target_ports)
+            .field("targets", &self.targets)
             .finish()
     }
 }
@@ -65,16 +138,8 @@ impl AllowedEdge {
                 listen_ports,
                 ..EdgeConfig::default()
             },
-            target_ports: BTreeMap::new(),
+            targets: PortTargets::default(),
         }
-    }
-
-    /// The target port for connections the edge accepted on `edge_port`.
-    pub fn target_port(&self, edge_port: u16) -> u16 {
-        self.target_ports
-            .get(&edge_port)
-            .copied()
-            .unwrap_or(edge_port)
     }
 
     /// Checks id, secret, configuration and port mapping; the error names the edge and field.
@@ -90,15 +155,12 @@ impl AllowedEdge {
             edge: self.id.clone(),
             message: e.to_string(),
         })?;
-        for (from, to) in &self.target_ports {
-            if *from == 0 || *to == 0 {
-                return Err(invalid(
-                    "targetPorts",
-                    format!("{from} -> {to}: port 0 is not a usable port"),
-                ));
-            }
-        }
-        Ok(())
+        self.targets
+            .validate()
+            .map_err(|message| HubError::InvalidEdge {
+                edge: self.id.clone(),
+                message,
+            })
     }
 }
 
@@ -173,6 +235,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn per_port_target_hosts_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("edges.json");
+        std::fs::write(
+            &path,
+            r#"[{"id":"e1","secret":"s","listenPorts":[80,443],
+                 "targetPorts":{"443":8443},"targetHosts":{"443":"10.96.0.7"}}]"#,
+        )
+        .unwrap();
+        let edges = load_edges_file(&path).unwrap();
+        assert_eq!(edges[0].targets.host(443), Some("10.96.0.7"));
+        assert_eq!(edges[0].targets.port(443), 8443);
+        assert_eq!(edges[0].targets.host(80), None);
+
+        for host in ["", "a b", "x:y", "bad..name"] {
+            let mut edge = edges[0].clone();
+            edge.targets.hosts.insert(80, host.into());
+            let error = edge.validate().unwrap_err().to_string();
+            assert!(error.contains("targetHosts[80]"), "{host:?}: {error}");
+        }
+    }
+
+    #[test]
     fn reads_json_and_toml() {
         let dir = tempfile::tempdir().unwrap();
         let json = dir.path().join("edges.json");
@@ -184,7 +269,7 @@ mod tests {
         .unwrap();
         let edges = load_edges_file(&json).unwrap();
         assert_eq!(edges[0].config.listen_ports, vec![80]);
-        assert_eq!(edges[0].target_ports, BTreeMap::from([(80, 8080)]));
+        assert_eq!(edges[0].targets.ports, BTreeMap::from([(80, 8080)]));
 
         let toml = dir.path().join("edges.toml");
         std::fs::write(
@@ -194,7 +279,7 @@ mod tests {
         .unwrap();
         let edges = load_edges_file(&toml).unwrap();
         assert_eq!(edges[0].config.listen_ports, vec![80, 443]);
-        assert_eq!(edges[0].target_ports, BTreeMap::from([(80, 8080)]));
+        assert_eq!(edges[0].targets.ports, BTreeMap::from([(80, 8080)]));
     }
 
     #[test]

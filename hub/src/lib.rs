@@ -27,7 +27,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use edges::{load_edges_file, validate_all, AllowedEdge};
+pub use edges::{load_edges_file, validate_all, AllowedEdge, PortTargets};
 pub use handshake::AuthFailure;
 use registry::Registry;
 pub use registry::ReplicaConflict;
@@ -271,8 +271,8 @@ pub struct EdgeInfo {
     pub id: String,
     /// Configuration sent to it.
     pub config: EdgeConfig,
-    /// Target port per edge port, where they differ.
-    pub target_ports: std::collections::BTreeMap<u16, u16>,
+    /// Where its connections go, where not to the same port of the target host.
+    pub targets: PortTargets,
     /// Whether its tunnel is up.
     pub connected: bool,
     /// Version of the configuration the hub wants it to run.

@@ -17,14 +17,16 @@ use crate::metrics::{Live, Totals};
 use crate::secret::StoredSecret;
 use crate::store::StoredEdge;
 use crate::target::TargetError;
-use crate::{AllowedEdge, ConnectedEdge, EdgeInfo, HubEvent, HubInner, TokenSecretError};
+use crate::{
+    AllowedEdge, ConnectedEdge, EdgeInfo, HubEvent, HubInner, PortTargets, TokenSecretError,
+};
 
 struct EdgeRecord {
     secret: StoredSecret,
     /// The secret as last given to this process (never persisted), for connection tokens.
     plaintext: Option<String>,
     config: EdgeConfig,
-    target_ports: BTreeMap<u16, u16>,
+    targets: PortTargets,
     /// Counts the pushes of this process, for acknowledgements.
     version: u64,
     /// How new the configuration is: the source's, or counted here when it gives none.
@@ -125,7 +127,7 @@ impl Registry {
             id,
             secret,
             config,
-            target_ports,
+            targets,
         } = edge;
         let Some(record) = self.edges.get_mut(&id) else {
             self.edges.insert(
@@ -135,7 +137,7 @@ impl Registry {
                     plaintext: Some(secret),
                     generation: config.generation.unwrap_or(1),
                     config,
-                    target_ports,
+                    targets,
                     version: 1,
                     applied_version: None,
                     last_error: None,
@@ -156,7 +158,7 @@ impl Registry {
         }
         record.plaintext = Some(secret);
         record.config = config;
-        record.target_ports = target_ports;
+        record.targets = targets;
         record.generation = generation;
         if config_changed {
             record.version += 1;
@@ -215,7 +217,7 @@ impl Registry {
                 id: id.clone(),
                 secret_hash: record.secret.encode(),
                 config: record.config.clone(),
-                target_ports: record.target_ports.clone(),
+                targets: record.targets.clone(),
                 generation: record.generation,
             })
             .collect()
@@ -232,7 +234,7 @@ impl Registry {
                     secret,
                     plaintext: None,
                     config: edge.config,
-                    target_ports: edge.target_ports,
+                    targets: edge.targets,
                     generation: edge.generation.max(1),
                     version: 1,
                     applied_version: None,
@@ -458,14 +460,14 @@ impl Registry {
         }
     }
 
-    /// Where a connection the edge accepted on `edge_port` goes; only ports assigned to the
-    /// edge for that protocol lead anywhere.
-    pub(crate) fn target_port(
+    /// Where a connection the edge accepted on `edge_port` goes: its own target host, if it has
+    /// one, and the target port. Only ports assigned to the edge for that protocol lead anywhere.
+    pub(crate) fn target(
         &self,
         edge_id: &str,
         protocol: Protocol,
         edge_port: u16,
-    ) -> Result<u16, TargetError> {
+    ) -> Result<(Option<String>, u16), TargetError> {
         let record = self.edges.get(edge_id).ok_or(TargetError::EdgeGone)?;
         let assigned = match protocol {
             Protocol::Tcp => &record.config.listen_ports,
@@ -477,11 +479,11 @@ impl Registry {
                 port: edge_port,
             });
         }
-        Ok(record
-            .target_ports
-            .get(&edge_port)
-            .copied()
-            .unwrap_or(edge_port))
+        let targets = &record.targets;
+        Ok((
+            targets.host(edge_port).map(str::to_owned),
+            targets.port(edge_port),
+        ))
     }
 
     pub(crate) fn list(&self) -> Vec<EdgeInfo> {
@@ -490,7 +492,7 @@ impl Registry {
             .map(|(id, record)| EdgeInfo {
                 id: id.clone(),
                 config: record.config.clone(),
-                target_ports: record.target_ports.clone(),
+                targets: record.targets.clone(),
                 connected: self.connections.contains_key(id),
                 desired_version: record.version,
                 generation: record.generation,
@@ -613,13 +615,15 @@ mod tests {
     fn targets_default_to_the_edge_port_unless_mapped() {
         let mut registry = Registry::default();
         let mut entry = edge("a", "s", &[80, 443]);
-        entry.target_ports.insert(443, 8443);
+        entry.targets.ports.insert(443, 8443);
+        entry.targets.hosts.insert(80, "10.96.0.7".into());
         entry.config.listen_ports_udp = vec![53];
         registry.upsert(entry);
-        let route = |edge: &str, protocol, port| registry.target_port(edge, protocol, port);
-        assert_eq!(route("a", Protocol::Tcp, 80).ok(), Some(80));
-        assert_eq!(route("a", Protocol::Tcp, 443).ok(), Some(8443));
-        assert_eq!(route("a", Protocol::Udp, 53).ok(), Some(53));
+        let route = |edge: &str, protocol, port| registry.target(edge, protocol, port);
+        let host = Some("10.96.0.7".to_owned());
+        assert_eq!(route("a", Protocol::Tcp, 80).ok(), Some((host, 80)));
+        assert_eq!(route("a", Protocol::Tcp, 443).ok(), Some((None, 8443)));
+        assert_eq!(route("a", Protocol::Udp, 53).ok(), Some((None, 53)));
         assert!(matches!(
             route("b", Protocol::Tcp, 80),
             Err(TargetError::EdgeGone)
@@ -640,7 +644,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    registry.target_port("a", protocol, port),
+                    registry.target("a", protocol, port),
                     Err(TargetError::NotAssigned { protocol: p, port: n }) if p == protocol && n == port
                 ),
                 "{protocol} {port} must be refused"

@@ -301,8 +301,8 @@ async fn connect_target(
     header: &[u8],
 ) -> Result<TcpStream, TargetError> {
     let port = route.target_port;
-    let host = inner.options.target_host.as_str();
-    let target = format!("{host}:{port}");
+    let host = route.host(inner);
+    let target = route.target(inner);
     let started = std::time::Instant::now();
     let mut socket = tokio::time::timeout(
         inner.options.connect_timeout,

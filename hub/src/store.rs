@@ -1,14 +1,13 @@
 //! The allowed-edge set on disk: one JSON file in the state directory, written atomically
 //! (temporary file, fsync, rename), with secrets only as salted hashes.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
 use remoteingress_wire::EdgeConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::HubError;
+use crate::{HubError, PortTargets};
 
 /// Format version of the state file.
 const FORMAT: u32 = 1;
@@ -20,8 +19,8 @@ pub(crate) struct StoredEdge {
     pub(crate) id: String,
     pub(crate) secret_hash: String,
     pub(crate) config: EdgeConfig,
-    #[serde(default)]
-    pub(crate) target_ports: BTreeMap<u16, u16>,
+    #[serde(flatten)]
+    pub(crate) targets: PortTargets,
     /// The configuration's generation (0 in files written before generations existed).
     #[serde(default)]
     pub(crate) generation: u64,
@@ -96,6 +95,7 @@ pub(crate) fn save(path: &Path, edges: Vec<StoredEdge>) -> Result<(), HubError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn round_trip_missing_and_corrupt() {
@@ -106,7 +106,10 @@ mod tests {
             id: "e1".into(),
             secret_hash: "sha256:00:00".into(),
             config: EdgeConfig::default(),
-            target_ports: BTreeMap::from([(80, 8080)]),
+            targets: PortTargets {
+                ports: BTreeMap::from([(80, 8080)]),
+                hosts: BTreeMap::from([(443, "10.96.0.7".into())]),
+            },
             generation: 7,
         };
         save(&path, vec![edge.clone()]).unwrap();

@@ -15,7 +15,9 @@ pub(crate) struct Route {
     pub(crate) client: std::net::SocketAddr,
     /// The edge port the client reached.
     pub(crate) edge_port: u16,
-    /// The target port on the hub's target host.
+    /// The edge's own target host for this port, if not the hub's.
+    pub(crate) target_host: Option<String>,
+    /// The target port.
     pub(crate) target_port: u16,
 }
 
@@ -28,17 +30,25 @@ impl Route {
         client: std::net::SocketAddr,
         edge_port: u16,
     ) -> Result<Self, TargetError> {
-        let target_port = inner.registry().target_port(edge_id, protocol, edge_port)?;
+        let (target_host, target_port) = inner.registry().target(edge_id, protocol, edge_port)?;
         Ok(Self {
             client,
             edge_port,
+            target_host,
             target_port,
         })
     }
 
+    /// The target host: the edge's own for this port, else the hub's.
+    pub(crate) fn host<'a>(&'a self, inner: &'a HubInner) -> &'a str {
+        self.target_host
+            .as_deref()
+            .unwrap_or(&inner.options.target_host)
+    }
+
     /// `host:port` of the target.
     pub(crate) fn target(&self, inner: &HubInner) -> String {
-        remoteingress_wire::token::join_host_port(&inner.options.target_host, self.target_port)
+        remoteingress_wire::token::join_host_port(self.host(inner), self.target_port)
     }
 }
 

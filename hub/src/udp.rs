@@ -167,9 +167,7 @@ impl UdpSessions {
             addresses.source,
             addresses.destination.port(),
         )?;
-        let port = route.target_port;
-        let host = inner.options.target_host.as_str();
-        let target = remoteingress_tunnel::resolve(host, port).await?;
+        let target = remoteingress_tunnel::resolve(route.host(inner), route.target_port).await?;
         let local: SocketAddr = if target.is_ipv4() {
             ([0, 0, 0, 0], 0).into()
         } else {

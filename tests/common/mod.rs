@@ -110,7 +110,7 @@ pub async fn start_edge(hub: &HubHandle, id: &str) -> EdgeHandle {
 /// An edge entry whose edge ports map to the given target ports.
 pub fn allowed(id: &str, ports: &[(u16, u16)]) -> AllowedEdge {
     let mut edge = AllowedEdge::new(id, SECRET, ports.iter().map(|(edge, _)| *edge).collect());
-    edge.target_ports = ports.iter().copied().collect::<BTreeMap<_, _>>();
+    edge.targets.ports = ports.iter().copied().collect::<BTreeMap<_, _>>();
     edge
 }
 
@@ -138,9 +138,14 @@ pub struct EchoTarget {
 }
 
 pub async fn echo_target() -> EchoTarget {
+    echo_target_on(IpAddr::from([127, 0, 0, 1])).await
+}
+
+/// An echo target listening on `ip`.
+pub async fn echo_target_on(ip: IpAddr) -> EchoTarget {
     // Hundreds of streams connect at once in some tests: the default backlog of 128 would
     // overflow into SYN cookies, which can reset a connection.
-    let listener = remoteingress_tunnel::listen_tcp(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+    let listener = remoteingress_tunnel::listen_tcp(SocketAddr::new(ip, 0)).unwrap();
     let addr = listener.local_addr().unwrap();
     let headers = Arc::new(Mutex::new(Vec::new()));
     let seen = headers.clone();

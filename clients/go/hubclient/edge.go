@@ -23,6 +23,9 @@ type EdgeSpec struct {
 	ListenPortsUDP []uint32 `json:"listenPortsUdp,omitempty"`
 	// TargetPorts maps an edge port to the target port, where they differ.
 	TargetPorts map[uint32]uint32 `json:"targetPorts,omitempty"`
+	// TargetHosts maps an edge port to its own target host (a Service's cluster IP, say), where
+	// it is not the hub's target host.
+	TargetHosts map[uint32]string `json:"targetHosts,omitempty"`
 	// StunIntervalSecs is the STUN refresh interval; 0 means the default (300).
 	StunIntervalSecs uint64 `json:"stunIntervalSecs,omitempty"`
 	// Generation orders configurations across hubs (edges apply only a newer one); nil lets the
@@ -94,6 +97,7 @@ func (e EdgeSpec) Proto() (*pb.Edge, error) {
 		ListenPorts:      e.ListenPorts,
 		ListenPortsUdp:   e.ListenPortsUDP,
 		TargetPorts:      e.TargetPorts,
+		TargetHosts:      e.TargetHosts,
 		StunIntervalSecs: e.StunIntervalSecs,
 		Generation:       e.Generation,
 	}

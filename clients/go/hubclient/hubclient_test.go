@@ -128,6 +128,15 @@ func TestEveryRPCAgainstARealHub(t *testing.T) {
 				if err := client.UpsertEdge(ctx, spec); err != nil {
 					t.Fatalf("%s: %v", vector.Name, err)
 				}
+				listed, err := client.ListEdges(ctx)
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, edge := range listed {
+					if edge.GetId() == spec.ID && len(edge.GetTargetHosts()) != len(spec.TargetHosts) {
+						t.Errorf("%s: target hosts %v, sent %v", vector.Name, edge.GetTargetHosts(), spec.TargetHosts)
+					}
+				}
 				if deleted, err := client.DeleteEdge(ctx, spec.ID); !deleted || err != nil {
 					t.Fatalf("%s: delete %v, %v", vector.Name, deleted, err)
 				}

@@ -65,6 +65,8 @@ export interface EdgeDefinition {
   listenPortsUdp?: number[];
   /** Target port per edge port, where they differ. */
   targetPorts?: Record<number, number>;
+  /** Target host per edge port, where it is not the hub's target host (a Service's cluster IP, say). */
+  targetHosts?: Record<number, string>;
   /** Seconds between STUN refreshes (default 300). */
   stunIntervalSecs?: number;
   /** Firewall rules for the edge. */
@@ -116,6 +118,7 @@ export function edgeToProto(edge: EdgeDefinition): Edge {
     listenPorts: edge.listenPorts ?? [],
     listenPortsUdp: edge.listenPortsUdp ?? [],
     targetPorts: Object.fromEntries(Object.entries(edge.targetPorts ?? {}).map(([from, to]) => [Number(from), to])),
+    targetHosts: Object.fromEntries(Object.entries(edge.targetHosts ?? {}).map(([from, host]) => [Number(from), host])),
     stunIntervalSecs: BigInt(edge.stunIntervalSecs ?? 0),
     generation: edge.generation === undefined ? undefined : BigInt(edge.generation),
     firewallConfig:
@@ -156,6 +159,7 @@ export function edgeFromProto(info: EdgeInfo): EdgeState {
     listenPorts: info.listenPorts,
     listenPortsUdp: info.listenPortsUdp,
     targetPorts: info.targetPorts,
+    targetHosts: info.targetHosts,
     stunIntervalSecs: Number(info.stunIntervalSecs),
     connected: info.connected,
     desiredConfigVersion: Number(info.desiredConfigVersion),

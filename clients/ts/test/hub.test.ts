@@ -112,6 +112,7 @@ test("every invalid shared vector is a typed InvalidArgument naming the field; n
       await client.upsertEdge(edge);
       const stored = (await client.listEdges()).find((e) => e.id === edge.id);
       assert.deepEqual(stored?.listenPorts, edge.listenPorts, vector.name);
+      assert.deepEqual(stored?.targetHosts ?? {}, edge.targetHosts ?? {}, vector.name);
       // The firewall comes back in the shape it went in.
       const rules = (stored?.firewallConfig?.rules ?? []).map(({ id, direction, action, sourceIP, destPort, protocol }) =>
         JSON.stringify({ id, direction, action, sourceIP, destPort, protocol }),

@@ -128,7 +128,11 @@ type Edge struct {
 	// How new this configuration is, set by the caller and the same on every hub serving the
 	// edge (edges apply only a newer one). Unset: the hub counts changes itself. Required when
 	// the hub runs as one of several replicas.
-	Generation    *uint64 `protobuf:"varint,8,opt,name=generation,proto3,oneof" json:"generation,omitempty"`
+	Generation *uint64 `protobuf:"varint,8,opt,name=generation,proto3,oneof" json:"generation,omitempty"`
+	// Target host per edge port, where it is not the hub's target host (a host name or IP
+	// address; a Kubernetes Service's cluster IP, say). The port comes from target_ports, else
+	// it is the edge port.
+	TargetHosts   map[uint32]string `protobuf:"bytes,9,rep,name=target_hosts,json=targetHosts,proto3" json:"target_hosts,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -217,6 +221,13 @@ func (x *Edge) GetGeneration() uint64 {
 		return *x.Generation
 	}
 	return 0
+}
+
+func (x *Edge) GetTargetHosts() map[uint32]string {
+	if x != nil {
+		return x.TargetHosts
+	}
+	return nil
 }
 
 // Request of UpdateAllowedEdges.
@@ -538,7 +549,9 @@ type EdgeInfo struct {
 	// Why it rejected its last configuration, if it did.
 	LastConfigError string `protobuf:"bytes,10,opt,name=last_config_error,json=lastConfigError,proto3" json:"last_config_error,omitempty"`
 	// Generation of the configuration the hub wants it to run.
-	Generation    uint64 `protobuf:"varint,11,opt,name=generation,proto3" json:"generation,omitempty"`
+	Generation uint64 `protobuf:"varint,11,opt,name=generation,proto3" json:"generation,omitempty"`
+	// Target host per edge port, where it is not the hub's target host.
+	TargetHosts   map[uint32]string `protobuf:"bytes,12,rep,name=target_hosts,json=targetHosts,proto3" json:"target_hosts,omitempty" protobuf_key:"varint,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -648,6 +661,13 @@ func (x *EdgeInfo) GetGeneration() uint64 {
 		return x.Generation
 	}
 	return 0
+}
+
+func (x *EdgeInfo) GetTargetHosts() map[uint32]string {
+	if x != nil {
+		return x.TargetHosts
+	}
+	return nil
 }
 
 // Response of ListEdges.
@@ -2261,7 +2281,7 @@ var File_remoteingress_v1_hub_proto protoreflect.FileDescriptor
 
 const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\n" +
-	"\x1aremoteingress/v1/hub.proto\x12\x10remoteingress.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dremoteingress/v1/config.proto\"\xb4\x03\n" +
+	"\x1aremoteingress/v1/hub.proto\x12\x10remoteingress.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dremoteingress/v1/config.proto\"\xc0\x04\n" +
 	"\x04Edge\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x16\n" +
 	"\x06secret\x18\x02 \x01(\tR\x06secret\x12!\n" +
@@ -2272,10 +2292,14 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\x0ffirewall_config\x18\a \x01(\v2 .remoteingress.v1.FirewallConfigR\x0efirewallConfig\x12#\n" +
 	"\n" +
 	"generation\x18\b \x01(\x04H\x00R\n" +
-	"generation\x88\x01\x01\x1a>\n" +
+	"generation\x88\x01\x01\x12J\n" +
+	"\ftarget_hosts\x18\t \x03(\v2'.remoteingress.v1.Edge.TargetHostsEntryR\vtargetHosts\x1a>\n" +
 	"\x10TargetPortsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01B\r\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a>\n" +
+	"\x10TargetHostsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01B\r\n" +
 	"\v_generation\"I\n" +
 	"\x19UpdateAllowedEdgesRequest\x12,\n" +
 	"\x05edges\x18\x01 \x03(\v2\x16.remoteingress.v1.EdgeR\x05edges\"\x1c\n" +
@@ -2287,7 +2311,7 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\x02id\x18\x01 \x01(\tR\x02id\".\n" +
 	"\x12DeleteEdgeResponse\x12\x18\n" +
 	"\adeleted\x18\x01 \x01(\bR\adeleted\"\x12\n" +
-	"\x10ListEdgesRequest\"\xc6\x04\n" +
+	"\x10ListEdgesRequest\"\xd6\x05\n" +
 	"\bEdgeInfo\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12!\n" +
 	"\flisten_ports\x18\x02 \x03(\rR\vlistenPorts\x12(\n" +
@@ -2302,10 +2326,14 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	" \x01(\tR\x0flastConfigError\x12\x1e\n" +
 	"\n" +
 	"generation\x18\v \x01(\x04R\n" +
-	"generation\x1a>\n" +
+	"generation\x12N\n" +
+	"\ftarget_hosts\x18\f \x03(\v2+.remoteingress.v1.EdgeInfo.TargetHostsEntryR\vtargetHosts\x1a>\n" +
 	"\x10TargetPortsEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\"E\n" +
+	"\x05value\x18\x02 \x01(\rR\x05value:\x028\x01\x1a>\n" +
+	"\x10TargetHostsEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\rR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"E\n" +
 	"\x11ListEdgesResponse\x120\n" +
 	"\x05edges\x18\x01 \x03(\v2\x1a.remoteingress.v1.EdgeInfoR\x05edges\"\x12\n" +
 	"\x10GetStatusRequest\"\x99\x03\n" +
@@ -2448,7 +2476,7 @@ func file_remoteingress_v1_hub_proto_rawDescGZIP() []byte {
 }
 
 var file_remoteingress_v1_hub_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_remoteingress_v1_hub_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_remoteingress_v1_hub_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
 var file_remoteingress_v1_hub_proto_goTypes = []any{
 	(EventKind)(0),                        // 0: remoteingress.v1.EventKind
 	(*Edge)(nil),                          // 1: remoteingress.v1.Edge
@@ -2486,63 +2514,67 @@ var file_remoteingress_v1_hub_proto_goTypes = []any{
 	(*DrainEdgeRequest)(nil),              // 33: remoteingress.v1.DrainEdgeRequest
 	(*DrainEdgeResponse)(nil),             // 34: remoteingress.v1.DrainEdgeResponse
 	nil,                                   // 35: remoteingress.v1.Edge.TargetPortsEntry
-	nil,                                   // 36: remoteingress.v1.EdgeInfo.TargetPortsEntry
-	(*FirewallConfig)(nil),                // 37: remoteingress.v1.FirewallConfig
-	(*timestamppb.Timestamp)(nil),         // 38: google.protobuf.Timestamp
-	(Transport)(0),                        // 39: remoteingress.v1.Transport
-	(*durationpb.Duration)(nil),           // 40: google.protobuf.Duration
+	nil,                                   // 36: remoteingress.v1.Edge.TargetHostsEntry
+	nil,                                   // 37: remoteingress.v1.EdgeInfo.TargetPortsEntry
+	nil,                                   // 38: remoteingress.v1.EdgeInfo.TargetHostsEntry
+	(*FirewallConfig)(nil),                // 39: remoteingress.v1.FirewallConfig
+	(*timestamppb.Timestamp)(nil),         // 40: google.protobuf.Timestamp
+	(Transport)(0),                        // 41: remoteingress.v1.Transport
+	(*durationpb.Duration)(nil),           // 42: google.protobuf.Duration
 }
 var file_remoteingress_v1_hub_proto_depIdxs = []int32{
 	35, // 0: remoteingress.v1.Edge.target_ports:type_name -> remoteingress.v1.Edge.TargetPortsEntry
-	37, // 1: remoteingress.v1.Edge.firewall_config:type_name -> remoteingress.v1.FirewallConfig
-	1,  // 2: remoteingress.v1.UpdateAllowedEdgesRequest.edges:type_name -> remoteingress.v1.Edge
-	1,  // 3: remoteingress.v1.UpsertEdgeRequest.edge:type_name -> remoteingress.v1.Edge
-	36, // 4: remoteingress.v1.EdgeInfo.target_ports:type_name -> remoteingress.v1.EdgeInfo.TargetPortsEntry
-	37, // 5: remoteingress.v1.EdgeInfo.firewall_config:type_name -> remoteingress.v1.FirewallConfig
-	9,  // 6: remoteingress.v1.ListEdgesResponse.edges:type_name -> remoteingress.v1.EdgeInfo
-	38, // 7: remoteingress.v1.ConnectedEdge.connected_since:type_name -> google.protobuf.Timestamp
-	39, // 8: remoteingress.v1.ConnectedEdge.transport:type_name -> remoteingress.v1.Transport
-	40, // 9: remoteingress.v1.ConnectedEdge.rtt:type_name -> google.protobuf.Duration
-	12, // 10: remoteingress.v1.GetStatusResponse.connected_edges:type_name -> remoteingress.v1.ConnectedEdge
-	0,  // 11: remoteingress.v1.WatchEventsRequest.kinds:type_name -> remoteingress.v1.EventKind
-	39, // 12: remoteingress.v1.EdgeConnected.transport:type_name -> remoteingress.v1.Transport
-	38, // 13: remoteingress.v1.WatchEventsResponse.time:type_name -> google.protobuf.Timestamp
-	15, // 14: remoteingress.v1.WatchEventsResponse.edge_connected:type_name -> remoteingress.v1.EdgeConnected
-	16, // 15: remoteingress.v1.WatchEventsResponse.edge_disconnected:type_name -> remoteingress.v1.EdgeDisconnected
-	17, // 16: remoteingress.v1.WatchEventsResponse.stream_opened:type_name -> remoteingress.v1.StreamOpened
-	18, // 17: remoteingress.v1.WatchEventsResponse.stream_closed:type_name -> remoteingress.v1.StreamClosed
-	19, // 18: remoteingress.v1.WatchEventsResponse.udp_session_opened:type_name -> remoteingress.v1.UdpSessionOpened
-	20, // 19: remoteingress.v1.WatchEventsResponse.udp_session_closed:type_name -> remoteingress.v1.UdpSessionClosed
-	21, // 20: remoteingress.v1.WatchEventsResponse.config_pushed:type_name -> remoteingress.v1.ConfigPushed
-	22, // 21: remoteingress.v1.WatchEventsResponse.config_applied:type_name -> remoteingress.v1.ConfigApplied
-	23, // 22: remoteingress.v1.WatchEventsResponse.auth_failed:type_name -> remoteingress.v1.AuthFailed
-	25, // 23: remoteingress.v1.WatchEventsResponse.events_missed:type_name -> remoteingress.v1.EventsMissed
-	24, // 24: remoteingress.v1.WatchEventsResponse.open_refused:type_name -> remoteingress.v1.OpenRefused
-	2,  // 25: remoteingress.v1.HubAdmin.UpdateAllowedEdges:input_type -> remoteingress.v1.UpdateAllowedEdgesRequest
-	4,  // 26: remoteingress.v1.HubAdmin.UpsertEdge:input_type -> remoteingress.v1.UpsertEdgeRequest
-	6,  // 27: remoteingress.v1.HubAdmin.DeleteEdge:input_type -> remoteingress.v1.DeleteEdgeRequest
-	8,  // 28: remoteingress.v1.HubAdmin.ListEdges:input_type -> remoteingress.v1.ListEdgesRequest
-	11, // 29: remoteingress.v1.HubAdmin.GetStatus:input_type -> remoteingress.v1.GetStatusRequest
-	14, // 30: remoteingress.v1.HubAdmin.WatchEvents:input_type -> remoteingress.v1.WatchEventsRequest
-	27, // 31: remoteingress.v1.HubAdmin.CreateConnectionToken:input_type -> remoteingress.v1.CreateConnectionTokenRequest
-	29, // 32: remoteingress.v1.HubAdmin.DisconnectEdge:input_type -> remoteingress.v1.DisconnectEdgeRequest
-	31, // 33: remoteingress.v1.HubAdmin.Drain:input_type -> remoteingress.v1.DrainRequest
-	33, // 34: remoteingress.v1.HubAdmin.DrainEdge:input_type -> remoteingress.v1.DrainEdgeRequest
-	3,  // 35: remoteingress.v1.HubAdmin.UpdateAllowedEdges:output_type -> remoteingress.v1.UpdateAllowedEdgesResponse
-	5,  // 36: remoteingress.v1.HubAdmin.UpsertEdge:output_type -> remoteingress.v1.UpsertEdgeResponse
-	7,  // 37: remoteingress.v1.HubAdmin.DeleteEdge:output_type -> remoteingress.v1.DeleteEdgeResponse
-	10, // 38: remoteingress.v1.HubAdmin.ListEdges:output_type -> remoteingress.v1.ListEdgesResponse
-	13, // 39: remoteingress.v1.HubAdmin.GetStatus:output_type -> remoteingress.v1.GetStatusResponse
-	26, // 40: remoteingress.v1.HubAdmin.WatchEvents:output_type -> remoteingress.v1.WatchEventsResponse
-	28, // 41: remoteingress.v1.HubAdmin.CreateConnectionToken:output_type -> remoteingress.v1.CreateConnectionTokenResponse
-	30, // 42: remoteingress.v1.HubAdmin.DisconnectEdge:output_type -> remoteingress.v1.DisconnectEdgeResponse
-	32, // 43: remoteingress.v1.HubAdmin.Drain:output_type -> remoteingress.v1.DrainResponse
-	34, // 44: remoteingress.v1.HubAdmin.DrainEdge:output_type -> remoteingress.v1.DrainEdgeResponse
-	35, // [35:45] is the sub-list for method output_type
-	25, // [25:35] is the sub-list for method input_type
-	25, // [25:25] is the sub-list for extension type_name
-	25, // [25:25] is the sub-list for extension extendee
-	0,  // [0:25] is the sub-list for field type_name
+	39, // 1: remoteingress.v1.Edge.firewall_config:type_name -> remoteingress.v1.FirewallConfig
+	36, // 2: remoteingress.v1.Edge.target_hosts:type_name -> remoteingress.v1.Edge.TargetHostsEntry
+	1,  // 3: remoteingress.v1.UpdateAllowedEdgesRequest.edges:type_name -> remoteingress.v1.Edge
+	1,  // 4: remoteingress.v1.UpsertEdgeRequest.edge:type_name -> remoteingress.v1.Edge
+	37, // 5: remoteingress.v1.EdgeInfo.target_ports:type_name -> remoteingress.v1.EdgeInfo.TargetPortsEntry
+	39, // 6: remoteingress.v1.EdgeInfo.firewall_config:type_name -> remoteingress.v1.FirewallConfig
+	38, // 7: remoteingress.v1.EdgeInfo.target_hosts:type_name -> remoteingress.v1.EdgeInfo.TargetHostsEntry
+	9,  // 8: remoteingress.v1.ListEdgesResponse.edges:type_name -> remoteingress.v1.EdgeInfo
+	40, // 9: remoteingress.v1.ConnectedEdge.connected_since:type_name -> google.protobuf.Timestamp
+	41, // 10: remoteingress.v1.ConnectedEdge.transport:type_name -> remoteingress.v1.Transport
+	42, // 11: remoteingress.v1.ConnectedEdge.rtt:type_name -> google.protobuf.Duration
+	12, // 12: remoteingress.v1.GetStatusResponse.connected_edges:type_name -> remoteingress.v1.ConnectedEdge
+	0,  // 13: remoteingress.v1.WatchEventsRequest.kinds:type_name -> remoteingress.v1.EventKind
+	41, // 14: remoteingress.v1.EdgeConnected.transport:type_name -> remoteingress.v1.Transport
+	40, // 15: remoteingress.v1.WatchEventsResponse.time:type_name -> google.protobuf.Timestamp
+	15, // 16: remoteingress.v1.WatchEventsResponse.edge_connected:type_name -> remoteingress.v1.EdgeConnected
+	16, // 17: remoteingress.v1.WatchEventsResponse.edge_disconnected:type_name -> remoteingress.v1.EdgeDisconnected
+	17, // 18: remoteingress.v1.WatchEventsResponse.stream_opened:type_name -> remoteingress.v1.StreamOpened
+	18, // 19: remoteingress.v1.WatchEventsResponse.stream_closed:type_name -> remoteingress.v1.StreamClosed
+	19, // 20: remoteingress.v1.WatchEventsResponse.udp_session_opened:type_name -> remoteingress.v1.UdpSessionOpened
+	20, // 21: remoteingress.v1.WatchEventsResponse.udp_session_closed:type_name -> remoteingress.v1.UdpSessionClosed
+	21, // 22: remoteingress.v1.WatchEventsResponse.config_pushed:type_name -> remoteingress.v1.ConfigPushed
+	22, // 23: remoteingress.v1.WatchEventsResponse.config_applied:type_name -> remoteingress.v1.ConfigApplied
+	23, // 24: remoteingress.v1.WatchEventsResponse.auth_failed:type_name -> remoteingress.v1.AuthFailed
+	25, // 25: remoteingress.v1.WatchEventsResponse.events_missed:type_name -> remoteingress.v1.EventsMissed
+	24, // 26: remoteingress.v1.WatchEventsResponse.open_refused:type_name -> remoteingress.v1.OpenRefused
+	2,  // 27: remoteingress.v1.HubAdmin.UpdateAllowedEdges:input_type -> remoteingress.v1.UpdateAllowedEdgesRequest
+	4,  // 28: remoteingress.v1.HubAdmin.UpsertEdge:input_type -> remoteingress.v1.UpsertEdgeRequest
+	6,  // 29: remoteingress.v1.HubAdmin.DeleteEdge:input_type -> remoteingress.v1.DeleteEdgeRequest
+	8,  // 30: remoteingress.v1.HubAdmin.ListEdges:input_type -> remoteingress.v1.ListEdgesRequest
+	11, // 31: remoteingress.v1.HubAdmin.GetStatus:input_type -> remoteingress.v1.GetStatusRequest
+	14, // 32: remoteingress.v1.HubAdmin.WatchEvents:input_type -> remoteingress.v1.WatchEventsRequest
+	27, // 33: remoteingress.v1.HubAdmin.CreateConnectionToken:input_type -> remoteingress.v1.CreateConnectionTokenRequest
+	29, // 34: remoteingress.v1.HubAdmin.DisconnectEdge:input_type -> remoteingress.v1.DisconnectEdgeRequest
+	31, // 35: remoteingress.v1.HubAdmin.Drain:input_type -> remoteingress.v1.DrainRequest
+	33, // 36: remoteingress.v1.HubAdmin.DrainEdge:input_type -> remoteingress.v1.DrainEdgeRequest
+	3,  // 37: remoteingress.v1.HubAdmin.UpdateAllowedEdges:output_type -> remoteingress.v1.UpdateAllowedEdgesResponse
+	5,  // 38: remoteingress.v1.HubAdmin.UpsertEdge:output_type -> remoteingress.v1.UpsertEdgeResponse
+	7,  // 39: remoteingress.v1.HubAdmin.DeleteEdge:output_type -> remoteingress.v1.DeleteEdgeResponse
+	10, // 40: remoteingress.v1.HubAdmin.ListEdges:output_type -> remoteingress.v1.ListEdgesResponse
+	13, // 41: remoteingress.v1.HubAdmin.GetStatus:output_type -> remoteingress.v1.GetStatusResponse
+	26, // 42: remoteingress.v1.HubAdmin.WatchEvents:output_type -> remoteingress.v1.WatchEventsResponse
+	28, // 43: remoteingress.v1.HubAdmin.CreateConnectionToken:output_type -> remoteingress.v1.CreateConnectionTokenResponse
+	30, // 44: remoteingress.v1.HubAdmin.DisconnectEdge:output_type -> remoteingress.v1.DisconnectEdgeResponse
+	32, // 45: remoteingress.v1.HubAdmin.Drain:output_type -> remoteingress.v1.DrainResponse
+	34, // 46: remoteingress.v1.HubAdmin.DrainEdge:output_type -> remoteingress.v1.DrainEdgeResponse
+	37, // [37:47] is the sub-list for method output_type
+	27, // [27:37] is the sub-list for method input_type
+	27, // [27:27] is the sub-list for extension type_name
+	27, // [27:27] is the sub-list for extension extendee
+	0,  // [0:27] is the sub-list for field type_name
 }
 
 func init() { file_remoteingress_v1_hub_proto_init() }
@@ -2571,7 +2603,7 @@ func file_remoteingress_v1_hub_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_remoteingress_v1_hub_proto_rawDesc), len(file_remoteingress_v1_hub_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   36,
+			NumMessages:   38,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
