@@ -1,15 +1,15 @@
 //! The edges a hub admits: their credentials, configuration and target-port mapping, with the
 //! validation that keeps a bad entry from ever reaching an edge.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::path::Path;
 
 use remoteingress_wire::handshake::{validate_edge_id, validate_secret};
 use remoteingress_wire::EdgeConfig;
-use serde::de::Error as _;
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Serialize};
 
 use crate::HubError;
+use remoteingress_wire::config::PortTargets;
 
 /// One edge the hub admits.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,96 +25,6 @@ pub struct AllowedEdge {
     /// Where its connections go, per edge port, where not to the same port of the target host.
     #[serde(flatten)]
     pub targets: PortTargets,
-}
-
-/// Per-port targets of an edge: a port or a host for some edge ports; every other port goes to
-/// the same port of the hub's target host.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct PortTargets {
-    /// Target port per edge port, where they differ (`targetPorts`).
-    #[serde(
-        rename = "targetPorts",
-        default,
-        skip_serializing_if = "BTreeMap::is_empty",
-        deserialize_with = "port_map"
-    )]
-    pub ports: BTreeMap<u16, u16>,
-    /// Target host per edge port, where it is not the hub's target host (`targetHosts`): a
-    /// Kubernetes Service's cluster IP, say.
-    #[serde(
-        rename = "targetHosts",
-        default,
-        skip_serializing_if = "BTreeMap::is_empty",
-        deserialize_with = "port_map"
-    )]
-    pub hosts: BTreeMap<u16, String>,
-}
-
-impl PortTargets {
-    /// The target port for connections the edge accepted on `edge_port`.
-    pub fn port(&self, edge_port: u16) -> u16 {
-        self.ports.get(&edge_port).copied().unwrap_or(edge_port)
-    }
-
-    /// The target host for `edge_port`, if it is not the hub's target host.
-    pub fn host(&self, edge_port: u16) -> Option<&str> {
-        self.hosts.get(&edge_port).map(String::as_str)
-    }
-
-    /// Checks that every port is usable and every host a plausible host name or address.
-    fn validate(&self) -> Result<(), String> {
-        for (from, to) in &self.ports {
-            if *from == 0 || *to == 0 {
-                return Err(format!(
-                    "targetPorts: {from} -> {to}: port 0 is not a usable port"
-                ));
-            }
-        }
-        for (port, host) in &self.hosts {
-            if *port == 0 {
-                return Err("targetHosts: port 0 is not a usable port".into());
-            }
-            validate_host(host).map_err(|e| format!("targetHosts[{port}]: {e}"))?;
-        }
-        Ok(())
-    }
-}
-
-/// A host name (letters, digits, `-`, `_` and dots) or an IP address, as a target.
-fn validate_host(host: &str) -> Result<(), String> {
-    if host.parse::<std::net::IpAddr>().is_ok() {
-        return Ok(());
-    }
-    let valid = !host.is_empty()
-        && host.len() <= 253
-        && host.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        });
-    if valid {
-        Ok(())
-    } else {
-        Err(format!("{host:?} is not a host name or IP address"))
-    }
-}
-
-/// Reads `{"80": …}`: map keys are strings in JSON and TOML.
-fn port_map<'de, D, V>(deserializer: D) -> Result<BTreeMap<u16, V>, D::Error>
-where
-    D: Deserializer<'de>,
-    V: Deserialize<'de>,
-{
-    BTreeMap::<String, V>::deserialize(deserializer)?
-        .into_iter()
-        .map(|(key, value)| match key.parse::<u16>() {
-            Ok(port) => Ok((port, value)),
-            Err(_) => Err(D::Error::custom(format!("map key {key:?} is not a port"))),
-        })
-        .collect()
 }
 
 impl std::fmt::Debug for AllowedEdge {
@@ -151,16 +61,12 @@ impl AllowedEdge {
         validate_edge_id(&self.id).map_err(|e| invalid("id", e.to_string()))?;
         validate_secret(&self.secret).map_err(|e| invalid("secret", e.to_string()))?;
         // The configuration's problems name their own fields (`listenPorts[0]: …`).
-        self.config.validate().map_err(|e| HubError::InvalidEdge {
+        let problems = |e: remoteingress_wire::config::ConfigError| HubError::InvalidEdge {
             edge: self.id.clone(),
             message: e.to_string(),
-        })?;
-        self.targets
-            .validate()
-            .map_err(|message| HubError::InvalidEdge {
-                edge: self.id.clone(),
-                message,
-            })
+        };
+        self.config.validate().map_err(problems)?;
+        self.targets.validate().map_err(problems)
     }
 }
 
@@ -233,6 +139,7 @@ fn modified_millis(path: &Path) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn per_port_target_hosts_are_read_and_checked() {

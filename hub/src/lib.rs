@@ -27,11 +27,12 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use edges::{load_edges_file, validate_all, AllowedEdge, PortTargets};
+pub use edges::{load_edges_file, validate_all, AllowedEdge};
 pub use handshake::AuthFailure;
 use registry::Registry;
 pub use registry::ReplicaConflict;
 pub use remoteingress_tunnel::Transport;
+pub use remoteingress_wire::config::PortTargets;
 pub use remoteingress_wire::config::Protocol;
 
 /// Why a hub operation failed.

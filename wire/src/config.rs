@@ -3,12 +3,13 @@
 //! JSON keys are exactly those of the original system (`listenPorts`, `firewallConfig`, …);
 //! unknown keys are ignored so that newer hubs can talk to older edges.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer, Serialize};
 use thiserror::Error;
 
 /// Default seconds between STUN public-IP refreshes.
@@ -244,6 +245,14 @@ const MAX_COMMENT_LEN: usize = 128;
 struct Problems(Vec<String>);
 
 impl Problems {
+    fn into_result(self) -> Result<(), ConfigError> {
+        if self.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError { problems: self.0 })
+        }
+    }
+
     fn add(&mut self, field: impl fmt::Display, message: impl fmt::Display) {
         self.0.push(format!("{field}: {message}"));
     }
@@ -303,13 +312,7 @@ impl EdgeConfig {
         if let Some(firewall) = &self.firewall_config {
             firewall.check(&mut problems);
         }
-        if problems.0.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError {
-                problems: problems.0,
-            })
-        }
+        problems.into_result()
     }
 }
 
@@ -371,6 +374,101 @@ impl FirewallConfig {
             }
         }
     }
+}
+
+/// Per-port targets of an edge: a port or a host for some edge ports; every other port goes to
+/// the same port of the hub's target host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PortTargets {
+    /// Target port per edge port, where they differ (`targetPorts`).
+    #[serde(
+        rename = "targetPorts",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "port_map"
+    )]
+    pub ports: BTreeMap<u16, u16>,
+    /// Target host per edge port, where it is not the hub's target host (`targetHosts`): a
+    /// Kubernetes Service's cluster IP, say.
+    #[serde(
+        rename = "targetHosts",
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "port_map"
+    )]
+    pub hosts: BTreeMap<u16, String>,
+}
+
+impl PortTargets {
+    /// The target port for connections the edge accepted on `edge_port`.
+    pub fn port(&self, edge_port: u16) -> u16 {
+        self.ports.get(&edge_port).copied().unwrap_or(edge_port)
+    }
+
+    /// The target host for `edge_port`, if it is not the hub's target host.
+    pub fn host(&self, edge_port: u16) -> Option<&str> {
+        self.hosts.get(&edge_port).map(String::as_str)
+    }
+
+    /// Checks that every port is usable and every host a plausible host name or address,
+    /// reporting every problem found.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Problems::default();
+        for (from, to) in &self.ports {
+            if *from == 0 || *to == 0 {
+                problems.add(
+                    format_args!("targetPorts[{from}]"),
+                    format_args!("{from} -> {to}: port 0 is not a usable port"),
+                );
+            }
+        }
+        for (port, host) in &self.hosts {
+            if *port == 0 {
+                problems.add("targetHosts[0]", "port 0 is not a usable port");
+            }
+            if let Err(message) = validate_host(host) {
+                problems.add(format_args!("targetHosts[{port}]"), message);
+            }
+        }
+        problems.into_result()
+    }
+}
+
+/// A host name (letters, digits, `-`, `_` and dots) or an IP address, as a target.
+fn validate_host(host: &str) -> Result<(), String> {
+    if host.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    let valid = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("{host:?} is not a host name or IP address"))
+    }
+}
+
+/// Reads `{"80": …}`: map keys are strings in JSON and TOML.
+fn port_map<'de, D, V>(deserializer: D) -> Result<BTreeMap<u16, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    BTreeMap::<String, V>::deserialize(deserializer)?
+        .into_iter()
+        .map(|(key, value)| match key.parse::<u16>() {
+            Ok(port) => Ok((port, value)),
+            Err(_) => Err(D::Error::custom(format!("map key {key:?} is not a port"))),
+        })
+        .collect()
 }
 
 #[cfg(test)]

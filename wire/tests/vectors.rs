@@ -3,6 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use remoteingress_wire::config::PortTargets;
 use remoteingress_wire::token::{ConnectionToken, TokenError};
 use remoteingress_wire::EdgeConfig;
 use serde_json::Value;
@@ -83,7 +84,9 @@ fn edge_configs_validate_as_expected() {
     for case in cases(&vectors, "edges") {
         let name = case["name"].as_str().unwrap();
         let config: EdgeConfig = serde_json::from_value(case["edge"].clone()).unwrap();
-        match (config.validate(), case["valid"].as_bool().unwrap()) {
+        let targets: PortTargets = serde_json::from_value(case["edge"].clone()).unwrap();
+        let validated = config.validate().and_then(|()| targets.validate());
+        match (validated, case["valid"].as_bool().unwrap()) {
             (Ok(()), true) => {}
             (Err(error), false) => {
                 let field = case["field"].as_str().unwrap();
