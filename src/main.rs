@@ -1,6 +1,7 @@
 //! `remoteingress`: the command line. It parses arguments and wires the library crates together.
 
 mod demo;
+mod operator;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -81,6 +82,8 @@ enum Command {
     Token(TokenCommand),
     /// Start a hub, an edge and a sample target on loopback and show a request going through.
     Demo(demo::DemoArgs),
+    /// Run the Kubernetes operator: Edge resources and LoadBalancer Services to hub config.
+    Operator(operator::OperatorArgs),
 }
 
 #[derive(Args)]
@@ -428,6 +431,7 @@ fn main() -> Result<()> {
         Command::Hub(args) => runtime(cli.worker_threads)?.block_on(run_hub(args))?,
         Command::Edge(args) => runtime(cli.worker_threads)?.block_on(run_edge(args))?,
         Command::Demo(args) => runtime(cli.worker_threads)?.block_on(demo::run(args))?,
+        Command::Operator(args) => runtime(cli.worker_threads)?.block_on(operator::run(args))?,
     }
     Ok(())
 }
@@ -746,7 +750,7 @@ async fn drain(grace: Duration, active: impl Fn() -> usize) -> Result<()> {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() -> Result<()> {
+pub(crate) async fn shutdown_signal() -> Result<()> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -232,6 +232,39 @@ pub(crate) fn edge_from_proto(edge: pb::Edge) -> Result<AllowedEdge, Status> {
     })
 }
 
+/// The API message of an edge (the inverse of the admin API's reading of one).
+pub fn edge_to_proto(edge: AllowedEdge) -> pb::Edge {
+    let AllowedEdge {
+        id,
+        secret,
+        config,
+        targets,
+    } = edge;
+    pb::Edge {
+        id,
+        secret,
+        listen_ports: config.listen_ports.iter().map(|p| u32::from(*p)).collect(),
+        listen_ports_udp: config
+            .listen_ports_udp
+            .iter()
+            .map(|p| u32::from(*p))
+            .collect(),
+        target_ports: targets
+            .ports
+            .into_iter()
+            .map(|(from, to)| (u32::from(from), u32::from(to)))
+            .collect(),
+        target_hosts: targets
+            .hosts
+            .into_iter()
+            .map(|(from, host)| (u32::from(from), host))
+            .collect(),
+        stun_interval_secs: config.stun_interval_secs,
+        firewall_config: config.firewall_config.map(firewall_to),
+        generation: config.generation,
+    }
+}
+
 pub(crate) fn edge_info(info: EdgeInfo) -> pb::EdgeInfo {
     pb::EdgeInfo {
         id: info.id,

@@ -12,6 +12,7 @@ mod hub_admin;
 mod metrics_http;
 mod server;
 
+pub use convert::edge_to_proto;
 pub use metrics_http::{serve_metrics, Readiness};
 pub use server::{
     serve_edge_status, serve_hub_admin, AdminOptions, ApiLimits, ControlPlaneError, Served,

@@ -17,13 +17,18 @@ pub const DEFAULT_STUN_INTERVAL_SECS: u64 = 300;
 
 /// Ports, STUN interval and firewall rules of one edge.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct EdgeConfig {
     /// TCP ports the edge listens on.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(range(min = 1, max = 65535))))]
+    #[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-list-type" = "set")))]
     pub listen_ports: Vec<u16>,
     /// UDP ports the edge listens on.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(range(min = 1, max = 65535))))]
+    #[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-list-type" = "set")))]
     pub listen_ports_udp: Vec<u16>,
     /// Seconds between STUN public-IP refreshes; 0 disables refreshing.
     #[serde(default = "default_stun_interval")]
@@ -33,12 +38,22 @@ pub struct EdgeConfig {
     pub firewall_config: Option<FirewallConfig>,
     /// Per-edge increasing config version (our extension; acknowledged with CONFIG_ACK).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(skip))]
     pub version: Option<u64>,
     /// How new the configuration is, set by its source (edges file, admin caller, operator) and
     /// the same on every hub that serves the edge: an edge applies only a newer one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(skip))]
     pub generation: Option<u64>,
 }
+
+/// An IPv4 or IPv6 address or CIDR, as the schema checks it (`parse_cidr` is the full check).
+#[cfg(feature = "schema")]
+const CIDR_PATTERN: &str = r"^(((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(/(3[0-2]|[12]?[0-9]))?|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(/(12[0-8]|1[01][0-9]|[1-9]?[0-9]))?)$";
+
+/// A rate-limit or rule id.
+#[cfg(feature = "schema")]
+const ID_PATTERN: &str = r"^[A-Za-z0-9._-]{1,64}$";
 
 fn default_stun_interval() -> u64 {
     DEFAULT_STUN_INTERVAL_SECS
@@ -72,21 +87,26 @@ impl Default for EdgeConfig {
 
 /// Addresses to block, rate limits and explicit rules for an edge's nftables table.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct FirewallConfig {
     /// IPv4/IPv6 addresses or CIDRs whose packets are dropped on input.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(inner(regex(pattern = CIDR_PATTERN))))]
     pub blocked_ips: Vec<String>,
     /// Rate limits per destination port.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"])))]
     pub rate_limits: Vec<RateLimit>,
     /// Explicit accept/drop/reject rules.
     #[serde(default)]
+    #[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"])))]
     pub rules: Vec<FirewallRule>,
 }
 
 /// A transport protocol a firewall entry applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// TCP.
@@ -113,19 +133,31 @@ impl std::fmt::Display for Protocol {
 
 /// A rate limit on one destination port.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RateLimit {
     /// Unique id within the config.
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = ID_PATTERN)))]
     pub id: String,
     /// Destination port.
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 65535)))]
     pub port: u16,
     /// Protocol; both when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<String>", regex(pattern = "^(tcp|udp)$"))
+    )]
     pub protocol: Option<Protocol>,
     /// `N/second`, `N/minute` or `N/hour`.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(regex(pattern = r"^[1-9][0-9]{0,9}/(second|minute|hour)$"))
+    )]
     pub rate: String,
     /// Packets allowed above the rate in a burst.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1)))]
     pub burst: Option<u32>,
     /// Limit each source address separately.
     #[serde(default, rename = "perSourceIP")]
@@ -134,6 +166,7 @@ pub struct RateLimit {
 
 /// Which hook a rule applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     /// Packets to this host.
@@ -146,6 +179,7 @@ pub enum Direction {
 
 /// What a rule does with matching packets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     /// Let the packet through.
@@ -158,9 +192,11 @@ pub enum Action {
 
 /// An explicit firewall rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct FirewallRule {
     /// Unique id within the config.
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = ID_PATTERN)))]
     pub id: String,
     /// Hook the rule applies to.
     pub direction: Direction,
@@ -168,15 +204,22 @@ pub struct FirewallRule {
     pub action: Action,
     /// Source address or CIDR to match.
     #[serde(default, rename = "sourceIP", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(regex(pattern = CIDR_PATTERN)))]
     pub source_ip: Option<String>,
     /// Destination port to match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 65535)))]
     pub dest_port: Option<u16>,
     /// Protocol to match.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<String>", regex(pattern = "^(tcp|udp)$"))
+    )]
     pub protocol: Option<Protocol>,
     /// Free text kept with the rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "schema", schemars(length(max = 128)))]
     pub comment: Option<String>,
 }
 
@@ -379,6 +422,7 @@ impl FirewallConfig {
 /// Per-port targets of an edge: a port or a host for some edge ports; every other port goes to
 /// the same port of the hub's target host.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct PortTargets {
     /// Target port per edge port, where they differ (`targetPorts`).
@@ -388,6 +432,7 @@ pub struct PortTargets {
         skip_serializing_if = "BTreeMap::is_empty",
         deserialize_with = "port_map"
     )]
+    #[cfg_attr(feature = "schema", schemars(with = "BTreeMap<String, u16>"))]
     pub ports: BTreeMap<u16, u16>,
     /// Target host per edge port, where it is not the hub's target host (`targetHosts`): a
     /// Kubernetes Service's cluster IP, say.
@@ -397,6 +442,7 @@ pub struct PortTargets {
         skip_serializing_if = "BTreeMap::is_empty",
         deserialize_with = "port_map"
     )]
+    #[cfg_attr(feature = "schema", schemars(with = "BTreeMap<String, String>"))]
     pub hosts: BTreeMap<u16, String>,
 }
 

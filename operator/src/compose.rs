@@ -1,0 +1,449 @@
+//! From Kubernetes objects to the hubs' edge set: each Edge's own spec, plus the ports of the
+//! `LoadBalancer` Services exposed through it, with port clashes found and refused. Pure: the
+//! objects and secrets in, the composition out.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use k8s_openapi::api::core::v1::Service;
+use kube::ResourceExt;
+use remoteingress_hub::AllowedEdge;
+use sha2::{Digest, Sha256};
+
+use crate::crd::Edge;
+
+/// The `loadBalancerClass` of Services we expose.
+pub const LOAD_BALANCER_CLASS: &str = "remoteingress.dev/edge";
+/// Service annotation naming the Edges (comma-separated, in its namespace) that expose it.
+pub const EDGES_ANNOTATION: &str = "remoteingress.dev/edges";
+/// Service annotation with a label selector (`key=value,…`) choosing the Edges that expose it.
+pub const EDGE_SELECTOR_ANNOTATION: &str = "remoteingress.dev/edge-selector";
+
+/// An Edge object's place: namespace and name.
+pub type ObjectKey = (String, String);
+
+/// One Edge as the hubs get it, or why it cannot be pushed.
+#[derive(Debug, Clone)]
+pub struct ComposedEdge {
+    /// The Edge object.
+    pub key: ObjectKey,
+    /// The edge as pushed (generation not yet set), if it is valid.
+    pub edge: Result<AllowedEdge, String>,
+    /// A digest of everything but the secret, to tell when the configuration changes.
+    pub digest: String,
+}
+
+/// A Service's ports on one edge, or the clash that kept them off it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    /// The Edge object.
+    pub edge: ObjectKey,
+    /// `None` if the ports were assigned; else why not.
+    pub refused: Option<String>,
+}
+
+/// A Service of our class and where its ports went.
+#[derive(Debug, Clone)]
+pub struct Exposure {
+    /// The Service.
+    pub service: ObjectKey,
+    /// Each chosen edge, with or without its ports.
+    pub placements: Vec<Placement>,
+    /// Why the Service cannot be exposed at all (no cluster IP, no usable port).
+    pub problem: Option<String>,
+}
+
+/// The whole desired state.
+#[derive(Debug, Clone, Default)]
+pub struct Composition {
+    /// Every Edge object, in name order.
+    pub edges: Vec<ComposedEdge>,
+    /// Every Service of our class, oldest first.
+    pub exposures: Vec<Exposure>,
+}
+
+/// True for a Service the operator exposes.
+pub fn is_ours(service: &Service) -> bool {
+    let spec = service.spec.as_ref();
+    spec.and_then(|s| s.type_.as_deref()) == Some("LoadBalancer")
+        && spec.and_then(|s| s.load_balancer_class.as_deref()) == Some(LOAD_BALANCER_CLASS)
+}
+
+/// The edge id of an Edge object: its spec's, else its name.
+pub fn edge_id(edge: &Edge) -> String {
+    edge.spec.edge_id.clone().unwrap_or_else(|| edge.name_any())
+}
+
+/// Composes the edge set. `secret` gives each Edge's shared secret, or why it has none.
+pub fn compose(
+    edges: &[&Edge],
+    services: &[&Service],
+    secret: impl Fn(&Edge) -> Result<String, String>,
+) -> Composition {
+    let mut edges: Vec<&Edge> = edges.to_vec();
+    edges.sort_by_key(|e| key_of(*e));
+    let mut allowed: BTreeMap<ObjectKey, Result<AllowedEdge, String>> = BTreeMap::new();
+    let mut owners: HashMap<String, ObjectKey> = HashMap::new();
+    for edge in &edges {
+        let key = key_of(*edge);
+        let id = edge_id(edge);
+        let composed = match owners.get(&id) {
+            Some(first) => Err(format!(
+                "edge id {id:?} is already used by Edge {}/{}",
+                first.0, first.1
+            )),
+            None => {
+                owners.insert(id.clone(), key.clone());
+                secret(edge).map(|secret| AllowedEdge {
+                    id,
+                    secret,
+                    config: edge.spec.config.clone(),
+                    targets: edge.spec.targets.clone(),
+                })
+            }
+        };
+        allowed.insert(key, composed);
+    }
+
+    let mut services: Vec<&Service> = services.iter().copied().filter(|s| is_ours(s)).collect();
+    services.sort_by_key(|s| (s.metadata.creation_timestamp.clone(), key_of(*s)));
+    let mut claims: HashMap<ObjectKey, HashMap<u16, String>> = HashMap::new();
+    let mut exposures = Vec::new();
+    for service in services {
+        exposures.push(expose(service, &edges, &mut allowed, &mut claims));
+    }
+
+    let edges = allowed
+        .into_iter()
+        .map(|(key, edge)| {
+            let edge = edge.and_then(|edge| {
+                edge.validate().map_err(|e| e.to_string())?;
+                Ok(edge)
+            });
+            let digest = digest(&edge);
+            ComposedEdge { key, edge, digest }
+        })
+        .collect();
+    Composition { edges, exposures }
+}
+
+/// Places one Service's ports on the edges it chooses, refusing an edge where a port is taken.
+fn expose(
+    service: &Service,
+    edges: &[&Edge],
+    allowed: &mut BTreeMap<ObjectKey, Result<AllowedEdge, String>>,
+    claims: &mut HashMap<ObjectKey, HashMap<u16, String>>,
+) -> Exposure {
+    let key = key_of(service);
+    let name = format!("Service {}/{}", key.0, key.1);
+    let spec = service.spec.clone().unwrap_or_default();
+    let cluster_ip = spec.cluster_ip.filter(|ip| !ip.is_empty() && ip != "None");
+    let ports: Vec<(bool, u16)> = spec
+        .ports
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|port| {
+            let udp = match port.protocol.as_deref().unwrap_or("TCP") {
+                "TCP" => false,
+                "UDP" => true,
+                _ => return None,
+            };
+            u16::try_from(port.port).ok().map(|p| (udp, p))
+        })
+        .collect();
+    let problem = match (&cluster_ip, ports.is_empty()) {
+        (None, _) => Some("the Service has no cluster IP".to_owned()),
+        (_, true) => Some("the Service has no TCP or UDP port".to_owned()),
+        _ => None,
+    };
+    let (Some(cluster_ip), None) = (cluster_ip, &problem) else {
+        return Exposure {
+            service: key,
+            placements: Vec::new(),
+            problem,
+        };
+    };
+    let mut placements = Vec::new();
+    for edge in chosen_edges(service, edges) {
+        let edge_key = key_of(edge);
+        let Some(Ok(allowed_edge)) = allowed.get_mut(&edge_key) else {
+            continue;
+        };
+        let taken = claims.entry(edge_key.clone()).or_insert_with(|| {
+            let config = &allowed_edge.config;
+            let own = format!("Edge {}/{}", edge_key.0, edge_key.1);
+            config
+                .listen_ports
+                .iter()
+                .chain(&config.listen_ports_udp)
+                .map(|port| (*port, own.clone()))
+                .collect()
+        });
+        let clash = ports
+            .iter()
+            .find_map(|(_, port)| taken.get(port).map(|owner| (*port, owner.clone())));
+        if let Some((port, owner)) = clash {
+            placements.push(Placement {
+                edge: edge_key,
+                refused: Some(format!("port {port} is already used by {owner}")),
+            });
+            continue;
+        }
+        for (udp, port) in &ports {
+            taken.insert(*port, name.clone());
+            let config = &mut allowed_edge.config;
+            let list = if *udp {
+                &mut config.listen_ports_udp
+            } else {
+                &mut config.listen_ports
+            };
+            if !list.contains(port) {
+                list.push(*port);
+            }
+            allowed_edge.targets.hosts.insert(*port, cluster_ip.clone());
+        }
+        placements.push(Placement {
+            edge: edge_key,
+            refused: None,
+        });
+    }
+    Exposure {
+        service: key,
+        placements,
+        problem: None,
+    }
+}
+
+/// The Edges of the Service's namespace it chooses: those its annotation names, else those its
+/// selector annotation matches, else all of them.
+fn chosen_edges<'a>(service: &Service, edges: &[&'a Edge]) -> Vec<&'a Edge> {
+    let namespace = service.namespace().unwrap_or_default();
+    let annotations = service.annotations();
+    let named: Option<BTreeSet<&str>> = annotations.get(EDGES_ANNOTATION).map(|names| {
+        names
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect()
+    });
+    let selector: Option<Vec<(&str, &str)>> = annotations.get(EDGE_SELECTOR_ANNOTATION).map(|s| {
+        s.split(',')
+            .filter_map(|term| term.split_once('='))
+            .map(|(k, v)| (k.trim(), v.trim()))
+            .collect()
+    });
+    edges
+        .iter()
+        .copied()
+        .filter(|edge| edge.namespace().unwrap_or_default() == namespace)
+        .filter(|edge| match (&named, &selector) {
+            (Some(named), _) => named.contains(edge.name_any().as_str()),
+            (None, Some(selector)) => selector
+                .iter()
+                .all(|(k, v)| edge.labels().get(*k).map(String::as_str) == Some(*v)),
+            (None, None) => true,
+        })
+        .collect()
+}
+
+/// The namespace and name of an object.
+pub fn key_of(object: &impl ResourceExt) -> ObjectKey {
+    (object.namespace().unwrap_or_default(), object.name_any())
+}
+
+/// A digest of the edge without its secret (or of its error).
+fn digest(edge: &Result<AllowedEdge, String>) -> String {
+    let text = match edge {
+        Ok(edge) => serde_json::to_string(&AllowedEdge {
+            secret: String::new(),
+            ..edge.clone()
+        })
+        .unwrap_or_default(),
+        Err(error) => error.clone(),
+    };
+    hex::encode(&Sha256::digest(text.as_bytes())[..12])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::EdgeSpec;
+    use k8s_openapi::api::core::v1::{ServicePort, ServiceSpec};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+
+    fn edge(name: &str, ports: &[u16]) -> Edge {
+        let mut spec: EdgeSpec = serde_json::from_value(serde_json::json!({})).unwrap();
+        spec.config.listen_ports = ports.to_vec();
+        let mut edge = Edge::new(name, spec);
+        edge.metadata.namespace = Some("ns".into());
+        edge
+    }
+
+    fn service(
+        name: &str,
+        age: i64,
+        ports: &[(&str, i32)],
+        annotations: &[(&str, &str)],
+    ) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                creation_timestamp: Some(Time(
+                    k8s_openapi::chrono::DateTime::from_timestamp(1_700_000_000 + age, 0).unwrap(),
+                )),
+                annotations: Some(
+                    annotations
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..ObjectMeta::default()
+            },
+            spec: Some(ServiceSpec {
+                type_: Some("LoadBalancer".into()),
+                load_balancer_class: Some(LOAD_BALANCER_CLASS.into()),
+                cluster_ip: Some(format!("10.96.0.{age}")),
+                ports: Some(
+                    ports
+                        .iter()
+                        .map(|(protocol, port)| ServicePort {
+                            port: *port,
+                            protocol: Some(protocol.to_string()),
+                            ..ServicePort::default()
+                        })
+                        .collect(),
+                ),
+                ..ServiceSpec::default()
+            }),
+            status: None,
+        }
+    }
+
+    fn secret(_: &Edge) -> Result<String, String> {
+        Ok("s".into())
+    }
+
+    fn allowed(composition: &Composition, name: &str) -> AllowedEdge {
+        composition
+            .edges
+            .iter()
+            .find(|e| e.key.1 == name)
+            .and_then(|e| e.edge.clone().ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_service_adds_its_ports_with_its_cluster_ip_to_every_edge_of_its_namespace() {
+        let (a, b) = (edge("a", &[22]), edge("b", &[]));
+        let web = service("web", 5, &[("TCP", 80), ("UDP", 53)], &[]);
+        let composition = compose(&[&a, &b], &[&web], secret);
+        for name in ["a", "b"] {
+            let edge = allowed(&composition, name);
+            assert!(edge.config.listen_ports.contains(&80));
+            assert_eq!(edge.config.listen_ports_udp, vec![53]);
+            assert_eq!(edge.targets.host(80), Some("10.96.0.5"));
+            assert_eq!(edge.targets.port(80), 80);
+        }
+        assert_eq!(composition.exposures[0].placements.len(), 2);
+    }
+
+    #[test]
+    fn annotations_choose_the_edges() {
+        let (a, mut b) = (edge("a", &[]), edge("b", &[]));
+        b.metadata.labels = Some([("tier".to_owned(), "public".to_owned())].into());
+        let named = service("named", 1, &[("TCP", 80)], &[(EDGES_ANNOTATION, "a")]);
+        let selected = service(
+            "selected",
+            2,
+            &[("TCP", 81)],
+            &[(EDGE_SELECTOR_ANNOTATION, "tier=public")],
+        );
+        let composition = compose(&[&a, &b], &[&named, &selected], secret);
+        assert_eq!(allowed(&composition, "a").config.listen_ports, vec![80]);
+        assert_eq!(allowed(&composition, "b").config.listen_ports, vec![81]);
+    }
+
+    #[test]
+    fn the_younger_of_two_clashing_services_is_refused_on_that_edge_only() {
+        let (a, b) = (edge("a", &[443]), edge("b", &[]));
+        let old = service("old", 1, &[("TCP", 80)], &[]);
+        let young = service("young", 2, &[("TCP", 80)], &[(EDGES_ANNOTATION, "a,b")]);
+        let own = service("own", 3, &[("TCP", 443)], &[(EDGES_ANNOTATION, "a")]);
+        let composition = compose(&[&a, &b], &[&young, &own, &old], secret);
+        let refused: Vec<_> = composition
+            .exposures
+            .iter()
+            .flat_map(|e| {
+                e.placements
+                    .iter()
+                    .map(move |p| (e.service.1.as_str(), p.edge.1.as_str(), p.refused.clone()))
+            })
+            .filter(|(_, _, refused)| refused.is_some())
+            .collect();
+        assert_eq!(
+            refused,
+            vec![
+                (
+                    "young",
+                    "a",
+                    Some("port 80 is already used by Service ns/old".into())
+                ),
+                (
+                    "young",
+                    "b",
+                    Some("port 80 is already used by Service ns/old".into())
+                ),
+                (
+                    "own",
+                    "a",
+                    Some("port 443 is already used by Edge ns/a".into())
+                ),
+            ]
+        );
+        assert_eq!(
+            allowed(&composition, "a").targets.host(80),
+            Some("10.96.0.1")
+        );
+    }
+
+    #[test]
+    fn a_duplicate_edge_id_and_an_invalid_edge_are_reported_not_pushed() {
+        let a = edge("a", &[80]);
+        let mut twin = edge("twin", &[81]);
+        twin.spec.edge_id = Some("a".into());
+        let mut bad = edge("bad", &[]);
+        bad.spec.targets.hosts.insert(80, "not a host".into());
+        let composition = compose(&[&twin, &a, &bad], &[], secret);
+        let errors: Vec<_> = composition
+            .edges
+            .iter()
+            .map(|e| (e.key.1.as_str(), e.edge.as_ref().err().cloned()))
+            .collect();
+        assert_eq!(errors[0], ("a", None));
+        assert!(
+            errors[1].1.as_ref().unwrap().contains("targetHosts[80]"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[2]
+                .1
+                .as_ref()
+                .unwrap()
+                .contains("already used by Edge ns/a"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn the_digest_changes_with_the_config_not_with_the_secret() {
+        let a = edge("a", &[80]);
+        let first = compose(&[&a], &[], secret).edges[0].digest.clone();
+        let other_secret = compose(&[&a], &[], |_| Ok("t".into())).edges[0]
+            .digest
+            .clone();
+        let b = edge("a", &[81]);
+        let changed = compose(&[&b], &[], secret).edges[0].digest.clone();
+        assert_eq!(first, other_secret);
+        assert_ne!(first, changed);
+    }
+}

@@ -1,0 +1,220 @@
+//! One task per hub replica: pushes the desired edge set whenever it changes and whenever the
+//! hub (re)appears, follows the hub's events, and keeps a report of what the hub sees.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use remoteingress_controlplane::pb;
+use remoteingress_controlplane::pb::hub_admin_client::HubAdminClient;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Status};
+
+/// The edge set every hub must hold (generations set).
+pub type DesiredEdges = Arc<Vec<pb::Edge>>;
+
+/// What one hub last told us.
+#[derive(Debug, Clone, Default)]
+pub struct HubReport {
+    /// The hub instance id.
+    pub hub_id: String,
+    /// Its edges with their config state.
+    pub edges: Vec<pb::EdgeInfo>,
+    /// Its tunnels.
+    pub connected: Vec<pb::ConnectedEdge>,
+    /// Why it is unreachable or refused the last push.
+    pub error: Option<String>,
+    /// When this was learnt.
+    pub at: Option<SystemTime>,
+}
+
+/// Reports by hub admin address, shared with the status writer.
+pub type Reports = Arc<Mutex<BTreeMap<SocketAddr, HubReport>>>;
+
+/// The admin client with the bearer token on every call.
+pub type Admin = HubAdminClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer …` to every call.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl BearerToken {
+    /// The interceptor for `token` (none: calls go without).
+    pub fn new(token: Option<&str>) -> Result<Self, crate::OperatorError> {
+        token
+            .map(|t| {
+                format!("Bearer {t}").parse().map_err(|_| {
+                    crate::OperatorError::Config(
+                        "the hub admin token is not valid header text".into(),
+                    )
+                })
+            })
+            .transpose()
+            .map(Self)
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// Connects to a hub's admin API.
+pub async fn connect(
+    addr: SocketAddr,
+    token: &BearerToken,
+) -> Result<Admin, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(15))
+        .connect()
+        .await?;
+    Ok(HubAdminClient::with_interceptor(channel, token.clone()))
+}
+
+/// Everything a hub task needs.
+#[derive(Clone)]
+pub struct HubSync {
+    /// The desired set.
+    pub desired: watch::Receiver<DesiredEdges>,
+    /// Where reports go.
+    pub reports: Reports,
+    /// Woken when a report changes.
+    pub changed: Arc<Notify>,
+    /// The admin token.
+    pub token: BearerToken,
+    /// How often the report is refreshed without an event.
+    pub refresh: Duration,
+}
+
+impl HubSync {
+    /// Serves one hub until `stop`: reconnects with backoff, and re-syncs at once each time.
+    pub async fn run(mut self, addr: SocketAddr, stop: CancellationToken) {
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let outcome = tokio::select! {
+                outcome = self.session(addr) => outcome,
+                () = stop.cancelled() => break,
+            };
+            if let Err(error) = outcome {
+                tracing::warn!(hub = %addr, %error, "hub admin API");
+                self.report(addr, |report| report.error = Some(error.clone()));
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            } else {
+                backoff = Duration::from_millis(200);
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+        self.reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&addr);
+        self.changed.notify_one();
+    }
+
+    /// One connection: push, then follow events and changes until the hub goes away.
+    async fn session(&mut self, addr: SocketAddr) -> Result<(), String> {
+        let mut admin = connect(addr, &self.token)
+            .await
+            .map_err(|e| format!("connecting: {e}"))?;
+        let kinds = [
+            pb::EventKind::EdgeConnected,
+            pb::EventKind::EdgeDisconnected,
+            pb::EventKind::ConfigApplied,
+        ];
+        let mut events = admin
+            .watch_events(pb::WatchEventsRequest {
+                edge_id: String::new(),
+                kinds: kinds.iter().map(|k| *k as i32).collect(),
+            })
+            .await
+            .map_err(|e| format!("watching events: {}", e.message()))?
+            .into_inner();
+        let hub_id = admin
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .map_err(|e| format!("status: {}", e.message()))?
+            .into_inner()
+            .hub_id;
+        tracing::info!(hub = %addr, %hub_id, "hub connected; pushing the edge set");
+        self.desired.mark_changed();
+        let mut refresh = tokio::time::interval(self.refresh);
+        let mut push_error = None;
+        loop {
+            tokio::select! {
+                changed = self.desired.changed() => {
+                    if changed.is_err() {
+                        return Ok(());
+                    }
+                    let edges = self.desired.borrow_and_update().clone();
+                    let pushed = admin
+                        .update_allowed_edges(pb::UpdateAllowedEdgesRequest { edges: edges.to_vec() })
+                        .await;
+                    push_error = pushed.err().map(|e| format!("the hub refused the edge set: {}", e.message()));
+                    if let Some(error) = &push_error {
+                        tracing::warn!(hub = %addr, %error, "push");
+                    }
+                    self.refresh_report(addr, &mut admin, &hub_id, push_error.clone()).await?;
+                }
+                event = events.message() => match event {
+                    Ok(Some(_)) => self.refresh_report(addr, &mut admin, &hub_id, push_error.clone()).await?,
+                    Ok(None) => return Err("the hub ended its event stream".into()),
+                    Err(e) => return Err(format!("event stream: {}", e.message())),
+                },
+                _ = refresh.tick() => self.refresh_report(addr, &mut admin, &hub_id, push_error.clone()).await?,
+            }
+        }
+    }
+
+    /// Reads the hub's edges and tunnels into its report, with the last push's error.
+    async fn refresh_report(
+        &self,
+        addr: SocketAddr,
+        admin: &mut Admin,
+        hub_id: &str,
+        push_error: Option<String>,
+    ) -> Result<(), String> {
+        let edges = admin
+            .list_edges(pb::ListEdgesRequest {})
+            .await
+            .map_err(|e| format!("listing edges: {}", e.message()))?
+            .into_inner()
+            .edges;
+        let connected = admin
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .map_err(|e| format!("status: {}", e.message()))?
+            .into_inner()
+            .connected_edges;
+        self.report(addr, |report| {
+            report.hub_id = hub_id.to_owned();
+            report.edges = edges;
+            report.connected = connected;
+            report.error = push_error;
+        });
+        Ok(())
+    }
+
+    fn report(&self, addr: SocketAddr, update: impl FnOnce(&mut HubReport)) {
+        let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
+        let report = reports.entry(addr).or_default();
+        update(report);
+        report.at = Some(SystemTime::now());
+        drop(reports);
+        self.changed.notify_one();
+    }
+}

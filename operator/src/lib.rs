@@ -1,0 +1,512 @@
+//! Kubernetes operator: turns `Edge` resources and `LoadBalancer` Services of our class into
+//! hub configuration, pushed to every hub replica through the admin API, and writes status back.
+//! Kubernetes is the store: the operator keeps nothing of its own but caches.
+
+pub mod compose;
+pub mod crd;
+mod hubs;
+mod secrets;
+mod status;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use remoteingress_controlplane::{edge_to_proto, pb};
+use thiserror::Error;
+use tokio::sync::{watch, Notify};
+use tokio_util::sync::CancellationToken;
+
+pub use compose::LOAD_BALANCER_CLASS;
+use compose::{compose, key_of, Composition, ObjectKey};
+use crd::{Edge, EdgeStatus};
+use hubs::{BearerToken, DesiredEdges, HubSync, Reports};
+
+/// The field manager and event reporter name.
+const MANAGER: &str = "remoteingress-operator";
+
+/// How the operator finds the hubs and what it serves.
+#[derive(Debug, Clone)]
+pub struct OperatorOptions {
+    /// The namespace whose Edges and Services are served; all namespaces when `None`.
+    pub namespace: Option<String>,
+    /// The namespace of the hub Service.
+    pub hub_namespace: String,
+    /// The hub Service whose EndpointSlices list the hub replicas' admin API.
+    pub hub_service: String,
+    /// The name of the admin API port in those EndpointSlices.
+    pub hub_admin_port: String,
+    /// The hubs' admin bearer token.
+    pub hub_token: Option<String>,
+    /// How often everything is reconciled and hub reports refreshed without a change.
+    pub resync: Duration,
+}
+
+/// Why the operator stopped.
+#[derive(Debug, Error)]
+pub enum OperatorError {
+    /// An option is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// The Kubernetes API failed.
+    #[error("kubernetes: {0}")]
+    Kube(#[from] kube::Error),
+}
+
+/// Runs the operator until `stop`.
+pub async fn run(
+    client: Client,
+    options: OperatorOptions,
+    stop: CancellationToken,
+) -> Result<(), OperatorError> {
+    let token = BearerToken::new(options.hub_token.as_deref())?;
+    let wake = Arc::new(Notify::new());
+    let edges: Api<Edge> = scoped(&client, options.namespace.as_deref());
+    let services: Api<Service> = scoped(&client, options.namespace.as_deref());
+    let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), &options.hub_namespace);
+    let slice_config = watcher::Config::default().labels(&format!(
+        "kubernetes.io/service-name={}",
+        options.hub_service
+    ));
+    let edge_store = mirror(edges, watcher::Config::default(), &wake, &stop);
+    let service_store = mirror(services, watcher::Config::default(), &wake, &stop);
+    let slice_store = mirror(slices, slice_config, &wake, &stop);
+    for ready in [
+        edge_store.wait_until_ready().await,
+        service_store.wait_until_ready().await,
+        slice_store.wait_until_ready().await,
+    ] {
+        ready.map_err(|e| {
+            OperatorError::Config(format!("a watch ended before it was ready: {e}"))
+        })?;
+    }
+    tracing::info!(namespace = ?options.namespace, hub_service = %options.hub_service, "operator watching");
+
+    let (desired, desired_rx) = watch::channel(DesiredEdges::default());
+    let sync = HubSync {
+        desired: desired_rx,
+        reports: Reports::default(),
+        changed: wake.clone(),
+        token,
+        refresh: options.resync,
+    };
+    let mut operator = Operator {
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: MANAGER.into(),
+                instance: std::env::var("POD_NAME").ok(),
+            },
+        ),
+        client,
+        options,
+        edge_store,
+        service_store,
+        slice_store,
+        desired,
+        sync,
+        hubs: HashMap::new(),
+        tokens: HashMap::new(),
+        told: HashSet::new(),
+    };
+    loop {
+        operator.reconcile().await;
+        tokio::select! {
+            () = wake.notified() => {}
+            () = tokio::time::sleep(operator.options.resync) => {}
+            () = stop.cancelled() => break,
+        }
+        // Let a burst of changes settle into one pass.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for hub in operator.hubs.values() {
+        hub.cancel();
+    }
+    Ok(())
+}
+
+/// A cache of `api`'s objects, kept current by a watch; each change wakes the operator.
+fn mirror<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    wake: &Arc<Notify>,
+    stop: &CancellationToken,
+) -> Store<K>
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
+    let wake = wake.clone();
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            tokio::select! {
+                item = stream.next() => match item {
+                    Some(Ok(_)) => wake.notify_one(),
+                    Some(Err(error)) => tracing::warn!(%error, "watch"),
+                    None => break,
+                },
+                () = stop.cancelled() => break,
+            }
+        }
+    });
+    store
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match namespace {
+        Some(namespace) => Api::namespaced(client.clone(), namespace),
+        None => Api::all(client.clone()),
+    }
+}
+
+struct Operator {
+    client: Client,
+    options: OperatorOptions,
+    recorder: Recorder,
+    edge_store: Store<Edge>,
+    service_store: Store<Service>,
+    slice_store: Store<EndpointSlice>,
+    desired: watch::Sender<DesiredEdges>,
+    sync: HubSync,
+    /// A task per hub admin address.
+    hubs: HashMap<SocketAddr, CancellationToken>,
+    /// The secret digest each Edge's token Secret was last written for.
+    tokens: HashMap<ObjectKey, String>,
+    /// Events already published (object uid and message), so each is told once.
+    told: HashSet<(String, String)>,
+}
+
+impl Operator {
+    /// One pass: hubs, desired set, statuses, tokens, Services.
+    async fn reconcile(&mut self) {
+        self.follow_hubs();
+        let edges = self.edge_store.state();
+        let services = self.service_store.state();
+        let secrets = secrets::edge_secrets(&self.client, &edges).await;
+        let composition = compose(
+            &edges.iter().map(|e| e.as_ref()).collect::<Vec<_>>(),
+            &services.iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
+            |edge| {
+                secrets
+                    .get(&key_of(edge))
+                    .cloned()
+                    .unwrap_or_else(|| Err("no secret".into()))
+            },
+        );
+        let generations = self.generations(&edges, &composition).await;
+        self.push(&composition, &generations);
+        let reports: Vec<hubs::HubReport> = self
+            .sync
+            .reports
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let statuses = self
+            .write_edge_statuses(&edges, &composition, &generations, &reports)
+            .await;
+        self.write_tokens(&edges, &composition, &secrets).await;
+        self.write_service_statuses(&services, &composition, &statuses)
+            .await;
+    }
+
+    /// Starts a task for each ready hub endpoint and stops those of vanished ones.
+    fn follow_hubs(&mut self) {
+        let mut current = BTreeSet::new();
+        for slice in self.slice_store.state() {
+            let port = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(self.options.hub_admin_port.as_str()))
+                .and_then(|p| p.port)
+                .and_then(|p| u16::try_from(p).ok());
+            let Some(port) = port else { continue };
+            for endpoint in &slice.endpoints {
+                let ready = endpoint
+                    .conditions
+                    .as_ref()
+                    .and_then(|c| c.ready)
+                    .unwrap_or(true);
+                if !ready {
+                    continue;
+                }
+                for address in &endpoint.addresses {
+                    if let Ok(ip) = address.parse::<IpAddr>() {
+                        current.insert(SocketAddr::new(ip, port));
+                    }
+                }
+            }
+        }
+        self.hubs.retain(|addr, stop| {
+            let keep = current.contains(addr);
+            if !keep {
+                tracing::info!(hub = %addr, "hub endpoint gone");
+                stop.cancel();
+            }
+            keep
+        });
+        for addr in current {
+            if self.hubs.contains_key(&addr) {
+                continue;
+            }
+            tracing::info!(hub = %addr, "hub endpoint found");
+            let stop = CancellationToken::new();
+            tokio::spawn(self.sync.clone().run(addr, stop.clone()));
+            self.hubs.insert(addr, stop);
+        }
+    }
+
+    /// Each Edge's config generation: its status's, raised (and recorded first) when the
+    /// composed configuration changed.
+    async fn generations(
+        &self,
+        edges: &[Arc<Edge>],
+        composition: &Composition,
+    ) -> HashMap<ObjectKey, u64> {
+        let mut generations = HashMap::new();
+        for composed in &composition.edges {
+            let Some(edge) = edges.iter().find(|e| key_of(e.as_ref()) == composed.key) else {
+                continue;
+            };
+            let status = edge.status.clone().unwrap_or_default();
+            let mut generation = status.config_generation;
+            if status.config_digest.as_deref() != Some(composed.digest.as_str()) || generation == 0
+            {
+                let next = generation + 1;
+                let patch = serde_json::json!({"status": {"configGeneration": next, "configDigest": composed.digest}});
+                match self
+                    .edge_api(&composed.key)
+                    .patch_status(
+                        &composed.key.1,
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                {
+                    Ok(_) => generation = next,
+                    Err(error) => {
+                        tracing::warn!(edge = %composed.key.1, %error, "recording the config generation");
+                        continue;
+                    }
+                }
+            }
+            generations.insert(composed.key.clone(), generation);
+        }
+        generations
+    }
+
+    /// Publishes the desired edge set (valid edges with a recorded generation).
+    fn push(&self, composition: &Composition, generations: &HashMap<ObjectKey, u64>) {
+        let mut edges: Vec<pb::Edge> = composition
+            .edges
+            .iter()
+            .filter_map(|c| {
+                let generation = generations.get(&c.key)?;
+                let mut edge = edge_to_proto(c.edge.clone().ok()?);
+                edge.generation = Some(*generation);
+                Some(edge)
+            })
+            .collect();
+        edges.sort_by(|a, b| a.id.cmp(&b.id));
+        self.desired.send_if_modified(|current| {
+            let changed = current.as_slice() != edges.as_slice();
+            if changed {
+                *current = Arc::new(edges);
+            }
+            changed
+        });
+    }
+
+    async fn write_edge_statuses(
+        &self,
+        edges: &[Arc<Edge>],
+        composition: &Composition,
+        generations: &HashMap<ObjectKey, u64>,
+        reports: &[hubs::HubReport],
+    ) -> HashMap<ObjectKey, EdgeStatus> {
+        let now = k8s_openapi::chrono::Utc::now()
+            .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Secs, true);
+        let mut statuses = HashMap::new();
+        for composed in &composition.edges {
+            let (Some(edge), Some(generation)) = (
+                edges.iter().find(|e| key_of(e.as_ref()) == composed.key),
+                generations.get(&composed.key),
+            ) else {
+                continue;
+            };
+            let previous = edge.status.clone().unwrap_or_default();
+            let mut status = status::edge_status(composed, *generation, &previous, reports, &now);
+            if composed.edge.is_ok() {
+                status.token_secret = Some(secrets::token_secret_name(&composed.key.1));
+            }
+            if status != previous {
+                let patch = serde_json::json!({"status": status});
+                if let Err(error) = self
+                    .edge_api(&composed.key)
+                    .patch_status(
+                        &composed.key.1,
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                {
+                    tracing::warn!(edge = %composed.key.1, %error, "writing status");
+                }
+            }
+            statuses.insert(composed.key.clone(), status);
+        }
+        statuses
+    }
+
+    /// Writes each pushed edge's connection token into its Secret, made by a hub that has it.
+    async fn write_tokens(
+        &mut self,
+        edges: &[Arc<Edge>],
+        composition: &Composition,
+        secrets: &HashMap<ObjectKey, Result<String, String>>,
+    ) {
+        let Some((addr, known)) = self.ready_hub() else {
+            return;
+        };
+        for composed in &composition.edges {
+            let (Ok(edge), Some(Ok(secret))) = (&composed.edge, secrets.get(&composed.key)) else {
+                continue;
+            };
+            let Some(object) = edges.iter().find(|e| key_of(e.as_ref()) == composed.key) else {
+                continue;
+            };
+            let digest = secrets::digest(secret);
+            if !known.contains(&edge.id) || self.tokens.get(&composed.key) == Some(&digest) {
+                continue;
+            }
+            match secrets::write_token(
+                &self.client,
+                addr,
+                &self.sync.token,
+                object,
+                &edge.id,
+                secret,
+            )
+            .await
+            {
+                Ok(()) => {
+                    self.tokens.insert(composed.key.clone(), digest);
+                }
+                Err(error) => {
+                    tracing::warn!(edge = %edge.id, %error, "writing the connection token")
+                }
+            }
+        }
+        self.tokens
+            .retain(|key, _| composition.edges.iter().any(|c| &c.key == key));
+    }
+
+    /// A hub that answered its last call, with the edge ids it holds.
+    fn ready_hub(&self) -> Option<(SocketAddr, HashSet<String>)> {
+        let reports = self.sync.reports.lock().unwrap_or_else(|p| p.into_inner());
+        reports
+            .iter()
+            .find(|(_, r)| !r.hub_id.is_empty() && r.error.is_none())
+            .map(|(addr, r)| (*addr, r.edges.iter().map(|e| e.id.clone()).collect()))
+    }
+
+    /// Sets each exposed Service's ingress to its edges' public IPs and tells it of refusals.
+    async fn write_service_statuses(
+        &mut self,
+        services: &[Arc<Service>],
+        composition: &Composition,
+        statuses: &HashMap<ObjectKey, EdgeStatus>,
+    ) {
+        for exposure in &composition.exposures {
+            let Some(service) = services
+                .iter()
+                .find(|s| key_of(s.as_ref()) == exposure.service)
+            else {
+                continue;
+            };
+            let ingress = status::service_ingress(exposure, |edge| {
+                statuses.get(edge).and_then(|s| s.public_ip.clone())
+            });
+            let current = service
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.clone())
+                .unwrap_or_default();
+            if current != ingress {
+                let api: Api<Service> = Api::namespaced(self.client.clone(), &exposure.service.0);
+                let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": ingress}}});
+                if let Err(error) = api
+                    .patch_status(
+                        &exposure.service.1,
+                        &PatchParams::default(),
+                        &Patch::Merge(&patch),
+                    )
+                    .await
+                {
+                    tracing::warn!(service = %exposure.service.1, %error, "writing the load balancer status");
+                }
+            }
+            let problems = exposure
+                .problem
+                .iter()
+                .map(|problem| ("NotExposed", problem.clone()))
+                .chain(exposure.placements.iter().filter_map(|p| {
+                    let why = p.refused.as_ref()?;
+                    Some((
+                        "PortClash",
+                        format!("not exposed on Edge {}: {why}", p.edge.1),
+                    ))
+                }));
+            for (reason, message) in problems.collect::<Vec<_>>() {
+                self.tell(service, reason, message).await;
+            }
+        }
+    }
+
+    /// Publishes a warning Event on the Service, once per message.
+    async fn tell(&mut self, service: &Service, reason: &str, message: String) {
+        let uid = service.uid().unwrap_or_default();
+        if !self.told.insert((uid, message.clone())) {
+            return;
+        }
+        tracing::warn!(service = %service.name_any(), %message, "service not exposed");
+        let event = Event {
+            type_: EventType::Warning,
+            reason: reason.into(),
+            note: Some(message),
+            action: "Expose".into(),
+            secondary: None,
+        };
+        if let Err(error) = self
+            .recorder
+            .publish(&event, &service.object_ref(&()))
+            .await
+        {
+            tracing::warn!(%error, "publishing an event");
+        }
+    }
+
+    fn edge_api(&self, key: &ObjectKey) -> Api<Edge> {
+        Api::namespaced(self.client.clone(), &key.0)
+    }
+}

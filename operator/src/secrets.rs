@@ -1,0 +1,148 @@
+//! The Secrets of Edges: the shared secret (referenced, or generated once) and the connection
+//! token the operator writes for whoever runs the edge.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::ByteString;
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use rand::RngCore;
+use remoteingress_controlplane::pb;
+use sha2::{Digest, Sha256};
+
+use crate::compose::ObjectKey;
+use crate::crd::Edge;
+use crate::hubs::{connect, BearerToken};
+
+/// The key of a shared secret when a reference names none, and of generated secrets.
+const SECRET_KEY: &str = "secret";
+/// The key of the connection token in the token Secret.
+const TOKEN_KEY: &str = "token";
+
+/// The Secret an Edge's generated shared secret lives in.
+pub fn secret_name(edge: &str) -> String {
+    format!("{edge}-secret")
+}
+
+/// The Secret an Edge's connection token is written to.
+pub fn token_secret_name(edge: &str) -> String {
+    format!("{edge}-token")
+}
+
+/// A short digest of a secret, to tell when it changed.
+pub fn digest(secret: &str) -> String {
+    hex::encode(&Sha256::digest(secret.as_bytes())[..12])
+}
+
+/// Each Edge's shared secret, or why it has none; an Edge without a reference gets a random
+/// one, created here once.
+pub async fn edge_secrets(
+    client: &Client,
+    edges: &[Arc<Edge>],
+) -> HashMap<ObjectKey, Result<String, String>> {
+    let mut secrets = HashMap::new();
+    for edge in edges {
+        let namespace = edge.namespace().unwrap_or_default();
+        let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+        let secret = match &edge.spec.secret_ref {
+            Some(reference) => {
+                let key = reference.key.as_deref().unwrap_or(SECRET_KEY);
+                read(&api, &reference.name, key).await
+            }
+            None => generated(&api, edge).await,
+        };
+        secrets.insert(crate::compose::key_of(edge.as_ref()), secret);
+    }
+    secrets
+}
+
+/// The text under `key` of Secret `name`.
+async fn read(api: &Api<Secret>, name: &str, key: &str) -> Result<String, String> {
+    let secret = api
+        .get_opt(name)
+        .await
+        .map_err(|e| format!("reading Secret {name}: {e}"))?
+        .ok_or_else(|| format!("Secret {name} does not exist"))?;
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(key))
+        .ok_or_else(|| format!("Secret {name} has no key {key:?}"))?;
+    String::from_utf8(value.0.clone()).map_err(|_| format!("Secret {name} key {key:?} is not text"))
+}
+
+/// The Edge's generated secret, created with a random value if it does not exist yet.
+async fn generated(api: &Api<Secret>, edge: &Edge) -> Result<String, String> {
+    let name = secret_name(&edge.name_any());
+    match read(api, &name, SECRET_KEY).await {
+        Ok(secret) => return Ok(secret),
+        Err(error) if !error.ends_with("does not exist") => return Err(error),
+        Err(_) => {}
+    }
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    let secret = hex::encode(bytes);
+    let object = owned_secret(edge, &name, SECRET_KEY, &secret);
+    api.create(&PostParams::default(), &object)
+        .await
+        .map_err(|e| format!("creating Secret {name}: {e}"))?;
+    tracing::info!(edge = %edge.name_any(), secret = %name, "generated the edge's secret");
+    Ok(secret)
+}
+
+/// A Secret owned by the Edge (deleted with it), holding `value` under `key`.
+fn owned_secret(edge: &Edge, name: &str, key: &str, value: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: edge.namespace(),
+            owner_references: edge.controller_owner_ref(&()).map(|o| vec![o]),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                crate::MANAGER.to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([(
+            key.to_owned(),
+            ByteString(value.as_bytes().to_vec()),
+        )])),
+        ..Secret::default()
+    }
+}
+
+/// Asks the hub at `addr` for the edge's connection token and writes it to the token Secret.
+pub async fn write_token(
+    client: &Client,
+    addr: SocketAddr,
+    token: &BearerToken,
+    edge: &Edge,
+    edge_id: &str,
+    secret: &str,
+) -> Result<(), String> {
+    let mut admin = connect(addr, token)
+        .await
+        .map_err(|e| format!("connecting to hub {addr}: {e}"))?;
+    let connection_token = admin
+        .create_connection_token(pb::CreateConnectionTokenRequest {
+            edge_id: edge_id.to_owned(),
+            secret: secret.to_owned(),
+        })
+        .await
+        .map_err(|e| format!("hub {addr}: {}", e.message()))?
+        .into_inner()
+        .token;
+    let namespace = edge.namespace().unwrap_or_default();
+    let name = token_secret_name(&edge.name_any());
+    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let object = owned_secret(edge, &name, TOKEN_KEY, &connection_token);
+    let params = PatchParams::apply(crate::MANAGER).force();
+    api.patch(&name, &params, &Patch::Apply(&object))
+        .await
+        .map_err(|e| format!("writing Secret {name}: {e}"))?;
+    tracing::info!(edge = %edge_id, secret = %name, "wrote the connection token");
+    Ok(())
+}

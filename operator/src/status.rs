@@ -1,0 +1,183 @@
+//! What the hubs report, folded into each Edge's status and each exposed Service's
+//! `status.loadBalancer.ingress`. Pure: reports in, statuses out.
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::LoadBalancerIngress;
+use remoteingress_controlplane::pb;
+
+use crate::compose::{ComposedEdge, Exposure, ObjectKey};
+use crate::crd::{Condition, EdgeStatus};
+use crate::hubs::HubReport;
+
+/// `True`/`False`/`Unknown`, reason and message of one condition.
+type Verdict = (&'static str, &'static str, String);
+
+/// The status an Edge should have, given its composition, its generation and the reports.
+/// Transition times are kept from `previous` where a condition did not change.
+pub fn edge_status(
+    composed: &ComposedEdge,
+    generation: u64,
+    previous: &EdgeStatus,
+    reports: &[HubReport],
+    now: &str,
+) -> EdgeStatus {
+    let edge = composed.edge.as_ref();
+    let id = edge.map(|e| e.id.clone()).ok();
+    let on_hubs: Vec<(
+        &HubReport,
+        Option<&pb::EdgeInfo>,
+        Option<&pb::ConnectedEdge>,
+    )> = reports
+        .iter()
+        .filter(|r| !r.hub_id.is_empty())
+        .map(|r| {
+            let id = id.as_deref().unwrap_or_default();
+            (
+                r,
+                r.edges.iter().find(|e| e.id == id),
+                r.connected.iter().find(|c| c.id == id),
+            )
+        })
+        .collect();
+    let hubs: Vec<String> = on_hubs
+        .iter()
+        .filter(|(_, _, tunnel)| tunnel.is_some())
+        .map(|(r, _, _)| r.hub_id.clone())
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let public_ip = on_hubs
+        .iter()
+        .filter_map(|(_, _, tunnel)| tunnel.map(|t| t.public_ip.clone()))
+        .find(|ip| !ip.is_empty());
+
+    let connected: Verdict = match (&composed.edge, hubs.is_empty()) {
+        (Err(_), _) => (
+            "False",
+            "NotPushed",
+            "the edge is not given to any hub".into(),
+        ),
+        (Ok(_), false) => (
+            "True",
+            "TunnelUp",
+            format!("tunnels to hub(s) {}", hubs.join(", ")),
+        ),
+        (Ok(_), true) if reports.is_empty() => (
+            "Unknown",
+            "NoHub",
+            "no hub replica is known (check the hub Service's endpoints)".into(),
+        ),
+        (Ok(_), true) => (
+            "False",
+            "NoTunnel",
+            "no hub has a tunnel from this edge".into(),
+        ),
+    };
+
+    let refusal = reports.iter().find_map(|r| r.error.clone());
+    let mut applied_generation = previous.applied_generation;
+    let applied: Verdict = match &composed.edge {
+        Err(error) => ("False", "Invalid", error.clone()),
+        Ok(_) => match refusal {
+            Some(error) => ("False", "HubRefused", error),
+            None => {
+                let tunnels: Vec<&pb::EdgeInfo> = on_hubs
+                    .iter()
+                    .filter(|(_, _, tunnel)| tunnel.is_some())
+                    .filter_map(|(_, info, _)| *info)
+                    .collect();
+                let rejected = tunnels.iter().find(|i| !i.last_config_error.is_empty());
+                let current = |i: &&&pb::EdgeInfo| {
+                    i.generation == generation
+                        && i.applied_config_version == i.desired_config_version
+                };
+                if let Some(info) = rejected {
+                    ("False", "Rejected", info.last_config_error.clone())
+                } else if !tunnels.is_empty() && tunnels.iter().all(|i| current(&i)) {
+                    applied_generation = Some(generation);
+                    (
+                        "True",
+                        "Applied",
+                        format!("generation {generation} applied"),
+                    )
+                } else if tunnels.is_empty() {
+                    (
+                        "Unknown",
+                        "NotConnected",
+                        format!("generation {generation} waits for the edge to connect"),
+                    )
+                } else {
+                    (
+                        "False",
+                        "Pending",
+                        format!("generation {generation} pushed, not yet acknowledged"),
+                    )
+                }
+            }
+        },
+    };
+
+    let (listen_ports, listen_ports_udp) = edge
+        .map(|e| {
+            (
+                e.config.listen_ports.clone(),
+                e.config.listen_ports_udp.clone(),
+            )
+        })
+        .unwrap_or_default();
+    EdgeStatus {
+        conditions: vec![
+            condition("Connected", connected, previous, now),
+            condition("ConfigApplied", applied, previous, now),
+        ],
+        edge_id: id,
+        config_generation: generation,
+        config_digest: Some(composed.digest.clone()),
+        applied_generation,
+        public_ip,
+        hubs,
+        listen_ports,
+        listen_ports_udp,
+        token_secret: previous.token_secret.clone(),
+    }
+}
+
+fn condition(
+    kind: &str,
+    (status, reason, message): Verdict,
+    previous: &EdgeStatus,
+    now: &str,
+) -> Condition {
+    let kept = previous
+        .conditions
+        .iter()
+        .find(|c| c.kind == kind && c.status == status)
+        .map(|c| c.last_transition_time.clone());
+    Condition {
+        kind: kind.to_owned(),
+        status: status.to_owned(),
+        reason: reason.to_owned(),
+        message,
+        last_transition_time: kept.unwrap_or_else(|| now.to_owned()),
+    }
+}
+
+/// The ingress points of an exposed Service: the public IPs of the edges that took its ports.
+pub fn service_ingress(
+    exposure: &Exposure,
+    public_ip: impl Fn(&ObjectKey) -> Option<String>,
+) -> Vec<LoadBalancerIngress> {
+    exposure
+        .placements
+        .iter()
+        .filter(|p| p.refused.is_none())
+        .filter_map(|p| public_ip(&p.edge))
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .map(|ip| LoadBalancerIngress {
+            ip: Some(ip),
+            ..LoadBalancerIngress::default()
+        })
+        .collect()
+}

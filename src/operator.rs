@@ -1,0 +1,76 @@
+//! `remoteingress operator`: its flags and how they become the operator's options.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use remoteingress_operator::OperatorOptions;
+use tokio_util::sync::CancellationToken;
+
+/// Flags of `remoteingress operator`.
+#[derive(Args)]
+pub struct OperatorArgs {
+    /// Print the CustomResourceDefinitions (YAML) and exit.
+    #[arg(long)]
+    print_crds: bool,
+    /// Serve only the Edges and Services of this namespace (default: all namespaces).
+    #[arg(long, env = "REMOTEINGRESS_WATCH_NAMESPACE")]
+    namespace: Option<String>,
+    /// Namespace of the hub Service (default: the operator's own, from POD_NAMESPACE, else
+    /// "default").
+    #[arg(long, env = "REMOTEINGRESS_HUB_NAMESPACE")]
+    hub_namespace: Option<String>,
+    /// The hub Service whose EndpointSlices list the hub replicas' admin API.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_HUB_SERVICE",
+        default_value = "remoteingress-admin"
+    )]
+    hub_service: String,
+    /// Name of the admin API port in the hub Service.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_HUB_ADMIN_PORT_NAME",
+        default_value = "admin"
+    )]
+    hub_admin_port: String,
+    /// Bearer token of the hubs' admin API (the chart passes it from the admin token Secret).
+    #[arg(long, env = "REMOTEINGRESS_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Seconds between full reconciles and hub report refreshes when nothing changes.
+    #[arg(long, env = "REMOTEINGRESS_RESYNC_SECS", default_value_t = 10)]
+    resync_secs: u64,
+}
+
+/// Runs the operator (or prints the CRDs) until SIGTERM or Ctrl-C.
+pub async fn run(args: OperatorArgs) -> Result<()> {
+    if args.print_crds {
+        print!("{}", remoteingress_operator::crd::crds_yaml()?);
+        return Ok(());
+    }
+    let options = OperatorOptions {
+        namespace: args.namespace,
+        hub_namespace: args
+            .hub_namespace
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into()),
+        hub_service: args.hub_service,
+        hub_admin_port: args.hub_admin_port,
+        hub_token: args.admin_token,
+        resync: Duration::from_secs(args.resync_secs.max(1)),
+    };
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to Kubernetes (in-cluster, or KUBECONFIG)")?;
+    let stop = CancellationToken::new();
+    let mut operator = tokio::spawn(remoteingress_operator::run(client, options, stop.clone()));
+    tokio::select! {
+        signal = crate::shutdown_signal() => {
+            signal?;
+            stop.cancel();
+            (&mut operator).await??;
+        }
+        finished = &mut operator => finished??,
+    }
+    Ok(())
+}
