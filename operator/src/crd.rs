@@ -116,3 +116,25 @@ pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
     use kube::CustomResourceExt;
     serde_yaml::to_string(&Edge::crd())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The committed CRDs (`deploy/crds/`, the chart's `crds/`) are what the types generate.
+    #[test]
+    fn the_committed_crds_are_current() {
+        let generated = crds_yaml().unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        for path in [
+            "deploy/crds/edges.remoteingress.dev.yaml",
+            "deploy/helm/remoteingress/crds/edges.remoteingress.dev.yaml",
+        ] {
+            let committed = std::fs::read_to_string(root.join(path)).unwrap_or_default();
+            assert!(
+                committed == generated,
+                "{path} differs from the Edge type: run `cargo run -- operator --print-crds > {path}`"
+            );
+        }
+    }
+}

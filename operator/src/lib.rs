@@ -452,7 +452,10 @@ impl Operator {
                 .and_then(|s| s.load_balancer.as_ref())
                 .and_then(|lb| lb.ingress.clone())
                 .unwrap_or_default();
-            if current != ingress {
+            let ips = |ingress: &[k8s_openapi::api::core::v1::LoadBalancerIngress]| {
+                ingress.iter().map(|i| i.ip.clone()).collect::<Vec<_>>()
+            };
+            if ips(&current) != ips(&ingress) {
                 let api: Api<Service> = Api::namespaced(self.client.clone(), &exposure.service.0);
                 let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": ingress}}});
                 if let Err(error) = api

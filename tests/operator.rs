@@ -1,0 +1,604 @@
+//! The Kubernetes operator against a real kube-apiserver and etcd (scripts/envtest), with real
+//! hub, edge, operator and coturn processes. Each test runs in a private network namespace it
+//! creates (so that EndpointSlices and Service cluster IPs can carry real, non-loopback
+//! addresses), and the operator runs with the ServiceAccount and RBAC of the Helm chart.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use common::*;
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const ADMIN_TOKEN: &str = "operator-test-admin-token";
+const HUB_NAMESPACE: &str = "remoteingress";
+/// The address coturn answers on, so the edge's public IP is a known value.
+const PUBLIC_IP: &str = "203.0.113.7";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Moves this test's thread (and every process and socket it makes from now on) into a new
+/// network namespace with loopback up and `addresses` on it.
+fn private_network(addresses: &[&str]) {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .expect("a private network namespace (the operator tests run as root, as CI does)");
+    ip(&["link", "set", "lo", "up"]);
+    for address in addresses {
+        add_address(address);
+    }
+}
+
+fn add_address(address: &str) {
+    ip(&["addr", "add", &format!("{address}/32"), "dev", "lo"]);
+}
+
+fn ip(args: &[&str]) {
+    let status = Command::new("ip").args(args).status().unwrap();
+    assert!(status.success(), "ip {args:?}");
+}
+
+/// kube-apiserver and etcd on loopback, stopped on drop.
+struct Cluster {
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let output = Command::new(repo().join("scripts/envtest"))
+            .arg("start")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "scripts/envtest start (run `scripts/envtest build` once): {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = Self { dir };
+        cluster.kubectl(&["create", "namespace", HUB_NAMESPACE], None);
+        cluster.kubectl(
+            &["apply", "-f", "deploy/crds/edges.remoteingress.dev.yaml"],
+            None,
+        );
+        cluster.kubectl(
+            &[
+                "wait",
+                "--for=condition=established",
+                "crd/edges.remoteingress.dev",
+                "--timeout=30s",
+            ],
+            None,
+        );
+        cluster
+    }
+
+    fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("kubeconfig")
+    }
+
+    /// Runs kubectl as admin; panics with its output on failure.
+    fn kubectl(&self, args: &[&str], stdin: Option<&str>) -> String {
+        let output = self.try_kubectl(args, stdin);
+        assert!(output.0, "kubectl {args:?}: {}", output.1);
+        output.1
+    }
+
+    /// Runs kubectl as admin: success and stdout (or stderr on failure).
+    fn try_kubectl(&self, args: &[&str], stdin: Option<&str>) -> (bool, String) {
+        let mut child = Command::new("kubectl")
+            .args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .current_dir(repo())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl is installed by ./scripts/test");
+        let mut input = child.stdin.take().unwrap();
+        std::io::Write::write_all(&mut input, stdin.unwrap_or_default().as_bytes()).unwrap();
+        drop(input);
+        let output = child.wait_with_output().unwrap();
+        if output.status.success() {
+            (true, String::from_utf8_lossy(&output.stdout).into_owned())
+        } else {
+            (false, String::from_utf8_lossy(&output.stderr).into_owned())
+        }
+    }
+
+    fn apply(&self, yaml: &str) {
+        self.kubectl(&["apply", "-f", "-"], Some(yaml));
+    }
+
+    fn get(&self, args: &[&str]) -> Option<Value> {
+        let mut all = vec!["get", "-o", "json"];
+        all.extend(args);
+        let (ok, out) = self.try_kubectl(&all, None);
+        ok.then(|| serde_json::from_str(&out).unwrap())
+    }
+
+    /// The chart's operator RBAC applied, and a kubeconfig for its ServiceAccount's token.
+    fn operator_kubeconfig(&self) -> PathBuf {
+        let helm = helm();
+        let rendered = Command::new(helm)
+            .args([
+                "template",
+                "t",
+                "deploy/helm/remoteingress",
+                "--namespace",
+                HUB_NAMESPACE,
+            ])
+            .args([
+                "--set",
+                "adminToken.value=x",
+                "--set",
+                "operator.enabled=true",
+            ])
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(
+            rendered.status.success(),
+            "{}",
+            String::from_utf8_lossy(&rendered.stderr)
+        );
+        let rbac: Vec<String> = String::from_utf8_lossy(&rendered.stdout)
+            .split("\n---")
+            .filter(|doc| {
+                [
+                    "ServiceAccount",
+                    "ClusterRole",
+                    "ClusterRoleBinding",
+                    "Role",
+                    "RoleBinding",
+                ]
+                .iter()
+                .any(|kind| doc.contains(&format!("\nkind: {kind}\n")))
+                    && doc.contains("-operator")
+            })
+            .map(str::to_owned)
+            .collect();
+        assert!(rbac.len() >= 5, "the chart renders the operator's RBAC");
+        self.kubectl(
+            &["apply", "-n", HUB_NAMESPACE, "-f", "-"],
+            Some(&rbac.join("\n---\n")),
+        );
+        let token = self.kubectl(
+            &[
+                "create",
+                "token",
+                "t-remoteingress-operator",
+                "-n",
+                HUB_NAMESPACE,
+                "--duration=1h",
+            ],
+            None,
+        );
+        let admin = std::fs::read_to_string(self.kubeconfig()).unwrap();
+        let user_start = admin.find("users:").unwrap();
+        let context_start = admin.find("contexts:").unwrap();
+        let operator = format!(
+            "{}users:\n- name: admin\n  user:\n    token: {}\n{}",
+            &admin[..user_start],
+            token.trim(),
+            &admin[context_start..]
+        );
+        let path = self.dir.path().join("operator.kubeconfig");
+        std::fs::write(&path, operator).unwrap();
+        path
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(repo().join("scripts/envtest"))
+            .arg("stop")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn helm() -> PathBuf {
+    let gopath = Command::new("go").args(["env", "GOPATH"]).output().unwrap();
+    let gobin = PathBuf::from(String::from_utf8_lossy(&gopath.stdout).trim()).join("bin");
+    ["/usr/local/bin", "/usr/bin"]
+        .iter()
+        .map(PathBuf::from)
+        .chain([gobin])
+        .map(|dir| dir.join("helm"))
+        .find(|path| path.exists())
+        .expect("helm is installed by ./scripts/test")
+}
+
+/// A hub process whose admin API listens on `admin` (a non-loopback address of the namespace).
+struct Hub {
+    admin: SocketAddr,
+    tunnel_port: u16,
+    state: tempfile::TempDir,
+    id: String,
+    replica: bool,
+    process: Option<Process>,
+}
+
+impl Hub {
+    async fn start(id: &str, admin: SocketAddr, replica: bool) -> Self {
+        let mut hub = Self {
+            admin,
+            tunnel_port: free_port(IpAddr::from([127, 0, 0, 1])),
+            state: tempfile::tempdir().unwrap(),
+            id: id.to_owned(),
+            replica,
+            process: None,
+        };
+        hub.restart().await;
+        hub
+    }
+
+    async fn restart(&mut self) {
+        self.process = None;
+        let mut args = vec![
+            "hub".to_owned(),
+            format!("--tunnel-port={}", self.tunnel_port),
+            "--listen-address=127.0.0.1".into(),
+            format!("--state-dir={}", self.state.path().display()),
+            format!("--admin-addr={}", self.admin),
+            format!(
+                "--metrics-addr=127.0.0.1:{}",
+                free_port(IpAddr::from([127, 0, 0, 1]))
+            ),
+            format!("--hub-id={}", self.id),
+            "--public-host=127.0.0.1".into(),
+            format!("--public-port={}", self.tunnel_port),
+            "--no-quic".into(),
+        ];
+        if self.replica {
+            args.push("--replica".into());
+        }
+        self.process = Some(spawn_binary(
+            &args,
+            &[("REMOTEINGRESS_ADMIN_TOKEN", ADMIN_TOKEN)],
+        ));
+        let admin = self.admin;
+        eventually("the hub's admin API", || async move {
+            TcpStream::connect(admin).await.ok().map(|_| ())
+        })
+        .await;
+    }
+
+    /// The hub's edges as grpcurl-free JSON: id → (listen ports, generation), via the binary's
+    /// admin client… read with our own gRPC client.
+    async fn edges(&self) -> Vec<remoteingress_controlplane::pb::EdgeInfo> {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.admin))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let token: tonic::metadata::MetadataValue<_> =
+            format!("Bearer {ADMIN_TOKEN}").parse().unwrap();
+        let mut admin =
+            remoteingress_controlplane::pb::hub_admin_client::HubAdminClient::with_interceptor(
+                channel,
+                move |mut request: tonic::Request<()>| {
+                    request
+                        .metadata_mut()
+                        .insert("authorization", token.clone());
+                    Ok(request)
+                },
+            );
+        admin
+            .list_edges(remoteingress_controlplane::pb::ListEdgesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .edges
+    }
+}
+
+/// The EndpointSlice that lists the hubs' admin API, as Kubernetes would for the chart's
+/// admin Service.
+fn hub_slice(hubs: &[&Hub]) -> String {
+    let port = hubs[0].admin.port();
+    let endpoints: Vec<String> = hubs
+        .iter()
+        .map(|hub| {
+            format!(
+                "{{addresses: [\"{}\"], conditions: {{ready: true}}}}",
+                hub.admin.ip()
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: hubs\n  \
+         namespace: {HUB_NAMESPACE}\n  labels: {{kubernetes.io/service-name: t-remoteingress-admin}}\n\
+         addressType: IPv4\nports: [{{name: admin, port: {port}, protocol: TCP}}]\n\
+         endpoints: [{}]\n",
+        endpoints.join(", ")
+    )
+}
+
+fn operator(kubeconfig: &Path) -> Process {
+    spawn_binary(
+        &[
+            "operator".into(),
+            format!("--hub-namespace={HUB_NAMESPACE}"),
+            "--hub-service=t-remoteingress-admin".into(),
+            "--resync-secs=1".into(),
+        ],
+        &[
+            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+            ("REMOTEINGRESS_ADMIN_TOKEN", ADMIN_TOKEN),
+        ],
+    )
+}
+
+/// coturn answering STUN on PUBLIC_IP:`port`.
+fn coturn(port: u16) -> Process {
+    let binary = ["/usr/bin/turnserver", "/usr/sbin/turnserver"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .expect("coturn is installed by ./scripts/test");
+    Process(
+        Command::new(binary)
+            .args([
+                "--stun-only",
+                "--no-cli",
+                "--no-tls",
+                "--no-dtls",
+                "--no-tcp",
+            ])
+            .args([
+                "--no-rfc5780",
+                "--no-software-attribute",
+                "--log-file=stdout",
+            ])
+            .arg(format!("--listening-ip={PUBLIC_IP}"))
+            .arg(format!("--listening-port={port}"))
+            .arg("--pidfile=/dev/null")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+fn condition(edge: &Value, kind: &str) -> Option<(String, String)> {
+    edge["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find_map(|c| {
+            (c["type"] == kind).then(|| {
+                (
+                    c["status"].as_str().unwrap_or_default().to_owned(),
+                    c["reason"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+        })
+}
+
+/// A TCP target on `addr` that answers each connection with the PROXY line it received.
+async fn header_echo(addr: SocketAddr) {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut line = Vec::new();
+                let mut byte = [0u8];
+                while socket.read_exact(&mut byte).await.is_ok() && byte[0] != b'\n' {
+                    line.push(byte[0]);
+                }
+                let _ = socket.write_all(&line).await;
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn edges_and_load_balancer_services_through_a_real_api_server() {
+    private_network(&["10.244.0.1", PUBLIC_IP]);
+    let cluster = Cluster::start();
+    let operator_kubeconfig = cluster.operator_kubeconfig();
+    let hub = Hub::start("hub-a", "10.244.0.1:18444".parse().unwrap(), false).await;
+    cluster.apply(&hub_slice(&[&hub]));
+    let stun_port = free_port(IpAddr::from([127, 0, 0, 1]));
+    let _coturn = coturn(stun_port);
+    let _operator = operator(&operator_kubeconfig);
+
+    // The API server refuses what the schema forbids.
+    let (ok, refused) = cluster.try_kubectl(
+        &["apply", "-f", "-"],
+        Some("apiVersion: remoteingress.dev/v1alpha1\nkind: Edge\nmetadata: {name: bad}\nspec: {listenPorts: [0, 80, 80], firewallConfig: {blockedIps: [10.0.0.0/33], rateLimits: [{id: r, port: 80, rate: 5/fortnight}]}}\n"),
+    );
+    assert!(!ok);
+    for field in ["listenPorts[0]", "listenPorts[2]", "blockedIps[0]", "rate"] {
+        assert!(refused.contains(field), "{field}: {refused}");
+    }
+
+    // A complete Edge: ports only. The operator makes its secret and token.
+    let first = free_port(IpAddr::from([0, 0, 0, 0]));
+    cluster.apply(&format!(
+        "apiVersion: remoteingress.dev/v1alpha1\nkind: Edge\nmetadata: {{name: e1, namespace: default}}\nspec: {{listenPorts: [{first}]}}\n"
+    ));
+    let token = eventually("the token Secret", || async {
+        let secret = cluster.get(&["secret", "e1-token"])?;
+        let encoded = secret["data"]["token"].as_str()?;
+        let decoded =
+            base64::Engine::decode(&base64::engine::general_purpose::STANDARD, encoded).ok()?;
+        String::from_utf8(decoded).ok()
+    })
+    .await;
+    let _edge = spawn_binary(
+        &[
+            "edge".into(),
+            format!("--token={token}"),
+            format!("--stun-server={PUBLIC_IP}:{stun_port}"),
+            "--firewall=off".into(),
+            "--bind-address=127.0.0.1".into(),
+            format!(
+                "--status-addr=127.0.0.1:{}",
+                free_port(IpAddr::from([127, 0, 0, 1]))
+            ),
+            format!(
+                "--metrics-addr=127.0.0.1:{}",
+                free_port(IpAddr::from([127, 0, 0, 1]))
+            ),
+            "--reconnect-min-ms=50".into(),
+            "--reconnect-max-secs=1".into(),
+        ],
+        &[],
+    );
+    let applied_generation = eventually("e1 Connected and ConfigApplied", || async {
+        let edge = cluster.get(&["edge", "e1"])?;
+        let connected = condition(&edge, "Connected")?;
+        let applied = condition(&edge, "ConfigApplied")?;
+        (connected.0 == "True" && applied.0 == "True" && edge["status"]["publicIp"] == PUBLIC_IP)
+            .then(|| edge["status"]["appliedGeneration"].as_u64())?
+    })
+    .await;
+    assert_eq!(
+        cluster.get(&["edge", "e1"]).unwrap()["status"]["hubs"],
+        serde_json::json!(["hub-a"])
+    );
+
+    // Changing the ports reaches the edge; the generation rises.
+    let second = free_port(IpAddr::from([0, 0, 0, 0]));
+    cluster.apply(&format!(
+        "apiVersion: remoteingress.dev/v1alpha1\nkind: Edge\nmetadata: {{name: e1, namespace: default}}\nspec: {{listenPorts: [{second}]}}\n"
+    ));
+    eventually("the edge to listen on the new port", || async {
+        TcpStream::connect(("127.0.0.1", second))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    eventually("the new generation applied", || async {
+        let edge = cluster.get(&["edge", "e1"])?;
+        (edge["status"]["appliedGeneration"].as_u64()? > applied_generation).then_some(())
+    })
+    .await;
+
+    // A LoadBalancer Service of our class: its port on the edge reaches its cluster IP.
+    let service_port = free_port(IpAddr::from([0, 0, 0, 0]));
+    let service = |name: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{type: LoadBalancer, \
+             loadBalancerClass: remoteingress.dev/edge, ports: [{{port: {service_port}, protocol: TCP}}]}}\n"
+        )
+    };
+    cluster.apply(&service("web"));
+    let cluster_ip = cluster.get(&["service", "web"]).unwrap()["spec"]["clusterIP"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    add_address(&cluster_ip);
+    header_echo(SocketAddr::new(cluster_ip.parse().unwrap(), service_port)).await;
+    let header = eventually("a client through the edge to reach the Service", || async {
+        let mut client = TcpStream::connect(("127.0.0.1", service_port)).await.ok()?;
+        let local = client.local_addr().ok()?;
+        let mut header = String::new();
+        client.read_to_string(&mut header).await.ok()?;
+        (!header.is_empty()).then(|| (header, local))
+    })
+    .await;
+    assert!(
+        header.0.starts_with(&format!(
+            "PROXY TCP4 127.0.0.1 127.0.0.1 {} {service_port}",
+            header.1.port()
+        )),
+        "{header:?}"
+    );
+    eventually("the Service's load balancer status", || async {
+        let web = cluster.get(&["service", "web"])?;
+        let ingress = web["status"]["loadBalancer"]["ingress"].as_array()?.clone();
+        (ingress.len() == 1 && ingress[0]["ip"] == PUBLIC_IP).then_some(())
+    })
+    .await;
+
+    // A second Service wanting the same port on the same edge is refused with an Event.
+    cluster.apply(&service("clash"));
+    eventually("a PortClash event on the younger Service", || async {
+        let events = cluster.get(&[
+            "events.events.k8s.io",
+            "--field-selector",
+            "regarding.name=clash",
+        ])?;
+        events["items"]
+            .as_array()?
+            .iter()
+            .any(|e| e["reason"] == "PortClash")
+            .then_some(())
+    })
+    .await;
+
+    // Deleting the Services removes the port.
+    cluster.kubectl(&["delete", "service", "web", "clash"], None);
+    eventually("the Service's port to close", || async {
+        TcpStream::connect(("127.0.0.1", service_port))
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    assert!(hub
+        .edges()
+        .await
+        .iter()
+        .all(|e| !e.listen_ports.contains(&u32::from(service_port))));
+}
+
+#[tokio::test]
+async fn every_hub_replica_gets_the_same_config_and_a_restarted_one_is_resynced() {
+    private_network(&["10.244.0.1", "10.244.0.2"]);
+    let cluster = Cluster::start();
+    let operator_kubeconfig = cluster.operator_kubeconfig();
+    let mut a = Hub::start("hub-a", "10.244.0.1:18444".parse().unwrap(), true).await;
+    let b = Hub::start("hub-b", "10.244.0.2:18444".parse().unwrap(), true).await;
+    cluster.apply(&hub_slice(&[&a, &b]));
+    let _operator = operator(&operator_kubeconfig);
+    for name in ["e1", "e2"] {
+        cluster.apply(&format!(
+            "apiVersion: remoteingress.dev/v1alpha1\nkind: Edge\nmetadata: {{name: {name}, namespace: default}}\nspec: {{listenPorts: [80, 443], targetHosts: {{\"443\": 10.0.0.9}}}}\n"
+        ));
+    }
+    let same = |hubs: Vec<Vec<remoteingress_controlplane::pb::EdgeInfo>>| {
+        let views: Vec<Vec<(String, Vec<u32>, u64, Vec<(u32, String)>)>> = hubs
+            .into_iter()
+            .map(|edges| {
+                edges
+                    .into_iter()
+                    .map(|e| {
+                        (
+                            e.id,
+                            e.listen_ports,
+                            e.generation,
+                            e.target_hosts.into_iter().collect(),
+                        )
+                    })
+                    .collect()
+            })
+            .collect();
+        (views[0].len() == 2 && views.iter().all(|v| v == &views[0])).then(|| views[0].clone())
+    };
+    let before = eventually("both hubs to hold both edges alike", || async {
+        same(vec![a.edges().await, b.edges().await])
+    })
+    .await;
+    assert_eq!(before[0].3, vec![(443, "10.0.0.9".to_owned())]);
+
+    // A hub that restarts empty is re-synced at once.
+    std::fs::remove_dir_all(a.state.path()).unwrap();
+    std::fs::create_dir(a.state.path()).unwrap();
+    a.restart().await;
+    eventually("the restarted hub to be re-synced", || async {
+        same(vec![a.edges().await, b.edges().await]).filter(|view| *view == before)
+    })
+    .await;
+}
