@@ -273,25 +273,17 @@ impl Hub {
         .await;
     }
 
-    /// The hub's edges as grpcurl-free JSON: id → (listen ports, generation), via the binary's
-    /// admin client… read with our own gRPC client.
+    /// The hub's edges, from its admin API.
     async fn edges(&self) -> Vec<remoteingress_controlplane::pb::EdgeInfo> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.admin))
             .unwrap()
             .connect()
             .await
             .unwrap();
-        let token: tonic::metadata::MetadataValue<_> =
-            format!("Bearer {ADMIN_TOKEN}").parse().unwrap();
         let mut admin =
             remoteingress_controlplane::pb::hub_admin_client::HubAdminClient::with_interceptor(
                 channel,
-                move |mut request: tonic::Request<()>| {
-                    request
-                        .metadata_mut()
-                        .insert("authorization", token.clone());
-                    Ok(request)
-                },
+                with_token as fn(_) -> _,
             );
         admin
             .list_edges(remoteingress_controlplane::pb::ListEdgesRequest {})
@@ -300,6 +292,14 @@ impl Hub {
             .into_inner()
             .edges
     }
+}
+
+/// Adds the admin bearer token to a call.
+#[allow(clippy::result_large_err)]
+fn with_token(mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+    let value = format!("Bearer {ADMIN_TOKEN}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    Ok(request)
 }
 
 /// The EndpointSlice that lists the hubs' admin API, as Kubernetes would for the chart's
@@ -338,6 +338,9 @@ fn operator(kubeconfig: &Path) -> Process {
         ],
     )
 }
+
+/// What must be the same on every hub: id, ports, generation, target hosts.
+type EdgeView = (String, Vec<u32>, u64, Vec<(u32, String)>);
 
 /// coturn answering STUN on PUBLIC_IP:`port`.
 fn coturn(port: u16) -> Process {
@@ -505,7 +508,7 @@ async fn edges_and_load_balancer_services_through_a_real_api_server() {
         let local = client.local_addr().ok()?;
         let mut header = String::new();
         client.read_to_string(&mut header).await.ok()?;
-        (!header.is_empty()).then(|| (header, local))
+        (!header.is_empty()).then_some((header, local))
     })
     .await;
     assert!(
@@ -569,7 +572,7 @@ async fn every_hub_replica_gets_the_same_config_and_a_restarted_one_is_resynced(
         ));
     }
     let same = |hubs: Vec<Vec<remoteingress_controlplane::pb::EdgeInfo>>| {
-        let views: Vec<Vec<(String, Vec<u32>, u64, Vec<(u32, String)>)>> = hubs
+        let views: Vec<Vec<EdgeView>> = hubs
             .into_iter()
             .map(|edges| {
                 edges
