@@ -386,6 +386,19 @@ fn condition(edge: &Value, kind: &str) -> Option<(String, String)> {
         })
 }
 
+/// A UDP target on `addr` that echoes every datagram but the PROXY v2 header of a session.
+async fn udp_echo(addr: SocketAddr) {
+    let socket = tokio::net::UdpSocket::bind(addr).await.unwrap();
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            if !buf[..n].starts_with(b"\r\n\r\n\0\r\nQUIT\n") {
+                let _ = socket.send_to(&buf[..n], from).await;
+            }
+        }
+    });
+}
+
 /// A TCP target on `addr` that answers each connection with the PROXY line it received.
 async fn header_echo(addr: SocketAddr) {
     let listener = TcpListener::bind(addr).await.unwrap();
@@ -488,12 +501,18 @@ async fn edges_and_load_balancer_services_through_a_real_api_server() {
     })
     .await;
 
-    // A LoadBalancer Service of our class: its port on the edge reaches its cluster IP.
+    // A LoadBalancer Service of our class: its ports on the edge reach its cluster IP.
     let service_port = free_port(IpAddr::from([0, 0, 0, 0]));
+    let udp_port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let service = |name: &str| {
         format!(
             "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\nspec: {{type: LoadBalancer, \
-             loadBalancerClass: remoteingress.dev/edge, ports: [{{port: {service_port}, protocol: TCP}}]}}\n"
+             loadBalancerClass: remoteingress.dev/edge, ports: [{{name: web, port: {service_port}, protocol: TCP}}, \
+             {{name: dns, port: {udp_port}, protocol: UDP}}]}}\n"
         )
     };
     cluster.apply(&service("web"));
@@ -503,6 +522,7 @@ async fn edges_and_load_balancer_services_through_a_real_api_server() {
         .to_owned();
     add_address(&cluster_ip);
     header_echo(SocketAddr::new(cluster_ip.parse().unwrap(), service_port)).await;
+    udp_echo(SocketAddr::new(cluster_ip.parse().unwrap(), udp_port)).await;
     let header = eventually("a client through the edge to reach the Service", || async {
         let mut client = TcpStream::connect(("127.0.0.1", service_port)).await.ok()?;
         let local = client.local_addr().ok()?;
@@ -518,6 +538,24 @@ async fn edges_and_load_balancer_services_through_a_real_api_server() {
         )),
         "{header:?}"
     );
+    let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    client.connect(("127.0.0.1", udp_port)).await.unwrap();
+    eventually(
+        "a datagram through the edge to reach the Service and back",
+        || async {
+            client.send(b"ping").await.ok()?;
+            let mut reply = [0u8; 16];
+            let n = tokio::time::timeout(
+                std::time::Duration::from_millis(200),
+                client.recv(&mut reply),
+            )
+            .await
+            .ok()?
+            .ok()?;
+            (&reply[..n] == b"ping").then_some(())
+        },
+    )
+    .await;
     eventually("the Service's load balancer status", || async {
         let web = cluster.get(&["service", "web"])?;
         let ingress = web["status"]["loadBalancer"]["ingress"].as_array()?.clone();

@@ -27,8 +27,10 @@ pub struct HubReport {
     pub edges: Vec<pb::EdgeInfo>,
     /// Its tunnels.
     pub connected: Vec<pb::ConnectedEdge>,
-    /// Why it is unreachable or refused the last push.
-    pub error: Option<String>,
+    /// Why it cannot be reached now (its edges and tunnels are then unknown).
+    pub unreachable: Option<String>,
+    /// Why it refused the last push.
+    pub refused: Option<String>,
     /// When this was learnt.
     pub at: Option<SystemTime>,
 }
@@ -109,7 +111,12 @@ impl HubSync {
             };
             if let Err(error) = outcome {
                 tracing::warn!(hub = %addr, %error, "hub admin API");
-                self.report(addr, |report| report.error = Some(error.clone()));
+                self.report(addr, |report| {
+                    *report = HubReport {
+                        unreachable: Some(error.clone()),
+                        ..HubReport::default()
+                    };
+                });
                 backoff = (backoff * 2).min(Duration::from_secs(10));
             } else {
                 backoff = Duration::from_millis(200);
@@ -204,7 +211,8 @@ impl HubSync {
             report.hub_id = hub_id.to_owned();
             report.edges = edges;
             report.connected = connected;
-            report.error = push_error;
+            report.unreachable = None;
+            report.refused = push_error;
         });
         Ok(())
     }

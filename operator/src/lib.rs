@@ -134,6 +134,21 @@ pub async fn run(
     Ok(())
 }
 
+/// Merge-patches an object's status subresource with `status`.
+async fn patch_status<K>(
+    api: &Api<K>,
+    name: &str,
+    status: serde_json::Value,
+) -> Result<(), kube::Error>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let patch = serde_json::json!({ "status": status });
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(drop)
+}
+
 /// A cache of `api`'s objects, kept current by a watch; each change wakes the operator.
 fn mirror<K>(
     api: Api<K>,
@@ -292,16 +307,9 @@ impl Operator {
             if status.config_digest.as_deref() != Some(composed.digest.as_str()) || generation == 0
             {
                 let next = generation + 1;
-                let patch = serde_json::json!({"status": {"configGeneration": next, "configDigest": composed.digest}});
-                match self
-                    .edge_api(&composed.key)
-                    .patch_status(
-                        &composed.key.1,
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await
-                {
+                let status =
+                    serde_json::json!({"configGeneration": next, "configDigest": composed.digest});
+                match patch_status(&self.edge_api(&composed.key), &composed.key.1, status).await {
                     Ok(_) => generation = next,
                     Err(error) => {
                         tracing::warn!(edge = %composed.key.1, %error, "recording the config generation");
@@ -359,16 +367,13 @@ impl Operator {
                 status.token_secret = Some(secrets::token_secret_name(&composed.key.1));
             }
             if status != previous {
-                let patch = serde_json::json!({"status": status});
-                if let Err(error) = self
-                    .edge_api(&composed.key)
-                    .patch_status(
-                        &composed.key.1,
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await
-                {
+                let written = patch_status(
+                    &self.edge_api(&composed.key),
+                    &composed.key.1,
+                    serde_json::json!(status),
+                )
+                .await;
+                if let Err(error) = written {
                     tracing::warn!(edge = %composed.key.1, %error, "writing status");
                 }
             }
@@ -425,7 +430,7 @@ impl Operator {
         let reports = self.sync.reports.lock().unwrap_or_else(|p| p.into_inner());
         reports
             .iter()
-            .find(|(_, r)| !r.hub_id.is_empty() && r.error.is_none())
+            .find(|(_, r)| r.unreachable.is_none() && r.refused.is_none())
             .map(|(addr, r)| (*addr, r.edges.iter().map(|e| e.id.clone()).collect()))
     }
 
@@ -457,15 +462,8 @@ impl Operator {
             };
             if ips(&current) != ips(&ingress) {
                 let api: Api<Service> = Api::namespaced(self.client.clone(), &exposure.service.0);
-                let patch = serde_json::json!({"status": {"loadBalancer": {"ingress": ingress}}});
-                if let Err(error) = api
-                    .patch_status(
-                        &exposure.service.1,
-                        &PatchParams::default(),
-                        &Patch::Merge(&patch),
-                    )
-                    .await
-                {
+                let status = serde_json::json!({"loadBalancer": {"ingress": ingress}});
+                if let Err(error) = patch_status(&api, &exposure.service.1, status).await {
                     tracing::warn!(service = %exposure.service.1, %error, "writing the load balancer status");
                 }
             }

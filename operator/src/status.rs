@@ -63,10 +63,10 @@ pub fn edge_status(
             "TunnelUp",
             format!("tunnels to hub(s) {}", hubs.join(", ")),
         ),
-        (Ok(_), true) if reports.is_empty() => (
+        (Ok(_), true) if reports.iter().all(|r| r.unreachable.is_some()) => (
             "Unknown",
             "NoHub",
-            "no hub replica is known (check the hub Service's endpoints)".into(),
+            "no hub replica is reachable (check the hub admin Service's endpoints)".into(),
         ),
         (Ok(_), true) => (
             "False",
@@ -75,7 +75,7 @@ pub fn edge_status(
         ),
     };
 
-    let refusal = reports.iter().find_map(|r| r.error.clone());
+    let refusal = reports.iter().find_map(|r| r.refused.clone());
     let mut applied_generation = previous.applied_generation;
     let applied: Verdict = match &composed.edge {
         Err(error) => ("False", "Invalid", error.clone()),
