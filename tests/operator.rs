@@ -626,10 +626,13 @@ async fn every_hub_replica_gets_the_same_config_and_a_restarted_one_is_resynced(
                     .collect()
             })
             .collect();
-        (views[0].len() == 2 && views.iter().all(|v| v == &views[0])).then(|| views[0].clone())
+        views
+            .iter()
+            .all(|v| v == &views[0])
+            .then(|| views[0].clone())
     };
     let before = eventually("both hubs to hold both edges alike", || async {
-        same(vec![a.edges().await, b.edges().await])
+        same(vec![a.edges().await, b.edges().await]).filter(|view| view.len() == 2)
     })
     .await;
     assert_eq!(before[0].3, vec![(443, "10.0.0.9".to_owned())]);
@@ -640,6 +643,14 @@ async fn every_hub_replica_gets_the_same_config_and_a_restarted_one_is_resynced(
     a.restart().await;
     eventually("the restarted hub to be re-synced", || async {
         same(vec![a.edges().await, b.edges().await]).filter(|view| *view == before)
+    })
+    .await;
+
+    // A deleted Edge leaves every hub.
+    cluster.kubectl(&["delete", "edge", "e2"], None);
+    eventually("e2 to leave both hubs", || async {
+        same(vec![a.edges().await, b.edges().await])
+            .filter(|view| view.len() == 1 && view[0].0 == "e1")
     })
     .await;
 }
