@@ -653,4 +653,20 @@ async fn every_hub_replica_gets_the_same_config_and_a_restarted_one_is_resynced(
             .filter(|view| view.len() == 1 && view[0].0 == "e1")
     })
     .await;
+
+    // An Edge that cannot be built now (its Secret is missing) is reported, and its edge keeps
+    // the last configuration it was given.
+    cluster.apply(
+        "apiVersion: remoteingress.dev/v1alpha1\nkind: Edge\nmetadata: {name: e1, namespace: default}\n\
+         spec: {listenPorts: [8080], secretRef: {name: missing}}\n",
+    );
+    eventually("e1 reported as not buildable", || async {
+        let edge = cluster.get(&["edge", "e1"])?;
+        let (status, reason) = condition(&edge, "ConfigApplied")?;
+        (status == "False" && reason == "Invalid").then_some(())
+    })
+    .await;
+    let kept = same(vec![a.edges().await, b.edges().await]).unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].1, vec![80, 443]);
 }

@@ -2,7 +2,7 @@
 //! `LoadBalancer` Services exposed through it, with port clashes found and refused. Pure: the
 //! objects and secrets in, the composition out.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
@@ -74,9 +74,12 @@ pub fn edge_id(edge: &Edge) -> String {
 }
 
 /// Composes the edge set. `secret` gives each Edge's shared secret, or why it has none.
+/// Services claim ports oldest first; of two created in the same second, one in `exposed`
+/// (exposed by the previous composition) goes first, so a port never moves between them.
 pub fn compose(
     edges: &[&Edge],
     services: &[&Service],
+    exposed: &HashSet<ObjectKey>,
     secret: impl Fn(&Edge) -> Result<String, String>,
 ) -> Composition {
     let mut edges: Vec<&Edge> = edges.to_vec();
@@ -105,7 +108,14 @@ pub fn compose(
     }
 
     let mut services: Vec<&Service> = services.iter().copied().filter(|s| is_ours(s)).collect();
-    services.sort_by_key(|s| (s.metadata.creation_timestamp.clone(), key_of(*s)));
+    services.sort_by_key(|s| {
+        let key = key_of(*s);
+        (
+            s.metadata.creation_timestamp.clone(),
+            !exposed.contains(&key),
+            key,
+        )
+    });
     let mut claims: HashMap<ObjectKey, HashMap<u16, String>> = HashMap::new();
     let mut exposures = Vec::new();
     for service in services {
@@ -336,7 +346,7 @@ mod tests {
     fn a_service_adds_its_ports_with_its_cluster_ip_to_every_edge_of_its_namespace() {
         let (a, b) = (edge("a", &[22]), edge("b", &[]));
         let web = service("web", 5, &[("TCP", 80), ("UDP", 53)], &[]);
-        let composition = compose(&[&a, &b], &[&web], secret);
+        let composition = compose(&[&a, &b], &[&web], &HashSet::new(), secret);
         for name in ["a", "b"] {
             let edge = allowed(&composition, name);
             assert!(edge.config.listen_ports.contains(&80));
@@ -358,7 +368,7 @@ mod tests {
             &[("TCP", 81)],
             &[(EDGE_SELECTOR_ANNOTATION, "tier=public")],
         );
-        let composition = compose(&[&a, &b], &[&named, &selected], secret);
+        let composition = compose(&[&a, &b], &[&named, &selected], &HashSet::new(), secret);
         assert_eq!(allowed(&composition, "a").config.listen_ports, vec![80]);
         assert_eq!(allowed(&composition, "b").config.listen_ports, vec![81]);
     }
@@ -369,7 +379,7 @@ mod tests {
         let old = service("old", 1, &[("TCP", 80)], &[]);
         let young = service("young", 2, &[("TCP", 80)], &[(EDGES_ANNOTATION, "a,b")]);
         let own = service("own", 3, &[("TCP", 443)], &[(EDGES_ANNOTATION, "a")]);
-        let composition = compose(&[&a, &b], &[&young, &own, &old], secret);
+        let composition = compose(&[&a, &b], &[&young, &own, &old], &HashSet::new(), secret);
         let refused: Vec<_> = composition
             .exposures
             .iter()
@@ -407,13 +417,31 @@ mod tests {
     }
 
     #[test]
+    fn of_two_services_of_the_same_second_the_exposed_one_keeps_its_port() {
+        let a = edge("a", &[]);
+        let (b_first, a_second) = (
+            service("b-first", 1, &[("TCP", 80)], &[]),
+            service("a-second", 1, &[("TCP", 80)], &[]),
+        );
+        let exposed = HashSet::from([("ns".to_owned(), "b-first".to_owned())]);
+        let composition = compose(&[&a], &[&a_second, &b_first], &exposed, secret);
+        let refused: Vec<_> = composition
+            .exposures
+            .iter()
+            .filter(|e| e.placements.iter().any(|p| p.refused.is_some()))
+            .map(|e| e.service.1.as_str())
+            .collect();
+        assert_eq!(refused, vec!["a-second"]);
+    }
+
+    #[test]
     fn a_duplicate_edge_id_and_an_invalid_edge_are_reported_not_pushed() {
         let a = edge("a", &[80]);
         let mut twin = edge("twin", &[81]);
         twin.spec.edge_id = Some("a".into());
         let mut bad = edge("bad", &[]);
         bad.spec.targets.hosts.insert(80, "not a host".into());
-        let composition = compose(&[&twin, &a, &bad], &[], secret);
+        let composition = compose(&[&twin, &a, &bad], &[], &HashSet::new(), secret);
         let errors: Vec<_> = composition
             .edges
             .iter()
@@ -437,12 +465,16 @@ mod tests {
     #[test]
     fn the_digest_changes_with_the_config_not_with_the_secret() {
         let a = edge("a", &[80]);
-        let first = compose(&[&a], &[], secret).edges[0].digest.clone();
-        let other_secret = compose(&[&a], &[], |_| Ok("t".into())).edges[0]
+        let first = compose(&[&a], &[], &HashSet::new(), secret).edges[0]
+            .digest
+            .clone();
+        let other_secret = compose(&[&a], &[], &HashSet::new(), |_| Ok("t".into())).edges[0]
             .digest
             .clone();
         let b = edge("a", &[81]);
-        let changed = compose(&[&b], &[], secret).edges[0].digest.clone();
+        let changed = compose(&[&b], &[], &HashSet::new(), secret).edges[0]
+            .digest
+            .clone();
         assert_eq!(first, other_secret);
         assert_ne!(first, changed);
     }

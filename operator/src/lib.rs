@@ -117,6 +117,8 @@ pub async fn run(
         hubs: HashMap::new(),
         tokens: HashMap::new(),
         told: HashSet::new(),
+        pushed: HashMap::new(),
+        exposed: HashSet::new(),
     };
     loop {
         operator.reconcile().await;
@@ -206,6 +208,10 @@ struct Operator {
     tokens: HashMap<ObjectKey, String>,
     /// Events already published (object uid and message), so each is told once.
     told: HashSet<(String, String)>,
+    /// The configuration last pushed for each Edge.
+    pushed: HashMap<ObjectKey, pb::Edge>,
+    /// The Services that had ports on an edge after the last pass.
+    exposed: HashSet<ObjectKey>,
 }
 
 impl Operator {
@@ -218,6 +224,7 @@ impl Operator {
         let composition = compose(
             &edges.iter().map(|e| e.as_ref()).collect::<Vec<_>>(),
             &services.iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
+            &self.exposed,
             |edge| {
                 secrets
                     .get(&key_of(edge))
@@ -225,6 +232,12 @@ impl Operator {
                     .unwrap_or_else(|| Err("no secret".into()))
             },
         );
+        self.exposed = composition
+            .exposures
+            .iter()
+            .filter(|e| e.placements.iter().any(|p| p.refused.is_none()))
+            .map(|e| e.service.clone())
+            .collect();
         let generations = self.generations(&edges, &composition).await;
         self.push(&composition, &generations);
         let reports: Vec<hubs::HubReport> = self
@@ -323,17 +336,25 @@ impl Operator {
     }
 
     /// Publishes the desired edge set (valid edges with a recorded generation).
-    fn push(&self, composition: &Composition, generations: &HashMap<ObjectKey, u64>) {
-        let mut edges: Vec<pb::Edge> = composition
-            .edges
-            .iter()
-            .filter_map(|c| {
-                let generation = generations.get(&c.key)?;
-                let mut edge = edge_to_proto(c.edge.clone().ok()?);
+    /// An Edge that cannot be composed now (a Secret unreadable for a moment, an update the
+    /// hub would refuse) keeps its last pushed configuration, so its edge stays up.
+    fn push(&mut self, composition: &Composition, generations: &HashMap<ObjectKey, u64>) {
+        self.pushed
+            .retain(|key, _| composition.edges.iter().any(|c| &c.key == key));
+        let mut edges = Vec::new();
+        for composed in &composition.edges {
+            let fresh = composed
+                .edge
+                .clone()
+                .ok()
+                .zip(generations.get(&composed.key));
+            if let Some((edge, generation)) = fresh {
+                let mut edge = edge_to_proto(edge);
                 edge.generation = Some(*generation);
-                Some(edge)
-            })
-            .collect();
+                self.pushed.insert(composed.key.clone(), edge);
+            }
+            edges.extend(self.pushed.get(&composed.key).cloned());
+        }
         edges.sort_by(|a, b| a.id.cmp(&b.id));
         self.desired.send_if_modified(|current| {
             let changed = current.as_slice() != edges.as_slice();
@@ -441,6 +462,8 @@ impl Operator {
         composition: &Composition,
         statuses: &HashMap<ObjectKey, EdgeStatus>,
     ) {
+        let uids: HashSet<String> = services.iter().filter_map(|s| s.uid()).collect();
+        self.told.retain(|(uid, _)| uids.contains(uid));
         for exposure in &composition.exposures {
             let Some(service) = services
                 .iter()
