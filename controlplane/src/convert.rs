@@ -1,6 +1,7 @@
 //! Conversions between protobuf messages and the hub/edge types, and the one place where
 //! library errors become gRPC statuses.
 
+use std::collections::HashMap;
 use std::time::SystemTime;
 
 use remoteingress_edge::{Disagreement, EdgeEvent, TunnelState, TunnelStatus};
@@ -240,58 +241,47 @@ pub fn edge_to_proto(edge: AllowedEdge) -> pb::Edge {
         config,
         targets,
     } = edge;
+    let (target_ports, target_hosts) = targets_to(targets);
     pb::Edge {
         id,
         secret,
-        listen_ports: config.listen_ports.iter().map(|p| u32::from(*p)).collect(),
-        listen_ports_udp: config
-            .listen_ports_udp
-            .iter()
-            .map(|p| u32::from(*p))
-            .collect(),
-        target_ports: targets
-            .ports
-            .into_iter()
-            .map(|(from, to)| (u32::from(from), u32::from(to)))
-            .collect(),
-        target_hosts: targets
-            .hosts
-            .into_iter()
-            .map(|(from, host)| (u32::from(from), host))
-            .collect(),
+        listen_ports: ports_to(&config.listen_ports),
+        listen_ports_udp: ports_to(&config.listen_ports_udp),
+        target_ports,
+        target_hosts,
         stun_interval_secs: config.stun_interval_secs,
         firewall_config: config.firewall_config.map(firewall_to),
         generation: config.generation,
     }
 }
 
+fn ports_to(ports: &[u16]) -> Vec<u32> {
+    ports.iter().map(|p| u32::from(*p)).collect()
+}
+
+/// The API maps of per-port targets: target ports and target hosts.
+fn targets_to(targets: PortTargets) -> (HashMap<u32, u32>, HashMap<u32, String>) {
+    let ports = targets
+        .ports
+        .into_iter()
+        .map(|(from, to)| (u32::from(from), u32::from(to)))
+        .collect();
+    let hosts = targets
+        .hosts
+        .into_iter()
+        .map(|(from, host)| (u32::from(from), host))
+        .collect();
+    (ports, hosts)
+}
+
 pub(crate) fn edge_info(info: EdgeInfo) -> pb::EdgeInfo {
+    let (target_ports, target_hosts) = targets_to(info.targets);
     pb::EdgeInfo {
         id: info.id,
-        listen_ports: info
-            .config
-            .listen_ports
-            .iter()
-            .map(|p| u32::from(*p))
-            .collect(),
-        listen_ports_udp: info
-            .config
-            .listen_ports_udp
-            .iter()
-            .map(|p| u32::from(*p))
-            .collect(),
-        target_ports: info
-            .targets
-            .ports
-            .into_iter()
-            .map(|(from, to)| (u32::from(from), u32::from(to)))
-            .collect(),
-        target_hosts: info
-            .targets
-            .hosts
-            .into_iter()
-            .map(|(from, host)| (u32::from(from), host))
-            .collect(),
+        listen_ports: ports_to(&info.config.listen_ports),
+        listen_ports_udp: ports_to(&info.config.listen_ports_udp),
+        target_ports,
+        target_hosts,
         stun_interval_secs: info.config.stun_interval_secs,
         firewall_config: info.config.firewall_config.map(firewall_to),
         connected: info.connected,

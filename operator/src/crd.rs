@@ -6,9 +6,6 @@ use remoteingress_wire::EdgeConfig;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// The API group of our resources.
-pub const GROUP: &str = "remoteingress.dev";
-
 /// An edge the hubs admit: its ports, per-port targets, firewall and STUN interval, as in the
 /// edges file (`spec: {listenPorts: [80, 443]}` is complete).
 #[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
@@ -16,6 +13,7 @@ pub const GROUP: &str = "remoteingress.dev";
     group = "remoteingress.dev",
     version = "v1alpha1",
     kind = "Edge",
+    doc = "An edge the remoteingress hubs admit, in the edges file's shape (docs/kubernetes.md).",
     namespaced,
     status = "EdgeStatus",
     shortname = "rie",

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use remoteingress_controlplane::pb;
 use remoteingress_controlplane::pb::hub_admin_client::HubAdminClient;
@@ -31,8 +31,6 @@ pub struct HubReport {
     pub unreachable: Option<String>,
     /// Why it refused the last push.
     pub refused: Option<String>,
-    /// When this was learnt.
-    pub at: Option<SystemTime>,
 }
 
 /// Reports by hub admin address, shared with the status writer.
@@ -221,7 +219,6 @@ impl HubSync {
         let mut reports = self.reports.lock().unwrap_or_else(|p| p.into_inner());
         let report = reports.entry(addr).or_default();
         update(report);
-        report.at = Some(SystemTime::now());
         drop(reports);
         self.changed.notify_one();
     }
