@@ -29,7 +29,7 @@ pub struct OperatorArgs {
     hub_service: String,
     /// Name of the admin API port in the hub Service.
     #[arg(
-        long,
+        long = "hub-admin-port-name",
         env = "REMOTEINGRESS_HUB_ADMIN_PORT_NAME",
         default_value = "admin"
     )]

@@ -203,6 +203,82 @@ fn the_helm_chart_lints_renders_and_matches_the_binary() {
 }
 
 #[test]
+fn the_chart_runs_the_operator_against_its_own_hubs_with_settings_the_binary_reads() {
+    let helm = tool("helm");
+    let render = |extra: &[&str]| {
+        let mut args = vec![
+            "template",
+            "t",
+            "deploy/helm/remoteingress",
+            "--set",
+            "adminToken.value=x",
+        ];
+        args.extend(["--set", "operator.enabled=true"]);
+        args.extend(extra);
+        documents(&ok(run(&helm, &args)))
+    };
+    let docs = render(&[]);
+    let deployment = kind(&docs, "Deployment")
+        .into_iter()
+        .find(|d| d["metadata"]["name"] == "t-remoteingress-operator")
+        .expect("the operator Deployment");
+    assert_hardened(deployment);
+    let operator = &containers(deployment)[0];
+    assert_eq!(operator["args"][0], "operator");
+    let help = ok(Command::new(env!("CARGO_BIN_EXE_remoteingress"))
+        .args(["operator", "--help"])
+        .output()
+        .unwrap());
+    let env = operator["env"].as_sequence().unwrap();
+    for variable in env {
+        let name = variable["name"].as_str().unwrap();
+        assert!(
+            help.contains(name)
+                || ["POD_NAME", "POD_NAMESPACE", "REMOTEINGRESS_LOG_FORMAT"].contains(&name),
+            "{name} is not an operator setting"
+        );
+    }
+    // It finds the hubs through the admin Service, whose port it names.
+    let hub_service = env
+        .iter()
+        .find(|v| v["name"] == "REMOTEINGRESS_HUB_SERVICE")
+        .map(|v| v["value"].clone())
+        .unwrap();
+    let admin = kind(&docs, "Service")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == hub_service)
+        .expect("the operator's hub Service is rendered");
+    assert!(admin["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|p| p["name"] == default_of("operator", "hub-admin-port-name").as_str()));
+    // No hub Service selects the operator's pod.
+    let labels = &deployment["spec"]["template"]["metadata"]["labels"];
+    for service in kind(&docs, "Service") {
+        let selector = service["spec"]["selector"].as_mapping().unwrap();
+        assert!(
+            selector.iter().any(|(k, v)| &labels[k] != v),
+            "{:?} selects the operator",
+            service["metadata"]["name"]
+        );
+    }
+    // All namespaces: a ClusterRole; one namespace: a Role there.
+    assert_eq!(kind(&docs, "ClusterRole").len(), 1);
+    let scoped = render(&["--set", "operator.watchNamespace=apps"]);
+    assert!(kind(&scoped, "ClusterRole").is_empty());
+    assert!(kind(&scoped, "Role")
+        .iter()
+        .any(|r| r["metadata"]["namespace"] == "apps"));
+    // The CRD ships with the chart.
+    let crd = std::fs::read_to_string(
+        repo().join("deploy/helm/remoteingress/crds/edges.remoteingress.dev.yaml"),
+    )
+    .unwrap();
+    assert!(crd.contains("kind: CustomResourceDefinition"));
+}
+
+#[test]
 fn the_kustomize_manifests_render_and_match_the_chart() {
     let kubectl = tool("kubectl");
     let hub = documents(&ok(run(&kubectl, &["kustomize", "deploy/kubernetes"])));
