@@ -18,6 +18,9 @@ use tokio::net::{TcpListener, TcpStream};
 
 const ADMIN_TOKEN: &str = "operator-test-admin-token";
 const HUB_NAMESPACE: &str = "remoteingress";
+/// How long a step that goes through the API server, the operator and a hub may take: both
+/// tests run at once, each with its own API server, on two cores.
+const API_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
 /// The address coturn answers on, so the edge's public IP is a known value.
 const PUBLIC_IP: &str = "203.0.113.7";
 
@@ -267,7 +270,7 @@ impl Hub {
             &[("REMOTEINGRESS_ADMIN_TOKEN", ADMIN_TOKEN)],
         ));
         let admin = self.admin;
-        eventually("the hub's admin API", || async move {
+        eventually_within(API_DEADLINE, "the hub's admin API", || async move {
             TcpStream::connect(admin).await.ok().map(|_| ())
         })
         .await;
@@ -442,7 +445,7 @@ async fn edges_and_load_balancer_services_through_a_real_api_server() {
     cluster.apply(&format!(
         "apiVersion: remoteingress.dev/v1alpha1\nkind: Edge\nmetadata: {{name: e1, namespace: default}}\nspec: {{listenPorts: [{first}]}}\n"
     ));
-    let token = eventually("the token Secret", || async {
+    let token = eventually_within(API_DEADLINE, "the token Secret", || async {
         let secret = cluster.get(&["secret", "e1-token"])?;
         let encoded = secret["data"]["token"].as_str()?;
         let decoded =
@@ -470,14 +473,17 @@ async fn edges_and_load_balancer_services_through_a_real_api_server() {
         ],
         &[],
     );
-    let applied_generation = eventually("e1 Connected and ConfigApplied", || async {
-        let edge = cluster.get(&["edge", "e1"])?;
-        let connected = condition(&edge, "Connected")?;
-        let applied = condition(&edge, "ConfigApplied")?;
-        (connected.0 == "True" && applied.0 == "True" && edge["status"]["publicIp"] == PUBLIC_IP)
-            .then(|| edge["status"]["appliedGeneration"].as_u64())?
-    })
-    .await;
+    let applied_generation =
+        eventually_within(API_DEADLINE, "e1 Connected and ConfigApplied", || async {
+            let edge = cluster.get(&["edge", "e1"])?;
+            let connected = condition(&edge, "Connected")?;
+            let applied = condition(&edge, "ConfigApplied")?;
+            (connected.0 == "True"
+                && applied.0 == "True"
+                && edge["status"]["publicIp"] == PUBLIC_IP)
+                .then(|| edge["status"]["appliedGeneration"].as_u64())?
+        })
+        .await;
     assert_eq!(
         cluster.get(&["edge", "e1"]).unwrap()["status"]["hubs"],
         serde_json::json!(["hub-a"])
@@ -488,14 +494,18 @@ async fn edges_and_load_balancer_services_through_a_real_api_server() {
     cluster.apply(&format!(
         "apiVersion: remoteingress.dev/v1alpha1\nkind: Edge\nmetadata: {{name: e1, namespace: default}}\nspec: {{listenPorts: [{second}]}}\n"
     ));
-    eventually("the edge to listen on the new port", || async {
-        TcpStream::connect(("127.0.0.1", second))
-            .await
-            .ok()
-            .map(|_| ())
-    })
+    eventually_within(
+        API_DEADLINE,
+        "the edge to listen on the new port",
+        || async {
+            TcpStream::connect(("127.0.0.1", second))
+                .await
+                .ok()
+                .map(|_| ())
+        },
+    )
     .await;
-    eventually("the new generation applied", || async {
+    eventually_within(API_DEADLINE, "the new generation applied", || async {
         let edge = cluster.get(&["edge", "e1"])?;
         (edge["status"]["appliedGeneration"].as_u64()? > applied_generation).then_some(())
     })
@@ -523,13 +533,17 @@ async fn edges_and_load_balancer_services_through_a_real_api_server() {
     add_address(&cluster_ip);
     header_echo(SocketAddr::new(cluster_ip.parse().unwrap(), service_port)).await;
     udp_echo(SocketAddr::new(cluster_ip.parse().unwrap(), udp_port)).await;
-    let header = eventually("a client through the edge to reach the Service", || async {
-        let mut client = TcpStream::connect(("127.0.0.1", service_port)).await.ok()?;
-        let local = client.local_addr().ok()?;
-        let mut header = String::new();
-        client.read_to_string(&mut header).await.ok()?;
-        (!header.is_empty()).then_some((header, local))
-    })
+    let header = eventually_within(
+        API_DEADLINE,
+        "a client through the edge to reach the Service",
+        || async {
+            let mut client = TcpStream::connect(("127.0.0.1", service_port)).await.ok()?;
+            let local = client.local_addr().ok()?;
+            let mut header = String::new();
+            client.read_to_string(&mut header).await.ok()?;
+            (!header.is_empty()).then_some((header, local))
+        },
+    )
     .await;
     assert!(
         header.0.starts_with(&format!(
@@ -540,7 +554,8 @@ async fn edges_and_load_balancer_services_through_a_real_api_server() {
     );
     let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
     client.connect(("127.0.0.1", udp_port)).await.unwrap();
-    eventually(
+    eventually_within(
+        API_DEADLINE,
         "a datagram through the edge to reach the Service and back",
         || async {
             client.send(b"ping").await.ok()?;
@@ -556,32 +571,40 @@ async fn edges_and_load_balancer_services_through_a_real_api_server() {
         },
     )
     .await;
-    eventually("the Service's load balancer status", || async {
-        let web = cluster.get(&["service", "web"])?;
-        let ingress = web["status"]["loadBalancer"]["ingress"].as_array()?.clone();
-        (ingress.len() == 1 && ingress[0]["ip"] == PUBLIC_IP).then_some(())
-    })
+    eventually_within(
+        API_DEADLINE,
+        "the Service's load balancer status",
+        || async {
+            let web = cluster.get(&["service", "web"])?;
+            let ingress = web["status"]["loadBalancer"]["ingress"].as_array()?.clone();
+            (ingress.len() == 1 && ingress[0]["ip"] == PUBLIC_IP).then_some(())
+        },
+    )
     .await;
 
     // A second Service wanting the same port on the same edge is refused with an Event.
     cluster.apply(&service("clash"));
-    eventually("a PortClash event on the younger Service", || async {
-        let events = cluster.get(&[
-            "events.events.k8s.io",
-            "--field-selector",
-            "regarding.name=clash",
-        ])?;
-        events["items"]
-            .as_array()?
-            .iter()
-            .any(|e| e["reason"] == "PortClash")
-            .then_some(())
-    })
+    eventually_within(
+        API_DEADLINE,
+        "a PortClash event on the younger Service",
+        || async {
+            let events = cluster.get(&[
+                "events.events.k8s.io",
+                "--field-selector",
+                "regarding.name=clash",
+            ])?;
+            events["items"]
+                .as_array()?
+                .iter()
+                .any(|e| e["reason"] == "PortClash")
+                .then_some(())
+        },
+    )
     .await;
 
     // Deleting the Services removes the port.
     cluster.kubectl(&["delete", "service", "web", "clash"], None);
-    eventually("the Service's port to close", || async {
+    eventually_within(API_DEADLINE, "the Service's port to close", || async {
         TcpStream::connect(("127.0.0.1", service_port))
             .await
             .is_err()
@@ -631,9 +654,11 @@ async fn every_hub_replica_gets_the_same_config_and_a_restarted_one_is_resynced(
             .all(|v| v == &views[0])
             .then(|| views[0].clone())
     };
-    let before = eventually("both hubs to hold both edges alike", || async {
-        same(vec![a.edges().await, b.edges().await]).filter(|view| view.len() == 2)
-    })
+    let before = eventually_within(
+        API_DEADLINE,
+        "both hubs to hold both edges alike",
+        || async { same(vec![a.edges().await, b.edges().await]).filter(|view| view.len() == 2) },
+    )
     .await;
     assert_eq!(before[0].3, vec![(443, "10.0.0.9".to_owned())]);
 
@@ -641,14 +666,16 @@ async fn every_hub_replica_gets_the_same_config_and_a_restarted_one_is_resynced(
     std::fs::remove_dir_all(a.state.path()).unwrap();
     std::fs::create_dir(a.state.path()).unwrap();
     a.restart().await;
-    eventually("the restarted hub to be re-synced", || async {
-        same(vec![a.edges().await, b.edges().await]).filter(|view| *view == before)
-    })
+    eventually_within(
+        API_DEADLINE,
+        "the restarted hub to be re-synced",
+        || async { same(vec![a.edges().await, b.edges().await]).filter(|view| *view == before) },
+    )
     .await;
 
     // A deleted Edge leaves every hub.
     cluster.kubectl(&["delete", "edge", "e2"], None);
-    eventually("e2 to leave both hubs", || async {
+    eventually_within(API_DEADLINE, "e2 to leave both hubs", || async {
         same(vec![a.edges().await, b.edges().await])
             .filter(|view| view.len() == 1 && view[0].0 == "e1")
     })
@@ -660,7 +687,7 @@ async fn every_hub_replica_gets_the_same_config_and_a_restarted_one_is_resynced(
         "apiVersion: remoteingress.dev/v1alpha1\nkind: Edge\nmetadata: {name: e1, namespace: default}\n\
          spec: {listenPorts: [8080], secretRef: {name: missing}}\n",
     );
-    eventually("e1 reported as not buildable", || async {
+    eventually_within(API_DEADLINE, "e1 reported as not buildable", || async {
         let edge = cluster.get(&["edge", "e1"])?;
         let (status, reason) = condition(&edge, "ConfigApplied")?;
         (status == "False" && reason == "Invalid").then_some(())

@@ -29,12 +29,21 @@ pub fn init_logs() {
 }
 
 /// Polls `check` until it yields a value; fails the test after 20 s.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> T
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Option<T>>,
 {
-    let deadline = Instant::now() + Duration::from_secs(20);
+    eventually_within(Duration::from_secs(20), what, check).await
+}
+
+/// Like `eventually`, with its own deadline (for steps that wait on a Kubernetes API server).
+pub async fn eventually_within<T, F, Fut>(within: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + within;
     loop {
         if let Some(value) = check().await {
             return value;
