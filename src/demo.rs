@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use rand::distr::{Alphanumeric, SampleString};
-use remoteingress_edge::{Edge, EdgeEvent, EdgeOptions, FirewallMode};
+use remoteingress_edge::{Edge, EdgeOptions, FirewallMode};
 use remoteingress_hub::{AllowedEdge, Hub, HubOptions};
 use remoteingress_tunnel::{HubIdentity, HubTrust};
 use remoteingress_wire::proxy::ProxyV1;
@@ -69,12 +69,12 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     options.firewall = FirewallMode::Off;
     options.stun_servers.clear();
     let edge = Edge::start(options).await?;
+    // The ports may be assigned before the subscription starts: the status is the truth, each
+    // event (or a short tick) is the cue to look at it again.
     let mut events = edge.subscribe();
     tokio::time::timeout(Duration::from_secs(10), async {
-        while let Ok(event) = events.recv().await {
-            if matches!(event, EdgeEvent::PortsAssigned { .. }) {
-                return;
-            }
+        while !edge.status().listen_ports.contains(&edge_port) {
+            let _ = tokio::time::timeout(Duration::from_millis(100), events.recv()).await;
         }
     })
     .await
