@@ -215,12 +215,20 @@ struct Operator {
 }
 
 impl Operator {
-    /// One pass: hubs, desired set, statuses, tokens, Services.
+    /// One pass: desired set, hubs, statuses, tokens, Services.
+    /// A pass that cannot read a Secret or record a generation pushes nothing (the hubs keep
+    /// what they have) and is retried at the next wake-up or resync. Hub tasks start only after
+    /// the first complete push, so a hub never gets a set that is not the whole truth.
     async fn reconcile(&mut self) {
-        self.follow_hubs();
         let edges = self.edge_store.state();
         let services = self.service_store.state();
-        let secrets = secrets::edge_secrets(&self.client, &edges).await;
+        let secrets = match secrets::edge_secrets(&self.client, &edges).await {
+            Ok(secrets) => secrets,
+            Err(error) => {
+                tracing::warn!(%error, "reading the edges' Secrets; retrying");
+                return;
+            }
+        };
         let composition = compose(
             &edges.iter().map(|e| e.as_ref()).collect::<Vec<_>>(),
             &services.iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
@@ -238,8 +246,11 @@ impl Operator {
             .filter(|e| e.placements.iter().any(|p| p.refused.is_none()))
             .map(|e| e.service.clone())
             .collect();
-        let generations = self.generations(&edges, &composition).await;
+        let Some(generations) = self.generations(&edges, &composition).await else {
+            return;
+        };
         self.push(&composition, &generations);
+        self.follow_hubs();
         let reports: Vec<hubs::HubReport> = self
             .sync
             .reports
@@ -309,7 +320,7 @@ impl Operator {
         &self,
         edges: &[Arc<Edge>],
         composition: &Composition,
-    ) -> HashMap<ObjectKey, u64> {
+    ) -> Option<HashMap<ObjectKey, u64>> {
         let mut generations = HashMap::new();
         for composed in &composition.edges {
             let Some(edge) = edges.iter().find(|e| key_of(e.as_ref()) == composed.key) else {
@@ -325,19 +336,19 @@ impl Operator {
                 match patch_status(&self.edge_api(&composed.key), &composed.key.1, status).await {
                     Ok(_) => generation = next,
                     Err(error) => {
-                        tracing::warn!(edge = %composed.key.1, %error, "recording the config generation");
-                        continue;
+                        tracing::warn!(edge = %composed.key.1, %error, "recording the config generation; retrying");
+                        return None;
                     }
                 }
             }
             generations.insert(composed.key.clone(), generation);
         }
-        generations
+        Some(generations)
     }
 
     /// Publishes the desired edge set (valid edges with a recorded generation).
-    /// An Edge that cannot be composed now (a Secret unreadable for a moment, an update the
-    /// hub would refuse) keeps its last pushed configuration, so its edge stays up.
+    /// An Edge that cannot be composed now (its Secret deleted, an update the hub would
+    /// refuse) keeps its last pushed configuration, so its edge stays up.
     fn push(&mut self, composition: &Composition, generations: &HashMap<ObjectKey, u64>) {
         self.pushed
             .retain(|key, _| composition.edges.iter().any(|c| &c.key == key));

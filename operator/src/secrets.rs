@@ -37,12 +37,13 @@ pub fn digest(secret: &str) -> String {
     hex::encode(&Sha256::digest(secret.as_bytes())[..12])
 }
 
-/// Each Edge's shared secret, or why it has none; an Edge without a reference gets a random
-/// one, created here once.
+/// Each Edge's shared secret, or why it has none (missing, unusable); an Edge without a
+/// reference gets a random one, created here once. An API failure fails the whole read, so
+/// that no edge is ever dropped for a moment's error.
 pub async fn edge_secrets(
     client: &Client,
     edges: &[Arc<Edge>],
-) -> HashMap<ObjectKey, Result<String, String>> {
+) -> Result<HashMap<ObjectKey, Result<String, String>>, kube::Error> {
     let mut secrets = HashMap::new();
     for edge in edges {
         let namespace = edge.namespace().unwrap_or_default();
@@ -50,47 +51,45 @@ pub async fn edge_secrets(
         let secret = match &edge.spec.secret_ref {
             Some(reference) => {
                 let key = reference.key.as_deref().unwrap_or(SECRET_KEY);
-                read(&api, &reference.name, key).await
+                read(&api, &reference.name, key).await?
             }
-            None => generated(&api, edge).await,
+            None => generated(&api, edge).await?,
         };
         secrets.insert(crate::compose::key_of(edge.as_ref()), secret);
     }
-    secrets
+    Ok(secrets)
 }
 
-/// The text under `key` of Secret `name`.
-async fn read(api: &Api<Secret>, name: &str, key: &str) -> Result<String, String> {
-    let secret = api
-        .get_opt(name)
-        .await
-        .map_err(|e| format!("reading Secret {name}: {e}"))?
-        .ok_or_else(|| format!("Secret {name} does not exist"))?;
-    let value = secret
-        .data
-        .as_ref()
-        .and_then(|data| data.get(key))
-        .ok_or_else(|| format!("Secret {name} has no key {key:?}"))?;
-    String::from_utf8(value.0.clone()).map_err(|_| format!("Secret {name} key {key:?} is not text"))
+/// The text under `key` of Secret `name`, or why there is none.
+async fn read(
+    api: &Api<Secret>,
+    name: &str,
+    key: &str,
+) -> Result<Result<String, String>, kube::Error> {
+    let Some(secret) = api.get_opt(name).await? else {
+        return Ok(Err(format!("Secret {name} does not exist")));
+    };
+    let value = secret.data.as_ref().and_then(|data| data.get(key));
+    Ok(match value {
+        None => Err(format!("Secret {name} has no key {key:?}")),
+        Some(value) => String::from_utf8(value.0.clone())
+            .map_err(|_| format!("Secret {name} key {key:?} is not text")),
+    })
 }
 
 /// The Edge's generated secret, created with a random value if it does not exist yet.
-async fn generated(api: &Api<Secret>, edge: &Edge) -> Result<String, String> {
+async fn generated(api: &Api<Secret>, edge: &Edge) -> Result<Result<String, String>, kube::Error> {
     let name = secret_name(&edge.name_any());
-    match read(api, &name, SECRET_KEY).await {
-        Ok(secret) => return Ok(secret),
-        Err(error) if !error.ends_with("does not exist") => return Err(error),
-        Err(_) => {}
+    if api.get_opt(&name).await?.is_some() {
+        return read(api, &name, SECRET_KEY).await;
     }
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let secret = hex::encode(bytes);
     let object = owned_secret(edge, &name, SECRET_KEY, &secret);
-    api.create(&PostParams::default(), &object)
-        .await
-        .map_err(|e| format!("creating Secret {name}: {e}"))?;
+    api.create(&PostParams::default(), &object).await?;
     tracing::info!(edge = %edge.name_any(), secret = %name, "generated the edge's secret");
-    Ok(secret)
+    Ok(Ok(secret))
 }
 
 /// A Secret owned by the Edge (deleted with it), holding `value` under `key`.
