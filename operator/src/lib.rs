@@ -246,7 +246,11 @@ impl Operator {
             .filter(|e| e.placements.iter().any(|p| p.refused.is_none()))
             .map(|e| e.service.clone())
             .collect();
-        let Some(generations) = self.generations(&edges, &composition).await else {
+        let objects: HashMap<ObjectKey, &Edge> = edges
+            .iter()
+            .map(|e| (key_of(e.as_ref()), e.as_ref()))
+            .collect();
+        let Some(generations) = self.generations(&objects, &composition).await else {
             return;
         };
         self.push(&composition, &generations);
@@ -260,9 +264,9 @@ impl Operator {
             .cloned()
             .collect();
         let statuses = self
-            .write_edge_statuses(&edges, &composition, &generations, &reports)
+            .write_edge_statuses(&objects, &composition, &generations, &reports)
             .await;
-        self.write_tokens(&edges, &composition, &secrets).await;
+        self.write_tokens(&objects, &composition, &secrets).await;
         self.write_service_statuses(&services, &composition, &statuses)
             .await;
     }
@@ -318,12 +322,12 @@ impl Operator {
     /// composed configuration changed.
     async fn generations(
         &self,
-        edges: &[Arc<Edge>],
+        objects: &HashMap<ObjectKey, &Edge>,
         composition: &Composition,
     ) -> Option<HashMap<ObjectKey, u64>> {
         let mut generations = HashMap::new();
         for composed in &composition.edges {
-            let Some(edge) = edges.iter().find(|e| key_of(e.as_ref()) == composed.key) else {
+            let Some(edge) = objects.get(&composed.key) else {
                 continue;
             };
             let status = edge.status.clone().unwrap_or_default();
@@ -378,7 +382,7 @@ impl Operator {
 
     async fn write_edge_statuses(
         &self,
-        edges: &[Arc<Edge>],
+        objects: &HashMap<ObjectKey, &Edge>,
         composition: &Composition,
         generations: &HashMap<ObjectKey, u64>,
         reports: &[hubs::HubReport],
@@ -387,10 +391,9 @@ impl Operator {
             .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Secs, true);
         let mut statuses = HashMap::new();
         for composed in &composition.edges {
-            let (Some(edge), Some(generation)) = (
-                edges.iter().find(|e| key_of(e.as_ref()) == composed.key),
-                generations.get(&composed.key),
-            ) else {
+            let (Some(edge), Some(generation)) =
+                (objects.get(&composed.key), generations.get(&composed.key))
+            else {
                 continue;
             };
             let previous = edge.status.clone().unwrap_or_default();
@@ -417,7 +420,7 @@ impl Operator {
     /// Writes each pushed edge's connection token into its Secret, made by a hub that has it.
     async fn write_tokens(
         &mut self,
-        edges: &[Arc<Edge>],
+        objects: &HashMap<ObjectKey, &Edge>,
         composition: &Composition,
         secrets: &HashMap<ObjectKey, Result<String, String>>,
     ) {
@@ -428,7 +431,7 @@ impl Operator {
             let (Ok(edge), Some(Ok(secret))) = (&composed.edge, secrets.get(&composed.key)) else {
                 continue;
             };
-            let Some(object) = edges.iter().find(|e| key_of(e.as_ref()) == composed.key) else {
+            let Some(object) = objects.get(&composed.key) else {
                 continue;
             };
             let digest = secrets::digest(secret);

@@ -66,22 +66,27 @@ async fn read(
     name: &str,
     key: &str,
 ) -> Result<Result<String, String>, kube::Error> {
-    let Some(secret) = api.get_opt(name).await? else {
-        return Ok(Err(format!("Secret {name} does not exist")));
-    };
-    let value = secret.data.as_ref().and_then(|data| data.get(key));
-    Ok(match value {
-        None => Err(format!("Secret {name} has no key {key:?}")),
-        Some(value) => String::from_utf8(value.0.clone())
-            .map_err(|_| format!("Secret {name} key {key:?} is not text")),
+    Ok(match api.get_opt(name).await? {
+        Some(secret) => text(&secret, name, key),
+        None => Err(format!("Secret {name} does not exist")),
     })
+}
+
+/// The text under `key` of a Secret.
+fn text(secret: &Secret, name: &str, key: &str) -> Result<String, String> {
+    let value = secret
+        .data
+        .as_ref()
+        .and_then(|data| data.get(key))
+        .ok_or_else(|| format!("Secret {name} has no key {key:?}"))?;
+    String::from_utf8(value.0.clone()).map_err(|_| format!("Secret {name} key {key:?} is not text"))
 }
 
 /// The Edge's generated secret, created with a random value if it does not exist yet.
 async fn generated(api: &Api<Secret>, edge: &Edge) -> Result<Result<String, String>, kube::Error> {
     let name = secret_name(&edge.name_any());
-    if api.get_opt(&name).await?.is_some() {
-        return read(api, &name, SECRET_KEY).await;
+    if let Some(secret) = api.get_opt(&name).await? {
+        return Ok(text(&secret, &name, SECRET_KEY));
     }
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
