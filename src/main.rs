@@ -17,7 +17,7 @@ use remoteingress_edge::{
     BackoffPolicy, Edge, EdgeOptions, FirewallMode, HubAddress, TransportMode,
 };
 use remoteingress_hub::{random_hub_id, Hub, HubOptions};
-use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions};
+use remoteingress_tunnel::{HubIdentity, HubTrust, SessionOptions, DEFAULT_QUIC_MIN_MTU};
 use remoteingress_wire::token::{normalize_pin, ConnectionToken};
 use tokio_util::sync::CancellationToken;
 
@@ -97,6 +97,12 @@ struct TunnelTimers {
     /// Memory budget for unconsumed bytes per tunnel, in MiB.
     #[arg(long, env = "REMOTEINGRESS_FLOW_BUDGET_MIB", default_value_t = 200)]
     flow_budget_mib: u64,
+    /// QUIC: UDP payload bytes the path always carries; packets never shrink below it, so UDP
+    /// datagrams that fit keep flowing when loss looks like a path-MTU black hole. The default
+    /// fits 1,200-byte datagrams; a path that cannot carry it fails QUIC's handshake.
+    #[arg(long, env = "REMOTEINGRESS_QUIC_MIN_MTU", default_value_t = DEFAULT_QUIC_MIN_MTU,
+          value_parser = clap::value_parser!(u16).range(1200..=9000))]
+    quic_min_mtu: u16,
 }
 
 impl TunnelTimers {
@@ -106,6 +112,7 @@ impl TunnelTimers {
             max_streams: self.max_streams,
             idle_timeout: Duration::from_secs(self.idle_timeout_secs),
             ping_interval,
+            quic_min_mtu: self.quic_min_mtu,
             ..SessionOptions::default()
         }
     }

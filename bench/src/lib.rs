@@ -2,6 +2,7 @@
 //! a hub and an edge (separate processes of the release binary), each next to the same
 //! measurement made directly against the target in the same run.
 
+pub mod edges;
 pub mod processes;
 pub mod rathole;
 pub mod relay;
@@ -34,6 +35,8 @@ pub enum Section {
     Memory,
     /// UDP datagrams delivered and lost.
     Udp,
+    /// Hub memory per idle connected edge.
+    Edges,
 }
 
 /// What to run.
@@ -57,6 +60,8 @@ pub struct BenchConfig {
     pub connect_secs: f64,
     /// Idle connections held open for the memory run.
     pub idle_connections: usize,
+    /// Idle edges connected for the edges run.
+    pub idle_edges: usize,
 }
 
 impl BenchConfig {
@@ -70,6 +75,7 @@ impl BenchConfig {
             latency_rounds: 20_000,
             connect_secs: 5.0,
             idle_connections: 10_000,
+            idle_edges: 1_000,
         }
     }
 
@@ -83,6 +89,7 @@ impl BenchConfig {
             latency_rounds: 500,
             connect_secs: 0.5,
             idle_connections: 200,
+            idle_edges: 20,
         }
     }
 }
@@ -294,9 +301,15 @@ async fn run_transport(
         tcp,
         udp: BTreeMap::from([(udp_port, targets.udp.addr.port())]),
     };
+    let mut rows = Vec::new();
+    if config.sections.contains(&Section::Edges) {
+        rows.extend(
+            edges::hub_memory_per_idle_edge(&config.binary, transport, config.idle_edges).await?,
+        );
+    }
     let tunnel = Tunnel::start(&config.binary, &ports, transport).await?;
-    let pids = [tunnel.hub.pid(), tunnel.edge.pid()];
-    let mut rows = measure_tcp(config, targets, via, pids, idle_connections).await?;
+    let pids = [tunnel.hub.process.pid(), tunnel.edge.pid()];
+    rows.extend(measure_tcp(config, targets, via, pids, idle_connections).await?);
 
     if !config.sections.contains(&Section::Udp) {
         return Ok(rows);

@@ -79,33 +79,22 @@ pub fn free_udp_port(ip: &str, taken: &[u16]) -> Result<u16> {
     }
 }
 
-/// A running hub and edge with the given edge-port → target mapping.
+/// A running hub process with its allowed edges from a file.
 #[derive(Debug)]
-pub struct Tunnel {
-    /// Hub process.
-    pub hub: Process,
-    /// Edge process.
-    pub edge: Process,
+pub struct Hub {
+    /// The process.
+    pub process: Process,
+    /// Its tunnel port on 127.0.0.1 (TCP for TLS, UDP for QUIC).
+    pub tunnel_port: u16,
+    /// Its certificate pin.
+    pub pin: String,
     _state: tempfile::TempDir,
 }
 
-/// Address the edge's public listeners bind to.
-pub const EDGE_IP: &str = "127.0.0.2";
-
-impl Tunnel {
-    /// Starts both processes (the edge using `transport`) and waits until every port accepts.
-    /// UDP ports are not waited for: see [`crate::wait_udp_path`].
-    pub async fn start(binary: &Path, ports: &PortMap, transport: &str) -> Result<Self> {
+impl Hub {
+    /// Starts a hub allowing `edges` (the edges file's JSON) and waits for its certificate pin.
+    pub async fn start(binary: &Path, edges: &serde_json::Value) -> Result<Self> {
         let state = tempfile::tempdir()?;
-        let secret = "bench-secret";
-        let edges = serde_json::json!([{
-            "id": "bench",
-            "secret": secret,
-            "listenPorts": ports.tcp.keys().collect::<Vec<_>>(),
-            "listenPortsUdp": ports.udp.keys().collect::<Vec<_>>(),
-            "targetPorts": ports.tcp.iter().chain(&ports.udp)
-                .map(|(k, v)| (k.to_string(), v)).collect::<BTreeMap<_, _>>(),
-        }]);
         let edges_file = state.path().join("edges.json");
         std::fs::write(&edges_file, edges.to_string())?;
         let tunnel_port = free_port("127.0.0.1")?;
@@ -136,7 +125,7 @@ impl Tunnel {
             .spawn()
             .context("starting the hub")?;
         let stdout = hub.stdout.take().context("hub stdout")?;
-        let hub = Process::new(hub);
+        let process = Process::new(hub);
         // Keep draining the hub's stdout after the pin, so its later lines never hit a closed pipe.
         let (pin_tx, pin_rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
@@ -149,10 +138,52 @@ impl Tunnel {
         let pin = pin_rx
             .recv_timeout(Duration::from_secs(20))
             .context("the hub did not print its pin")?;
+        Ok(Self {
+            process,
+            tunnel_port,
+            pin,
+            _state: state,
+        })
+    }
+}
+
+/// A running hub and edge with the given edge-port → target mapping.
+#[derive(Debug)]
+pub struct Tunnel {
+    /// Hub process.
+    pub hub: Hub,
+    /// Edge process.
+    pub edge: Process,
+}
+
+/// Address the edge's public listeners bind to.
+pub const EDGE_IP: &str = "127.0.0.2";
+
+impl Tunnel {
+    /// Starts both processes (the edge using `transport`) and waits until every port accepts.
+    /// UDP ports are not waited for: see [`crate::wait_udp_path`].
+    pub async fn start(binary: &Path, ports: &PortMap, transport: &str) -> Result<Self> {
+        let secret = "bench-secret";
+        let edges = serde_json::json!([{
+            "id": "bench",
+            "secret": secret,
+            "listenPorts": ports.tcp.keys().collect::<Vec<_>>(),
+            "listenPortsUdp": ports.udp.keys().collect::<Vec<_>>(),
+            "targetPorts": ports.tcp.iter().chain(&ports.udp)
+                .map(|(k, v)| (k.to_string(), v)).collect::<BTreeMap<_, _>>(),
+        }]);
+        let hub = Hub::start(binary, &edges).await?;
         let edge = Command::new(binary)
             .args(["--log-level", "warn", "edge", "--hub-host", "127.0.0.1"])
-            .args(["--hub-port", &tunnel_port.to_string()])
-            .args(["--edge-id", "bench", "--secret", secret, "--hub-pin", &pin])
+            .args(["--hub-port", &hub.tunnel_port.to_string()])
+            .args([
+                "--edge-id",
+                "bench",
+                "--secret",
+                secret,
+                "--hub-pin",
+                &hub.pin,
+            ])
             .args(["--bind-address", EDGE_IP])
             .args([
                 "--status-addr",
@@ -178,11 +209,7 @@ impl Tunnel {
         for port in ports.tcp.keys() {
             wait_accepting(SocketAddr::new(EDGE_IP.parse()?, *port)).await?;
         }
-        Ok(Self {
-            hub,
-            edge,
-            _state: state,
-        })
+        Ok(Self { hub, edge })
     }
 }
 

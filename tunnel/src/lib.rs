@@ -33,7 +33,7 @@ pub use event::SessionEvent;
 pub use lifecycle::SessionStats;
 pub use link::{Link, LinkError};
 pub use listen::{listen_tcp, BACKLOG};
-pub use options::{Role, SessionOptions, Transport};
+pub use options::{Role, SessionOptions, Transport, DEFAULT_QUIC_MIN_MTU};
 pub use pipe::{pipe, Piped};
 pub use resolve::{resolve, ResolveError};
 pub use session::{spawn_session, SessionHandle};

@@ -66,7 +66,14 @@ pub struct SessionOptions {
     /// Protocol extensions this side offers (hub) or accepts (edge) on the TLS transport;
     /// [`Extensions::NONE`] speaks the original protocol only.
     pub extensions: Extensions,
+    /// QUIC: the UDP payload size the path is assumed to carry always. Packet loss never shrinks
+    /// the tunnel's packets below it, so datagrams that fit it keep flowing under overload.
+    pub quic_min_mtu: u16,
 }
+
+/// Default of [`SessionOptions::quic_min_mtu`]: room for a 1,200-byte datagram (a QUIC client's
+/// packet, say) with the tunnel's headers, on any path whose MTU is 1,328 bytes or more.
+pub const DEFAULT_QUIC_MIN_MTU: u16 = 1_280;
 
 impl Default for SessionOptions {
     fn default() -> Self {
@@ -77,6 +84,7 @@ impl Default for SessionOptions {
             ping_interval: Duration::from_secs(15),
             lanes: LaneLimits::default(),
             extensions: Extensions::ALL,
+            quic_min_mtu: DEFAULT_QUIC_MIN_MTU,
         }
     }
 }

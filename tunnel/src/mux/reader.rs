@@ -3,6 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use remoteingress_wire::extension::Extensions;
@@ -22,6 +23,11 @@ use crate::stream::{StreamReader, StreamWriter};
 
 /// Largest read from the tunnel in one call.
 const READ_CHUNK: usize = 64 * 1024;
+/// The read buffer of a quiet tunnel: enough for PINGs and small frames.
+const QUIET_READ_CHUNK: usize = 2 * 1024;
+/// A tunnel that has read nothing for this long gives its large read buffer back, so that idle
+/// edges cost the hub little.
+pub(crate) const RELEASE_IDLE_BUFFERS: Duration = Duration::from_secs(1);
 /// Consecutive empty DATA frames tolerated.
 const MAX_EMPTY_DATA_RUN: u32 = 100;
 /// DATA payloads smaller than this are copied out of the read buffer so that a few stalled
@@ -39,6 +45,43 @@ pub(crate) struct Reader {
 }
 
 type Dispatched = Result<(), CloseReason>;
+
+/// The reader's buffer: small while the tunnel is quiet, doubled up to [`READ_CHUNK`] by reads
+/// that fill it, small again after [`RELEASE_IDLE_BUFFERS`] without a read.
+///
+/// It stays initialised: handing TLS uninitialised capacity would make it zero the whole
+/// capacity on each read, however little it returns.
+struct ReadBuffer(Vec<u8>);
+
+impl Default for ReadBuffer {
+    fn default() -> Self {
+        Self(vec![0; QUIET_READ_CHUNK])
+    }
+}
+
+impl ReadBuffer {
+    fn space(&mut self) -> &mut [u8] {
+        &mut self.0
+    }
+
+    /// The first `n` bytes, just read; a read that filled the buffer doubles it.
+    fn filled(&mut self, n: usize) -> &[u8] {
+        if n == self.0.len() && n < READ_CHUNK {
+            let mut larger = vec![0; (n * 2).min(READ_CHUNK)];
+            larger[..n].copy_from_slice(&self.0);
+            self.0 = larger;
+        }
+        &self.0[..n]
+    }
+
+    fn is_quiet(&self) -> bool {
+        self.0.len() <= QUIET_READ_CHUNK
+    }
+
+    fn quieten(&mut self) {
+        *self = Self::default();
+    }
+}
 
 impl Reader {
     pub(crate) fn new(shared: Arc<Shared>, events: mpsc::Sender<SessionEvent>) -> Self {
@@ -59,18 +102,26 @@ impl Reader {
         let mut decoder = FrameDecoder::new();
         decoder.feed(&initial);
         let idle = self.shared.options.idle_timeout;
-        // An initialised buffer reused for every read: handing TLS uninitialised capacity would
-        // make it zero the whole capacity on each read, however little it returns.
-        let mut scratch = vec![0u8; READ_CHUNK];
+        let mut scratch = ReadBuffer::default();
+        let mut last_read = tokio::time::Instant::now();
         loop {
             while let Some(frame) = decoder.next_frame().map_err(ProtocolViolation::from)? {
                 self.dispatch(frame).await?;
             }
-            match tokio::time::timeout(idle, io.read(&mut scratch)).await {
+            let silent_until = last_read + idle;
+            let wait_until = match scratch.is_quiet() {
+                true => silent_until,
+                false => silent_until.min(tokio::time::Instant::now() + RELEASE_IDLE_BUFFERS),
+            };
+            match tokio::time::timeout_at(wait_until, io.read(scratch.space())).await {
+                Err(_) if wait_until < silent_until => scratch.quieten(),
                 Err(_) => return Err(CloseReason::Idle(idle)),
                 Ok(Err(e)) => return Err(CloseReason::Io(format!("read failed: {e}"))),
                 Ok(Ok(0)) => return Err(CloseReason::PeerClosed),
-                Ok(Ok(n)) => decoder.feed(&scratch[..n]),
+                Ok(Ok(n)) => {
+                    last_read = tokio::time::Instant::now();
+                    decoder.feed(scratch.filled(n));
+                }
             }
         }
     }
@@ -346,5 +397,34 @@ impl Reader {
             .send(event)
             .await
             .map_err(|_| CloseReason::OwnerGone)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_read_buffer_grows_with_full_reads_and_shrinks_when_quiet() {
+        let mut buffer = ReadBuffer::default();
+        assert!(buffer.is_quiet());
+        let mut size = buffer.space().len();
+        while size < READ_CHUNK {
+            buffer.space()[..size].fill(7);
+            assert!(buffer.filled(size).iter().all(|&b| b == 7));
+            assert_eq!(buffer.space().len(), (size * 2).min(READ_CHUNK));
+            size = buffer.space().len();
+        }
+        assert!(!buffer.is_quiet());
+        buffer.filled(READ_CHUNK);
+        assert_eq!(
+            buffer.space().len(),
+            READ_CHUNK,
+            "never past the largest read"
+        );
+        buffer.filled(10);
+        assert_eq!(buffer.space().len(), READ_CHUNK, "a short read keeps it");
+        buffer.quieten();
+        assert_eq!(buffer.space().len(), QUIET_READ_CHUNK);
     }
 }

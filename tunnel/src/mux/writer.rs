@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use remoteingress_wire::qos::{Lane, Scheduler};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use super::reader::RELEASE_IDLE_BUFFERS;
 use super::shared::{Lanes, Outgoing, Shared};
 use crate::clock::now;
 use crate::error::{CloseReason, ProtocolViolation};
@@ -43,7 +44,8 @@ async fn write_loop<W: AsyncWrite>(
     shared: &Shared,
 ) -> TaskEnd {
     let mut scheduler: Scheduler<Outgoing> = Scheduler::new(shared.options.lanes);
-    let mut buf = BytesMut::with_capacity(WRITE_BATCH);
+    // Grown by the frames written, and given back once the tunnel is quiet.
+    let mut buf = BytesMut::new();
     let mut flushed = Vec::new();
     let queue = |scheduler: &mut Scheduler<Outgoing>, lane: Lane, item: Outgoing| {
         let len = match &item {
@@ -61,6 +63,10 @@ async fn write_loop<W: AsyncWrite>(
                 Some(item) = lanes.control.recv() => (Lane::Control, item),
                 Some(item) = lanes.data.recv() => (Lane::Data, item),
                 Some(item) = lanes.sustained.recv() => (Lane::Sustained, item),
+                () = tokio::time::sleep(RELEASE_IDLE_BUFFERS), if buf.capacity() > 0 => {
+                    buf = BytesMut::new();
+                    continue;
+                }
                 else => return Err(CloseReason::Local("the writer's lanes closed".into())),
             };
             queue(&mut scheduler, lane, item)?;

@@ -15,18 +15,56 @@ pub const QUIC_ALPN: &[u8] = b"remoteingress-quic/1";
 /// Per-stream receive window.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 
-/// Transport parameters shared by hub and edge: windows bounded by the flow budget, the stream
-/// cap, keep-alive 15 s and idle timeout 45 s (the same liveness as the TLS transport).
+/// UDP payload size the tunnel starts with: Ethernet's 1,500-byte MTU less IPv6 and UDP headers.
+/// Path-MTU discovery confirms it; a path that loses such packets falls back to the minimum.
+const INITIAL_MTU: u16 = 1_452;
+
+/// Streams an edge may open at first; the hub raises it as they are used (see
+/// [`super::tasks::accept_streams`]). quinn allocates state for every stream the peer may open,
+/// so starting at the cap would cost each idle edge megabytes.
+pub(crate) const INITIAL_STREAM_LIMIT: usize = 64;
+
+/// The first limit of concurrent edge streams under the session's `cap`.
+pub(crate) fn initial_stream_limit(cap: usize) -> usize {
+    next_step(INITIAL_STREAM_LIMIT, cap)
+}
+
+/// The limit after `limit` when half of it is in use: doubled, or the cap once it is near.
+///
+/// quinn announces a raised limit only when it grew by more than an eighth of the new one, so
+/// the cap is taken in one step from below seven eighths of it, never in a last small step that
+/// the edge would not hear of.
+pub(crate) fn next_stream_limit(limit: usize, cap: usize) -> usize {
+    next_step(limit.saturating_mul(2), cap)
+}
+
+fn next_step(wanted: usize, cap: usize) -> usize {
+    if wanted.saturating_mul(8) >= cap.saturating_mul(7) {
+        cap
+    } else {
+        wanted
+    }
+}
+
+/// Transport parameters shared by hub and edge: windows bounded by the flow budget, keep-alive 15 s and idle timeout 45 s (the same liveness as the TLS transport), and
+/// packet sizes between the configured minimum and Ethernet's.
+///
+/// quinn's black-hole detection treats a burst of lost packets all larger than the minimum as
+/// proof that the path lost its large packets, and falls back to the minimum for a minute. Under
+/// overload every lost packet of a 1,200-byte UDP flood looks like that; with quinn's 1,200-byte
+/// default minimum, no such datagram fit any more and delivery stopped for that minute. A
+/// minimum they fit makes such a burst harmless.
 fn transport_config(options: &SessionOptions) -> TransportConfig {
     let mut transport = TransportConfig::default();
+    let min_mtu = options.quic_min_mtu;
+    transport
+        .min_mtu(min_mtu)
+        .initial_mtu(INITIAL_MTU.max(min_mtu));
     let budget = u32::try_from(options.budget).unwrap_or(u32::MAX);
     transport
         .receive_window(VarInt::from_u32(budget))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .send_window(options.budget)
-        .max_concurrent_bidi_streams(VarInt::from_u32(
-            u32::try_from(options.max_streams).unwrap_or(u32::MAX),
-        ))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .keep_alive_interval(Some(options.ping_interval))
         .datagram_receive_buffer_size(Some(4 * 1024 * 1024));
@@ -34,6 +72,12 @@ fn transport_config(options: &SessionOptions) -> TransportConfig {
         transport.max_idle_timeout(Some(idle));
     }
     transport
+}
+
+/// The QUIC limit of bidirectional streams for `streams` tunnelled connections: one more for
+/// the control stream.
+pub(crate) fn stream_limit(streams: usize) -> VarInt {
+    VarInt::from_u32(u32::try_from(streams.saturating_add(1)).unwrap_or(u32::MAX))
 }
 
 /// The hub's QUIC endpoint on the bound UDP `socket`, with the tunnel's certificate.
@@ -47,7 +91,9 @@ pub fn server_endpoint(
     let crypto = QuicServerConfig::try_from(tls)
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(options)));
+    let mut transport = transport_config(options);
+    transport.max_concurrent_bidi_streams(stream_limit(initial_stream_limit(options.max_streams)));
+    config.transport_config(Arc::new(transport));
     let runtime = quinn::default_runtime().ok_or_else(|| TlsError::Io {
         path: "udp server socket".into(),
         source: std::io::Error::other("no async runtime"),
@@ -74,7 +120,10 @@ pub fn client_endpoint(
     let crypto = QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(Arc::new(transport_config(options)));
+    let mut transport = transport_config(options);
+    // The hub never opens streams.
+    transport.max_concurrent_bidi_streams(VarInt::from_u32(0));
+    config.transport_config(Arc::new(transport));
     let mut endpoint =
         quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(|source| {
             TlsError::Io {
@@ -84,4 +133,27 @@ pub fn client_endpoint(
         })?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every step the edge must hear of grows the limit by more than an eighth of the new one.
+    #[test]
+    fn the_stream_limit_reaches_every_cap_in_announced_steps() {
+        for cap in (0..300).chain([1_000, 10_000, 30_000, 65_536]) {
+            let mut limit = initial_stream_limit(cap);
+            assert!(limit <= cap);
+            while limit < cap {
+                let next = next_stream_limit(limit, cap);
+                assert!(next <= cap, "cap {cap}: {limit} -> {next}");
+                assert!(
+                    (next - limit) * 8 > next,
+                    "cap {cap}: {limit} -> {next} is not announced"
+                );
+                limit = next;
+            }
+        }
+    }
 }

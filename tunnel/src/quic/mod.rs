@@ -25,7 +25,7 @@ use crate::event::{SessionEvent, EVENT_QUEUE};
 use crate::lifecycle::spawn_task;
 use crate::options::{Role, SessionOptions};
 use crate::stream::{StreamReader, StreamWriter};
-use shared::{QuicShared, StreamGuard};
+use shared::{QuicShared, StreamGuard, Unconfirmed};
 
 pub use endpoint::{client_endpoint, server_endpoint, QUIC_ALPN};
 
@@ -116,14 +116,20 @@ impl QuicSession {
             return Err(SessionError::Closed);
         }
         let id = self.shared.next_udp_id.fetch_add(1, Ordering::Relaxed);
-        self.shared.unconfirmed().insert(id, header.clone());
+        self.shared
+            .unconfirmed()
+            .insert(id, Unconfirmed::new(header.clone()));
         self.shared.send_datagram(&Datagram::Open { id, header });
         Ok(id)
     }
 
-    /// Sends one datagram, preceded by its session's open while that is unconfirmed.
+    /// Sends one datagram, preceded now and then by its session's open while that is unconfirmed.
     pub(crate) fn send_udp(&self, id: u32, payload: Bytes) -> bool {
-        let reopen = self.shared.unconfirmed().get(&id).cloned();
+        let reopen = self
+            .shared
+            .unconfirmed()
+            .get_mut(&id)
+            .and_then(Unconfirmed::next_datagram);
         if let Some(header) = reopen {
             self.shared.send_datagram(&Datagram::Open { id, header });
         }

@@ -25,9 +25,36 @@ pub(crate) struct QuicShared {
     pub(crate) control_tx: mpsc::Sender<(FrameType, Bytes)>,
     pub(crate) lifecycle: Lifecycle,
     pub(crate) next_udp_id: AtomicU32,
-    /// Opening headers of UDP sessions the hub has not answered yet (edge): the open is repeated
-    /// before each datagram until it has, so a lost open never black-holes a session.
-    unconfirmed_udp: Mutex<HashMap<u32, Bytes>>,
+    /// UDP sessions the hub has not answered yet (edge): their opens are repeated, spaced out,
+    /// until it has, so a lost open never black-holes a session.
+    unconfirmed_udp: Mutex<HashMap<u32, Unconfirmed>>,
+}
+
+/// A UDP session whose open the hub has not confirmed by a reply.
+#[derive(Debug)]
+pub(crate) struct Unconfirmed {
+    header: Bytes,
+    /// Data datagrams sent since the open.
+    sent: u32,
+}
+
+impl Unconfirmed {
+    /// Most data datagrams between two repeats of the open.
+    const MAX_SPACING: u32 = 1024;
+
+    pub(crate) fn new(header: Bytes) -> Self {
+        Self { header, sent: 0 }
+    }
+
+    /// Counts a data datagram; the header to send before it when the open is due again: before
+    /// the 2nd, 4th, 8th… datagram and then every [`Self::MAX_SPACING`]th, so a target that never
+    /// answers costs a few opens, not one per datagram.
+    pub(crate) fn next_datagram(&mut self) -> Option<Bytes> {
+        self.sent = self.sent.wrapping_add(1);
+        let due =
+            self.sent > 1 && (self.sent.is_power_of_two() || self.sent % Self::MAX_SPACING == 0);
+        due.then(|| self.header.clone())
+    }
 }
 
 impl SessionCore for QuicShared {
@@ -64,7 +91,7 @@ impl QuicShared {
     }
 
     /// UDP sessions whose open the hub has not confirmed yet, with their headers.
-    pub(crate) fn unconfirmed(&self) -> MutexGuard<'_, HashMap<u32, Bytes>> {
+    pub(crate) fn unconfirmed(&self) -> MutexGuard<'_, HashMap<u32, Unconfirmed>> {
         self.unconfirmed_udp
             .lock()
             .unwrap_or_else(|p| p.into_inner())

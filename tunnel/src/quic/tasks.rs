@@ -13,6 +13,7 @@ use remoteingress_wire::quic::{encode_control, ControlDecoder, Datagram};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 
+use super::endpoint::{initial_stream_limit, next_stream_limit, stream_limit};
 use super::shared::{QuicShared, StreamGuard};
 use super::stream::halves;
 use crate::error::{CloseReason, ProtocolViolation};
@@ -63,7 +64,6 @@ pub(crate) async fn read_control(
     let mut decoder = ControlDecoder::default();
     decoder.feed(&initial);
     let mut extensions_seen = false;
-    let mut buf = vec![0u8; 16 * 1024];
     loop {
         while let Some((kind, payload)) = decoder.next_message().map_err(ProtocolViolation::from)? {
             let event = match (kind, shared.role) {
@@ -100,8 +100,9 @@ pub(crate) async fn read_control(
                 .await
                 .map_err(|_| CloseReason::OwnerGone)?;
         }
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => decoder.feed(&buf[..n]),
+        // Chunks as quinn holds them: no buffer of our own for a stream that is mostly quiet.
+        match recv.read_chunk(usize::MAX, true).await {
+            Ok(Some(chunk)) => decoder.feed(&chunk.bytes),
             Ok(None) => return Err(CloseReason::PeerClosed),
             Err(quinn::ReadError::ConnectionLost(e)) => return Err(lost(&shared, e)),
             Err(e) => return Err(CloseReason::Io(format!("control stream read failed: {e}"))),
@@ -166,18 +167,29 @@ async fn read_proxy_line(recv: &mut RecvStream) -> Result<Bytes, LineError> {
     Err(LineError::TooLong(V1_MAX_LEN))
 }
 
-/// Accepts the edge's streams and reports each once its PROXY line has arrived (hub).
+/// Accepts the edge's streams and reports each once its PROXY line has arrived (hub). The edge
+/// may open as many streams at once as the limit says; it starts small and grows, up to the
+/// session's cap, whenever half of it is in use.
 pub(crate) async fn accept_streams(
     shared: Arc<QuicShared>,
     events: mpsc::Sender<SessionEvent>,
 ) -> TaskEnd {
+    let cap = shared.options.max_streams;
+    let mut limit = initial_stream_limit(cap);
     loop {
         let (send, mut recv) = shared
             .connection
             .accept_bi()
             .await
             .map_err(|e| lost(&shared, e))?;
-        let shared = shared.clone();
+        // Counted from now on, so that streams still sending their PROXY line raise the limit too.
+        let guard = StreamGuard::new(&shared);
+        if shared.lifecycle.active() * 2 >= limit && limit < cap {
+            limit = next_stream_limit(limit, cap);
+            shared
+                .connection
+                .set_max_concurrent_bi_streams(stream_limit(limit));
+        }
         let events = events.clone();
         tokio::spawn(async move {
             let header =
@@ -186,7 +198,7 @@ pub(crate) async fn accept_streams(
                     Ok(Err(error)) => return tracing::debug!(%error, "stream refused: PROXY line"),
                     Err(_) => return tracing::debug!("stream refused: no PROXY line in time"),
                 };
-            let (reader, writer) = halves(send, recv, StreamGuard::new(&shared));
+            let (reader, writer) = halves(send, recv, guard);
             let event = SessionEvent::Opened {
                 reader: StreamReader::quic(reader),
                 writer: StreamWriter::quic(writer),

@@ -15,6 +15,7 @@ use crate::harness::{
 };
 use crate::link::Link;
 use crate::options::{Role, SessionOptions};
+use crate::quic::endpoint::INITIAL_STREAM_LIMIT;
 use crate::quic::{client_endpoint, server_endpoint};
 use crate::tls::{HubIdentity, HubTrust};
 
@@ -77,10 +78,11 @@ async fn next_datagram(connection: &quinn::Connection) -> Datagram {
     Datagram::parse(bytes).expect("a well-formed datagram")
 }
 
-#[tokio::test]
-async fn a_lost_udp_open_is_repeated_until_the_hub_answers() {
-    // The hub side is raw QUIC, so the test decides which datagrams are "lost".
-    let options = SessionOptions::default();
+/// An edge session over QUIC to a raw hub connection, so that a test decides which datagrams
+/// are "lost"; the rest keeps the endpoints alive.
+async fn edge_to_raw_hub(
+    options: SessionOptions,
+) -> (crate::SessionHandle, quinn::Connection, impl Sized) {
     let dir = tempfile::tempdir().unwrap();
     let identity = HubIdentity::load_or_generate(dir.path()).unwrap();
     let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -100,25 +102,55 @@ async fn a_lost_udp_open_is_repeated_until_the_hub_answers() {
         connecting.await.unwrap()
     };
     let (link, hub) = within("QUIC setup", async { tokio::join!(connect, accept) }).await;
-    let (edge, _events) = link.into_session(Bytes::new(), Role::Edge, options, Extensions::NONE);
+    let (edge, events) = link.into_session(Bytes::new(), Role::Edge, options, Extensions::NONE);
+    (edge, hub, (server, client, events, dir))
+}
+
+#[tokio::test]
+async fn a_1200_byte_datagram_fits_from_the_first_packet() {
+    let (edge, hub, _endpoints) = edge_to_raw_hub(SessionOptions::default()).await;
+    let id = edge.open_udp(udp_header()).await.unwrap();
+    assert!(matches!(next_datagram(&hub).await, Datagram::Open { id: of, .. } if of == id));
+    let payload = Bytes::from(vec![7u8; 1200]);
+    assert!(
+        edge.send_udp(id, payload.clone()),
+        "the datagram was dropped"
+    );
+    assert!(
+        matches!(next_datagram(&hub).await, Datagram::Data { id: of, payload: got } if of == id && got == payload)
+    );
+    let floor = hub.max_datagram_size().unwrap();
+    assert!(floor >= 1204, "only {floor} bytes fit a datagram");
+}
+
+#[tokio::test]
+async fn a_lost_udp_open_is_repeated_until_the_hub_answers() {
+    let (edge, hub, _endpoints) = edge_to_raw_hub(SessionOptions::default()).await;
 
     let header = udp_header();
     let id = edge.open_udp(header.clone()).await.unwrap();
     // The first open is "lost": the raw hub ignores it.
     assert!(matches!(next_datagram(&hub).await, Datagram::Open { id: of, .. } if of == id));
-    assert!(edge.send_udp(id, Bytes::from_static(b"first")));
-    match next_datagram(&hub).await {
-        Datagram::Open {
+    // The open is repeated before the 2nd, 4th and 8th datagram, not before every one.
+    let mut opens_before = Vec::new();
+    for n in 1..=8u32 {
+        assert!(edge.send_udp(id, Bytes::from(n.to_string())));
+        let mut first = next_datagram(&hub).await;
+        if let Datagram::Open {
             id: of,
             header: repeated,
-        } => {
+        } = first
+        {
             assert_eq!((of, &repeated[..]), (id, &header[..]));
+            opens_before.push(n);
+            first = next_datagram(&hub).await;
         }
-        other => panic!("the open is not repeated before the data: {other:?}"),
+        assert!(
+            matches!(&first, Datagram::Data { id: of, payload } if *of == id && payload[..] == *n.to_string().as_bytes()),
+            "datagram {n} did not follow: {first:?}"
+        );
     }
-    assert!(
-        matches!(next_datagram(&hub).await, Datagram::Data { id: of, payload } if of == id && &payload[..] == b"first")
-    );
+    assert_eq!(opens_before, [2, 4, 8]);
     // A reply confirms the session: later datagrams go without the open.
     hub.send_datagram(
         Datagram::Data {
@@ -130,13 +162,20 @@ async fn a_lost_udp_open_is_repeated_until_the_hub_answers() {
     .unwrap();
     let confirmed = tokio::time::Instant::now() + DEADLINE;
     loop {
-        assert!(edge.send_udp(id, Bytes::from_static(b"later")));
-        let first = next_datagram(&hub).await;
-        if matches!(first, Datagram::Data { .. }) {
+        // Datagrams 16, 32… would repeat the open while the session is unconfirmed.
+        for _ in 0..16 {
+            assert!(edge.send_udp(id, Bytes::from_static(b"later")));
+        }
+        let mut opens = 0;
+        for _ in 0..16 {
+            if matches!(next_datagram(&hub).await, Datagram::Open { .. }) {
+                opens += 1;
+                assert!(matches!(next_datagram(&hub).await, Datagram::Data { .. }));
+            }
+        }
+        if opens == 0 {
             break;
         }
-        // Still unconfirmed: the open came first, its data follows.
-        assert!(matches!(next_datagram(&hub).await, Datagram::Data { .. }));
         assert!(
             tokio::time::Instant::now() < confirmed,
             "the reply never confirmed the session"
@@ -148,4 +187,34 @@ async fn a_lost_udp_open_is_repeated_until_the_hub_answers() {
 async fn a_reset_aborts_the_stream_on_both_sides() {
     let pair = Pair::quic(SessionOptions::default()).await;
     checks::a_reset_aborts_the_stream_on_both_sides(pair).await;
+}
+
+#[tokio::test]
+async fn the_hub_raises_the_stream_limit_as_streams_are_used() {
+    let mut pair = Pair::quic(SessionOptions::default()).await;
+    // Held open together: past the initial limit only if the hub raises it.
+    let mut held = Vec::new();
+    for _ in 0..INITIAL_STREAM_LIMIT * 4 {
+        held.push(pair.open().await);
+    }
+    assert_eq!(pair.hub.session.active_streams(), INITIAL_STREAM_LIMIT * 4);
+}
+
+#[tokio::test]
+async fn the_stream_limit_stops_at_the_cap() {
+    let cap = INITIAL_STREAM_LIMIT * 2 + 3;
+    let mut pair = Pair::quic(SessionOptions {
+        max_streams: cap,
+        ..SessionOptions::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..cap {
+        held.push(pair.open().await);
+    }
+    let one_more = pair
+        .edge
+        .session
+        .open(Bytes::from_static(b"PROXY UNKNOWN\r\n"));
+    assert!(within("the open past the cap", one_more).await.is_err());
 }
