@@ -3,6 +3,9 @@
 //! measurement made directly against the target in the same run.
 
 pub mod edges;
+pub mod frp;
+pub mod iperf;
+pub mod peers;
 pub mod processes;
 pub mod rathole;
 pub mod relay;
@@ -19,7 +22,8 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use processes::{open_fds, rss_bytes, PortMap, Tunnel, EDGE_IP};
+use peers::Peer;
+use processes::{cpu_seconds, open_fds, rss_bytes, PortMap, Tunnel, EDGE_IP};
 use targets::Mode;
 
 /// A group of measurements that can be run on its own.
@@ -62,6 +66,10 @@ pub struct BenchConfig {
     pub idle_connections: usize,
     /// Idle edges connected for the edges run.
     pub idle_edges: usize,
+    /// Offered rates of the UDP loss curve, datagrams per second.
+    pub udp_rates: Vec<u64>,
+    /// Whether the throughput rows include iperf3's (when it is on PATH).
+    pub iperf3: bool,
 }
 
 impl BenchConfig {
@@ -76,6 +84,8 @@ impl BenchConfig {
             connect_secs: 5.0,
             idle_connections: 10_000,
             idle_edges: 1_000,
+            udp_rates: vec![50_000, 100_000, 200_000],
+            iperf3: true,
         }
     }
 
@@ -90,6 +100,8 @@ impl BenchConfig {
             connect_secs: 0.5,
             idle_connections: 200,
             idle_edges: 20,
+            udp_rates: vec![5_000],
+            iperf3: false,
         }
     }
 }
@@ -115,9 +127,9 @@ pub struct Row {
     pub direct: Option<f64>,
     /// Through the tunnel (the transport is in the name).
     pub tunnel: f64,
-    /// The same measurement through rathole's TLS transport in the same run (TLS rows only,
-    /// when a `rathole` binary is on PATH).
-    pub rathole: Option<f64>,
+    /// The same measurement through each peer found on PATH (by [`Peer::label`]) in the same
+    /// run, on rows of the transport it is compared with.
+    pub peers: BTreeMap<String, f64>,
     /// The same measurement through two plain relay processes (latency rows, when
     /// [`BenchConfig::helpers`] is set): the least any two-process tunnel can add.
     pub relay_floor: Option<f64>,
@@ -130,7 +142,7 @@ impl Row {
             unit: unit.to_owned(),
             direct,
             tunnel,
-            rathole: None,
+            peers: BTreeMap::new(),
             relay_floor: None,
         }
     }
@@ -155,13 +167,13 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
     let idle_connections = config
         .idle_connections
         .min(descriptors / descriptors_per_connection);
-    // rathole's processes (which share our limit) hold two descriptors per connection each: the
+    // A peer's processes (which share our limit) hold two descriptors per connection each: the
     // public or target socket and a data channel.
-    let rathole_idle_connections = idle_connections.min(descriptors / 2);
+    let peer_idle_connections = idle_connections.min(descriptors / 2);
     if config.sections.contains(&Section::Memory) {
         for (count, whose) in [
             (idle_connections, ""),
-            (rathole_idle_connections, " for rathole"),
+            (peer_idle_connections, " for peers"),
         ] {
             if count < config.idle_connections {
                 eprintln!(
@@ -199,22 +211,32 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
         udp: targets::start_udp_sink().await?,
         relays,
         idle_echo,
+        iperf: match config.iperf3 && config.sections.contains(&Section::Throughput) {
+            true => iperf::Server::start()?,
+            false => None,
+        },
     };
-    let peer = match rathole::find() {
-        Some(binary) => {
-            measure_rathole(&binary, config, &targets, rathole_idle_connections).await?
+    let mut peer_rows: Vec<(Peer, BTreeMap<String, f64>)> = Vec::new();
+    for peer in Peer::ALL {
+        match peer.find() {
+            Ok(binaries) => {
+                let rows =
+                    measure_peer(peer, &binaries, config, &targets, peer_idle_connections).await?;
+                peer_rows.push((peer, rows));
+            }
+            Err(note) => eprintln!("note: {note}"),
         }
-        None => {
-            eprintln!("note: no rathole on PATH (`cargo install rathole`): no rathole column");
-            BTreeMap::new()
-        }
-    };
+    }
     let mut rows = Vec::new();
     for transport in TRANSPORTS {
         let mut measured = run_transport(config, transport, &targets, idle_connections).await?;
         for row in &mut measured {
-            if transport == "tcpTls" {
-                row.rathole = peer.get(&row.name).copied();
+            for (peer, figures) in &peer_rows {
+                if let Some(figure) = figures.get(&row.name) {
+                    if peer.compares_with() == transport {
+                        row.peers.insert(peer.label().to_owned(), *figure);
+                    }
+                }
             }
             row.name = format!("{} [{transport}]", row.name);
         }
@@ -223,19 +245,22 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
     Ok(rows)
 }
 
-/// Throughput, latency, connection rate and idle memory through rathole (TLS), by row name.
-async fn measure_rathole(
-    binary: &std::path::Path,
+/// Every measurement through `peer`, by row name.
+async fn measure_peer(
+    peer: Peer,
+    binaries: &[std::path::PathBuf],
     config: &BenchConfig,
     targets: &Targets,
     idle_connections: usize,
 ) -> Result<BTreeMap<String, f64>> {
     let via = Via::pick()?;
-    let peer = rathole::Rathole::start(binary, &via.port_map(targets)).await?;
-    // rathole's server listens before its client has connected: wait for a real round trip.
+    let ports = via.ports(targets)?;
+    let run = peer.start(binaries, &ports).await?;
+    // Peers listen before their private side has connected: wait for a real round trip.
     wait_round_trip(via.echo).await?;
-    let pids = [peer.server.pid(), peer.client.pid()];
-    let rows = measure_tcp(config, targets, via, pids, idle_connections).await?;
+    let pids = run.pids();
+    let mut rows = measure_tcp(config, targets, via, pids, idle_connections).await?;
+    rows.extend(measure_udp(config, targets, via.udp(&ports), pids).await?);
     Ok(rows.into_iter().map(|row| (row.name, row.tunnel)).collect())
 }
 
@@ -248,6 +273,8 @@ struct Targets {
     relays: Option<relay::RelayChain>,
     /// The echo target idle connections go to, and its process when it has one of its own.
     idle_echo: (SocketAddr, Option<processes::Process>),
+    /// An iperf3 server, when the throughput rows include iperf3's.
+    iperf: Option<iperf::Server>,
 }
 
 /// Where clients reach the targets through a tunnel: a public port (on [`EDGE_IP`]) per target.
@@ -256,6 +283,7 @@ struct Via {
     sink: SocketAddr,
     echo: SocketAddr,
     idle: SocketAddr,
+    iperf: SocketAddr,
 }
 
 impl Via {
@@ -271,16 +299,31 @@ impl Via {
             sink: free()?,
             echo: free()?,
             idle: free()?,
+            iperf: free()?,
         })
     }
 
-    /// Public port → target port.
-    fn port_map(&self, targets: &Targets) -> BTreeMap<u16, u16> {
-        BTreeMap::from([
+    /// Public port → target port: the TCP targets, and a free UDP port to the UDP sink.
+    fn ports(&self, targets: &Targets) -> Result<PortMap> {
+        let mut tcp = BTreeMap::from([
             (self.sink.port(), targets.sink.addr.port()),
             (self.echo.port(), targets.echo.addr.port()),
             (self.idle.port(), targets.idle_echo.0.port()),
-        ])
+        ]);
+        if let Some(iperf) = &targets.iperf {
+            tcp.insert(self.iperf.port(), iperf.port);
+        }
+        let udp_port = processes::free_udp_port(EDGE_IP, &tcp.keys().copied().collect::<Vec<_>>())?;
+        Ok(PortMap {
+            tcp,
+            udp: BTreeMap::from([(udp_port, targets.udp.addr.port())]),
+        })
+    }
+
+    /// The public UDP address of `ports`.
+    fn udp(&self, ports: &PortMap) -> SocketAddr {
+        let port = ports.udp.keys().next().copied().unwrap_or_default();
+        SocketAddr::new(self.sink.ip(), port)
     }
 }
 
@@ -295,12 +338,7 @@ async fn run_transport(
     idle_connections: usize,
 ) -> Result<Vec<Row>> {
     let via = Via::pick()?;
-    let tcp = via.port_map(targets);
-    let udp_port = processes::free_udp_port(EDGE_IP, &tcp.keys().copied().collect::<Vec<_>>())?;
-    let ports = PortMap {
-        tcp,
-        udp: BTreeMap::from([(udp_port, targets.udp.addr.port())]),
-    };
+    let ports = via.ports(targets)?;
     let mut rows = Vec::new();
     if config.sections.contains(&Section::Edges) {
         rows.extend(
@@ -310,26 +348,64 @@ async fn run_transport(
     let tunnel = Tunnel::start(&config.binary, &ports, transport).await?;
     let pids = [tunnel.hub.process.pid(), tunnel.edge.pid()];
     rows.extend(measure_tcp(config, targets, via, pids, idle_connections).await?);
+    rows.extend(measure_udp(config, targets, via.udp(&ports), pids).await?);
+    Ok(rows)
+}
 
+/// The UDP rows through the public address `udp`: the loss curve at each offered rate and the
+/// rate one socket sending as fast as it can gets through, each next to the direct path, and
+/// the tunnel's CPU seconds per GB delivered at the highest offered rate.
+async fn measure_udp(
+    config: &BenchConfig,
+    targets: &Targets,
+    udp: SocketAddr,
+    pids: [u32; 2],
+) -> Result<Vec<Row>> {
+    let mut rows = Vec::new();
     if !config.sections.contains(&Section::Udp) {
         return Ok(rows);
     }
-    let udp = SocketAddr::new(via.sink.ip(), udp_port);
     let duration = Duration::from_secs_f64(config.connect_secs);
-    let direct = udp_rate(targets.udp.addr, &targets.udp, duration).await?;
     wait_udp_path(udp, &targets.udp).await?;
-    let tunnelled = udp_rate(udp, &targets.udp, duration).await?;
+    for &rate in &config.udp_rates {
+        let direct = udp_rate(targets.udp.addr, &targets.udp, duration, Some(rate)).await?;
+        let tunnelled = udp_rate(udp, &targets.udp, duration, Some(rate)).await?;
+        let offered = format!("{}k/s offered", rate / 1000);
+        rows.push(Row::new(
+            &format!("UDP 1,200 B delivered, {offered}"),
+            "dgram/s",
+            Some(direct.delivered_per_sec),
+            tunnelled.delivered_per_sec,
+        ));
+        rows.push(Row::new(
+            &format!("UDP loss, {offered}"),
+            "%",
+            Some(direct.loss_percent),
+            tunnelled.loss_percent,
+        ));
+    }
+    let direct = udp_rate(targets.udp.addr, &targets.udp, duration, None).await?;
+    let cpu_before = cpu_seconds(&pids)?;
+    let tunnelled = udp_rate(udp, &targets.udp, duration, None).await?;
+    let cpu = cpu_seconds(&pids)? - cpu_before;
     rows.push(Row::new(
-        "UDP 1,200 B datagrams delivered",
+        "UDP 1,200 B delivered, one socket flat out",
         "dgram/s",
         Some(direct.delivered_per_sec),
         tunnelled.delivered_per_sec,
     ));
     rows.push(Row::new(
-        "UDP loss at the offered rate",
+        "UDP loss, one socket flat out",
         "%",
         Some(direct.loss_percent),
         tunnelled.loss_percent,
+    ));
+    let delivered_gb = tunnelled.delivered as f64 * UDP_PAYLOAD as f64 / 1e9;
+    rows.push(Row::new(
+        "UDP tunnel CPU per GB delivered, flat out",
+        "s/GB",
+        None,
+        cpu / delivered_gb.max(1e-9),
     ));
     Ok(rows)
 }
@@ -343,7 +419,12 @@ async fn measure_tcp(
     pids: [u32; 2],
     idle_connections: usize,
 ) -> Result<Vec<Row>> {
-    let Via { sink, echo, idle } = via;
+    let Via {
+        sink,
+        echo,
+        idle,
+        iperf,
+    } = via;
     let mut rows = Vec::new();
     let wanted = |section| config.sections.contains(&section);
     let secs = Duration::from_secs_f64(config.throughput_secs);
@@ -352,10 +433,33 @@ async fn measure_tcp(
             break;
         }
         let direct = throughput(targets.sink.addr, &targets.sink, streams, secs).await?;
+        let cpu_before = cpu_seconds(&pids)?;
         let tunnelled = throughput(sink, &targets.sink, streams, secs).await?;
+        let cpu = cpu_seconds(&pids)? - cpu_before;
         let plural = if streams > 1 { "s" } else { "" };
         let name = format!("throughput, {streams} stream{plural}");
-        rows.push(Row::new(&name, "Gbit/s", Some(direct), tunnelled));
+        rows.push(Row::new(
+            &name,
+            "Gbit/s",
+            Some(direct.gbit_per_sec()),
+            tunnelled.gbit_per_sec(),
+        ));
+        rows.push(Row::new(
+            &format!("tunnel CPU per GB, {streams} stream{plural}"),
+            "s/GB",
+            None,
+            cpu / (tunnelled.bytes as f64 / 1e9).max(1e-9),
+        ));
+        if let Some(server) = &targets.iperf {
+            let direct = server.measure(server.addr(), streams, secs)?;
+            let tunnelled = server.measure(iperf, streams, secs)?;
+            rows.push(Row::new(
+                &format!("iperf3, {streams} stream{plural}"),
+                "Gbit/s",
+                Some(direct),
+                tunnelled,
+            ));
+        }
     }
 
     if wanted(Section::Latency) {
@@ -404,13 +508,25 @@ fn descriptors_for_connections() -> usize {
     soft.saturating_sub(512) as usize
 }
 
-/// Gbit/s that `streams` connections push into the sink together.
+/// Bytes moved and the time it took.
+struct Transfer {
+    bytes: u64,
+    elapsed: Duration,
+}
+
+impl Transfer {
+    fn gbit_per_sec(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.elapsed.as_secs_f64() / 1e9
+    }
+}
+
+/// What `streams` connections push into the sink together.
 async fn throughput(
     addr: SocketAddr,
     sink: &targets::Target,
     streams: usize,
     duration: Duration,
-) -> Result<f64> {
+) -> Result<Transfer> {
     let before = sink.received.load(Ordering::Relaxed);
     let start = Instant::now();
     let writers: Vec<_> = (0..streams)
@@ -441,7 +557,10 @@ async fn throughput(
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    Ok(sent as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9)
+    Ok(Transfer {
+        bytes: sent,
+        elapsed: start.elapsed(),
+    })
 }
 
 /// The rows of [`latency`]'s figures, in its order.
@@ -526,8 +645,9 @@ async fn wait_round_trip(addr: SocketAddr) -> Result<()> {
 }
 
 /// Datagrams delivered per second, and the share lost, when one client sends 1,200-byte
-/// datagrams as fast as it can.
+/// datagrams at an offered rate or as fast as it can.
 struct UdpRate {
+    delivered: u64,
     delivered_per_sec: f64,
     loss_percent: f64,
 }
@@ -553,23 +673,17 @@ pub async fn wait_udp_path(addr: SocketAddr, sink: &targets::UdpSink) -> Result<
     Ok(())
 }
 
+/// Sends 1,200-byte datagrams to `addr` for `duration`, `rate` per second (paced every
+/// millisecond) or as fast as one socket can, and counts what reaches the sink.
 async fn udp_rate(
     addr: SocketAddr,
     sink: &targets::UdpSink,
     duration: Duration,
+    rate: Option<u64>,
 ) -> Result<UdpRate> {
-    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
-    socket.connect(addr).await?;
-    let datagram = [0x42u8; UDP_PAYLOAD];
     let before = sink.datagrams.load(Ordering::Relaxed);
-    let start = Instant::now();
-    let mut sent = 0u64;
-    while start.elapsed() < duration {
-        if socket.send(&datagram).await.is_ok() {
-            sent += 1;
-        }
-    }
-    let elapsed = start.elapsed().as_secs_f64();
+    let (sent, elapsed) =
+        tokio::task::spawn_blocking(move || send_udp(addr, duration, rate)).await??;
     // Datagrams in flight arrive within moments; stop counting once the count holds still.
     let mut last = u64::MAX;
     let settle = Instant::now() + Duration::from_secs(5);
@@ -583,9 +697,33 @@ async fn udp_rate(
     }
     let delivered = sink.datagrams.load(Ordering::Relaxed) - before;
     Ok(UdpRate {
+        delivered,
         delivered_per_sec: delivered as f64 / elapsed,
         loss_percent: 100.0 * (1.0 - delivered as f64 / sent.max(1) as f64),
     })
+}
+
+/// The sending side of [`udp_rate`], on a thread of its own: datagrams sent and seconds taken.
+fn send_udp(addr: SocketAddr, duration: Duration, rate: Option<u64>) -> Result<(u64, f64)> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    socket.connect(addr)?;
+    let datagram = [0x42u8; UDP_PAYLOAD];
+    let start = Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < duration {
+        let due = rate.map_or(sent + 64, |rate| {
+            (start.elapsed().as_secs_f64() * rate as f64) as u64
+        });
+        while sent < due {
+            // A refused or full socket still counts as offered: the datagram is lost.
+            let _ = socket.send(&datagram);
+            sent += 1;
+        }
+        if rate.is_some() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+    Ok((sent, start.elapsed().as_secs_f64()))
 }
 
 /// Memory of the two tunnel processes `pids` (hub and edge) before, with `count` idle tunnelled connections, and after closing.
@@ -645,27 +783,46 @@ async fn idle_memory(pids: [u32; 2], addr: SocketAddr, count: usize) -> Result<V
 
 /// A figure measured through something other than our tunnel: a pair of table columns, shown
 /// when any row has the figure.
-struct Comparison {
-    /// Header of the figure's column.
-    header: &'static str,
-    /// Header of the column of ours ÷ the figure.
-    ratio_header: &'static str,
-    /// Where a row keeps the figure.
-    figure: fn(&Row) -> Option<f64>,
+enum Comparison {
+    /// A peer's figure, by its label.
+    Peer(&'static str),
+    /// Two plain relays.
+    RelayFloor,
 }
 
-const COMPARISONS: [Comparison; 2] = [
-    Comparison {
-        header: "rathole (TLS)",
-        ratio_header: "ours/rh",
-        figure: |row| row.rathole,
-    },
-    Comparison {
-        header: "2 plain relays",
-        ratio_header: "ours/floor",
-        figure: |row| row.relay_floor,
-    },
-];
+impl Comparison {
+    /// Every comparison, in column order.
+    fn all() -> impl Iterator<Item = Comparison> {
+        Peer::ALL
+            .into_iter()
+            .map(|peer| Comparison::Peer(peer.label()))
+            .chain([Comparison::RelayFloor])
+    }
+
+    /// Header of the figure's column.
+    fn header(&self) -> &'static str {
+        match self {
+            Comparison::Peer(label) => label,
+            Comparison::RelayFloor => "2 plain relays",
+        }
+    }
+
+    /// Header of the column of ours ÷ the figure.
+    fn ratio_header(&self) -> String {
+        match self {
+            Comparison::Peer(label) => format!("ours/{}", label.replace(' ', "-")),
+            Comparison::RelayFloor => "ours/floor".into(),
+        }
+    }
+
+    /// The row's figure.
+    fn figure(&self, row: &Row) -> Option<f64> {
+        match self {
+            Comparison::Peer(label) => row.peers.get(*label).copied(),
+            Comparison::RelayFloor => row.relay_floor,
+        }
+    }
+}
 
 /// Opens a connection through `addr` and makes one exchange, so that it is known to reach the
 /// target; 10 s at most.
@@ -683,9 +840,8 @@ async fn open_idle_connection(addr: SocketAddr) -> Result<TcpStream> {
 
 /// The rows as an aligned table, with the columns of each comparison that has figures.
 pub fn table(rows: &[Row]) -> String {
-    let shown: Vec<_> = COMPARISONS
-        .iter()
-        .filter(|comparison| rows.iter().any(|row| (comparison.figure)(row).is_some()))
+    let shown: Vec<_> = Comparison::all()
+        .filter(|comparison| rows.iter().any(|row| comparison.figure(row).is_some()))
         .collect();
     let ratio = |r: Option<f64>| r.map(|r| format!("{r:.2}")).unwrap_or_else(|| "-".into());
     let mut out = format!(
@@ -694,8 +850,9 @@ pub fn table(rows: &[Row]) -> String {
     );
     for comparison in &shown {
         out.push_str(&format!(
-            " {:>16} {:>10}",
-            comparison.header, comparison.ratio_header
+            " {:>16} {:>16}",
+            comparison.header(),
+            comparison.ratio_header()
         ));
     }
     out.push('\n');
@@ -712,9 +869,9 @@ pub fn table(rows: &[Row]) -> String {
             ratio(row.ratio()),
         ));
         for comparison in &shown {
-            let other = (comparison.figure)(row);
+            let other = comparison.figure(row);
             out.push_str(&format!(
-                " {:>16} {:>10}",
+                " {:>16} {:>16}",
                 value(other),
                 ratio(row.ratio_to(other))
             ));

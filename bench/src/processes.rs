@@ -225,6 +225,41 @@ pub async fn wait_accepting(addr: SocketAddr) -> Result<()> {
     bail!("{addr} did not start accepting")
 }
 
+/// Waits until `addr` accepts TCP connections (20 s at most), blocking the thread.
+pub fn wait_accepting_blocking(addr: SocketAddr) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    bail!("{addr} did not start accepting")
+}
+
+/// CPU seconds (user and system) the processes `pids` have used so far.
+pub fn cpu_seconds(pids: &[u32]) -> Result<f64> {
+    // clock ticks per second: 100 on Linux for every architecture this runs on.
+    const TICKS: f64 = 100.0;
+    let mut ticks = 0u64;
+    for pid in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name (which may hold spaces), from field 3 on.
+        let after = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .context("stat")?;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        for index in [11, 12] {
+            ticks += fields
+                .get(index)
+                .and_then(|f| f.parse::<u64>().ok())
+                .context("utime/stime in stat")?;
+        }
+    }
+    Ok(ticks as f64 / TICKS)
+}
+
 /// Resident memory of a process in bytes.
 pub fn rss_bytes(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

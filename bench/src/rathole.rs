@@ -1,87 +1,72 @@
-//! rathole, the peer we compare against: its server (the public side, like our edge) and client
-//! (the private side, like our hub) as processes with its TLS transport, configured here.
+//! rathole: its server (the public side, like our edge) and client (the private side, like our
+//! hub) with its TLS transport, configured here.
 
-use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 
 use anyhow::{ensure, Context, Result};
 
-use crate::processes::{free_port, wait_accepting, Process, EDGE_IP};
+use crate::peers::PeerRun;
+use crate::processes::{free_port, wait_accepting, PortMap, Process, EDGE_IP};
 
-/// The `rathole` binary on PATH, if there is one (`cargo install rathole`).
-pub fn find() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join("rathole"))
-        .find(|candidate| candidate.is_file())
-}
-
-/// A running rathole server and client forwarding public ports (on [`EDGE_IP`]) to targets.
-#[derive(Debug)]
-pub struct Rathole {
-    /// The server process (public side).
-    pub server: Process,
-    /// The client process (private side).
-    pub client: Process,
-    _dir: tempfile::TempDir,
-}
-
-impl Rathole {
-    /// Starts server and client over TLS, forwarding each public port to `127.0.0.1:<target>`,
-    /// and waits until every public port accepts.
-    pub async fn start(binary: &Path, ports: &BTreeMap<u16, u16>) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        make_identity(dir.path())?;
-        let control_port = free_port("127.0.0.1")?;
-        let mut server = format!(
-            "[server]\nbind_addr = \"127.0.0.1:{control_port}\"\n\
+/// Starts server and client over TLS, forwarding each public port (on [`EDGE_IP`]) to
+/// `127.0.0.1:<target>`, and waits until every public TCP port accepts.
+pub async fn start(binary: &Path, ports: &PortMap) -> Result<PeerRun> {
+    let dir = tempfile::tempdir()?;
+    make_identity(dir.path())?;
+    let control_port = free_port("127.0.0.1")?;
+    let mut server = format!(
+        "[server]\nbind_addr = \"127.0.0.1:{control_port}\"\n\
              [server.transport]\ntype = \"tls\"\n\
              [server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"bench\"\n",
-            dir.path().join("identity.pfx").display()
-        );
-        let mut client = format!(
-            "[client]\nremote_addr = \"localhost:{control_port}\"\n\
+        dir.path().join("identity.pfx").display()
+    );
+    let mut client = format!(
+        "[client]\nremote_addr = \"localhost:{control_port}\"\n\
              [client.transport]\ntype = \"tls\"\n\
              [client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"localhost\"\n",
-            dir.path().join("cert.pem").display()
-        );
-        for (public, target) in ports {
-            server.push_str(&format!(
-                "[server.services.s{public}]\ntoken = \"bench\"\nbind_addr = \"{EDGE_IP}:{public}\"\nnodelay = true\n"
+        dir.path().join("cert.pem").display()
+    );
+    let services = ports
+        .tcp
+        .iter()
+        .map(|p| ("tcp", p))
+        .chain(ports.udp.iter().map(|p| ("udp", p)));
+    for (kind, (public, target)) in services {
+        server.push_str(&format!(
+                "[server.services.s{public}]\ntype = \"{kind}\"\ntoken = \"bench\"\nbind_addr = \"{EDGE_IP}:{public}\"\nnodelay = true\n"
             ));
-            client.push_str(&format!(
-                "[client.services.s{public}]\ntoken = \"bench\"\nlocal_addr = \"127.0.0.1:{target}\"\nnodelay = true\n"
+        client.push_str(&format!(
+                "[client.services.s{public}]\ntype = \"{kind}\"\ntoken = \"bench\"\nlocal_addr = \"127.0.0.1:{target}\"\nnodelay = true\n"
             ));
-        }
-        let spawn = |name: &str, config: String| -> Result<Process> {
-            let file = dir.path().join(name);
-            std::fs::write(&file, config)?;
-            let child = Command::new(binary)
-                .arg(&file)
-                .env("RUST_LOG", "warn")
-                .stdout(Stdio::null())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .with_context(|| format!("starting {}", binary.display()))?;
-            Ok(Process::new(child))
-        };
-        let server = spawn("server.toml", server)?;
-        let client = spawn("client.toml", client)?;
-        for port in ports.keys() {
-            wait_accepting(std::net::SocketAddr::new(EDGE_IP.parse()?, *port)).await?;
-        }
-        Ok(Self {
-            server,
-            client,
-            _dir: dir,
-        })
     }
+    let spawn = |name: &str, config: String| -> Result<Process> {
+        let file = dir.path().join(name);
+        std::fs::write(&file, config)?;
+        let child = Command::new(binary)
+            .arg(&file)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        Ok(Process::new(child))
+    };
+    let server = spawn("server.toml", server)?;
+    let client = spawn("client.toml", client)?;
+    for port in ports.tcp.keys() {
+        wait_accepting(std::net::SocketAddr::new(EDGE_IP.parse()?, *port)).await?;
+    }
+    Ok(PeerRun {
+        server,
+        client,
+        _dir: dir,
+    })
 }
 
-/// A self-signed certificate for `localhost` (cert.pem) and the PKCS#12 identity rathole's
-/// server wants (identity.pfx, password "bench"), made with the openssl command.
-fn make_identity(dir: &Path) -> Result<()> {
+/// A self-signed certificate for `localhost` (cert.pem, key.pem) and the PKCS#12 identity
+/// rathole's server wants (identity.pfx, password "bench"), made with the openssl command.
+pub(crate) fn make_identity(dir: &Path) -> Result<()> {
     let openssl = |args: &[&str]| -> Result<()> {
         let status = Command::new("openssl")
             .args(args)

@@ -1,5 +1,7 @@
 //! The printed table: comparison columns appear only when some row has their figure.
 
+use std::collections::BTreeMap;
+
 use remoteingress_bench::{table, Row};
 
 fn row(relay_floor: Option<f64>) -> Row {
@@ -8,7 +10,7 @@ fn row(relay_floor: Option<f64>) -> Row {
         unit: "µs".into(),
         direct: Some(50.0),
         tunnel: 100.0,
-        rathole: None,
+        peers: BTreeMap::new(),
         relay_floor,
     }
 }
@@ -35,4 +37,20 @@ fn without_comparison_figures_only_direct_and_tunnel_are_shown() {
         printed.contains("100.00 µs") && printed.contains("2.00"),
         "{printed}"
     );
+}
+
+#[test]
+fn each_peer_with_figures_gets_its_columns() {
+    let mut with_peers = row(None);
+    with_peers.peers.insert("frp TLS".into(), 200.0);
+    let printed = table(&[with_peers, row(None)]);
+    assert!(
+        printed.contains("frp TLS") && printed.contains("ours/frp-TLS"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("200.00 µs") && printed.contains("0.50"),
+        "{printed}"
+    );
+    assert!(!printed.contains("rathole"), "{printed}");
 }

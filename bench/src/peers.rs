@@ -1,0 +1,102 @@
+//! The peers we compare against, found on PATH: rathole over TLS (`cargo install rathole`) and
+//! frp over TLS and over QUIC (`frps` and `frpc`, built from frp's source; see
+//! docs/performance.md).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use crate::frp::{self, FrpTransport};
+use crate::processes::{PortMap, Process};
+use crate::rathole;
+
+/// A peer tunnel and the transport it runs over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// rathole with its TLS transport.
+    RatholeTls,
+    /// frp over TLS with tcpMux.
+    FrpTls,
+    /// frp over QUIC.
+    FrpQuic,
+}
+
+/// A running peer: its public side and its private side.
+#[derive(Debug)]
+pub struct PeerRun {
+    /// The public side's process (rathole server, frps).
+    pub server: Process,
+    /// The private side's process (rathole client, frpc).
+    pub client: Process,
+    pub(crate) _dir: tempfile::TempDir,
+}
+
+impl PeerRun {
+    /// Both processes' pids.
+    pub fn pids(&self) -> [u32; 2] {
+        [self.server.pid(), self.client.pid()]
+    }
+}
+
+impl Peer {
+    /// Every peer, in the order of the table's columns.
+    pub const ALL: [Peer; 3] = [Peer::RatholeTls, Peer::FrpTls, Peer::FrpQuic];
+
+    /// Its column in the table and key in the results.
+    pub fn label(self) -> &'static str {
+        match self {
+            Peer::RatholeTls => "rathole TLS",
+            Peer::FrpTls => "frp TLS",
+            Peer::FrpQuic => "frp QUIC",
+        }
+    }
+
+    /// Our transport it is compared with.
+    pub fn compares_with(self) -> &'static str {
+        match self {
+            Peer::RatholeTls | Peer::FrpTls => "tcpTls",
+            Peer::FrpQuic => "quic",
+        }
+    }
+
+    fn binary_names(self) -> &'static [&'static str] {
+        match self {
+            Peer::RatholeTls => &["rathole"],
+            Peer::FrpTls | Peer::FrpQuic => &["frps", "frpc"],
+        }
+    }
+
+    /// Its binaries on PATH, or the note that says how to get them.
+    pub fn find(self) -> Result<Vec<PathBuf>, String> {
+        self.binary_names()
+            .iter()
+            .map(|name| {
+                on_path(name)
+                    .ok_or_else(|| format!("no {name} on PATH: no {} column", self.label()))
+            })
+            .collect()
+    }
+
+    /// Starts it forwarding `ports`, with the binaries from [`Self::find`].
+    pub async fn start(self, binaries: &[PathBuf], ports: &PortMap) -> Result<PeerRun> {
+        let path = |i: usize| -> Result<&Path> {
+            binaries
+                .get(i)
+                .map(PathBuf::as_path)
+                .ok_or_else(|| anyhow::anyhow!("{} needs {} binaries", self.label(), i + 1))
+        };
+        match self {
+            Peer::RatholeTls => rathole::start(path(0)?, ports).await,
+            Peer::FrpTls => frp::start(&[path(0)?, path(1)?], FrpTransport::Tls, ports).await,
+            Peer::FrpQuic => frp::start(&[path(0)?, path(1)?], FrpTransport::Quic, ports).await,
+        }
+    }
+}
+
+/// `name` in a directory of PATH.
+fn on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
