@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use remoteingress_tunnel::BatchReceiver;
 use remoteingress_wire::proxy::ProxyV1;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -90,12 +91,15 @@ pub async fn start_udp_sink() -> std::io::Result<UdpSink> {
         datagrams: Arc::new(AtomicU64::new(0)),
     };
     let datagrams = sink.datagrams.clone();
+    // Batched reads and a burst-sized buffer, so that the sink is never what drops.
+    let mut receiver = BatchReceiver::new(&socket)?;
     tokio::spawn(async move {
-        let mut buf = vec![0u8; 65_536];
-        while let Ok((n, _)) = socket.recv_from(&mut buf).await {
-            if !buf[..n].starts_with(PROXY_V2_SIGNATURE) {
-                datagrams.fetch_add(1, Ordering::Relaxed);
-            }
+        while receiver.receive(&socket).await.is_ok() {
+            let counted = receiver
+                .datagrams()
+                .filter(|(_, d)| !d.starts_with(PROXY_V2_SIGNATURE))
+                .count();
+            datagrams.fetch_add(counted as u64, Ordering::Relaxed);
         }
     });
     Ok(sink)

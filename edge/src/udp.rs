@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use remoteingress_tunnel::SessionHandle;
+use remoteingress_tunnel::{BatchReceiver, SessionHandle};
 use remoteingress_wire::config::Protocol;
 use remoteingress_wire::proxy::{ProxyV2, V2Transport};
 use tokio::net::UdpSocket;
@@ -17,9 +17,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::ports::BindError;
 use crate::tunnels::{TunnelKey, Tunnels};
-
-/// Largest UDP payload.
-const MAX_DATAGRAM: usize = 65_535;
 
 struct Session {
     port: u16,
@@ -303,28 +300,32 @@ struct Receiver {
 
 impl Receiver {
     async fn run(self, cancel: CancellationToken) {
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        let Ok(local) = self.socket.local_addr() else {
+        let (Ok(local), Ok(mut receiver)) =
+            (self.socket.local_addr(), BatchReceiver::new(&self.socket))
+        else {
             return;
         };
         loop {
-            let (len, client) = tokio::select! {
-                received = self.socket.recv_from(&mut buf) => match received {
-                    Ok(pair) => pair,
-                    Err(_) => continue,
+            tokio::select! {
+                received = receiver.receive(&self.socket) => if received.is_err() {
+                    continue;
                 },
                 () = cancel.cancelled() => return,
-            };
-            let (id, tunnel) = match self.session_for(client, local).await {
-                Ok(found) => found,
-                Err((cause, tunnel)) => {
-                    self.sessions.dropped(tunnel.as_ref(), cause);
-                    continue;
-                }
-            };
-            if !tunnel.send_udp(id, Bytes::copy_from_slice(&buf[..len])) {
-                self.sessions.dropped(Some(&tunnel), DropCause::QueueFull);
             }
+            for (client, payload) in receiver.datagrams() {
+                self.forward(client, local, payload).await;
+            }
+        }
+    }
+
+    /// Sends one datagram from `client` into its session, or counts why it was dropped.
+    async fn forward(&self, client: SocketAddr, local: SocketAddr, payload: &[u8]) {
+        let (id, tunnel) = match self.session_for(client, local).await {
+            Ok(found) => found,
+            Err((cause, tunnel)) => return self.sessions.dropped(tunnel.as_ref(), cause),
+        };
+        if !tunnel.send_udp(id, Bytes::copy_from_slice(payload)) {
+            self.sessions.dropped(Some(&tunnel), DropCause::QueueFull);
         }
     }
 

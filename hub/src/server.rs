@@ -159,10 +159,10 @@ async fn serve_session(
     session: &SessionHandle,
     mut events: tokio::sync::mpsc::Receiver<SessionEvent>,
 ) {
-    let mut udp = UdpSessions::new(edge_id, session.clone());
+    let mut udp = UdpSessions::new(inner, edge_id, session.clone());
     let mut sweep = tokio::time::interval(UdpSessions::sweep_interval(inner));
     loop {
-        let event = tokio::select! {
+        let first = tokio::select! {
             event = events.recv() => match event {
                 Some(event) => event,
                 None => return,
@@ -172,32 +172,53 @@ async fn serve_session(
                 continue;
             }
         };
-        match event {
-            SessionEvent::Opened {
-                reader,
-                writer,
-                header,
-            } => {
-                let inner = inner.clone();
-                let edge_id = edge_id.to_owned();
-                tokio::spawn(async move { forward(inner, edge_id, reader, writer, header).await });
-            }
-            SessionEvent::ConfigAck(json) => record_ack(inner, edge_id, connection_id, &json),
-            SessionEvent::RoundTrip(rtt) => {
-                if inner.registry().record_rtt(edge_id, connection_id, rtt) {
-                    inner
-                        .metrics
-                        .tunnel_rtt
-                        .with_label_values(&[edge_id])
-                        .set(rtt.as_secs_f64());
-                }
-            }
-            SessionEvent::UdpOpen { id, header } => udp.open(inner, id, header).await,
-            SessionEvent::UdpDatagram { id, payload } => udp.datagram(inner, id, &payload),
-            SessionEvent::UdpClose { id } => udp.close(inner, id),
-            // Only an edge receives these.
-            SessionEvent::Config(_) | SessionEvent::Drain => {}
+        dispatch(inner, edge_id, connection_id, &mut udp, first).await;
+        // Whatever else is already waiting, up to a bound, before the datagrams queued so far
+        // leave in batches.
+        for _ in 1..EVENT_BATCH {
+            let Ok(event) = events.try_recv() else { break };
+            dispatch(inner, edge_id, connection_id, &mut udp, event).await;
         }
+        udp.flush();
+    }
+}
+
+/// Events handled in a row before queued UDP datagrams are written.
+const EVENT_BATCH: usize = 64;
+
+/// Acts on one event of an edge's session.
+async fn dispatch(
+    inner: &Arc<HubInner>,
+    edge_id: &str,
+    connection_id: u64,
+    udp: &mut UdpSessions,
+    event: SessionEvent,
+) {
+    match event {
+        SessionEvent::Opened {
+            reader,
+            writer,
+            header,
+        } => {
+            let inner = inner.clone();
+            let edge_id = edge_id.to_owned();
+            tokio::spawn(async move { forward(inner, edge_id, reader, writer, header).await });
+        }
+        SessionEvent::ConfigAck(json) => record_ack(inner, edge_id, connection_id, &json),
+        SessionEvent::RoundTrip(rtt) => {
+            if inner.registry().record_rtt(edge_id, connection_id, rtt) {
+                inner
+                    .metrics
+                    .tunnel_rtt
+                    .with_label_values(&[edge_id])
+                    .set(rtt.as_secs_f64());
+            }
+        }
+        SessionEvent::UdpOpen { id, header } => udp.open(inner, id, header).await,
+        SessionEvent::UdpDatagram { id, payload } => udp.datagram(id, payload),
+        SessionEvent::UdpClose { id } => udp.close(inner, id),
+        // Only an edge receives these.
+        SessionEvent::Config(_) | SessionEvent::Drain => {}
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use remoteingress_tunnel::SessionHandle;
+use remoteingress_tunnel::{BatchSender, SessionHandle};
 use remoteingress_wire::config::Protocol;
 use remoteingress_wire::proxy::{ProxyV2, V2Transport};
 use tokio::net::UdpSocket;
@@ -43,6 +43,11 @@ pub(crate) fn session_budget(configured: usize) -> usize {
 
 struct UdpSession {
     socket: Arc<UdpSocket>,
+    /// The target the socket is connected to.
+    target: SocketAddr,
+    sender: BatchSender,
+    /// Datagrams from the edge not yet written to the target (see [`UdpSessions::flush`]).
+    pending: Vec<Bytes>,
     /// Its place under the hub-wide cap.
     _slot: OwnedSemaphorePermit,
     /// Milliseconds since `UdpSessions::epoch` of the last datagram either way.
@@ -61,15 +66,27 @@ pub(crate) struct UdpSessions {
     edge_id: String,
     session: SessionHandle,
     sessions: HashMap<u32, UdpSession>,
+    /// Sessions with pending datagrams.
+    dirty: Vec<u32>,
+    /// Datagrams written to targets.
+    written: prometheus::IntCounter,
+    /// Datagrams the targets' sockets could not take.
+    busy: prometheus::IntCounter,
     epoch: Instant,
 }
 
 impl UdpSessions {
-    pub(crate) fn new(edge_id: &str, session: SessionHandle) -> Self {
+    pub(crate) fn new(inner: &HubInner, edge_id: &str, session: SessionHandle) -> Self {
+        let metrics = &inner.metrics;
         Self {
             edge_id: edge_id.to_owned(),
             session,
             sessions: HashMap::new(),
+            dirty: Vec::new(),
+            written: metrics.udp_datagrams.with_label_values(&[edge_id, "in"]),
+            busy: metrics
+                .udp_dropped
+                .with_label_values(&[edge_id, "socket_busy"]),
             epoch: Instant::now(),
         }
     }
@@ -104,7 +121,15 @@ impl UdpSessions {
             return self.refuse(inner, id, "hub_session_limit");
         };
         match self.connect(inner, &header).await {
-            Ok((socket, route)) => {
+            Ok((socket, route, target)) => {
+                let sender = match BatchSender::new(&socket) {
+                    Ok(sender) => sender,
+                    Err(error) => {
+                        let error = TargetError::io("setting up the UDP socket to", target)(error);
+                        report_refusal(inner, &self.edge_id, id, &error);
+                        return self.session.close_udp(id);
+                    }
+                };
                 let socket = Arc::new(socket);
                 let last_active = Arc::new(AtomicU64::new(self.now_ms()));
                 let metrics = &inner.metrics;
@@ -127,6 +152,9 @@ impl UdpSessions {
                     id,
                     UdpSession {
                         socket,
+                        target,
+                        sender,
+                        pending: Vec::new(),
                         _slot: slot,
                         last_active,
                         replies,
@@ -154,7 +182,7 @@ impl UdpSessions {
         &self,
         inner: &HubInner,
         header: &[u8],
-    ) -> Result<(UdpSocket, Route), TargetError> {
+    ) -> Result<(UdpSocket, Route, SocketAddr), TargetError> {
         let (proxy, len) = ProxyV2::parse(header)?.ok_or(TargetError::Incomplete)?;
         let addresses = proxy
             .addresses
@@ -184,24 +212,43 @@ impl UdpSessions {
             .send(header)
             .await
             .map_err(TargetError::io("sending the PROXY header to", target))?;
-        Ok((socket, route))
+        Ok((socket, route, target))
     }
 
     /// Forwards one client datagram; dropped (and counted) if the socket cannot take it now.
-    pub(crate) fn datagram(&mut self, inner: &HubInner, id: u32, payload: &[u8]) {
+    pub(crate) fn datagram(&mut self, id: u32, payload: Bytes) {
         let now = self.now_ms();
-        let Some(session) = self.sessions.get(&id) else {
+        let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
         session.last_active.store(now, Ordering::Relaxed);
-        if session.socket.try_send(payload).is_ok() {
-            inner
-                .metrics
-                .udp_datagrams
-                .with_label_values(&[&self.edge_id, "in"])
-                .inc();
-        } else {
-            self.dropped(inner, "socket_busy");
+        if session.pending.is_empty() {
+            self.dirty.push(id);
+        }
+        session.pending.push(payload);
+    }
+
+    /// Writes every pending datagram to its target, runs of equal size in one system call;
+    /// what a full socket cannot take is dropped and counted. The tunnel's task calls it after
+    /// each run of waiting events, so that a burst from the edge leaves in batches.
+    pub(crate) fn flush(&mut self) {
+        for id in self.dirty.drain(..) {
+            let Some(session) = self.sessions.get_mut(&id) else {
+                continue;
+            };
+            let sent = session.pending.len();
+            let unsent = session
+                .sender
+                .send(&session.socket, session.target, &session.pending);
+            session.pending.clear();
+            self.written.inc_by((sent - unsent) as u64);
+            if unsent > 0 {
+                self.busy.inc_by(unsent as u64);
+                self.session
+                    .stats()
+                    .udp_dropped
+                    .fetch_add(unsent as u64, Ordering::Relaxed);
+            }
         }
     }
 

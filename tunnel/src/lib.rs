@@ -10,6 +10,7 @@
 //! ([`SessionHandle`]); [`link`] (the handshake's connection); [`pipe`].
 
 mod clock;
+mod datagrams;
 pub mod error;
 mod event;
 #[cfg(test)]
@@ -28,6 +29,7 @@ mod stream;
 pub mod tls;
 pub mod warn;
 
+pub use datagrams::{BatchReceiver, BatchSender};
 pub use error::{CloseReason, ProtocolViolation, SessionError, StreamAborted};
 pub use event::SessionEvent;
 pub use lifecycle::SessionStats;
