@@ -4,6 +4,7 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,8 +24,9 @@ const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// Most bytes in one GSO write.
 const MAX_GSO_BYTES: usize = 64 * 1024;
 
-/// Sets up `socket` for batched reads and writes, with burst-sized kernel buffers.
-pub fn batch_state(socket: &UdpSocket) -> io::Result<UdpSocketState> {
+/// Sets up `socket` (non-blocking) for batched reads and writes, with burst-sized kernel
+/// buffers.
+pub fn batch_state(socket: &impl AsFd) -> io::Result<UdpSocketState> {
     let state = UdpSocketState::new(socket.into())?;
     // Best effort: a smaller buffer only means earlier drops.
     let _ = state.set_recv_buffer_size(socket.into(), SOCKET_BUFFER);

@@ -76,6 +76,14 @@ pub enum Datagram {
 }
 
 impl Datagram {
+    /// How many bytes [`Self::encode`] gives.
+    pub fn encoded_len(&self) -> usize {
+        match self {
+            Datagram::Open { header, .. } => 5 + header.len(),
+            Datagram::Data { payload, .. } => 4 + payload.len(),
+        }
+    }
+
     /// The wire bytes.
     pub fn encode(&self) -> Bytes {
         let (id, marker, body) = match self {
@@ -162,11 +170,13 @@ mod tests {
         };
         let bytes = open.encode();
         assert_eq!(&bytes[..5], &[0, 0, 0, 1, 0xFF]);
+        assert_eq!(open.encoded_len(), bytes.len());
         assert_eq!(Datagram::parse(bytes), Some(open));
         let data = Datagram::Data {
             id: 2,
             payload: Bytes::from_static(&[0xFF, 1, 2]),
         };
+        assert_eq!(data.encoded_len(), data.encode().len());
         assert_eq!(
             Datagram::parse(data.encode()),
             Some(data),

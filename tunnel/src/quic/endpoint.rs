@@ -7,6 +7,7 @@ use std::sync::Arc;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{TransportConfig, VarInt};
 
+use crate::datagrams::batch_state;
 use crate::options::SessionOptions;
 use crate::tls::{client_config, HubIdentity, HubTrust, TlsError};
 
@@ -94,20 +95,28 @@ pub fn server_endpoint(
     let mut transport = transport_config(options);
     transport.max_concurrent_bidi_streams(stream_limit(initial_stream_limit(options.max_streams)));
     config.transport_config(Arc::new(transport));
-    let runtime = quinn::default_runtime().ok_or_else(|| TlsError::Io {
-        path: "udp server socket".into(),
-        source: std::io::Error::other("no async runtime"),
-    })?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        Some(config),
-        socket,
-        runtime,
-    )
-    .map_err(|source| TlsError::Io {
-        path: "udp server socket".into(),
+    endpoint_on(socket, Some(config), "udp server socket")
+}
+
+fn udp_socket_error(what: &'static str) -> impl FnOnce(std::io::Error) -> TlsError {
+    move |source| TlsError::Io {
+        path: what.into(),
         source,
-    })
+    }
+}
+
+/// An endpoint on `socket`, whose kernel buffers are sized for bursts first: quinn's defaults
+/// leave the system's (about 200 KiB here), which a busy tunnel overflows into loss.
+fn endpoint_on(
+    socket: std::net::UdpSocket,
+    server: Option<quinn::ServerConfig>,
+    what: &'static str,
+) -> Result<quinn::Endpoint, TlsError> {
+    batch_state(&socket).map_err(udp_socket_error(what))?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| udp_socket_error(what)(std::io::Error::other("no async runtime")))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+        .map_err(udp_socket_error(what))
 }
 
 /// An edge's QUIC endpoint trusting the hub as `trust` says.
@@ -124,13 +133,9 @@ pub fn client_endpoint(
     // The hub never opens streams.
     transport.max_concurrent_bidi_streams(VarInt::from_u32(0));
     config.transport_config(Arc::new(transport));
-    let mut endpoint =
-        quinn::Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(|source| {
-            TlsError::Io {
-                path: "udp client socket".into(),
-                source,
-            }
-        })?;
+    let socket = std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))
+        .map_err(udp_socket_error("udp client socket"))?;
+    let mut endpoint = endpoint_on(socket, None, "udp client socket")?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

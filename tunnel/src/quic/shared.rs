@@ -97,15 +97,17 @@ impl QuicShared {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Sends a datagram if it fits the connection now; a datagram that does not is dropped and
-    /// counted.
+    /// Sends a datagram if it fits the connection and its send queue now; a datagram that does
+    /// not is dropped and counted. Under overload that drops the newest datagram at once,
+    /// before any copy, where quinn would queue it and drop the oldest, uncounted.
     pub(crate) fn send_datagram(&self, datagram: &Datagram) -> bool {
-        let bytes = datagram.encode();
+        let len = datagram.encoded_len();
         let fits = self
             .connection
             .max_datagram_size()
-            .is_some_and(|max| bytes.len() <= max);
-        let sent = fits && self.connection.send_datagram(bytes).is_ok();
+            .is_some_and(|max| len <= max)
+            && len <= self.connection.datagram_send_buffer_space();
+        let sent = fits && self.connection.send_datagram(datagram.encode()).is_ok();
         if !sent {
             self.lifecycle.stats.udp_drop();
         }
