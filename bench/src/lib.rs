@@ -212,7 +212,7 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
         relays,
         idle_echo,
         iperf: match config.iperf3 && config.sections.contains(&Section::Throughput) {
-            true => iperf::Server::start()?,
+            true => iperf::Server::start().await?,
             false => None,
         },
     };
@@ -451,8 +451,8 @@ async fn measure_tcp(
             cpu / (tunnelled.bytes as f64 / 1e9).max(1e-9),
         ));
         if let Some(server) = &targets.iperf {
-            let direct = server.measure(server.addr(), streams, secs)?;
-            let tunnelled = server.measure(iperf, streams, secs)?;
+            let direct = server.measure(server.addr(), streams, secs).await?;
+            let tunnelled = server.measure(iperf, streams, secs).await?;
             rows.push(Row::new(
                 &format!("iperf3, {streams} stream{plural}"),
                 "Gbit/s",

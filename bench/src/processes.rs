@@ -225,18 +225,6 @@ pub async fn wait_accepting(addr: SocketAddr) -> Result<()> {
     bail!("{addr} did not start accepting")
 }
 
-/// Waits until `addr` accepts TCP connections (20 s at most), blocking the thread.
-pub fn wait_accepting_blocking(addr: SocketAddr) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while Instant::now() < deadline {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    bail!("{addr} did not start accepting")
-}
-
 /// CPU seconds (user and system) the processes `pids` have used so far.
 pub fn cpu_seconds(pids: &[u32]) -> Result<f64> {
     // clock ticks per second: 100 on Linux for every architecture this runs on.

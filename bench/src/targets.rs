@@ -104,3 +104,38 @@ pub async fn start_udp_sink() -> std::io::Result<UdpSink> {
     });
     Ok(sink)
 }
+
+/// Starts a relay on 127.0.0.1 to `target` that drops a PROXY v1 line in front of a
+/// connection, for targets that do not speak PROXY (iperf3): every system's connections go
+/// through it, with a line or without.
+pub async fn start_proxy_stripper(target: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let _ = strip_and_relay(socket, target).await;
+            });
+        }
+    });
+    Ok(addr)
+}
+
+async fn strip_and_relay(mut socket: TcpStream, target: SocketAddr) -> std::io::Result<()> {
+    let mut upstream = TcpStream::connect(target).await?;
+    for side in [&socket, &upstream] {
+        side.set_nodelay(true)?;
+    }
+    let mut first = vec![0u8; 4096];
+    let n = socket.read(&mut first).await?;
+    let mut data = &first[..n];
+    if data.starts_with(b"PROXY ") {
+        // The line fits the first read in practice, as for the other targets.
+        if let Ok(Some((_, len))) = ProxyV1::parse(data) {
+            data = &data[len..];
+        }
+    }
+    upstream.write_all(data).await?;
+    tokio::io::copy_bidirectional(&mut socket, &mut upstream).await?;
+    Ok(())
+}
