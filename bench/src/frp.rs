@@ -3,12 +3,11 @@
 //! QUIC transport, configured here.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
-use crate::peers::PeerRun;
-use crate::processes::{free_port, free_udp_port, wait_accepting, PortMap, Process, EDGE_IP};
+use crate::peers::{PeerProcess, PeerRun};
+use crate::processes::{free_port, free_udp_port, PortMap, EDGE_IP};
 
 /// frp's transport between frpc and frps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,37 +41,25 @@ pub async fn start(
          log.level = \"warn\"\ntransport.protocol = \"{protocol}\"\ntransport.tls.enable = true\n\
          transport.tcpMux = true\nloginFailExit = false\n"
     );
-    let proxies = ports
-        .tcp
-        .iter()
-        .map(|p| ("tcp", p))
-        .chain(ports.udp.iter().map(|p| ("udp", p)));
-    for (kind, (public, target)) in proxies {
+    for (kind, public, target) in ports.services() {
         client.push_str(&format!(
             "[[proxies]]\nname = \"{kind}{public}\"\ntype = \"{kind}\"\nlocalIP = \"127.0.0.1\"\n\
              localPort = {target}\nremotePort = {public}\n"
         ));
     }
-    let spawn = |binary: &Path, name: &str, config: String| -> Result<Process> {
-        let file = dir.path().join(name);
-        std::fs::write(&file, config)?;
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(Process::new(child))
+    let process = |binary, file, config| PeerProcess {
+        binary,
+        file,
+        config,
+        args: &["-c"],
     };
-    let server = spawn(binaries[0], "frps.toml", server)?;
-    let client = spawn(binaries[1], "frpc.toml", client)?;
-    for port in ports.tcp.keys() {
-        wait_accepting(std::net::SocketAddr::new(EDGE_IP.parse()?, *port)).await?;
-    }
-    Ok(PeerRun {
-        server,
-        client,
-        _dir: dir,
-    })
+    PeerRun::start(
+        dir,
+        [
+            process(binaries[0], "frps.toml", server),
+            process(binaries[1], "frpc.toml", client),
+        ],
+        ports,
+    )
+    .await
 }

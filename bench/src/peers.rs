@@ -2,12 +2,14 @@
 //! frp over TLS and over QUIC (`frps` and `frpc`, built from frp's source; see
 //! docs/performance.md).
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::frp::{self, FrpTransport};
-use crate::processes::{PortMap, Process};
+use crate::processes::{wait_accepting, PortMap, Process, EDGE_IP};
 use crate::rathole;
 
 /// A peer tunnel and the transport it runs over.
@@ -32,9 +34,53 @@ pub struct PeerRun {
 }
 
 impl PeerRun {
+    /// Starts the server and then the client, each with its configuration written to `dir`
+    /// under its name, and waits until every public TCP port of `ports` accepts.
+    pub(crate) async fn start(
+        dir: tempfile::TempDir,
+        [server, client]: [PeerProcess<'_>; 2],
+        ports: &PortMap,
+    ) -> Result<Self> {
+        let server = server.spawn(dir.path())?;
+        let client = client.spawn(dir.path())?;
+        for port in ports.tcp.keys() {
+            wait_accepting(SocketAddr::new(EDGE_IP.parse()?, *port)).await?;
+        }
+        Ok(Self {
+            server,
+            client,
+            _dir: dir,
+        })
+    }
+
     /// Both processes' pids.
     pub fn pids(&self) -> [u32; 2] {
         [self.server.pid(), self.client.pid()]
+    }
+}
+
+/// One process of a peer: its binary, the file name of its configuration, the configuration,
+/// and the arguments that come before the configuration's path.
+pub(crate) struct PeerProcess<'a> {
+    pub(crate) binary: &'a Path,
+    pub(crate) file: &'static str,
+    pub(crate) config: String,
+    pub(crate) args: &'static [&'static str],
+}
+
+impl PeerProcess<'_> {
+    fn spawn(self, dir: &Path) -> Result<Process> {
+        let file = dir.join(self.file);
+        std::fs::write(&file, self.config)?;
+        let child = Command::new(self.binary)
+            .args(self.args)
+            .arg(&file)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {}", self.binary.display()))?;
+        Ok(Process::new(child))
     }
 }
 

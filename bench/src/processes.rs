@@ -69,6 +69,17 @@ pub struct PortMap {
     pub udp: BTreeMap<u16, u16>,
 }
 
+impl PortMap {
+    /// Every mapping with its protocol name (`tcp`, `udp`): public port, target port.
+    pub fn services(&self) -> impl Iterator<Item = (&'static str, u16, u16)> + '_ {
+        let of = |kind| move |(public, target): (&u16, &u16)| (kind, *public, *target);
+        self.tcp
+            .iter()
+            .map(of("tcp"))
+            .chain(self.udp.iter().map(of("udp")))
+    }
+}
+
 /// A UDP port free on `ip` right now that is none of `taken`.
 pub fn free_udp_port(ip: &str, taken: &[u16]) -> Result<u16> {
     loop {

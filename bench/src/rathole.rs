@@ -6,8 +6,8 @@ use std::process::{Command, Stdio};
 
 use anyhow::{ensure, Context, Result};
 
-use crate::peers::PeerRun;
-use crate::processes::{free_port, wait_accepting, PortMap, Process, EDGE_IP};
+use crate::peers::{PeerProcess, PeerRun};
+use crate::processes::{free_port, PortMap, EDGE_IP};
 
 /// Starts server and client over TLS, forwarding each public port (on [`EDGE_IP`]) to
 /// `127.0.0.1:<target>`, and waits until every public TCP port accepts.
@@ -27,46 +27,34 @@ pub async fn start(binary: &Path, ports: &PortMap) -> Result<PeerRun> {
              [client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"localhost\"\n",
         dir.path().join("cert.pem").display()
     );
-    let services = ports
-        .tcp
-        .iter()
-        .map(|p| ("tcp", p))
-        .chain(ports.udp.iter().map(|p| ("udp", p)));
-    for (kind, (public, target)) in services {
+    for (kind, public, target) in ports.services() {
         server.push_str(&format!(
-                "[server.services.s{public}]\ntype = \"{kind}\"\ntoken = \"bench\"\nbind_addr = \"{EDGE_IP}:{public}\"\nnodelay = true\n"
-            ));
+            "[server.services.s{public}]\ntype = \"{kind}\"\ntoken = \"bench\"\nbind_addr = \"{EDGE_IP}:{public}\"\nnodelay = true\n"
+        ));
         client.push_str(&format!(
-                "[client.services.s{public}]\ntype = \"{kind}\"\ntoken = \"bench\"\nlocal_addr = \"127.0.0.1:{target}\"\nnodelay = true\n"
-            ));
+            "[client.services.s{public}]\ntype = \"{kind}\"\ntoken = \"bench\"\nlocal_addr = \"127.0.0.1:{target}\"\nnodelay = true\n"
+        ));
     }
-    let spawn = |name: &str, config: String| -> Result<Process> {
-        let file = dir.path().join(name);
-        std::fs::write(&file, config)?;
-        let child = Command::new(binary)
-            .arg(&file)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", binary.display()))?;
-        Ok(Process::new(child))
+    let process = |file, config| PeerProcess {
+        binary,
+        file,
+        config,
+        args: &[],
     };
-    let server = spawn("server.toml", server)?;
-    let client = spawn("client.toml", client)?;
-    for port in ports.tcp.keys() {
-        wait_accepting(std::net::SocketAddr::new(EDGE_IP.parse()?, *port)).await?;
-    }
-    Ok(PeerRun {
-        server,
-        client,
-        _dir: dir,
-    })
+    PeerRun::start(
+        dir,
+        [
+            process("server.toml", server),
+            process("client.toml", client),
+        ],
+        ports,
+    )
+    .await
 }
 
 /// A self-signed certificate for `localhost` (cert.pem, key.pem) and the PKCS#12 identity
 /// rathole's server wants (identity.pfx, password "bench"), made with the openssl command.
-pub(crate) fn make_identity(dir: &Path) -> Result<()> {
+fn make_identity(dir: &Path) -> Result<()> {
     let openssl = |args: &[&str]| -> Result<()> {
         let status = Command::new("openssl")
             .args(args)
