@@ -270,8 +270,9 @@ impl UdpSessions {
             .inc();
     }
 
-    /// Ends a session the edge closed.
+    /// Ends a session the edge closed, after the datagrams it sent before the close.
     pub(crate) fn close(&mut self, inner: &HubInner, id: u32) {
+        self.flush();
         if self.sessions.remove(&id).is_some() {
             self.closed(inner, id);
         }
