@@ -1,4 +1,5 @@
-//! The peers we compare against, found on PATH: rathole over TLS (`cargo install rathole`) and
+//! The peers we compare against, found on PATH: rathole over TLS and over plain TCP (`cargo
+//! install rathole`), and
 //! frp over TLS and over QUIC (`frps` and `frpc`, built from frp's source; see
 //! docs/performance.md).
 
@@ -17,6 +18,8 @@ use crate::rathole;
 pub enum Peer {
     /// rathole with its TLS transport.
     RatholeTls,
+    /// rathole over plain TCP: no encryption at all, the cheapest tunnel there is.
+    RatholeTcp,
     /// frp over TLS with tcpMux.
     FrpTls,
     /// frp over QUIC.
@@ -86,12 +89,18 @@ impl PeerProcess<'_> {
 
 impl Peer {
     /// Every peer, in the order of the table's columns.
-    pub const ALL: [Peer; 3] = [Peer::RatholeTls, Peer::FrpTls, Peer::FrpQuic];
+    pub const ALL: [Peer; 4] = [
+        Peer::RatholeTls,
+        Peer::RatholeTcp,
+        Peer::FrpTls,
+        Peer::FrpQuic,
+    ];
 
     /// Its column in the table and key in the results.
     pub fn label(self) -> &'static str {
         match self {
             Peer::RatholeTls => "rathole TLS",
+            Peer::RatholeTcp => "rathole TCP",
             Peer::FrpTls => "frp TLS",
             Peer::FrpQuic => "frp QUIC",
         }
@@ -100,14 +109,14 @@ impl Peer {
     /// Our transport it is compared with.
     pub fn compares_with(self) -> &'static str {
         match self {
-            Peer::RatholeTls | Peer::FrpTls => "tcpTls",
+            Peer::RatholeTls | Peer::RatholeTcp | Peer::FrpTls => "tcpTls",
             Peer::FrpQuic => "quic",
         }
     }
 
     fn binary_names(self) -> &'static [&'static str] {
         match self {
-            Peer::RatholeTls => &["rathole"],
+            Peer::RatholeTls | Peer::RatholeTcp => &["rathole"],
             Peer::FrpTls | Peer::FrpQuic => &["frps", "frpc"],
         }
     }
@@ -132,7 +141,8 @@ impl Peer {
                 .ok_or_else(|| anyhow::anyhow!("{} needs {} binaries", self.label(), i + 1))
         };
         match self {
-            Peer::RatholeTls => rathole::start(path(0)?, ports).await,
+            Peer::RatholeTls => rathole::start(path(0)?, true, ports).await,
+            Peer::RatholeTcp => rathole::start(path(0)?, false, ports).await,
             Peer::FrpTls => frp::start(&[path(0)?, path(1)?], FrpTransport::Tls, ports).await,
             Peer::FrpQuic => frp::start(&[path(0)?, path(1)?], FrpTransport::Quic, ports).await,
         }

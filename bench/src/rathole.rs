@@ -1,5 +1,5 @@
 //! rathole: its server (the public side, like our edge) and client (the private side, like our
-//! hub) with its TLS transport, configured here.
+//! hub) with its TLS transport or over plain TCP (no encryption at all), configured here.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -9,24 +9,26 @@ use anyhow::{ensure, Context, Result};
 use crate::peers::{PeerProcess, PeerRun};
 use crate::processes::{free_port, PortMap, EDGE_IP};
 
-/// Starts server and client over TLS, forwarding each public port (on [`EDGE_IP`]) to
-/// `127.0.0.1:<target>`, and waits until every public TCP port accepts.
-pub async fn start(binary: &Path, ports: &PortMap) -> Result<PeerRun> {
+/// Starts server and client over TLS (or plain TCP when `tls` is false), forwarding each public
+/// port (on [`EDGE_IP`]) to `127.0.0.1:<target>`, and waits until every public TCP port accepts.
+pub async fn start(binary: &Path, tls: bool, ports: &PortMap) -> Result<PeerRun> {
     let dir = tempfile::tempdir()?;
-    make_identity(dir.path())?;
     let control_port = free_port("127.0.0.1")?;
-    let mut server = format!(
-        "[server]\nbind_addr = \"127.0.0.1:{control_port}\"\n\
-             [server.transport]\ntype = \"tls\"\n\
+    let mut server = format!("[server]\nbind_addr = \"127.0.0.1:{control_port}\"\n");
+    let mut client = format!("[client]\nremote_addr = \"localhost:{control_port}\"\n");
+    if tls {
+        make_identity(dir.path())?;
+        server.push_str(&format!(
+            "[server.transport]\ntype = \"tls\"\n\
              [server.transport.tls]\npkcs12 = \"{}\"\npkcs12_password = \"bench\"\n",
-        dir.path().join("identity.pfx").display()
-    );
-    let mut client = format!(
-        "[client]\nremote_addr = \"localhost:{control_port}\"\n\
-             [client.transport]\ntype = \"tls\"\n\
+            dir.path().join("identity.pfx").display()
+        ));
+        client.push_str(&format!(
+            "[client.transport]\ntype = \"tls\"\n\
              [client.transport.tls]\ntrusted_root = \"{}\"\nhostname = \"localhost\"\n",
-        dir.path().join("cert.pem").display()
-    );
+            dir.path().join("cert.pem").display()
+        ));
+    }
     for (kind, public, target) in ports.services() {
         server.push_str(&format!(
             "[server.services.s{public}]\ntype = \"{kind}\"\ntoken = \"bench\"\nbind_addr = \"{EDGE_IP}:{public}\"\nnodelay = true\n"
