@@ -37,8 +37,9 @@ pub fn batch_state(socket: &impl AsFd) -> io::Result<UdpSocketState> {
 /// Reads a UDP socket many datagrams at a time.
 pub struct BatchReceiver {
     state: UdpSocketState,
-    /// Empty while the socket is quiet.
-    buffers: Vec<Vec<u8>>,
+    /// [`RECV_BATCH`] buffers of [`RECV_BUFFER`] bytes end to end; empty while the socket is
+    /// quiet.
+    buffers: Vec<u8>,
     meta: [RecvMeta; RECV_BATCH],
     received: usize,
 }
@@ -68,13 +69,11 @@ impl BatchReceiver {
             socket.readable().await?;
         }
         if self.buffers.is_empty() {
-            self.buffers = vec![vec![0; RECV_BUFFER]; RECV_BATCH];
+            self.buffers = vec![0; RECV_BUFFER * RECV_BATCH];
         }
-        let mut slices: Vec<IoSliceMut<'_>> = self
-            .buffers
-            .iter_mut()
-            .map(|b| IoSliceMut::new(b))
-            .collect();
+        let mut chunks = self.buffers.chunks_mut(RECV_BUFFER);
+        let mut slices: [IoSliceMut<'_>; RECV_BATCH] =
+            std::array::from_fn(|_| IoSliceMut::new(chunks.next().unwrap_or_default()));
         let (state, meta) = (&self.state, &mut self.meta);
         match socket.try_io(Interest::READABLE, || {
             state.recv(socket.into(), &mut slices, meta)
@@ -92,7 +91,7 @@ impl BatchReceiver {
     pub fn datagrams(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> {
         self.meta[..self.received]
             .iter()
-            .zip(&self.buffers)
+            .zip(self.buffers.chunks(RECV_BUFFER))
             .flat_map(|(meta, buffer)| {
                 let stride = meta.stride.max(1);
                 buffer[..meta.len]

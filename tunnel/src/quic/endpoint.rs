@@ -47,8 +47,9 @@ fn next_step(wanted: usize, cap: usize) -> usize {
     }
 }
 
-/// Transport parameters shared by hub and edge: windows bounded by the flow budget, keep-alive 15 s and idle timeout 45 s (the same liveness as the TLS transport), and
-/// packet sizes between the configured minimum and Ethernet's.
+/// Transport parameters shared by hub and edge: windows bounded by the flow budget, keep-alive
+/// 15 s and idle timeout 45 s (the same liveness as the TLS transport), and packet sizes between
+/// the configured minimum and Ethernet's.
 ///
 /// quinn's black-hole detection treats a burst of lost packets all larger than the minimum as
 /// proof that the path lost its large packets, and falls back to the minimum for a minute. Under
