@@ -37,7 +37,7 @@ pub enum Section {
     Connections,
     /// Idle connections held open: memory and descriptors.
     Memory,
-    /// UDP datagrams delivered and lost.
+    /// UDP round trips, and datagrams delivered and lost.
     Udp,
     /// Hub memory per idle connected edge.
     Edges,
@@ -209,6 +209,7 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
         sink: targets::start(Mode::Sink).await?,
         echo,
         udp: targets::start_udp_sink().await?,
+        udp_echo: targets::start_udp_echo().await?,
         relays,
         idle_echo,
         iperf: match config.iperf3 && config.sections.contains(&Section::Throughput) {
@@ -254,13 +255,13 @@ async fn measure_peer(
     idle_connections: usize,
 ) -> Result<BTreeMap<String, f64>> {
     let via = Via::pick()?;
-    let ports = via.ports(targets)?;
+    let ports = via.ports(targets);
     let run = peer.start(binaries, &ports).await?;
     // Peers listen before their private side has connected: wait for a real round trip.
     wait_round_trip(via.echo).await?;
     let pids = run.pids();
     let mut rows = measure_tcp(config, targets, via, pids, idle_connections).await?;
-    rows.extend(measure_udp(config, targets, via.udp(&ports), pids).await?);
+    rows.extend(measure_udp(config, targets, via, pids).await?);
     Ok(rows.into_iter().map(|row| (row.name, row.tunnel)).collect())
 }
 
@@ -269,6 +270,8 @@ struct Targets {
     sink: targets::Target,
     echo: targets::Target,
     udp: targets::UdpSink,
+    /// A UDP echo, for UDP round trips.
+    udp_echo: SocketAddr,
     /// Two plain relays in front of the echo target, for the latency floor.
     relays: Option<relay::RelayChain>,
     /// The echo target idle connections go to, and its process when it has one of its own.
@@ -284,27 +287,32 @@ struct Via {
     echo: SocketAddr,
     idle: SocketAddr,
     iperf: SocketAddr,
+    udp_sink: SocketAddr,
+    udp_echo: SocketAddr,
 }
 
 impl Via {
-    /// Free public ports.
+    /// Free public ports; the UDP ones differ from the TCP ones (peers name services by port).
     fn pick() -> Result<Self> {
-        let free = || -> Result<SocketAddr> {
-            Ok(SocketAddr::new(
-                EDGE_IP.parse()?,
-                processes::free_port(EDGE_IP)?,
-            ))
-        };
+        let ip = EDGE_IP.parse()?;
+        let free =
+            || -> Result<SocketAddr> { Ok(SocketAddr::new(ip, processes::free_port(EDGE_IP)?)) };
+        let (sink, echo, idle, iperf) = (free()?, free()?, free()?, free()?);
+        let tcp = [sink, echo, idle, iperf].map(|addr| addr.port());
+        let udp_sink = processes::free_udp_port(EDGE_IP, &tcp)?;
+        let udp_echo = processes::free_udp_port(EDGE_IP, &[&tcp[..], &[udp_sink]].concat())?;
         Ok(Self {
-            sink: free()?,
-            echo: free()?,
-            idle: free()?,
-            iperf: free()?,
+            sink,
+            echo,
+            idle,
+            iperf,
+            udp_sink: SocketAddr::new(ip, udp_sink),
+            udp_echo: SocketAddr::new(ip, udp_echo),
         })
     }
 
-    /// Public port → target port: the TCP targets, and a free UDP port to the UDP sink.
-    fn ports(&self, targets: &Targets) -> Result<PortMap> {
+    /// Public port → target port, for every target.
+    fn ports(&self, targets: &Targets) -> PortMap {
         let mut tcp = BTreeMap::from([
             (self.sink.port(), targets.sink.addr.port()),
             (self.echo.port(), targets.echo.addr.port()),
@@ -313,17 +321,13 @@ impl Via {
         if let Some(iperf) = &targets.iperf {
             tcp.insert(self.iperf.port(), iperf.port);
         }
-        let udp_port = processes::free_udp_port(EDGE_IP, &tcp.keys().copied().collect::<Vec<_>>())?;
-        Ok(PortMap {
+        PortMap {
             tcp,
-            udp: BTreeMap::from([(udp_port, targets.udp.addr.port())]),
-        })
-    }
-
-    /// The public UDP address of `ports`.
-    fn udp(&self, ports: &PortMap) -> SocketAddr {
-        let port = ports.udp.keys().next().copied().unwrap_or_default();
-        SocketAddr::new(self.sink.ip(), port)
+            udp: BTreeMap::from([
+                (self.udp_sink.port(), targets.udp.addr.port()),
+                (self.udp_echo.port(), targets.udp_echo.port()),
+            ]),
+        }
     }
 }
 
@@ -338,7 +342,7 @@ async fn run_transport(
     idle_connections: usize,
 ) -> Result<Vec<Row>> {
     let via = Via::pick()?;
-    let ports = via.ports(targets)?;
+    let ports = via.ports(targets);
     let mut rows = Vec::new();
     if config.sections.contains(&Section::Edges) {
         rows.extend(
@@ -348,25 +352,37 @@ async fn run_transport(
     let tunnel = Tunnel::start(&config.binary, &ports, transport).await?;
     let pids = [tunnel.hub.process.pid(), tunnel.edge.pid()];
     rows.extend(measure_tcp(config, targets, via, pids, idle_connections).await?);
-    rows.extend(measure_udp(config, targets, via.udp(&ports), pids).await?);
+    rows.extend(measure_udp(config, targets, via, pids).await?);
     Ok(rows)
 }
 
-/// The UDP rows through the public address `udp`: the loss curve at each offered rate and the
-/// rate one socket sending as fast as it can gets through, each next to the direct path, and
-/// the tunnel's CPU seconds per GB delivered at the highest offered rate.
+/// The UDP rows through the public addresses of `via`: round trips to an echo, the loss curve
+/// at each offered rate and the rate one socket sending as fast as it can gets through, each
+/// next to the direct path, and the tunnel's CPU seconds per GB delivered flat out.
 async fn measure_udp(
     config: &BenchConfig,
     targets: &Targets,
-    udp: SocketAddr,
+    via: Via,
     pids: [u32; 2],
 ) -> Result<Vec<Row>> {
     let mut rows = Vec::new();
     if !config.sections.contains(&Section::Udp) {
         return Ok(rows);
     }
+    let udp = via.udp_sink;
     let duration = Duration::from_secs_f64(config.connect_secs);
     wait_udp_path(udp, &targets.udp).await?;
+    let rounds = config.latency_rounds;
+    let direct = udp_latency(targets.udp_echo, rounds).await?;
+    let tunnelled = udp_latency(via.udp_echo, rounds).await?;
+    for (i, name) in LATENCY_ROWS.iter().enumerate() {
+        rows.push(Row::new(
+            &format!("UDP echo {name}"),
+            "µs",
+            Some(direct[i]),
+            tunnelled[i],
+        ));
+    }
     for &rate in &config.udp_rates {
         let direct = udp_rate(targets.udp.addr, &targets.udp, duration, Some(rate)).await?;
         let tunnelled = udp_rate(udp, &targets.udp, duration, Some(rate)).await?;
@@ -424,6 +440,7 @@ async fn measure_tcp(
         echo,
         idle,
         iperf,
+        ..
     } = via;
     let mut rows = Vec::new();
     let wanted = |section| config.sections.contains(&section);
@@ -590,14 +607,54 @@ async fn latency(addrs: &[SocketAddr], rounds: usize) -> Result<Vec<[f64; 3]>> {
             }
         }
     }
-    Ok(samples
-        .into_iter()
-        .map(|mut samples| {
-            samples.sort_by(f64::total_cmp);
-            let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-            [at(0.50), at(0.99), at(0.999)]
-        })
-        .collect())
+    Ok(samples.into_iter().map(percentiles).collect())
+}
+
+/// p50, p99 and p99.9 of `samples` (not empty).
+fn percentiles(mut samples: Vec<f64>) -> [f64; 3] {
+    samples.sort_by(f64::total_cmp);
+    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
+    [at(0.50), at(0.99), at(0.999)]
+}
+
+/// p50, p99 and p99.9 in µs of 64-byte datagram round trips to the UDP echo at `addr`, one at a
+/// time. A datagram with no answer within a second is sent again (the first ones may arrive
+/// before the path is up) and its round is not counted; a late answer is told apart by the
+/// round's number in the datagram.
+async fn udp_latency(addr: SocketAddr, rounds: usize) -> Result<[f64; 3]> {
+    const WARM_UP: usize = 100;
+    const MAX_UNANSWERED: usize = 100;
+    tokio::task::spawn_blocking(move || {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        socket.connect(addr)?;
+        socket.set_read_timeout(Some(Duration::from_secs(1)))?;
+        let mut request = [7u8; 64];
+        let mut response = [0u8; 64];
+        let mut samples = Vec::with_capacity(WARM_UP + rounds);
+        let mut unanswered = 0;
+        for round in 0u64.. {
+            if samples.len() == WARM_UP + rounds {
+                break;
+            }
+            request[..8].copy_from_slice(&round.to_le_bytes());
+            let start = Instant::now();
+            socket.send(&request)?;
+            loop {
+                match socket.recv(&mut response) {
+                    Ok(_) if response[..8] != request[..8] => continue,
+                    Ok(_) => samples.push(start.elapsed().as_secs_f64() * 1e6),
+                    Err(_) if unanswered < MAX_UNANSWERED => unanswered += 1,
+                    Err(error) => {
+                        return Err(error)
+                            .context(format!("{unanswered} round trips to {addr} lost"));
+                    }
+                }
+                break;
+            }
+        }
+        Ok(percentiles(samples.split_off(WARM_UP)))
+    })
+    .await?
 }
 
 /// Connections per second, each doing one 16-byte exchange, from 8 concurrent clients.

@@ -105,6 +105,22 @@ pub async fn start_udp_sink() -> std::io::Result<UdpSink> {
     Ok(sink)
 }
 
+/// Starts a UDP target on 127.0.0.1 that sends every datagram back to where it came from,
+/// leaving out PROXY v2 headers. Returns where it listens.
+pub async fn start_udp_echo() -> std::io::Result<SocketAddr> {
+    let socket = tokio::net::UdpSocket::bind("127.0.0.1:0").await?;
+    let addr = socket.local_addr()?;
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+            if !buf[..n].starts_with(PROXY_V2_SIGNATURE) {
+                let _ = socket.send_to(&buf[..n], from).await;
+            }
+        }
+    });
+    Ok(addr)
+}
+
 /// Starts a relay on 127.0.0.1 to `target` that drops a PROXY v1 line in front of a
 /// connection, for targets that do not speak PROXY (iperf3): every system's connections go
 /// through it, with a line or without.
