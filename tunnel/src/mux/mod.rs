@@ -3,6 +3,7 @@
 //! writes ([`writer`]), the hub pings ([`ping`]); tunnelled connections are stream halves with
 //! per-stream credit ([`stream`]) over the state they share ([`shared`]).
 
+mod batch;
 mod ping;
 mod reader;
 #[cfg(test)]

@@ -3,10 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use remoteingress_wire::qos::{Lane, Scheduler};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
+use super::batch::WriteBatch;
 use super::reader::RELEASE_IDLE_BUFFERS;
 use super::shared::{Lanes, Outgoing, Shared};
 use crate::clock::now;
@@ -45,7 +45,7 @@ async fn write_loop<W: AsyncWrite>(
 ) -> TaskEnd {
     let mut scheduler: Scheduler<Outgoing> = Scheduler::new(shared.options.lanes);
     // Grown by the frames written, and given back once the tunnel is quiet.
-    let mut buf = BytesMut::new();
+    let mut batch = WriteBatch::default();
     let mut flushed = Vec::new();
     let queue = |scheduler: &mut Scheduler<Outgoing>, lane: Lane, item: Outgoing| {
         let len = match &item {
@@ -63,8 +63,8 @@ async fn write_loop<W: AsyncWrite>(
                 Some(item) = lanes.control.recv() => (Lane::Control, item),
                 Some(item) = lanes.data.recv() => (Lane::Data, item),
                 Some(item) = lanes.sustained.recv() => (Lane::Sustained, item),
-                () = tokio::time::sleep(RELEASE_IDLE_BUFFERS), if buf.capacity() > 0 => {
-                    buf = BytesMut::new();
+                () = tokio::time::sleep(RELEASE_IDLE_BUFFERS), if batch.holds_memory() => {
+                    batch = WriteBatch::default();
                     continue;
                 }
                 else => return Err(CloseReason::Local("the writer's lanes closed".into())),
@@ -87,17 +87,16 @@ async fn write_loop<W: AsyncWrite>(
             queue(&mut scheduler, Lane::Control, item)?;
         }
         let at = now();
-        while buf.len() < WRITE_BATCH {
+        while batch.len() < WRITE_BATCH {
             match scheduler.pop(at) {
-                Some((_, Outgoing::Frame(frame))) => frame.encode(&mut buf),
+                Some((_, Outgoing::Frame(frame))) => batch.push(frame),
                 Some((_, Outgoing::Flushed(done))) => flushed.push(done),
                 None => break,
             }
         }
-        if !buf.is_empty() {
-            io.write_all(&buf).await.map_err(write_failed)?;
+        if !batch.is_empty() {
+            batch.write_to(io).await.map_err(write_failed)?;
             io.flush().await.map_err(write_failed)?;
-            buf.clear();
         }
         for done in flushed.drain(..) {
             let _ = done.send(());
