@@ -140,16 +140,27 @@ func (c *Client) ListEdges(ctx context.Context) ([]*pb.EdgeInfo, error) {
 }
 
 // GetStatus returns the hub's running state and its connected edges.
-func (c *Client) GetStatus(ctx context.Context) (*pb.GetStatusResponse, error) {
+func (c *Client) GetStatus(ctx context.Context) (Status, error) {
 	response, err := c.admin.GetStatus(ctx, &pb.GetStatusRequest{})
-	return response, wrap(err)
+	if err != nil {
+		return Status{}, wrap(err)
+	}
+	return statusFromProto(response), nil
 }
 
 // CreateConnectionToken returns the token an edge starts with. The secret is needed when the
 // hub no longer knows it in clear (after a restart it keeps only its hash); pass "" otherwise.
-func (c *Client) CreateConnectionToken(ctx context.Context, edgeID, secret string) (*pb.CreateConnectionTokenResponse, error) {
+func (c *Client) CreateConnectionToken(ctx context.Context, edgeID, secret string) (CreatedToken, error) {
 	response, err := c.admin.CreateConnectionToken(ctx, &pb.CreateConnectionTokenRequest{EdgeId: edgeID, Secret: secret})
-	return response, wrap(err)
+	if err != nil {
+		return CreatedToken{}, wrap(err)
+	}
+	return CreatedToken{
+		Token:   response.GetToken(),
+		HubHost: response.GetHubHost(),
+		HubPort: int(response.GetHubPort()),
+		Pin:     response.GetPin(),
+	}, nil
 }
 
 // DisconnectEdge drops an edge's tunnel (it reconnects by itself); false if it was not connected.

@@ -7,12 +7,12 @@ import (
 	"net"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 
 	"google.golang.org/grpc/codes"
 
-	pb "github.com/remoteingress/remoteingress/clients/go/gen/remoteingress/v1"
 	"github.com/remoteingress/remoteingress/clients/go/hubclient"
 )
 
@@ -81,11 +81,11 @@ func TestEveryRPCAgainstARealHub(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	token, err := hubclient.DecodeConnectionToken(created.GetToken())
-	if err != nil || token.EdgeID != "e1" || token.Secret != secret || int(token.HubPort) != h.tunnelPort || token.Pin != created.GetPin() {
+	token, err := hubclient.DecodeConnectionToken(created.Token)
+	if err != nil || token.EdgeID != "e1" || token.Secret != secret || int(token.HubPort) != h.tunnelPort || token.Pin != created.Pin {
 		t.Fatalf("token %+v, %v", token, err)
 	}
-	edge := startEdge(t, created.GetToken())
+	edge := startEdge(t, created.Token)
 	eventually(t, says("an EdgeConnected event"), func() bool { return recorded.seen(0, connected("e1")) })
 	eventually(t, says("the edge to listen on its port"), func() bool {
 		return accepts(net.JoinHostPort(edgeIP, strconv.Itoa(port)))
@@ -96,9 +96,15 @@ func TestEveryRPCAgainstARealHub(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if !status.GetRunning() || int(status.GetTunnelPort()) != h.tunnelPort || len(status.GetConnectedEdges()) != 1 ||
-			status.GetConnectedEdges()[0].GetId() != "e1" || status.GetConnectedEdges()[0].GetTransport() != pb.Transport_TRANSPORT_TCP_TLS {
-			t.Fatalf("status %v", status)
+		if !status.Running || status.TunnelPort != h.tunnelPort || len(status.ConnectedEdges) != 1 ||
+			status.ConnectedEdges[0].EdgeID != "e1" || status.ConnectedEdges[0].Transport != "tcpTls" ||
+			status.ConnectedEdges[0].ConnectedSince.IsZero() {
+			t.Fatalf("status %+v", status)
+		}
+		// Plain values: the status marshals as the original system's JSON shape.
+		encoded, err := json.Marshal(status)
+		if err != nil || !strings.Contains(string(encoded), `"connectedEdges":[{"edgeId":"e1"`) {
+			t.Fatalf("status as JSON: %s, %v", encoded, err)
 		}
 	})
 
@@ -189,7 +195,7 @@ func TestEveryRPCAgainstARealHub(t *testing.T) {
 		// notice announces); events after the resubscription arrive on the same channel.
 		eventually(t, func() string { return "e1 back\n--- hub:\n" + h.process.String() + "\n--- edge:\n" + edge.String() }, func() bool {
 			status, err := client.GetStatus(ctx)
-			return err == nil && len(status.GetConnectedEdges()) == 1
+			return err == nil && len(status.ConnectedEdges) == 1
 		})
 		resubscribed := recorded.mark()
 		if ok, err := client.DisconnectEdge(ctx, "e1"); !ok || err != nil {
@@ -210,7 +216,7 @@ func TestEveryRPCAgainstARealHub(t *testing.T) {
 			t.Fatal(err)
 		}
 		status, err := client.GetStatus(ctx)
-		if err != nil || !status.GetDraining() || status.GetHubId() == "" {
+		if err != nil || !status.Draining || status.HubID == "" {
 			t.Fatalf("status after Drain: %v, %v", status, err)
 		}
 	})

@@ -1,14 +1,10 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { createClient, type Client } from "@connectrpc/connect";
 
-import type { Transport } from "./gen/remoteingress/v1/config_pb.js";
-import {
-  EdgeStatus,
-  type EdgeStatusGetStatusResponse,
-  type EdgeStatusWatchEventsResponse,
-} from "./gen/remoteingress/v1/edge_pb.js";
+import { EdgeStatus, type EdgeStatusWatchEventsResponse } from "./gen/remoteingress/v1/edge_pb.js";
 import { call } from "./errors.js";
 import { StreamingClient, type WatchEvents } from "./client.js";
+import { edgeStatusFromProto, transportName, type EdgeStatusInfo, type TransportName } from "./status.js";
 import type { ConnectionOptions } from "./transport.js";
 
 /** Fields every edge event carries. */
@@ -17,10 +13,10 @@ export interface EdgeEventBase {
   time?: Date;
 }
 
-/** The events of {@link RemoteIngressEdgeStatus}, each with its listener's arguments. */
+/** The events of {@link RemoteIngressEdgeClient}, each with its listener's arguments. */
 export interface EdgeEvents extends WatchEvents {
   /** A tunnel came up (to hub instance `hubId`, empty for an original hub, at `address`). */
-  tunnelConnected: [EdgeEventBase & { transport: Transport; hubId: string; address: string }];
+  tunnelConnected: [EdgeEventBase & { transport: TransportName; hubId: string; address: string }];
   /** A tunnel went down; the edge reconnects. */
   tunnelDisconnected: [EdgeEventBase & { reason: string; hubId: string; address: string }];
   /** A hub asked the edge to move new streams off its tunnel (it is shutting down). */
@@ -42,10 +38,10 @@ export interface EdgeEvents extends WatchEvents {
 }
 
 /**
- * Client of an edge's local status API (`remoteingress.v1.EdgeStatus`): its state now, and its
+ * Client of a running edge's local status API (`remoteingress.v1.EdgeStatus`): its state now, and its
  * events through `on(...)` (the stream starts with the first listener and survives restarts).
  */
-export class RemoteIngressEdgeStatus extends StreamingClient<EdgeEvents, EdgeStatusWatchEventsResponse> {
+export class RemoteIngressEdgeClient extends StreamingClient<EdgeEvents, EdgeStatusWatchEventsResponse> {
   /** The generated client, for anything the methods here do not cover. */
   readonly raw: Client<typeof EdgeStatus>;
 
@@ -55,8 +51,8 @@ export class RemoteIngressEdgeStatus extends StreamingClient<EdgeEvents, EdgeSta
   }
 
   /** The edge's state now: tunnels (one per hub instance), ports, public IP, firewall. */
-  async getStatus(): Promise<EdgeStatusGetStatusResponse> {
-    return call(() => this.raw.getStatus({}));
+  async getStatus(): Promise<EdgeStatusInfo> {
+    return edgeStatusFromProto(await call(() => this.raw.getStatus({})));
   }
 
   protected override subscribe(signal: AbortSignal, onHeader: (headers: Headers) => void) {
@@ -70,7 +66,7 @@ export class RemoteIngressEdgeStatus extends StreamingClient<EdgeEvents, EdgeSta
       case "tunnelConnected":
         this.emit(event.case, {
           ...base,
-          transport: event.value.transport,
+          transport: transportName(event.value.transport),
           hubId: event.value.hubId,
           address: event.value.address,
         });

@@ -1,11 +1,11 @@
 import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { createClient, type Client } from "@connectrpc/connect";
 
-import type { Transport } from "./gen/remoteingress/v1/config_pb.js";
-import { HubAdmin, type GetStatusResponse, type WatchEventsResponse } from "./gen/remoteingress/v1/hub_pb.js";
+import { HubAdmin, type WatchEventsResponse } from "./gen/remoteingress/v1/hub_pb.js";
 import { edgeFromProto, edgeToProto, type EdgeDefinition, type EdgeState } from "./edges.js";
 import { call } from "./errors.js";
 import { StreamingClient, type WatchEvents } from "./client.js";
+import { hubStatusFromProto, transportName, type HubStatus, type TransportName } from "./status.js";
 import type { ConnectionOptions } from "./transport.js";
 
 /** Fields every hub event carries. */
@@ -16,10 +16,10 @@ export interface HubEventBase {
   edgeId: string;
 }
 
-/** The events of {@link RemoteIngressHub}, each with its listener's arguments. */
+/** The events of {@link RemoteIngressHubClient}, each with its listener's arguments. */
 export interface HubEvents extends WatchEvents {
   /** An edge authenticated and its tunnel is up. */
-  edgeConnected: [HubEventBase & { remoteAddr: string; transport: Transport }];
+  edgeConnected: [HubEventBase & { remoteAddr: string; transport: TransportName }];
   /** An edge's tunnel ended. */
   edgeDisconnected: [HubEventBase & { reason: string }];
   /** A tunnelled TCP connection started: its client, the edge port it reached, its target. */
@@ -42,13 +42,13 @@ export interface HubEvents extends WatchEvents {
   eventsMissed: [HubEventBase & { count: number }];
 }
 
-/** Options of {@link RemoteIngressHub}. */
-export interface RemoteIngressHubOptions extends ConnectionOptions {
+/** Options of {@link RemoteIngressHubClient}. */
+export interface RemoteIngressHubClientOptions extends ConnectionOptions {
   /** Only watch this edge's events. */
   watchEdgeId?: string;
 }
 
-/** A connection token and what it carries, from {@link RemoteIngressHub.createConnectionToken}. */
+/** A connection token and what it carries, from {@link RemoteIngressHubClient.createConnectionToken}. */
 export interface CreatedToken {
   /** The token for `remoteingress edge --token`. */
   token: string;
@@ -61,16 +61,17 @@ export interface CreatedToken {
 }
 
 /**
- * Client of a hub's admin API (`remoteingress.v1.HubAdmin`), shaped like the original
+ * Client of a running hub's admin API (`remoteingress.v1.HubAdmin`), for a hub run by systemd,
+ * Kubernetes or {@link RemoteIngressHub}; shaped like the original
  * TypeScript API: edges in their camelCase shape, and events through `on(...)`. The event
  * stream starts with the first listener of a hub event and survives hub restarts.
  */
-export class RemoteIngressHub extends StreamingClient<HubEvents, WatchEventsResponse> {
+export class RemoteIngressHubClient extends StreamingClient<HubEvents, WatchEventsResponse> {
   /** The generated client, for anything the methods here do not cover. */
   readonly raw: Client<typeof HubAdmin>;
   private readonly watchEdgeId: string;
 
-  constructor(options: RemoteIngressHubOptions) {
+  constructor(options: RemoteIngressHubClientOptions) {
     super(options);
     this.raw = createClient(HubAdmin, this.connection.transport);
     this.watchEdgeId = options.watchEdgeId ?? "";
@@ -98,9 +99,9 @@ export class RemoteIngressHub extends StreamingClient<HubEvents, WatchEventsResp
     return (await call(() => this.raw.listEdges({}))).edges.map(edgeFromProto);
   }
 
-  /** Running state and connected edges. */
-  async getStatus(): Promise<GetStatusResponse> {
-    return call(() => this.raw.getStatus({}));
+  /** Running state and connected edges, as plain data. */
+  async getStatus(): Promise<HubStatus> {
+    return hubStatusFromProto(await call(() => this.raw.getStatus({})));
   }
 
   /**
@@ -142,7 +143,7 @@ export class RemoteIngressHub extends StreamingClient<HubEvents, WatchEventsResp
     const event = message.event;
     switch (event.case) {
       case "edgeConnected":
-        this.emit(event.case, { ...base, remoteAddr: event.value.remoteAddr, transport: event.value.transport });
+        this.emit(event.case, { ...base, remoteAddr: event.value.remoteAddr, transport: transportName(event.value.transport) });
         break;
       case "edgeDisconnected":
         this.emit(event.case, { ...base, reason: event.value.reason });

@@ -1,11 +1,21 @@
 /**
- * TypeScript client for remoteingress: the hub admin API ({@link RemoteIngressHub}), an edge's
- * status API ({@link RemoteIngressEdgeStatus}), connection tokens, and the generated messages.
+ * TypeScript package for remoteingress. {@link RemoteIngressHub} and {@link RemoteIngressEdge}
+ * run the `remoteingress` binary as the original package did (start/stop, crash recovery);
+ * {@link RemoteIngressHubClient} and {@link RemoteIngressEdgeClient} talk to a hub or edge run
+ * elsewhere (systemd, Kubernetes). Also: connection tokens, and the generated messages.
  */
-export { RemoteIngressHub } from "./hub.js";
-export type { CreatedToken, HubEventBase, HubEvents, RemoteIngressHubOptions } from "./hub.js";
-export { RemoteIngressEdgeStatus } from "./edge.js";
+export { RemoteIngressHub } from "./managed-hub.js";
+export type { IHubConfig, ManagedHubEvents } from "./managed-hub.js";
+export { RemoteIngressEdge } from "./managed-edge.js";
+export type { EdgeStartConfig, IEdgeConfig, ManagedEdgeEvents } from "./managed-edge.js";
+export type { CrashRecovered, CrashRecoveryFailed, SupervisorEvents, SupervisorOptions } from "./supervisor.js";
+export { BinaryNotFoundError, findBinary } from "./binary.js";
+export { RemoteIngressHubClient } from "./hub.js";
+export type { CreatedToken, HubEventBase, HubEvents, RemoteIngressHubClientOptions } from "./hub.js";
+export { RemoteIngressEdgeClient } from "./edge.js";
 export type { EdgeEventBase, EdgeEvents } from "./edge.js";
+export { transportName } from "./status.js";
+export type { ConnectedEdgeInfo, EdgeStatusInfo, HubStatus, TransportName, TunnelInfo } from "./status.js";
 export { RemoteIngressError } from "./errors.js";
 export type { WatchEvents } from "./client.js";
 export { edgeFromProto, edgeToProto } from "./edges.js";

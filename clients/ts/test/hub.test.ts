@@ -4,10 +4,9 @@ import { after, before, test } from "node:test";
 import {
   Code,
   decodeConnectionToken,
-  RemoteIngressEdgeStatus,
+  RemoteIngressEdgeClient,
   RemoteIngressError,
-  RemoteIngressHub,
-  Transport,
+  RemoteIngressHubClient,
   type EdgeDefinition,
   type HubEvents,
 } from "../src/index.js";
@@ -15,7 +14,7 @@ import { accepts, ADMIN_TOKEN, Edge, EDGE_IP, eventually, freePort, Hub, VECTORS
 
 const SECRET = "s3cr3t";
 let hub: Hub;
-let client: RemoteIngressHub;
+let client: RemoteIngressHubClient;
 let edge: Edge | undefined;
 
 /** Every event the client emitted, in order, for assertions with eventually(). */
@@ -31,7 +30,7 @@ function eventAfter(index: number, name: keyof HubEvents, edgeId?: string) {
 
 before(async () => {
   hub = await Hub.start();
-  client = new RemoteIngressHub({ address: hub.address, token: ADMIN_TOKEN });
+  client = new RemoteIngressHubClient({ address: hub.address, token: ADMIN_TOKEN });
   for (const name of WATCHED) {
     client.on(name, (...args: unknown[]) => seen.push({ name, args }));
   }
@@ -59,7 +58,7 @@ test("a full updateAllowedEdges makes the edge connect and open its port", async
 
   const connected = await eventually("an edgeConnected event", eventAfter(mark, "edgeConnected", "e1"));
   const [payload] = connected.args as HubEvents["edgeConnected"];
-  assert.equal(payload.transport, Transport.TCP_TLS);
+  assert.equal(payload.transport, "tcpTls");
   assert.ok(payload.time instanceof Date);
   await eventually("the edge to listen on its port", async () => ((await accepts(EDGE_IP, port)) ? true : undefined));
 
@@ -67,7 +66,7 @@ test("a full updateAllowedEdges makes the edge connect and open its port", async
   assert.equal(status.running, true);
   assert.equal(status.tunnelPort, hub.tunnelPort);
   assert.deepEqual(
-    status.connectedEdges.map((e) => e.id),
+    status.connectedEdges.map((e) => e.edgeId),
     ["e1"],
   );
   const [listed] = await client.listEdges();
@@ -83,14 +82,14 @@ test("a full updateAllowedEdges makes the edge connect and open its port", async
 
 test("the edge status API reports the tunnel and live port changes", async () => {
   assert.ok(edge, "the first test started the edge");
-  const status = new RemoteIngressEdgeStatus({ address: edge.address });
+  const status = new RemoteIngressEdgeClient({ address: edge.address });
   try {
     const changes: { listenPorts: number[]; update: boolean }[] = [];
     status.on("portsChanged", (change) => changes.push(change));
     await status.watching();
     const now = await status.getStatus();
     assert.equal(now.connected, true);
-    assert.equal(now.transport, Transport.TCP_TLS);
+    assert.equal(now.transport, "tcpTls");
     const added = await freePort(EDGE_IP);
     await client.upsertEdge({ id: "e1", secret: SECRET, listenPorts: [...now.listenPorts, added] });
     await eventually("the port change to reach the edge", () =>
@@ -146,7 +145,7 @@ test("every invalid shared vector is a typed InvalidArgument naming the field; n
 });
 
 test("a wrong admin token is Unauthenticated", async () => {
-  const intruder = new RemoteIngressHub({ address: hub.address, token: "wrong" });
+  const intruder = new RemoteIngressHubClient({ address: hub.address, token: "wrong" });
   try {
     await assert.rejects(intruder.getStatus(), (error) => error instanceof RemoteIngressError && error.code === Code.Unauthenticated);
     const refused = new Promise<Error>((resolve) => intruder.once("watchError", resolve));
@@ -176,7 +175,7 @@ test("the event stream survives a hub restart", async () => {
   // happen after the resubscription arrive on the same listeners:
   await eventually(
     () => `e1 back after the restart\n--- hub:\n${hub.process?.output}\n--- edge:\n${edge?.process.output}`,
-    async () => ((await client.getStatus()).connectedEdges.some((e) => e.id === "e1") ? true : undefined),
+    async () => ((await client.getStatus()).connectedEdges.some((e) => e.edgeId === "e1") ? true : undefined),
   );
   const resubscribed = seen.length;
   assert.equal(await client.disconnectEdge("e1"), true);

@@ -47,7 +47,7 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	fmt.Printf("start the edge with:\n  remoteingress edge --token %s\n\n", created.GetToken())
+	fmt.Printf("start the edge with:\n  remoteingress edge --token %s\n\n", created.Token)
 
 	events, err := client.Watch(ctx, hubclient.Filter{EdgeID: *edgeID})
 	if err != nil {

@@ -1,0 +1,185 @@
+import { randomBytes } from "node:crypto";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { EventEmitter } from "node:events";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+
+import type { EdgeDefinition } from "./edges.js";
+import { RemoteIngressHubClient, type CreatedToken, type HubEvents } from "./hub.js";
+import { stoppedHubStatus, type HubStatus } from "./status.js";
+import { freePort, Supervisor, type SupervisorEvents, type SupervisorOptions } from "./supervisor.js";
+
+/** What {@link RemoteIngressHub.start} takes: the original's `IHubConfig`, and more. */
+export interface IHubConfig {
+  /** Port edges connect to, TCP and UDP (QUIC) (default 8443). */
+  tunnelPort?: number;
+  /** Where tunnelled connections go: the reverse proxy's host (default `127.0.0.1`). */
+  targetHost?: string;
+  /** The hub's certificate and key instead of the generated self-signed one. */
+  tls?: { certPem?: string; keyPem?: string };
+  /** Address the tunnel port listens on (default: all addresses). */
+  listenAddress?: string;
+  /** Host put into connection tokens (default: the binary's, the machine's hostname). */
+  publicHost?: string;
+  /**
+   * Where the hub keeps its generated certificate, whose pin edges check. Default: a temporary
+   * directory kept across crash restarts and removed by `stop()`; set it to keep the hub's
+   * identity across restarts of your program.
+   */
+  stateDir?: string;
+  /** Address of the hub's metrics (default: a free loopback port). */
+  metricsAddress?: string;
+  /** Further `remoteingress hub` flags. */
+  extraArgs?: string[];
+}
+
+/** The events of {@link RemoteIngressHub}: the hub's own and the supervisor's. */
+export type ManagedHubEvents = HubEvents & SupervisorEvents;
+
+/** Hub events forwarded from the running binary. */
+const FORWARDED: (keyof HubEvents)[] = [
+  "edgeConnected",
+  "edgeDisconnected",
+  "streamOpened",
+  "streamClosed",
+  "udpSessionOpened",
+  "udpSessionClosed",
+  "configPushed",
+  "configApplied",
+  "authFailed",
+  "openRefused",
+  "eventsMissed",
+];
+
+/**
+ * A hub run by this process, as in the original package: `start()` spawns the `remoteingress`
+ * binary with its admin API on a free loopback port behind a generated token, and a crash
+ * restarts it with exponential backoff, re-applying the last `updateAllowedEdges`.
+ */
+export class RemoteIngressHub extends EventEmitter<ManagedHubEvents> {
+  private readonly supervisor: Supervisor<RemoteIngressHubClient>;
+  private readonly adminToken = randomBytes(32).toString("hex");
+  private config: IHubConfig = {};
+  private tunnelPort = 8443;
+  private stateDir?: { path: string; temporary: boolean };
+  private allowedEdges?: EdgeDefinition[];
+
+  constructor(options: SupervisorOptions = {}) {
+    super();
+    this.supervisor = new Supervisor<RemoteIngressHubClient>(
+      {
+        prepare: () => this.prepare(),
+        probe: async (client) => void (await client.getStatus()),
+        ready: (client, restart) => this.attach(client, restart),
+        emit: (event, ...args) => (this as EventEmitter).emit(event, ...args),
+      },
+      options,
+    );
+  }
+
+  /** Whether the binary is alive. */
+  get running(): boolean {
+    return this.supervisor.running;
+  }
+
+  /** The binary's process id while it runs. */
+  get pid(): number | undefined {
+    return this.supervisor.pid;
+  }
+
+  /** Starts the hub; resolves once its admin API answers. */
+  async start(config: IHubConfig = {}): Promise<void> {
+    this.config = config;
+    this.tunnelPort = config.tunnelPort ?? 8443;
+    const temporary = config.stateDir === undefined;
+    const path = config.stateDir ?? mkdtempSync(join(tmpdir(), "remoteingress-hub-"));
+    mkdirSync(path, { recursive: true, mode: 0o700 });
+    this.stateDir = { path, temporary };
+    try {
+      await this.supervisor.start();
+    } catch (error) {
+      this.removeStateDir();
+      throw error;
+    }
+  }
+
+  /** Stops the hub gracefully (SIGTERM, then its grace period). Harmless when not running. */
+  async stop(): Promise<void> {
+    await this.supervisor.stop();
+    this.removeStateDir();
+  }
+
+  /** Sets the authorised edges; they are re-applied after a crash restart. */
+  async updateAllowedEdges(edges: EdgeDefinition[]): Promise<void> {
+    await this.client.updateAllowedEdges(edges);
+    this.allowedEdges = edges;
+  }
+
+  /** `{ running, tunnelPort, connectedEdges }` and more, as plain data. */
+  async getStatus(): Promise<HubStatus> {
+    const client = this.supervisor.current;
+    return client ? client.getStatus() : stoppedHubStatus(this.tunnelPort);
+  }
+
+  /** The token an edge starts with (`edge.start({ token })`), carrying the hub's certificate pin. */
+  async createConnectionToken(edgeId: string, secret = ""): Promise<CreatedToken> {
+    return this.client.createConnectionToken(edgeId, secret);
+  }
+
+  /** The admin API client of the running hub, for the rest of the API; throws if not running. */
+  get client(): RemoteIngressHubClient {
+    const client = this.supervisor.current;
+    if (!client) {
+      throw new Error("the hub is not running");
+    }
+    return client;
+  }
+
+  private async prepare() {
+    const config = this.config;
+    const stateDir = this.stateDir?.path ?? "";
+    const admin = `127.0.0.1:${await freePort()}`;
+    const args = [
+      "hub",
+      `--tunnel-port=${this.tunnelPort}`,
+      `--target-host=${config.targetHost ?? "127.0.0.1"}`,
+      `--admin-addr=${admin}`,
+      `--metrics-addr=${config.metricsAddress ?? `127.0.0.1:${await freePort()}`}`,
+      `--state-dir=${stateDir}`,
+    ];
+    if (config.listenAddress !== undefined) {
+      args.push(`--listen-address=${config.listenAddress}`);
+    }
+    if (config.publicHost !== undefined) {
+      args.push(`--public-host=${config.publicHost}`);
+    }
+    if (config.tls?.certPem && config.tls.keyPem) {
+      const cert = join(stateDir, "supervised-cert.pem");
+      const key = join(stateDir, "supervised-key.pem");
+      writeFileSync(cert, config.tls.certPem, { mode: 0o600 });
+      writeFileSync(key, config.tls.keyPem, { mode: 0o600 });
+      args.push(`--tls-cert=${cert}`, `--tls-key=${key}`);
+    }
+    args.push(...(config.extraArgs ?? []));
+    const client = new RemoteIngressHubClient({ address: admin, token: this.adminToken });
+    return { args, env: { REMOTEINGRESS_ADMIN_TOKEN: this.adminToken }, client };
+  }
+
+  private async attach(client: RemoteIngressHubClient, restart: boolean): Promise<void> {
+    const emitter = this as EventEmitter;
+    for (const name of FORWARDED) {
+      (client as EventEmitter).on(name, (...args: unknown[]) => emitter.emit(name, ...args));
+    }
+    await client.watching();
+    if (restart && this.allowedEdges) {
+      await client.updateAllowedEdges(this.allowedEdges);
+    }
+  }
+
+  private removeStateDir(): void {
+    if (this.stateDir?.temporary) {
+      rmSync(this.stateDir.path, { recursive: true, force: true });
+    }
+    this.stateDir = undefined;
+  }
+}

@@ -1,0 +1,272 @@
+import { spawn, type ChildProcess } from "node:child_process";
+import { createServer } from "node:net";
+
+import { findBinary } from "./binary.js";
+import { sleep } from "./watch.js";
+
+/** How a supervised binary is found, restarted and stopped. */
+export interface SupervisorOptions {
+  /** The `remoteingress` binary; else `$REMOTEINGRESS_BIN`, else `remoteingress` on PATH. */
+  binaryPath?: string;
+  /** Restarts tried after a crash before `crashRecoveryFailed` (default 10). */
+  maxRestartAttempts?: number;
+  /** Delay before the first restart, doubled for each one that fails (default 1,000 ms). */
+  restartDelayMs?: number;
+  /** Longest delay between restarts (default 30,000 ms). */
+  maxRestartDelayMs?: number;
+  /** How long the binary may take to answer on its API once spawned (default 30,000 ms). */
+  startTimeoutMs?: number;
+  /**
+   * How long `stop()` waits after SIGTERM before SIGKILL (default 35,000 ms: the binary's own
+   * 30 s grace for open connections, and a margin).
+   */
+  stopTimeoutMs?: number;
+  /** Extra environment for the binary (e.g. `REMOTEINGRESS_LOG_LEVEL`). */
+  env?: Record<string, string>;
+}
+
+/** Payload of `crashRecovered`: how the binary ended, and the restarts it took to come back. */
+export interface CrashRecovered {
+  /** Restart attempts, the successful one included. */
+  attempts: number;
+  /** Exit code of the crash, or null if a signal ended it. */
+  exitCode: number | null;
+  /** Signal that ended it, or null. */
+  signal: string | null;
+}
+
+/** Payload of `crashRecoveryFailed`: the attempts made and why the last one failed. */
+export interface CrashRecoveryFailed {
+  /** Restart attempts made. */
+  attempts: number;
+  /** Why the last attempt failed, with the binary's last output. */
+  reason: string;
+}
+
+/** The events every supervised binary emits. */
+export interface SupervisorEvents {
+  /** The binary crashed and runs again; the last allowed edges / config are re-applied. */
+  crashRecovered: [CrashRecovered];
+  /** The binary crashed and every restart failed; it is not running. */
+  crashRecoveryFailed: [CrashRecoveryFailed];
+}
+
+/** One launch of the binary: its arguments, environment, and the client that reaches it. */
+export interface Launch<C> {
+  args: string[];
+  env: Record<string, string>;
+  client: C;
+}
+
+/** What the supervisor needs from the hub or edge it runs. */
+export interface SupervisedKind<C extends { close(): Promise<void> }> {
+  /** Arguments for a new process (with fresh free ports) and a client for it. */
+  prepare(): Promise<Launch<C>>;
+  /** Resolves once the process answers through `client`; rejects while it does not yet. */
+  probe(client: C): Promise<void>;
+  /** Runs once the process answers: attach event listeners, re-apply state after a restart. */
+  ready(client: C, restart: boolean): Promise<void>;
+  /** Emits a supervisor event on the owner. */
+  emit<K extends keyof SupervisorEvents>(event: K, ...args: SupervisorEvents[K]): void;
+}
+
+/** How a process ended. */
+interface Exit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  error?: Error;
+}
+
+/** Output kept per process for error messages. */
+const OUTPUT_TAIL = 8_000;
+/** Pause between readiness probes. */
+const PROBE_INTERVAL_MS = 50;
+
+/**
+ * Runs the `remoteingress` binary: spawns it, waits until its API answers, restarts it with
+ * exponential backoff when it exits without being asked to, and stops it with SIGTERM (also
+ * when the parent process exits).
+ */
+export class Supervisor<C extends { close(): Promise<void> }> {
+  private child?: ChildProcess;
+  private client?: C;
+  private output = "";
+  private stopping = false;
+  private recovery?: Promise<void>;
+  private abort = new AbortController();
+
+  constructor(
+    private readonly kind: SupervisedKind<C>,
+    private readonly options: SupervisorOptions,
+  ) {}
+
+  /** Whether the binary is alive and answered on its API. */
+  get running(): boolean {
+    return this.client !== undefined;
+  }
+
+  /** The binary's process id while it runs. */
+  get pid(): number | undefined {
+    return this.client ? this.child?.pid : undefined;
+  }
+
+  /** The client of the running binary, if it runs. */
+  get current(): C | undefined {
+    return this.client;
+  }
+
+  /** Spawns the binary and resolves once it answers; rejects with its output if it does not. */
+  async start(): Promise<void> {
+    if (this.child || this.recovery) {
+      throw new Error("already started");
+    }
+    const binary = findBinary(this.options.binaryPath);
+    this.stopping = false;
+    this.abort = new AbortController();
+    await this.launch(binary, false);
+  }
+
+  /** SIGTERM, then SIGKILL after `stopTimeoutMs`; resolves once the binary has exited. Harmless twice. */
+  async stop(): Promise<void> {
+    this.stopping = true;
+    this.abort.abort();
+    await this.recovery;
+    const child = this.child;
+    if (!child) {
+      return;
+    }
+    const exited = new Promise((resolve) => child.once("exit", resolve));
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill("SIGTERM");
+      const timer = setTimeout(() => child.kill("SIGKILL"), this.options.stopTimeoutMs ?? 35_000);
+      await exited;
+      clearTimeout(timer);
+    }
+    await this.forget(child);
+  }
+
+  private async launch(binary: string, restart: boolean): Promise<void> {
+    const { args, env, client } = await this.kind.prepare();
+    const child = spawn(binary, args, {
+      env: { ...process.env, ...this.options.env, ...env },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    this.output = "";
+    const keep = (chunk: Buffer) => {
+      this.output = (this.output + chunk.toString()).slice(-OUTPUT_TAIL);
+    };
+    child.stdout?.on("data", keep);
+    child.stderr?.on("data", keep);
+    const exited = new Promise<Exit>((resolve) => {
+      child.once("exit", (code, signal) => resolve({ code, signal }));
+      child.once("error", (error) => resolve({ code: null, signal: null, error }));
+    });
+    const killOnParentExit = () => child.kill("SIGTERM");
+    process.once("exit", killOnParentExit);
+    void exited.then(() => process.off("exit", killOnParentExit));
+    try {
+      await this.waitUntilReady(client, exited);
+      await this.kind.ready(client, restart);
+    } catch (error) {
+      child.kill("SIGKILL");
+      await exited;
+      await client.close();
+      throw new Error(`remoteingress ${args[0]} did not start: ${message(error)}${this.outputNote()}`);
+    }
+    this.child = child;
+    this.client = client;
+    void exited.then((exit) => this.onExit(child, exit, binary));
+  }
+
+  private async waitUntilReady(client: C, exited: Promise<Exit>): Promise<void> {
+    let exit: Exit | undefined;
+    void exited.then((e) => (exit = e));
+    const deadline = Date.now() + (this.options.startTimeoutMs ?? 30_000);
+    for (;;) {
+      if (exit) {
+        throw new Error(describeExit(exit));
+      }
+      if (this.stopping) {
+        throw new Error("stopped while starting");
+      }
+      try {
+        await this.kind.probe(client);
+        return;
+      } catch (error) {
+        if (Date.now() > deadline) {
+          throw new Error(`no answer on its API within the start timeout (${message(error)})`);
+        }
+      }
+      await sleep(PROBE_INTERVAL_MS, this.abort.signal);
+    }
+  }
+
+  private async forget(child: ChildProcess): Promise<void> {
+    if (this.child !== child) {
+      return;
+    }
+    const client = this.client;
+    this.child = undefined;
+    this.client = undefined;
+    await client?.close();
+  }
+
+  private async onExit(child: ChildProcess, exit: Exit, binary: string): Promise<void> {
+    if (this.stopping || this.child !== child) {
+      return;
+    }
+    await this.forget(child);
+    this.recovery = this.recover(exit, binary).finally(() => (this.recovery = undefined));
+  }
+
+  private async recover(crash: Exit, binary: string): Promise<void> {
+    const attempts = this.options.maxRestartAttempts ?? 10;
+    let delay = this.options.restartDelayMs ?? 1_000;
+    let reason = `${describeExit(crash)}${this.outputNote()}`;
+    for (let attempt = 1; attempt <= attempts; attempt++) {
+      await sleep(delay, this.abort.signal);
+      if (this.stopping) {
+        return;
+      }
+      try {
+        await this.launch(binary, true);
+        this.kind.emit("crashRecovered", { attempts: attempt, exitCode: crash.code, signal: crash.signal });
+        return;
+      } catch (error) {
+        reason = message(error);
+      }
+      delay = Math.min(delay * 2, this.options.maxRestartDelayMs ?? 30_000);
+    }
+    this.kind.emit("crashRecoveryFailed", { attempts, reason });
+  }
+
+  private outputNote(): string {
+    const output = this.output.trim();
+    return output ? `\n--- its last output:\n${output}` : "";
+  }
+}
+
+function describeExit(exit: Exit): string {
+  if (exit.error) {
+    return `could not run it: ${exit.error.message}`;
+  }
+  return exit.signal ? `it was killed by ${exit.signal}` : `it exited with code ${exit.code}`;
+}
+
+function message(error: unknown): string {
+  return error instanceof Error ? error.message : String(error);
+}
+
+/** A TCP port free on `host` right now, for the binary's API and metrics listeners. */
+export function freePort(host = "127.0.0.1"): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const server = createServer();
+    server.once("error", reject);
+    server.listen(0, host, () => {
+      const address = server.address();
+      server.close(() =>
+        typeof address === "object" && address ? resolve(address.port) : reject(new Error("no free port")),
+      );
+    });
+  });
+}
