@@ -1,8 +1,9 @@
-import { EventEmitter } from "node:events";
+import type { EventEmitter } from "node:events";
 
 import { RemoteIngressEdgeClient, type EdgeEventBase, type EdgeEvents } from "./edge.js";
 import { stoppedEdgeStatus, type EdgeStatusInfo } from "./status.js";
-import { freePort, Supervisor, type SupervisorEvents, type SupervisorOptions } from "./supervisor.js";
+import { SupervisedBinary } from "./supervised.js";
+import { freePort, type SupervisorEvents, type SupervisorOptions } from "./supervisor.js";
 
 /** The original's `IEdgeConfig`: where the hub is and who this edge is. */
 export interface IEdgeConfig {
@@ -59,31 +60,11 @@ const FORWARDED: (keyof EdgeEvents)[] = [
  * binary with its status API on a free loopback port, and a crash restarts it with exponential
  * backoff and the same configuration.
  */
-export class RemoteIngressEdge extends EventEmitter<ManagedEdgeEvents> {
-  private readonly supervisor: Supervisor<RemoteIngressEdgeClient>;
+export class RemoteIngressEdge extends SupervisedBinary<RemoteIngressEdgeClient, ManagedEdgeEvents> {
   private config?: EdgeStartConfig;
 
   constructor(options: SupervisorOptions = {}) {
-    super();
-    this.supervisor = new Supervisor<RemoteIngressEdgeClient>(
-      {
-        prepare: () => this.prepare(),
-        probe: async (client) => void (await client.getStatus()),
-        ready: (client) => this.attach(client),
-        emit: (event, ...args) => (this as EventEmitter).emit(event, ...args),
-      },
-      options,
-    );
-  }
-
-  /** Whether the binary is alive. */
-  get running(): boolean {
-    return this.supervisor.running;
-  }
-
-  /** The binary's process id while it runs. */
-  get pid(): number | undefined {
-    return this.supervisor.pid;
+    super(options, "edge");
   }
 
   /** Starts the edge; resolves once its status API answers (the tunnel connects by itself). */
@@ -92,27 +73,13 @@ export class RemoteIngressEdge extends EventEmitter<ManagedEdgeEvents> {
     await this.supervisor.start();
   }
 
-  /** Stops the edge gracefully (SIGTERM; it removes its nftables rules). Harmless when not running. */
-  async stop(): Promise<void> {
-    await this.supervisor.stop();
-  }
-
   /** `{ running, connected, publicIp, activeStreams, listenPorts }` and more, as plain data. */
   async getStatus(): Promise<EdgeStatusInfo> {
     const client = this.supervisor.current;
     return client ? client.getStatus() : stoppedEdgeStatus();
   }
 
-  /** The status API client of the running edge; throws if not running. */
-  get client(): RemoteIngressEdgeClient {
-    const client = this.supervisor.current;
-    if (!client) {
-      throw new Error("the edge is not running");
-    }
-    return client;
-  }
-
-  private async prepare() {
+  protected override async prepare() {
     const config = this.config;
     if (!config) {
       throw new Error("start() was not called");
@@ -144,7 +111,11 @@ export class RemoteIngressEdge extends EventEmitter<ManagedEdgeEvents> {
     return { args, env, client: new RemoteIngressEdgeClient({ address: status }) };
   }
 
-  private async attach(client: RemoteIngressEdgeClient): Promise<void> {
+  protected override async probe(client: RemoteIngressEdgeClient): Promise<void> {
+    await client.getStatus();
+  }
+
+  protected override async attach(client: RemoteIngressEdgeClient): Promise<void> {
     const emitter = this as EventEmitter;
     const seen = new Set<string>();
     for (const name of FORWARDED) {

@@ -1,13 +1,14 @@
 import { randomBytes } from "node:crypto";
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
-import { EventEmitter } from "node:events";
+import type { EventEmitter } from "node:events";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 
 import type { EdgeDefinition } from "./edges.js";
 import { RemoteIngressHubClient, type CreatedToken, type HubEvents } from "./hub.js";
 import { stoppedHubStatus, type HubStatus } from "./status.js";
-import { freePort, Supervisor, type SupervisorEvents, type SupervisorOptions } from "./supervisor.js";
+import { SupervisedBinary } from "./supervised.js";
+import { freePort, type SupervisorEvents, type SupervisorOptions } from "./supervisor.js";
 
 /** What {@link RemoteIngressHub.start} takes: the original's `IHubConfig`, and more. */
 export interface IHubConfig {
@@ -56,8 +57,7 @@ const FORWARDED: (keyof HubEvents)[] = [
  * binary with its admin API on a free loopback port behind a generated token, and a crash
  * restarts it with exponential backoff, re-applying the last `updateAllowedEdges`.
  */
-export class RemoteIngressHub extends EventEmitter<ManagedHubEvents> {
-  private readonly supervisor: Supervisor<RemoteIngressHubClient>;
+export class RemoteIngressHub extends SupervisedBinary<RemoteIngressHubClient, ManagedHubEvents> {
   private readonly adminToken = randomBytes(32).toString("hex");
   private config: IHubConfig = {};
   private tunnelPort = 8443;
@@ -65,26 +65,7 @@ export class RemoteIngressHub extends EventEmitter<ManagedHubEvents> {
   private allowedEdges?: EdgeDefinition[];
 
   constructor(options: SupervisorOptions = {}) {
-    super();
-    this.supervisor = new Supervisor<RemoteIngressHubClient>(
-      {
-        prepare: () => this.prepare(),
-        probe: async (client) => void (await client.getStatus()),
-        ready: (client, restart) => this.attach(client, restart),
-        emit: (event, ...args) => (this as EventEmitter).emit(event, ...args),
-      },
-      options,
-    );
-  }
-
-  /** Whether the binary is alive. */
-  get running(): boolean {
-    return this.supervisor.running;
-  }
-
-  /** The binary's process id while it runs. */
-  get pid(): number | undefined {
-    return this.supervisor.pid;
+    super(options, "hub");
   }
 
   /** Starts the hub; resolves once its admin API answers. */
@@ -104,8 +85,8 @@ export class RemoteIngressHub extends EventEmitter<ManagedHubEvents> {
   }
 
   /** Stops the hub gracefully (SIGTERM, then its grace period). Harmless when not running. */
-  async stop(): Promise<void> {
-    await this.supervisor.stop();
+  override async stop(): Promise<void> {
+    await super.stop();
     this.removeStateDir();
   }
 
@@ -126,16 +107,7 @@ export class RemoteIngressHub extends EventEmitter<ManagedHubEvents> {
     return this.client.createConnectionToken(edgeId, secret);
   }
 
-  /** The admin API client of the running hub, for the rest of the API; throws if not running. */
-  get client(): RemoteIngressHubClient {
-    const client = this.supervisor.current;
-    if (!client) {
-      throw new Error("the hub is not running");
-    }
-    return client;
-  }
-
-  private async prepare() {
+  protected override async prepare() {
     const config = this.config;
     const stateDir = this.stateDir?.path ?? "";
     const admin = `127.0.0.1:${await freePort()}`;
@@ -165,7 +137,11 @@ export class RemoteIngressHub extends EventEmitter<ManagedHubEvents> {
     return { args, env: { REMOTEINGRESS_ADMIN_TOKEN: this.adminToken }, client };
   }
 
-  private async attach(client: RemoteIngressHubClient, restart: boolean): Promise<void> {
+  protected override async probe(client: RemoteIngressHubClient): Promise<void> {
+    await client.getStatus();
+  }
+
+  protected override async attach(client: RemoteIngressHubClient, restart: boolean): Promise<void> {
     const emitter = this as EventEmitter;
     for (const name of FORWARDED) {
       (client as EventEmitter).on(name, (...args: unknown[]) => emitter.emit(name, ...args));

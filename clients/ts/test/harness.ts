@@ -1,10 +1,12 @@
 /** Real hub and edge processes on loopback for the client tests. */
 import { spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
-import { createServer, Socket } from "node:net";
+import { Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+
+import { freePort } from "../src/supervisor.js";
 
 /** The repository root (this file runs from clients/ts/dist/test). */
 export const REPO = resolve(dirname(fileURLToPath(import.meta.url)), "../../../..");
@@ -19,16 +21,7 @@ export const VECTORS = JSON.parse(readFileSync(join(REPO, "testdata/vectors.json
 export const EDGE_IP = "127.0.0.2";
 
 /** A TCP port free on `host` right now. */
-export function freePort(host = "127.0.0.1"): Promise<number> {
-  return new Promise((ok, fail) => {
-    const server = createServer();
-    server.once("error", fail);
-    server.listen(0, host, () => {
-      const address = server.address();
-      server.close(() => (typeof address === "object" && address ? ok(address.port) : fail(new Error("no port"))));
-    });
-  });
-}
+export { freePort };
 
 /**
  * Polls `check` until it returns a value other than undefined; fails after 20 s, saying `what`
