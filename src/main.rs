@@ -145,6 +145,10 @@ struct ServiceArgs {
     /// once); on an edge, also how long a tunnel its hub drains may keep its open streams.
     #[arg(long, env = "REMOTEINGRESS_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
+    /// Shut down as on SIGTERM when standard input ends: for a supervisor holding the other end
+    /// of a pipe, so that this process ends with it however the supervisor ends.
+    #[arg(long, env = "REMOTEINGRESS_EXIT_ON_STDIN_CLOSE")]
+    exit_on_stdin_close: bool,
 }
 
 #[derive(Args)]
@@ -567,6 +571,7 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         metrics_addr: args.metrics_addr,
         ready: Arc::new(move || ready.is_ready()),
         grace: args.service.grace(),
+        exit_on_stdin_close: args.service.exit_on_stdin_close,
         stop: stop.clone(),
     };
     service
@@ -665,6 +670,7 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
         metrics_addr: args.metrics_addr,
         ready: Arc::new(move || ready.is_ready()),
         grace: args.service.grace(),
+        exit_on_stdin_close: args.service.exit_on_stdin_close,
         stop: stop.clone(),
     };
     service
@@ -699,6 +705,7 @@ struct Service {
     metrics_addr: SocketAddr,
     ready: remoteingress_controlplane::Readiness,
     grace: Duration,
+    exit_on_stdin_close: bool,
     stop: CancellationToken,
 }
 
@@ -713,7 +720,12 @@ impl Service {
         )
         .await?;
         println!("metrics on http://{}/metrics", metrics.local_addr);
-        shutdown_signal().await?;
+        tokio::select! {
+            result = shutdown_signal() => result?,
+            () = stdin_closed(), if self.exit_on_stdin_close => {
+                tracing::info!("standard input closed: shutting down");
+            }
+        }
         stop_accepting();
         drain(self.grace, active).await?;
         self.stop.cancel();
@@ -754,6 +766,14 @@ async fn drain(grace: Duration, active: impl Fn() -> usize) -> Result<()> {
             _ = poll.tick() => {}
         }
     }
+}
+
+/// Resolves once standard input reaches its end (or cannot be read).
+async fn stdin_closed() {
+    use tokio::io::AsyncReadExt;
+    let mut stdin = tokio::io::stdin();
+    let mut discard = [0u8; 256];
+    while let Ok(1..) = stdin.read(&mut discard).await {}
 }
 
 /// Resolves on SIGINT or SIGTERM.

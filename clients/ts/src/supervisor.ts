@@ -39,7 +39,7 @@ export interface CrashRecovered {
 export interface CrashRecoveryFailed {
   /** Restart attempts made. */
   attempts: number;
-  /** Why the last attempt failed, with the binary's last output. */
+  /** Why the last attempt failed, with the binary's output. */
   reason: string;
 }
 
@@ -77,20 +77,22 @@ interface Exit {
   error?: Error;
 }
 
-/** Output kept per process for error messages. */
-const OUTPUT_TAIL = 8_000;
+/** Output kept per process for error messages: its start (where a fatal error is told, before
+ * any backtrace) and its end. */
+const OUTPUT_HEAD = 4_000;
+const OUTPUT_TAIL = 4_000;
 /** Pause between readiness probes. */
 const PROBE_INTERVAL_MS = 50;
 
 /**
  * Runs the `remoteingress` binary: spawns it, waits until its API answers, restarts it with
- * exponential backoff when it exits without being asked to, and stops it with SIGTERM (also
- * when the parent process exits).
+ * exponential backoff when it exits without being asked to, and stops it with SIGTERM (or, when
+ * this process ends without calling `stop()`, by closing the binary's standard input).
  */
 export class Supervisor<C extends { close(): Promise<void> }> {
   private child?: ChildProcess;
   private client?: C;
-  private output = "";
+  private output = { head: "", tail: "" };
   private stopping = false;
   private recovery?: Promise<void>;
   private abort = new AbortController();
@@ -147,13 +149,19 @@ export class Supervisor<C extends { close(): Promise<void> }> {
 
   private async launch(binary: string, restart: boolean): Promise<void> {
     const { args, env, client } = await this.kind.prepare();
+    // The binary shuts down when its standard input ends: this process holds the only write end,
+    // so however this process ends (even by SIGKILL), the binary ends with it.
     const child = spawn(binary, args, {
-      env: { ...process.env, ...this.options.env, ...env },
-      stdio: ["ignore", "pipe", "pipe"],
+      env: { ...process.env, ...this.options.env, ...env, REMOTEINGRESS_EXIT_ON_STDIN_CLOSE: "true" },
+      stdio: ["pipe", "pipe", "pipe"],
     });
-    this.output = "";
+    this.output = { head: "", tail: "" };
     const keep = (chunk: Buffer) => {
-      this.output = (this.output + chunk.toString()).slice(-OUTPUT_TAIL);
+      const output = this.output;
+      const text = chunk.toString();
+      const room = OUTPUT_HEAD - output.head.length;
+      output.head += text.slice(0, Math.max(room, 0));
+      output.tail = (output.tail + text.slice(Math.max(room, 0))).slice(-OUTPUT_TAIL);
     };
     child.stdout?.on("data", keep);
     child.stderr?.on("data", keep);
@@ -161,9 +169,6 @@ export class Supervisor<C extends { close(): Promise<void> }> {
       child.once("exit", (code, signal) => resolve({ code, signal }));
       child.once("error", (error) => resolve({ code: null, signal: null, error }));
     });
-    const killOnParentExit = () => child.kill("SIGTERM");
-    process.once("exit", killOnParentExit);
-    void exited.then(() => process.off("exit", killOnParentExit));
     try {
       await this.waitUntilReady(client, exited);
       await this.kind.ready(client, restart);
@@ -241,8 +246,9 @@ export class Supervisor<C extends { close(): Promise<void> }> {
   }
 
   private outputNote(): string {
-    const output = this.output.trim();
-    return output ? `\n--- its last output:\n${output}` : "";
+    const { head, tail } = this.output;
+    const output = (tail.length < OUTPUT_TAIL ? head + tail : `${head}\n[…]\n${tail}`).trim();
+    return output ? `\n--- its output:\n${output}` : "";
   }
 }
 

@@ -1,4 +1,5 @@
 import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
 import { once } from "node:events";
 import { readFileSync, rmSync } from "node:fs";
 import { createServer, Socket, type Server } from "node:net";
@@ -76,13 +77,11 @@ async function roundTrip(port: number): Promise<string | undefined> {
   });
 }
 
+/** Whether `pid` runs (a zombie no longer does: nothing may reap orphans in a container). */
 function alive(pid: number | undefined): boolean {
-  if (pid === undefined) {
-    return false;
-  }
   try {
-    process.kill(pid, 0);
-    return true;
+    const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+    return pid !== undefined && stat.slice(stat.lastIndexOf(")") + 2, stat.lastIndexOf(")") + 3) !== "Z";
   } catch {
     return false;
   }
@@ -235,6 +234,24 @@ test("a hub that keeps crashing ends in crashRecoveryFailed with the reason", as
     squatter.close();
     await flaky.stop();
   }
+});
+
+test("a binary ends with the process that started it, even when that process is killed", async () => {
+  const index = new URL("../src/index.js", import.meta.url).href;
+  const script = `
+    import { RemoteIngressHub } from ${JSON.stringify(index)};
+    const hub = new RemoteIngressHub();
+    await hub.start({ tunnelPort: ${await freePort()} });
+    console.log(hub.pid);
+    setInterval(() => {}, 1000);
+  `;
+  const parent = spawn(process.execPath, ["--input-type=module", "-e", script], { stdio: ["ignore", "pipe", "inherit"] });
+  let printed = "";
+  parent.stdout?.on("data", (chunk) => (printed += chunk.toString()));
+  const pid = await eventually("the parent to start its hub", () => (printed.includes("\n") ? Number(printed.trim()) : undefined));
+  assert.equal(alive(pid), true);
+  parent.kill("SIGKILL");
+  await eventually("the hub to exit after its parent was killed", () => (alive(pid) ? undefined : true));
 });
 
 test("a missing binary is a clear error naming where it was looked for", async () => {
