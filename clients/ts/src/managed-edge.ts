@@ -69,6 +69,7 @@ export class RemoteIngressEdge extends SupervisedBinary<RemoteIngressEdgeClient,
 
   /** Starts the edge; resolves once its status API answers (the tunnel connects by itself). */
   async start(config: EdgeStartConfig): Promise<void> {
+    this.assertStopped();
     this.config = config;
     await this.supervisor.start();
   }

@@ -70,6 +70,7 @@ export class RemoteIngressHub extends SupervisedBinary<RemoteIngressHubClient, M
 
   /** Starts the hub; resolves once its admin API answers. */
   async start(config: IHubConfig = {}): Promise<void> {
+    this.assertStopped();
     this.config = config;
     this.tunnelPort = config.tunnelPort ?? 8443;
     const temporary = config.stateDir === undefined;

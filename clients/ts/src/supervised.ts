@@ -47,6 +47,13 @@ export abstract class SupervisedBinary<
     return client;
   }
 
+  /** Throws unless the binary is stopped: a second `start()` must not change the running one. */
+  protected assertStopped(): void {
+    if (this.supervisor.started) {
+      throw new Error(`the ${this.what} is already started`);
+    }
+  }
+
   /** Stops the binary gracefully (SIGTERM, then its grace period). Harmless when not running. */
   async stop(): Promise<void> {
     await this.supervisor.stop();

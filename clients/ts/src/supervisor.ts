@@ -117,9 +117,14 @@ export class Supervisor<C extends { close(): Promise<void> }> {
     return this.client;
   }
 
+  /** Whether the binary runs or is being restarted. */
+  get started(): boolean {
+    return this.child !== undefined || this.recovery !== undefined;
+  }
+
   /** Spawns the binary and resolves once it answers; rejects with its output if it does not. */
   async start(): Promise<void> {
-    if (this.child || this.recovery) {
+    if (this.started) {
       throw new Error("already started");
     }
     const binary = findBinary(this.options.binaryPath);

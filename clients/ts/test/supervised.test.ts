@@ -115,6 +115,8 @@ test("the original README's hub and edge examples, run as written", async () => 
   hub.on("streamClosed", ({ edgeId }) => events.push(`streamClosed ${edgeId}`));
   await hub.start({ tunnelPort, targetHost: "127.0.0.1" });
   assert.equal(hub.running, true);
+  await assert.rejects(hub.start({ tunnelPort }), /already started/);
+  assert.equal(hub.running, true);
   await hub.updateAllowedEdges([
     { id: "edge-nyc-01", secret: SECRET, listenPorts: [publicPort], targetPorts: { [publicPort]: target.port } },
   ]);
