@@ -131,12 +131,16 @@ func (c *Client) DeleteEdge(ctx context.Context, id string) (bool, error) {
 }
 
 // ListEdges returns the configured edges with their connection and config state.
-func (c *Client) ListEdges(ctx context.Context) ([]*pb.EdgeInfo, error) {
+func (c *Client) ListEdges(ctx context.Context) ([]EdgeState, error) {
 	response, err := c.admin.ListEdges(ctx, &pb.ListEdgesRequest{})
 	if err != nil {
 		return nil, wrap(err)
 	}
-	return response.GetEdges(), nil
+	edges := make([]EdgeState, 0, len(response.GetEdges()))
+	for _, info := range response.GetEdges() {
+		edges = append(edges, edgeStateFromProto(info))
+	}
+	return edges, nil
 }
 
 // GetStatus returns the hub's running state and its connected edges.

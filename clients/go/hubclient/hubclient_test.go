@@ -113,7 +113,7 @@ func TestEveryRPCAgainstARealHub(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(edges) != 1 || edges[0].GetId() != "e1" || !slices.Equal(edges[0].GetListenPorts(), []uint32{uint32(port)}) {
+		if len(edges) != 1 || edges[0].ID != "e1" || !slices.Equal(edges[0].ListenPorts, []uint32{uint32(port)}) {
 			t.Fatalf("edges %v", edges)
 		}
 	})
@@ -139,8 +139,11 @@ func TestEveryRPCAgainstARealHub(t *testing.T) {
 					t.Fatal(err)
 				}
 				for _, edge := range listed {
-					if edge.GetId() == spec.ID && len(edge.GetTargetHosts()) != len(spec.TargetHosts) {
-						t.Errorf("%s: target hosts %v, sent %v", vector.Name, edge.GetTargetHosts(), spec.TargetHosts)
+					if edge.ID == spec.ID && len(edge.TargetHosts) != len(spec.TargetHosts) {
+						t.Errorf("%s: target hosts %v, sent %v", vector.Name, edge.TargetHosts, spec.TargetHosts)
+					}
+					if edge.ID == spec.ID && !sameFirewallWords(edge.FirewallConfig, spec.FirewallConfig) {
+						t.Errorf("%s: firewall %+v, sent %+v", vector.Name, edge.FirewallConfig, spec.FirewallConfig)
 					}
 				}
 				if deleted, err := client.DeleteEdge(ctx, spec.ID); !deleted || err != nil {
@@ -156,7 +159,7 @@ func TestEveryRPCAgainstARealHub(t *testing.T) {
 			}
 		}
 		after, err := client.ListEdges(ctx)
-		if err != nil || len(after) != len(before) || after[0].GetId() != "e1" {
+		if err != nil || len(after) != len(before) || after[0].ID != "e1" {
 			t.Fatalf("edges changed: %v, %v", after, err)
 		}
 		if deleted, err := client.DeleteEdge(ctx, "no-such-edge"); deleted || err != nil {
@@ -220,4 +223,28 @@ func TestEveryRPCAgainstARealHub(t *testing.T) {
 			t.Fatalf("status after Drain: %v, %v", status, err)
 		}
 	})
+}
+
+// sameFirewallWords reports whether two firewall configs have the same rate limits and rules,
+// with the same protocol, direction and action words (the hub may normalise rates).
+func sameFirewallWords(got, sent *hubclient.FirewallSpec) bool {
+	if got == nil || sent == nil {
+		return (got == nil || len(got.RateLimits)+len(got.Rules)+len(got.BlockedIPs) == 0) &&
+			(sent == nil || len(sent.RateLimits)+len(sent.Rules)+len(sent.BlockedIPs) == 0)
+	}
+	if len(got.RateLimits) != len(sent.RateLimits) || len(got.Rules) != len(sent.Rules) {
+		return false
+	}
+	for i, limit := range got.RateLimits {
+		if limit.ID != sent.RateLimits[i].ID || limit.Protocol != sent.RateLimits[i].Protocol {
+			return false
+		}
+	}
+	for i, rule := range got.Rules {
+		want := sent.Rules[i]
+		if rule.ID != want.ID || rule.Direction != want.Direction || rule.Action != want.Action || rule.Protocol != want.Protocol {
+			return false
+		}
+	}
+	return true
 }

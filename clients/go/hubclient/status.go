@@ -99,3 +99,80 @@ func statusFromProto(response *pb.GetStatusResponse) Status {
 	}
 	return status
 }
+
+// EdgeState is a configured edge, without its secret, and its connection and config state, as
+// ListEdges returns it.
+type EdgeState struct {
+	// ID is the edge id.
+	ID string `json:"id"`
+	// ListenPorts are the TCP ports the edge listens on.
+	ListenPorts []uint32 `json:"listenPorts"`
+	// ListenPortsUDP are the UDP ports the edge listens on.
+	ListenPortsUDP []uint32 `json:"listenPortsUdp"`
+	// TargetPorts maps an edge port to the target port, where they differ.
+	TargetPorts map[uint32]uint32 `json:"targetPorts,omitempty"`
+	// TargetHosts maps an edge port to its own target host, where it has one.
+	TargetHosts map[uint32]string `json:"targetHosts,omitempty"`
+	// StunIntervalSecs is the STUN refresh interval.
+	StunIntervalSecs uint64 `json:"stunIntervalSecs"`
+	// Generation orders configurations across hubs.
+	Generation uint64 `json:"generation"`
+	// FirewallConfig holds the nftables rules the edge applies; nil for none.
+	FirewallConfig *FirewallSpec `json:"firewallConfig,omitempty"`
+	// Connected is true while the edge has a tunnel to this hub.
+	Connected bool `json:"connected"`
+	// DesiredConfigVersion is the version of the configuration the hub wants the edge to run.
+	DesiredConfigVersion uint64 `json:"desiredConfigVersion"`
+	// AppliedConfigVersion is the version the edge acknowledged.
+	AppliedConfigVersion uint64 `json:"appliedConfigVersion"`
+	// LastConfigError is why the edge last refused a configuration; empty if it did not.
+	LastConfigError string `json:"lastConfigError,omitempty"`
+}
+
+func edgeStateFromProto(info *pb.EdgeInfo) EdgeState {
+	return EdgeState{
+		ID:                   info.GetId(),
+		ListenPorts:          info.GetListenPorts(),
+		ListenPortsUDP:       info.GetListenPortsUdp(),
+		TargetPorts:          info.GetTargetPorts(),
+		TargetHosts:          info.GetTargetHosts(),
+		StunIntervalSecs:     info.GetStunIntervalSecs(),
+		Generation:           info.GetGeneration(),
+		FirewallConfig:       firewallFromProto(info.GetFirewallConfig()),
+		Connected:            info.GetConnected(),
+		DesiredConfigVersion: info.GetDesiredConfigVersion(),
+		AppliedConfigVersion: info.GetAppliedConfigVersion(),
+		LastConfigError:      info.GetLastConfigError(),
+	}
+}
+
+func firewallFromProto(firewall *pb.FirewallConfig) *FirewallSpec {
+	if firewall == nil {
+		return nil
+	}
+	spec := &FirewallSpec{BlockedIPs: firewall.GetBlockedIps()}
+	for _, limit := range firewall.GetRateLimits() {
+		spec.RateLimits = append(spec.RateLimits, RateLimitSpec{
+			ID: limit.GetId(), Port: limit.GetPort(), Protocol: wordFor(protocols, limit.GetProtocol()),
+			Rate: limit.GetRate(), Burst: limit.Burst, PerSourceIP: limit.GetPerSourceIp(),
+		})
+	}
+	for _, rule := range firewall.GetRules() {
+		spec.Rules = append(spec.Rules, RuleSpec{
+			ID: rule.GetId(), Direction: wordFor(directions, rule.GetDirection()),
+			Action: wordFor(actions, rule.GetAction()), SourceIP: rule.GetSourceIp(),
+			DestPort: rule.DestPort, Protocol: wordFor(protocols, rule.GetProtocol()), Comment: rule.GetComment(),
+		})
+	}
+	return spec
+}
+
+// wordFor is the word that words maps to value; "" if none does.
+func wordFor[V comparable](words map[string]V, value V) string {
+	for word, v := range words {
+		if v == value {
+			return word
+		}
+	}
+	return ""
+}
