@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use remoteingress_tunnel::{BatchReceiver, SessionHandle};
 use remoteingress_wire::config::Protocol;
 use remoteingress_wire::proxy::{ProxyV2, V2Transport};
@@ -312,19 +312,23 @@ impl Receiver {
                 },
                 () = cancel.cancelled() => return,
             }
+            // One allocation per batch: each datagram's frame payload is a slice of it.
+            let mut payloads =
+                BytesMut::with_capacity(receiver.datagrams().map(|(_, d)| d.len()).sum());
             for (client, payload) in receiver.datagrams() {
-                self.forward(client, local, payload).await;
+                payloads.extend_from_slice(payload);
+                self.forward(client, local, payloads.split().freeze()).await;
             }
         }
     }
 
     /// Sends one datagram from `client` into its session, or counts why it was dropped.
-    async fn forward(&self, client: SocketAddr, local: SocketAddr, payload: &[u8]) {
+    async fn forward(&self, client: SocketAddr, local: SocketAddr, payload: Bytes) {
         let (id, tunnel) = match self.session_for(client, local).await {
             Ok(found) => found,
             Err((cause, tunnel)) => return self.sessions.dropped(tunnel.as_ref(), cause),
         };
-        if !tunnel.send_udp(id, Bytes::copy_from_slice(payload)) {
+        if !tunnel.send_udp(id, payload) {
             self.sessions.dropped(Some(&tunnel), DropCause::QueueFull);
         }
     }
