@@ -71,6 +71,9 @@ export class RemoteIngressHub extends SupervisedBinary<RemoteIngressHubClient, M
   /** Starts the hub; resolves once its admin API answers. */
   async start(config: IHubConfig = {}): Promise<void> {
     this.assertStopped();
+    if (Boolean(config.tls?.certPem) !== Boolean(config.tls?.keyPem)) {
+      throw new Error("tls needs both certPem and keyPem");
+    }
     this.config = config;
     this.tunnelPort = config.tunnelPort ?? 8443;
     const temporary = config.stateDir === undefined;

@@ -116,6 +116,7 @@ test("the original README's hub and edge examples, run as written", async () => 
   await hub.start({ tunnelPort, targetHost: "127.0.0.1" });
   assert.equal(hub.running, true);
   await assert.rejects(hub.start({ tunnelPort }), /already started/);
+  await assert.rejects(new RemoteIngressHub().start({ tls: { certPem: "x" } }), /both certPem and keyPem/);
   assert.equal(hub.running, true);
   await hub.updateAllowedEdges([
     { id: "edge-nyc-01", secret: SECRET, listenPorts: [publicPort], targetPorts: { [publicPort]: target.port } },
