@@ -15,8 +15,8 @@ import (
 type EdgeSpec struct {
 	// ID is the edge id, [A-Za-z0-9._-]{1,128}.
 	ID string `json:"id"`
-	// Secret is the edge's shared secret.
-	Secret string `json:"secret"`
+	// Secret is the edge's shared secret (empty in what ListEdges returns).
+	Secret string `json:"secret,omitempty"`
 	// ListenPorts are the TCP ports the edge listens on.
 	ListenPorts []uint32 `json:"listenPorts,omitempty"`
 	// ListenPortsUDP are the UDP ports the edge listens on.

@@ -100,25 +100,10 @@ func statusFromProto(response *pb.GetStatusResponse) Status {
 	return status
 }
 
-// EdgeState is a configured edge, without its secret, and its connection and config state, as
-// ListEdges returns it.
+// EdgeState is a configured edge, its Secret left empty (the hub never returns it), and its
+// connection and config state, as ListEdges returns it.
 type EdgeState struct {
-	// ID is the edge id.
-	ID string `json:"id"`
-	// ListenPorts are the TCP ports the edge listens on.
-	ListenPorts []uint32 `json:"listenPorts"`
-	// ListenPortsUDP are the UDP ports the edge listens on.
-	ListenPortsUDP []uint32 `json:"listenPortsUdp"`
-	// TargetPorts maps an edge port to the target port, where they differ.
-	TargetPorts map[uint32]uint32 `json:"targetPorts,omitempty"`
-	// TargetHosts maps an edge port to its own target host, where it has one.
-	TargetHosts map[uint32]string `json:"targetHosts,omitempty"`
-	// StunIntervalSecs is the STUN refresh interval.
-	StunIntervalSecs uint64 `json:"stunIntervalSecs"`
-	// Generation orders configurations across hubs.
-	Generation uint64 `json:"generation"`
-	// FirewallConfig holds the nftables rules the edge applies; nil for none.
-	FirewallConfig *FirewallSpec `json:"firewallConfig,omitempty"`
+	EdgeSpec
 	// Connected is true while the edge has a tunnel to this hub.
 	Connected bool `json:"connected"`
 	// DesiredConfigVersion is the version of the configuration the hub wants the edge to run.
@@ -130,15 +115,18 @@ type EdgeState struct {
 }
 
 func edgeStateFromProto(info *pb.EdgeInfo) EdgeState {
+	generation := info.GetGeneration()
 	return EdgeState{
-		ID:                   info.GetId(),
-		ListenPorts:          info.GetListenPorts(),
-		ListenPortsUDP:       info.GetListenPortsUdp(),
-		TargetPorts:          info.GetTargetPorts(),
-		TargetHosts:          info.GetTargetHosts(),
-		StunIntervalSecs:     info.GetStunIntervalSecs(),
-		Generation:           info.GetGeneration(),
-		FirewallConfig:       firewallFromProto(info.GetFirewallConfig()),
+		EdgeSpec: EdgeSpec{
+			ID:               info.GetId(),
+			ListenPorts:      info.GetListenPorts(),
+			ListenPortsUDP:   info.GetListenPortsUdp(),
+			TargetPorts:      info.GetTargetPorts(),
+			TargetHosts:      info.GetTargetHosts(),
+			StunIntervalSecs: info.GetStunIntervalSecs(),
+			Generation:       &generation,
+			FirewallConfig:   firewallFromProto(info.GetFirewallConfig()),
+		},
 		Connected:            info.GetConnected(),
 		DesiredConfigVersion: info.GetDesiredConfigVersion(),
 		AppliedConfigVersion: info.GetAppliedConfigVersion(),
