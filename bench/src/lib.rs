@@ -631,30 +631,34 @@ async fn udp_latency(addr: SocketAddr, rounds: usize) -> Result<[f64; 3]> {
         let mut request = [7u8; 64];
         let mut response = [0u8; 64];
         let mut samples = Vec::with_capacity(WARM_UP + rounds);
-        let mut unanswered = 0;
-        for round in 0u64.. {
-            if samples.len() == WARM_UP + rounds {
-                break;
-            }
+        let (mut round, mut unanswered) = (0u64, 0);
+        while samples.len() < WARM_UP + rounds {
+            round += 1;
             request[..8].copy_from_slice(&round.to_le_bytes());
             let start = Instant::now();
             socket.send(&request)?;
-            loop {
-                match socket.recv(&mut response) {
-                    Ok(_) if response[..8] != request[..8] => continue,
-                    Ok(_) => samples.push(start.elapsed().as_secs_f64() * 1e6),
-                    Err(_) if unanswered < MAX_UNANSWERED => unanswered += 1,
-                    Err(error) => {
-                        return Err(error)
-                            .context(format!("{unanswered} round trips to {addr} lost"));
-                    }
+            match await_answer(&socket, &request[..8], &mut response) {
+                Ok(()) => samples.push(start.elapsed().as_secs_f64() * 1e6),
+                Err(_) if unanswered < MAX_UNANSWERED => unanswered += 1,
+                Err(error) => {
+                    return Err(error).context(format!("{unanswered} round trips to {addr} lost"))
                 }
-                break;
             }
         }
         Ok(percentiles(samples.split_off(WARM_UP)))
     })
     .await?
+}
+
+/// Reads answers into `buf` until the one that starts with `tag` arrives, skipping late answers
+/// to earlier rounds.
+fn await_answer(socket: &std::net::UdpSocket, tag: &[u8], buf: &mut [u8]) -> std::io::Result<()> {
+    loop {
+        socket.recv(buf)?;
+        if buf.starts_with(tag) {
+            return Ok(());
+        }
+    }
 }
 
 /// Connections per second, each doing one 16-byte exchange, from 8 concurrent clients.
