@@ -116,13 +116,13 @@ async fn an_edge_reaches_only_the_ports_it_is_assigned() {
 /// A target that accepts connections, reads their PROXY line and then holds them without
 /// reading or writing: the worst case for releasing hub-side sockets.
 struct SilentTarget {
-    port: u16,
+    address: SocketAddr,
     held: tokio::sync::mpsc::Receiver<tokio::net::TcpStream>,
 }
 
 async fn silent_target() -> SilentTarget {
     let listener = remoteingress_tunnel::listen_tcp(([127, 0, 0, 1], 0).into()).unwrap();
-    let port = listener.local_addr().unwrap().port();
+    let address = listener.local_addr().unwrap();
     let (tx, held) = tokio::sync::mpsc::channel(100_000);
     tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
@@ -131,7 +131,7 @@ async fn silent_target() -> SilentTarget {
             }
         }
     });
-    SilentTarget { port, held }
+    SilentTarget { address, held }
 }
 
 /// A hub and edge "e1" whose one port leads to a silent target.
@@ -149,7 +149,7 @@ async fn silent_setup(
     let hub = start_hub(state.path(), 0).await;
     let target = silent_target().await;
     let edge_port = free_port(EDGE_IP);
-    hub.update_allowed_edges(vec![allowed("e1", &[(edge_port, target.port)])])
+    hub.update_allowed_edges(vec![allowed("e1", &[(edge_port, target.address.port())])])
         .await
         .unwrap();
     let mut options = edge_options(&hub, "e1", SECRET);
@@ -165,9 +165,10 @@ async fn silent_setup(
     )
 }
 
-/// TCP sockets on this host connected to local `port` from elsewhere (the hub's side of
-/// target connections), from `/proc/net/tcp`; TIME_WAIT leftovers hold nothing and don't count.
-fn sockets_towards(port: u16) -> usize {
+/// TCP sockets on this host connected to `target` (the hub's side of target connections), from
+/// `/proc/net/tcp`; TIME_WAIT leftovers hold nothing and don't count. The whole address is
+/// compared: a listener of a test running beside this one may share the port on another address.
+fn sockets_towards(target: SocketAddr) -> usize {
     const TIME_WAIT: &str = "06";
     let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
     table
@@ -175,10 +176,20 @@ fn sockets_towards(port: u16) -> usize {
         .skip(1)
         .filter(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
-            let remote_port = fields[2].rsplit(':').next().unwrap();
-            u16::from_str_radix(remote_port, 16) == Ok(port) && fields[3] != TIME_WAIT
+            proc_net_address(fields[2]) == Some(target) && fields[3] != TIME_WAIT
         })
         .count()
+}
+
+/// An address as `/proc/net/tcp` prints it: the IPv4 address as a native-endian hex word of
+/// network-order bytes, a colon, the port in hex.
+fn proc_net_address(field: &str) -> Option<SocketAddr> {
+    let (ip, port) = field.split_once(':')?;
+    let ip = std::net::Ipv4Addr::from(u32::from_be(u32::from_str_radix(ip, 16).ok()?));
+    Some(SocketAddr::new(
+        ip.into(),
+        u16::from_str_radix(port, 16).ok()?,
+    ))
 }
 
 /// Whether the peer of `socket` has let go of it: a read ends (EOF or reset).
@@ -236,7 +247,7 @@ async fn a_lost_tunnel_releases_every_target_socket(transport: remoteingress_edg
     while held.len() < STREAMS {
         held.push(target.held.recv().await.unwrap());
     }
-    assert_eq!(sockets_towards(target.port), STREAMS);
+    assert_eq!(sockets_towards(target.address), STREAMS);
     edge.shutdown().await;
     for socket in &mut held {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(20), released(socket))
@@ -244,7 +255,7 @@ async fn a_lost_tunnel_releases_every_target_socket(transport: remoteingress_edg
             .expect("the hub lets go of the target connection");
     }
     eventually("the hub closes its sockets", || async {
-        (sockets_towards(target.port) == 0).then_some(())
+        (sockets_towards(target.address) == 0).then_some(())
     })
     .await;
     assert_eq!(hub.active_streams(), 0);
