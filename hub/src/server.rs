@@ -11,7 +11,7 @@ use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::proxy::ProxyV1;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
@@ -325,13 +325,11 @@ async fn connect_target(
     let host = route.host(inner);
     let target = route.target(inner);
     let started = std::time::Instant::now();
-    let mut socket = tokio::time::timeout(
-        inner.options.connect_timeout,
-        TcpStream::connect((host, port)),
-    )
-    .await
-    .map_err(|_| TargetError::Timeout(target.clone()))?
-    .map_err(TargetError::io("connecting to", &target))?;
+    let mut socket =
+        tokio::time::timeout(inner.options.connect_timeout, connect_resetting(host, port))
+            .await
+            .map_err(|_| TargetError::Timeout(target.clone()))?
+            .map_err(TargetError::io("connecting to", &target))?;
     inner
         .metrics
         .target_connect_duration
@@ -341,5 +339,35 @@ async fn connect_target(
         .write_all(header)
         .await
         .map_err(TargetError::io("writing the PROXY line to", &target))?;
+    // From here the pipe decides how the connection ends: in order when both sides finish.
+    #[allow(deprecated)] // deprecated for lingering closes that block; `None` restores the default
+    socket
+        .set_linger(None)
+        .map_err(TargetError::io("configuring the connection to", &target))?;
     Ok(socket)
+}
+
+/// A connection to `host:port` (each resolved address in turn) that, until told otherwise,
+/// closes with a TCP reset: one given up half-way because its stream was reset meanwhile must
+/// reach the target as a reset, as the client's did, not as an orderly end.
+async fn connect_resetting(host: &str, port: u16) -> std::io::Result<TcpStream> {
+    let mut last_error = None;
+    for addr in tokio::net::lookup_host((host, port)).await? {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_zero_linger()?;
+        match socket.connect(addr).await {
+            Ok(connected) => return Ok(connected),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the name resolved to no address",
+        )
+    }))
 }
