@@ -47,15 +47,26 @@ func (r *recorder) seen(mark int, match func(hubclient.Event) bool) bool {
 	return slices.ContainsFunc(r.events[mark:], match)
 }
 
+// first is the first event after mark that matches, if any.
+func (r *recorder) first(mark int, match func(hubclient.Event) bool) (hubclient.Event, bool) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	i := slices.IndexFunc(r.events[mark:], match)
+	if i < 0 {
+		return hubclient.Event{}, false
+	}
+	return r.events[mark+i], true
+}
+
 func connected(id string) func(hubclient.Event) bool {
-	return func(e hubclient.Event) bool { return e.GetEdgeConnected() != nil && e.GetEdgeId() == id }
+	return func(e hubclient.Event) bool { return e.Kind == hubclient.EdgeConnected && e.EdgeID == id }
 }
 
 func disconnected(id string) func(hubclient.Event) bool {
-	return func(e hubclient.Event) bool { return e.GetEdgeDisconnected() != nil && e.GetEdgeId() == id }
+	return func(e hubclient.Event) bool { return e.Kind == hubclient.EdgeDisconnected && e.EdgeID == id }
 }
 
-func reconnected(e hubclient.Event) bool { return e.Reconnected }
+func reconnected(e hubclient.Event) bool { return e.Kind == hubclient.Reconnected }
 
 // TestEveryRPCAgainstARealHub drives a hub process and an edge process through the client.
 func TestEveryRPCAgainstARealHub(t *testing.T) {
@@ -105,6 +116,42 @@ func TestEveryRPCAgainstARealHub(t *testing.T) {
 		encoded, err := json.Marshal(status)
 		if err != nil || !strings.Contains(string(encoded), `"connectedEdges":[{"edgeId":"e1"`) {
 			t.Fatalf("status as JSON: %s, %v", encoded, err)
+		}
+	})
+
+	t.Run("Watch gives plain events, filtered by kind when asked", func(t *testing.T) {
+		if _, err := client.Watch(ctx, hubclient.Filter{Kinds: []hubclient.EventKind{hubclient.Reconnected}}); err == nil {
+			t.Fatal("a filter by a kind the hub does not send was accepted")
+		}
+		onlyOpened, err := client.Watch(ctx, hubclient.Filter{EdgeID: "e1", Kinds: []hubclient.EventKind{hubclient.StreamOpened}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		filtered := record(onlyOpened)
+		mark := recorded.mark()
+		// Nothing listens at the target: the hub reports the stream, fails to connect, closes it.
+		conn, err := net.Dial("tcp", net.JoinHostPort(edgeIP, strconv.Itoa(port)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		opened := func(e hubclient.Event) bool { return e.Kind == hubclient.StreamOpened }
+		eventually(t, says("a StreamOpened event"), func() bool { return recorded.seen(mark, opened) })
+		event, _ := recorded.first(mark, opened)
+		if event.EdgeID != "e1" || event.EdgePort != uint32(port) || event.StreamID == 0 || event.Time.IsZero() ||
+			!strings.HasSuffix(event.Target, ":"+strconv.Itoa(port)) || !strings.HasPrefix(event.ClientAddr, "127.0.0.1:") {
+			t.Fatalf("stream opened: %+v", event)
+		}
+		encoded, err := json.Marshal(event)
+		if err != nil || !strings.Contains(string(encoded), `"kind":"streamOpened",`) ||
+			!strings.Contains(string(encoded), fmt.Sprintf(`"edgePort":%d,`, port)) || strings.Contains(string(encoded), `"version"`) {
+			t.Fatalf("event as JSON: %s, %v", encoded, err)
+		}
+		closed := func(e hubclient.Event) bool { return e.Kind == hubclient.StreamClosed && e.StreamID == event.StreamID }
+		eventually(t, says("its StreamClosed event"), func() bool { return recorded.seen(mark, closed) })
+		eventually(t, says("the filtered watch's StreamOpened"), func() bool { return filtered.seen(0, opened) })
+		if other, found := filtered.first(0, func(e hubclient.Event) bool { return !opened(e) }); found {
+			t.Fatalf("the filtered watch got another kind: %+v", other)
 		}
 	})
 

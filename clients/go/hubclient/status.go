@@ -57,9 +57,9 @@ type CreatedToken struct {
 	Pin string `json:"pin"`
 }
 
-// TransportName is the original system's name of a transport: "tcpTls", "quic", or "" when
+// transportName is the original system's name of a transport: "tcpTls", "quic", or "" when
 // not set.
-func TransportName(transport pb.Transport) string {
+func transportName(transport pb.Transport) string {
 	switch transport {
 	case pb.Transport_TRANSPORT_TCP_TLS:
 		return "tcpTls"
@@ -82,7 +82,7 @@ func statusFromProto(response *pb.GetStatusResponse) Status {
 		connected := ConnectedEdge{
 			EdgeID:            edge.GetId(),
 			RemoteAddr:        edge.GetRemoteAddr(),
-			Transport:         TransportName(edge.GetTransport()),
+			Transport:         transportName(edge.GetTransport()),
 			ActiveStreams:     int(edge.GetActiveStreams()),
 			ActiveUDPSessions: int(edge.GetActiveUdpSessions()),
 			BytesIn:           edge.GetBytesIn(),

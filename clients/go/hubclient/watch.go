@@ -2,6 +2,7 @@ package hubclient
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	pb "github.com/remoteingress/remoteingress/clients/go/gen/remoteingress/v1"
@@ -11,18 +12,22 @@ import (
 type Filter struct {
 	// EdgeID keeps only this edge's events (auth failures, which have no edge, are then left out).
 	EdgeID string
-	// Kinds keeps only these kinds of event; all when empty.
-	Kinds []pb.EventKind
+	// Kinds keeps only these kinds of event; all when empty. EventsMissed and Reconnected
+	// notices always come.
+	Kinds []EventKind
 }
 
-// Event is one hub event, or a notice that the watch had to resubscribe.
-type Event struct {
-	// WatchEventsResponse is the hub's event; nil on a Reconnected notice.
-	*pb.WatchEventsResponse
-	// Reconnected is set on the notice sent when the watch subscribed again after losing its
-	// stream (for example across a hub restart): events in between were missed, so re-read
-	// whatever state matters.
-	Reconnected bool
+// request is the hub's form of the filter.
+func (f Filter) request() (*pb.WatchEventsRequest, error) {
+	request := &pb.WatchEventsRequest{EdgeId: f.EdgeID}
+	for _, kind := range f.Kinds {
+		wire, ok := eventKinds[kind]
+		if !ok {
+			return nil, fmt.Errorf("hubclient: a watch cannot be filtered by %q", kind)
+		}
+		request.Kinds = append(request.Kinds, wire)
+	}
+	return request, nil
 }
 
 // Backoff between resubscriptions: doubling from watchRetryMin to watchRetryMax.
@@ -32,11 +37,14 @@ const (
 )
 
 // Watch streams the hub's events until ctx ends, then closes the channel. When the stream
-// breaks (the hub restarts, the network drops) it resubscribes with backoff and sends an Event
-// with Reconnected set once the new subscription is up. The first subscription is made before
+// breaks (the hub restarts, the network drops) it resubscribes with backoff and sends a
+// Reconnected event once the new subscription is up. The first subscription is made before
 // Watch returns, so its error (a wrong token, say) is returned directly.
 func (c *Client) Watch(ctx context.Context, filter Filter) (<-chan Event, error) {
-	request := &pb.WatchEventsRequest{EdgeId: filter.EdgeID, Kinds: filter.Kinds}
+	request, err := filter.request()
+	if err != nil {
+		return nil, err
+	}
 	stream, err := c.subscribe(ctx, request)
 	if err != nil {
 		return nil, err
@@ -47,12 +55,13 @@ func (c *Client) Watch(ctx context.Context, filter Filter) (<-chan Event, error)
 		retry := watchRetryMin
 		for {
 			for {
-				event, err := stream.Recv()
+				response, err := stream.Recv()
 				if err != nil {
 					break
 				}
 				retry = watchRetryMin
-				if !send(ctx, events, Event{WatchEventsResponse: event}) {
+				event, known := eventFromProto(response)
+				if known && !send(ctx, events, event) {
 					return
 				}
 			}
@@ -65,7 +74,7 @@ func (c *Client) Watch(ctx context.Context, filter Filter) (<-chan Event, error)
 				retry = min(retry*2, watchRetryMax)
 				stream, _ = c.subscribe(ctx, request)
 			}
-			if !send(ctx, events, Event{Reconnected: true}) {
+			if !send(ctx, events, Event{Kind: Reconnected, Time: time.Now()}) {
 				return
 			}
 		}

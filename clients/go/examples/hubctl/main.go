@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"log"
@@ -54,11 +55,15 @@ func main() {
 		log.Fatal(err)
 	}
 	for event := range events {
-		if event.Reconnected {
+		if event.Kind == hubclient.Reconnected {
 			fmt.Println("(event stream resubscribed; events in between were missed)")
 			continue
 		}
-		fmt.Printf("%s %s %v\n", event.GetTime().AsTime().Format("15:04:05.000"), event.GetEdgeId(), event.GetEvent())
+		line, err := json.Marshal(event)
+		if err != nil {
+			log.Fatal(err)
+		}
+		fmt.Println(string(line))
 	}
 }
 
