@@ -37,7 +37,7 @@ const (
 	EventsMissed EventKind = "eventsMissed"
 	// Reconnected: the watch subscribed again after losing its stream (a hub restart, say);
 	// events in between were missed, so re-read whatever state matters. Only Kind is set.
-	Reconnected EventKind = "reconnected"
+	Reconnected EventKind = "watchReconnected"
 )
 
 // Event is one hub event, or a Reconnected notice. Kind says which of the other fields are set
