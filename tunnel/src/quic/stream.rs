@@ -6,7 +6,7 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use quinn::VarInt;
 use remoteingress_wire::frame::MAX_DATA_CHUNK;
 use remoteingress_wire::qos::StreamRate;
@@ -39,6 +39,21 @@ pub(crate) fn halves(
     (reader, writer)
 }
 
+/// Most pieces of received data taken from quinn at once.
+const CHUNKS_PER_READ: usize = 32;
+
+/// `chunks` as one piece: copied together when there are several.
+fn joined(chunks: &mut [Bytes]) -> Bytes {
+    if let [only] = chunks {
+        return std::mem::take(only);
+    }
+    let mut data = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+    for chunk in chunks.iter() {
+        data.extend_from_slice(chunk);
+    }
+    data.freeze()
+}
+
 /// The incoming half of a QUIC stream.
 #[derive(Debug)]
 pub(crate) struct QuicReader {
@@ -57,19 +72,21 @@ impl QuicReader {
 
     /// The next chunk of the peer's bytes; `None` once the peer has finished.
     pub(crate) async fn recv(&mut self) -> Result<Option<Bytes>, StreamAborted> {
-        let chunk = match self.recv.read_chunk(MAX_DATA_CHUNK, true).await {
-            Ok(Some(chunk)) => chunk,
+        let mut chunks: [Bytes; CHUNKS_PER_READ] = Default::default();
+        let count = match self.recv.read_chunks(&mut chunks).await {
+            Ok(Some(count)) => count,
             Ok(None) => return Ok(None),
             Err(_) => {
                 self.guard.abort.cancel();
                 return Err(StreamAborted);
             }
         };
+        let data = joined(&mut chunks[..count]);
         let stats = &self.guard.shared.lifecycle.stats;
-        stats.received(chunk.bytes.len());
-        self.unconsumed += chunk.bytes.len() as u64;
+        stats.received(data.len());
+        self.unconsumed += data.len() as u64;
         stats.stream_buffered(self.unconsumed);
-        Ok(Some(chunk.bytes))
+        Ok(Some(data))
     }
 
     /// Cancelled when the stream is aborted (reset either way, or the connection lost).

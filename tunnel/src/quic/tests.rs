@@ -218,3 +218,38 @@ async fn the_stream_limit_stops_at_the_cap() {
         .open(Bytes::from_static(b"PROXY UNKNOWN\r\n"));
     assert!(within("the open past the cap", one_more).await.is_err());
 }
+
+#[tokio::test]
+async fn a_read_takes_every_packet_that_has_arrived_at_once() {
+    const WRITES: usize = 64;
+    let (edge, hub, _endpoints) = edge_to_raw_hub(SessionOptions::default()).await;
+    let _control = within("the control stream", hub.accept_bi()).await.unwrap();
+    let (mut reader, _writer) = edge
+        .open(Bytes::from_static(b"PROXY UNKNOWN\r\n"))
+        .await
+        .unwrap();
+    let (mut send, _recv) = within("the stream", hub.accept_bi()).await.unwrap();
+    let data = pattern(WRITES * 1024);
+    for piece in data.chunks(1024) {
+        send.write_all(piece).await.unwrap();
+    }
+    send.finish().unwrap();
+    // Acknowledged means received: all of it waits in the edge's QUIC stream now.
+    within("the edge's acknowledgement", send.stopped())
+        .await
+        .unwrap();
+    let first = within("the read", reader.recv()).await.unwrap().unwrap();
+    // Each packet carries at most one MTU's worth; one piece per packet would mean one
+    // system call per packet onward to the socket.
+    assert!(
+        first.len() > 8 * 1452,
+        "one read took only {} bytes of {}",
+        first.len(),
+        data.len()
+    );
+    let mut received = first.to_vec();
+    while let Some(chunk) = within("the rest", reader.recv()).await.unwrap() {
+        received.extend_from_slice(&chunk);
+    }
+    assert_eq!(Bytes::from(received), data);
+}
