@@ -70,7 +70,8 @@ impl QuicReader {
         self.id
     }
 
-    /// The next chunk of the peer's bytes; `None` once the peer has finished.
+    /// The peer's next bytes: all that has arrived (up to [`CHUNKS_PER_READ`] packets' worth),
+    /// so that a burst goes onward in one write; `None` once the peer has finished.
     pub(crate) async fn recv(&mut self) -> Result<Option<Bytes>, StreamAborted> {
         let mut chunks: [Bytes; CHUNKS_PER_READ] = Default::default();
         let count = match self.recv.read_chunks(&mut chunks).await {
