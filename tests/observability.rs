@@ -75,14 +75,16 @@ async fn each_metric_moves_when_its_event_happens() {
     wait_listening(&edge, port).await;
     let h = |name, labels: &[(&str, &str)]| sample(&hub_registry, name, labels);
     let e = |name, labels: &[(&str, &str)]| sample(&edge_registry, name, labels);
-    assert_eq!(h("remoteingress_edges_connected", &[]), 1.0);
-    assert_eq!(
-        h(
+    // The edge has its ports from the handshake's reply, possibly before the hub has counted it.
+    eventually("the hub to count the edge", || async {
+        let connected = h("remoteingress_edges_connected", &[]);
+        let accepted = h(
             "remoteingress_edge_connections_total",
-            &[("edge", "e1"), ("result", "ok")]
-        ),
-        1.0
-    );
+            &[("edge", "e1"), ("result", "ok")],
+        );
+        (connected == 1.0 && accepted == 1.0).then_some(())
+    })
+    .await;
     assert_eq!(e("remoteingress_tunnel_connected", &[]), 1.0);
 
     // A stream: opened, bytes counted both ways, closed.

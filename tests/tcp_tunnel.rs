@@ -377,7 +377,11 @@ async fn an_edge_that_keeps_several_tunnels_is_never_replaced() {
     let second = Edge::start(second_options).await.unwrap();
     wait_listening(&second, setup.edge_port).await;
     wait_listening(&setup.edge, setup.edge_port).await;
-    assert_eq!(setup.hub.status().connected_edges.len(), 2);
+    // An edge listens with the ports of the handshake's reply, possibly before the hub lists it.
+    eventually("the hub to list both tunnels", || async {
+        (setup.hub.status().connected_edges.len() == 2).then_some(())
+    })
+    .await;
     let data = pattern(1000, 3);
     for ip in ["127.0.0.2", "127.0.0.3"] {
         let addr = SocketAddr::new(ip.parse().unwrap(), setup.edge_port);

@@ -123,13 +123,33 @@ pub fn allowed(id: &str, ports: &[(u16, u16)]) -> AllowedEdge {
     edge
 }
 
-/// A port that is free on `ip` right now.
+/// A port free on `ip` for TCP and UDP right now, below the kernel's ephemeral range.
+///
+/// The kernel never gives such a port to an outgoing connection, so a test may stop what
+/// listens on it and listen there again (a hub restarted on its port): from the ephemeral
+/// range, a client's source port (or a connection made to itself while nothing listened)
+/// could take it in between. Ports are handed out in turn from a start that differs per
+/// process, so tests running side by side do not pick the same one.
 pub fn free_port(ip: IpAddr) -> u16 {
-    std::net::TcpListener::bind((ip, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static HANDED_OUT: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768);
+    let span = ephemeral_from.saturating_sub(LOWEST).max(1);
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    loop {
+        let n = HANDED_OUT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < span, "no free port left below {ephemeral_from}");
+        let port = u16::try_from(LOWEST + (start + n) % span).unwrap();
+        let tcp = std::net::TcpListener::bind((ip, port));
+        let udp = std::net::UdpSocket::bind((ip, port));
+        if tcp.is_ok() && udp.is_ok() {
+            return port;
+        }
+    }
 }
 
 /// Waits until the edge listens on `port`.
