@@ -11,7 +11,7 @@ use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::proxy::ProxyV1;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
@@ -353,11 +353,7 @@ async fn connect_target(
 async fn connect_resetting(host: &str, port: u16) -> std::io::Result<TcpStream> {
     let mut last_error = None;
     for addr in tokio::net::lookup_host((host, port)).await? {
-        let socket = if addr.is_ipv4() {
-            TcpSocket::new_v4()?
-        } else {
-            TcpSocket::new_v6()?
-        };
+        let socket = remoteingress_tunnel::tcp_socket_for(addr)?;
         socket.set_zero_linger()?;
         match socket.connect(addr).await {
             Ok(connected) => return Ok(connected),

@@ -34,7 +34,7 @@ pub use error::{CloseReason, ProtocolViolation, SessionError, StreamAborted};
 pub use event::SessionEvent;
 pub use lifecycle::SessionStats;
 pub use link::{Link, LinkError};
-pub use listen::{listen_tcp, BACKLOG};
+pub use listen::{listen_tcp, tcp_socket_for, BACKLOG};
 pub use options::{Role, SessionOptions, Transport, DEFAULT_QUIC_MIN_MTU};
 pub use pipe::{pipe, Piped};
 pub use resolve::{resolve, ResolveError};

@@ -1,4 +1,4 @@
-//! TCP listeners that take a burst of connections.
+//! TCP sockets: listeners that take a burst of connections.
 
 use std::net::SocketAddr;
 
@@ -12,12 +12,17 @@ pub const BACKLOG: u32 = 4096;
 
 /// Listens on `addr` with [`BACKLOG`], reusing the address so that a restart binds at once.
 pub fn listen_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
-    };
+    let socket = tcp_socket_for(addr)?;
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
+}
+
+/// A TCP socket of `addr`'s family, to bind or connect to it.
+pub fn tcp_socket_for(addr: SocketAddr) -> std::io::Result<TcpSocket> {
+    if addr.is_ipv4() {
+        TcpSocket::new_v4()
+    } else {
+        TcpSocket::new_v6()
+    }
 }

@@ -244,20 +244,20 @@ impl Frame {
 
     /// The frame's header on the wire, for a writer that sends the payload from where it is.
     pub fn header(&self) -> [u8; HEADER_LEN] {
-        FrameHeader {
-            stream_id: self.stream_id,
-            kind: self.kind,
-            len: payload_len(&self.payload),
-        }
-        .to_bytes()
+        header_bytes(self.stream_id, self.kind, &self.payload)
     }
 }
 
-/// The length field of `payload`, which must not exceed [`MAX_PAYLOAD_LEN`].
-fn payload_len(payload: &[u8]) -> u32 {
+/// The header of a frame carrying `payload`, which must not exceed [`MAX_PAYLOAD_LEN`].
+fn header_bytes(stream_id: u32, kind: FrameType, payload: &[u8]) -> [u8; HEADER_LEN] {
     let len = u32::try_from(payload.len()).unwrap_or(u32::MAX);
     debug_assert!(len <= MAX_PAYLOAD_LEN, "caller must chunk payloads");
-    len
+    FrameHeader {
+        stream_id,
+        kind,
+        len,
+    }
+    .to_bytes()
 }
 
 /// Appends one frame to `dst` without allocating anything but room in `dst`.
@@ -265,14 +265,7 @@ fn payload_len(payload: &[u8]) -> u32 {
 /// The payload must not exceed [`MAX_PAYLOAD_LEN`]; callers split data into chunks first.
 pub fn encode_frame(dst: &mut BytesMut, stream_id: u32, kind: FrameType, payload: &[u8]) {
     dst.reserve(HEADER_LEN + payload.len());
-    dst.put_slice(
-        &FrameHeader {
-            stream_id,
-            kind,
-            len: payload_len(payload),
-        }
-        .to_bytes(),
-    );
+    dst.put_slice(&header_bytes(stream_id, kind, payload));
     dst.put_slice(payload);
 }
 
