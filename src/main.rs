@@ -195,9 +195,14 @@ struct HubArgs {
     /// PEM private key of the hub.
     #[arg(long, env = "REMOTEINGRESS_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// JSON or TOML file of allowed edges, reloaded when it changes.
+    /// JSON or TOML file of allowed edges, reloaded when its content changes (the kernel tells
+    /// at once; a periodic check is the fallback). With --replica or --peer it must name a
+    /// `generation`.
     #[arg(long, env = "REMOTEINGRESS_EDGES_FILE")]
     edges_file: Option<PathBuf>,
+    /// Seconds between checks of the edges file's content, besides the kernel's notifications.
+    #[arg(long, env = "REMOTEINGRESS_EDGES_FILE_CHECK_SECS", default_value_t = 5)]
+    edges_file_check_secs: u64,
     /// Seconds between PINGs to each edge.
     #[arg(long, env = "REMOTEINGRESS_PING_INTERVAL_SECS", default_value_t = 15)]
     ping_interval_secs: u64,
@@ -465,8 +470,10 @@ fn init_logging(args: &LogArgs) -> Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env("RUST_LOG")
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&args.log_level))
         .context("invalid --log-level")?;
+    // Colour codes only for a person at a terminal, never into a file, a pipe or journald.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     match args.log_format {
         LogFormat::Text => builder.init(),
@@ -544,7 +551,8 @@ async fn run_hub(args: HubArgs) -> Result<()> {
     println!("hub id: {}", hub.status().hub_id);
     let edges_file_mode = args.edges_file.is_some();
     if let Some(path) = args.edges_file {
-        hub.watch_edges_file(path, Duration::from_secs(1)).await?;
+        let check = Duration::from_secs(args.edges_file_check_secs.max(1));
+        hub.watch_edges_file(path, check).await?;
     }
     let stop = CancellationToken::new();
     let admin = AdminOptions {

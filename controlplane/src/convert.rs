@@ -25,7 +25,7 @@ pub(crate) fn hub_status(error: HubError) -> Status {
         HubError::InvalidEdge { .. } | HubError::EdgesFile { .. } => {
             Status::invalid_argument(error.to_string())
         }
-        HubError::Replica(_) => Status::failed_precondition(error.to_string()),
+        HubError::Generation(_) => Status::failed_precondition(error.to_string()),
         HubError::TokenSecret(TokenSecretError::UnknownEdge) => {
             Status::not_found(error.to_string())
         }
@@ -412,6 +412,23 @@ pub(crate) fn hub_event(event: HubEvent) -> (pb::EventKind, pb::WatchEventsRespo
             Kind::ConfigPushed,
             edge_id,
             HubPbEvent::ConfigPushed(pb::ConfigPushed { version }),
+        ),
+        HubEvent::ConfigReloaded {
+            path,
+            digest,
+            generation,
+            edges,
+            error,
+        } => (
+            Kind::ConfigReloaded,
+            String::new(),
+            HubPbEvent::ConfigReloaded(pb::ConfigReloaded {
+                path,
+                digest,
+                generation,
+                edges: u32::try_from(edges).unwrap_or(u32::MAX),
+                error: error.unwrap_or_default(),
+            }),
         ),
         HubEvent::ConfigApplied {
             edge_id,

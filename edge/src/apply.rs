@@ -1,5 +1,5 @@
 //! Applying a configuration from a hub whole or not at all: ports bound, firewall applied,
-//! then acknowledged; on any failure the previous configuration stays and the error is reported.
+//! then acknowledged (after the serving lock is released); on any failure the previous configuration stays and the error is reported.
 //! With several hubs, only a configuration newer than the running one is applied (see
 //! [`crate::offers`]).
 
@@ -45,31 +45,63 @@ pub(crate) struct Serving {
     pub(crate) disagreement: Option<Disagreement>,
 }
 
+/// A CONFIG_ACK owed to the hub that sent a configuration. It is sent once the serving lock is
+/// released, so that a hub that stops reading its tunnel never holds up the edge's other
+/// tunnels.
+#[must_use = "an acknowledgement is owed to the hub"]
+pub(crate) struct Ack {
+    session: SessionHandle,
+    /// Nothing to tell a hub that gave no version.
+    body: Option<serde_json::Value>,
+}
+
+impl Ack {
+    /// That `version` is in force, or the `error` that kept it from being applied.
+    fn new(session: &SessionHandle, version: Option<u64>, error: Option<&str>) -> Self {
+        let body = version.map(|version| match error {
+            None => serde_json::json!({ "version": version }),
+            Some(error) => serde_json::json!({ "version": version, "error": error }),
+        });
+        Self {
+            session: session.clone(),
+            body,
+        }
+    }
+
+    /// Sends it (call without holding the serving lock).
+    pub(crate) async fn send(self) {
+        if let Some(body) = self.body {
+            acknowledge(&self.session, body).await;
+        }
+    }
+}
+
 /// A configuration offered by `hub` over tunnel `key` (`session`): applied if it is newer than
-/// the running one, acknowledged either way; a disagreement between hubs is reported.
+/// the running one; a disagreement between hubs is reported. Returns the acknowledgement owed.
 pub(crate) async fn offer(
     inner: &EdgeInner,
     serving: &mut Serving,
     (key, hub, session): (TunnelKey, &str, &SessionHandle),
     config: &EdgeConfig,
-) {
+) -> Ack {
     serving.offers.insert(key, hub, config);
     let verdict = judge(serving.running.as_ref(), config);
-    match verdict {
+    let ack = match verdict {
         Verdict::Apply => apply_config(inner, session, serving, config).await,
         Verdict::Unchanged => {
             if let Some(running) = &mut serving.running {
                 running.generation = running.generation.max(config.generation);
             }
-            acknowledge_version(session, config.version, None).await;
+            Ack::new(session, config.version, None)
         }
         Verdict::Older { .. } | Verdict::Disagrees { .. } => {
             let why = verdict.refusal(config.generation).unwrap_or_default();
             tracing::warn!(%hub, generation = ?config.generation, %why, "configuration not applied");
-            acknowledge_version(session, config.version, Some(&why)).await;
+            Ack::new(session, config.version, Some(&why))
         }
-    }
+    };
     report_disagreement(inner, serving);
+    ack
 }
 
 /// Publishes whether live hubs disagree, once per change.
@@ -95,13 +127,14 @@ pub(crate) fn report_disagreement(inner: &EdgeInner, serving: &mut Serving) {
     inner.update(|s| s.config_disagreement = now);
 }
 
-/// Validates and applies a configuration whole, or keeps the previous one; acknowledges it.
+/// Validates and applies a configuration whole, or keeps the previous one; the acknowledgement
+/// owed either way.
 async fn apply_config(
     inner: &EdgeInner,
     session: &SessionHandle,
     ports: &mut Serving,
     config: &EdgeConfig,
-) {
+) -> Ack {
     let initial = ports.running.is_none();
     // Every new port is bound before anything changes, so a failure leaves the old set whole.
     let bound = async {
@@ -113,7 +146,7 @@ async fn apply_config(
     };
     let (tcp, udp) = match bound.await {
         Ok(bound) => bound,
-        Err(error) => return reject(inner, session, config.version, &error).await,
+        Err(error) => return reject(inner, session, config.version, &error),
     };
     ports.tcp.commit(&config.listen_ports, tcp);
     ports.udp.commit(&config.listen_ports_udp, udp);
@@ -142,7 +175,7 @@ async fn apply_config(
             listen_ports_udp,
         }
     });
-    acknowledge_version(session, config.version, None).await;
+    Ack::new(session, config.version, None)
 }
 
 /// Applies the firewall part of a configuration, when nftables is in use.
@@ -175,13 +208,13 @@ async fn apply_firewall(inner: &EdgeInner, config: &EdgeConfig) -> Result<(), Fi
     result.map(|count| tracing::info!(rules = count, "firewall applied"))
 }
 
-/// Reports a configuration that was not applied: logs, status, events, and CONFIG_ACK.
-pub(crate) async fn reject(
+/// Reports a configuration that was not applied (logs, status, events); the CONFIG_ACK owed.
+pub(crate) fn reject(
     inner: &EdgeInner,
     session: &SessionHandle,
     version: Option<u64>,
     error: &ApplyError,
-) {
+) -> Ack {
     let error = error.to_string();
     tracing::error!(?version, %error, "configuration rejected; keeping the previous one");
     inner.update(|s| s.last_error = Some(error.clone()));
@@ -189,20 +222,7 @@ pub(crate) async fn reject(
         version,
         error: error.clone(),
     });
-    acknowledge_version(session, version, Some(&error)).await;
-}
-
-/// Tells the hub that sent a configuration with `version` (none: nothing to tell) that it is
-/// in force, or the `error` that kept it from being applied.
-async fn acknowledge_version(session: &SessionHandle, version: Option<u64>, error: Option<&str>) {
-    let Some(version) = version else {
-        return;
-    };
-    let ack = match error {
-        None => serde_json::json!({ "version": version }),
-        Some(error) => serde_json::json!({ "version": version, "error": error }),
-    };
-    acknowledge(session, ack).await;
+    Ack::new(session, version, Some(&error))
 }
 
 /// Sends a CONFIG_ACK (an applied version, an error, or the public IP).

@@ -10,7 +10,7 @@ use remoteingress_tunnel::{SessionEvent, SessionHandle};
 use remoteingress_wire::EdgeConfig;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::apply::{offer, reject, report_disagreement, ApplyError, Serving};
+use crate::apply::{offer, reject, report_disagreement, Ack, ApplyError, Serving};
 use crate::backoff::Backoff;
 use crate::connect::{connect, HubAddress};
 use crate::ports::PortSet;
@@ -189,17 +189,20 @@ async fn serve_tunnel(
 
 /// A configuration pushed over a tunnel.
 async fn configure(inner: &EdgeInner, tunnel: &Tunnel, json: &[u8]) {
-    let mut serving = inner.serving.lock().await;
-    let Some(serving) = serving.as_mut() else {
-        return;
-    };
-    match serde_json::from_slice::<EdgeConfig>(json) {
-        Ok(config) => {
-            let from = (tunnel.key, tunnel.hub(), &tunnel.session);
-            offer(inner, serving, from, &config).await;
+    let ack = {
+        let mut serving = inner.serving.lock().await;
+        let Some(serving) = serving.as_mut() else {
+            return;
+        };
+        match serde_json::from_slice::<EdgeConfig>(json) {
+            Ok(config) => {
+                let from = (tunnel.key, tunnel.hub(), &tunnel.session);
+                offer(inner, serving, from, &config).await
+            }
+            Err(e) => reject(inner, &tunnel.session, None, &ApplyError::from(e)),
         }
-        Err(e) => reject(inner, &tunnel.session, None, &ApplyError::from(e)).await,
-    }
+    };
+    ack.send().await;
 }
 
 /// Takes a drained tunnel out of the choice for new streams, ends its UDP sessions (their
@@ -240,6 +243,20 @@ fn drain(inner: &Arc<EdgeInner>, tunnel: Tunnel, mut events: mpsc::Receiver<Sess
 /// judged against the running one.
 async fn tunnel_up(inner: &EdgeInner, tunnel: &Tunnel, config: &EdgeConfig) {
     tracing::info!(address = %tunnel.address, hub_id = ?tunnel.hub_id, "tunnel connected");
+    let (ack, public_ip) = serve_first_config(inner, tunnel, config).await;
+    if let Some(ip) = public_ip {
+        report_public_ip(&tunnel.session, ip).await;
+    }
+    ack.send().await;
+}
+
+/// Under the serving lock: starts the listeners if this is the first tunnel, and judges its
+/// hub's configuration. Returns the acknowledgement owed and the public IP to report.
+async fn serve_first_config(
+    inner: &EdgeInner,
+    tunnel: &Tunnel,
+    config: &EdgeConfig,
+) -> (Ack, Option<std::net::IpAddr>) {
     let mut serving = inner.serving.lock().await;
     let serving = serving.get_or_insert_with(|| Serving {
         tcp: PortSet::new(
@@ -273,11 +290,8 @@ async fn tunnel_up(inner: &EdgeInner, tunnel: &Tunnel, config: &EdgeConfig) {
         hub_id: tunnel.hub_id.clone(),
         address: tunnel.address.clone(),
     });
-    if let Some(ip) = public_ip {
-        report_public_ip(&tunnel.session, ip).await;
-    }
     let from = (tunnel.key, tunnel.hub(), &tunnel.session);
-    offer(inner, serving, from, config).await;
+    (offer(inner, serving, from, config).await, public_ip)
 }
 
 /// A tunnel ended: its streams and UDP sessions are gone; the listeners close if it was the

@@ -6,8 +6,10 @@
 
 mod admission;
 mod edges;
+mod edges_file;
 mod handshake;
 mod metrics;
+mod push;
 mod registry;
 mod secret;
 mod server;
@@ -27,10 +29,11 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub use edges::{load_edges_file, validate_all, AllowedEdge};
+pub use edges::{validate_all, AllowedEdge};
+pub use edges_file::{load_edges_file, EdgesFileContent};
 pub use handshake::AuthFailure;
-use registry::Registry;
-pub use registry::ReplicaConflict;
+use registry::{AllowedSet, Registry};
+pub use registry::GenerationConflict;
 pub use remoteingress_tunnel::Transport;
 pub use remoteingress_wire::config::PortTargets;
 pub use remoteingress_wire::config::Protocol;
@@ -73,10 +76,10 @@ pub enum HubError {
     /// Metrics could not be registered (a name registered twice in one registry).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    /// In replica mode: a write that would let this hub's configuration diverge from the
-    /// other replicas'.
+    /// A write whose generation does not order it after the configuration in force (or, in
+    /// replica mode, that names none).
     #[error(transparent)]
-    Replica(#[from] ReplicaConflict),
+    Generation(#[from] GenerationConflict),
     /// The edges file could not be read or parsed.
     #[error("edges file {path}: {message}")]
     EdgesFile {
@@ -137,8 +140,8 @@ pub struct HubOptions {
     pub registry: prometheus::Registry,
     /// This hub instance's id, sent to edges so that they tell hubs behind one address apart.
     pub hub_id: String,
-    /// One of several hubs serving the same edges: admin writes must carry a generation that
-    /// orders them (see [`ReplicaConflict`]).
+    /// One of several hubs serving the same edges: every write must carry a generation that
+    /// orders it (see [`GenerationConflict`]).
     pub replica: bool,
 }
 
@@ -254,6 +257,20 @@ pub enum HubEvent {
         /// Its version.
         version: u64,
     },
+    /// The edges file changed: its new content was applied, or rejected (the previous edges
+    /// stay).
+    ConfigReloaded {
+        /// The file.
+        path: String,
+        /// SHA-256 of its content, in hex (empty if it could not be read).
+        digest: String,
+        /// The file's generation, if it has one.
+        generation: Option<u64>,
+        /// Edges it lists.
+        edges: usize,
+        /// Why it was rejected.
+        error: Option<String>,
+    },
     /// An edge acknowledged a configuration, or reported why it could not apply it.
     ConfigApplied {
         /// Edge id.
@@ -336,7 +353,8 @@ pub(crate) struct HubInner {
     local_addr: SocketAddr,
     pin: String,
     registry: Mutex<Registry>,
-    /// Serialises changes to the allowed set with their write to the state file.
+    /// Serialises changes to the allowed set with their write to the state file (never held
+    /// while waiting for an edge).
     changes: tokio::sync::Mutex<()>,
     events: broadcast::Sender<HubEvent>,
     metrics: metrics::HubMetrics,
@@ -358,6 +376,14 @@ impl HubInner {
     fn emit(&self, event: HubEvent) {
         let _ = self.events.send(event);
     }
+
+    /// Keeps a task that must end before shutdown completes.
+    fn track(&self, task: JoinHandle<()>) {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(task);
+    }
 }
 
 /// Entry point: [`Hub::start`].
@@ -368,15 +394,17 @@ impl Hub {
     /// Binds the tunnel listener and starts accepting edges.
     pub async fn start(options: HubOptions, identity: &HubIdentity) -> Result<HubHandle, HubError> {
         let tls = identity.server_config()?;
-        let mut registry = Registry::default();
-        if let Some(path) = &options.state_file {
-            registry
-                .restore(store::load(path)?)
-                .map_err(|message| HubError::State {
-                    path: path.clone(),
-                    message,
-                })?;
-        }
+        let stored = match &options.state_file {
+            Some(path) => store::load(path)?,
+            None => Vec::new(),
+        };
+        let allowed = AllowedSet::restore(stored, options.replica).map_err(|message| {
+            HubError::State {
+                path: options.state_file.clone().unwrap_or_default(),
+                message,
+            }
+        })?;
+        let registry = Registry::new(allowed);
         let listener = remoteingress_tunnel::listen_tcp(options.listen_addr).map_err(|source| {
             HubError::Bind {
                 addr: options.listen_addr,
@@ -422,12 +450,11 @@ impl Hub {
         inner.options.registry.register(Box::new(
             remoteingress_tunnel::warn::SuppressedWarnings::new()?,
         ))?;
-        let accept = tokio::spawn(server::accept_loop(inner.clone(), listener, tls));
-        inner
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(accept);
+        inner.track(tokio::spawn(server::accept_loop(
+            inner.clone(),
+            listener,
+            tls,
+        )));
         if inner.options.quic {
             let socket = std::net::UdpSocket::bind(local_addr)
                 .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
@@ -441,12 +468,10 @@ impl Hub {
                 socket,
                 &inner.options.session,
             )?;
-            let quic = tokio::spawn(server::quic_accept_loop(inner.clone(), endpoint));
-            inner
-                .tasks
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(quic);
+            inner.track(tokio::spawn(server::quic_accept_loop(
+                inner.clone(),
+                endpoint,
+            )));
         }
         tracing::info!(addr = %local_addr, pin = %inner.pin, "hub listening for edges");
         Ok(HubHandle { inner })
@@ -460,20 +485,6 @@ async fn ask_to_drain(sessions: Vec<remoteingress_tunnel::SessionHandle>) -> usi
         asked += usize::from(session.drain().await);
     }
     asked
-}
-
-/// In replica mode, refuses writes that other replicas could not agree with.
-fn check_replica_writes(
-    registry: &Registry,
-    replica: bool,
-    edges: &[AllowedEdge],
-) -> Result<(), HubError> {
-    if replica {
-        for edge in edges {
-            registry.check_replica_write(edge)?;
-        }
-    }
-    Ok(())
 }
 
 /// Control over a running hub; cheap to clone.
@@ -511,46 +522,40 @@ impl HubHandle {
     /// changed are disconnected.
     pub async fn update_allowed_edges(&self, edges: Vec<AllowedEdge>) -> Result<(), HubError> {
         validate_all(&edges)?;
-        let replica = self.inner.options.replica;
-        self.change(|registry| {
-            check_replica_writes(registry, replica, &edges)?;
-            Ok(((), registry.replace_all(edges)))
-        })
-        .await
+        self.change(|allowed| Ok(allowed.replace_all(edges)?)).await
     }
 
     /// Adds or replaces one edge.
     pub async fn upsert_edge(&self, edge: AllowedEdge) -> Result<(), HubError> {
         edge.validate()?;
-        let replica = self.inner.options.replica;
-        self.change(|registry| {
-            check_replica_writes(registry, replica, std::slice::from_ref(&edge))?;
-            Ok(((), registry.upsert(edge)))
-        })
-        .await
+        self.change(|allowed| Ok(allowed.upsert(edge)?)).await
     }
 
     /// Removes an edge (disconnecting it); false if it was not configured.
     pub async fn delete_edge(&self, id: &str) -> Result<bool, HubError> {
-        self.change(|registry| Ok(registry.delete(id))).await
+        self.change(|allowed| Ok(allowed.delete(id))).await
     }
 
-    /// Applies a change to the allowed set (or refuses it whole), persists the result, then
-    /// pushes configurations. A failed write is reported; the change is live but not persisted.
+    /// Applies a change to a draft of the allowed set (or refuses it whole), persists the draft,
+    /// and only then makes it live. Edges are owed their new configurations, which their
+    /// tunnels' pushers send: no write waits for an edge. A failed write to the state file
+    /// changes nothing.
     async fn change<R>(
         &self,
-        apply: impl FnOnce(&mut Registry) -> Result<(R, Vec<registry::Push>), HubError>,
+        apply: impl FnOnce(&mut AllowedSet) -> Result<R, HubError>,
     ) -> Result<R, HubError> {
         let _serial = self.inner.changes.lock().await;
-        let (result, pushes, snapshot) = {
-            let mut registry = self.inner.registry();
-            let (result, pushes) = apply(&mut registry)?;
-            (result, pushes, registry.snapshot())
-        };
-        registry::perform(&self.inner, pushes).await;
+        let mut draft = self.inner.registry().draft();
+        let result = apply(&mut draft)?;
         if let Some(path) = &self.inner.options.state_file {
-            store::save(path, snapshot)?;
+            let (path, snapshot) = (path.clone(), draft.snapshot());
+            let saving = tokio::task::spawn_blocking(move || store::save(&path, snapshot));
+            saving.await.map_err(|e| HubError::State {
+                path: self.inner.options.state_file.clone().unwrap_or_default(),
+                message: format!("writing the state file did not finish: {e}"),
+            })??;
         }
+        self.inner.registry().install(draft);
         Ok(result)
     }
 
@@ -585,46 +590,6 @@ impl HubHandle {
             draining: self.inner.accepting.is_cancelled() && !self.inner.shutdown.is_cancelled(),
             connected_edges: self.inner.registry().connected(),
         }
-    }
-
-    /// Follows `path`: applies it now (an error leaves the hub unchanged), then re-applies it
-    /// whenever its modification time changes, checking every `poll`.
-    pub async fn watch_edges_file(&self, path: PathBuf, poll: Duration) -> Result<(), HubError> {
-        let modified = |path: &PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
-        self.update_allowed_edges(load_edges_file(&path)?).await?;
-        let mut seen = modified(&path);
-        let hub = self.clone();
-        let task = tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(poll);
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    () = hub.inner.shutdown.cancelled() => return,
-                }
-                let now = modified(&path);
-                if now == seen {
-                    continue;
-                }
-                seen = now;
-                match load_edges_file(&path) {
-                    Ok(edges) => match hub.update_allowed_edges(edges).await {
-                        Ok(()) => tracing::info!(path = %path.display(), "edges file reloaded"),
-                        Err(e) => {
-                            tracing::error!(error = %e, "edges file rejected; keeping the previous edges")
-                        }
-                    },
-                    Err(e) => {
-                        tracing::error!(error = %e, "edges file rejected; keeping the previous edges")
-                    }
-                }
-            }
-        });
-        self.inner
-            .tasks
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(task);
-        Ok(())
     }
 
     /// True while the listener is bound and the state loaded (until shutdown begins).

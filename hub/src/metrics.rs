@@ -23,6 +23,8 @@ pub(crate) struct HubMetrics {
     pub(crate) udp_dropped: IntCounterVec,
     pub(crate) config_pushes: IntCounterVec,
     pub(crate) tunnel_rtt: prometheus::GaugeVec,
+    pub(crate) config_reloads: IntCounterVec,
+    pub(crate) config_reload_ok: IntGauge,
 }
 
 fn counter(
@@ -54,6 +56,13 @@ impl HubMetrics {
             &["edge"],
         )?;
         registry.register(Box::new(tunnel_rtt.clone()))?;
+        let config_reload_ok = IntGauge::new(
+            "remoteingress_config_last_reload_successful",
+            "1 if the last change of the edges file was applied, 0 if it was rejected (the \
+             hub keeps the edges it had)",
+        )?;
+        registry.register(Box::new(config_reload_ok.clone()))?;
+        config_reload_ok.set(1);
         Ok(Self {
             edge_connections: counter(
                 registry,
@@ -105,6 +114,13 @@ impl HubMetrics {
                 &["edge"],
             )?,
             tunnel_rtt,
+            config_reloads: counter(
+                registry,
+                "remoteingress_config_reloads_total",
+                "Changes of the edges file seen, by result (applied, rejected)",
+                &["result"],
+            )?,
+            config_reload_ok,
         })
     }
 }

@@ -1,26 +1,24 @@
 //! Allowed edges and their live tunnels, and the reconciliation between the two when the
-//! allowed set changes.
+//! allowed set changes: a change is made to a draft of the allowed set, which goes live whole.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
-use bytes::Bytes;
 use remoteingress_tunnel::SessionHandle;
 use remoteingress_wire::config::Protocol;
-use remoteingress_wire::frame::FrameType;
 use remoteingress_wire::EdgeConfig;
 use std::sync::LazyLock;
+use tokio::sync::watch;
 
 use crate::metrics::{Live, Totals};
 use crate::secret::StoredSecret;
 use crate::store::StoredEdge;
 use crate::target::TargetError;
-use crate::{
-    AllowedEdge, ConnectedEdge, EdgeInfo, HubEvent, HubInner, PortTargets, TokenSecretError,
-};
+use crate::{AllowedEdge, ConnectedEdge, EdgeInfo, PortTargets, TokenSecretError};
 
+#[derive(Clone)]
 struct EdgeRecord {
     secret: StoredSecret,
     /// The secret as last given to this process (never persisted), for connection tokens.
@@ -31,8 +29,6 @@ struct EdgeRecord {
     version: u64,
     /// How new the configuration is: the source's, or counted here when it gives none.
     generation: u64,
-    applied_version: Option<u64>,
-    last_error: Option<String>,
 }
 
 impl EdgeRecord {
@@ -45,13 +41,13 @@ impl EdgeRecord {
     }
 }
 
-/// Why a write was refused in replica mode, where every hub of the tier must end up with the
-/// same configuration at the same generation.
+/// Why a write was refused: its generation would not order it against what the hub has, so
+/// an edge (or the other replicas) could not tell which configuration is current.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReplicaConflict {
+pub enum GenerationConflict {
     /// The write has no generation, so edges could not order it against other hubs' configs.
     #[error("edge {0:?}: a hub running as one of several replicas needs a `generation` on every edge write")]
-    GenerationRequired(String),
+    Required(String),
     /// The write is older than what this hub has.
     #[error("edge {edge:?}: generation {given} is older than the current generation {current}")]
     Stale {
@@ -62,8 +58,8 @@ pub enum ReplicaConflict {
         /// The hub's.
         current: u64,
     },
-    /// Same generation as what this hub has, different content: hubs would disagree.
-    #[error("edge {edge:?}: generation {generation} already names a different configuration")]
+    /// Same generation as what this hub has, different content: edges would refuse it.
+    #[error("edge {edge:?}: generation {generation} already names a different configuration; raise the generation to change it")]
     Conflicting {
         /// Edge id.
         edge: String,
@@ -75,37 +71,54 @@ pub enum ReplicaConflict {
 /// Compared against for unknown ids, so that timing does not tell whether an id exists.
 static UNKNOWN_EDGE_SECRET: LazyLock<StoredSecret> = LazyLock::new(|| StoredSecret::new(""));
 
+/// What the configuration of a tunnel should be; its pusher sends each new value.
+pub(crate) type OwedConfig = watch::Receiver<Option<EdgeConfig>>;
+
 /// A live tunnel of an edge.
 pub(crate) struct Connection {
     pub(crate) id: u64,
     pub(crate) session: SessionHandle,
     pub(crate) since: SystemTime,
     pub(crate) remote_addr: SocketAddr,
-    pub(crate) sent_version: u64,
+    /// The newest configuration owed to this tunnel, for its pusher.
+    owed: watch::Sender<Option<EdgeConfig>>,
     pub(crate) rtt: Option<Duration>,
     pub(crate) public_ip: Option<std::net::IpAddr>,
 }
 
-/// A configuration to send to a connected edge.
-pub(crate) struct Push {
-    session: SessionHandle,
-    edge_id: String,
-    config: EdgeConfig,
+/// What a change of the allowed set means for live tunnels, carried out when it goes live.
+#[derive(Clone)]
+enum Effect {
+    /// Send the edge its configuration on every tunnel.
+    Push(String),
+    /// Close the edge's tunnels.
+    Disconnect(String, &'static str),
 }
 
+/// What an edge last acknowledged.
 #[derive(Default)]
-pub(crate) struct Registry {
-    edges: BTreeMap<String, EdgeRecord>,
-    /// Live tunnels per edge: one, or several from an edge that keeps tunnels to several hubs
-    /// (and may reach this one twice through a load balancer before it knows).
-    connections: HashMap<String, Vec<Connection>>,
-    next_connection_id: u64,
-    /// Traffic of ended tunnels per edge, so that metrics never go backwards.
-    ended: HashMap<String, Totals>,
+struct Acks {
+    applied_version: Option<u64>,
+    last_error: Option<String>,
 }
 
-impl Registry {
-    pub(crate) fn replace_all(&mut self, edges: Vec<AllowedEdge>) -> Vec<Push> {
+/// The allowed edges and their configurations. A change is made to a copy (a draft), which is
+/// persisted before it replaces the live set, so that the state file never lags behind.
+#[derive(Clone, Default)]
+pub(crate) struct AllowedSet {
+    edges: BTreeMap<String, EdgeRecord>,
+    /// What the changes made to this draft mean for live tunnels, in order.
+    effects: Vec<Effect>,
+    /// Every write must name a generation (several hubs serve the same edges).
+    replica: bool,
+}
+
+impl AllowedSet {
+    /// Replaces the whole set; refused whole if any write is refused.
+    pub(crate) fn replace_all(
+        &mut self,
+        edges: Vec<AllowedEdge>,
+    ) -> Result<(), GenerationConflict> {
         let keep: std::collections::HashSet<&str> = edges.iter().map(|e| e.id.as_str()).collect();
         let removed: Vec<String> = self
             .edges
@@ -116,13 +129,12 @@ impl Registry {
         for id in removed {
             self.delete(&id);
         }
-        edges
-            .into_iter()
-            .filter_map(|edge| self.upsert(edge).pop())
-            .collect()
+        edges.into_iter().try_for_each(|edge| self.upsert(edge))
     }
 
-    pub(crate) fn upsert(&mut self, edge: AllowedEdge) -> Vec<Push> {
+    /// Adds or replaces one edge.
+    pub(crate) fn upsert(&mut self, edge: AllowedEdge) -> Result<(), GenerationConflict> {
+        self.check_generation(&edge)?;
         let AllowedEdge {
             id,
             secret,
@@ -139,11 +151,9 @@ impl Registry {
                     config,
                     targets,
                     version: 1,
-                    applied_version: None,
-                    last_error: None,
                 },
             );
-            return Vec::new();
+            return Ok(());
         };
         let secret_changed = !record.secret.matches(&secret);
         let content_changed = !record.config.same_content(&config);
@@ -164,44 +174,45 @@ impl Registry {
             record.version += 1;
         }
         if secret_changed {
-            self.disconnect(&id, "edge secret changed");
-            return Vec::new();
+            self.effects
+                .push(Effect::Disconnect(id, "edge secret changed"));
+        } else if config_changed {
+            self.effects.push(Effect::Push(id));
         }
-        if !config_changed {
-            return Vec::new();
-        }
-        let record = &self.edges[&id];
-        let mut pushes = Vec::new();
-        for connection in self.connections.get_mut(&id).into_iter().flatten() {
-            connection.sent_version = record.version;
-            pushes.push(Push {
-                session: connection.session.clone(),
-                edge_id: id.clone(),
-                config: record.versioned_config(),
-            });
-        }
-        pushes
+        Ok(())
     }
 
-    /// Checks a write in replica mode: it names a generation, not older than this hub's, and
-    /// not the same generation for different content.
-    pub(crate) fn check_replica_write(&self, edge: &AllowedEdge) -> Result<(), ReplicaConflict> {
-        let given = edge
-            .config
-            .generation
-            .ok_or_else(|| ReplicaConflict::GenerationRequired(edge.id.clone()))?;
+    /// Removes an edge; false if it was not configured.
+    pub(crate) fn delete(&mut self, id: &str) -> bool {
+        let found = self.edges.remove(id).is_some();
+        if found {
+            self.effects
+                .push(Effect::Disconnect(id.to_owned(), "edge removed"));
+        }
+        found
+    }
+
+    /// Checks that a write's generation orders it: not older than this hub's, not the same
+    /// generation for different content, and present at all in replica mode.
+    fn check_generation(&self, edge: &AllowedEdge) -> Result<(), GenerationConflict> {
+        let Some(given) = edge.config.generation else {
+            return match self.replica {
+                true => Err(GenerationConflict::Required(edge.id.clone())),
+                false => Ok(()),
+            };
+        };
         let Some(record) = self.edges.get(&edge.id) else {
             return Ok(());
         };
         if given < record.generation {
-            return Err(ReplicaConflict::Stale {
+            return Err(GenerationConflict::Stale {
                 edge: edge.id.clone(),
                 given,
                 current: record.generation,
             });
         }
         if given == record.generation && !record.config.same_content(&edge.config) {
-            return Err(ReplicaConflict::Conflicting {
+            return Err(GenerationConflict::Conflicting {
                 edge: edge.id.clone(),
                 generation: given,
             });
@@ -223,12 +234,16 @@ impl Registry {
             .collect()
     }
 
-    /// Loads persisted edges into an empty registry.
-    pub(crate) fn restore(&mut self, edges: Vec<StoredEdge>) -> Result<(), String> {
+    /// Persisted edges, in a set that requires generations if `replica`.
+    pub(crate) fn restore(edges: Vec<StoredEdge>, replica: bool) -> Result<Self, String> {
+        let mut set = Self {
+            replica,
+            ..Self::default()
+        };
         for edge in edges {
             let secret = StoredSecret::decode(&edge.secret_hash)
                 .ok_or_else(|| format!("edge {:?}: unreadable secret hash", edge.id))?;
-            self.edges.insert(
+            set.edges.insert(
                 edge.id,
                 EdgeRecord {
                     secret,
@@ -237,12 +252,68 @@ impl Registry {
                     targets: edge.targets,
                     generation: edge.generation.max(1),
                     version: 1,
-                    applied_version: None,
-                    last_error: None,
                 },
             );
         }
-        Ok(())
+        Ok(set)
+    }
+}
+
+/// Allowed edges and their live tunnels.
+#[derive(Default)]
+pub(crate) struct Registry {
+    allowed: AllowedSet,
+    /// What each allowed edge last acknowledged.
+    acks: HashMap<String, Acks>,
+    /// Live tunnels per edge: one, or several from an edge that keeps tunnels to several hubs
+    /// (and may reach this one twice through a load balancer before it knows).
+    connections: HashMap<String, Vec<Connection>>,
+    next_connection_id: u64,
+    /// Traffic of ended tunnels per edge, so that metrics never go backwards.
+    ended: HashMap<String, Totals>,
+}
+
+impl Registry {
+    /// A registry serving `allowed`.
+    pub(crate) fn new(allowed: AllowedSet) -> Self {
+        Self {
+            allowed,
+            ..Self::default()
+        }
+    }
+
+    /// A copy of the allowed set to change.
+    pub(crate) fn draft(&self) -> AllowedSet {
+        self.allowed.clone()
+    }
+
+    /// Makes a changed copy of the allowed set live: removed edges and edges whose secret
+    /// changed are disconnected, the others are owed their new configuration on every tunnel.
+    pub(crate) fn install(&mut self, mut allowed: AllowedSet) {
+        let effects = std::mem::take(&mut allowed.effects);
+        self.allowed = allowed;
+        let edges = &self.allowed.edges;
+        self.acks.retain(|id, _| edges.contains_key(id));
+        for effect in effects {
+            match effect {
+                Effect::Push(id) => self.owe_current_config(&id),
+                Effect::Disconnect(id, reason) => {
+                    self.disconnect(&id, reason);
+                }
+            }
+        }
+    }
+
+    /// Owes every tunnel of `id` the edge's current configuration.
+    fn owe_current_config(&mut self, id: &str) {
+        let Some(record) = self.allowed.edges.get(id) else {
+            return;
+        };
+        for connection in self.connections.get(id).into_iter().flatten() {
+            connection
+                .owed
+                .send_replace(Some(record.versioned_config()));
+        }
     }
 
     /// The secret of an edge if `given` matches it, or the one this process was last told.
@@ -251,19 +322,17 @@ impl Registry {
         id: &str,
         given: Option<&str>,
     ) -> Result<String, TokenSecretError> {
-        let record = self.edges.get(id).ok_or(TokenSecretError::UnknownEdge)?;
+        let record = self
+            .allowed
+            .edges
+            .get(id)
+            .ok_or(TokenSecretError::UnknownEdge)?;
         match (given, &record.plaintext) {
             (Some(given), _) if record.secret.matches(given) => Ok(given.to_owned()),
             (Some(_), _) => Err(TokenSecretError::Mismatch),
             (None, Some(plaintext)) => Ok(plaintext.clone()),
             (None, None) => Err(TokenSecretError::OnlyHashKnown),
         }
-    }
-
-    pub(crate) fn delete(&mut self, id: &str) -> (bool, Vec<Push>) {
-        let found = self.edges.remove(id).is_some();
-        self.disconnect(id, "edge removed");
-        (found, Vec::new())
     }
 
     /// Forgets an edge's tunnels that match `which`, keeping their traffic in the totals.
@@ -353,7 +422,7 @@ impl Registry {
 
     /// Checks credentials in constant time; the versioned config to send on success.
     pub(crate) fn authenticate(&self, id: &str, secret: &str) -> Option<EdgeConfig> {
-        match self.edges.get(id) {
+        match self.allowed.edges.get(id) {
             Some(record) => record
                 .secret
                 .matches(secret)
@@ -366,8 +435,9 @@ impl Registry {
     }
 
     /// Registers a new tunnel, replacing any previous one of an edge that does not keep several
-    /// tunnels. Fails if the edge
-    /// was removed or its secret changed since it authenticated. May return a newer config.
+    /// tunnels. Fails if the edge was removed or its secret changed since it authenticated.
+    /// Returns the tunnel's id and the configurations it is owed from now on (already the
+    /// current one if it changed since `sent_version` was sent).
     pub(crate) fn attach(
         &mut self,
         edge_id: &str,
@@ -375,17 +445,15 @@ impl Registry {
         session: SessionHandle,
         remote_addr: SocketAddr,
         sent_version: u64,
-    ) -> Result<(u64, Option<Push>), ()> {
-        let record = self.edges.get(edge_id).ok_or(())?;
+    ) -> Result<(u64, OwedConfig), ()> {
+        let record = self.allowed.edges.get(edge_id).ok_or(())?;
         if !record.secret.matches(secret) {
             return Err(());
         }
-        let newer = (record.version != sent_version).then(|| Push {
-            session: session.clone(),
-            edge_id: edge_id.to_owned(),
-            config: record.versioned_config(),
-        });
-        let version = record.version;
+        let (owed, owed_receiver) = watch::channel(None);
+        if record.version != sent_version {
+            owed.send_replace(Some(record.versioned_config()));
+        }
         self.next_connection_id += 1;
         let id = self.next_connection_id;
         // An edge that keeps several tunnels (it confirmed DRAIN) manages them itself; any
@@ -399,7 +467,7 @@ impl Registry {
                 session,
                 since: SystemTime::now(),
                 remote_addr,
-                sent_version: version,
+                owed,
                 rtt: None,
                 public_ip: None,
             });
@@ -408,7 +476,7 @@ impl Registry {
                 .session
                 .close("replaced by a newer connection of the same edge");
         }
-        Ok((id, newer))
+        Ok((id, owed_receiver))
     }
 
     /// Forgets a tunnel if the edge still has it.
@@ -424,14 +492,16 @@ impl Registry {
     }
 
     pub(crate) fn record_ack(&mut self, edge_id: &str, version: u64, error: Option<String>) {
-        if let Some(record) = self.edges.get_mut(edge_id) {
-            match error {
-                None => {
-                    record.applied_version = Some(version);
-                    record.last_error = None;
-                }
-                Some(error) => record.last_error = Some(error),
+        if !self.allowed.edges.contains_key(edge_id) {
+            return;
+        }
+        let acks = self.acks.entry(edge_id.to_owned()).or_default();
+        match error {
+            None => {
+                acks.applied_version = Some(version);
+                acks.last_error = None;
             }
+            Some(error) => acks.last_error = Some(error),
         }
     }
 
@@ -446,7 +516,7 @@ impl Registry {
     }
 
     pub(crate) fn is_configured(&self, edge_id: &str) -> bool {
-        self.edges.contains_key(edge_id)
+        self.allowed.edges.contains_key(edge_id)
     }
 
     pub(crate) fn record_public_ip(
@@ -468,7 +538,11 @@ impl Registry {
         protocol: Protocol,
         edge_port: u16,
     ) -> Result<(Option<String>, u16), TargetError> {
-        let record = self.edges.get(edge_id).ok_or(TargetError::EdgeGone)?;
+        let record = self
+            .allowed
+            .edges
+            .get(edge_id)
+            .ok_or(TargetError::EdgeGone)?;
         let assigned = match protocol {
             Protocol::Tcp => &record.config.listen_ports,
             Protocol::Udp => &record.config.listen_ports_udp,
@@ -487,17 +561,21 @@ impl Registry {
     }
 
     pub(crate) fn list(&self) -> Vec<EdgeInfo> {
-        self.edges
+        self.allowed
+            .edges
             .iter()
-            .map(|(id, record)| EdgeInfo {
-                id: id.clone(),
-                config: record.config.clone(),
-                targets: record.targets.clone(),
-                connected: self.connections.contains_key(id),
-                desired_version: record.version,
-                generation: record.generation,
-                applied_version: record.applied_version,
-                last_error: record.last_error.clone(),
+            .map(|(id, record)| {
+                let acks = self.acks.get(id);
+                EdgeInfo {
+                    id: id.clone(),
+                    config: record.config.clone(),
+                    targets: record.targets.clone(),
+                    connected: self.connections.contains_key(id),
+                    desired_version: record.version,
+                    generation: record.generation,
+                    applied_version: acks.and_then(|a| a.applied_version),
+                    last_error: acks.and_then(|a| a.last_error.clone()),
+                }
             })
             .collect()
     }
@@ -530,36 +608,12 @@ impl Registry {
     }
 }
 
-/// Sends the configurations to their edges.
-pub(crate) async fn perform(inner: &HubInner, pushes: Vec<Push>) {
-    for push in pushes {
-        let version = push.config.version.unwrap_or_default();
-        let json = serde_json::to_vec(&push.config).unwrap_or_default();
-        if push
-            .session
-            .send_control(FrameType::Config, Bytes::from(json))
-            .await
-            .is_ok()
-        {
-            tracing::info!(edge = %push.edge_id, version, "configuration pushed");
-            inner
-                .metrics
-                .config_pushes
-                .with_label_values(&[&push.edge_id])
-                .inc();
-            inner.emit(HubEvent::ConfigPushed {
-                edge_id: push.edge_id,
-                version,
-            });
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use bytes::Bytes;
     use remoteingress_tunnel::{spawn_session, CloseReason, Role, SessionOptions};
 
     const ADDR: &str = "192.0.2.7:40000";
@@ -587,17 +641,44 @@ mod tests {
         AllowedEdge::new(id, secret, ports.to_vec())
     }
 
-    fn attach(registry: &mut Registry, id: &str, session: &SessionHandle) -> (u64, Option<Push>) {
+    /// Makes one change live, as the hub does once it is persisted.
+    fn change(
+        registry: &mut Registry,
+        apply: impl FnOnce(&mut AllowedSet) -> Result<(), GenerationConflict>,
+    ) -> Result<(), GenerationConflict> {
+        let mut draft = registry.draft();
+        apply(&mut draft)?;
+        registry.install(draft);
+        Ok(())
+    }
+
+    fn upsert(registry: &mut Registry, edge: AllowedEdge) {
+        change(registry, |allowed| allowed.upsert(edge)).unwrap();
+    }
+
+    fn replace_all(registry: &mut Registry, edges: Vec<AllowedEdge>) {
+        change(registry, |allowed| allowed.replace_all(edges)).unwrap();
+    }
+
+    fn attach(registry: &mut Registry, id: &str, session: &SessionHandle) -> (u64, OwedConfig) {
         let version = registry.authenticate(id, "s").unwrap().version.unwrap();
         registry
             .attach(id, "s", session.clone(), ADDR.parse().unwrap(), version)
             .unwrap()
     }
 
+    /// The configuration a tunnel is owed and not yet sent, marking it sent.
+    fn take_owed(owed: &mut OwedConfig) -> Option<EdgeConfig> {
+        if !owed.has_changed().unwrap_or(false) {
+            return None;
+        }
+        owed.borrow_and_update().clone()
+    }
+
     #[test]
     fn only_allowed_edges_with_their_secret_authenticate() {
         let mut registry = Registry::default();
-        assert!(registry.replace_all(vec![edge("a", "s", &[80])]).is_empty());
+        replace_all(&mut registry, vec![edge("a", "s", &[80])]);
         let config = registry.authenticate("a", "s").expect("allowed");
         assert_eq!(config.listen_ports, [80]);
         assert_eq!(config.version, Some(1));
@@ -606,9 +687,23 @@ mod tests {
         assert!(registry.is_configured("a"));
         assert!(!registry.is_configured("b"));
 
-        registry.replace_all(vec![edge("b", "s", &[])]);
+        replace_all(&mut registry, vec![edge("b", "s", &[])]);
         assert!(registry.authenticate("a", "s").is_none(), "a was replaced");
         assert!(registry.authenticate("b", "s").is_some());
+    }
+
+    #[test]
+    fn a_draft_changes_nothing_until_it_is_installed() {
+        let mut registry = Registry::default();
+        upsert(&mut registry, edge("a", "s", &[80]));
+        let mut draft = registry.draft();
+        draft.upsert(edge("a", "s", &[81])).unwrap();
+        draft.delete("a");
+        draft.upsert(edge("b", "s", &[82])).unwrap();
+        assert_eq!(registry.list()[0].config.listen_ports, [80]);
+        assert!(registry.authenticate("b", "s").is_none());
+        drop(draft);
+        assert_eq!(registry.list().len(), 1, "a dropped draft is forgotten");
     }
 
     #[test]
@@ -618,7 +713,7 @@ mod tests {
         entry.targets.ports.insert(443, 8443);
         entry.targets.hosts.insert(80, "10.96.0.7".into());
         entry.config.listen_ports_udp = vec![53];
-        registry.upsert(entry);
+        upsert(&mut registry, entry);
         let route = |edge: &str, protocol, port| registry.target(edge, protocol, port);
         let host = Some("10.96.0.7".to_owned());
         assert_eq!(route("a", Protocol::Tcp, 80).ok(), Some((host, 80)));
@@ -635,7 +730,7 @@ mod tests {
         let mut registry = Registry::default();
         let mut entry = edge("a", "s", &[80]);
         entry.config.listen_ports_udp = vec![53];
-        registry.upsert(entry);
+        upsert(&mut registry, entry);
         for (protocol, port) in [
             (Protocol::Tcp, 22),
             (Protocol::Tcp, 53),
@@ -655,47 +750,58 @@ mod tests {
     #[tokio::test]
     async fn versions_rise_only_when_the_config_changes_and_reach_the_connected_edge() {
         let mut registry = Registry::default();
-        registry.upsert(edge("a", "s", &[80]));
+        upsert(&mut registry, edge("a", "s", &[80]));
         let (session, _peer) = live_session();
-        let (_, newer) = attach(&mut registry, "a", &session);
-        assert!(
-            newer.is_none(),
+        let (_, mut owed) = attach(&mut registry, "a", &session);
+        assert_eq!(
+            take_owed(&mut owed),
+            None,
             "the edge got the current version at connect"
         );
 
-        assert!(
-            registry.upsert(edge("a", "s", &[80])).is_empty(),
-            "an unchanged config is not pushed"
-        );
+        upsert(&mut registry, edge("a", "s", &[80]));
+        assert_eq!(take_owed(&mut owed), None, "an unchanged config is not pushed");
         assert_eq!(registry.list()[0].desired_version, 1);
 
-        let pushes = registry.upsert(edge("a", "s", &[80, 443]));
-        assert_eq!(pushes.len(), 1);
-        assert_eq!(pushes[0].edge_id, "a");
-        assert_eq!(pushes[0].config.version, Some(2));
-        assert_eq!(pushes[0].config.listen_ports, [80, 443]);
+        upsert(&mut registry, edge("a", "s", &[80, 443]));
+        let pushed = take_owed(&mut owed).expect("the change is owed");
+        assert_eq!(pushed.version, Some(2));
+        assert_eq!(pushed.listen_ports, [80, 443]);
         assert_eq!(registry.list()[0].desired_version, 2);
     }
 
     #[tokio::test]
     async fn a_change_made_during_the_handshake_is_sent_after_attach() {
         let mut registry = Registry::default();
-        registry.upsert(edge("a", "s", &[80]));
+        upsert(&mut registry, edge("a", "s", &[80]));
         let sent = registry.authenticate("a", "s").unwrap().version.unwrap();
-        registry.upsert(edge("a", "s", &[81]));
+        upsert(&mut registry, edge("a", "s", &[81]));
         let (session, _peer) = live_session();
-        let (_, newer) = registry
+        let (_, mut owed) = registry
             .attach("a", "s", session, ADDR.parse().unwrap(), sent)
             .unwrap();
-        let newer = newer.expect("the newer config follows");
-        assert_eq!(newer.config.version, Some(2));
-        assert_eq!(newer.config.listen_ports, [81]);
+        let newer = take_owed(&mut owed).expect("the newer config follows");
+        assert_eq!(newer.version, Some(2));
+        assert_eq!(newer.listen_ports, [81]);
+    }
+
+    #[tokio::test]
+    async fn a_tunnel_that_attaches_between_draft_and_install_gets_the_change() {
+        let mut registry = Registry::default();
+        upsert(&mut registry, edge("a", "s", &[80]));
+        let mut draft = registry.draft();
+        draft.upsert(edge("a", "s", &[81])).unwrap();
+        let (session, _peer) = live_session();
+        let (_, mut owed) = attach(&mut registry, "a", &session);
+        registry.install(draft);
+        let owed = take_owed(&mut owed).expect("the change reaches the new tunnel");
+        assert_eq!(owed.listen_ports, [81]);
     }
 
     #[test]
     fn acks_record_the_applied_version_and_errors_keep_it() {
         let mut registry = Registry::default();
-        registry.upsert(edge("a", "s", &[80]));
+        upsert(&mut registry, edge("a", "s", &[80]));
         registry.record_ack("a", 1, None);
         let info = &registry.list()[0];
         assert_eq!(
@@ -710,15 +816,32 @@ mod tests {
             "a failed version is not applied"
         );
         assert_eq!(info.last_error.as_deref(), Some("port 80 in use"));
+        upsert(&mut registry, edge("a", "s", &[81]));
+        assert_eq!(
+            registry.list()[0].applied_version,
+            Some(1),
+            "a change keeps what the edge acknowledged"
+        );
         registry.record_ack("a", 3, None);
         assert_eq!(registry.list()[0].last_error, None);
         registry.record_ack("unknown", 1, None);
+        change(&mut registry, |allowed| {
+            allowed.delete("a");
+            Ok(())
+        })
+        .unwrap();
+        upsert(&mut registry, edge("a", "s", &[80]));
+        assert_eq!(
+            registry.list()[0].applied_version,
+            None,
+            "a removed edge's acknowledgements go with it"
+        );
     }
 
     #[tokio::test]
     async fn a_second_tunnel_of_the_same_edge_takes_over() {
         let mut registry = Registry::default();
-        registry.upsert(edge("a", "s", &[80]));
+        upsert(&mut registry, edge("a", "s", &[80]));
         let (first, _first_peer) = live_session();
         let (second, _second_peer) = live_session();
         let (first_id, _) = attach(&mut registry, "a", &first);
@@ -742,86 +865,129 @@ mod tests {
     #[tokio::test]
     async fn an_edge_that_keeps_several_tunnels_keeps_them_all_and_gets_every_push() {
         let mut registry = Registry::default();
-        registry.upsert(edge("a", "s", &[80]));
+        upsert(&mut registry, edge("a", "s", &[80]));
+        upsert(&mut registry, edge("b", "s", &[90]));
         let all = remoteingress_wire::extension::Extensions::ALL;
         let (first, _first_peer) = session_agreeing(all);
         let (second, _second_peer) = session_agreeing(all);
-        let (first_id, _) = attach(&mut registry, "a", &first);
-        attach(&mut registry, "a", &second);
+        let (third, _third_peer) = session_agreeing(all);
+        let (first_id, mut first_owed) = attach(&mut registry, "a", &first);
+        let (_, mut second_owed) = attach(&mut registry, "a", &second);
+        let (_, mut third_owed) = attach(&mut registry, "a", &third);
         assert_eq!(
             registry.connected_edge_count(),
             1,
             "one edge, whatever its tunnels"
         );
-        assert_eq!(registry.sessions_of("a").len(), 2);
-        assert!(!first.is_closed() && !second.is_closed());
-        assert_eq!(registry.connected().len(), 2);
-        let pushes = registry.upsert(edge("a", "s", &[80, 443]));
-        assert_eq!(pushes.len(), 2, "every tunnel gets the new configuration");
+        assert_eq!(registry.sessions_of("a").len(), 3);
+        assert!(!first.is_closed() && !second.is_closed() && !third.is_closed());
+        assert_eq!(registry.connected().len(), 3);
+        upsert(&mut registry, edge("a", "s", &[80, 443]));
+        for owed in [&mut first_owed, &mut second_owed, &mut third_owed] {
+            let config = take_owed(owed).expect("every tunnel gets the new configuration");
+            assert_eq!(config.listen_ports, [80, 443]);
+        }
+        // The path of UpdateAllowedEdges, which the operator uses, too.
+        replace_all(
+            &mut registry,
+            vec![edge("a", "s", &[80, 444]), edge("b", "s", &[90])],
+        );
+        for owed in [&mut first_owed, &mut second_owed, &mut third_owed] {
+            let config = take_owed(owed).expect("every tunnel gets the replaced set");
+            assert_eq!(config.listen_ports, [80, 444]);
+        }
         registry.detach("a", first_id);
-        assert_eq!(registry.sessions_of("a").len(), 1);
+        assert_eq!(registry.sessions_of("a").len(), 2);
+        assert!(first_owed.changed().await.is_err(), "its pusher stops");
         assert!(registry.disconnect("a", "bye"));
-        assert!(second.is_closed());
+        assert!(second.is_closed() && third.is_closed());
+    }
+
+    #[tokio::test]
+    async fn changes_made_while_a_push_is_pending_leave_only_the_newest_owed() {
+        let mut registry = Registry::default();
+        upsert(&mut registry, edge("a", "s", &[80]));
+        let (session, _peer) = live_session();
+        let (_, mut owed) = attach(&mut registry, "a", &session);
+        for port in 81..90 {
+            upsert(&mut registry, edge("a", "s", &[port]));
+        }
+        let newest = take_owed(&mut owed).unwrap();
+        assert_eq!(newest.listen_ports, [89]);
+        assert_eq!(take_owed(&mut owed), None);
     }
 
     #[test]
     fn generations_are_the_sources_or_counted_on_change() {
         let mut registry = Registry::default();
-        registry.upsert(edge("a", "s", &[80]));
+        upsert(&mut registry, edge("a", "s", &[80]));
         let generation = |registry: &Registry| registry.list()[0].generation;
         assert_eq!(generation(&registry), 1);
-        registry.upsert(edge("a", "s", &[80]));
+        upsert(&mut registry, edge("a", "s", &[80]));
         assert_eq!(generation(&registry), 1, "no change, same generation");
-        registry.upsert(edge("a", "s", &[81]));
+        upsert(&mut registry, edge("a", "s", &[81]));
         assert_eq!(generation(&registry), 2);
         let mut explicit = edge("a", "s", &[81]);
         explicit.config.generation = Some(40);
-        registry.upsert(explicit);
+        upsert(&mut registry, explicit);
         assert_eq!(generation(&registry), 40);
         assert_eq!(
             registry.authenticate("a", "s").unwrap().generation,
             Some(40)
         );
+        upsert(&mut registry, edge("a", "s", &[82]));
+        assert_eq!(generation(&registry), 41, "counting goes on from the source's");
     }
 
     #[test]
-    fn replica_writes_need_a_generation_that_orders_them() {
-        let mut registry = Registry::default();
-        let mut current = edge("a", "s", &[80]);
-        assert_eq!(
-            registry.check_replica_write(&current),
-            Err(ReplicaConflict::GenerationRequired("a".into()))
-        );
-        current.config.generation = Some(5);
-        assert_eq!(registry.check_replica_write(&current), Ok(()));
-        registry.upsert(current.clone());
-        assert_eq!(registry.check_replica_write(&current), Ok(()), "idempotent");
-        let mut other = edge("a", "s", &[443]);
-        other.config.generation = Some(5);
-        assert!(matches!(
-            registry.check_replica_write(&other),
-            Err(ReplicaConflict::Conflicting { generation: 5, .. })
-        ));
-        other.config.generation = Some(4);
-        assert!(matches!(
-            registry.check_replica_write(&other),
-            Err(ReplicaConflict::Stale {
-                given: 4,
-                current: 5,
-                ..
-            })
-        ));
-        other.config.generation = Some(6);
-        assert_eq!(registry.check_replica_write(&other), Ok(()));
+    fn a_given_generation_must_order_the_write() {
+        for replica in [false, true] {
+            let mut registry = Registry::new(AllowedSet {
+                replica,
+                ..AllowedSet::default()
+            });
+            let mut current = edge("a", "s", &[80]);
+            let required = change(&mut registry, |a| a.upsert(current.clone()));
+            match replica {
+                true => assert_eq!(required, Err(GenerationConflict::Required("a".into()))),
+                false => assert_eq!(required, Ok(())),
+            }
+            current.config.generation = Some(5);
+            assert_eq!(change(&mut registry, |a| a.upsert(current.clone())), Ok(()));
+            assert_eq!(
+                change(&mut registry, |a| a.upsert(current.clone())),
+                Ok(()),
+                "idempotent"
+            );
+            let mut other = edge("a", "s", &[443]);
+            other.config.generation = Some(5);
+            assert!(matches!(
+                change(&mut registry, |a| a.upsert(other.clone())),
+                Err(GenerationConflict::Conflicting { generation: 5, .. })
+            ));
+            other.config.generation = Some(4);
+            assert!(matches!(
+                change(&mut registry, |a| a.upsert(other.clone())),
+                Err(GenerationConflict::Stale {
+                    given: 4,
+                    current: 5,
+                    ..
+                })
+            ));
+            assert_eq!(registry.list()[0].config.listen_ports, [80], "nothing changed");
+            other.config.generation = Some(6);
+            assert_eq!(change(&mut registry, |a| a.upsert(other.clone())), Ok(()));
+            assert_eq!(registry.list()[0].generation, 6);
+        }
     }
 
     #[tokio::test]
     async fn a_changed_secret_or_a_removal_disconnects_and_refuses_attach() {
         let mut registry = Registry::default();
-        registry.upsert(edge("a", "s", &[80]));
+        upsert(&mut registry, edge("a", "s", &[80]));
         let (session, _peer) = live_session();
         attach(&mut registry, "a", &session);
-        assert!(registry.upsert(edge("a", "new", &[80])).is_empty());
+        upsert(&mut registry, edge("a", "new", &[80]));
         assert_eq!(
             session.close_reason(),
             Some(CloseReason::Local("edge secret changed".into()))
@@ -838,10 +1004,15 @@ mod tests {
         registry
             .attach("a", "new", current.clone(), ADDR.parse().unwrap(), 1)
             .unwrap();
-        let (found, _) = registry.delete("a");
+        let mut found = false;
+        change(&mut registry, |allowed| {
+            found = allowed.delete("a");
+            Ok(())
+        })
+        .unwrap();
         assert!(found);
         assert!(current.is_closed());
         assert_eq!(registry.connected_edge_count(), 0);
-        assert!(!registry.delete("a").0);
+        assert!(!registry.draft().delete("a"));
     }
 }

@@ -112,7 +112,7 @@ async fn run_session(inner: &Arc<HubInner>, authenticated: Authenticated, remote
         remote_addr,
         config.version.unwrap_or_default(),
     );
-    let Ok((connection_id, newer)) = attached else {
+    let Ok((connection_id, owed)) = attached else {
         session.close("edge removed or its secret changed during the handshake");
         return;
     };
@@ -128,7 +128,11 @@ async fn run_session(inner: &Arc<HubInner>, authenticated: Authenticated, remote
         remote_addr,
         transport,
     });
-    crate::registry::perform(inner, newer.into_iter().collect()).await;
+    let pusher = (inner.clone(), edge_id.clone(), session.clone());
+    tokio::spawn(async move {
+        let (inner, edge_id, session) = pusher;
+        crate::push::push_configs(&inner, &edge_id, &session, owed).await;
+    });
     serve_session(inner, &edge_id, connection_id, &session, events).await;
     inner.registry().detach(&edge_id, connection_id);
     session.close("tunnel closed");

@@ -440,6 +440,47 @@ impl RawEdge {
     /// The next frame from the hub that is not a PING (answered) nor a CONFIG; `None` once the
     /// hub has closed the tunnel.
     pub async fn next_frame(&mut self) -> Option<remoteingress_wire::frame::Frame> {
+        self.next_frame_keeping_configs(false).await
+    }
+
+    /// The next CONFIG from the hub, parsed; `None` once the hub has closed the tunnel.
+    pub async fn next_config(&mut self) -> Option<remoteingress_wire::EdgeConfig> {
+        loop {
+            let frame = self.next_frame_keeping_configs(true).await?;
+            if frame.kind == remoteingress_wire::frame::FrameType::Config {
+                return Some(serde_json::from_slice(&frame.payload).expect("a config"));
+            }
+        }
+    }
+
+    /// Confirms every extension the hub offers (so the hub lets this edge keep several
+    /// tunnels), and waits until the hub has read the confirmation: an open of a port nobody
+    /// is assigned is answered after it.
+    pub async fn confirm_extensions(&mut self) {
+        use remoteingress_wire::frame::FrameType;
+        let all = remoteingress_wire::extension::Extensions::ALL.to_payload();
+        let nowhere = ProxyV1::tcp(
+            "192.0.2.1:1000".parse().unwrap(),
+            SocketAddr::new(EDGE_IP, 1),
+        )
+        .to_line();
+        self.send(&[
+            (0, FrameType::Extensions, &all),
+            (1, FrameType::Open, nowhere.as_bytes()),
+        ])
+        .await;
+        loop {
+            let frame = self.next_frame().await.expect("the tunnel stays up");
+            if frame.stream_id == 1 {
+                return;
+            }
+        }
+    }
+
+    async fn next_frame_keeping_configs(
+        &mut self,
+        configs: bool,
+    ) -> Option<remoteingress_wire::frame::Frame> {
         use remoteingress_wire::frame::FrameType;
         loop {
             while let Some(frame) = self.decoder.next_frame().unwrap() {
@@ -448,7 +489,7 @@ impl RawEdge {
                         let pong = [(0, FrameType::Pong, &frame.payload[..])];
                         self.send(&pong).await;
                     }
-                    FrameType::Config => {}
+                    FrameType::Config if !configs => {}
                     _ => return Some(frame),
                 }
             }
