@@ -128,7 +128,11 @@ async fn every_write_to_the_edges_file_is_applied_even_within_one_timestamp_tick
     let (_, error) = next_reload(&mut events).await;
     assert!(error.is_some_and(|e| e.contains("edges.json")));
     assert_eq!(
-        metric(&registry, "remoteingress_config_last_reload_successful", &[]),
+        metric(
+            &registry,
+            "remoteingress_config_last_reload_successful",
+            &[]
+        ),
         Some(0.0)
     );
     assert_eq!(
@@ -144,7 +148,11 @@ async fn every_write_to_the_edges_file_is_applied_even_within_one_timestamp_tick
     std::fs::write(&file, edges_json(&[(first, target)], width)).unwrap();
     wait_listening(&edge, first).await;
     assert_eq!(
-        metric(&registry, "remoteingress_config_last_reload_successful", &[]),
+        metric(
+            &registry,
+            "remoteingress_config_last_reload_successful",
+            &[]
+        ),
         Some(1.0)
     );
     edge.shutdown().await;
@@ -269,8 +277,14 @@ async fn replicas_need_a_generation_in_the_edges_file_and_give_one_content_the_s
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_remoteingress"))
         .args(["hub", "--replica", "--listen-address", "127.0.0.1"])
         .args(["--tunnel-port", &free_port(localhost()).to_string()])
-        .args(["--admin-addr", &format!("127.0.0.1:{}", free_port(localhost()))])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port(localhost()))])
+        .args([
+            "--admin-addr",
+            &format!("127.0.0.1:{}", free_port(localhost())),
+        ])
+        .args([
+            "--metrics-addr",
+            &format!("127.0.0.1:{}", free_port(localhost())),
+        ])
         .arg("--state-dir")
         .arg(state.path())
         .arg("--edges-file")
@@ -285,7 +299,10 @@ async fn replicas_need_a_generation_in_the_edges_file_and_give_one_content_the_s
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("generation"), "{stderr}");
-    assert!(!stderr.contains('\u{1b}'), "no colour codes into a pipe: {stderr}");
+    assert!(
+        !stderr.contains('\u{1b}'),
+        "no colour codes into a pipe: {stderr}"
+    );
 }
 
 fn localhost() -> std::net::IpAddr {
@@ -359,9 +376,12 @@ async fn an_edge_that_stops_reading_delays_no_admin_write() {
         options.session.lanes.control_frames = 8;
     })
     .await;
-    hub.update_allowed_edges(vec![large("stalled", 0, 10), allowed("reader", &[(80, 80)])])
-        .await
-        .unwrap();
+    hub.update_allowed_edges(vec![
+        large("stalled", 0, 10),
+        allowed("reader", &[(80, 80)]),
+    ])
+    .await
+    .unwrap();
     let _stalled = RawEdge::connect(&hub, "stalled").await;
     let mut reader = RawEdge::connect(&hub, "reader").await;
 
@@ -369,7 +389,9 @@ async fn an_edge_that_stops_reading_delays_no_admin_write() {
     // queue hold, so the stalled tunnel's writer is blocked well before the end.
     let writes = async {
         for round in 0..400 {
-            hub.upsert_edge(large("stalled", round, 5_000)).await.unwrap();
+            hub.upsert_edge(large("stalled", round, 5_000))
+                .await
+                .unwrap();
         }
     };
     tokio::time::timeout(Duration::from_secs(120), writes)
@@ -393,6 +415,9 @@ async fn an_edge_that_stops_reading_delays_no_admin_write() {
         .find(|e| e["id"] == "stalled")
         .unwrap();
     let blocked = &stalled["config"]["firewallConfig"]["blockedIps"];
-    assert_eq!(blocked[0], std::net::Ipv4Addr::from(0x0a00_0000 + 399).to_string());
+    assert_eq!(
+        blocked[0],
+        std::net::Ipv4Addr::from(0x0a00_0000 + 399).to_string()
+    );
     hub.shutdown().await;
 }

@@ -445,16 +445,16 @@ async fn hubs_that_disagree_are_reported_and_the_newest_generation_wins() {
     .await;
     // Whichever came first stays; the other is not applied.
     let listening = |port: u16| async move { TcpStream::connect((EDGE_IP, port)).await.is_ok() };
-    let first = if listening(port_a).await {
-        port_a
-    } else {
-        port_b
-    };
-    let other = if first == port_a { port_b } else { port_a };
-    assert!(
-        !listening(other).await,
-        "only one of the two configurations runs"
-    );
+    let (first, other) = eventually("one of the two configurations to run", || async {
+        match (listening(port_a).await, listening(port_b).await) {
+            (true, false) => Some((port_a, port_b)),
+            (false, true) => Some((port_b, port_a)),
+            (true, true) => panic!("both configurations run"),
+            (false, false) => None,
+        }
+    })
+    .await;
+    assert!(listening(first).await && !listening(other).await);
     assert_eq!(
         edge.metric("remoteingress_config_generation").await,
         Some(5.0)

@@ -32,8 +32,8 @@ use tokio_util::sync::CancellationToken;
 pub use edges::{validate_all, AllowedEdge};
 pub use edges_file::{load_edges_file, EdgesFileContent};
 pub use handshake::AuthFailure;
-use registry::{AllowedSet, Registry};
 pub use registry::GenerationConflict;
+use registry::{AllowedSet, Registry};
 pub use remoteingress_tunnel::Transport;
 pub use remoteingress_wire::config::PortTargets;
 pub use remoteingress_wire::config::Protocol;
@@ -398,12 +398,11 @@ impl Hub {
             Some(path) => store::load(path)?,
             None => Vec::new(),
         };
-        let allowed = AllowedSet::restore(stored, options.replica).map_err(|message| {
-            HubError::State {
+        let allowed =
+            AllowedSet::restore(stored, options.replica).map_err(|message| HubError::State {
                 path: options.state_file.clone().unwrap_or_default(),
                 message,
-            }
-        })?;
+            })?;
         let registry = Registry::new(allowed);
         let listener = remoteingress_tunnel::listen_tcp(options.listen_addr).map_err(|source| {
             HubError::Bind {

@@ -760,7 +760,11 @@ mod tests {
         );
 
         upsert(&mut registry, edge("a", "s", &[80]));
-        assert_eq!(take_owed(&mut owed), None, "an unchanged config is not pushed");
+        assert_eq!(
+            take_owed(&mut owed),
+            None,
+            "an unchanged config is not pushed"
+        );
         assert_eq!(registry.list()[0].desired_version, 1);
 
         upsert(&mut registry, edge("a", "s", &[80, 443]));
@@ -936,7 +940,11 @@ mod tests {
             Some(40)
         );
         upsert(&mut registry, edge("a", "s", &[82]));
-        assert_eq!(generation(&registry), 41, "counting goes on from the source's");
+        assert_eq!(
+            generation(&registry),
+            41,
+            "counting goes on from the source's"
+        );
     }
 
     #[test]
@@ -974,7 +982,11 @@ mod tests {
                     ..
                 })
             ));
-            assert_eq!(registry.list()[0].config.listen_ports, [80], "nothing changed");
+            assert_eq!(
+                registry.list()[0].config.listen_ports,
+                [80],
+                "nothing changed"
+            );
             other.config.generation = Some(6);
             assert_eq!(change(&mut registry, |a| a.upsert(other.clone())), Ok(()));
             assert_eq!(registry.list()[0].generation, 6);

@@ -33,6 +33,9 @@ const (
 	// OpenRefused: an edge asked for a port it is not assigned; nothing was connected
 	// (Protocol, Port).
 	OpenRefused EventKind = "openRefused"
+	// ConfigReloaded: the hub's edges file changed and was applied, or rejected with Error
+	// (the hub keeps its previous edges) (Path, Digest, Generation, Edges, Error).
+	ConfigReloaded EventKind = "configReloaded"
 	// EventsMissed: this watcher was too slow and the hub dropped Count events for it.
 	EventsMissed EventKind = "eventsMissed"
 	// Reconnected: the watch subscribed again after losing its stream (a hub restart, say);
@@ -47,7 +50,8 @@ type Event struct {
 	Kind EventKind `json:"kind"`
 	// Time is when the hub saw it.
 	Time time.Time `json:"time"`
-	// EdgeID is the edge concerned; empty for AuthFailed, EventsMissed and Reconnected.
+	// EdgeID is the edge concerned; empty for AuthFailed, ConfigReloaded, EventsMissed and
+	// Reconnected.
 	EdgeID string `json:"edgeId,omitempty"`
 	// RemoteAddr is the tunnel connection's source address.
 	RemoteAddr string `json:"remoteAddr,omitempty"`
@@ -79,6 +83,14 @@ type Event struct {
 	Port uint32 `json:"port,omitempty"`
 	// Count is how many events were missed.
 	Count uint64 `json:"count,omitempty"`
+	// Path is the edges file.
+	Path string `json:"path,omitempty"`
+	// Digest is the SHA-256 of the edges file's content, in hex.
+	Digest string `json:"digest,omitempty"`
+	// Generation is the edges file's generation, if it names one.
+	Generation *uint64 `json:"generation,omitempty"`
+	// Edges is how many edges the edges file lists.
+	Edges uint32 `json:"edges,omitempty"`
 }
 
 // eventKinds maps the kinds a Filter names to the hub's.
@@ -93,6 +105,7 @@ var eventKinds = map[EventKind]pb.EventKind{
 	ConfigApplied:    pb.EventKind_EVENT_KIND_CONFIG_APPLIED,
 	AuthFailed:       pb.EventKind_EVENT_KIND_AUTH_FAILED,
 	OpenRefused:      pb.EventKind_EVENT_KIND_OPEN_REFUSED,
+	ConfigReloaded:   pb.EventKind_EVENT_KIND_CONFIG_RELOADED,
 }
 
 // eventFromProto is the plain form of one of the hub's events; ok is false for a kind this
@@ -141,6 +154,13 @@ func eventFromProto(response *pb.WatchEventsResponse) (event Event, ok bool) {
 		event.Kind = OpenRefused
 		event.Protocol = e.OpenRefused.GetProtocol()
 		event.Port = e.OpenRefused.GetPort()
+	case *pb.WatchEventsResponse_ConfigReloaded:
+		event.Kind = ConfigReloaded
+		event.Path = e.ConfigReloaded.GetPath()
+		event.Digest = e.ConfigReloaded.GetDigest()
+		event.Generation = e.ConfigReloaded.Generation
+		event.Edges = e.ConfigReloaded.GetEdges()
+		event.Error = e.ConfigReloaded.GetError()
 	case *pb.WatchEventsResponse_EventsMissed:
 		event.Kind = EventsMissed
 		event.Count = e.EventsMissed.GetCount()

@@ -38,6 +38,8 @@ export interface HubEvents extends WatchEvents {
   authFailed: [HubEventBase & { remoteAddr: string; reason: string; kind: string }];
   /** An edge asked for a port it is not assigned; nothing was connected. */
   openRefused: [HubEventBase & { protocol: string; port: number }];
+  /** The hub's edges file changed: applied, or rejected with `error` (the hub keeps its edges). */
+  configReloaded: [HubEventBase & { path: string; digest: string; generation?: number; edges: number; error?: string }];
   /** This watcher was too slow and missed `count` events. */
   eventsMissed: [HubEventBase & { count: number }];
 }
@@ -176,6 +178,18 @@ export class RemoteIngressHubClient extends StreamingClient<HubEvents, WatchEven
       case "openRefused":
         this.emit(event.case, { ...base, protocol: event.value.protocol, port: event.value.port });
         break;
+      case "configReloaded": {
+        const { path, digest, generation, edges, error } = event.value;
+        this.emit(event.case, {
+          ...base,
+          path,
+          digest,
+          generation: generation === undefined ? undefined : Number(generation),
+          edges,
+          error: error || undefined,
+        });
+        break;
+      }
       case "eventsMissed":
         this.emit(event.case, { ...base, count: Number(event.value.count) });
         break;

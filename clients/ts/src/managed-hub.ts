@@ -49,6 +49,7 @@ const FORWARDED: (keyof HubEvents)[] = [
   "configApplied",
   "authFailed",
   "openRefused",
+  "configReloaded",
   "eventsMissed",
 ];
 

@@ -49,6 +49,8 @@ const (
 	EventKind_EVENT_KIND_AUTH_FAILED EventKind = 9
 	// OpenRefused.
 	EventKind_EVENT_KIND_OPEN_REFUSED EventKind = 10
+	// ConfigReloaded.
+	EventKind_EVENT_KIND_CONFIG_RELOADED EventKind = 11
 )
 
 // Enum value maps for EventKind.
@@ -65,6 +67,7 @@ var (
 		8:  "EVENT_KIND_CONFIG_APPLIED",
 		9:  "EVENT_KIND_AUTH_FAILED",
 		10: "EVENT_KIND_OPEN_REFUSED",
+		11: "EVENT_KIND_CONFIG_RELOADED",
 	}
 	EventKind_value = map[string]int32{
 		"EVENT_KIND_UNSPECIFIED":        0,
@@ -78,6 +81,7 @@ var (
 		"EVENT_KIND_CONFIG_APPLIED":     8,
 		"EVENT_KIND_AUTH_FAILED":        9,
 		"EVENT_KIND_OPEN_REFUSED":       10,
+		"EVENT_KIND_CONFIG_RELOADED":    11,
 	}
 )
 
@@ -965,7 +969,8 @@ func (x *GetStatusResponse) GetDraining() bool {
 // Request of WatchEvents.
 type WatchEventsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// Only events of this edge (auth failures have no edge and are then left out).
+	// Only events of this edge (events of no edge, such as auth failures and edges file reloads,
+	// are then left out).
 	EdgeId string `protobuf:"bytes,1,opt,name=edge_id,json=edgeId,proto3" json:"edge_id,omitempty"`
 	// Only these kinds; all when empty.
 	Kinds         []EventKind `protobuf:"varint,2,rep,packed,name=kinds,proto3,enum=remoteingress.v1.EventKind" json:"kinds,omitempty"`
@@ -1578,6 +1583,89 @@ func (x *OpenRefused) GetPort() uint32 {
 	return 0
 }
 
+// The edges file changed: its new content was applied, or rejected (the hub keeps the edges it
+// had).
+type ConfigReloaded struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The file.
+	Path string `protobuf:"bytes,1,opt,name=path,proto3" json:"path,omitempty"`
+	// SHA-256 of its content, in hex (empty if it could not be read).
+	Digest string `protobuf:"bytes,2,opt,name=digest,proto3" json:"digest,omitempty"`
+	// The file's generation; absent if it names none (then the hub counts changes per edge).
+	Generation *uint64 `protobuf:"varint,3,opt,name=generation,proto3,oneof" json:"generation,omitempty"`
+	// Edges it lists.
+	Edges uint32 `protobuf:"varint,4,opt,name=edges,proto3" json:"edges,omitempty"`
+	// Why it was rejected; empty if it was applied.
+	Error         string `protobuf:"bytes,5,opt,name=error,proto3" json:"error,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ConfigReloaded) Reset() {
+	*x = ConfigReloaded{}
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ConfigReloaded) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ConfigReloaded) ProtoMessage() {}
+
+func (x *ConfigReloaded) ProtoReflect() protoreflect.Message {
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ConfigReloaded.ProtoReflect.Descriptor instead.
+func (*ConfigReloaded) Descriptor() ([]byte, []int) {
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *ConfigReloaded) GetPath() string {
+	if x != nil {
+		return x.Path
+	}
+	return ""
+}
+
+func (x *ConfigReloaded) GetDigest() string {
+	if x != nil {
+		return x.Digest
+	}
+	return ""
+}
+
+func (x *ConfigReloaded) GetGeneration() uint64 {
+	if x != nil && x.Generation != nil {
+		return *x.Generation
+	}
+	return 0
+}
+
+func (x *ConfigReloaded) GetEdges() uint32 {
+	if x != nil {
+		return x.Edges
+	}
+	return 0
+}
+
+func (x *ConfigReloaded) GetError() string {
+	if x != nil {
+		return x.Error
+	}
+	return ""
+}
+
 // The watcher was too slow: this many events were dropped for it.
 type EventsMissed struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1589,7 +1677,7 @@ type EventsMissed struct {
 
 func (x *EventsMissed) Reset() {
 	*x = EventsMissed{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[24]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1601,7 +1689,7 @@ func (x *EventsMissed) String() string {
 func (*EventsMissed) ProtoMessage() {}
 
 func (x *EventsMissed) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[24]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1614,7 +1702,7 @@ func (x *EventsMissed) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use EventsMissed.ProtoReflect.Descriptor instead.
 func (*EventsMissed) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{24}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *EventsMissed) GetCount() uint64 {
@@ -1646,6 +1734,7 @@ type WatchEventsResponse struct {
 	//	*WatchEventsResponse_AuthFailed
 	//	*WatchEventsResponse_EventsMissed
 	//	*WatchEventsResponse_OpenRefused
+	//	*WatchEventsResponse_ConfigReloaded
 	Event         isWatchEventsResponse_Event `protobuf_oneof:"event"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -1653,7 +1742,7 @@ type WatchEventsResponse struct {
 
 func (x *WatchEventsResponse) Reset() {
 	*x = WatchEventsResponse{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[25]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1665,7 +1754,7 @@ func (x *WatchEventsResponse) String() string {
 func (*WatchEventsResponse) ProtoMessage() {}
 
 func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[25]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1678,7 +1767,7 @@ func (x *WatchEventsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WatchEventsResponse.ProtoReflect.Descriptor instead.
 func (*WatchEventsResponse) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{25}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *WatchEventsResponse) GetTime() *timestamppb.Timestamp {
@@ -1801,6 +1890,15 @@ func (x *WatchEventsResponse) GetOpenRefused() *OpenRefused {
 	return nil
 }
 
+func (x *WatchEventsResponse) GetConfigReloaded() *ConfigReloaded {
+	if x != nil {
+		if x, ok := x.Event.(*WatchEventsResponse_ConfigReloaded); ok {
+			return x.ConfigReloaded
+		}
+	}
+	return nil
+}
+
 type isWatchEventsResponse_Event interface {
 	isWatchEventsResponse_Event()
 }
@@ -1860,6 +1958,11 @@ type WatchEventsResponse_OpenRefused struct {
 	OpenRefused *OpenRefused `protobuf:"bytes,13,opt,name=open_refused,json=openRefused,proto3,oneof"`
 }
 
+type WatchEventsResponse_ConfigReloaded struct {
+	// ConfigReloaded.
+	ConfigReloaded *ConfigReloaded `protobuf:"bytes,14,opt,name=config_reloaded,json=configReloaded,proto3,oneof"`
+}
+
 func (*WatchEventsResponse_EdgeConnected) isWatchEventsResponse_Event() {}
 
 func (*WatchEventsResponse_EdgeDisconnected) isWatchEventsResponse_Event() {}
@@ -1882,6 +1985,8 @@ func (*WatchEventsResponse_EventsMissed) isWatchEventsResponse_Event() {}
 
 func (*WatchEventsResponse_OpenRefused) isWatchEventsResponse_Event() {}
 
+func (*WatchEventsResponse_ConfigReloaded) isWatchEventsResponse_Event() {}
+
 // Request of CreateConnectionToken.
 type CreateConnectionTokenRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -1895,7 +2000,7 @@ type CreateConnectionTokenRequest struct {
 
 func (x *CreateConnectionTokenRequest) Reset() {
 	*x = CreateConnectionTokenRequest{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[26]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1907,7 +2012,7 @@ func (x *CreateConnectionTokenRequest) String() string {
 func (*CreateConnectionTokenRequest) ProtoMessage() {}
 
 func (x *CreateConnectionTokenRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[26]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1920,7 +2025,7 @@ func (x *CreateConnectionTokenRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateConnectionTokenRequest.ProtoReflect.Descriptor instead.
 func (*CreateConnectionTokenRequest) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{26}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CreateConnectionTokenRequest) GetEdgeId() string {
@@ -1954,7 +2059,7 @@ type CreateConnectionTokenResponse struct {
 
 func (x *CreateConnectionTokenResponse) Reset() {
 	*x = CreateConnectionTokenResponse{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[27]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1966,7 +2071,7 @@ func (x *CreateConnectionTokenResponse) String() string {
 func (*CreateConnectionTokenResponse) ProtoMessage() {}
 
 func (x *CreateConnectionTokenResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[27]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1979,7 +2084,7 @@ func (x *CreateConnectionTokenResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CreateConnectionTokenResponse.ProtoReflect.Descriptor instead.
 func (*CreateConnectionTokenResponse) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{27}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CreateConnectionTokenResponse) GetToken() string {
@@ -2021,7 +2126,7 @@ type DisconnectEdgeRequest struct {
 
 func (x *DisconnectEdgeRequest) Reset() {
 	*x = DisconnectEdgeRequest{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[28]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2033,7 +2138,7 @@ func (x *DisconnectEdgeRequest) String() string {
 func (*DisconnectEdgeRequest) ProtoMessage() {}
 
 func (x *DisconnectEdgeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[28]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2046,7 +2151,7 @@ func (x *DisconnectEdgeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectEdgeRequest.ProtoReflect.Descriptor instead.
 func (*DisconnectEdgeRequest) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{28}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *DisconnectEdgeRequest) GetId() string {
@@ -2067,7 +2172,7 @@ type DisconnectEdgeResponse struct {
 
 func (x *DisconnectEdgeResponse) Reset() {
 	*x = DisconnectEdgeResponse{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[29]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2079,7 +2184,7 @@ func (x *DisconnectEdgeResponse) String() string {
 func (*DisconnectEdgeResponse) ProtoMessage() {}
 
 func (x *DisconnectEdgeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[29]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2092,7 +2197,7 @@ func (x *DisconnectEdgeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DisconnectEdgeResponse.ProtoReflect.Descriptor instead.
 func (*DisconnectEdgeResponse) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{29}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *DisconnectEdgeResponse) GetDisconnected() bool {
@@ -2111,7 +2216,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[30]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2123,7 +2228,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[30]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2136,7 +2241,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{30}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{31}
 }
 
 // Response of Drain.
@@ -2150,7 +2255,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[31]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2162,7 +2267,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[31]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2175,7 +2280,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{31}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *DrainResponse) GetTunnels() uint32 {
@@ -2196,7 +2301,7 @@ type DrainEdgeRequest struct {
 
 func (x *DrainEdgeRequest) Reset() {
 	*x = DrainEdgeRequest{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[32]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2208,7 +2313,7 @@ func (x *DrainEdgeRequest) String() string {
 func (*DrainEdgeRequest) ProtoMessage() {}
 
 func (x *DrainEdgeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[32]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2221,7 +2326,7 @@ func (x *DrainEdgeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainEdgeRequest.ProtoReflect.Descriptor instead.
 func (*DrainEdgeRequest) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{32}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *DrainEdgeRequest) GetId() string {
@@ -2242,7 +2347,7 @@ type DrainEdgeResponse struct {
 
 func (x *DrainEdgeResponse) Reset() {
 	*x = DrainEdgeResponse{}
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[33]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2254,7 +2359,7 @@ func (x *DrainEdgeResponse) String() string {
 func (*DrainEdgeResponse) ProtoMessage() {}
 
 func (x *DrainEdgeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_remoteingress_v1_hub_proto_msgTypes[33]
+	mi := &file_remoteingress_v1_hub_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2267,7 +2372,7 @@ func (x *DrainEdgeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainEdgeResponse.ProtoReflect.Descriptor instead.
 func (*DrainEdgeResponse) Descriptor() ([]byte, []int) {
-	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{33}
+	return file_remoteingress_v1_hub_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *DrainEdgeResponse) GetDrained() bool {
@@ -2397,9 +2502,18 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\x04kind\x18\x03 \x01(\tR\x04kind\"=\n" +
 	"\vOpenRefused\x12\x1a\n" +
 	"\bprotocol\x18\x01 \x01(\tR\bprotocol\x12\x12\n" +
-	"\x04port\x18\x02 \x01(\rR\x04port\"$\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\"\x9c\x01\n" +
+	"\x0eConfigReloaded\x12\x12\n" +
+	"\x04path\x18\x01 \x01(\tR\x04path\x12\x16\n" +
+	"\x06digest\x18\x02 \x01(\tR\x06digest\x12#\n" +
+	"\n" +
+	"generation\x18\x03 \x01(\x04H\x00R\n" +
+	"generation\x88\x01\x01\x12\x14\n" +
+	"\x05edges\x18\x04 \x01(\rR\x05edges\x12\x14\n" +
+	"\x05error\x18\x05 \x01(\tR\x05errorB\r\n" +
+	"\v_generation\"$\n" +
 	"\fEventsMissed\x12\x14\n" +
-	"\x05count\x18\x01 \x01(\x04R\x05count\"\x97\a\n" +
+	"\x05count\x18\x01 \x01(\x04R\x05count\"\xe4\a\n" +
 	"\x13WatchEventsResponse\x12.\n" +
 	"\x04time\x18\x01 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x17\n" +
 	"\aedge_id\x18\x02 \x01(\tR\x06edgeId\x12H\n" +
@@ -2415,7 +2529,8 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\vauth_failed\x18\v \x01(\v2\x1c.remoteingress.v1.AuthFailedH\x00R\n" +
 	"authFailed\x12E\n" +
 	"\revents_missed\x18\f \x01(\v2\x1e.remoteingress.v1.EventsMissedH\x00R\feventsMissed\x12B\n" +
-	"\fopen_refused\x18\r \x01(\v2\x1d.remoteingress.v1.OpenRefusedH\x00R\vopenRefusedB\a\n" +
+	"\fopen_refused\x18\r \x01(\v2\x1d.remoteingress.v1.OpenRefusedH\x00R\vopenRefused\x12K\n" +
+	"\x0fconfig_reloaded\x18\x0e \x01(\v2 .remoteingress.v1.ConfigReloadedH\x00R\x0econfigReloadedB\a\n" +
 	"\x05event\"O\n" +
 	"\x1cCreateConnectionTokenRequest\x12\x17\n" +
 	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\x12\x16\n" +
@@ -2435,7 +2550,7 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\x10DrainEdgeRequest\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\"-\n" +
 	"\x11DrainEdgeResponse\x12\x18\n" +
-	"\adrained\x18\x01 \x01(\bR\adrained*\xe0\x02\n" +
+	"\adrained\x18\x01 \x01(\bR\adrained*\x80\x03\n" +
 	"\tEventKind\x12\x1a\n" +
 	"\x16EVENT_KIND_UNSPECIFIED\x10\x00\x12\x1d\n" +
 	"\x19EVENT_KIND_EDGE_CONNECTED\x10\x01\x12 \n" +
@@ -2448,7 +2563,8 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\x19EVENT_KIND_CONFIG_APPLIED\x10\b\x12\x1a\n" +
 	"\x16EVENT_KIND_AUTH_FAILED\x10\t\x12\x1b\n" +
 	"\x17EVENT_KIND_OPEN_REFUSED\x10\n" +
-	"2\xb6\a\n" +
+	"\x12\x1e\n" +
+	"\x1aEVENT_KIND_CONFIG_RELOADED\x10\v2\xb6\a\n" +
 	"\bHubAdmin\x12o\n" +
 	"\x12UpdateAllowedEdges\x12+.remoteingress.v1.UpdateAllowedEdgesRequest\x1a,.remoteingress.v1.UpdateAllowedEdgesResponse\x12W\n" +
 	"\n" +
@@ -2476,7 +2592,7 @@ func file_remoteingress_v1_hub_proto_rawDescGZIP() []byte {
 }
 
 var file_remoteingress_v1_hub_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_remoteingress_v1_hub_proto_msgTypes = make([]protoimpl.MessageInfo, 38)
+var file_remoteingress_v1_hub_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_remoteingress_v1_hub_proto_goTypes = []any{
 	(EventKind)(0),                        // 0: remoteingress.v1.EventKind
 	(*Edge)(nil),                          // 1: remoteingress.v1.Edge
@@ -2503,42 +2619,43 @@ var file_remoteingress_v1_hub_proto_goTypes = []any{
 	(*ConfigApplied)(nil),                 // 22: remoteingress.v1.ConfigApplied
 	(*AuthFailed)(nil),                    // 23: remoteingress.v1.AuthFailed
 	(*OpenRefused)(nil),                   // 24: remoteingress.v1.OpenRefused
-	(*EventsMissed)(nil),                  // 25: remoteingress.v1.EventsMissed
-	(*WatchEventsResponse)(nil),           // 26: remoteingress.v1.WatchEventsResponse
-	(*CreateConnectionTokenRequest)(nil),  // 27: remoteingress.v1.CreateConnectionTokenRequest
-	(*CreateConnectionTokenResponse)(nil), // 28: remoteingress.v1.CreateConnectionTokenResponse
-	(*DisconnectEdgeRequest)(nil),         // 29: remoteingress.v1.DisconnectEdgeRequest
-	(*DisconnectEdgeResponse)(nil),        // 30: remoteingress.v1.DisconnectEdgeResponse
-	(*DrainRequest)(nil),                  // 31: remoteingress.v1.DrainRequest
-	(*DrainResponse)(nil),                 // 32: remoteingress.v1.DrainResponse
-	(*DrainEdgeRequest)(nil),              // 33: remoteingress.v1.DrainEdgeRequest
-	(*DrainEdgeResponse)(nil),             // 34: remoteingress.v1.DrainEdgeResponse
-	nil,                                   // 35: remoteingress.v1.Edge.TargetPortsEntry
-	nil,                                   // 36: remoteingress.v1.Edge.TargetHostsEntry
-	nil,                                   // 37: remoteingress.v1.EdgeInfo.TargetPortsEntry
-	nil,                                   // 38: remoteingress.v1.EdgeInfo.TargetHostsEntry
-	(*FirewallConfig)(nil),                // 39: remoteingress.v1.FirewallConfig
-	(*timestamppb.Timestamp)(nil),         // 40: google.protobuf.Timestamp
-	(Transport)(0),                        // 41: remoteingress.v1.Transport
-	(*durationpb.Duration)(nil),           // 42: google.protobuf.Duration
+	(*ConfigReloaded)(nil),                // 25: remoteingress.v1.ConfigReloaded
+	(*EventsMissed)(nil),                  // 26: remoteingress.v1.EventsMissed
+	(*WatchEventsResponse)(nil),           // 27: remoteingress.v1.WatchEventsResponse
+	(*CreateConnectionTokenRequest)(nil),  // 28: remoteingress.v1.CreateConnectionTokenRequest
+	(*CreateConnectionTokenResponse)(nil), // 29: remoteingress.v1.CreateConnectionTokenResponse
+	(*DisconnectEdgeRequest)(nil),         // 30: remoteingress.v1.DisconnectEdgeRequest
+	(*DisconnectEdgeResponse)(nil),        // 31: remoteingress.v1.DisconnectEdgeResponse
+	(*DrainRequest)(nil),                  // 32: remoteingress.v1.DrainRequest
+	(*DrainResponse)(nil),                 // 33: remoteingress.v1.DrainResponse
+	(*DrainEdgeRequest)(nil),              // 34: remoteingress.v1.DrainEdgeRequest
+	(*DrainEdgeResponse)(nil),             // 35: remoteingress.v1.DrainEdgeResponse
+	nil,                                   // 36: remoteingress.v1.Edge.TargetPortsEntry
+	nil,                                   // 37: remoteingress.v1.Edge.TargetHostsEntry
+	nil,                                   // 38: remoteingress.v1.EdgeInfo.TargetPortsEntry
+	nil,                                   // 39: remoteingress.v1.EdgeInfo.TargetHostsEntry
+	(*FirewallConfig)(nil),                // 40: remoteingress.v1.FirewallConfig
+	(*timestamppb.Timestamp)(nil),         // 41: google.protobuf.Timestamp
+	(Transport)(0),                        // 42: remoteingress.v1.Transport
+	(*durationpb.Duration)(nil),           // 43: google.protobuf.Duration
 }
 var file_remoteingress_v1_hub_proto_depIdxs = []int32{
-	35, // 0: remoteingress.v1.Edge.target_ports:type_name -> remoteingress.v1.Edge.TargetPortsEntry
-	39, // 1: remoteingress.v1.Edge.firewall_config:type_name -> remoteingress.v1.FirewallConfig
-	36, // 2: remoteingress.v1.Edge.target_hosts:type_name -> remoteingress.v1.Edge.TargetHostsEntry
+	36, // 0: remoteingress.v1.Edge.target_ports:type_name -> remoteingress.v1.Edge.TargetPortsEntry
+	40, // 1: remoteingress.v1.Edge.firewall_config:type_name -> remoteingress.v1.FirewallConfig
+	37, // 2: remoteingress.v1.Edge.target_hosts:type_name -> remoteingress.v1.Edge.TargetHostsEntry
 	1,  // 3: remoteingress.v1.UpdateAllowedEdgesRequest.edges:type_name -> remoteingress.v1.Edge
 	1,  // 4: remoteingress.v1.UpsertEdgeRequest.edge:type_name -> remoteingress.v1.Edge
-	37, // 5: remoteingress.v1.EdgeInfo.target_ports:type_name -> remoteingress.v1.EdgeInfo.TargetPortsEntry
-	39, // 6: remoteingress.v1.EdgeInfo.firewall_config:type_name -> remoteingress.v1.FirewallConfig
-	38, // 7: remoteingress.v1.EdgeInfo.target_hosts:type_name -> remoteingress.v1.EdgeInfo.TargetHostsEntry
+	38, // 5: remoteingress.v1.EdgeInfo.target_ports:type_name -> remoteingress.v1.EdgeInfo.TargetPortsEntry
+	40, // 6: remoteingress.v1.EdgeInfo.firewall_config:type_name -> remoteingress.v1.FirewallConfig
+	39, // 7: remoteingress.v1.EdgeInfo.target_hosts:type_name -> remoteingress.v1.EdgeInfo.TargetHostsEntry
 	9,  // 8: remoteingress.v1.ListEdgesResponse.edges:type_name -> remoteingress.v1.EdgeInfo
-	40, // 9: remoteingress.v1.ConnectedEdge.connected_since:type_name -> google.protobuf.Timestamp
-	41, // 10: remoteingress.v1.ConnectedEdge.transport:type_name -> remoteingress.v1.Transport
-	42, // 11: remoteingress.v1.ConnectedEdge.rtt:type_name -> google.protobuf.Duration
+	41, // 9: remoteingress.v1.ConnectedEdge.connected_since:type_name -> google.protobuf.Timestamp
+	42, // 10: remoteingress.v1.ConnectedEdge.transport:type_name -> remoteingress.v1.Transport
+	43, // 11: remoteingress.v1.ConnectedEdge.rtt:type_name -> google.protobuf.Duration
 	12, // 12: remoteingress.v1.GetStatusResponse.connected_edges:type_name -> remoteingress.v1.ConnectedEdge
 	0,  // 13: remoteingress.v1.WatchEventsRequest.kinds:type_name -> remoteingress.v1.EventKind
-	41, // 14: remoteingress.v1.EdgeConnected.transport:type_name -> remoteingress.v1.Transport
-	40, // 15: remoteingress.v1.WatchEventsResponse.time:type_name -> google.protobuf.Timestamp
+	42, // 14: remoteingress.v1.EdgeConnected.transport:type_name -> remoteingress.v1.Transport
+	41, // 15: remoteingress.v1.WatchEventsResponse.time:type_name -> google.protobuf.Timestamp
 	15, // 16: remoteingress.v1.WatchEventsResponse.edge_connected:type_name -> remoteingress.v1.EdgeConnected
 	16, // 17: remoteingress.v1.WatchEventsResponse.edge_disconnected:type_name -> remoteingress.v1.EdgeDisconnected
 	17, // 18: remoteingress.v1.WatchEventsResponse.stream_opened:type_name -> remoteingress.v1.StreamOpened
@@ -2548,33 +2665,34 @@ var file_remoteingress_v1_hub_proto_depIdxs = []int32{
 	21, // 22: remoteingress.v1.WatchEventsResponse.config_pushed:type_name -> remoteingress.v1.ConfigPushed
 	22, // 23: remoteingress.v1.WatchEventsResponse.config_applied:type_name -> remoteingress.v1.ConfigApplied
 	23, // 24: remoteingress.v1.WatchEventsResponse.auth_failed:type_name -> remoteingress.v1.AuthFailed
-	25, // 25: remoteingress.v1.WatchEventsResponse.events_missed:type_name -> remoteingress.v1.EventsMissed
+	26, // 25: remoteingress.v1.WatchEventsResponse.events_missed:type_name -> remoteingress.v1.EventsMissed
 	24, // 26: remoteingress.v1.WatchEventsResponse.open_refused:type_name -> remoteingress.v1.OpenRefused
-	2,  // 27: remoteingress.v1.HubAdmin.UpdateAllowedEdges:input_type -> remoteingress.v1.UpdateAllowedEdgesRequest
-	4,  // 28: remoteingress.v1.HubAdmin.UpsertEdge:input_type -> remoteingress.v1.UpsertEdgeRequest
-	6,  // 29: remoteingress.v1.HubAdmin.DeleteEdge:input_type -> remoteingress.v1.DeleteEdgeRequest
-	8,  // 30: remoteingress.v1.HubAdmin.ListEdges:input_type -> remoteingress.v1.ListEdgesRequest
-	11, // 31: remoteingress.v1.HubAdmin.GetStatus:input_type -> remoteingress.v1.GetStatusRequest
-	14, // 32: remoteingress.v1.HubAdmin.WatchEvents:input_type -> remoteingress.v1.WatchEventsRequest
-	27, // 33: remoteingress.v1.HubAdmin.CreateConnectionToken:input_type -> remoteingress.v1.CreateConnectionTokenRequest
-	29, // 34: remoteingress.v1.HubAdmin.DisconnectEdge:input_type -> remoteingress.v1.DisconnectEdgeRequest
-	31, // 35: remoteingress.v1.HubAdmin.Drain:input_type -> remoteingress.v1.DrainRequest
-	33, // 36: remoteingress.v1.HubAdmin.DrainEdge:input_type -> remoteingress.v1.DrainEdgeRequest
-	3,  // 37: remoteingress.v1.HubAdmin.UpdateAllowedEdges:output_type -> remoteingress.v1.UpdateAllowedEdgesResponse
-	5,  // 38: remoteingress.v1.HubAdmin.UpsertEdge:output_type -> remoteingress.v1.UpsertEdgeResponse
-	7,  // 39: remoteingress.v1.HubAdmin.DeleteEdge:output_type -> remoteingress.v1.DeleteEdgeResponse
-	10, // 40: remoteingress.v1.HubAdmin.ListEdges:output_type -> remoteingress.v1.ListEdgesResponse
-	13, // 41: remoteingress.v1.HubAdmin.GetStatus:output_type -> remoteingress.v1.GetStatusResponse
-	26, // 42: remoteingress.v1.HubAdmin.WatchEvents:output_type -> remoteingress.v1.WatchEventsResponse
-	28, // 43: remoteingress.v1.HubAdmin.CreateConnectionToken:output_type -> remoteingress.v1.CreateConnectionTokenResponse
-	30, // 44: remoteingress.v1.HubAdmin.DisconnectEdge:output_type -> remoteingress.v1.DisconnectEdgeResponse
-	32, // 45: remoteingress.v1.HubAdmin.Drain:output_type -> remoteingress.v1.DrainResponse
-	34, // 46: remoteingress.v1.HubAdmin.DrainEdge:output_type -> remoteingress.v1.DrainEdgeResponse
-	37, // [37:47] is the sub-list for method output_type
-	27, // [27:37] is the sub-list for method input_type
-	27, // [27:27] is the sub-list for extension type_name
-	27, // [27:27] is the sub-list for extension extendee
-	0,  // [0:27] is the sub-list for field type_name
+	25, // 27: remoteingress.v1.WatchEventsResponse.config_reloaded:type_name -> remoteingress.v1.ConfigReloaded
+	2,  // 28: remoteingress.v1.HubAdmin.UpdateAllowedEdges:input_type -> remoteingress.v1.UpdateAllowedEdgesRequest
+	4,  // 29: remoteingress.v1.HubAdmin.UpsertEdge:input_type -> remoteingress.v1.UpsertEdgeRequest
+	6,  // 30: remoteingress.v1.HubAdmin.DeleteEdge:input_type -> remoteingress.v1.DeleteEdgeRequest
+	8,  // 31: remoteingress.v1.HubAdmin.ListEdges:input_type -> remoteingress.v1.ListEdgesRequest
+	11, // 32: remoteingress.v1.HubAdmin.GetStatus:input_type -> remoteingress.v1.GetStatusRequest
+	14, // 33: remoteingress.v1.HubAdmin.WatchEvents:input_type -> remoteingress.v1.WatchEventsRequest
+	28, // 34: remoteingress.v1.HubAdmin.CreateConnectionToken:input_type -> remoteingress.v1.CreateConnectionTokenRequest
+	30, // 35: remoteingress.v1.HubAdmin.DisconnectEdge:input_type -> remoteingress.v1.DisconnectEdgeRequest
+	32, // 36: remoteingress.v1.HubAdmin.Drain:input_type -> remoteingress.v1.DrainRequest
+	34, // 37: remoteingress.v1.HubAdmin.DrainEdge:input_type -> remoteingress.v1.DrainEdgeRequest
+	3,  // 38: remoteingress.v1.HubAdmin.UpdateAllowedEdges:output_type -> remoteingress.v1.UpdateAllowedEdgesResponse
+	5,  // 39: remoteingress.v1.HubAdmin.UpsertEdge:output_type -> remoteingress.v1.UpsertEdgeResponse
+	7,  // 40: remoteingress.v1.HubAdmin.DeleteEdge:output_type -> remoteingress.v1.DeleteEdgeResponse
+	10, // 41: remoteingress.v1.HubAdmin.ListEdges:output_type -> remoteingress.v1.ListEdgesResponse
+	13, // 42: remoteingress.v1.HubAdmin.GetStatus:output_type -> remoteingress.v1.GetStatusResponse
+	27, // 43: remoteingress.v1.HubAdmin.WatchEvents:output_type -> remoteingress.v1.WatchEventsResponse
+	29, // 44: remoteingress.v1.HubAdmin.CreateConnectionToken:output_type -> remoteingress.v1.CreateConnectionTokenResponse
+	31, // 45: remoteingress.v1.HubAdmin.DisconnectEdge:output_type -> remoteingress.v1.DisconnectEdgeResponse
+	33, // 46: remoteingress.v1.HubAdmin.Drain:output_type -> remoteingress.v1.DrainResponse
+	35, // 47: remoteingress.v1.HubAdmin.DrainEdge:output_type -> remoteingress.v1.DrainEdgeResponse
+	38, // [38:48] is the sub-list for method output_type
+	28, // [28:38] is the sub-list for method input_type
+	28, // [28:28] is the sub-list for extension type_name
+	28, // [28:28] is the sub-list for extension extendee
+	0,  // [0:28] is the sub-list for field type_name
 }
 
 func init() { file_remoteingress_v1_hub_proto_init() }
@@ -2584,7 +2702,8 @@ func file_remoteingress_v1_hub_proto_init() {
 	}
 	file_remoteingress_v1_config_proto_init()
 	file_remoteingress_v1_hub_proto_msgTypes[0].OneofWrappers = []any{}
-	file_remoteingress_v1_hub_proto_msgTypes[25].OneofWrappers = []any{
+	file_remoteingress_v1_hub_proto_msgTypes[24].OneofWrappers = []any{}
+	file_remoteingress_v1_hub_proto_msgTypes[26].OneofWrappers = []any{
 		(*WatchEventsResponse_EdgeConnected)(nil),
 		(*WatchEventsResponse_EdgeDisconnected)(nil),
 		(*WatchEventsResponse_StreamOpened)(nil),
@@ -2596,6 +2715,7 @@ func file_remoteingress_v1_hub_proto_init() {
 		(*WatchEventsResponse_AuthFailed)(nil),
 		(*WatchEventsResponse_EventsMissed)(nil),
 		(*WatchEventsResponse_OpenRefused)(nil),
+		(*WatchEventsResponse_ConfigReloaded)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -2603,7 +2723,7 @@ func file_remoteingress_v1_hub_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_remoteingress_v1_hub_proto_rawDesc), len(file_remoteingress_v1_hub_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   38,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
