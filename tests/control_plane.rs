@@ -690,3 +690,48 @@ async fn a_replica_refuses_writes_that_would_let_hubs_diverge() {
     stop.cancel();
     hub.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_killed_right_after_a_write_restarts_with_it() {
+    let state = tempfile::tempdir().unwrap();
+    let localhost = "127.0.0.1".parse().unwrap();
+    let (tunnel, admin_port) = (free_port(localhost), free_port(localhost));
+    let args: Vec<String> = [
+        "hub",
+        "--listen-address=127.0.0.1",
+        &format!("--tunnel-port={tunnel}"),
+        &format!("--admin-addr=127.0.0.1:{admin_port}"),
+        &format!("--metrics-addr=127.0.0.1:{}", free_port(localhost)),
+        &format!("--state-dir={}", state.path().display()),
+    ]
+    .map(String::from)
+    .to_vec();
+    let env = [("REMOTEINGRESS_ADMIN_TOKEN", ADMIN_TOKEN)];
+    let admin_addr = SocketAddr::from(([127, 0, 0, 1], admin_port));
+    let connect = || async {
+        wait_port(admin_port).await;
+        HubAdminClient::with_interceptor(channel(admin_addr).await, with_token as fn(_) -> _)
+    };
+
+    let hub = spawn_binary(&args, &env);
+    let mut admin = connect().await;
+    for round in 0..20u16 {
+        let edge = edge_message("e1", &[(8000 + round, 80)]);
+        admin
+            .upsert_edge(pb::UpsertEdgeRequest { edge: Some(edge) })
+            .await
+            .unwrap();
+    }
+    // SIGKILL as soon as the last write is answered: nothing gets to flush on the way out.
+    drop(hub);
+
+    let _hub = spawn_binary(&args, &env);
+    let listed = connect()
+        .await
+        .list_edges(pb::ListEdgesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.edges.len(), 1);
+    assert_eq!(listed.edges[0].listen_ports, [8019]);
+}
