@@ -131,10 +131,11 @@ async fn each_metric_moves_when_its_event_happens() {
     with_refused.config.listen_ports.push(refused_port);
     with_refused.targets.ports.insert(refused_port, closed);
     hub.upsert_edge(with_refused).await.unwrap();
-    assert_eq!(
-        h("remoteingress_config_pushes_total", &[("edge", "e1")]),
-        1.0
-    );
+    // The write returns once it is live and persisted; the tunnel's pusher sends it.
+    eventually("the push to be counted", || async {
+        (h("remoteingress_config_pushes_total", &[("edge", "e1")]) == 1.0).then_some(())
+    })
+    .await;
     wait_listening(&edge, refused_port).await;
     // The refused connect aborts the stream: the client's connection is reset.
     let ended = exchange_until_end(SocketAddr::new(EDGE_IP, refused_port), b"x").await;
