@@ -227,6 +227,8 @@ async fn long_transfer(addr: SocketAddr) -> bool {
 /// New connections at about 200 per second (4 workers, each every 20 ms), until stopped.
 struct Load {
     stop: Arc<AtomicBool>,
+    /// While set, workers start no connection.
+    paused: Arc<AtomicBool>,
     started: Arc<AtomicUsize>,
     workers: Vec<tokio::task::JoinHandle<Vec<(Instant, bool)>>>,
 }
@@ -236,15 +238,19 @@ const WORKERS: usize = 4;
 impl Load {
     fn start(addr: SocketAddr) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
         let started = Arc::new(AtomicUsize::new(0));
         let workers = (0..WORKERS)
             .map(|_| {
-                let (stop, started) = (stop.clone(), started.clone());
+                let (stop, paused, started) = (stop.clone(), paused.clone(), started.clone());
                 tokio::spawn(async move {
                     let mut outcomes = Vec::new();
                     let mut pace = tokio::time::interval(Duration::from_millis(20));
                     while !stop.load(Ordering::Relaxed) {
                         pace.tick().await;
+                        if paused.load(Ordering::Relaxed) {
+                            continue;
+                        }
                         let n = started.fetch_add(1, Ordering::Relaxed);
                         let at = Instant::now();
                         outcomes.push((at, short_exchange(addr, n).await));
@@ -255,9 +261,19 @@ impl Load {
             .collect();
         Self {
             stop,
+            paused,
             started,
             workers,
         }
+    }
+
+    /// Starts no new connection until [`Load::resume`] (those open finish).
+    fn pause(&self) {
+        self.paused.store(true, Ordering::Relaxed);
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::Relaxed);
     }
 
     /// Waits until `more` connections beyond those started so far have started.
@@ -336,14 +352,31 @@ async fn a_rolling_restart_of_every_hub_loses_no_connection() {
     let load = Load::start(addr);
     load.run_for(50).await;
     for i in 0..hubs.len() {
-        // One long transfer lands on each tunnel (new streams go to the least loaded).
+        // One long transfer on each tunnel, placed while the load is paused: with no other
+        // stream open, new streams go to the least loaded tunnel, so the second goes to the
+        // tunnel the first did not take.
+        load.pause();
+        let open = |sample: &'static str| {
+            let edge = &edge;
+            async move { edge.metric(sample).await }
+        };
+        eventually("the load's connections to finish", || async {
+            (open("remoteingress_streams_active").await? == 0.0).then_some(())
+        })
+        .await;
         let first = tokio::spawn(long_transfer(addr));
         eventually("the first transfer to be open", || async {
-            let open = edge.metric("remoteingress_streams_active").await?;
-            (open >= 1.0).then_some(())
+            (open("remoteingress_streams_active").await? == 1.0).then_some(())
         })
         .await;
         let second = tokio::spawn(long_transfer(addr));
+        eventually("a long transfer on each hub's tunnel", || async {
+            let a = open("remoteingress_tunnel_streams_active{hub=\"hub-a\"}").await?;
+            let b = open("remoteingress_tunnel_streams_active{hub=\"hub-b\"}").await?;
+            (a == 1.0 && b == 1.0).then_some(())
+        })
+        .await;
+        load.resume();
         let mut hub = hubs.remove(i);
         signal(&hub, "-TERM");
         let id = hub.spec.id.clone();
