@@ -192,7 +192,10 @@ fn watch_directory(path: &Path, notified: mpsc::Sender<()>) -> Option<notify::Re
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
-    let watched = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+    let watched = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if event.is_ok_and(|event| !announces_a_change(&event.kind)) {
+            return;
+        }
         // A full channel already holds a notification that leads to a check.
         let _ = notified.try_send(());
     })
@@ -206,6 +209,20 @@ fn watch_directory(path: &Path, notified: mpsc::Sender<()>) -> Option<notify::Re
             tracing::warn!(directory = %directory.display(), %error, "cannot watch the edges file's directory; checking it periodically only");
             None
         }
+    }
+}
+
+/// Whether a notification may mean new content: not a file being opened (the hub's own reads
+/// included, which would otherwise wake it again and again), nor data being written, which is
+/// read once the writer closes the file (or by the periodic check, if it never does). An error
+/// from the watcher counts, so that the file is looked at.
+fn announces_a_change(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    use notify::EventKind;
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) | EventKind::Modify(ModifyKind::Data(_)) => false,
+        _ => true,
     }
 }
 
@@ -352,6 +369,37 @@ mod tests {
             load_edges_file(&path).unwrap().digest,
             "4f53cda18c2baa0c0354bb5f9a3ecbe5ed12ab4d8e11ba873c2f11161202b945"
         );
+    }
+
+    #[test]
+    fn only_notifications_that_may_mean_new_content_wake_the_follower() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, MetadataKind, ModifyKind, RemoveKind,
+            RenameMode,
+        };
+        use notify::EventKind;
+        for (kind, wakes) in [
+            (EventKind::Access(AccessKind::Open(AccessMode::Any)), false),
+            (
+                EventKind::Access(AccessKind::Close(AccessMode::Read)),
+                false,
+            ),
+            (EventKind::Modify(ModifyKind::Data(DataChange::Any)), false),
+            (
+                EventKind::Access(AccessKind::Close(AccessMode::Write)),
+                true,
+            ),
+            (EventKind::Create(CreateKind::Any), true),
+            (EventKind::Modify(ModifyKind::Name(RenameMode::To)), true),
+            (
+                EventKind::Modify(ModifyKind::Metadata(MetadataKind::Any)),
+                true,
+            ),
+            (EventKind::Remove(RemoveKind::Any), true),
+            (EventKind::Any, true),
+        ] {
+            assert_eq!(announces_a_change(&kind), wakes, "{kind:?}");
+        }
     }
 
     #[test]
