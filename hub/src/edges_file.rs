@@ -39,7 +39,12 @@ struct EdgesFileShape {
 /// `generation` gets the file's; without either, the hub counts changes (one hub only).
 pub fn load_edges_file(path: &Path) -> Result<EdgesFileContent, HubError> {
     let bytes = std::fs::read(path).map_err(|e| file_error(path, e))?;
-    parse_edges_file(path, &bytes)
+    parse_edges_file(path, &bytes, digest_of(&bytes))
+}
+
+/// SHA-256 of an edges file's bytes, in hex.
+fn digest_of(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
 }
 
 fn file_error(path: &Path, message: impl std::fmt::Display) -> HubError {
@@ -49,9 +54,13 @@ fn file_error(path: &Path, message: impl std::fmt::Display) -> HubError {
     }
 }
 
-/// Parses the bytes of the edges file at `path` (its extension tells TOML from JSON).
-fn parse_edges_file(path: &Path, bytes: &[u8]) -> Result<EdgesFileContent, HubError> {
-    let digest = hex::encode(Sha256::digest(bytes));
+/// Parses the bytes (whose digest is `digest`) of the edges file at `path`; its extension tells
+/// TOML from JSON.
+fn parse_edges_file(
+    path: &Path,
+    bytes: &[u8],
+    digest: String,
+) -> Result<EdgesFileContent, HubError> {
     let text = std::str::from_utf8(bytes).map_err(|e| file_error(path, e))?;
     let parsed = if path.extension().is_some_and(|ext| ext == "toml") {
         toml::from_str::<EdgesFileShape>(text).map_err(|e| e.to_string())
@@ -263,9 +272,12 @@ async fn settle(notifications: &mut mpsc::Receiver<()>) {
 /// Reads the file and applies it if its content differs from what was last seen.
 async fn check(hub: &HubHandle, path: &Path, seen: &mut Seen) {
     let read = tokio::fs::read(path).await;
-    let now = match &read {
-        Ok(bytes) => Seen::Content(hex::encode(Sha256::digest(bytes))),
-        Err(error) => Seen::Unreadable(error.to_string()),
+    let (now, digest) = match &read {
+        Ok(bytes) => {
+            let digest = digest_of(bytes);
+            (Seen::Content(digest.clone()), digest)
+        }
+        Err(error) => (Seen::Unreadable(error.to_string()), String::new()),
     };
     if now == *seen {
         return;
@@ -273,19 +285,13 @@ async fn check(hub: &HubHandle, path: &Path, seen: &mut Seen) {
     *seen = now;
     let parsed = read
         .map_err(|e| file_error(path, e))
-        .and_then(|bytes| parse_edges_file(path, &bytes));
+        .and_then(|bytes| parse_edges_file(path, &bytes, digest.clone()));
     match parsed {
         // Applying reports the outcome.
         Ok(content) => {
             let _ = hub.apply_edges_file(path, content).await;
         }
-        Err(error) => {
-            let digest = match seen {
-                Seen::Content(digest) => digest.clone(),
-                Seen::Unreadable(_) => String::new(),
-            };
-            hub.report_reload(path, digest, None, 0, &Err(error));
-        }
+        Err(error) => hub.report_reload(path, digest, None, 0, &Err(error)),
     }
 }
 
