@@ -477,7 +477,7 @@ async fn hubs_that_disagree_are_reported_and_the_newest_generation_wins() {
     })
     .await;
     // Whichever came first stays; the other is not applied.
-    let listening = |port: u16| async move { TcpStream::connect((EDGE_IP, port)).await.is_ok() };
+    let listening = |port: u16| listens((EDGE_IP, port));
     let (first, other) = eventually("one of the two configurations to run", || async {
         match (listening(port_a).await, listening(port_b).await) {
             (true, false) => Some((port_a, port_b)),

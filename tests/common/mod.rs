@@ -341,6 +341,15 @@ pub fn spawn_binary(args: &[String], env: &[(&str, &str)]) -> Process {
     )
 }
 
+/// Whether something listens on `addr`. A connection the listener's owner resets at once (an
+/// edge whose tunnel refused the stream) may fail its connect with a reset: that still counts.
+pub async fn listens(addr: impl tokio::net::ToSocketAddrs) -> bool {
+    match TcpStream::connect(addr).await {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::ConnectionRefused,
+    }
+}
+
 /// Waits until something accepts TCP on 127.0.0.1:`port`.
 pub async fn wait_port(port: u16) {
     eventually(&format!("port {port} to accept"), || async {
