@@ -342,11 +342,12 @@ pub fn spawn_binary(args: &[String], env: &[(&str, &str)]) -> Process {
 }
 
 /// Whether something listens on `addr`. A connection the listener's owner resets at once (an
-/// edge whose tunnel refused the stream) may fail its connect with a reset: that still counts.
+/// edge whose tunnel refused the stream) may fail its connect with a reset: that still counts;
+/// any other failure does not.
 pub async fn listens(addr: impl tokio::net::ToSocketAddrs) -> bool {
     match TcpStream::connect(addr).await {
         Ok(_) => true,
-        Err(e) => e.kind() != std::io::ErrorKind::ConnectionRefused,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
     }
 }
 
