@@ -242,6 +242,11 @@ struct HubArgs {
         default_value_t = 16_384
     )]
     udp_max_sessions_total: usize,
+    /// Refuse streams and UDP sessions whose client address (as the edge reports it) is
+    /// private, shared, link-local or unique-local; loopback, unspecified and multicast client
+    /// addresses are always refused.
+    #[arg(long, env = "REMOTEINGRESS_REFUSE_PRIVATE_CLIENTS")]
+    refuse_private_clients: bool,
     /// Address of the gRPC admin API.
     #[arg(
         long,
@@ -273,6 +278,21 @@ struct HubArgs {
     /// WatchEvents streams open at once (more are refused).
     #[arg(long, env = "REMOTEINGRESS_ADMIN_MAX_WATCHERS", default_value_t = 32)]
     admin_max_watchers: usize,
+    /// Health and reflection calls served at once, from a pool apart from the API's calls
+    /// (more wait), so that unauthenticated probes never take capacity from API clients.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_ADMIN_MAX_PROBE_CALLS",
+        default_value_t = 16
+    )]
+    admin_max_probe_calls: usize,
+    /// Admin API connections open at once (more wait in the listen backlog).
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_ADMIN_MAX_CONNECTIONS",
+        default_value_t = 256
+    )]
+    admin_max_connections: usize,
     /// File holding the admin API's bearer token (or set REMOTEINGRESS_ADMIN_TOKEN).
     #[arg(long, env = "REMOTEINGRESS_ADMIN_TOKEN_FILE")]
     admin_token_file: Option<PathBuf>,
@@ -538,6 +558,7 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         udp_idle_timeout: args.udp.idle_timeout(),
         udp_max_sessions: args.udp.udp_max_sessions,
         udp_max_sessions_total: args.udp_max_sessions_total,
+        refuse_private_clients: args.refuse_private_clients,
         registry: prometheus::Registry::new(),
         quic: !args.no_quic,
         hub_id: args.hub_id.unwrap_or_else(random_hub_id),
@@ -567,6 +588,8 @@ async fn run_hub(args: HubArgs) -> Result<()> {
             call_timeout: Duration::from_secs(args.admin_call_timeout_secs.max(1)),
             max_concurrent_calls: args.admin_max_concurrent_calls.max(1),
             max_watchers: args.admin_max_watchers,
+            max_probe_calls: args.admin_max_probe_calls.max(1),
+            max_connections: args.admin_max_connections.max(1),
         },
         registry: registry.clone(),
     };

@@ -29,28 +29,6 @@ async fn hub_with_registry(
     (start_hub_with(state, options).await, registry)
 }
 
-/// The value of a metric with the given labels, if it exists.
-fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let family = registry.gather().into_iter().find(|f| f.name() == name)?;
-    family
-        .get_metric()
-        .iter()
-        .find(|m| {
-            labels.iter().all(|(k, v)| {
-                m.get_label()
-                    .iter()
-                    .any(|l| l.name() == *k && l.value() == *v)
-            })
-        })
-        .map(|m| {
-            if m.get_counter().value() != 0.0 {
-                m.get_counter().value()
-            } else {
-                m.get_gauge().value()
-            }
-        })
-}
-
 /// Edge e1's entry in an edges file, padded to `width` bytes so that two contents can have
 /// the same size.
 fn edges_json(ports: &[(u16, u16)], width: usize) -> String {

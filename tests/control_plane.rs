@@ -646,6 +646,102 @@ async fn the_admin_api_limits_watchers_and_counts_wrong_tokens() {
     stop.cancel();
 }
 
+/// A health call that sends its headers and never its body, on a raw HTTP/2 connection; the
+/// returned handles keep it open.
+async fn stalled_health_call(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+) -> (h2::client::ResponseFuture, h2::SendStream<bytes::Bytes>) {
+    let request = http::Request::post("/grpc.health.v1.Health/Check")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap();
+    client
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(request, false)
+        .unwrap()
+}
+
+/// Unauthenticated clients stalling health calls (headers, no body) by the hundred take
+/// nothing from authenticated calls: probes are served from a pool of their own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_health_calls_take_nothing_from_authenticated_calls() {
+    let mut cp = ControlPlane::new().await;
+    let mut stalled = Vec::new();
+    let mut pings = Vec::new();
+    // Twice the API's whole pool of calls, in as many streams as a connection may have.
+    for _ in 0..4 {
+        let tcp = tokio::net::TcpStream::connect(cp.admin_addr).await.unwrap();
+        let (mut client, mut connection) = h2::client::handshake(tcp).await.unwrap();
+        let mut ping = connection.ping_pong().unwrap();
+        tokio::spawn(connection);
+        for _ in 0..32 {
+            stalled.push(stalled_health_call(&mut client).await);
+        }
+        // Once the server has answered a PING sent after them, it has read every call.
+        ping.ping(h2::Ping::opaque()).await.unwrap();
+        pings.push((client, ping));
+    }
+    let served = tokio::time::timeout(
+        Duration::from_secs(10),
+        cp.admin.list_edges(pb::ListEdgesRequest::default()),
+    )
+    .await
+    .expect("an authenticated call is served while health calls are stalled");
+    served.unwrap();
+    drop(stalled);
+    cp.stop.cancel();
+}
+
+/// A configuration larger than an edge accepts is refused at the API, saying so; a set larger
+/// than gRPC's usual 4 MiB is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_and_configuration_sizes_agree_end_to_end() {
+    let mut cp = ControlPlane::new().await;
+    let blocked = |count: usize, edge: usize| -> Vec<String> {
+        (0..count)
+            .map(|i| format!("10.{}.{}.{}/32", edge % 256, (i / 256) % 256, i % 256))
+            .collect()
+    };
+    let mut huge = edge_message("huge", &[(8080, 8080)]);
+    huge.firewall_config = Some(pb::FirewallConfig {
+        blocked_ips: blocked(65_000, 0),
+        ..Default::default()
+    });
+    let refused = cp
+        .admin
+        .upsert_edge(pb::UpsertEdgeRequest { edge: Some(huge) })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("more than the")
+            && refused.message().contains("an edge accepts"),
+        "{}",
+        refused.message()
+    );
+
+    // 80 edges with 4,000 blocked addresses each: about 7 MiB.
+    let edges: Vec<pb::Edge> = (0..80)
+        .map(|i| {
+            let mut edge = edge_message(&format!("e{i}"), &[(8080, 8080)]);
+            edge.firewall_config = Some(pb::FirewallConfig {
+                blocked_ips: blocked(4_000, i),
+                ..Default::default()
+            });
+            edge
+        })
+        .collect();
+    let request = pb::UpdateAllowedEdgesRequest { edges };
+    assert!(prost::Message::encoded_len(&request) > 4 * 1024 * 1024);
+    cp.admin.update_allowed_edges(request).await.unwrap();
+    assert_eq!(cp.hub.list_edges().len(), 80);
+    cp.stop.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_refuses_writes_that_would_let_hubs_diverge() {
     let state = tempfile::tempdir().unwrap();

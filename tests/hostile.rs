@@ -7,9 +7,9 @@ mod common;
 use std::net::SocketAddr;
 
 use common::*;
-use remoteingress_hub::{HubEvent, Protocol};
+use remoteingress_hub::{HubEvent, Protocol, RefusalReason};
 use remoteingress_wire::frame::FrameType;
-use remoteingress_wire::proxy::{ProxyV1, ProxyV2, V2Transport};
+use remoteingress_wire::proxy::{ProxyV1, ProxyV2, V2Transport, V2_TLV_EDGE_ID};
 use tokio::net::{TcpListener, UdpSocket};
 
 const CLIENT: &str = "203.0.113.7:5000";
@@ -76,6 +76,7 @@ async fn an_edge_reaches_only_the_ports_it_is_assigned() {
                 edge_id,
                 protocol,
                 port,
+                reason: RefusalReason::NotAssigned,
             } => Some((edge_id, protocol, port)),
             _ => None,
         })
@@ -126,6 +127,138 @@ async fn an_edge_reaches_only_the_ports_it_is_assigned() {
             .kind(),
         std::io::ErrorKind::WouldBlock,
         "the UDP service got a datagram"
+    );
+}
+
+/// An edge cannot make a target believe in a client that does not exist: opens claiming an
+/// unspecified or multicast client are refused (counted, evented) and never connected (a
+/// loopback one only from an edge on another host, as `wire::address` tests);
+/// the PROXY headers targets get are written by the hub from the parsed addresses, and a UDP
+/// one names the edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_cannot_claim_an_impossible_client_address() {
+    use tokio::io::AsyncReadExt;
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let options = hub_options(0);
+    let registry = options.registry.clone();
+    let hub = start_hub_with(state.path(), options).await;
+    let tcp_target = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let udp_target = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (tcp_port, udp_port) = (free_port(EDGE_IP), free_port(EDGE_IP));
+    let mut entry = allowed(
+        "e1",
+        &[
+            (tcp_port, tcp_target.local_addr().unwrap().port()),
+            (udp_port, udp_target.local_addr().unwrap().port()),
+        ],
+    );
+    entry.config.listen_ports = vec![tcp_port];
+    entry.config.listen_ports_udp = vec![udp_port];
+    hub.update_allowed_edges(vec![entry]).await.unwrap();
+    let mut events = hub.subscribe();
+    let mut edge = RawEdge::connect(&hub, "e1").await;
+
+    let impossible = ["0.0.0.0:5000", "[::]:5000", "[ff02::1]:5000"];
+    let mut frames = Vec::new();
+    let lines: Vec<String> = impossible
+        .iter()
+        .map(|client| {
+            ProxyV1::tcp(client.parse().unwrap(), SocketAddr::new(EDGE_IP, tcp_port)).to_line()
+        })
+        .collect();
+    for (i, line) in lines.iter().enumerate() {
+        frames.push((1 + 2 * i as u32, FrameType::Open, line.as_bytes()));
+    }
+    let udp_multicast = ProxyV2::proxy(
+        V2Transport::Datagram,
+        "224.0.0.1:5000".parse().unwrap(),
+        SocketAddr::new(EDGE_IP, udp_port),
+    )
+    .to_bytes();
+    frames.push((7, FrameType::UdpOpen, &udp_multicast));
+    edge.send(&frames).await;
+    let mut refused = Vec::new();
+    while refused.len() < 4 {
+        let event = wait_event(&mut events, "open refused", |event| match event {
+            HubEvent::OpenRefused {
+                protocol,
+                port,
+                reason,
+                ..
+            } => Some((protocol, port, reason)),
+            _ => None,
+        })
+        .await;
+        refused.push(event);
+    }
+    refused.sort_by_key(|(protocol, _, _)| *protocol == Protocol::Udp);
+    let tcp = (Protocol::Tcp, tcp_port, RefusalReason::ClientAddress);
+    let udp = (Protocol::Udp, udp_port, RefusalReason::ClientAddress);
+    assert_eq!(refused, [tcp, tcp, tcp, udp]);
+    let labels = [
+        ("edge", "e1"),
+        ("protocol", "tcp"),
+        ("reason", "client_address"),
+    ];
+    assert_eq!(
+        metric(&registry, "remoteingress_opens_refused_total", &labels),
+        Some(3.0)
+    );
+
+    // A believable client, written in a non-canonical form: the target gets the hub's own
+    // rendering of the parsed addresses, not the edge's bytes.
+    let odd = format!(
+        "PROXY TCP6 2001:0db8:0000:0000:0000:0000:0000:0001 ::ffff:127.0.0.2 5000 {tcp_port}\r\n"
+    );
+    let udp_open = ProxyV2::proxy(
+        V2Transport::Datagram,
+        CLIENT.parse().unwrap(),
+        SocketAddr::new(EDGE_IP, udp_port),
+    )
+    .to_bytes();
+    edge.send(&[
+        (9, FrameType::Open, odd.as_bytes()),
+        (9, FrameType::UdpOpen, &udp_open),
+    ])
+    .await;
+    let (mut socket, _) =
+        tokio::time::timeout(std::time::Duration::from_secs(20), tcp_target.accept())
+            .await
+            .expect("the believable stream is connected")
+            .unwrap();
+    let expected = format!("PROXY TCP6 2001:db8::1 ::ffff:127.0.0.2 5000 {tcp_port}\r\n");
+    let mut line = vec![0u8; expected.len()];
+    socket.read_exact(&mut line).await.unwrap();
+    assert_eq!(String::from_utf8_lossy(&line), expected);
+    let mut datagram = [0u8; 512];
+    let (len, _) = tokio::time::timeout(
+        std::time::Duration::from_secs(20),
+        udp_target.recv_from(&mut datagram),
+    )
+    .await
+    .expect("the UDP session is connected")
+    .unwrap();
+    let mut expected = Vec::new();
+    ProxyV2::proxy(
+        V2Transport::Datagram,
+        CLIENT.parse().unwrap(),
+        SocketAddr::new(EDGE_IP, udp_port),
+    )
+    .encode_with(&[(V2_TLV_EDGE_ID, b"e1")], &mut expected);
+    assert_eq!(
+        &datagram[..len],
+        &expected[..],
+        "the v2 header names the edge"
+    );
+
+    // Nothing was connected for the refused opens.
+    let tcp_target = tcp_target.into_std().unwrap();
+    tcp_target.set_nonblocking(true).unwrap();
+    assert_eq!(
+        tcp_target.accept().map(|_| ()).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock,
+        "a refused stream was connected"
     );
 }
 
@@ -249,6 +382,73 @@ async fn a_client_reset_reaches_the_target_and_frees_the_stream(
     .await;
 }
 
+/// The bytes waiting in the receive queue of the socket at `local` connected to `remote`, from
+/// `/proc/net/tcp`.
+fn receive_queue(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let matches = proc_net_address(fields[1]) == Some(local)
+            && proc_net_address(fields[2]) == Some(remote);
+        let (_, rx) = fields[4].split_once(':')?;
+        matches.then(|| u64::from_str_radix(rx, 16).ok()).flatten()
+    })
+}
+
+/// A client pushes into a target that never reads until everything between them is full (the
+/// edge has no credit left), then resets: the stream and the target socket are released all
+/// the same.
+async fn a_client_reset_frees_a_stalled_stream(transport: remoteingress_edge::TransportMode) {
+    use tokio::io::AsyncWriteExt;
+    let (_state, hub, _edge, mut target, edge_addr) = silent_setup(transport).await;
+    let mut client = tokio::net::TcpStream::connect(edge_addr).await.unwrap();
+    client.write_all(b"request").await.unwrap();
+    let mut held = target.held.recv().await.unwrap();
+    let held_remote = held.peer_addr().unwrap();
+    let chunk = vec![0x5a; 256 * 1024];
+    // Stalled: nothing moves for five checks in a row (the client cannot write, the target's
+    // queue stays as it is): every buffer and all credit between them are used up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let (mut last, mut still) = (None, 0);
+    while still < 5 {
+        let mut moved = false;
+        loop {
+            match client.try_write(&chunk) {
+                Ok(_) => moved = true,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => panic!("the client's writes fail: {e}"),
+            }
+            tokio::task::yield_now().await;
+        }
+        let queued = receive_queue(target.address, held_remote);
+        still = if moved || queued != last {
+            0
+        } else {
+            still + 1
+        };
+        last = queued;
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream never stalled"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(hub.active_streams(), 1);
+    client.set_zero_linger().unwrap();
+    drop(client);
+    let read = tokio::time::timeout(std::time::Duration::from_secs(20), released(&mut held))
+        .await
+        .expect("the target connection is let go");
+    assert!(
+        read.is_err(),
+        "the client's reset reaches the target as a reset"
+    );
+    eventually("the hub frees the stream", || async {
+        (hub.active_streams() == 0).then_some(())
+    })
+    .await;
+}
+
 async fn a_lost_tunnel_releases_every_target_socket(transport: remoteingress_edge::TransportMode) {
     use tokio::io::AsyncWriteExt;
     const STREAMS: usize = 200;
@@ -361,5 +561,6 @@ async fn a_sustained_flood_of_pending_handshakes_never_locks_edges_out() {
 
 for_each_transport!(
     a_client_reset_reaches_the_target_and_frees_the_stream,
+    a_client_reset_frees_a_stalled_stream,
     a_lost_tunnel_releases_every_target_socket
 );

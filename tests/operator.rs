@@ -21,8 +21,9 @@ const HUB_NAMESPACE: &str = "remoteingress";
 /// How long a step that goes through the API server, the operator and a hub may take: both
 /// tests run at once, each with its own API server, on two cores.
 const API_DEADLINE: std::time::Duration = std::time::Duration::from_secs(60);
-/// The address coturn answers on, so the edge's public IP is a known value.
-const PUBLIC_IP: &str = "203.0.113.7";
+/// The address coturn answers on (in the test's own network namespace), so the edge's public IP
+/// is a known value; a global unicast one, since the hub ignores any other.
+const PUBLIC_IP: &str = "1.2.3.4";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))

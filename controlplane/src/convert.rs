@@ -400,12 +400,14 @@ pub(crate) fn hub_event(event: HubEvent) -> (pb::EventKind, pb::WatchEventsRespo
             edge_id,
             protocol,
             port,
+            reason,
         } => (
             Kind::OpenRefused,
             edge_id,
             HubPbEvent::OpenRefused(pb::OpenRefused {
                 protocol: protocol.as_str().to_owned(),
                 port: u32::from(port),
+                reason: reason.as_str().to_owned(),
             }),
         ),
         HubEvent::ConfigPushed { edge_id, version } => (

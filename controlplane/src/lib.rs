@@ -9,6 +9,7 @@ mod convert;
 mod edge_status;
 mod events;
 mod hub_admin;
+mod limits;
 mod metrics_http;
 mod server;
 
@@ -16,6 +17,7 @@ pub use convert::edge_to_proto;
 pub use metrics_http::{serve_metrics, Readiness};
 pub use server::{
     serve_edge_status, serve_hub_admin, AdminOptions, ApiLimits, ControlPlaneError, Served,
+    MAX_MESSAGE_LEN,
 };
 
 /// Generated protobuf types and gRPC stubs.

@@ -8,12 +8,12 @@ use std::time::Duration;
 
 use remoteingress_edge::EdgeHandle;
 use remoteingress_hub::HubHandle;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use thiserror::Error;
 use tokio::net::TcpListener;
 
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::interceptor::InterceptedService;
 use tonic::service::Interceptor;
@@ -22,10 +22,10 @@ use tonic::transport::{Identity, Server, ServerTlsConfig};
 use tonic::{Request, Status};
 use tonic_health::ServingStatus;
 use tower::layer::util::{Identity as NoLayer, Stack};
-use tower::limit::GlobalConcurrencyLimitLayer;
 
 use crate::edge_status::EdgeStatusService;
 use crate::hub_admin::HubAdminService;
+use crate::limits::{limited_incoming, CallPools};
 use crate::pb;
 
 /// Why an API could not be started.
@@ -82,10 +82,14 @@ pub struct ApiLimits {
     /// A call that has not answered by then fails with DEADLINE_EXCEEDED (streams: until
     /// their first message).
     pub call_timeout: Duration,
-    /// Calls served at once, over all connections; more wait.
+    /// API calls served at once, over all connections; more wait.
     pub max_concurrent_calls: usize,
+    /// Health and reflection calls served at once, from a pool of their own; more wait.
+    pub max_probe_calls: usize,
     /// WatchEvents streams open at once; more are refused with RESOURCE_EXHAUSTED.
     pub max_watchers: usize,
+    /// Connections open at once; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl Default for ApiLimits {
@@ -93,10 +97,21 @@ impl Default for ApiLimits {
         Self {
             call_timeout: Duration::from_secs(30),
             max_concurrent_calls: 64,
+            max_probe_calls: 16,
             max_watchers: 32,
+            max_connections: 256,
         }
     }
 }
+
+/// Largest gRPC message either API decodes: room for the largest allowed set we support
+/// (10,000 edges, each with 100 TCP and 100 UDP ports, per-port targets and a few firewall
+/// rules; docs/security.md).
+pub const MAX_MESSAGE_LEN: usize = 64 * 1024 * 1024;
+/// Concurrent HTTP/2 streams (calls) on one connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
+/// Largest header block of a call.
+const MAX_HEADER_LIST_SIZE: u32 = 16 * 1024;
 
 /// A running API server.
 #[derive(Debug)]
@@ -110,8 +125,23 @@ pub struct Served {
 /// Checks `authorization: Bearer <token>` in constant time, counting failures.
 #[derive(Clone)]
 struct BearerAuth {
-    token: Option<Arc<str>>,
+    /// The SHA-256 digest of the token: digests of equal length are compared, so the time
+    /// taken tells nothing of the token, its length included.
+    token: Option<Arc<[u8; 32]>>,
     failures: Option<prometheus::IntCounter>,
+}
+
+impl BearerAuth {
+    fn new(token: Option<&str>, failures: Option<prometheus::IntCounter>) -> Self {
+        Self {
+            token: token.map(|token| Arc::new(digest(token))),
+            failures,
+        }
+    }
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
 }
 
 impl Interceptor for BearerAuth {
@@ -125,7 +155,7 @@ impl Interceptor for BearerAuth {
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.strip_prefix("Bearer "))
             .unwrap_or_default();
-        if bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+        if bool::from(digest(given).ct_eq(&expected[..])) {
             Ok(request)
         } else {
             if let Some(failures) = &self.failures {
@@ -137,19 +167,23 @@ impl Interceptor for BearerAuth {
 }
 
 /// Health and reflection (v1 and v1alpha) for a server, the latter behind `auth`, with every
-/// call under `limits`.
+/// call under `limits` and the HTTP/2 limits.
 async fn base_router(
     tls: Option<&(PathBuf, PathBuf)>,
     service_name: &str,
     auth: BearerAuth,
     limits: ApiLimits,
-) -> Result<Router<Stack<GlobalConcurrencyLimitLayer, NoLayer>>, ControlPlaneError> {
-    let mut builder =
-        Server::builder()
-            .timeout(limits.call_timeout)
-            .layer(GlobalConcurrencyLimitLayer::new(
-                limits.max_concurrent_calls,
-            ));
+) -> Result<Router<Stack<CallPools, NoLayer>>, ControlPlaneError> {
+    let mut builder = Server::builder()
+        .timeout(limits.call_timeout)
+        .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+        .http2_max_header_list_size(MAX_HEADER_LIST_SIZE)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(CallPools::new(
+            limits.max_concurrent_calls,
+            limits.max_probe_calls,
+        ));
     if let Some((cert, key)) = tls {
         let read = |path: &PathBuf| {
             std::fs::read(path)
@@ -190,13 +224,14 @@ pub(crate) async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), 
 }
 
 async fn serve(
-    router: Router<Stack<GlobalConcurrencyLimitLayer, NoLayer>>,
+    router: Router<Stack<CallPools, NoLayer>>,
     addr: SocketAddr,
+    max_connections: usize,
     shutdown: CancellationToken,
 ) -> Result<Served, ControlPlaneError> {
     let (listener, local_addr) = bind(addr).await?;
     let task = tokio::spawn(async move {
-        let incoming = TcpListenerStream::new(listener);
+        let incoming = limited_incoming(listener, max_connections, shutdown.clone());
         if let Err(e) = router
             .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
             .await
@@ -228,10 +263,7 @@ pub async fn serve_hub_admin(
         .registry
         .register(Box::new(failures.clone()))
         .map_err(ControlPlaneError::Metrics)?;
-    let auth = BearerAuth {
-        token: options.token.as_deref().map(Arc::from),
-        failures: Some(failures),
-    };
+    let auth = BearerAuth::new(options.token.as_deref(), Some(failures));
     let service = HubAdminService {
         hub,
         shutdown: shutdown.clone(),
@@ -248,10 +280,18 @@ pub async fn serve_hub_admin(
         options.limits,
     )
     .await?
-    .add_service(pb::hub_admin_server::HubAdminServer::with_interceptor(
-        service, auth,
+    .add_service(InterceptedService::new(
+        pb::hub_admin_server::HubAdminServer::new(service)
+            .max_decoding_message_size(MAX_MESSAGE_LEN),
+        auth,
     ));
-    let served = serve(router, options.addr, shutdown).await?;
+    let served = serve(
+        router,
+        options.addr,
+        options.limits.max_connections,
+        shutdown,
+    )
+    .await?;
     tracing::info!(addr = %served.local_addr, tls = options.tls.is_some(), "admin API listening");
     Ok(served)
 }
@@ -263,10 +303,7 @@ pub async fn serve_edge_status(
     addr: SocketAddr,
     shutdown: CancellationToken,
 ) -> Result<Served, ControlPlaneError> {
-    let auth = BearerAuth {
-        token: None,
-        failures: None,
-    };
+    let auth = BearerAuth::new(None, None);
     let router = base_router(
         None,
         "remoteingress.v1.EdgeStatus",
@@ -280,7 +317,7 @@ pub async fn serve_edge_status(
             shutdown: shutdown.clone(),
         },
     ));
-    let served = serve(router, addr, shutdown).await?;
+    let served = serve(router, addr, ApiLimits::default().max_connections, shutdown).await?;
     tracing::info!(addr = %served.local_addr, "edge status API listening");
     Ok(served)
 }

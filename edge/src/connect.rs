@@ -3,16 +3,13 @@
 
 use remoteingress_tunnel::tls::TlsError;
 use remoteingress_tunnel::{quic, HubTrust, Link, LinkError, Role, SessionEvent, SessionHandle};
-use remoteingress_wire::handshake::{parse_reply, HandshakeError, HubReply};
+use remoteingress_wire::handshake::{parse_reply, HandshakeError, HubReply, MAX_REPLY_LEN};
 use remoteingress_wire::token::join_host_port;
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::{EdgeInner, Transport, TransportMode};
-
-/// Longest handshake reply (the edge's configuration) accepted from the hub.
-const MAX_REPLY_LEN: usize = 1024 * 1024;
 
 /// A session that has just started, its events, and the hub's reply (configuration, hub id).
 pub(crate) type Connected = (SessionHandle, mpsc::Receiver<SessionEvent>, HubReply);

@@ -143,6 +143,9 @@ pub struct HubOptions {
     /// One of several hubs serving the same edges: every write must carry a generation that
     /// orders it (see [`GenerationConflict`]).
     pub replica: bool,
+    /// Refuse streams and UDP sessions whose client address is private, shared, link-local or
+    /// unique-local (loopback, unspecified and multicast ones are always refused).
+    pub refuse_private_clients: bool,
 }
 
 /// A fresh hub instance id: `hub-` and 12 random hex digits.
@@ -155,6 +158,7 @@ impl Default for HubOptions {
         Self {
             hub_id: random_hub_id(),
             replica: false,
+            refuse_private_clients: false,
             listen_addr: SocketAddr::from(([0, 0, 0, 0], 8443)),
             target_host: "127.0.0.1".to_owned(),
             handshake_timeout: Duration::from_secs(10),
@@ -169,6 +173,26 @@ impl Default for HubOptions {
             udp_max_sessions: 4_096,
             udp_max_sessions_total: 16_384,
             registry: prometheus::Registry::new(),
+        }
+    }
+}
+
+/// Why the hub refused a stream or UDP session an edge asked for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefusalReason {
+    /// The port is not assigned to the edge.
+    NotAssigned,
+    /// The client address is one no client has (loopback, unspecified, multicast), or a
+    /// private one while the hub refuses those.
+    ClientAddress,
+}
+
+impl RefusalReason {
+    /// The name used in metrics and events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::NotAssigned => "not_assigned",
+            Self::ClientAddress => "client_address",
         }
     }
 }
@@ -241,7 +265,8 @@ pub enum HubEvent {
         /// Session id.
         session_id: u32,
     },
-    /// An edge asked for a stream or UDP session on a port it is not assigned; refused.
+    /// An edge asked for a stream or UDP session it should not have: refused, nothing was
+    /// connected.
     OpenRefused {
         /// Edge id.
         edge_id: String,
@@ -249,6 +274,8 @@ pub enum HubEvent {
         protocol: Protocol,
         /// The port it named.
         port: u16,
+        /// What was wrong with it.
+        reason: RefusalReason,
     },
     /// A configuration was sent to a connected edge.
     ConfigPushed {

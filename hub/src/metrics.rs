@@ -91,8 +91,10 @@ impl HubMetrics {
             opens_refused: counter(
                 registry,
                 "remoteingress_opens_refused_total",
-                "Streams and UDP sessions an edge asked for on a port it is not assigned",
-                &["edge", "protocol"],
+                "Streams and UDP sessions refused because the edge should not have asked: a port it \
+                 is not assigned (reason not_assigned) or a client address no client has \
+                 (client_address)",
+                &["edge", "protocol", "reason"],
             )?,
             target_connect_duration,
             udp_datagrams: counter(

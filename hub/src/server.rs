@@ -1,11 +1,12 @@
 //! The tunnel listener: admission limits, TLS, the handshake, the session of each edge, and
 //! forwarding of each stream to its target.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use bytes::Bytes;
 use remoteingress_tunnel::{pipe, Role, SessionEvent, SessionHandle, StreamReader, StreamWriter};
+use remoteingress_wire::address::is_global_unicast;
 use remoteingress_wire::config::Protocol;
 use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::proxy::ProxyV1;
@@ -133,7 +134,12 @@ async fn run_session(inner: &Arc<HubInner>, authenticated: Authenticated, remote
         let (inner, edge_id, session) = pusher;
         crate::push::push_configs(&inner, &edge_id, &session, owed).await;
     });
-    serve_session(inner, &edge_id, connection_id, &session, events).await;
+    let tunnel = Tunnel {
+        edge_id: edge_id.clone(),
+        connection_id,
+        from: remote_addr.ip(),
+    };
+    serve_session(inner, &tunnel, &session, events).await;
     inner.registry().detach(&edge_id, connection_id);
     session.close("tunnel closed");
     let reason = session
@@ -156,14 +162,23 @@ struct ConfigAck {
     public_ip: Option<std::net::IpAddr>,
 }
 
+/// One authenticated tunnel of an edge.
+#[derive(Debug, Clone)]
+struct Tunnel {
+    edge_id: String,
+    /// Tells the edge's tunnels apart in the registry.
+    connection_id: u64,
+    /// The address the tunnel comes from.
+    from: IpAddr,
+}
+
 async fn serve_session(
     inner: &Arc<HubInner>,
-    edge_id: &str,
-    connection_id: u64,
+    tunnel: &Tunnel,
     session: &SessionHandle,
     mut events: tokio::sync::mpsc::Receiver<SessionEvent>,
 ) {
-    let mut udp = UdpSessions::new(inner, edge_id, session.clone());
+    let mut udp = UdpSessions::new(inner, &tunnel.edge_id, tunnel.from, session.clone());
     let mut sweep = tokio::time::interval(UdpSessions::sweep_interval(inner));
     loop {
         let first = tokio::select! {
@@ -176,12 +191,12 @@ async fn serve_session(
                 continue;
             }
         };
-        dispatch(inner, edge_id, connection_id, &mut udp, first).await;
+        dispatch(inner, tunnel, &mut udp, first).await;
         // Whatever else is already waiting, up to a bound, before the datagrams queued so far
         // leave in batches.
         for _ in 1..EVENT_BATCH {
             let Ok(event) = events.try_recv() else { break };
-            dispatch(inner, edge_id, connection_id, &mut udp, event).await;
+            dispatch(inner, tunnel, &mut udp, event).await;
         }
         udp.flush();
     }
@@ -193,11 +208,11 @@ const EVENT_BATCH: usize = 64;
 /// Acts on one event of an edge's session.
 async fn dispatch(
     inner: &Arc<HubInner>,
-    edge_id: &str,
-    connection_id: u64,
+    tunnel: &Tunnel,
     udp: &mut UdpSessions,
     event: SessionEvent,
 ) {
+    let (edge_id, connection_id) = (tunnel.edge_id.as_str(), tunnel.connection_id);
     match event {
         SessionEvent::Opened {
             reader,
@@ -205,8 +220,8 @@ async fn dispatch(
             header,
         } => {
             let inner = inner.clone();
-            let edge_id = edge_id.to_owned();
-            tokio::spawn(async move { forward(inner, edge_id, reader, writer, header).await });
+            let tunnel = tunnel.clone();
+            tokio::spawn(async move { forward(inner, tunnel, reader, writer, header).await });
         }
         SessionEvent::ConfigAck(json) => record_ack(inner, edge_id, connection_id, &json),
         SessionEvent::RoundTrip(rtt) => {
@@ -233,11 +248,17 @@ fn record_ack(inner: &HubInner, edge_id: &str, connection_id: u64, json: &[u8]) 
             return remoteingress_tunnel::warn_limited!("bad_config_ack", edge = %edge_id, error = %e, "unreadable CONFIG_ACK ignored")
         }
     };
-    if let Some(ip) = ack.public_ip {
-        tracing::info!(edge = %edge_id, %ip, "edge reported its public IP");
-        inner
-            .registry()
-            .record_public_ip(edge_id, connection_id, ip);
+    match ack.public_ip {
+        Some(ip) if is_global_unicast(ip) => {
+            tracing::info!(edge = %edge_id, %ip, "edge reported its public IP");
+            inner
+                .registry()
+                .record_public_ip(edge_id, connection_id, ip);
+        }
+        Some(ip) => {
+            remoteingress_tunnel::warn_limited!("bad_public_ip", edge = %edge_id, %ip, "public IP ignored: not a global unicast address");
+        }
+        None => {}
     }
     let Some(version) = ack.version else { return };
     match &ack.error {
@@ -259,18 +280,19 @@ fn record_ack(inner: &HubInner, edge_id: &str, connection_id: u64, json: &[u8]) 
 /// Connects a stream to its target: PROXY line first, then bytes both ways.
 async fn forward(
     inner: Arc<HubInner>,
-    edge_id: String,
+    tunnel: Tunnel,
     reader: StreamReader,
     mut writer: StreamWriter,
     header: Bytes,
 ) {
+    let edge_id = tunnel.edge_id;
     let stream_id = reader.id();
     inner
         .metrics
         .streams_opened
         .with_label_values(&[&edge_id])
         .inc();
-    let route = match route_of(&inner, &edge_id, &header) {
+    let route = match route_of(&inner, &edge_id, tunnel.from, &header) {
         Ok(route) => route,
         Err(error) => {
             report_refusal(&inner, &edge_id, stream_id, &error);
@@ -282,13 +304,14 @@ async fn forward(
         edge_id: edge_id.clone(),
         stream_id,
         client_addr: route.client,
-        edge_port: route.edge_port,
+        edge_port: route.edge_port(),
         target: route.target(&inner),
     });
     // A RESET from the edge or the tunnel's loss cancels the connect at once.
     let abort = reader.abort_signal();
+    let proxy_header = route.proxy_header(&edge_id);
     let connected = tokio::select! {
-        connected = connect_target(&inner, &route, &header) => Some(connected),
+        connected = connect_target(&inner, &route, &proxy_header) => Some(connected),
         () = abort.cancelled() => None,
     };
     match connected {
@@ -306,7 +329,12 @@ async fn forward(
 }
 
 /// Where a stream goes, from its OPEN's PROXY v1 line.
-fn route_of(inner: &HubInner, edge_id: &str, header: &[u8]) -> Result<Route, TargetError> {
+fn route_of(
+    inner: &HubInner,
+    edge_id: &str,
+    tunnel_from: IpAddr,
+    header: &[u8],
+) -> Result<Route, TargetError> {
     let (proxy, len) = ProxyV1::parse(header)?.ok_or(TargetError::Incomplete)?;
     if len != header.len() {
         return Err(TargetError::NotJustHeader);
@@ -315,7 +343,14 @@ fn route_of(inner: &HubInner, edge_id: &str, header: &[u8]) -> Result<Route, Tar
         ProxyV1::Tcp {
             source,
             destination,
-        } => Route::of(inner, edge_id, Protocol::Tcp, source, destination.port()),
+        } => Route::of(
+            inner,
+            edge_id,
+            Protocol::Tcp,
+            source,
+            destination,
+            tunnel_from,
+        ),
         ProxyV1::Unknown => Err(TargetError::NoPort),
     }
 }

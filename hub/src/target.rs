@@ -1,20 +1,25 @@
 //! Why a tunnelled connection or UDP session could not reach its target.
 
+use std::net::{IpAddr, SocketAddr};
+
 use remoteingress_tunnel::ResolveError;
+use remoteingress_wire::address::believable_client;
 use remoteingress_wire::config::Protocol;
-use remoteingress_wire::proxy::ProxyError;
+use remoteingress_wire::proxy::{ProxyError, ProxyV1, ProxyV2, V2Transport, V2_TLV_EDGE_ID};
 use thiserror::Error;
 
-use crate::{HubEvent, HubInner};
+use crate::{HubEvent, HubInner, RefusalReason};
 
 /// Where one stream or UDP session goes, as its open's PROXY header and the edge's
 /// assignment say.
 #[derive(Debug, Clone)]
 pub(crate) struct Route {
+    /// TCP stream or UDP session.
+    pub(crate) protocol: Protocol,
     /// The client, as the edge saw it.
-    pub(crate) client: std::net::SocketAddr,
-    /// The edge port the client reached.
-    pub(crate) edge_port: u16,
+    pub(crate) client: SocketAddr,
+    /// The edge's address the client reached.
+    pub(crate) destination: SocketAddr,
     /// The edge's own target host for this port, if not the hub's.
     pub(crate) target_host: Option<String>,
     /// The target port.
@@ -22,21 +27,60 @@ pub(crate) struct Route {
 }
 
 impl Route {
-    /// The route of a client and edge port, if the port is assigned to the edge.
+    /// The route of a client and the edge address it reached, if the port is assigned to the
+    /// edge and the client address is believable from a tunnel that comes from `tunnel_from`.
     pub(crate) fn of(
         inner: &HubInner,
         edge_id: &str,
         protocol: Protocol,
-        client: std::net::SocketAddr,
-        edge_port: u16,
+        client: SocketAddr,
+        destination: SocketAddr,
+        tunnel_from: IpAddr,
     ) -> Result<Self, TargetError> {
-        let (target_host, target_port) = inner.registry().target(edge_id, protocol, edge_port)?;
+        let believable = believable_client(
+            client.ip(),
+            tunnel_from,
+            !inner.options.refuse_private_clients,
+        );
+        if !believable {
+            return Err(TargetError::ClientAddress {
+                protocol,
+                port: destination.port(),
+                client: client.ip(),
+            });
+        }
+        let (target_host, target_port) =
+            inner
+                .registry()
+                .target(edge_id, protocol, destination.port())?;
         Ok(Self {
+            protocol,
             client,
-            edge_port,
+            destination,
             target_host,
             target_port,
         })
+    }
+
+    /// The edge port the client reached.
+    pub(crate) fn edge_port(&self) -> u16 {
+        self.destination.port()
+    }
+
+    /// The PROXY header the target gets, written from the parsed addresses (never the edge's
+    /// bytes): a v1 line for a stream, a v2 header naming the edge in a TLV for a UDP session.
+    pub(crate) fn proxy_header(&self, edge_id: &str) -> Vec<u8> {
+        match self.protocol {
+            Protocol::Tcp => ProxyV1::tcp(self.client, self.destination)
+                .to_line()
+                .into_bytes(),
+            Protocol::Udp => {
+                let mut header = Vec::new();
+                ProxyV2::proxy(V2Transport::Datagram, self.client, self.destination)
+                    .encode_with(&[(V2_TLV_EDGE_ID, edge_id.as_bytes())], &mut header);
+                header
+            }
+        }
     }
 
     /// The target host: the edge's own for this port, else the hub's.
@@ -78,6 +122,17 @@ pub(crate) enum TargetError {
         /// The port the edge's PROXY header named.
         port: u16,
     },
+    /// The edge claimed a client address no client can have (unspecified, multicast, or
+    /// loopback from an edge on another host), or a private one the hub is told to refuse.
+    #[error("{protocol} client address {client} is not believable")]
+    ClientAddress {
+        /// TCP stream or UDP session.
+        protocol: Protocol,
+        /// The edge port the client reached.
+        port: u16,
+        /// The address the edge's PROXY header named.
+        client: IpAddr,
+    },
     /// The target host could not be resolved.
     #[error(transparent)]
     Resolve(#[from] ResolveError),
@@ -111,22 +166,16 @@ impl TargetError {
     }
 }
 
-/// Counts and reports a refused stream or UDP session: a port the edge is not assigned is a
-/// warning and an event (a buggy or compromised edge), anything else a target problem.
+/// Counts and reports a refused stream or UDP session: an open the edge should never have sent
+/// (a port it is not assigned, a client address no client has) is a warning and an event (a
+/// buggy or compromised edge), anything else a target problem.
 pub(crate) fn report_refusal(inner: &HubInner, edge_id: &str, id: u32, error: &TargetError) {
-    match error {
+    let (protocol, port, reason) = match error {
         TargetError::NotAssigned { protocol, port } => {
-            remoteingress_tunnel::warn_limited!("open_refused", edge = %edge_id, id, %error, "open refused");
-            inner
-                .metrics
-                .opens_refused
-                .with_label_values(&[edge_id, protocol.as_str()])
-                .inc();
-            inner.emit(HubEvent::OpenRefused {
-                edge_id: edge_id.to_owned(),
-                protocol: *protocol,
-                port: *port,
-            });
+            (*protocol, *port, RefusalReason::NotAssigned)
+        }
+        TargetError::ClientAddress { protocol, port, .. } => {
+            (*protocol, *port, RefusalReason::ClientAddress)
         }
         _ => {
             tracing::debug!(edge = %edge_id, id, %error, "target not reached");
@@ -135,6 +184,19 @@ pub(crate) fn report_refusal(inner: &HubInner, edge_id: &str, id: u32, error: &T
                 .target_connect_errors
                 .with_label_values(&[edge_id])
                 .inc();
+            return;
         }
-    }
+    };
+    remoteingress_tunnel::warn_limited!("open_refused", edge = %edge_id, id, %error, "open refused");
+    inner
+        .metrics
+        .opens_refused
+        .with_label_values(&[edge_id, protocol.as_str(), reason.as_str()])
+        .inc();
+    inner.emit(HubEvent::OpenRefused {
+        edge_id: edge_id.to_owned(),
+        protocol,
+        port,
+        reason,
+    });
 }

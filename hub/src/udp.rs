@@ -4,7 +4,7 @@
 //! bounds their file descriptors); an idle session holds its socket and no buffer.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -64,6 +64,8 @@ impl Drop for UdpSession {
 /// UDP sessions of one tunnel; owned by the task that serves the tunnel.
 pub(crate) struct UdpSessions {
     edge_id: String,
+    /// The address the tunnel comes from (which client addresses are believable depends on it).
+    tunnel_from: IpAddr,
     session: SessionHandle,
     sessions: HashMap<u32, UdpSession>,
     /// Sessions with pending datagrams.
@@ -76,10 +78,16 @@ pub(crate) struct UdpSessions {
 }
 
 impl UdpSessions {
-    pub(crate) fn new(inner: &HubInner, edge_id: &str, session: SessionHandle) -> Self {
+    pub(crate) fn new(
+        inner: &HubInner,
+        edge_id: &str,
+        tunnel_from: IpAddr,
+        session: SessionHandle,
+    ) -> Self {
         let metrics = &inner.metrics;
         Self {
             edge_id: edge_id.to_owned(),
+            tunnel_from,
             session,
             sessions: HashMap::new(),
             dirty: Vec::new(),
@@ -165,7 +173,7 @@ impl UdpSessions {
                     edge_id: self.edge_id.clone(),
                     session_id: id,
                     client_addr: route.client,
-                    edge_port: route.edge_port,
+                    edge_port: route.edge_port(),
                     target: route.target(inner),
                 });
             }
@@ -193,7 +201,8 @@ impl UdpSessions {
             &self.edge_id,
             Protocol::Udp,
             addresses.source,
-            addresses.destination.port(),
+            addresses.destination,
+            self.tunnel_from,
         )?;
         let target = remoteingress_tunnel::resolve(route.host(inner), route.target_port).await?;
         let local: SocketAddr = if target.is_ipv4() {
@@ -209,7 +218,7 @@ impl UdpSessions {
             .await
             .map_err(TargetError::io("connecting to", target))?;
         socket
-            .send(header)
+            .send(&route.proxy_header(&self.edge_id))
             .await
             .map_err(TargetError::io("sending the PROXY header to", target))?;
         Ok((socket, route, target))

@@ -537,3 +537,25 @@ pub fn frames(list: &[(u32, remoteingress_wire::frame::FrameType, &[u8])]) -> Ve
     }
     buf.to_vec()
 }
+
+/// The value of a metric with the given labels, if it exists.
+pub fn metric(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let family = registry.gather().into_iter().find(|f| f.name() == name)?;
+    family
+        .get_metric()
+        .iter()
+        .find(|m| {
+            labels.iter().all(|(k, v)| {
+                m.get_label()
+                    .iter()
+                    .any(|l| l.name() == *k && l.value() == *v)
+            })
+        })
+        .map(|m| {
+            if m.get_counter().value() != 0.0 {
+                m.get_counter().value()
+            } else {
+                m.get_gauge().value()
+            }
+        })
+}

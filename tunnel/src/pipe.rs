@@ -4,7 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -42,7 +43,12 @@ pub async fn pipe(
         let (mut socket_rd, mut socket_wr) = socket.split();
         let upload = async {
             loop {
-                let credit = writer.reserve().await.map_err(|_| StreamAborted)?;
+                // A socket that fails while the peer grants no credit is noticed all the same:
+                // a client's reset must not wait for a target that stopped reading.
+                let credit = tokio::select! {
+                    credit = writer.reserve() => credit.map_err(|_| StreamAborted)?,
+                    () = failed(&socket_rd) => return Err(StreamAborted),
+                };
                 socket_rd.readable().await.map_err(|_| StreamAborted)?;
                 // The buffer exists only while bytes are ready, so idle streams hold none. A
                 // read (unlike `try_read`) that returns less than asked marks the socket
@@ -87,6 +93,16 @@ pub async fn pipe(
         to_tunnel: to_tunnel.into_inner(),
         from_tunnel: from_tunnel.into_inner(),
         aborted: !finished,
+    }
+}
+
+/// Resolves once `socket` has failed (a reset arrived), without reading the data it holds.
+async fn failed(socket: &ReadHalf<'_>) {
+    loop {
+        match socket.ready(Interest::ERROR).await {
+            Ok(ready) if !ready.is_error() => continue,
+            _ => return,
+        }
     }
 }
 
@@ -180,6 +196,58 @@ mod tests {
             within("the stream ends", edge_reader.recv()).await,
             Err(crate::StreamAborted),
             "the cancelled pipe resets the stream"
+        );
+    }
+
+    /// A client that resets while the peer grants no more credit (a target that stopped
+    /// reading) still ends the pipe at once, and the peer's stream with it.
+    #[tokio::test]
+    async fn a_reset_while_the_peer_grants_no_credit_ends_the_pipe() {
+        // A budget that allows each stream no more than its first window.
+        let window = remoteingress_wire::flow::INITIAL_WINDOW as usize;
+        let mut pair = Pair::mux(SessionOptions {
+            budget: window as u64,
+            ..SessionOptions::default()
+        });
+        let stream = pair.open().await;
+        let (mut client, socket) = socket_pair().await;
+        let piped = tokio::spawn(pipe(
+            socket,
+            stream.hub_reader,
+            stream.hub_writer,
+            CancellationToken::new(),
+        ));
+        let (_, mut client_wr) = client.split();
+        let mut edge_reader = stream.edge_reader;
+        let mut received = 0;
+        let stall = async {
+            // Received but never reported consumed: the pipe's credit runs out.
+            while received < window {
+                received += edge_reader.recv().await.unwrap().unwrap().len();
+            }
+        };
+        // More than the socket buffers between the client and the pipe can hold.
+        let upload = pattern(64 << 20);
+        tokio::select! {
+            () = within("the pipe uses up its credit", stall) => {}
+            _ = client_wr.write_all(&upload) => panic!("the pipe kept reading"),
+        }
+        client.set_zero_linger().unwrap();
+        drop(client);
+        let totals = within("the pipe ends", piped).await.unwrap();
+        assert!(totals.aborted);
+        assert_eq!(
+            within("the stream ends", async {
+                loop {
+                    match edge_reader.recv().await {
+                        Ok(Some(_)) => continue,
+                        other => return other,
+                    }
+                }
+            })
+            .await,
+            Err(crate::StreamAborted),
+            "the client's reset resets the stream"
         );
     }
 }

@@ -284,6 +284,11 @@ impl fmt::Display for ConfigError {
 const MAX_ID_LEN: usize = 64;
 const MAX_COMMENT_LEN: usize = 128;
 
+/// Largest configuration, as JSON, that a hub sends and an edge accepts: it travels in the
+/// handshake reply, which an edge reads up to [`crate::handshake::MAX_REPLY_LEN`], with room
+/// left for the reply's other fields and the version.
+pub const MAX_CONFIG_LEN: usize = crate::handshake::MAX_REPLY_LEN - 16 * 1024;
+
 #[derive(Default)]
 struct Problems(Vec<String>);
 
@@ -354,6 +359,13 @@ impl EdgeConfig {
         problems.ports("listenPortsUdp", &self.listen_ports_udp);
         if let Some(firewall) = &self.firewall_config {
             firewall.check(&mut problems);
+        }
+        let len = serde_json::to_vec(self).map_or(0, |json| json.len());
+        if len > MAX_CONFIG_LEN {
+            problems.add(
+                "configuration",
+                format_args!("{len} bytes as JSON, more than the {MAX_CONFIG_LEN} an edge accepts"),
+            );
         }
         problems.into_result()
     }

@@ -11,6 +11,8 @@ use crate::extension::Extensions;
 pub const MAX_LINE_LEN: usize = 4096;
 /// Longest edge id.
 pub const MAX_EDGE_ID_LEN: usize = 128;
+/// Longest handshake reply (it carries the edge's configuration) an edge accepts.
+pub const MAX_REPLY_LEN: usize = 1024 * 1024;
 /// The reply the hub sends for any authentication failure.
 pub const UNAUTHORIZED: &str = "unauthorized";
 

@@ -4,6 +4,7 @@
 //! `hub` and `edge` crates drive these state machines on tokio. `docs/protocol.md` is the
 //! normative description of the formats implemented here.
 
+pub mod address;
 pub mod config;
 pub mod extension;
 pub mod flow;

@@ -14,6 +14,9 @@ pub const V1_MAX_LEN: usize = 107;
 pub const V2_SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
 /// Length of the fixed part of a v2 header (signature, version/command, family, length).
 pub const V2_FIXED_LEN: usize = 16;
+/// The v2 TLV type (of the range kept for custom use, 0xE0–0xEF) carrying the id of the edge a
+/// flow came through, as the hub writes it.
+pub const V2_TLV_EDGE_ID: u8 = 0xE0;
 
 /// Why bytes are not a valid PROXY header.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -157,6 +160,34 @@ impl ProxyV1 {
     }
 }
 
+/// Appends a v2 header's family byte, a length placeholder the caller fills in, and the
+/// addresses and ports.
+fn encode_addresses(addresses: &V2Addresses, out: &mut Vec<u8>) {
+    let transport = match addresses.transport {
+        V2Transport::Stream => 0x01,
+        V2Transport::Datagram => 0x02,
+    };
+    let (source, destination) = same_family(addresses.source, addresses.destination);
+    match (source.ip(), destination.ip()) {
+        (IpAddr::V4(src), IpAddr::V4(dst)) => {
+            out.extend_from_slice(&[0x10 | transport, 0, 0]);
+            out.extend_from_slice(&src.octets());
+            out.extend_from_slice(&dst.octets());
+        }
+        (src, dst) => {
+            let v6 = |ip: IpAddr| match ip {
+                IpAddr::V4(v4) => v4.to_ipv6_mapped(),
+                IpAddr::V6(v6) => v6,
+            };
+            out.extend_from_slice(&[0x20 | transport, 0, 0]);
+            out.extend_from_slice(&v6(src).octets());
+            out.extend_from_slice(&v6(dst).octets());
+        }
+    }
+    out.extend_from_slice(&source.port().to_be_bytes());
+    out.extend_from_slice(&destination.port().to_be_bytes());
+}
+
 /// The v2 command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum V2Command {
@@ -219,40 +250,36 @@ impl ProxyV2 {
 
     /// Appends the header's bytes to `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        self.encode_with(&[], out);
+    }
+
+    /// Appends the header's bytes to `out`, with `tlvs` (type and value) after the addresses.
+    /// A TLV that would not fit the header's 16-bit length is left out.
+    pub fn encode_with(&self, tlvs: &[(u8, &[u8])], out: &mut Vec<u8>) {
         out.extend_from_slice(&V2_SIGNATURE);
         out.push(match self.command {
             V2Command::Local => 0x20,
             V2Command::Proxy => 0x21,
         });
-        let Some(addresses) = self.addresses else {
-            out.extend_from_slice(&[0x00, 0x00, 0x00]);
-            return;
-        };
-        let transport = match addresses.transport {
-            V2Transport::Stream => 0x01,
-            V2Transport::Datagram => 0x02,
-        };
-        let (source, destination) = same_family(addresses.source, addresses.destination);
-        match (source.ip(), destination.ip()) {
-            (IpAddr::V4(src), IpAddr::V4(dst)) => {
-                out.push(0x10 | transport);
-                out.extend_from_slice(&12u16.to_be_bytes());
-                out.extend_from_slice(&src.octets());
-                out.extend_from_slice(&dst.octets());
-            }
-            (src, dst) => {
-                let v6 = |ip: IpAddr| match ip {
-                    IpAddr::V4(v4) => v4.to_ipv6_mapped(),
-                    IpAddr::V6(v6) => v6,
-                };
-                out.push(0x20 | transport);
-                out.extend_from_slice(&36u16.to_be_bytes());
-                out.extend_from_slice(&v6(src).octets());
-                out.extend_from_slice(&v6(dst).octets());
-            }
+        let family_at = out.len();
+        match self.addresses {
+            None => out.extend_from_slice(&[0x00, 0x00, 0x00]),
+            Some(addresses) => encode_addresses(&addresses, out),
         }
-        out.extend_from_slice(&source.port().to_be_bytes());
-        out.extend_from_slice(&destination.port().to_be_bytes());
+        for (kind, value) in tlvs {
+            let Ok(len) = u16::try_from(value.len()) else {
+                continue;
+            };
+            let body = out.len() - (family_at + 3);
+            if body + 3 + value.len() > usize::from(u16::MAX) {
+                continue;
+            }
+            out.push(*kind);
+            out.extend_from_slice(&len.to_be_bytes());
+            out.extend_from_slice(value);
+        }
+        let body = u16::try_from(out.len() - (family_at + 3)).unwrap_or(u16::MAX);
+        out[family_at + 1..family_at + 3].copy_from_slice(&body.to_be_bytes());
     }
 
     /// The header's bytes.
@@ -464,6 +491,33 @@ mod tests {
         expected.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
         assert_eq!(local.to_bytes(), expected);
         assert_eq!(ProxyV2::parse(&expected), Ok(Some((local, 16))));
+    }
+
+    #[test]
+    fn v2_golden_bytes_with_the_edge_id_tlv() {
+        let udp4 = ProxyV2::proxy(
+            V2Transport::Datagram,
+            addr("192.168.0.1:56324"),
+            addr("192.168.0.11:53"),
+        );
+        let mut bytes = Vec::new();
+        udp4.encode_with(&[(V2_TLV_EDGE_ID, b"edge-1")], &mut bytes);
+        let mut expected = V2_SIGNATURE.to_vec();
+        expected.extend_from_slice(&[0x21, 0x12, 0x00, 12 + 3 + 6]);
+        expected.extend_from_slice(&[192, 168, 0, 1, 192, 168, 0, 11]);
+        expected.extend_from_slice(&[0xdc, 0x04, 0x00, 0x35]);
+        expected.extend_from_slice(&[0xe0, 0x00, 0x06]);
+        expected.extend_from_slice(b"edge-1");
+        assert_eq!(bytes, expected);
+        assert_eq!(ProxyV2::parse(&bytes), Ok(Some((udp4, bytes.len()))));
+
+        let mut local = Vec::new();
+        ProxyV2::local().encode_with(&[(V2_TLV_EDGE_ID, &[0u8; 70_000])], &mut local);
+        assert_eq!(
+            local,
+            ProxyV2::local().to_bytes(),
+            "a TLV too long is left out"
+        );
     }
 
     #[test]

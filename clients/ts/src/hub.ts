@@ -37,7 +37,7 @@ export interface HubEvents extends WatchEvents {
   /** A tunnel connection failed to authenticate. */
   authFailed: [HubEventBase & { remoteAddr: string; reason: string; kind: string }];
   /** An edge asked for a port it is not assigned; nothing was connected. */
-  openRefused: [HubEventBase & { protocol: string; port: number }];
+  openRefused: [HubEventBase & { protocol: string; port: number; reason: string }];
   /** The hub's edges file changed: applied, or rejected with `error` (the hub keeps its edges). */
   configReloaded: [HubEventBase & { path: string; digest: string; generation?: number; edges: number; error?: string }];
   /** This watcher was too slow and missed `count` events. */
@@ -176,7 +176,7 @@ export class RemoteIngressHubClient extends StreamingClient<HubEvents, WatchEven
         this.emit(event.case, { ...base, remoteAddr: event.value.remoteAddr, reason: event.value.reason, kind: event.value.kind });
         break;
       case "openRefused":
-        this.emit(event.case, { ...base, protocol: event.value.protocol, port: event.value.port });
+        this.emit(event.case, { ...base, protocol: event.value.protocol, port: event.value.port, reason: event.value.reason });
         break;
       case "configReloaded": {
         const { path, digest, generation, edges, error } = event.value;

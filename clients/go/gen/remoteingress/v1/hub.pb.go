@@ -1527,14 +1527,16 @@ func (x *AuthFailed) GetKind() string {
 	return ""
 }
 
-// An edge asked for a TCP stream or UDP session to a port it is not assigned; nothing was
-// connected.
+// An edge asked for a TCP stream or UDP session it should not have; nothing was connected.
 type OpenRefused struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// "tcp" or "udp".
 	Protocol string `protobuf:"bytes,1,opt,name=protocol,proto3" json:"protocol,omitempty"`
 	// The port the edge's PROXY header named.
-	Port          uint32 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	Port uint32 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
+	// "not_assigned": the port is not assigned to the edge; "client_address": the client
+	// address is loopback, unspecified or multicast (or private while the hub refuses those).
+	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1581,6 +1583,13 @@ func (x *OpenRefused) GetPort() uint32 {
 		return x.Port
 	}
 	return 0
+}
+
+func (x *OpenRefused) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
 }
 
 // The edges file changed: its new content was applied, or rejected (the hub keeps the edges it
@@ -2499,10 +2508,11 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\vremote_addr\x18\x01 \x01(\tR\n" +
 	"remoteAddr\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x12\n" +
-	"\x04kind\x18\x03 \x01(\tR\x04kind\"=\n" +
+	"\x04kind\x18\x03 \x01(\tR\x04kind\"U\n" +
 	"\vOpenRefused\x12\x1a\n" +
 	"\bprotocol\x18\x01 \x01(\tR\bprotocol\x12\x12\n" +
-	"\x04port\x18\x02 \x01(\rR\x04port\"\x9c\x01\n" +
+	"\x04port\x18\x02 \x01(\rR\x04port\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\"\x9c\x01\n" +
 	"\x0eConfigReloaded\x12\x12\n" +
 	"\x04path\x18\x01 \x01(\tR\x04path\x12\x16\n" +
 	"\x06digest\x18\x02 \x01(\tR\x06digest\x12#\n" +
