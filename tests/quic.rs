@@ -88,3 +88,62 @@ async fn tls_and_quic_share_one_unauthenticated_cap_that_evicts_the_oldest() {
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
     hub.shutdown().await;
 }
+
+/// Initial packets sent from an address by someone who never answers (as a spoofer of that
+/// address cannot) are answered with a Retry and charged to nobody: no slot is taken, no
+/// refusal counted, and a real edge connecting from that address gets in at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_initials_from_an_edges_address_never_lock_it_out() {
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let options = hub_options(0);
+    let registry = options.registry.clone();
+    let hub = start_hub_with(state.path(), options).await;
+    let hub_addr = SocketAddr::from(([127, 0, 0, 1], hub.local_addr().port()));
+
+    // Real Initials, each of a new connection attempt, caught on a socket of ours.
+    let catcher = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let trust = HubTrust::Pin(hub.pin().to_owned());
+    let client = quic::client_endpoint(&trust, &SessionOptions::default()).unwrap();
+    let mut initials = Vec::new();
+    let mut attempts = Vec::new();
+    while initials.len() < 40 {
+        attempts.push(
+            client
+                .connect(catcher.local_addr().unwrap(), "localhost")
+                .unwrap(),
+        );
+        let mut buf = vec![0u8; 2048];
+        let len = tokio::time::timeout(Duration::from_secs(10), catcher.recv(&mut buf))
+            .await
+            .expect("an Initial")
+            .unwrap();
+        buf.truncate(len);
+        initials.push(buf);
+    }
+    // Replayed to the hub from the address edges connect from, never answering.
+    let spoofer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for initial in &initials {
+        spoofer.send_to(initial, hub_addr).await.unwrap();
+    }
+
+    let edge_port = free_port(EDGE_IP);
+    let target = echo_target().await;
+    hub.update_allowed_edges(vec![allowed("e1", &[(edge_port, target.addr.port())])])
+        .await
+        .unwrap();
+    let mut options = edge_options(&hub, "e1", SECRET);
+    options.transport = TransportMode::Quic;
+    let edge = Edge::start(options).await.unwrap();
+    wait_listening(&edge, edge_port).await;
+    for reason in ["limit", "rate_limited", "timeout", "evicted"] {
+        let charged = metric(
+            &registry,
+            "remoteingress_auth_failures_total",
+            &[("reason", reason)],
+        );
+        assert_eq!(charged.unwrap_or(0.0), 0.0, "{reason}");
+    }
+    drop(attempts);
+    edge.shutdown().await;
+}

@@ -55,6 +55,15 @@ pub(crate) async fn quic_accept_loop(inner: Arc<HubInner>, endpoint: quinn::Endp
             },
             () = inner.accepting.cancelled() => break,
         };
+        // Nothing is charged to an address, nor a slot taken, before the peer has shown that
+        // it receives at that address: a Retry (one round trip) makes it echo a token first,
+        // which a sender of forged Initials never sees.
+        if !incoming.remote_address_validated() {
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
         let remote_addr = incoming.remote_address();
         admit(&inner, Incoming::Quic(Box::new(incoming)), remote_addr);
     }
