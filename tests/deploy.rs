@@ -7,6 +7,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -298,6 +299,16 @@ fn the_kustomize_manifests_render_and_match_the_chart() {
         .map(|e| (e["name"].as_str().unwrap(), e))
         .collect();
     assert!(env["REMOTEINGRESS_TOKEN"]["valueFrom"]["secretKeyRef"].is_mapping());
+    // On the host network, anything not on loopback is on the node's public address.
+    let metrics: SocketAddr = env["REMOTEINGRESS_METRICS_ADDR"]["value"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(metrics.ip().is_loopback(), "edge metrics on {metrics}");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(containers(daemonset)[0][probe]["httpGet"]["host"], "127.0.0.1");
+    }
 
     // The committed base is exactly what the chart renders.
     let committed =
