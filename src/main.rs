@@ -247,6 +247,10 @@ struct HubArgs {
     /// addresses are always refused.
     #[arg(long, env = "REMOTEINGRESS_REFUSE_PRIVATE_CLIENTS")]
     refuse_private_clients: bool,
+    /// Tunnels one edge may keep to this hub at once (an edge with several keeps them for
+    /// draining and spreading load); a newer one past it replaces the oldest.
+    #[arg(long, env = "REMOTEINGRESS_MAX_TUNNELS_PER_EDGE", default_value_t = 8)]
+    max_tunnels_per_edge: usize,
     /// Address of the gRPC admin API.
     #[arg(
         long,
@@ -559,6 +563,7 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         udp_max_sessions: args.udp.udp_max_sessions,
         udp_max_sessions_total: args.udp_max_sessions_total,
         refuse_private_clients: args.refuse_private_clients,
+        max_tunnels_per_edge: args.max_tunnels_per_edge.max(1),
         registry: prometheus::Registry::new(),
         quic: !args.no_quic,
         hub_id: args.hub_id.unwrap_or_else(random_hub_id),

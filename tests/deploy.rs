@@ -307,7 +307,10 @@ fn the_kustomize_manifests_render_and_match_the_chart() {
         .unwrap();
     assert!(metrics.ip().is_loopback(), "edge metrics on {metrics}");
     for probe in ["readinessProbe", "livenessProbe"] {
-        assert_eq!(containers(daemonset)[0][probe]["httpGet"]["host"], "127.0.0.1");
+        assert_eq!(
+            containers(daemonset)[0][probe]["httpGet"]["host"],
+            "127.0.0.1"
+        );
     }
 
     // The committed base is exactly what the chart renders.

@@ -146,6 +146,8 @@ pub struct HubOptions {
     /// Refuse streams and UDP sessions whose client address is private, shared, link-local or
     /// unique-local (loopback, unspecified and multicast ones are always refused).
     pub refuse_private_clients: bool,
+    /// Tunnels one edge may keep to this hub at once; a newer one past it replaces the oldest.
+    pub max_tunnels_per_edge: usize,
 }
 
 /// A fresh hub instance id: `hub-` and 12 random hex digits.
@@ -159,6 +161,7 @@ impl Default for HubOptions {
             hub_id: random_hub_id(),
             replica: false,
             refuse_private_clients: false,
+            max_tunnels_per_edge: 8,
             listen_addr: SocketAddr::from(([0, 0, 0, 0], 8443)),
             target_host: "127.0.0.1".to_owned(),
             handshake_timeout: Duration::from_secs(10),

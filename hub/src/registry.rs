@@ -445,6 +445,7 @@ impl Registry {
         session: SessionHandle,
         remote_addr: SocketAddr,
         sent_version: u64,
+        max_tunnels: usize,
     ) -> Result<(u64, OwedConfig), ()> {
         let record = self.allowed.edges.get(edge_id).ok_or(())?;
         if !record.secret.matches(secret) {
@@ -459,6 +460,24 @@ impl Registry {
         // An edge that keeps several tunnels (it confirmed DRAIN) manages them itself; any
         // other edge connecting again has lost its previous tunnel.
         let replaced = self.take_connections(edge_id, |c| !c.session.agreed().drain);
+        // An edge keeps at most `max_tunnels`: each has its own limits, so more would multiply
+        // them. The oldest go, as a newer tunnel is the likelier to be alive.
+        let kept = self.connections.get(edge_id).map_or(0, Vec::len);
+        let excess = (kept + 1).saturating_sub(max_tunnels.max(1));
+        let oldest: Vec<u64> = self
+            .connections
+            .get(edge_id)
+            .into_iter()
+            .flatten()
+            .take(excess)
+            .map(|c| c.id)
+            .collect();
+        let evicted = self.take_connections(edge_id, |c| oldest.contains(&c.id));
+        for tunnel in evicted {
+            tunnel
+                .session
+                .close("replaced: the edge keeps too many tunnels to this hub");
+        }
         self.connections
             .entry(edge_id.to_owned())
             .or_default()
@@ -617,6 +636,7 @@ mod tests {
     use remoteingress_tunnel::{spawn_session, CloseReason, Role, SessionOptions};
 
     const ADDR: &str = "192.0.2.7:40000";
+    const MAX_TUNNELS: usize = 8;
 
     /// A live hub session whose peer end is kept open by the returned stream.
     fn live_session() -> (SessionHandle, tokio::io::DuplexStream) {
@@ -663,7 +683,14 @@ mod tests {
     fn attach(registry: &mut Registry, id: &str, session: &SessionHandle) -> (u64, OwedConfig) {
         let version = registry.authenticate(id, "s").unwrap().version.unwrap();
         registry
-            .attach(id, "s", session.clone(), ADDR.parse().unwrap(), version)
+            .attach(
+                id,
+                "s",
+                session.clone(),
+                ADDR.parse().unwrap(),
+                version,
+                MAX_TUNNELS,
+            )
             .unwrap()
     }
 
@@ -782,7 +809,7 @@ mod tests {
         upsert(&mut registry, edge("a", "s", &[81]));
         let (session, _peer) = live_session();
         let (_, mut owed) = registry
-            .attach("a", "s", session, ADDR.parse().unwrap(), sent)
+            .attach("a", "s", session, ADDR.parse().unwrap(), sent, MAX_TUNNELS)
             .unwrap();
         let newer = take_owed(&mut owed).expect("the newer config follows");
         assert_eq!(newer.version, Some(2));
@@ -864,6 +891,25 @@ mod tests {
         assert_eq!(registry.connected_edge_count(), 1);
         registry.detach("a", second_id);
         assert_eq!(registry.connected_edge_count(), 0);
+    }
+
+    /// An edge that may keep several tunnels keeps at most the cap; the oldest go first.
+    #[tokio::test]
+    async fn the_tunnels_of_one_edge_are_capped_and_the_oldest_go() {
+        let mut registry = Registry::default();
+        upsert(&mut registry, edge("a", "s", &[80]));
+        let all = remoteingress_wire::extension::Extensions::ALL;
+        let sessions: Vec<_> = (0..MAX_TUNNELS + 2)
+            .map(|_| session_agreeing(all))
+            .collect();
+        for (session, _) in &sessions {
+            attach(&mut registry, "a", session);
+        }
+        assert_eq!(registry.sessions_of("a").len(), MAX_TUNNELS);
+        let closed: Vec<bool> = sessions.iter().map(|(s, _)| s.is_closed()).collect();
+        let mut expected = vec![true, true];
+        expected.extend(std::iter::repeat_n(false, MAX_TUNNELS));
+        assert_eq!(closed, expected);
     }
 
     #[tokio::test]
@@ -1007,14 +1053,21 @@ mod tests {
         let (late, _late_peer) = live_session();
         assert!(
             registry
-                .attach("a", "s", late, ADDR.parse().unwrap(), 1)
+                .attach("a", "s", late, ADDR.parse().unwrap(), 1, MAX_TUNNELS)
                 .is_err(),
             "the old secret no longer attaches"
         );
 
         let (current, _current_peer) = live_session();
         registry
-            .attach("a", "new", current.clone(), ADDR.parse().unwrap(), 1)
+            .attach(
+                "a",
+                "new",
+                current.clone(),
+                ADDR.parse().unwrap(),
+                1,
+                MAX_TUNNELS,
+            )
             .unwrap();
         let mut found = false;
         change(&mut registry, |allowed| {

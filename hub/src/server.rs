@@ -121,6 +121,7 @@ async fn run_session(inner: &Arc<HubInner>, authenticated: Authenticated, remote
         session.clone(),
         remote_addr,
         config.version.unwrap_or_default(),
+        inner.options.max_tunnels_per_edge,
     );
     let Ok((connection_id, owed)) = attached else {
         session.close("edge removed or its secret changed during the handshake");
