@@ -299,7 +299,6 @@ async fn rejects_bad_credentials_and_junk_and_keeps_serving() {
 
 async fn edge_reconnects_after_a_hub_restart_with_the_same_pin(transport: TransportMode) {
     let setup = Setup::with_transport(transport).await;
-    let port = setup.hub.local_addr().port();
     let pin = setup.hub.pin().to_owned();
     let edges = vec![allowed(
         "e1",
@@ -310,12 +309,14 @@ async fn edge_reconnects_after_a_hub_restart_with_the_same_pin(transport: Transp
         (!setup.edge.status().connected).then_some(())
     })
     .await;
-    assert!(
-        !listens(setup.edge_addr()).await,
-        "client connections are refused while the tunnel is down"
-    );
+    // The edge stops listening once it knows the tunnel is down (just after its status says so).
+    eventually(
+        "client connections to be refused while the tunnel is down",
+        || async { (!listens(setup.edge_addr()).await).then_some(()) },
+    )
+    .await;
 
-    let hub = start_hub(setup.state.path(), port).await;
+    let hub = start_hub(setup.state.path(), setup.hub_port).await;
     assert_eq!(hub.pin(), pin);
     hub.update_allowed_edges(edges).await.unwrap();
     eventually("the edge to reconnect", || async {

@@ -259,6 +259,8 @@ macro_rules! for_each_transport {
 pub struct Setup {
     pub state: tempfile::TempDir,
     pub hub: HubHandle,
+    /// The hub's tunnel port, free for a restarted hub.
+    pub hub_port: u16,
     pub edge: EdgeHandle,
     pub target: EchoTarget,
     pub edge_port: u16,
@@ -272,7 +274,11 @@ impl Setup {
     pub async fn with_transport(transport: remoteingress_edge::TransportMode) -> Self {
         init_logs();
         let state = tempfile::tempdir().unwrap();
-        let hub = start_hub(state.path(), 0).await;
+        // Below the ephemeral range, so that a test may restart the hub on it: a port from that
+        // range could meanwhile be the source port of a connection (the edge's own reconnects
+        // to it among them).
+        let hub_port = free_port(IpAddr::from([127, 0, 0, 1]));
+        let hub = start_hub(state.path(), hub_port).await;
         let target = echo_target().await;
         let edge_port = free_port(EDGE_IP);
         hub.update_allowed_edges(vec![allowed("e1", &[(edge_port, target.addr.port())])])
@@ -286,6 +292,7 @@ impl Setup {
         Self {
             state,
             hub,
+            hub_port,
             edge,
             target,
             edge_port,
