@@ -150,6 +150,47 @@ pub struct HubOptions {
     pub max_tunnels_per_edge: usize,
 }
 
+/// The tunnel's TCP listener on `addr` and, with `quic`, a UDP socket on the same port, and the
+/// address bound. With port 0, a port free for both is searched: the UDP port of the one the
+/// kernel picked for TCP may be taken.
+fn bind_tunnel(
+    addr: SocketAddr,
+    quic: bool,
+) -> Result<
+    (
+        tokio::net::TcpListener,
+        Option<std::net::UdpSocket>,
+        SocketAddr,
+    ),
+    HubError,
+> {
+    let failed = |addr, protocol| {
+        move |source| HubError::Bind {
+            addr,
+            protocol,
+            source,
+        }
+    };
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let listener = remoteingress_tunnel::listen_tcp(addr).map_err(failed(addr, "tcp"))?;
+        let local_addr = listener.local_addr().map_err(failed(addr, "tcp"))?;
+        if !quic {
+            return Ok((listener, None, local_addr));
+        }
+        let udp = std::net::UdpSocket::bind(local_addr)
+            .and_then(|socket| socket.set_nonblocking(true).map(|()| socket));
+        match udp {
+            Ok(socket) => return Ok((listener, Some(socket), local_addr)),
+            Err(e) if addr.port() == 0 && attempts < 32 => {
+                tracing::debug!(%local_addr, error = %e, "UDP port taken; trying another port");
+            }
+            Err(e) => return Err(failed(local_addr, "udp")(e)),
+        }
+    }
+}
+
 /// A fresh hub instance id: `hub-` and 12 random hex digits.
 pub fn random_hub_id() -> String {
     format!("hub-{:012x}", rand::random::<u64>() >> 16)
@@ -434,18 +475,7 @@ impl Hub {
                 message,
             })?;
         let registry = Registry::new(allowed);
-        let listener = remoteingress_tunnel::listen_tcp(options.listen_addr).map_err(|source| {
-            HubError::Bind {
-                addr: options.listen_addr,
-                protocol: "tcp",
-                source,
-            }
-        })?;
-        let local_addr = listener.local_addr().map_err(|source| HubError::Bind {
-            addr: options.listen_addr,
-            protocol: "tcp",
-            source,
-        })?;
+        let (listener, quic_socket, local_addr) = bind_tunnel(options.listen_addr, options.quic)?;
         let (events, _) = broadcast::channel(4096);
         let hub_metrics = metrics::HubMetrics::register(&options.registry)?;
         let shutdown = CancellationToken::new();
@@ -484,14 +514,7 @@ impl Hub {
             listener,
             tls,
         )));
-        if inner.options.quic {
-            let socket = std::net::UdpSocket::bind(local_addr)
-                .and_then(|socket| socket.set_nonblocking(true).map(|()| socket))
-                .map_err(|source| HubError::Bind {
-                    addr: local_addr,
-                    protocol: "udp",
-                    source,
-                })?;
+        if let Some(socket) = quic_socket {
             let endpoint = remoteingress_tunnel::quic::server_endpoint(
                 identity,
                 socket,
