@@ -243,8 +243,8 @@ struct HubArgs {
     )]
     udp_max_sessions_total: usize,
     /// Refuse streams and UDP sessions whose client address (as the edge reports it) is
-    /// private, shared, link-local or unique-local; loopback, unspecified and multicast client
-    /// addresses are always refused.
+    /// private, shared, link-local or unique-local; unspecified and multicast client addresses
+    /// are always refused, loopback ones unless the edge's tunnel comes from loopback too.
     #[arg(long, env = "REMOTEINGRESS_REFUSE_PRIVATE_CLIENTS")]
     refuse_private_clients: bool,
     /// Tunnels one edge may keep to this hub at once (an edge with several keeps them for

@@ -144,7 +144,8 @@ pub struct HubOptions {
     /// orders it (see [`GenerationConflict`]).
     pub replica: bool,
     /// Refuse streams and UDP sessions whose client address is private, shared, link-local or
-    /// unique-local (loopback, unspecified and multicast ones are always refused).
+    /// unique-local (unspecified and multicast ones are always refused, loopback ones unless
+    /// the tunnel comes from loopback too).
     pub refuse_private_clients: bool,
     /// Tunnels one edge may keep to this hub at once; a newer one past it replaces the oldest.
     pub max_tunnels_per_edge: usize,
@@ -226,8 +227,8 @@ impl Default for HubOptions {
 pub enum RefusalReason {
     /// The port is not assigned to the edge.
     NotAssigned,
-    /// The client address is one no client has (loopback, unspecified, multicast), or a
-    /// private one while the hub refuses those.
+    /// The client address is one no client has (unspecified, multicast, or loopback from an
+    /// edge on another host), or a private one while the hub refuses those.
     ClientAddress,
 }
 

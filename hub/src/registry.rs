@@ -462,16 +462,10 @@ impl Registry {
         let replaced = self.take_connections(edge_id, |c| !c.session.agreed().drain);
         // An edge keeps at most `max_tunnels`: each has its own limits, so more would multiply
         // them. The oldest go, as a newer tunnel is the likelier to be alive.
-        let kept = self.connections.get(edge_id).map_or(0, Vec::len);
-        let excess = (kept + 1).saturating_sub(max_tunnels.max(1));
-        let oldest: Vec<u64> = self
-            .connections
-            .get(edge_id)
-            .into_iter()
-            .flatten()
-            .take(excess)
-            .map(|c| c.id)
-            .collect();
+        let oldest: Vec<u64> = self.connections.get(edge_id).map_or_else(Vec::new, |kept| {
+            let excess = (kept.len() + 1).saturating_sub(max_tunnels.max(1));
+            kept.iter().take(excess).map(|c| c.id).collect()
+        });
         let evicted = self.take_connections(edge_id, |c| oldest.contains(&c.id));
         for tunnel in evicted {
             tunnel

@@ -1535,7 +1535,8 @@ type OpenRefused struct {
 	// The port the edge's PROXY header named.
 	Port uint32 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
 	// "not_assigned": the port is not assigned to the edge; "client_address": the client
-	// address is loopback, unspecified or multicast (or private while the hub refuses those).
+	// address is unspecified, multicast, loopback from an edge on another host, or private
+	// while the hub refuses those.
 	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -804,7 +804,8 @@ export type OpenRefused = Message<"remoteingress.v1.OpenRefused"> & {
 
   /**
    * "not_assigned": the port is not assigned to the edge; "client_address": the client
-   * address is loopback, unspecified or multicast (or private while the hub refuses those).
+   * address is unspecified, multicast, loopback from an edge on another host, or private
+   * while the hub refuses those.
    *
    * @generated from field: string reason = 3;
    */
