@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::io::AsyncReadExt;
 
 use common::*;
+use remoteingress_bench::ready_now;
 use remoteingress_edge::{Edge, Transport, TransportMode};
 use remoteingress_hub::Hub;
 use remoteingress_tunnel::{quic, HubIdentity, HubTrust, Link, SessionOptions};
@@ -146,4 +147,41 @@ async fn forged_initials_from_an_edges_address_never_lock_it_out() {
     }
     drop(attempts);
     edge.shutdown().await;
+}
+
+/// Until it has authenticated, a QUIC peer may open only the control stream, and the hub takes
+/// no more than a small window of its data. (The limits it gets once authenticated are the
+/// session's, which every QUIC test uses.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unauthenticated_quic_peer_gets_one_stream_and_a_small_window() {
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let hub = start_hub_with(state.path(), hub_options(0)).await;
+    let trust = HubTrust::Pin(hub.pin().to_owned());
+    let endpoint = quic::client_endpoint(&trust, &SessionOptions::default()).unwrap();
+    let link = Link::connect_quic(&endpoint, "127.0.0.1", hub.local_addr().port(), "localhost")
+        .await
+        .unwrap();
+    let Link::Quic {
+        connection,
+        mut send,
+        ..
+    } = link
+    else {
+        panic!("not a QUIC link")
+    };
+    assert!(
+        ready_now(connection.open_bi()).is_none(),
+        "a second stream was allowed before authentication"
+    );
+    // The hub has read nothing yet: what it lets us send is the window it gave in the handshake.
+    let offered = vec![b'x'; 1024 * 1024];
+    let taken = ready_now(send.write(&offered))
+        .expect("some credit at once")
+        .unwrap();
+    assert!(
+        taken <= quic::UNAUTHENTICATED_WINDOW as usize,
+        "{taken} bytes sent before authentication"
+    );
+    hub.shutdown().await;
 }

@@ -83,7 +83,7 @@ async fn handshake(mut link: Link, id: &str) -> Result<IdleEdge> {
 
 /// The RSS of `pid` once it has held still for a moment (connections finish setting up on the
 /// far side after the handshake), 10 s at most.
-async fn settled_rss(pid: u32) -> Result<u64> {
+pub(crate) async fn settled_rss(pid: u32) -> Result<u64> {
     let mut last = rss_bytes(pid)?;
     for _ in 0..20 {
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -6,6 +6,7 @@ pub mod edges;
 pub mod frp;
 pub mod iperf;
 pub mod peers;
+pub mod preauth;
 pub mod processes;
 pub mod rathole;
 pub mod relay;
@@ -39,7 +40,7 @@ pub enum Section {
     Memory,
     /// UDP round trips, and datagrams delivered and lost.
     Udp,
-    /// Hub memory per idle connected edge.
+    /// Hub memory per idle connected edge, and under unauthenticated QUIC peers (QUIC only).
     Edges,
 }
 
@@ -348,6 +349,9 @@ async fn run_transport(
         rows.extend(
             edges::hub_memory_per_idle_edge(&config.binary, transport, config.idle_edges).await?,
         );
+        if transport == "quic" {
+            rows.extend(preauth::hub_memory_under_unauthenticated_quic(&config.binary).await?);
+        }
     }
     let tunnel = Tunnel::start(&config.binary, &ports, transport).await?;
     let pids = [tunnel.hub.process.pid(), tunnel.edge.pid()];
@@ -940,4 +944,13 @@ pub fn table(rows: &[Row]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Polls `future` once: its output if it is ready at once.
+pub fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(future).poll(&mut context) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
 }

@@ -105,6 +105,15 @@ pub struct Hub {
 impl Hub {
     /// Starts a hub allowing `edges` (the edges file's JSON) and waits for its certificate pin.
     pub async fn start(binary: &Path, edges: &serde_json::Value) -> Result<Self> {
+        Self::start_with(binary, edges, &[]).await
+    }
+
+    /// As [`Hub::start`], with more of the hub's options.
+    pub async fn start_with(
+        binary: &Path,
+        edges: &serde_json::Value,
+        options: &[&str],
+    ) -> Result<Self> {
         let state = tempfile::tempdir()?;
         let edges_file = state.path().join("edges.json");
         std::fs::write(&edges_file, edges.to_string())?;
@@ -131,6 +140,7 @@ impl Hub {
             .arg("--edges-file")
             .arg(&edges_file)
             .args(["--max-streams", "30000"])
+            .args(options)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

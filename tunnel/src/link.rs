@@ -74,7 +74,7 @@ impl Link {
     /// Hub: completes an incoming QUIC connection and accepts its control stream.
     pub async fn accept_quic(incoming: quinn::Incoming) -> Result<Self, LinkError> {
         let connection = incoming.accept()?.await?;
-        let (send, recv) = connection.accept_bi().await?;
+        let (send, recv) = dropping_datagrams(&connection, connection.accept_bi()).await?;
         Ok(Link::Quic {
             connection,
             send,
@@ -121,7 +121,9 @@ impl Link {
     pub async fn read_line(&mut self, limit: usize) -> Result<(Bytes, Bytes), LinkError> {
         let line = match self {
             Link::Tls(tls) => read_line(tls, limit).await?,
-            Link::Quic { recv, .. } => read_line(recv, limit).await?,
+            Link::Quic {
+                connection, recv, ..
+            } => dropping_datagrams(connection, read_line(recv, limit)).await?,
         };
         Ok(line)
     }
@@ -148,7 +150,8 @@ impl Link {
                 ..
             } => {
                 let _ = send.finish();
-                let _ = tokio::time::timeout(REFUSE_GRACE, send.stopped()).await;
+                let stopped = tokio::time::timeout(REFUSE_GRACE, send.stopped());
+                let _ = dropping_datagrams(&connection, stopped).await;
                 connection.close(quinn::VarInt::from_u32(1), reply.trim_end().as_bytes());
             }
         }
@@ -171,5 +174,21 @@ impl Link {
                 recv,
             } => spawn_quic_session(connection, (send, recv), initial, role, options, agreed),
         }
+    }
+}
+
+/// Runs `work` while dropping every datagram that arrives meanwhile: before its session starts,
+/// a connection has no use for them, and a peer that has not authenticated gets no buffer.
+async fn dropping_datagrams<T>(
+    connection: &Connection,
+    work: impl std::future::Future<Output = T>,
+) -> T {
+    let drop_all = async {
+        while connection.read_datagram().await.is_ok() {}
+        std::future::pending().await
+    };
+    tokio::select! {
+        done = work => done,
+        never = drop_all => never,
     }
 }

@@ -16,6 +16,10 @@ pub const QUIC_ALPN: &[u8] = b"remoteingress-quic/1";
 /// Per-stream receive window.
 const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 
+/// The hub's connection window until the edge has authenticated: room for the handshake line
+/// many times over, and all a peer that has not shown its secret can make the hub buffer.
+pub const UNAUTHENTICATED_WINDOW: u32 = 64 * 1024;
+
 /// UDP payload size the tunnel starts with: Ethernet's 1,500-byte MTU less IPv6 and UDP headers.
 /// Path-MTU discovery confirms it; a path that loses such packets falls back to the minimum.
 const INITIAL_MTU: u16 = 1_452;
@@ -62,9 +66,8 @@ fn transport_config(options: &SessionOptions) -> TransportConfig {
     transport
         .min_mtu(min_mtu)
         .initial_mtu(INITIAL_MTU.max(min_mtu));
-    let budget = u32::try_from(options.budget).unwrap_or(u32::MAX);
     transport
-        .receive_window(VarInt::from_u32(budget))
+        .receive_window(receive_window(options))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .send_window(options.budget)
         .max_concurrent_uni_streams(VarInt::from_u32(0))
@@ -74,6 +77,11 @@ fn transport_config(options: &SessionOptions) -> TransportConfig {
         transport.max_idle_timeout(Some(idle));
     }
     transport
+}
+
+/// A session's connection window: its flow budget.
+fn receive_window(options: &SessionOptions) -> VarInt {
+    VarInt::from_u32(u32::try_from(options.budget).unwrap_or(u32::MAX))
 }
 
 /// The QUIC limit of bidirectional streams for `streams` tunnelled connections: one more for
@@ -94,9 +102,20 @@ pub fn server_endpoint(
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let mut transport = transport_config(options);
-    transport.max_concurrent_bidi_streams(stream_limit(initial_stream_limit(options.max_streams)));
+    // The control stream only, and a small window, until the session's limits are granted.
+    transport
+        .max_concurrent_bidi_streams(stream_limit(0))
+        .receive_window(VarInt::from_u32(UNAUTHENTICATED_WINDOW));
     config.transport_config(Arc::new(transport));
     endpoint_on(socket, Some(config), "udp server socket")
+}
+
+/// Raises an authenticated edge's connection from the limits every unauthenticated peer gets
+/// to the session's: its flow budget and the first step of its streams.
+pub(crate) fn grant_session_limits(connection: &quinn::Connection, options: &SessionOptions) {
+    connection.set_receive_window(receive_window(options));
+    connection
+        .set_max_concurrent_bi_streams(stream_limit(initial_stream_limit(options.max_streams)));
 }
 
 fn udp_socket_error(what: &'static str) -> impl FnOnce(std::io::Error) -> TlsError {

@@ -27,7 +27,7 @@ use crate::options::{Role, SessionOptions};
 use crate::stream::{StreamReader, StreamWriter};
 use shared::{QuicShared, StreamGuard, Unconfirmed};
 
-pub use endpoint::{client_endpoint, server_endpoint, QUIC_ALPN};
+pub use endpoint::{client_endpoint, server_endpoint, QUIC_ALPN, UNAUTHENTICATED_WINDOW};
 
 /// A running QUIC session.
 #[derive(Clone, Debug)]
@@ -49,6 +49,9 @@ pub(crate) fn start(
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
     if role == Role::Edge && !agreed.is_empty() {
         let _ = control_tx.try_send((FrameType::Extensions, Bytes::from(agreed.to_payload())));
+    }
+    if role == Role::Hub {
+        endpoint::grant_session_limits(&connection, &options);
     }
     let shared = Arc::new(QuicShared::new(
         role, options, connection, control_tx, agreed,

@@ -99,7 +99,10 @@ async fn edge_to_raw_hub(
     };
     let accept = async {
         let connecting = server.accept().await.unwrap().accept().unwrap();
-        connecting.await.unwrap()
+        let connection = connecting.await.unwrap();
+        // As the hub does once the edge has authenticated.
+        super::endpoint::grant_session_limits(&connection, &options);
+        connection
     };
     let (link, hub) = within("QUIC setup", async { tokio::join!(connect, accept) }).await;
     let (edge, events) = link.into_session(Bytes::new(), Role::Edge, options, Extensions::NONE);
