@@ -91,7 +91,7 @@ struct TunnelTimers {
     /// Seconds without any frame from the peer after which the tunnel is considered dead.
     #[arg(long, env = "REMOTEINGRESS_IDLE_TIMEOUT_SECS", default_value_t = 45)]
     idle_timeout_secs: u64,
-    /// Most concurrent streams per tunnel.
+    /// Most concurrent streams per tunnel; on the hub, also per edge across its tunnels.
     #[arg(long, env = "REMOTEINGRESS_MAX_STREAMS", default_value_t = 10_000)]
     max_streams: usize,
     /// Memory budget for unconsumed bytes per tunnel, in MiB.
@@ -160,7 +160,8 @@ struct UdpArgs {
         default_value_t = 60
     )]
     udp_idle_timeout_secs: u64,
-    /// Most UDP sessions per edge; new ones past it are dropped and counted.
+    /// Most UDP sessions per edge (across its tunnels, on the hub); new ones past it are
+    /// dropped and counted.
     #[arg(long, env = "REMOTEINGRESS_UDP_MAX_SESSIONS", default_value_t = 4_096)]
     udp_max_sessions: usize,
 }
@@ -251,6 +252,14 @@ struct HubArgs {
     /// draining and spreading load); a newer one past it replaces the oldest.
     #[arg(long, env = "REMOTEINGRESS_MAX_TUNNELS_PER_EDGE", default_value_t = 8)]
     max_tunnels_per_edge: usize,
+    /// Connections to targets of all edges together; streams past it are refused (and counted
+    /// in remoteingress_opens_refused_total with reason hub_limit).
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_MAX_TARGET_CONNECTIONS",
+        default_value_t = 65_536
+    )]
+    max_target_connections: usize,
     /// Address of the gRPC admin API.
     #[arg(
         long,
@@ -564,6 +573,7 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         udp_max_sessions_total: args.udp_max_sessions_total,
         refuse_private_clients: args.refuse_private_clients,
         max_tunnels_per_edge: args.max_tunnels_per_edge.max(1),
+        max_target_connections: args.max_target_connections,
         registry: prometheus::Registry::new(),
         quic: !args.no_quic,
         hub_id: args.hub_id.unwrap_or_else(random_hub_id),

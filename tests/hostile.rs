@@ -283,6 +283,112 @@ async fn silent_target() -> SilentTarget {
     SilentTarget { address, held }
 }
 
+/// Streams and UDP sessions are counted per edge across all its tunnels: a second tunnel of
+/// the same edge gets nothing the first has used up. Connections to targets are capped for
+/// the whole hub too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_hold_per_edge_across_its_tunnels_and_for_the_hub() {
+    const STREAMS: usize = 4;
+    const UDP_SESSIONS: usize = 2;
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let mut options = hub_options(0);
+    options.session.max_streams = STREAMS;
+    options.udp_max_sessions = UDP_SESSIONS;
+    options.max_target_connections = STREAMS + 1;
+    let registry = options.registry.clone();
+    let hub = start_hub_with(state.path(), options).await;
+    let mut target = silent_target().await;
+    let udp_target = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (tcp_port, udp_port) = (free_port(EDGE_IP), free_port(EDGE_IP));
+    let mut entry = allowed(
+        "e1",
+        &[
+            (tcp_port, target.address.port()),
+            (udp_port, udp_target.local_addr().unwrap().port()),
+        ],
+    );
+    entry.config.listen_ports = vec![tcp_port];
+    entry.config.listen_ports_udp = vec![udp_port];
+    let other_port = free_port(EDGE_IP);
+    let other = allowed("e2", &[(other_port, target.address.port())]);
+    hub.update_allowed_edges(vec![entry, other]).await.unwrap();
+
+    let edge_port = SocketAddr::new(EDGE_IP, tcp_port);
+    let open = ProxyV1::tcp("192.0.2.7:5000".parse().unwrap(), edge_port).to_line();
+    let udp_open = ProxyV2::proxy(
+        V2Transport::Datagram,
+        "192.0.2.7:5000".parse().unwrap(),
+        SocketAddr::new(EDGE_IP, udp_port),
+    )
+    .to_bytes();
+    // Each tunnel asks for less than one tunnel may have (its confirmation's stream may still
+    // count), together for more than the edge may.
+    const PER_TUNNEL: usize = STREAMS - 1;
+    let mut tunnels = Vec::new();
+    for _ in 0..2 {
+        let mut edge = RawEdge::connect(&hub, "e1").await;
+        edge.confirm_extensions().await;
+        let mut frames: Vec<_> = (0..PER_TUNNEL as u32)
+            .map(|n| (3 + 2 * n, FrameType::Open, open.as_bytes()))
+            .collect();
+        frames.extend(
+            (0..UDP_SESSIONS as u32).map(|n| (101 + 2 * n, FrameType::UdpOpen, &udp_open[..])),
+        );
+        edge.send(&frames).await;
+        tunnels.push(edge);
+    }
+
+    let refused = |edge, reason| {
+        let labels = [("edge", edge), ("protocol", "tcp"), ("reason", reason)];
+        metric(&registry, "remoteingress_opens_refused_total", &labels).unwrap_or(0.0)
+    };
+    eventually("the streams past the edge's limit are refused", || async {
+        (refused("e1", "edge_limit") == (2 * PER_TUNNEL - STREAMS) as f64).then_some(())
+    })
+    .await;
+    // Held open, as a target that never answers would.
+    let mut connected = Vec::new();
+    for _ in 0..STREAMS {
+        connected.push(target.held.recv().await.unwrap());
+    }
+    assert!(
+        target.held.try_recv().is_err(),
+        "more streams than the edge may have"
+    );
+
+    // Another edge gets what is left of the hub's connections to targets, and no more.
+    let mut other = RawEdge::connect(&hub, "e2").await;
+    let open = ProxyV1::tcp(
+        "192.0.2.8:5000".parse().unwrap(),
+        SocketAddr::new(EDGE_IP, other_port),
+    )
+    .to_line();
+    other
+        .send(&[
+            (1, FrameType::Open, open.as_bytes()),
+            (3, FrameType::Open, open.as_bytes()),
+        ])
+        .await;
+    eventually("the stream past the hub's limit is refused", || async {
+        (refused("e2", "hub_limit") == 1.0).then_some(())
+    })
+    .await;
+    connected.push(target.held.recv().await.unwrap());
+    assert_eq!(refused("e2", "edge_limit"), 0.0);
+    eventually(
+        "the UDP sessions past the edge's limit are refused",
+        || async {
+            let labels = [("edge", "e1"), ("reason", "edge_session_limit")];
+            let dropped = metric(&registry, "remoteingress_udp_dropped_total", &labels);
+            (dropped == Some(UDP_SESSIONS as f64)).then_some(())
+        },
+    )
+    .await;
+    drop((tunnels, other, connected));
+    hub.shutdown().await;
+}
+
 /// A hub and edge "e1" whose one port leads to a silent target.
 async fn silent_setup(
     transport: remoteingress_edge::TransportMode,

@@ -10,6 +10,7 @@ mod edges_file;
 mod handshake;
 mod metrics;
 mod push;
+mod quota;
 mod registry;
 mod secret;
 mod server;
@@ -131,7 +132,8 @@ pub struct HubOptions {
     pub state_file: Option<PathBuf>,
     /// A UDP session without traffic either way for this long ends.
     pub udp_idle_timeout: Duration,
-    /// Most UDP sessions per edge; sessions past it are refused (and counted).
+    /// Most UDP sessions per edge, across its tunnels; sessions past it are refused (and
+    /// counted).
     pub udp_max_sessions: usize,
     /// Most UDP sessions of all edges together (also at most half the file descriptor limit);
     /// sessions past it are refused (and counted).
@@ -149,6 +151,19 @@ pub struct HubOptions {
     pub refuse_private_clients: bool,
     /// Tunnels one edge may keep to this hub at once; a newer one past it replaces the oldest.
     pub max_tunnels_per_edge: usize,
+    /// Connections to targets of all edges together; streams past it are refused (and counted).
+    pub max_target_connections: usize,
+}
+
+impl HubOptions {
+    /// The limits of each edge, across all its tunnels.
+    fn edge_limits(&self) -> quota::EdgeLimits {
+        quota::EdgeLimits {
+            tunnels: self.max_tunnels_per_edge,
+            streams: self.session.max_streams,
+            udp_sessions: self.udp_max_sessions,
+        }
+    }
 }
 
 /// The tunnel's TCP listener on `addr` and, with `quic`, a UDP socket on the same port, and the
@@ -204,6 +219,7 @@ impl Default for HubOptions {
             replica: false,
             refuse_private_clients: false,
             max_tunnels_per_edge: 8,
+            max_target_connections: 65_536,
             listen_addr: SocketAddr::from(([0, 0, 0, 0], 8443)),
             target_host: "127.0.0.1".to_owned(),
             handshake_timeout: Duration::from_secs(10),
@@ -230,6 +246,10 @@ pub enum RefusalReason {
     /// The client address is one no client has (unspecified, multicast, or loopback from an
     /// edge on another host), or a private one while the hub refuses those.
     ClientAddress,
+    /// The edge has as many streams (or UDP sessions) across its tunnels as it may.
+    EdgeLimit,
+    /// The hub has as many connections to targets (or UDP sessions) as it may.
+    HubLimit,
 }
 
 impl RefusalReason {
@@ -238,6 +258,18 @@ impl RefusalReason {
         match self {
             Self::NotAssigned => "not_assigned",
             Self::ClientAddress => "client_address",
+            Self::EdgeLimit => "edge_limit",
+            Self::HubLimit => "hub_limit",
+        }
+    }
+
+    /// What the reason means, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::NotAssigned => "not assigned to the edge",
+            Self::ClientAddress => "client address not believable",
+            Self::EdgeLimit => "the edge's limit is reached",
+            Self::HubLimit => "the hub's limit is reached",
         }
     }
 }
@@ -434,6 +466,8 @@ pub(crate) struct HubInner {
     admissions: Arc<admission::Admissions>,
     /// The hub-wide UDP session cap: one permit per session.
     udp_slots: Arc<tokio::sync::Semaphore>,
+    /// The hub-wide cap on connections to targets: one permit per stream.
+    target_slots: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
     /// Cancelled to stop accepting tunnels (a child of `shutdown`).
     accepting: CancellationToken,
@@ -491,6 +525,11 @@ impl Hub {
             udp_slots: Arc::new(tokio::sync::Semaphore::new(udp::session_budget(
                 options.udp_max_sessions_total,
             ))),
+            target_slots: Arc::new(tokio::sync::Semaphore::new(
+                options
+                    .max_target_connections
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             metrics: hub_metrics,
             options,
             local_addr,

@@ -91,9 +91,10 @@ impl HubMetrics {
             opens_refused: counter(
                 registry,
                 "remoteingress_opens_refused_total",
-                "Streams and UDP sessions refused because the edge should not have asked: a port it \
-                 is not assigned (reason not_assigned) or a client address no client has \
-                 (client_address)",
+                "Streams and UDP sessions refused: a port the edge is not assigned (reason \
+                 not_assigned), a client address no client has (client_address), or a stream past \
+                 the edge's limit across its tunnels (edge_limit) or the hub's on connections to \
+                 targets (hub_limit)",
                 &["edge", "protocol", "reason"],
             )?,
             target_connect_duration,

@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use remoteingress_tunnel::SessionHandle;
@@ -13,6 +14,7 @@ use std::sync::LazyLock;
 use tokio::sync::watch;
 
 use crate::metrics::{Live, Totals};
+use crate::quota::{EdgeLimits, EdgeQuota};
 use crate::secret::StoredSecret;
 use crate::store::StoredEdge;
 use crate::target::TargetError;
@@ -271,6 +273,18 @@ pub(crate) struct Registry {
     next_connection_id: u64,
     /// Traffic of ended tunnels per edge, so that metrics never go backwards.
     ended: HashMap<String, Totals>,
+    /// What each edge with tunnels (or with streams still ending) holds across them.
+    quotas: HashMap<String, Arc<EdgeQuota>>,
+}
+
+/// A tunnel the registry took in.
+pub(crate) struct Attached {
+    /// Tells the edge's tunnels apart.
+    pub(crate) connection_id: u64,
+    /// The configurations the tunnel is owed.
+    pub(crate) owed: OwedConfig,
+    /// The edge's quota, shared by all its tunnels.
+    pub(crate) quota: Arc<EdgeQuota>,
 }
 
 impl Registry {
@@ -348,6 +362,10 @@ impl Registry {
             std::mem::take(all).into_iter().partition(which);
         if kept.is_empty() {
             self.connections.remove(id);
+            // Kept while streams of its last tunnels still end, so that they count on.
+            if self.quotas.get(id).is_some_and(|quota| quota.is_unused()) {
+                self.quotas.remove(id);
+            }
         } else {
             *all = kept;
         }
@@ -436,8 +454,8 @@ impl Registry {
 
     /// Registers a new tunnel, replacing any previous one of an edge that does not keep several
     /// tunnels. Fails if the edge was removed or its secret changed since it authenticated.
-    /// Returns the tunnel's id and the configurations it is owed from now on (already the
-    /// current one if it changed since `sent_version` was sent).
+    /// Returns the tunnel's id, the configurations it is owed from now on (already the current
+    /// one if it changed since `sent_version` was sent), and the edge's quota.
     pub(crate) fn attach(
         &mut self,
         edge_id: &str,
@@ -445,8 +463,8 @@ impl Registry {
         session: SessionHandle,
         remote_addr: SocketAddr,
         sent_version: u64,
-        max_tunnels: usize,
-    ) -> Result<(u64, OwedConfig), ()> {
+        limits: EdgeLimits,
+    ) -> Result<Attached, ()> {
         let record = self.allowed.edges.get(edge_id).ok_or(())?;
         if !record.secret.matches(secret) {
             return Err(());
@@ -460,10 +478,11 @@ impl Registry {
         // An edge that keeps several tunnels (it confirmed DRAIN) manages them itself; any
         // other edge connecting again has lost its previous tunnel.
         let replaced = self.take_connections(edge_id, |c| !c.session.agreed().drain);
-        // An edge keeps at most `max_tunnels`: each has its own limits, so more would multiply
-        // them. The oldest go, as a newer tunnel is the likelier to be alive.
+        // An edge keeps at most `limits.tunnels`: each has limits of its own (its flow budget),
+        // so more would multiply them. The oldest go, as a newer tunnel is the likelier to be
+        // alive.
         let oldest: Vec<u64> = self.connections.get(edge_id).map_or_else(Vec::new, |kept| {
-            let excess = (kept.len() + 1).saturating_sub(max_tunnels.max(1));
+            let excess = (kept.len() + 1).saturating_sub(limits.tunnels.max(1));
             kept.iter().take(excess).map(|c| c.id).collect()
         });
         let evicted = self.take_connections(edge_id, |c| oldest.contains(&c.id));
@@ -489,7 +508,16 @@ impl Registry {
                 .session
                 .close("replaced by a newer connection of the same edge");
         }
-        Ok((id, owed_receiver))
+        let quota = self
+            .quotas
+            .entry(edge_id.to_owned())
+            .or_insert_with(|| Arc::new(EdgeQuota::new(limits)))
+            .clone();
+        Ok(Attached {
+            connection_id: id,
+            owed: owed_receiver,
+            quota,
+        })
     }
 
     /// Forgets a tunnel if the edge still has it.
@@ -630,7 +658,11 @@ mod tests {
     use remoteingress_tunnel::{spawn_session, CloseReason, Role, SessionOptions};
 
     const ADDR: &str = "192.0.2.7:40000";
-    const MAX_TUNNELS: usize = 8;
+    const LIMITS: EdgeLimits = EdgeLimits {
+        tunnels: 8,
+        streams: 100,
+        udp_sessions: 10,
+    };
 
     /// A live hub session whose peer end is kept open by the returned stream.
     fn live_session() -> (SessionHandle, tokio::io::DuplexStream) {
@@ -674,7 +706,7 @@ mod tests {
         change(registry, |allowed| allowed.replace_all(edges)).unwrap();
     }
 
-    fn attach(registry: &mut Registry, id: &str, session: &SessionHandle) -> (u64, OwedConfig) {
+    fn attached(registry: &mut Registry, id: &str, session: &SessionHandle) -> Attached {
         let version = registry.authenticate(id, "s").unwrap().version.unwrap();
         registry
             .attach(
@@ -683,9 +715,14 @@ mod tests {
                 session.clone(),
                 ADDR.parse().unwrap(),
                 version,
-                MAX_TUNNELS,
+                LIMITS,
             )
             .unwrap()
+    }
+
+    fn attach(registry: &mut Registry, id: &str, session: &SessionHandle) -> (u64, OwedConfig) {
+        let attached = attached(registry, id, session);
+        (attached.connection_id, attached.owed)
     }
 
     /// The configuration a tunnel is owed and not yet sent, marking it sent.
@@ -802,9 +839,10 @@ mod tests {
         let sent = registry.authenticate("a", "s").unwrap().version.unwrap();
         upsert(&mut registry, edge("a", "s", &[81]));
         let (session, _peer) = live_session();
-        let (_, mut owed) = registry
-            .attach("a", "s", session, ADDR.parse().unwrap(), sent, MAX_TUNNELS)
-            .unwrap();
+        let mut owed = registry
+            .attach("a", "s", session, ADDR.parse().unwrap(), sent, LIMITS)
+            .unwrap()
+            .owed;
         let newer = take_owed(&mut owed).expect("the newer config follows");
         assert_eq!(newer.version, Some(2));
         assert_eq!(newer.listen_ports, [81]);
@@ -887,22 +925,57 @@ mod tests {
         assert_eq!(registry.connected_edge_count(), 0);
     }
 
+    /// The tunnels of one edge draw on one quota, which outlives its last tunnel only while
+    /// streams of it still end.
+    #[tokio::test]
+    async fn the_tunnels_of_one_edge_share_one_quota() {
+        let mut registry = Registry::default();
+        upsert(&mut registry, edge("a", "s", &[80]));
+        let all = remoteingress_wire::extension::Extensions::ALL;
+        let (first, _first_peer) = session_agreeing(all);
+        let (second_session, _second_peer) = session_agreeing(all);
+        let first = attached(&mut registry, "a", &first);
+        let second = attached(&mut registry, "a", &second_session);
+        let (first_quota, second_quota) = (&first.quota, &second.quota);
+        assert!(Arc::ptr_eq(first_quota, second_quota));
+        let held: Vec<_> = (0..LIMITS.streams)
+            .map(|_| first_quota.stream().unwrap())
+            .collect();
+        assert!(
+            second_quota.stream().is_none(),
+            "a second tunnel doubled the streams"
+        );
+
+        registry.detach("a", first.connection_id);
+        registry.detach("a", second.connection_id);
+        let (third_session, _third_peer) = session_agreeing(all);
+        let third = attached(&mut registry, "a", &third_session);
+        assert!(
+            Arc::ptr_eq(&third.quota, first_quota),
+            "streams still ending were forgotten"
+        );
+        drop(held);
+        registry.detach("a", third.connection_id);
+        let fourth = attached(&mut registry, "a", &third_session);
+        assert!(!Arc::ptr_eq(&fourth.quota, first_quota));
+    }
+
     /// An edge that may keep several tunnels keeps at most the cap; the oldest go first.
     #[tokio::test]
     async fn the_tunnels_of_one_edge_are_capped_and_the_oldest_go() {
         let mut registry = Registry::default();
         upsert(&mut registry, edge("a", "s", &[80]));
         let all = remoteingress_wire::extension::Extensions::ALL;
-        let sessions: Vec<_> = (0..MAX_TUNNELS + 2)
+        let sessions: Vec<_> = (0..LIMITS.tunnels + 2)
             .map(|_| session_agreeing(all))
             .collect();
         for (session, _) in &sessions {
             attach(&mut registry, "a", session);
         }
-        assert_eq!(registry.sessions_of("a").len(), MAX_TUNNELS);
+        assert_eq!(registry.sessions_of("a").len(), LIMITS.tunnels);
         let closed: Vec<bool> = sessions.iter().map(|(s, _)| s.is_closed()).collect();
         let mut expected = vec![true, true];
-        expected.extend(std::iter::repeat_n(false, MAX_TUNNELS));
+        expected.extend(std::iter::repeat_n(false, LIMITS.tunnels));
         assert_eq!(closed, expected);
     }
 
@@ -1047,7 +1120,7 @@ mod tests {
         let (late, _late_peer) = live_session();
         assert!(
             registry
-                .attach("a", "s", late, ADDR.parse().unwrap(), 1, MAX_TUNNELS)
+                .attach("a", "s", late, ADDR.parse().unwrap(), 1, LIMITS)
                 .is_err(),
             "the old secret no longer attaches"
         );
@@ -1060,7 +1133,7 @@ mod tests {
                 current.clone(),
                 ADDR.parse().unwrap(),
                 1,
-                MAX_TUNNELS,
+                LIMITS,
             )
             .unwrap();
         let mut found = false;

@@ -13,14 +13,17 @@ use remoteingress_wire::proxy::ProxyV1;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::rustls::ServerConfig;
 use tokio_rustls::TlsAcceptor;
 
 use crate::admission::Refusal;
 use crate::handshake::{auth_failed, authenticate, AuthFailure, Authenticated, Incoming};
+use crate::quota::EdgeQuota;
+use crate::registry::Attached;
 use crate::target::{report_refusal, Route, TargetError};
 use crate::udp::UdpSessions;
-use crate::{HubEvent, HubInner};
+use crate::{HubEvent, HubInner, RefusalReason};
 
 pub(crate) async fn accept_loop(
     inner: Arc<HubInner>,
@@ -121,9 +124,14 @@ async fn run_session(inner: &Arc<HubInner>, authenticated: Authenticated, remote
         session.clone(),
         remote_addr,
         config.version.unwrap_or_default(),
-        inner.options.max_tunnels_per_edge,
+        inner.options.edge_limits(),
     );
-    let Ok((connection_id, owed)) = attached else {
+    let Ok(Attached {
+        connection_id,
+        owed,
+        quota,
+    }) = attached
+    else {
         session.close("edge removed or its secret changed during the handshake");
         return;
     };
@@ -148,6 +156,7 @@ async fn run_session(inner: &Arc<HubInner>, authenticated: Authenticated, remote
         edge_id: edge_id.clone(),
         connection_id,
         from: remote_addr.ip(),
+        quota,
     };
     serve_session(inner, &tunnel, &session, events).await;
     inner.registry().detach(&edge_id, connection_id);
@@ -180,6 +189,8 @@ struct Tunnel {
     connection_id: u64,
     /// The address the tunnel comes from.
     from: IpAddr,
+    /// What the edge may hold across its tunnels.
+    quota: Arc<EdgeQuota>,
 }
 
 async fn serve_session(
@@ -188,7 +199,13 @@ async fn serve_session(
     session: &SessionHandle,
     mut events: tokio::sync::mpsc::Receiver<SessionEvent>,
 ) {
-    let mut udp = UdpSessions::new(inner, &tunnel.edge_id, tunnel.from, session.clone());
+    let mut udp = UdpSessions::new(
+        inner,
+        &tunnel.edge_id,
+        tunnel.from,
+        tunnel.quota.clone(),
+        session.clone(),
+    );
     let mut sweep = tokio::time::interval(UdpSessions::sweep_interval(inner));
     loop {
         let first = tokio::select! {
@@ -302,8 +319,10 @@ async fn forward(
         .streams_opened
         .with_label_values(&[&edge_id])
         .inc();
-    let route = match route_of(&inner, &edge_id, tunnel.from, &header) {
-        Ok(route) => route,
+    let admitted = route_of(&inner, &edge_id, tunnel.from, &header)
+        .and_then(|route| Ok((stream_slots(&inner, &tunnel.quota, &route)?, route)));
+    let (_slots, route) = match admitted {
+        Ok(admitted) => admitted,
         Err(error) => {
             report_refusal(&inner, &edge_id, stream_id, &error);
             writer.reset();
@@ -336,6 +355,27 @@ async fn forward(
         None => {}
     }
     inner.emit(HubEvent::StreamClosed { edge_id, stream_id });
+}
+
+/// A stream's places in its edge's quota and among the hub's connections to targets, held
+/// until it ends.
+fn stream_slots(
+    inner: &HubInner,
+    quota: &EdgeQuota,
+    route: &Route,
+) -> Result<(OwnedSemaphorePermit, OwnedSemaphorePermit), TargetError> {
+    let refused = |reason| TargetError::Limit {
+        protocol: Protocol::Tcp,
+        port: route.edge_port(),
+        reason,
+    };
+    let edge = quota.stream().ok_or(refused(RefusalReason::EdgeLimit))?;
+    let hub = inner
+        .target_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| refused(RefusalReason::HubLimit))?;
+    Ok((edge, hub))
 }
 
 /// Where a stream goes, from its OPEN's PROXY v1 line.

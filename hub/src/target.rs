@@ -133,6 +133,16 @@ pub(crate) enum TargetError {
         /// The address the edge's PROXY header named.
         client: IpAddr,
     },
+    /// The edge, or the hub, has as many streams or UDP sessions as it may.
+    #[error("{protocol} port {port}: {}", reason.describe())]
+    Limit {
+        /// TCP stream or UDP session.
+        protocol: Protocol,
+        /// The edge port the client reached.
+        port: u16,
+        /// Which limit: [`RefusalReason::EdgeLimit`] or [`RefusalReason::HubLimit`].
+        reason: RefusalReason,
+    },
     /// The target host could not be resolved.
     #[error(transparent)]
     Resolve(#[from] ResolveError),
@@ -177,6 +187,11 @@ pub(crate) fn report_refusal(inner: &HubInner, edge_id: &str, id: u32, error: &T
         TargetError::ClientAddress { protocol, port, .. } => {
             (*protocol, *port, RefusalReason::ClientAddress)
         }
+        TargetError::Limit {
+            protocol,
+            port,
+            reason,
+        } => (*protocol, *port, *reason),
         _ => {
             tracing::debug!(edge = %edge_id, id, %error, "target not reached");
             inner

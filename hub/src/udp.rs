@@ -17,6 +17,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::task::JoinHandle;
 
+use crate::quota::EdgeQuota;
 use crate::target::{report_refusal, Route, TargetError};
 use crate::{HubEvent, HubInner};
 
@@ -48,8 +49,8 @@ struct UdpSession {
     sender: BatchSender,
     /// Datagrams from the edge not yet written to the target (see [`UdpSessions::flush`]).
     pending: Vec<Bytes>,
-    /// Its place under the hub-wide cap.
-    _slot: OwnedSemaphorePermit,
+    /// Its places in the edge's quota and under the hub-wide cap.
+    _slots: (OwnedSemaphorePermit, OwnedSemaphorePermit),
     /// Milliseconds since `UdpSessions::epoch` of the last datagram either way.
     last_active: Arc<AtomicU64>,
     replies: JoinHandle<()>,
@@ -66,6 +67,8 @@ pub(crate) struct UdpSessions {
     edge_id: String,
     /// The address the tunnel comes from (which client addresses are believable depends on it).
     tunnel_from: IpAddr,
+    /// What the edge may hold across its tunnels.
+    quota: Arc<EdgeQuota>,
     session: SessionHandle,
     sessions: HashMap<u32, UdpSession>,
     /// Sessions with pending datagrams.
@@ -82,12 +85,14 @@ impl UdpSessions {
         inner: &HubInner,
         edge_id: &str,
         tunnel_from: IpAddr,
+        quota: Arc<EdgeQuota>,
         session: SessionHandle,
     ) -> Self {
         let metrics = &inner.metrics;
         Self {
             edge_id: edge_id.to_owned(),
             tunnel_from,
+            quota,
             session,
             sessions: HashMap::new(),
             dirty: Vec::new(),
@@ -112,14 +117,14 @@ impl UdpSessions {
 
     /// Opens a session for UDP_OPEN, or refuses it with UDP_CLOSE.
     pub(crate) async fn open(&mut self, inner: &HubInner, id: u32, header: Bytes) {
-        if self.sessions.len() >= inner.options.udp_max_sessions {
+        let Some(edge_slot) = self.quota.udp_session() else {
             remoteingress_tunnel::warn_limited!(
                 "udp_edge_session_limit",
                 edge = %self.edge_id,
                 "UDP session limit of the edge reached; session refused"
             );
             return self.refuse(inner, id, "edge_session_limit");
-        }
+        };
         let Ok(slot) = inner.udp_slots.clone().try_acquire_owned() else {
             remoteingress_tunnel::warn_limited!(
                 "udp_hub_session_limit",
@@ -163,7 +168,7 @@ impl UdpSessions {
                         target,
                         sender,
                         pending: Vec::new(),
-                        _slot: slot,
+                        _slots: (edge_slot, slot),
                         last_active,
                         replies,
                     },

@@ -1536,7 +1536,8 @@ type OpenRefused struct {
 	Port uint32 `protobuf:"varint,2,opt,name=port,proto3" json:"port,omitempty"`
 	// "not_assigned": the port is not assigned to the edge; "client_address": the client
 	// address is unspecified, multicast, loopback from an edge on another host, or private
-	// while the hub refuses those.
+	// while the hub refuses those; "edge_limit": the edge has as many streams across its
+	// tunnels as it may; "hub_limit": the hub has as many connections to targets as it may.
 	Reason        string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -805,7 +805,8 @@ export type OpenRefused = Message<"remoteingress.v1.OpenRefused"> & {
   /**
    * "not_assigned": the port is not assigned to the edge; "client_address": the client
    * address is unspecified, multicast, loopback from an edge on another host, or private
-   * while the hub refuses those.
+   * while the hub refuses those; "edge_limit": the edge has as many streams across its
+   * tunnels as it may; "hub_limit": the hub has as many connections to targets as it may.
    *
    * @generated from field: string reason = 3;
    */
