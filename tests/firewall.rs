@@ -9,7 +9,7 @@ use std::process::{Command, Output, Stdio};
 
 use common::*;
 use remoteingress_edge::{Edge, Firewall, FirewallMode, FirewallState};
-use remoteingress_wire::FirewallConfig;
+use remoteingress_wire::{EdgeConfig, FirewallConfig};
 
 /// A private network namespace, held open by a sleeping process.
 struct Netns {
@@ -121,32 +121,43 @@ fn config(json: &str) -> FirewallConfig {
     serde_json::from_str(json).unwrap()
 }
 
+fn edge_config(json: &str) -> EdgeConfig {
+    serde_json::from_str(json).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_apply_whole_replace_whole_and_leave_nothing_behind() {
     let netns = Netns::new().await;
     let firewall = Firewall::new(netns.nft_command());
     firewall.probe().await.unwrap();
 
-    let first = config(
-        r#"{"blockedIps":["10.1.0.1","2001:db8::/32"],
+    let first = edge_config(
+        r#"{"listenPortsUdp":[9999,9998],"firewallConfig":{"blockedIps":["10.1.0.1","2001:db8::/32"],
             "rateLimits":[{"id":"udp-flood","port":9998,"protocol":"udp","rate":"1/second","burst":3,"perSourceIP":true}],
-            "rules":[{"id":"ssh","direction":"input","action":"accept","sourceIP":"10.0.0.0/24","destPort":22,"protocol":"tcp","comment":"monitoring"}]}"#,
+            "rules":[{"id":"office","direction":"input","action":"accept","sourceIP":"10.0.0.0/24","destPort":9999,"protocol":"udp","comment":"monitoring"}]}}"#,
     );
     assert_eq!(firewall.apply(&first).await.unwrap(), 5);
     let listed = netns.table().expect("the table exists");
     for needle in [
         "\"10.1.0.1\"",
         "\"2001:db8::\"",
-        "\"rl0_v4\"",
+        "\"rl0_udp_v4\"",
         "\"monitoring\"",
     ] {
         assert!(listed.contains(needle), "{needle} missing in {listed}");
     }
+    assert!(
+        !listed.contains("\"output\"") && !listed.contains("\"forward\""),
+        "only the input path is hooked: {listed}"
+    );
 
     // Real traffic: the blocked source is dropped, the other passes.
     let blocked = netns.delivered(9999, 10, &["10.1.0.1", "10.2.0.1"]);
     assert_eq!(blocked["10.1.0.1"], 0, "{blocked}");
     assert_eq!(blocked["10.2.0.1"], 10, "{blocked}");
+    // The same source still reaches the host's other ports: the hub's rules are the edge's.
+    let elsewhere = netns.delivered(9997, 10, &["10.1.0.1"]);
+    assert_eq!(elsewhere["10.1.0.1"], 10, "{elsewhere}");
     // Per-source rate limit: each source gets about the burst, independently of the other.
     let limited = netns.delivered(9998, 30, &["10.2.0.1", "127.0.0.1"]);
     for source in ["10.2.0.1", "127.0.0.1"] {
@@ -155,8 +166,8 @@ async fn rules_apply_whole_replace_whole_and_leave_nothing_behind() {
     }
 
     // Replacing the config removes the old rules whole.
-    let second = config(
-        r#"{"rules":[{"id":"web","direction":"input","action":"drop","destPort":8080,"protocol":"tcp"}]}"#,
+    let second = edge_config(
+        r#"{"listenPorts":[8080],"firewallConfig":{"rules":[{"id":"web","direction":"input","action":"drop","destPort":8080,"protocol":"tcp"}]}}"#,
     );
     assert_eq!(firewall.apply(&second).await.unwrap(), 1);
     let listed = netns.table().unwrap();
@@ -166,18 +177,34 @@ async fn rules_apply_whole_replace_whole_and_leave_nothing_behind() {
     );
     assert_eq!(netns.delivered(9999, 10, &["10.1.0.1"])["10.1.0.1"], 10);
 
-    // A config nft refuses changes nothing.
-    let broken = FirewallConfig {
-        blocked_ips: vec!["10.3.0.1".into(), "not-an-address".into()],
-        ..FirewallConfig::default()
-    };
-    let error = firewall.apply(&broken).await.unwrap_err().to_string();
-    assert!(error.contains("nft refused"), "{error}");
-    assert_eq!(
-        netns.table().unwrap(),
-        listed,
-        "the previous rules stay in force"
-    );
+    // A config that is not valid changes nothing, and says why: a bad address, or a rule
+    // that would reach beyond the edge's input path and ports.
+    for (broken, field) in [
+        (
+            r#"{"listenPortsUdp":[9999],"firewallConfig":{"blockedIps":["10.3.0.1","not-an-address"]}}"#,
+            "firewallConfig.blockedIps[1]",
+        ),
+        (
+            r#"{"listenPorts":[8080],"firewallConfig":{"rules":[{"id":"out","direction":"output","action":"drop","destPort":8080,"protocol":"tcp"}]}}"#,
+            "firewallConfig.rules[0].direction",
+        ),
+        (
+            r#"{"listenPorts":[8080],"firewallConfig":{"rules":[{"id":"ssh","direction":"input","action":"drop","destPort":22,"protocol":"tcp"}]}}"#,
+            "firewallConfig.rules[0].destPort",
+        ),
+    ] {
+        let error = firewall
+            .apply(&edge_config(broken))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains(field), "{field}: {error}");
+        assert_eq!(
+            netns.table().unwrap(),
+            listed,
+            "the previous rules stay in force"
+        );
+    }
 
     firewall.remove().await.unwrap();
     assert_eq!(netns.table(), None);

@@ -183,8 +183,7 @@ async fn apply_firewall(inner: &EdgeInner, config: &EdgeConfig) -> Result<(), Fi
     let Some(firewall) = &inner.firewall else {
         return Ok(());
     };
-    let rules = config.firewall_config.clone().unwrap_or_default();
-    let result = firewall.apply(&rules).await;
+    let result = firewall.apply(config).await;
     let (state, label) = match &result {
         Ok(count) => {
             inner.metrics.firewall_rules.set(*count as i64);

@@ -1,6 +1,10 @@
 //! The edge's nftables firewall: the hub's `firewallConfig` rendered as one libnftables JSON
 //! batch that replaces the table `inet remoteingress` whole, applied with `nft -j -f -`.
 //!
+//! The table has an input chain only, and every rule in it matches one of the edge's own ports
+//! (`listenPorts`, `listenPortsUdp`): what the hub pushes can act on the edge's traffic and on
+//! nothing else of the host's, which matters most where the edge runs on the host network.
+//!
 //! We write the JSON ourselves (it is a small, documented schema) and run the `nft` binary: the
 //! batch is atomic in the kernel, so a rejected config leaves the previous rules in force.
 //!
@@ -14,9 +18,8 @@
 use std::net::IpAddr;
 use std::process::Stdio;
 
-use remoteingress_wire::config::{
-    parse_cidr, Action, Direction, FirewallConfig, Protocol, Rate, RateUnit,
-};
+use remoteingress_wire::config::{parse_cidr, Action, ConfigError, Protocol, Rate, RateUnit};
+use remoteingress_wire::EdgeConfig;
 use serde_json::{json, Value};
 use thiserror::Error;
 use tokio::io::AsyncWriteExt;
@@ -71,6 +74,9 @@ pub enum FirewallError {
     /// nft refused the batch; nft's own words. The previous rules stay in force.
     #[error("nft refused the ruleset: {0}")]
     Refused(String),
+    /// The configuration is not valid (a rule outside the edge's input path or ports, …).
+    #[error(transparent)]
+    Invalid(#[from] ConfigError),
 }
 
 /// Runs `nft` (or a command that runs it, e.g. inside a network namespace).
@@ -115,8 +121,10 @@ impl Firewall {
         }
     }
 
-    /// Replaces the table with `config` in one transaction; the number of rules in force.
-    pub async fn apply(&self, config: &FirewallConfig) -> Result<usize, FirewallError> {
+    /// Replaces the table with `config`'s firewall in one transaction; the number of rules in
+    /// force. A configuration that does not validate changes nothing.
+    pub async fn apply(&self, config: &EdgeConfig) -> Result<usize, FirewallError> {
+        config.validate()?;
         let (batch, rules) = ruleset(config);
         self.run_batch(&batch).await?;
         Ok(rules)
@@ -182,30 +190,25 @@ fn address(text: &str) -> Option<(IpAddr, Value)> {
     Some((net.addr(), value))
 }
 
-/// Matches on destination port and protocol (both TCP and UDP when `protocol` is absent).
-fn port_match(protocol: Option<Protocol>, port: u16) -> Vec<Value> {
-    match protocol {
-        Some(protocol) => {
-            let name = match protocol {
-                Protocol::Tcp => "tcp",
-                Protocol::Udp => "udp",
-            };
-            vec![matches(
-                json!({ "payload": { "protocol": name, "field": "dport" } }),
-                json!(port),
-            )]
-        }
-        None => vec![
-            matches(
-                json!({ "meta": { "key": "l4proto" } }),
-                json!({ "set": ["tcp", "udp"] }),
-            ),
-            matches(
-                json!({ "payload": { "protocol": "th", "field": "dport" } }),
-                json!(port),
-            ),
-        ],
-    }
+/// A match on the destination port of `protocol`: one port, or a set of them.
+fn dport(protocol: Protocol, ports: Value) -> Value {
+    matches(
+        json!({ "payload": { "protocol": protocol.as_str(), "field": "dport" } }),
+        ports,
+    )
+}
+
+/// The protocols `port` is the edge's on: `protocol` when named, else those it listens on.
+fn protocols_of(config: &EdgeConfig, protocol: Option<Protocol>, port: u16) -> Vec<Protocol> {
+    let listening = [
+        (Protocol::Tcp, &config.listen_ports),
+        (Protocol::Udp, &config.listen_ports_udp),
+    ];
+    listening
+        .into_iter()
+        .filter(|(p, ports)| protocol.map_or(ports.contains(&port), |named| named == *p))
+        .map(|(p, _)| p)
+        .collect()
 }
 
 fn limit(rate: Rate, burst: Option<u32>) -> Value {
@@ -217,77 +220,61 @@ fn limit(rate: Rate, burst: Option<u32>) -> Value {
     json!({ "limit": { "rate": rate.count, "per": per, "burst": burst.unwrap_or(0), "inv": true } })
 }
 
-/// The JSON batch that replaces our table with `config`, and how many rules it holds.
-/// Order in the input chain: blocked addresses, explicit rules, then rate limits.
-pub fn ruleset(config: &FirewallConfig) -> (Value, usize) {
+/// The JSON batch that replaces our table with `config`'s firewall, and how many rules it
+/// holds. Order in the input chain: blocked addresses, explicit rules, then rate limits. The
+/// configuration is valid: every rule is an input rule on one of the edge's ports.
+pub fn ruleset(config: &EdgeConfig) -> (Value, usize) {
+    let firewall = config.firewall_config.clone().unwrap_or_default();
     let table = json!({ "family": "inet", "name": TABLE });
     let mut commands = vec![
         json!({ "add": { "table": table } }),
         json!({ "delete": { "table": table } }),
         json!({ "add": { "table": table } }),
+        json!({ "add": { "chain": {
+            "family": "inet", "table": TABLE, "name": "input",
+            "type": "filter", "hook": "input", "prio": 0, "policy": "accept",
+        } } }),
     ];
-    for (name, hook) in [
-        ("input", "input"),
-        ("output", "output"),
-        ("forward", "forward"),
-    ] {
-        commands.push(json!({ "add": { "chain": {
-            "family": "inet", "table": TABLE, "name": name,
-            "type": "filter", "hook": hook, "prio": 0, "policy": "accept",
-        } } }));
-    }
-    let mut rules: Vec<(&str, Vec<Value>, Option<String>)> = Vec::new();
+    let mut rules: Vec<(Vec<Value>, Option<String>)> = Vec::new();
 
     let mut blocked: [Vec<Value>; 2] = Default::default();
-    for text in &config.blocked_ips {
-        // Unparseable entries are passed through as given: nft then rejects the whole batch.
-        match address(text) {
-            Some((ip, value)) => blocked[usize::from(ip.is_ipv6())].push(value),
-            None => blocked[0].push(json!(text)),
+    for text in &firewall.blocked_ips {
+        if let Some((ip, value)) = address(text) {
+            blocked[usize::from(ip.is_ipv6())].push(value);
         }
     }
+    let edge_ports = [
+        (Protocol::Tcp, &config.listen_ports),
+        (Protocol::Udp, &config.listen_ports_udp),
+    ];
     for (family, elements) in blocked.into_iter().enumerate() {
-        if !elements.is_empty() {
-            let ip: IpAddr = if family == 0 {
-                [0u8; 4].into()
-            } else {
-                [0u8; 16].into()
-            };
-            rules.push((
-                "input",
-                vec![
+        if elements.is_empty() {
+            continue;
+        }
+        let ip: IpAddr = if family == 0 {
+            [0u8; 4].into()
+        } else {
+            [0u8; 16].into()
+        };
+        for (protocol, ports) in edge_ports {
+            if !ports.is_empty() {
+                let expr = vec![
+                    dport(protocol, json!({ "set": ports })),
                     matches(saddr(ip), json!({ "set": elements })),
                     json!({ "drop": null }),
-                ],
-                None,
-            ));
+                ];
+                rules.push((expr, None));
+            }
         }
     }
 
-    for rule in &config.rules {
-        let chain = match rule.direction {
-            Direction::Input => "input",
-            Direction::Output => "output",
-            Direction::Forward => "forward",
+    for rule in &firewall.rules {
+        let (Some(port), Some(protocol)) = (rule.dest_port, rule.protocol) else {
+            continue;
         };
-        let mut expr = Vec::new();
-        if let Some(source) = &rule.source_ip {
-            match address(source) {
-                Some((ip, value)) => expr.push(matches(saddr(ip), value)),
-                None => expr.push(matches(saddr([0u8; 4].into()), json!(source))),
-            }
-        }
-        match (rule.dest_port, rule.protocol) {
-            (Some(port), protocol) => expr.extend(port_match(protocol, port)),
-            (None, Some(Protocol::Tcp)) => expr.push(matches(
-                json!({ "meta": { "key": "l4proto" } }),
-                json!("tcp"),
-            )),
-            (None, Some(Protocol::Udp)) => expr.push(matches(
-                json!({ "meta": { "key": "l4proto" } }),
-                json!("udp"),
-            )),
-            (None, None) => {}
+        let mut expr = vec![dport(protocol, json!(port))];
+        if let Some((ip, value)) = rule.source_ip.as_deref().and_then(address) {
+            expr.push(matches(saddr(ip), value));
         }
         expr.push(match rule.action {
             Action::Accept => json!({ "accept": null }),
@@ -295,43 +282,46 @@ pub fn ruleset(config: &FirewallConfig) -> (Value, usize) {
             Action::Reject => json!({ "reject": null }),
         });
         let comment = rule.comment.clone().or_else(|| Some(rule.id.clone()));
-        rules.push((chain, expr, comment));
+        rules.push((expr, comment));
     }
 
-    for (index, rate_limit) in config.rate_limits.iter().enumerate() {
+    for (index, rate_limit) in firewall.rate_limits.iter().enumerate() {
         let Some(rate) = Rate::parse(&rate_limit.rate) else {
             continue;
         };
-        let ports = port_match(rate_limit.protocol, rate_limit.port);
-        if rate_limit.per_source_ip {
+        for protocol in protocols_of(config, rate_limit.protocol, rate_limit.port) {
+            let port = dport(protocol, json!(rate_limit.port));
+            let id = Some(rate_limit.id.clone());
+            if !rate_limit.per_source_ip {
+                let expr = vec![port, limit(rate, rate_limit.burst), json!({ "drop": null })];
+                rules.push((expr, id));
+                continue;
+            }
             for (suffix, kind, ip) in [
                 ("v4", "ipv4_addr", IpAddr::from([0u8; 4])),
                 ("v6", "ipv6_addr", IpAddr::from([0u16; 8])),
             ] {
-                let set = format!("rl{index}_{suffix}");
+                let set = format!("rl{index}_{protocol}_{suffix}");
                 commands.push(json!({ "add": { "set": {
                     "family": "inet", "table": TABLE, "name": set, "type": kind,
                     "flags": ["timeout"], "timeout": PER_SOURCE_TIMEOUT_SECS,
                 } } }));
-                let mut expr = ports.clone();
-                expr.push(json!({ "set": {
-                    "op": "update", "elem": saddr(ip), "set": format!("@{set}"),
-                    "stmt": [limit(rate, rate_limit.burst)],
-                } }));
-                expr.push(json!({ "drop": null }));
-                rules.push(("input", expr, Some(rate_limit.id.clone())));
+                let expr = vec![
+                    port.clone(),
+                    json!({ "set": {
+                        "op": "update", "elem": saddr(ip), "set": format!("@{set}"),
+                        "stmt": [limit(rate, rate_limit.burst)],
+                    } }),
+                    json!({ "drop": null }),
+                ];
+                rules.push((expr, id.clone()));
             }
-        } else {
-            let mut expr = ports;
-            expr.push(limit(rate, rate_limit.burst));
-            expr.push(json!({ "drop": null }));
-            rules.push(("input", expr, Some(rate_limit.id.clone())));
         }
     }
 
     let count = rules.len();
-    for (chain, expr, comment) in rules {
-        let mut rule = json!({ "family": "inet", "table": TABLE, "chain": chain, "expr": expr });
+    for (expr, comment) in rules {
+        let mut rule = json!({ "family": "inet", "table": TABLE, "chain": "input", "expr": expr });
         if let Some(comment) = comment {
             rule["comment"] = json!(comment);
         }
@@ -345,17 +335,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_the_design_example() {
-        let config: FirewallConfig = serde_json::from_str(
-            r#"{"blockedIps":["10.0.0.0/8","2001:db8::/32","192.0.2.7"],
+    fn renders_the_design_example_on_the_edges_ports_only() {
+        let config: EdgeConfig = serde_json::from_str(
+            r#"{"listenPorts":[80,443],"listenPortsUdp":[53],
+                "firewallConfig":{"blockedIps":["10.0.0.0/8","2001:db8::/32","192.0.2.7"],
                 "rateLimits":[{"id":"http","port":80,"protocol":"tcp","rate":"100/second","burst":50,"perSourceIP":true},
                               {"id":"dns","port":53,"rate":"10/minute"}],
-                "rules":[{"id":"ssh","direction":"input","action":"accept","sourceIP":"10.0.0.0/24","destPort":22,"protocol":"tcp","comment":"ops"}]}"#,
+                "rules":[{"id":"office","direction":"input","action":"accept","sourceIP":"10.0.0.0/24","destPort":443,"protocol":"tcp","comment":"ops"}]}}"#,
         )
         .unwrap();
         let (batch, rules) = ruleset(&config);
-        // v4 blocked, v6 blocked, ssh, http v4 + v6, dns
-        assert_eq!(rules, 6);
+        // v4 and v6 blocked on TCP and UDP ports, office, http v4 + v6, dns on UDP only
+        assert_eq!(rules, 8);
         let text = batch.to_string();
         let commands = batch["nftables"].as_array().unwrap();
         assert_eq!(
@@ -366,21 +357,31 @@ mod tests {
             r#"{"prefix":{"addr":"10.0.0.0","len":8}}"#,
             r#""192.0.2.7""#,
             r#"{"prefix":{"addr":"2001:db8::","len":32}}"#,
-            r#""set":"@rl0_v4""#,
+            r#"{"set":[80,443]}"#,
+            r#"{"set":[53]}"#,
+            r#""set":"@rl0_tcp_v4""#,
             r#""timeout":60"#,
             r#"{"limit":{"burst":50,"inv":true,"per":"second","rate":100}}"#,
             r#"{"limit":{"burst":0,"inv":true,"per":"minute","rate":10}}"#,
-            r#"{"set":["tcp","udp"]}"#,
             r#""comment":"ops""#,
         ] {
             assert!(text.contains(needle), "{needle} missing in {text}");
+        }
+        for chain in commands.iter().filter_map(|c| c["add"].get("chain")) {
+            assert_eq!(chain["hook"], "input", "{chain}");
+        }
+        for rule in commands.iter().filter_map(|c| c["add"].get("rule")) {
+            assert!(
+                rule["expr"][0]["match"]["left"]["payload"]["field"] == "dport",
+                "{rule}"
+            );
         }
     }
 
     #[test]
     fn an_empty_config_still_replaces_the_table() {
-        let (batch, rules) = ruleset(&FirewallConfig::default());
+        let (batch, rules) = ruleset(&EdgeConfig::default());
         assert_eq!(rules, 0);
-        assert_eq!(batch["nftables"].as_array().unwrap().len(), 6);
+        assert_eq!(batch["nftables"].as_array().unwrap().len(), 4);
     }
 }

@@ -90,11 +90,11 @@ impl Default for EdgeConfig {
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct FirewallConfig {
-    /// IPv4/IPv6 addresses or CIDRs whose packets are dropped on input.
+    /// IPv4/IPv6 addresses or CIDRs whose packets to the edge's ports are dropped.
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(inner(regex(pattern = CIDR_PATTERN))))]
     pub blocked_ips: Vec<String>,
-    /// Rate limits per destination port.
+    /// Rate limits per destination port (one of the edge's).
     #[serde(default)]
     #[cfg_attr(feature = "schema", schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["id"])))]
     pub rate_limits: Vec<RateLimit>,
@@ -164,7 +164,8 @@ pub struct RateLimit {
     pub per_source_ip: bool,
 }
 
-/// Which hook a rule applies to.
+/// Which hook a rule applies to. Only [`Direction::Input`] passes validation; the others are
+/// parsed (the original system accepted them) to be refused with a clear error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "lowercase")]
@@ -206,7 +207,7 @@ pub struct FirewallRule {
     #[serde(default, rename = "sourceIP", skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "schema", schemars(regex(pattern = CIDR_PATTERN)))]
     pub source_ip: Option<String>,
-    /// Destination port to match.
+    /// Destination port to match: required, and one the edge listens on for `protocol`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "schema", schemars(range(min = 1, max = 65535)))]
     pub dest_port: Option<u16>,
@@ -358,7 +359,7 @@ impl EdgeConfig {
         problems.ports("listenPorts", &self.listen_ports);
         problems.ports("listenPortsUdp", &self.listen_ports_udp);
         if let Some(firewall) = &self.firewall_config {
-            firewall.check(&mut problems);
+            firewall.check(&mut problems, self);
         }
         let len = serde_json::to_vec(self).map_or(0, |json| json.len());
         if len > MAX_CONFIG_LEN {
@@ -371,8 +372,31 @@ impl EdgeConfig {
     }
 }
 
+/// Why a firewall entry may not name `port`: it must be one the edge listens on (for
+/// `protocol`, or for either when absent), as pushed rules act on nothing else.
+fn not_the_edges_port(
+    config: &EdgeConfig,
+    protocol: Option<Protocol>,
+    port: u16,
+) -> Option<String> {
+    let tcp = config.listen_ports.contains(&port);
+    let udp = config.listen_ports_udp.contains(&port);
+    let assigned = match protocol {
+        Some(Protocol::Tcp) => tcp,
+        Some(Protocol::Udp) => udp,
+        None => tcp || udp,
+    };
+    (!assigned).then(|| {
+        let on = protocol.map_or_else(String::new, |p| format!("/{p}"));
+        format!(
+            "port {port}{on} is not one of the edge's ports (listenPorts, listenPortsUdp); \
+             firewall rules act only on those"
+        )
+    })
+}
+
 impl FirewallConfig {
-    fn check(&self, problems: &mut Problems) {
+    fn check(&self, problems: &mut Problems, config: &EdgeConfig) {
         for (i, ip) in self.blocked_ips.iter().enumerate() {
             problems.cidr(format_args!("firewallConfig.blockedIps[{i}]"), ip);
         }
@@ -384,6 +408,8 @@ impl FirewallConfig {
                     format_args!("{limits}[{i}].port"),
                     "port 0 is not a usable port",
                 );
+            } else if let Some(problem) = not_the_edges_port(config, limit.protocol, limit.port) {
+                problems.add(format_args!("{limits}[{i}].port"), problem);
             }
             if Rate::parse(&limit.rate).is_none() {
                 problems.add(
@@ -407,17 +433,31 @@ impl FirewallConfig {
             if let Some(source) = &rule.source_ip {
                 problems.cidr(format_args!("{rules}[{i}].sourceIP"), source);
             }
-            if rule.dest_port == Some(0) {
+            if rule.direction != Direction::Input {
                 problems.add(
-                    format_args!("{rules}[{i}].destPort"),
-                    "port 0 is not a usable port",
+                    format_args!("{rules}[{i}].direction"),
+                    "only input rules are accepted: an output or forward rule would act on the \
+                     host's own or routed traffic, not on the edge's ports",
                 );
             }
-            if rule.dest_port.is_some() && rule.protocol.is_none() {
-                problems.add(
+            match rule.dest_port {
+                None => problems.add(
+                    format_args!("{rules}[{i}].destPort"),
+                    "a rule must name one of the edge's ports (listenPorts, listenPortsUdp)",
+                ),
+                Some(0) => problems.add(
+                    format_args!("{rules}[{i}].destPort"),
+                    "port 0 is not a usable port",
+                ),
+                Some(_) if rule.protocol.is_none() => problems.add(
                     format_args!("{rules}[{i}].protocol"),
                     "a rule with destPort needs protocol tcp or udp",
-                );
+                ),
+                Some(port) => {
+                    if let Some(problem) = not_the_edges_port(config, rule.protocol, port) {
+                        problems.add(format_args!("{rules}[{i}].destPort"), problem);
+                    }
+                }
             }
             if let Some(comment) = &rule.comment {
                 if comment.len() > MAX_COMMENT_LEN || comment.chars().any(char::is_control) {
@@ -537,7 +577,7 @@ mod tests {
     const EXAMPLE: &str = r#"{"listenPorts":[80,443],"listenPortsUdp":[53],"stunIntervalSecs":300,
  "firewallConfig":{"blockedIps":["10.0.0.0/8"],
    "rateLimits":[{"id":"http","port":80,"protocol":"tcp","rate":"100/second","burst":50,"perSourceIP":true}],
-   "rules":[{"id":"ssh","direction":"input","action":"accept","sourceIP":"10.0.0.0/24","destPort":22,"protocol":"tcp"}]}}"#;
+   "rules":[{"id":"office","direction":"input","action":"accept","sourceIP":"10.0.0.0/24","destPort":443,"protocol":"tcp"}]}}"#;
 
     #[test]
     fn parses_the_design_example() {
@@ -554,7 +594,7 @@ mod tests {
             json["firewallConfig"]["rules"][0]["sourceIP"],
             "10.0.0.0/24"
         );
-        assert_eq!(json["firewallConfig"]["rules"][0]["destPort"], 22);
+        assert_eq!(json["firewallConfig"]["rules"][0]["destPort"], 443);
     }
 
     #[test]
@@ -595,7 +635,10 @@ mod tests {
             r#"{"listenPorts":[0,80,80],
                 "firewallConfig":{"blockedIps":["10.0.0.0/33","::1","nope"],
                   "rateLimits":[{"id":"a","port":80,"rate":"fast"},{"id":"a","port":81,"rate":"1/hour","burst":0}],
-                  "rules":[{"id":"r","direction":"input","action":"drop","sourceIP":"300.1.1.1","destPort":22}]}}"#,
+                  "rules":[{"id":"r","direction":"input","action":"drop","sourceIP":"300.1.1.1","destPort":22},
+                           {"id":"o","direction":"output","action":"drop","destPort":80,"protocol":"tcp"},
+                           {"id":"n","direction":"input","action":"drop"},
+                           {"id":"u","direction":"input","action":"drop","destPort":80,"protocol":"udp"}]}}"#,
         )
         .unwrap();
         let problems = config.validate().unwrap_err().problems;
@@ -607,8 +650,12 @@ mod tests {
             "firewallConfig.rateLimits[1].id: id \"a\" is used twice",
             "firewallConfig.rateLimits[0].rate: \"fast\" is not a rate",
             "firewallConfig.rateLimits[1].burst",
+            "firewallConfig.rateLimits[1].port: port 81 is not one of the edge's ports",
             "firewallConfig.rules[0].sourceIP: \"300.1.1.1\"",
             "firewallConfig.rules[0].protocol",
+            "firewallConfig.rules[1].direction: only input rules",
+            "firewallConfig.rules[2].destPort: a rule must name one of the edge's ports",
+            "firewallConfig.rules[3].destPort: port 80/udp is not one of the edge's ports",
         ];
         for needle in expected {
             assert!(

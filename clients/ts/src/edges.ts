@@ -29,15 +29,15 @@ export interface RateLimitDefinition {
 export interface FirewallRuleDefinition {
   /** Unique id within the config. */
   id: string;
-  /** Hook the rule applies to. */
+  /** Hook the rule applies to; the hub accepts only "input" (output and forward would reach the host's own traffic). */
   direction: "input" | "output" | "forward";
   /** Verdict. */
   action: "accept" | "drop" | "reject";
   /** Source address or CIDR to match; any when absent. */
   sourceIP?: string;
-  /** Destination port to match; any when absent. */
+  /** Destination port to match: required by the hub, and one the edge listens on for `protocol`. */
   destPort?: number;
-  /** Protocol to match; any when absent. */
+  /** Protocol to match; required with `destPort`. */
   protocol?: ProtocolName;
   /** Free text kept with the rule. */
   comment?: string;
