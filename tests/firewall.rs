@@ -269,3 +269,61 @@ async fn without_nftables_the_edge_warns_and_tunnels_on() {
     let error = Edge::start(options).await.unwrap_err().to_string();
     assert!(error.contains("firewall is required"), "{error}");
 }
+
+/// An original hub accepts rules beyond the edge's ports (its README's own example allows SSH):
+/// the edge leaves those out and applies the rest of the configuration, its ports included,
+/// instead of refusing all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_original_hubs_rules_beyond_the_edges_ports_are_left_out_and_the_rest_applies() {
+    use tokio::io::AsyncWriteExt;
+    let netns = Netns::new().await;
+    let state = tempfile::tempdir().unwrap();
+    let identity = remoteingress_tunnel::HubIdentity::load_or_generate(state.path()).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hub_port = listener.local_addr().unwrap().port();
+    let edge_port = free_port(EDGE_IP);
+    let config = format!(
+        r#"{{"listenPorts":[{edge_port}],"firewallConfig":{{"blockedIps":["10.1.0.1"],
+            "rules":[{{"id":"allow-ssh","direction":"input","action":"accept","sourceIP":"10.0.0.0/24","destPort":22,"protocol":"tcp"}},
+                     {{"id":"out","direction":"output","action":"drop"}}]}}}}"#
+    )
+    .replace(['\n', ' '], "");
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config().unwrap());
+    let hub = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        remoteingress_tunnel::line::read_line(&mut tls, 4096)
+            .await
+            .unwrap();
+        tls.write_all(format!("{config}\n").as_bytes())
+            .await
+            .unwrap();
+        // Held open while the edge applies it.
+        std::future::pending::<()>().await;
+    });
+
+    let mut options = remoteingress_edge::EdgeOptions::new(
+        "127.0.0.1",
+        hub_port,
+        "e1",
+        SECRET,
+        remoteingress_tunnel::HubTrust::Pin(identity.pin()),
+    );
+    options.bind_address = EDGE_IP;
+    options.stun_servers.clear();
+    options.firewall = FirewallMode::Required;
+    options.nft_command = netns.nft_command();
+    let edge = Edge::start(options).await.unwrap();
+    wait_listening(&edge, edge_port).await;
+    eventually("the firewall to be applied", || async {
+        (edge.status().firewall == Some(FirewallState::Applied(1))).then_some(())
+    })
+    .await;
+    let listed = netns.table().unwrap();
+    assert!(
+        listed.contains("10.1.0.1") && !listed.contains("10.0.0.0"),
+        "{listed}"
+    );
+    edge.shutdown().await;
+    hub.abort();
+}

@@ -136,12 +136,18 @@ async fn apply_config(
     config: &EdgeConfig,
 ) -> Ack {
     let initial = ports.running.is_none();
+    // Firewall entries beyond the edge's own ports (an original hub accepts them) are never
+    // applied; the rest of the configuration is.
+    let (scoped, left_out) = config.within_edge_scope();
+    if !left_out.is_empty() {
+        tracing::warn!(entries = ?left_out, "firewall entries that reach beyond the edge's ports were left out");
+    }
     // Every new port is bound before anything changes, so a failure leaves the old set whole.
     let bound = async {
-        config.validate()?;
+        scoped.validate()?;
         let tcp = ports.tcp.bind_new(&config.listen_ports)?;
         let udp = ports.udp.bind_new(&config.listen_ports_udp)?;
-        apply_firewall(inner, config).await?;
+        apply_firewall(inner, &scoped).await?;
         Ok::<_, ApplyError>((tcp, udp))
     };
     let (tcp, udp) = match bound.await {

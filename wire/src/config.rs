@@ -395,6 +395,65 @@ fn not_the_edges_port(
     })
 }
 
+impl FirewallRule {
+    /// Where and why the rule would reach beyond the edge's input path and ports, if it does.
+    fn out_of_scope(&self, config: &EdgeConfig) -> Option<(&'static str, String)> {
+        if self.direction != Direction::Input {
+            let problem = "only input rules are accepted: an output or forward rule would act on \
+                           the host's own or routed traffic, not on the edge's ports";
+            return Some(("direction", problem.to_owned()));
+        }
+        match self.dest_port {
+            None => Some((
+                "destPort",
+                "a rule must name one of the edge's ports (listenPorts, listenPortsUdp)".to_owned(),
+            )),
+            Some(0) => None,
+            Some(port) => not_the_edges_port(config, self.protocol, port).map(|p| ("destPort", p)),
+        }
+    }
+}
+
+impl RateLimit {
+    /// Why the limit would act on a port that is not the edge's, if it does.
+    fn out_of_scope(&self, config: &EdgeConfig) -> Option<String> {
+        (self.port != 0)
+            .then(|| not_the_edges_port(config, self.protocol, self.port))
+            .flatten()
+    }
+}
+
+impl EdgeConfig {
+    /// The configuration without the firewall entries that reach beyond the edge's input path
+    /// and ports, and what was left out (each naming its field). Our hubs refuse such entries;
+    /// an original hub accepted them, and its edge applies the rest, its ports included, rather
+    /// than refusing the whole configuration.
+    pub fn within_edge_scope(&self) -> (EdgeConfig, Vec<String>) {
+        let mut scoped = self.clone();
+        let mut left_out = Vec::new();
+        if let Some(firewall) = &mut scoped.firewall_config {
+            for (i, rule) in std::mem::take(&mut firewall.rules).into_iter().enumerate() {
+                match rule.out_of_scope(self) {
+                    Some((field, problem)) => {
+                        left_out.push(format!("firewallConfig.rules[{i}].{field}: {problem}"));
+                    }
+                    None => firewall.rules.push(rule),
+                }
+            }
+            let limits = std::mem::take(&mut firewall.rate_limits);
+            for (i, limit) in limits.into_iter().enumerate() {
+                match limit.out_of_scope(self) {
+                    Some(problem) => {
+                        left_out.push(format!("firewallConfig.rateLimits[{i}].port: {problem}"));
+                    }
+                    None => firewall.rate_limits.push(limit),
+                }
+            }
+        }
+        (scoped, left_out)
+    }
+}
+
 impl FirewallConfig {
     fn check(&self, problems: &mut Problems, config: &EdgeConfig) {
         for (i, ip) in self.blocked_ips.iter().enumerate() {
@@ -408,7 +467,7 @@ impl FirewallConfig {
                     format_args!("{limits}[{i}].port"),
                     "port 0 is not a usable port",
                 );
-            } else if let Some(problem) = not_the_edges_port(config, limit.protocol, limit.port) {
+            } else if let Some(problem) = limit.out_of_scope(config) {
                 problems.add(format_args!("{limits}[{i}].port"), problem);
             }
             if Rate::parse(&limit.rate).is_none() {
@@ -433,31 +492,19 @@ impl FirewallConfig {
             if let Some(source) = &rule.source_ip {
                 problems.cidr(format_args!("{rules}[{i}].sourceIP"), source);
             }
-            if rule.direction != Direction::Input {
-                problems.add(
-                    format_args!("{rules}[{i}].direction"),
-                    "only input rules are accepted: an output or forward rule would act on the \
-                     host's own or routed traffic, not on the edge's ports",
-                );
+            if let Some((field, problem)) = rule.out_of_scope(config) {
+                problems.add(format_args!("{rules}[{i}].{field}"), problem);
             }
-            match rule.dest_port {
-                None => problems.add(
-                    format_args!("{rules}[{i}].destPort"),
-                    "a rule must name one of the edge's ports (listenPorts, listenPortsUdp)",
-                ),
-                Some(0) => problems.add(
+            if rule.dest_port == Some(0) {
+                problems.add(
                     format_args!("{rules}[{i}].destPort"),
                     "port 0 is not a usable port",
-                ),
-                Some(_) if rule.protocol.is_none() => problems.add(
+                );
+            } else if rule.dest_port.is_some() && rule.protocol.is_none() {
+                problems.add(
                     format_args!("{rules}[{i}].protocol"),
                     "a rule with destPort needs protocol tcp or udp",
-                ),
-                Some(port) => {
-                    if let Some(problem) = not_the_edges_port(config, rule.protocol, port) {
-                        problems.add(format_args!("{rules}[{i}].destPort"), problem);
-                    }
-                }
+                );
             }
             if let Some(comment) = &rule.comment {
                 if comment.len() > MAX_COMMENT_LEN || comment.chars().any(char::is_control) {
@@ -653,6 +700,7 @@ mod tests {
             "firewallConfig.rateLimits[1].port: port 81 is not one of the edge's ports",
             "firewallConfig.rules[0].sourceIP: \"300.1.1.1\"",
             "firewallConfig.rules[0].protocol",
+            "firewallConfig.rules[0].destPort: port 22 is not one of the edge's ports",
             "firewallConfig.rules[1].direction: only input rules",
             "firewallConfig.rules[2].destPort: a rule must name one of the edge's ports",
             "firewallConfig.rules[3].destPort: port 80/udp is not one of the edge's ports",
@@ -664,6 +712,41 @@ mod tests {
             );
         }
         assert_eq!(problems.len(), expected.len(), "{problems:#?}");
+    }
+
+    /// What an original hub may send: the edge keeps its ports and the entries on them.
+    #[test]
+    fn entries_beyond_the_edges_ports_are_left_out_and_named() {
+        let config: EdgeConfig = serde_json::from_str(
+            r#"{"listenPorts":[80,443],
+                "firewallConfig":{"blockedIps":["192.0.2.7"],
+                  "rateLimits":[{"id":"http","port":80,"rate":"5/second"},{"id":"smtp","port":25,"rate":"5/second"}],
+                  "rules":[{"id":"ssh","direction":"input","action":"accept","destPort":22,"protocol":"tcp"},
+                           {"id":"web","direction":"input","action":"drop","sourceIP":"10.0.0.0/8","destPort":443,"protocol":"tcp"},
+                           {"id":"out","direction":"output","action":"drop"}]}}"#,
+        )
+        .unwrap();
+        assert!(config.validate().is_err());
+        let (scoped, left_out) = config.within_edge_scope();
+        assert_eq!(scoped.validate(), Ok(()));
+        assert_eq!(scoped.listen_ports, [80, 443]);
+        let firewall = scoped.firewall_config.unwrap();
+        assert_eq!(firewall.blocked_ips, ["192.0.2.7"]);
+        assert_eq!(firewall.rate_limits.len(), 1);
+        assert_eq!(firewall.rules.len(), 1);
+        assert_eq!(firewall.rules[0].id, "web");
+        let fields: Vec<&str> = left_out
+            .iter()
+            .map(|p| p.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "firewallConfig.rules[0].destPort",
+                "firewallConfig.rules[2].direction",
+                "firewallConfig.rateLimits[1].port"
+            ]
+        );
     }
 
     #[test]
