@@ -843,6 +843,18 @@ mod tests {
             prop_assert_eq!(serde_json::from_str::<EdgeConfig>(&json).unwrap(), config);
         }
 
+        /// What an edge keeps of any configuration reaches nothing beyond its ports.
+        #[test]
+        fn the_scoped_configuration_stays_within_the_edge(config in arb_config()) {
+            let (scoped, left_out) = config.within_edge_scope();
+            let beyond = |problem: &String| {
+                problem.contains("edge's ports") || problem.contains("only input rules")
+            };
+            let problems = scoped.validate().err().map(|e| e.problems).unwrap_or_default();
+            prop_assert!(!problems.iter().any(beyond), "{:?}", problems);
+            prop_assert!(left_out.iter().all(beyond));
+        }
+
         #[test]
         fn random_json_never_panics(text in "\\PC{0,200}") {
             if let Ok(config) = serde_json::from_str::<EdgeConfig>(&text) {
