@@ -19,16 +19,17 @@ const MAX_KIB_PER_EDGE: f64 = 200.0;
 /// peers are gone).
 const MAX_KIB_PER_UNAUTHENTICATED_PEER: f64 = 4096.0;
 
+/// The measured figure of the row named `name`.
+fn figure(rows: &[remoteingress_bench::Row], name: &str) -> f64 {
+    rows.iter().find(|row| row.name == name).unwrap().tunnel
+}
+
 async fn an_idle_edge_costs_the_hub_little(transport: &str) {
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_remoteingress"));
     let rows = hub_memory_per_idle_edge(binary, transport, EDGES)
         .await
         .unwrap();
-    let per_edge = rows
-        .iter()
-        .find(|row| row.name == "hub RSS per idle edge")
-        .unwrap()
-        .tunnel;
+    let per_edge = figure(&rows, "hub RSS per idle edge");
     assert!(
         per_edge <= MAX_KIB_PER_EDGE,
         "{transport}: {per_edge:.1} KiB of hub RSS per idle edge, more than {MAX_KIB_PER_EDGE}: {rows:?}"
@@ -51,11 +52,7 @@ async fn an_idle_quic_edge_costs_the_hub_little() {
 async fn unauthenticated_quic_peers_cost_the_hub_little() {
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_remoteingress"));
     let rows = hub_memory_under_unauthenticated_quic(binary).await.unwrap();
-    let per_peer = rows
-        .iter()
-        .find(|row| row.name == "hub RSS per unauthenticated QUIC peer")
-        .unwrap()
-        .tunnel;
+    let per_peer = figure(&rows, "hub RSS per unauthenticated QUIC peer");
     assert!(
         per_peer <= MAX_KIB_PER_UNAUTHENTICATED_PEER,
         "{per_peer:.1} KiB of hub RSS per unauthenticated QUIC peer, more than {MAX_KIB_PER_UNAUTHENTICATED_PEER}: {rows:?}"
