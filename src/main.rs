@@ -94,7 +94,8 @@ struct TunnelTimers {
     /// Most concurrent streams per tunnel; on the hub, also per edge across its tunnels.
     #[arg(long, env = "REMOTEINGRESS_MAX_STREAMS", default_value_t = 10_000)]
     max_streams: usize,
-    /// Memory budget for unconsumed bytes per tunnel, in MiB.
+    /// Memory budget for unconsumed bytes per tunnel, in MiB; on the hub, per edge, shared
+    /// out among its tunnels.
     #[arg(long, env = "REMOTEINGRESS_FLOW_BUDGET_MIB", default_value_t = 200)]
     flow_budget_mib: u64,
     /// QUIC: UDP payload bytes the path always carries; packets never shrink below it, so UDP

@@ -162,6 +162,7 @@ impl HubOptions {
             tunnels: self.max_tunnels_per_edge,
             streams: self.session.max_streams,
             udp_sessions: self.udp_max_sessions,
+            budget: self.session.budget,
         }
     }
 }

@@ -1,6 +1,7 @@
-//! What one edge may hold at the hub across all its tunnels: tunnelled TCP streams and UDP
-//! sessions. Every tunnel of an edge draws on the same quota, so that an edge keeping several
-//! tunnels (or a compromised one opening many) never gets more of either than one tunnel would.
+//! What one edge may hold at the hub across all its tunnels: tunnelled TCP streams, UDP
+//! sessions and the flow-control budget. Every tunnel of an edge draws on the same quota, so
+//! that an edge keeping several tunnels (or a compromised one opening many) never gets more of
+//! any than one tunnel would.
 
 use std::sync::Arc;
 
@@ -15,6 +16,8 @@ pub(crate) struct EdgeLimits {
     pub(crate) streams: usize,
     /// UDP sessions across its tunnels.
     pub(crate) udp_sessions: usize,
+    /// Flow-control budget shared out among its tunnels.
+    pub(crate) budget: u64,
 }
 
 /// One edge's streams and UDP sessions in use, shared by its tunnels.
@@ -49,6 +52,11 @@ impl EdgeQuota {
         self.udp_sessions.clone().try_acquire_owned().ok()
     }
 
+    /// Each of `tunnels` tunnels' share of the edge's flow budget.
+    pub(crate) fn budget_share(&self, tunnels: usize) -> u64 {
+        self.limits.budget / tunnels.max(1) as u64
+    }
+
     /// Nothing of the quota is in use: it can be forgotten with the edge's last tunnel.
     pub(crate) fn is_unused(&self) -> bool {
         self.streams.available_permits() == self.limits.streams
@@ -67,6 +75,7 @@ mod tests {
             tunnels: 1,
             streams: 2,
             udp_sessions: 1,
+            budget: 1000,
         });
         let first = quota.stream().unwrap();
         let second = quota.stream().unwrap();

@@ -368,6 +368,7 @@ impl Registry {
             }
         } else {
             *all = kept;
+            self.share_budget(id);
         }
         let totals = self.ended.entry(id.to_owned()).or_default();
         for connection in &taken {
@@ -513,11 +514,25 @@ impl Registry {
             .entry(edge_id.to_owned())
             .or_insert_with(|| Arc::new(EdgeQuota::new(limits)))
             .clone();
+        self.share_budget(edge_id);
         Ok(Attached {
             connection_id: id,
             owed: owed_receiver,
             quota,
         })
+    }
+
+    /// Shares the edge's flow budget out equally among the tunnels it has now.
+    fn share_budget(&self, edge_id: &str) {
+        let (Some(quota), Some(tunnels)) =
+            (self.quotas.get(edge_id), self.connections.get(edge_id))
+        else {
+            return;
+        };
+        let share = quota.budget_share(tunnels.len());
+        for tunnel in tunnels {
+            tunnel.session.set_budget(share);
+        }
     }
 
     /// Forgets a tunnel if the edge still has it.
@@ -662,6 +677,7 @@ mod tests {
         tunnels: 8,
         streams: 100,
         udp_sessions: 10,
+        budget: 8 * 1024 * 1024,
     };
 
     /// A live hub session whose peer end is kept open by the returned stream.
@@ -925,19 +941,25 @@ mod tests {
         assert_eq!(registry.connected_edge_count(), 0);
     }
 
-    /// The tunnels of one edge draw on one quota, which outlives its last tunnel only while
-    /// streams of it still end.
+    /// The tunnels of one edge draw on one quota (streams, UDP sessions, the flow budget shared
+    /// out as tunnels come and go), which outlives its last tunnel only while streams of it
+    /// still end.
     #[tokio::test]
     async fn the_tunnels_of_one_edge_share_one_quota() {
         let mut registry = Registry::default();
         upsert(&mut registry, edge("a", "s", &[80]));
         let all = remoteingress_wire::extension::Extensions::ALL;
-        let (first, _first_peer) = session_agreeing(all);
+        let (first_session, _first_peer) = session_agreeing(all);
         let (second_session, _second_peer) = session_agreeing(all);
-        let first = attached(&mut registry, "a", &first);
+        let first = attached(&mut registry, "a", &first_session);
         let second = attached(&mut registry, "a", &second_session);
         let (first_quota, second_quota) = (&first.quota, &second.quota);
         assert!(Arc::ptr_eq(first_quota, second_quota));
+        let budgets = |sessions: &[&SessionHandle]| -> Vec<u64> {
+            sessions.iter().map(|s| s.budget()).collect()
+        };
+        let half = LIMITS.budget / 2;
+        assert_eq!(budgets(&[&first_session, &second_session]), [half, half]);
         let held: Vec<_> = (0..LIMITS.streams)
             .map(|_| first_quota.stream().unwrap())
             .collect();
@@ -947,6 +969,11 @@ mod tests {
         );
 
         registry.detach("a", first.connection_id);
+        assert_eq!(
+            second_session.budget(),
+            LIMITS.budget,
+            "the budget follows the tunnels"
+        );
         registry.detach("a", second.connection_id);
         let (third_session, _third_peer) = session_agreeing(all);
         let third = attached(&mut registry, "a", &third_session);

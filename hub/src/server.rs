@@ -115,7 +115,11 @@ async fn run_session(inner: &Arc<HubInner>, authenticated: Authenticated, remote
         config,
         rest,
     } = authenticated;
-    let options = inner.options.session.clone();
+    // From its first credit on, a new tunnel gets no more than its share of the edge's budget;
+    // attaching it shares the budget anew among all the edge's tunnels.
+    let mut options = inner.options.session.clone();
+    let tunnels = inner.registry().sessions_of(&hello.edge_id).len() + 1;
+    options.budget /= tunnels as u64;
     let (session, events) = link.into_session(rest, Role::Hub, options, Extensions::NONE);
     let edge_id = hello.edge_id.clone();
     let attached = inner.registry().attach(

@@ -10,6 +10,7 @@ use remoteingress_wire::extension::Extensions;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{CloseReason, SessionError};
+use crate::options::SessionOptions;
 
 /// Traffic counters of a session.
 #[derive(Debug, Default)]
@@ -96,19 +97,22 @@ pub(crate) struct Lifecycle {
     reason: Mutex<Option<CloseReason>>,
     active: AtomicUsize,
     max_streams: usize,
+    /// Bytes of unconsumed data all streams may hold together.
+    budget: AtomicU64,
     pub(crate) stats: SessionStats,
     pub(crate) agreed: Agreed,
 }
 
 impl Lifecycle {
-    /// An open session that allows `max_streams` streams at once, using the `agreed`
+    /// An open session with `options`' stream cap and flow budget, using the `agreed`
     /// extensions until told otherwise.
-    pub(crate) fn new(max_streams: usize, agreed: Extensions) -> Self {
+    pub(crate) fn new(options: &SessionOptions, agreed: Extensions) -> Self {
         Self {
             closed: CancellationToken::new(),
             reason: Mutex::new(None),
             active: AtomicUsize::new(0),
-            max_streams,
+            max_streams: options.max_streams,
+            budget: AtomicU64::new(options.budget),
             stats: SessionStats::default(),
             agreed: Agreed::new(agreed),
         }
@@ -149,6 +153,16 @@ impl Lifecycle {
     /// A token cancelled when the session ends.
     pub(crate) fn cancellation(&self) -> CancellationToken {
         self.closed.child_token()
+    }
+
+    /// Bytes of unconsumed data all streams may hold together now.
+    pub(crate) fn budget(&self) -> u64 {
+        self.budget.load(Ordering::Relaxed)
+    }
+
+    /// Changes the budget; windows granted from now on follow it.
+    pub(crate) fn set_budget(&self, bytes: u64) {
+        self.budget.store(bytes, Ordering::Relaxed);
     }
 
     /// Streams open now.

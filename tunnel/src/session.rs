@@ -166,6 +166,20 @@ impl SessionHandle {
         self.lifecycle().reason()
     }
 
+    /// Bytes of unconsumed data the session's streams may hold together now.
+    pub fn budget(&self) -> u64 {
+        self.lifecycle().budget()
+    }
+
+    /// Changes that budget (the hub shares one edge's budget among its tunnels); credit
+    /// granted from now on follows it.
+    pub fn set_budget(&self, bytes: u64) {
+        self.lifecycle().set_budget(bytes);
+        if let Session::Quic(session) = &self.session {
+            session.set_budget(bytes);
+        }
+    }
+
     /// Streams open now.
     pub fn active_streams(&self) -> usize {
         self.lifecycle().active()

@@ -222,7 +222,7 @@ impl Shared {
         agreed: Extensions,
     ) -> Self {
         Self {
-            lifecycle: Lifecycle::new(options.max_streams, agreed),
+            lifecycle: Lifecycle::new(&options, agreed),
             role,
             options,
             streams: Mutex::new(HashMap::new()),
@@ -249,7 +249,7 @@ impl Shared {
 
     /// The receive window a stream is granted now.
     pub(crate) fn window(&self, state: &StreamState) -> u32 {
-        let window = window_for(self.options.budget, self.lifecycle.active());
+        let window = window_for(self.lifecycle.budget(), self.lifecycle.active());
         if state.inbound_rate.is_sustained() {
             window.min(SUSTAINED_WINDOW)
         } else {

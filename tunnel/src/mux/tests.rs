@@ -80,6 +80,30 @@ async fn a_stalled_stream_holds_at_most_its_window_and_others_keep_flowing() {
     within("the stalled writer finishes", pushed).await.unwrap();
 }
 
+/// A budget lowered while the session runs (the hub sharing an edge's budget among its
+/// tunnels) bounds what a stream opened afterwards may make the receiver hold.
+#[tokio::test]
+async fn a_lowered_budget_bounds_the_streams_opened_after() {
+    let mut pair = Pair::mux(SessionOptions::default());
+    let lowered = u64::from(remoteingress_wire::flow::MIN_WINDOW);
+    pair.hub.session.set_budget(lowered);
+    assert_eq!(pair.hub.session.budget(), lowered);
+    let stalled = pair.open().await;
+    let mut pusher = stalled.edge_writer;
+    let pushed = tokio::spawn(async move {
+        send_all(&mut pusher, pattern(8 * 1024 * 1024)).await;
+    });
+    let edge_stats = &pair.edge.session.stats().flow_stalls;
+    eventually("the writer waits for credit", || {
+        edge_stats.load(Ordering::Relaxed) > 0
+    })
+    .await;
+    let hub_stats = pair.hub.session.stats();
+    let peak = hub_stats.peak_stream_buffer.load(Ordering::Relaxed);
+    assert!(peak <= lowered, "{peak} > {lowered}");
+    pushed.abort();
+}
+
 #[tokio::test]
 async fn control_frames_overtake_queued_data() {
     // The peer reads nothing at first, so the session's writer is blocked with data queued.

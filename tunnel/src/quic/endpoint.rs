@@ -67,7 +67,7 @@ fn transport_config(options: &SessionOptions) -> TransportConfig {
         .min_mtu(min_mtu)
         .initial_mtu(INITIAL_MTU.max(min_mtu));
     transport
-        .receive_window(receive_window(options))
+        .receive_window(receive_window(options.budget))
         .stream_receive_window(VarInt::from_u32(STREAM_WINDOW))
         .send_window(options.budget)
         .max_concurrent_uni_streams(VarInt::from_u32(0))
@@ -79,9 +79,9 @@ fn transport_config(options: &SessionOptions) -> TransportConfig {
     transport
 }
 
-/// A session's connection window: its flow budget.
-fn receive_window(options: &SessionOptions) -> VarInt {
-    VarInt::from_u32(u32::try_from(options.budget).unwrap_or(u32::MAX))
+/// The connection window of a session whose flow budget is `budget`.
+pub(crate) fn receive_window(budget: u64) -> VarInt {
+    VarInt::from_u32(u32::try_from(budget).unwrap_or(u32::MAX))
 }
 
 /// The QUIC limit of bidirectional streams for `streams` tunnelled connections: one more for
@@ -113,7 +113,7 @@ pub fn server_endpoint(
 /// Raises an authenticated edge's connection from the limits every unauthenticated peer gets
 /// to the session's: its flow budget and the first step of its streams.
 pub(crate) fn grant_session_limits(connection: &quinn::Connection, options: &SessionOptions) {
-    connection.set_receive_window(receive_window(options));
+    connection.set_receive_window(receive_window(options.budget));
     connection
         .set_max_concurrent_bi_streams(stream_limit(initial_stream_limit(options.max_streams)));
 }

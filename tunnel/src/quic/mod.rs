@@ -148,6 +148,13 @@ impl QuicSession {
         ));
     }
 
+    /// Follows a new flow budget: the connection's receive window.
+    pub(crate) fn set_budget(&self, bytes: u64) {
+        self.shared
+            .connection
+            .set_receive_window(endpoint::receive_window(bytes));
+    }
+
     /// QUIC's round-trip estimate.
     pub(crate) fn rtt(&self) -> Option<Duration> {
         Some(self.shared.connection.rtt())

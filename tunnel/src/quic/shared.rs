@@ -80,7 +80,7 @@ impl QuicShared {
         agreed: Extensions,
     ) -> Self {
         Self {
-            lifecycle: Lifecycle::new(options.max_streams, agreed),
+            lifecycle: Lifecycle::new(&options, agreed),
             role,
             options,
             connection,
