@@ -373,7 +373,9 @@ fn stream_slots(
         port: route.edge_port(),
         reason,
     };
-    let edge = quota.stream().ok_or(refused(RefusalReason::EdgeLimit))?;
+    let edge = quota
+        .stream()
+        .ok_or_else(|| refused(RefusalReason::EdgeLimit))?;
     let hub = inner
         .target_slots
         .clone()
