@@ -406,6 +406,15 @@ struct EdgeArgs {
     /// With quicWithFallback: seconds QUIC may take before TLS is tried.
     #[arg(long, env = "REMOTEINGRESS_QUIC_FALLBACK_SECS", default_value_t = 5)]
     quic_fallback_secs: u64,
+    /// With quicWithFallback: after falling back to TLS for a hub, seconds its reconnects use
+    /// TLS alone (a path that blocks UDP costs the fallback delay once) before QUIC is tried
+    /// again.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_QUIC_RETRY_AFTER_SECS",
+        default_value_t = 300
+    )]
+    quic_retry_after_secs: u64,
     /// Apply the hub's firewall configs with nftables: off, auto (when it works here) or
     /// required (refuse to start without it).
     #[arg(long, env = "REMOTEINGRESS_FIREWALL", value_enum, default_value_t = FirewallArg::Auto)]
@@ -705,6 +714,7 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
         TransportArg::QuicWithFallback => TransportMode::QuicWithFallback,
     };
     options.quic_fallback_after = Duration::from_secs(args.quic_fallback_secs.max(1));
+    options.quic_retry_after = Duration::from_secs(args.quic_retry_after_secs);
     let registry = options.registry.clone();
     let edge = Edge::start(options).await?;
     let stop = CancellationToken::new();

@@ -185,3 +185,56 @@ async fn an_unauthenticated_quic_peer_gets_one_stream_and_a_small_window() {
     );
     hub.shutdown().await;
 }
+
+/// Datagrams waiting on `socket` now.
+fn drain(socket: &std::net::UdpSocket) -> usize {
+    let mut buf = [0u8; 2048];
+    std::iter::from_fn(|| socket.recv(&mut buf).ok()).count()
+}
+
+/// On a path where QUIC does not get through, an edge that fell back to TLS reconnects over TLS
+/// at once, without another QUIC attempt (and its fallback delay), until QUIC is worth a retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_fallback_reconnects_go_straight_to_tls() {
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let hub_port = free_port([127, 0, 0, 1].into());
+    // What QUIC sends to the hub's port lands here, unanswered: UDP is blocked.
+    let udp = std::net::UdpSocket::bind(("127.0.0.1", hub_port)).unwrap();
+    udp.set_nonblocking(true).unwrap();
+    let mut options = hub_options(hub_port);
+    options.quic = false;
+    let hub = start_hub_with(state.path(), options).await;
+    let port = free_port(EDGE_IP);
+    hub.update_allowed_edges(vec![allowed(
+        "e1",
+        &[(port, echo_target().await.addr.port())],
+    )])
+    .await
+    .unwrap();
+    let mut options = edge_options(&hub, "e1", SECRET);
+    options.transport = TransportMode::QuicWithFallback;
+    options.quic_fallback_after = Duration::from_millis(500);
+    let edge = Edge::start(options).await.unwrap();
+    wait_listening(&edge, port).await;
+    assert!(drain(&udp) > 0, "the first attempt tried QUIC");
+
+    let mut events = hub.subscribe();
+    assert!(hub.disconnect_edge("e1"));
+    let reconnected = async {
+        while !matches!(
+            events.recv().await,
+            Ok(remoteingress_hub::HubEvent::EdgeConnected { .. })
+        ) {}
+    };
+    tokio::time::timeout(Duration::from_secs(20), reconnected)
+        .await
+        .expect("the edge reconnects");
+    eventually("the edge is back over TLS", || async {
+        (edge.status().transport == Some(Transport::TcpTls)).then_some(())
+    })
+    .await;
+    assert_eq!(drain(&udp), 0, "the reconnect tried QUIC again");
+    edge.shutdown().await;
+    hub.shutdown().await;
+}

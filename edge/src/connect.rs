@@ -5,6 +5,8 @@ use remoteingress_tunnel::tls::TlsError;
 use remoteingress_tunnel::{quic, HubTrust, Link, LinkError, Role, SessionEvent, SessionHandle};
 use remoteingress_wire::handshake::{parse_reply, HandshakeError, HubReply, MAX_REPLY_LEN};
 use remoteingress_wire::token::join_host_port;
+use std::time::Instant;
+
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tokio_rustls::rustls::pki_types::ServerName;
@@ -105,14 +107,23 @@ pub(crate) async fn connect(
         TransportMode::TcpTls => within(options.connect_timeout, Transport::TcpTls).await,
         TransportMode::Quic => within(options.connect_timeout, Transport::Quic).await,
         TransportMode::QuicWithFallback => {
+            let key = hub.to_string();
+            let fallbacks = &inner.quic_fallbacks;
+            if fallbacks.skip_quic(&key, Instant::now()) {
+                return within(options.connect_timeout, Transport::TcpTls).await;
+            }
             match within(options.quic_fallback_after, Transport::Quic).await {
                 Ok(connected) => {
                     tracing::info!("connected over QUIC");
+                    fallbacks.quic_worked(&key);
                     Ok(connected)
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "QUIC did not connect; falling back to TLS");
-                    within(options.connect_timeout, Transport::TcpTls).await
+                    tracing::warn!(%error, retry_after = ?options.quic_retry_after,
+                        "QUIC did not connect; falling back to TLS, and to it alone for a while");
+                    let connected = within(options.connect_timeout, Transport::TcpTls).await?;
+                    fallbacks.fell_back(&key, Instant::now());
+                    Ok(connected)
                 }
             }
         }

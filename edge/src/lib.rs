@@ -5,6 +5,7 @@
 mod apply;
 mod backoff;
 mod connect;
+mod fallback;
 pub mod firewall;
 mod metrics;
 mod offers;
@@ -92,6 +93,9 @@ pub struct EdgeOptions {
     pub transport: TransportMode,
     /// With `QuicWithFallback`: how long QUIC may take before TLS is tried.
     pub quic_fallback_after: Duration,
+    /// With `QuicWithFallback`: after falling back to TLS for a hub, how long its reconnects
+    /// use TLS alone before QUIC is tried again.
+    pub quic_retry_after: Duration,
     /// A UDP session without traffic either way for this long ends.
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions; datagrams of new clients past it are dropped (and counted).
@@ -131,6 +135,7 @@ impl EdgeOptions {
             session: SessionOptions::default(),
             transport: TransportMode::TcpTls,
             quic_fallback_after: Duration::from_secs(5),
+            quic_retry_after: Duration::from_secs(300),
             udp_idle_timeout: Duration::from_secs(60),
             udp_max_sessions: 4_096,
             registry: prometheus::Registry::new(),
@@ -292,6 +297,8 @@ struct EdgeInner {
     accepting: CancellationToken,
     /// nftables, when it works here and is wanted.
     firewall: Option<Firewall>,
+    /// Hubs QUIC recently failed to reach.
+    quic_fallbacks: fallback::QuicFallbacks,
 }
 
 impl EdgeInner {
@@ -354,6 +361,7 @@ impl Edge {
             tunnels: Arc::new(Tunnels::new(events.clone())),
             serving: tokio::sync::Mutex::new(None),
             udp,
+            quic_fallbacks: fallback::QuicFallbacks::new(options.quic_retry_after),
             stun_interval: tokio::sync::watch::Sender::new(
                 remoteingress_wire::config::DEFAULT_STUN_INTERVAL_SECS,
             ),
