@@ -167,7 +167,13 @@ impl Link {
         agreed: Extensions,
     ) -> (SessionHandle, mpsc::Receiver<SessionEvent>) {
         match self {
-            Link::Tls(tls) => spawn_session(*tls, initial, role, options, agreed),
+            Link::Tls(tls) => {
+                if let Err(error) = fail_unacknowledged_after(tls.get_ref().0, options.idle_timeout)
+                {
+                    tracing::warn!(%error, "TCP_USER_TIMEOUT not set on the tunnel");
+                }
+                spawn_session(*tls, initial, role, options, agreed)
+            }
             Link::Quic {
                 connection,
                 send,
@@ -190,5 +196,32 @@ async fn dropping_datagrams<T>(
     tokio::select! {
         done = work => done,
         never = drop_all => never,
+    }
+}
+
+/// Makes data the peer never acknowledges fail the connection after `deadline`
+/// (`TCP_USER_TIMEOUT`), as silence does: without it a peer that vanished mid-write is noticed
+/// only after the kernel's retransmissions, about 15 minutes.
+fn fail_unacknowledged_after(
+    tcp: &TcpStream,
+    deadline: std::time::Duration,
+) -> std::io::Result<()> {
+    socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(deadline))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn unacknowledged_data_fails_within_the_deadline() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let deadline = std::time::Duration::from_secs(3);
+        fail_unacknowledged_after(&tcp, deadline).unwrap();
+        let set = socket2::SockRef::from(&tcp).tcp_user_timeout().unwrap();
+        assert_eq!(set, Some(deadline));
     }
 }
