@@ -20,7 +20,14 @@ pub(crate) struct EdgeLimits {
     pub(crate) budget: u64,
 }
 
-/// One edge's streams and UDP sessions in use, shared by its tunnels.
+impl EdgeLimits {
+    /// Each of `tunnels` tunnels' share of the edge's flow budget.
+    pub(crate) fn budget_share(&self, tunnels: usize) -> u64 {
+        self.budget / tunnels.max(1) as u64
+    }
+}
+
+/// One edge's streams and UDP sessions in use, and its budget, shared by its tunnels.
 #[derive(Debug)]
 pub(crate) struct EdgeQuota {
     streams: Arc<Semaphore>,
@@ -54,7 +61,7 @@ impl EdgeQuota {
 
     /// Each of `tunnels` tunnels' share of the edge's flow budget.
     pub(crate) fn budget_share(&self, tunnels: usize) -> u64 {
-        self.limits.budget / tunnels.max(1) as u64
+        self.limits.budget_share(tunnels)
     }
 
     /// Nothing of the quota is in use: it can be forgotten with the edge's last tunnel.

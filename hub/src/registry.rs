@@ -479,9 +479,8 @@ impl Registry {
         // An edge that keeps several tunnels (it confirmed DRAIN) manages them itself; any
         // other edge connecting again has lost its previous tunnel.
         let replaced = self.take_connections(edge_id, |c| !c.session.agreed().drain);
-        // An edge keeps at most `limits.tunnels`: each has limits of its own (its flow budget),
-        // so more would multiply them. The oldest go, as a newer tunnel is the likelier to be
-        // alive.
+        // An edge keeps at most `limits.tunnels`: each costs the hub a session of its own and
+        // thins the edge's budget. The oldest go, as a newer tunnel is the likelier to be alive.
         let oldest: Vec<u64> = self.connections.get(edge_id).map_or_else(Vec::new, |kept| {
             let excess = (kept.len() + 1).saturating_sub(limits.tunnels.max(1));
             kept.iter().take(excess).map(|c| c.id).collect()
@@ -520,6 +519,11 @@ impl Registry {
             owed: owed_receiver,
             quota,
         })
+    }
+
+    /// The flow budget a new tunnel of `edge_id` starts with: its share once it is attached.
+    pub(crate) fn budget_for_new_tunnel(&self, edge_id: &str, limits: EdgeLimits) -> u64 {
+        limits.budget_share(self.connections.get(edge_id).map_or(0, Vec::len) + 1)
     }
 
     /// Shares the edge's flow budget out equally among the tunnels it has now.

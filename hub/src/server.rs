@@ -117,9 +117,11 @@ async fn run_session(inner: &Arc<HubInner>, authenticated: Authenticated, remote
     } = authenticated;
     // From its first credit on, a new tunnel gets no more than its share of the edge's budget;
     // attaching it shares the budget anew among all the edge's tunnels.
+    let limits = inner.options.edge_limits();
     let mut options = inner.options.session.clone();
-    let tunnels = inner.registry().sessions_of(&hello.edge_id).len() + 1;
-    options.budget /= tunnels as u64;
+    options.budget = inner
+        .registry()
+        .budget_for_new_tunnel(&hello.edge_id, limits);
     let (session, events) = link.into_session(rest, Role::Hub, options, Extensions::NONE);
     let edge_id = hello.edge_id.clone();
     let attached = inner.registry().attach(
@@ -128,7 +130,7 @@ async fn run_session(inner: &Arc<HubInner>, authenticated: Authenticated, remote
         session.clone(),
         remote_addr,
         config.version.unwrap_or_default(),
-        inner.options.edge_limits(),
+        limits,
     );
     let Ok(Attached {
         connection_id,

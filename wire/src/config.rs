@@ -415,11 +415,30 @@ impl FirewallRule {
 }
 
 impl RateLimit {
-    /// Why the limit would act on a port that is not the edge's, if it does.
-    fn out_of_scope(&self, config: &EdgeConfig) -> Option<String> {
+    /// Where and why the limit would act on a port that is not the edge's, if it does.
+    fn out_of_scope(&self, config: &EdgeConfig) -> Option<(&'static str, String)> {
         (self.port != 0)
             .then(|| not_the_edges_port(config, self.protocol, self.port))
             .flatten()
+            .map(|problem| ("port", problem))
+    }
+}
+
+/// Keeps the entries of `list` (the firewall list named `name`) that `out_of_scope` lets
+/// through, and names each one it does not in `left_out`.
+fn keep_in_scope<T>(
+    list: &mut Vec<T>,
+    name: &str,
+    left_out: &mut Vec<String>,
+    out_of_scope: impl Fn(&T) -> Option<(&'static str, String)>,
+) {
+    for (i, entry) in std::mem::take(list).into_iter().enumerate() {
+        match out_of_scope(&entry) {
+            Some((field, problem)) => {
+                left_out.push(format!("firewallConfig.{name}[{i}].{field}: {problem}"));
+            }
+            None => list.push(entry),
+        }
     }
 }
 
@@ -432,23 +451,15 @@ impl EdgeConfig {
         let mut scoped = self.clone();
         let mut left_out = Vec::new();
         if let Some(firewall) = &mut scoped.firewall_config {
-            for (i, rule) in std::mem::take(&mut firewall.rules).into_iter().enumerate() {
-                match rule.out_of_scope(self) {
-                    Some((field, problem)) => {
-                        left_out.push(format!("firewallConfig.rules[{i}].{field}: {problem}"));
-                    }
-                    None => firewall.rules.push(rule),
-                }
-            }
-            let limits = std::mem::take(&mut firewall.rate_limits);
-            for (i, limit) in limits.into_iter().enumerate() {
-                match limit.out_of_scope(self) {
-                    Some(problem) => {
-                        left_out.push(format!("firewallConfig.rateLimits[{i}].port: {problem}"));
-                    }
-                    None => firewall.rate_limits.push(limit),
-                }
-            }
+            keep_in_scope(&mut firewall.rules, "rules", &mut left_out, |rule| {
+                rule.out_of_scope(self)
+            });
+            keep_in_scope(
+                &mut firewall.rate_limits,
+                "rateLimits",
+                &mut left_out,
+                |limit| limit.out_of_scope(self),
+            );
         }
         (scoped, left_out)
     }
@@ -467,8 +478,8 @@ impl FirewallConfig {
                     format_args!("{limits}[{i}].port"),
                     "port 0 is not a usable port",
                 );
-            } else if let Some(problem) = limit.out_of_scope(config) {
-                problems.add(format_args!("{limits}[{i}].port"), problem);
+            } else if let Some((field, problem)) = limit.out_of_scope(config) {
+                problems.add(format_args!("{limits}[{i}].{field}"), problem);
             }
             if Rate::parse(&limit.rate).is_none() {
                 problems.add(
