@@ -88,9 +88,20 @@ enum Command {
 
 #[derive(Args)]
 struct TunnelTimers {
-    /// Seconds without any frame from the peer after which the tunnel is considered dead.
-    #[arg(long, env = "REMOTEINGRESS_IDLE_TIMEOUT_SECS", default_value_t = 45)]
-    idle_timeout_secs: u64,
+    /// Liveness probe interval in ms: the hub PINGs every interval; an edge PINGs a hub that
+    /// answers (ours) when it heard nothing for an interval; QUIC sends keep-alives. A tunnel
+    /// silent for two intervals is suspect: the edge moves new connections off it and dials a
+    /// replacement.
+    #[arg(long, env = "REMOTEINGRESS_LIVENESS_INTERVAL_MS", default_value_t = 1_000,
+          value_parser = clap::value_parser!(u64).range(10..))]
+    liveness_interval_ms: u64,
+    /// Liveness deadline in ms: a peer silent this long is dead and its tunnel closed, its
+    /// streams, target sockets and UDP sessions released; data unacknowledged this long fails
+    /// the tunnel too. An edge whose hub cannot be probed (an original hub) waits at least
+    /// 45 s.
+    #[arg(long, env = "REMOTEINGRESS_LIVENESS_DEADLINE_MS", default_value_t = 3_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    liveness_deadline_ms: u64,
     /// Most concurrent streams per tunnel; on the hub, also per edge across its tunnels.
     #[arg(long, env = "REMOTEINGRESS_MAX_STREAMS", default_value_t = 10_000)]
     max_streams: usize,
@@ -107,12 +118,12 @@ struct TunnelTimers {
 }
 
 impl TunnelTimers {
-    fn session(&self, ping_interval: Duration) -> SessionOptions {
+    fn session(&self) -> SessionOptions {
         SessionOptions {
             budget: self.flow_budget_mib * 1024 * 1024,
             max_streams: self.max_streams,
-            idle_timeout: Duration::from_secs(self.idle_timeout_secs),
-            ping_interval,
+            idle_timeout: Duration::from_millis(self.liveness_deadline_ms),
+            ping_interval: Duration::from_millis(self.liveness_interval_ms),
             quic_min_mtu: self.quic_min_mtu,
             ..SessionOptions::default()
         }
@@ -205,9 +216,6 @@ struct HubArgs {
     /// Seconds between checks of the edges file's content, besides the kernel's notifications.
     #[arg(long, env = "REMOTEINGRESS_EDGES_FILE_CHECK_SECS", default_value_t = 5)]
     edges_file_check_secs: u64,
-    /// Seconds between PINGs to each edge.
-    #[arg(long, env = "REMOTEINGRESS_PING_INTERVAL_SECS", default_value_t = 15)]
-    ping_interval_secs: u64,
     /// Do not accept QUIC tunnels (UDP on the tunnel port); TLS only.
     #[arg(long, env = "REMOTEINGRESS_NO_QUIC")]
     no_quic: bool,
@@ -415,6 +423,16 @@ struct EdgeArgs {
         default_value_t = 300
     )]
     quic_retry_after_secs: u64,
+    /// Ms a new client connection's open may go unconfirmed by its hub (or four round trips,
+    /// if longer) before it moves to another tunnel with the client's first bytes, and its
+    /// tunnel is treated as suspect. Hubs without the `liveness` extension never confirm;
+    /// their opens stay where they are.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_OPEN_CONFIRM_TIMEOUT_MS",
+        default_value_t = 1_000
+    )]
+    open_confirm_timeout_ms: u64,
     /// Apply the hub's firewall configs with nftables: off, auto (when it works here) or
     /// required (refuse to start without it).
     #[arg(long, env = "REMOTEINGRESS_FIREWALL", value_enum, default_value_t = FirewallArg::Auto)]
@@ -575,9 +593,7 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         max_unauthenticated: args.max_unauthenticated,
         max_unauthenticated_per_source: args.max_unauthenticated_per_source,
         failed_auths_per_minute: args.failed_auths_per_minute,
-        session: args
-            .timers
-            .session(Duration::from_secs(args.ping_interval_secs.max(1))),
+        session: args.timers.session(),
         udp_idle_timeout: args.udp.idle_timeout(),
         udp_max_sessions: args.udp.udp_max_sessions,
         udp_max_sessions_total: args.udp_max_sessions_total,
@@ -690,7 +706,8 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
         max: Duration::from_secs(args.reconnect_max_secs.max(1)),
         ..BackoffPolicy::default()
     };
-    options.session = args.timers.session(Duration::from_secs(15));
+    options.session = args.timers.session();
+    options.open_confirm_timeout = Duration::from_millis(args.open_confirm_timeout_ms);
     options.udp_idle_timeout = args.udp.idle_timeout();
     options.udp_max_sessions = args.udp.udp_max_sessions;
     options.firewall = match args.firewall {

@@ -100,7 +100,7 @@ impl Tier {
                 format!("--edges-file={}", hub.edges_file.display()),
                 format!("--hub-id={}", hub.id),
                 "--no-quic".into(),
-                "--ping-interval-secs=1".into(),
+                "--liveness-interval-ms=1000".into(),
                 "--shutdown-grace-secs=20".into(),
             ],
             &[],

@@ -558,6 +558,7 @@ pub(crate) fn tunnel(tunnel: TunnelStatus) -> pb::Tunnel {
         state: match tunnel.state {
             TunnelState::Active => pb::TunnelState::Active,
             TunnelState::Draining => pb::TunnelState::Draining,
+            TunnelState::Suspect => pb::TunnelState::Suspect,
         } as i32,
         active_streams: u32::try_from(tunnel.active_streams).unwrap_or(u32::MAX),
         active_udp_sessions: u32::try_from(tunnel.active_udp_sessions).unwrap_or(u32::MAX),

@@ -9,6 +9,7 @@ mod fallback;
 pub mod firewall;
 mod metrics;
 mod offers;
+mod placement;
 mod ports;
 mod slots;
 pub mod stun;
@@ -96,6 +97,10 @@ pub struct EdgeOptions {
     /// With `QuicWithFallback`: after falling back to TLS for a hub, how long its reconnects
     /// use TLS alone before QUIC is tried again.
     pub quic_retry_after: Duration,
+    /// A new client connection's open that its hub has not confirmed within this long (or four
+    /// round trips, if longer) moves to another tunnel with the client's first bytes, and its
+    /// tunnel is suspect. Only with hubs that confirm opens (extension `liveness`).
+    pub open_confirm_timeout: Duration,
     /// A UDP session without traffic either way for this long ends.
     pub udp_idle_timeout: Duration,
     /// Most UDP sessions; datagrams of new clients past it are dropped (and counted).
@@ -136,6 +141,7 @@ impl EdgeOptions {
             transport: TransportMode::TcpTls,
             quic_fallback_after: Duration::from_secs(5),
             quic_retry_after: Duration::from_secs(300),
+            open_confirm_timeout: Duration::from_secs(1),
             udp_idle_timeout: Duration::from_secs(60),
             udp_max_sessions: 4_096,
             registry: prometheus::Registry::new(),
@@ -354,11 +360,16 @@ impl Edge {
                 dropped: edge_metrics.udp_dropped.clone(),
             },
         ));
+        let tunnels = Arc::new(Tunnels::new(
+            events.clone(),
+            options.open_confirm_timeout,
+            edge_metrics.opens_retried.clone(),
+        ));
         let inner = Arc::new(EdgeInner {
             ended: Mutex::default(),
             metrics: edge_metrics,
             connections: Arc::new(Semaphore::new(options.max_connections)),
-            tunnels: Arc::new(Tunnels::new(events.clone())),
+            tunnels,
             serving: tokio::sync::Mutex::new(None),
             udp,
             quic_fallbacks: fallback::QuicFallbacks::new(options.quic_retry_after),

@@ -16,6 +16,8 @@ use crate::{EdgeInner, TunnelState};
 pub(crate) struct EdgeMetrics {
     pub(crate) tunnel_connected: IntGauge,
     pub(crate) tunnel_reconnects: IntCounter,
+    pub(crate) tunnels_suspect: IntCounter,
+    pub(crate) opens_retried: IntCounter,
     pub(crate) client_connections: IntCounterVec,
     pub(crate) udp_dropped: IntCounterVec,
     pub(crate) firewall_rules: IntGauge,
@@ -45,6 +47,17 @@ impl EdgeMetrics {
         )?;
         registry.register(Box::new(tunnel_connected.clone()))?;
         registry.register(Box::new(tunnel_reconnects.clone()))?;
+        let tunnels_suspect = IntCounter::new(
+            "remoteingress_tunnels_suspect_total",
+            "Tunnels whose hub went silent or left an open unconfirmed; each was replaced",
+        )?;
+        let opens_retried = IntCounter::new(
+            "remoteingress_opens_retried_total",
+            "Client connections moved to another tunnel, first bytes included, because their \
+             open was not confirmed in time",
+        )?;
+        registry.register(Box::new(tunnels_suspect.clone()))?;
+        registry.register(Box::new(opens_retried.clone()))?;
         registry.register(Box::new(client_connections.clone()))?;
         let udp_dropped = IntCounterVec::new(
             Opts::new(
@@ -98,6 +111,8 @@ impl EdgeMetrics {
             public_ip,
             tunnel_connected,
             tunnel_reconnects,
+            tunnels_suspect,
+            opens_retried,
             client_connections,
             udp_dropped,
             firewall_rules,

@@ -13,11 +13,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
+use crate::placement::{place, Placed};
 use crate::tunnels::Tunnels;
-
-/// Tunnels tried for one client connection before it is refused (a tunnel may end between
-/// being chosen and opening the stream).
-const OPEN_ATTEMPTS: usize = 3;
 
 /// Listeners bound for new ports, not yet serving.
 pub(crate) type BoundTcp = Vec<(u16, TcpListener)>;
@@ -189,7 +186,7 @@ async fn accept_loop(
     }
 }
 
-/// Carries one client connection through the least loaded tunnel.
+/// Carries one client connection through the least loaded tunnel whose hub confirms it.
 async fn serve_client(
     client: TcpStream,
     peer: SocketAddr,
@@ -202,18 +199,19 @@ async fn serve_client(
         return;
     };
     let header = Bytes::from(ProxyV1::tcp(peer, local).to_line());
-    for _ in 0..OPEN_ATTEMPTS {
-        let Some(picked) = tunnels.pick() else {
-            break;
-        };
-        match picked.session.open(header.clone()).await {
-            Ok((reader, writer)) => {
-                tunnels.announce(&picked, Protocol::Tcp, peer, local.port());
-                pipe(client, reader, writer, cancel).await;
-                return;
-            }
-            Err(e) => tracing::debug!(error = %e, %peer, "tunnel refused a stream; trying another"),
+    let placed = tokio::select! {
+        placed = place(&client, &header, &tunnels) => placed,
+        () = cancel.cancelled() => return,
+    };
+    match placed {
+        Some(Placed {
+            picked,
+            reader,
+            writer,
+        }) => {
+            tunnels.announce(&picked, Protocol::Tcp, peer, local.port());
+            pipe(client, reader, writer, cancel).await;
         }
+        None => tracing::debug!(%peer, "client refused: no tunnel took the stream"),
     }
-    tracing::debug!(%peer, "client refused: no tunnel took the stream");
 }

@@ -1,7 +1,7 @@
 //! Keeping `hub_connections` tunnels up, each to a distinct hub instance: one slot per tunnel
 //! connects (rotating through the hub addresses), serves the tunnel's events, and reconnects
-//! after a loss (with backoff) or at once after a DRAIN, while the drained tunnel's open streams
-//! finish in the background.
+//! after a loss (with backoff) or at once after a DRAIN or once the tunnel is suspect, while the
+//! retired tunnel's open streams finish in the background.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -14,7 +14,7 @@ use crate::apply::{offer, reject, report_disagreement, Ack, ApplyError, Serving}
 use crate::backoff::Backoff;
 use crate::connect::{connect, HubAddress};
 use crate::ports::PortSet;
-use crate::tunnels::{hub_name, TunnelKey};
+use crate::tunnels::{hub_name, TunnelKey, TunnelState};
 use crate::udp::UdpPorts;
 use crate::{metrics, report_public_ip, EdgeEvent, EdgeInner};
 
@@ -42,8 +42,9 @@ enum Ended {
     Failed,
     /// The tunnel was up for this long and is gone.
     Lost(Duration),
-    /// The hub drained the tunnel: it finishes its streams in the background.
-    Drained,
+    /// The hub drained the tunnel, or it became suspect: it finishes its streams in the
+    /// background.
+    Retired,
     /// The edge is shutting down.
     Shutdown,
 }
@@ -93,7 +94,7 @@ async fn keep_tunnel(inner: Arc<EdgeInner>, slot: usize, first_attempt: oneshot:
         }
         match ended {
             Ended::Shutdown => return,
-            Ended::Drained => continue,
+            Ended::Retired => continue,
             Ended::Lost(lasted) => backoff.connection_ended(lasted),
             Ended::Failed => {}
         }
@@ -171,8 +172,12 @@ async fn serve_tunnel(
             }
             Some(SessionEvent::UdpClose { id }) => inner.udp.closed_by_hub(tunnel.key, id),
             Some(SessionEvent::Drain) => {
-                drain(inner, tunnel, events);
-                return Ended::Drained;
+                retire(inner, tunnel, events, TunnelState::Draining);
+                return Ended::Retired;
+            }
+            Some(SessionEvent::Suspect) => {
+                retire(inner, tunnel, events, TunnelState::Suspect);
+                return Ended::Retired;
             }
             Some(_) => {}
             None => break,
@@ -205,17 +210,29 @@ async fn configure(inner: &EdgeInner, tunnel: &Tunnel, json: &[u8]) {
     ack.send().await;
 }
 
-/// Takes a drained tunnel out of the choice for new streams, ends its UDP sessions (their
-/// clients' next datagrams open sessions elsewhere), and lets its open streams finish in the
-/// background, within the drain grace, before closing it.
-fn drain(inner: &Arc<EdgeInner>, tunnel: Tunnel, mut events: mpsc::Receiver<SessionEvent>) {
-    tracing::info!(address = %tunnel.address, hub_id = ?tunnel.hub_id, "hub is draining this tunnel; new streams go elsewhere");
-    inner.tunnels.set_draining(tunnel.key);
+/// Takes a drained or suspect tunnel out of the choice for new streams, ends its UDP sessions
+/// (their clients' next datagrams open sessions elsewhere), and lets its open streams finish in
+/// the background, within the drain grace, before closing it. A suspect tunnel whose hub is
+/// gone ends sooner, at the liveness deadline.
+fn retire(
+    inner: &Arc<EdgeInner>,
+    tunnel: Tunnel,
+    mut events: mpsc::Receiver<SessionEvent>,
+    state: TunnelState,
+) {
+    if state == TunnelState::Suspect {
+        tracing::warn!(address = %tunnel.address, hub_id = ?tunnel.hub_id, "hub went silent or left an open unconfirmed; new streams go elsewhere and a replacement is dialled");
+        inner.metrics.tunnels_suspect.inc();
+    } else {
+        tracing::info!(address = %tunnel.address, hub_id = ?tunnel.hub_id, "hub is draining this tunnel; new streams go elsewhere");
+        inner.emit(EdgeEvent::TunnelDraining {
+            hub_id: tunnel.hub_id.clone(),
+            address: tunnel.address.clone(),
+        });
+    }
+    inner.tunnels.retire(tunnel.key, state);
     inner.udp.end_tunnel(tunnel.key);
-    inner.emit(EdgeEvent::TunnelDraining {
-        hub_id: tunnel.hub_id.clone(),
-        address: tunnel.address.clone(),
-    });
+    let state = state.as_str();
     let inner = inner.clone();
     tokio::spawn(async move {
         let deadline = tokio::time::sleep(inner.options.drain_grace);
@@ -227,7 +244,7 @@ fn drain(inner: &Arc<EdgeInner>, tunnel: Tunnel, mut events: mpsc::Receiver<Sess
             }
             tokio::select! {
                 event = events.recv() => if event.is_none() {
-                    break "tunnel closed while draining".to_owned();
+                    break format!("tunnel closed while {state}");
                 },
                 _ = poll.tick() => {}
                 () = &mut deadline => break "drain grace period over".to_owned(),

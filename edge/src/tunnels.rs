@@ -1,6 +1,6 @@
 //! The edge's live tunnels, one per hub instance, and the choice of tunnel for each new client
 //! connection or UDP session: the open tunnel with the fewest streams, a draining one only when
-//! no other is open.
+//! no active one is open, a suspect one only when nothing else is.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -24,6 +24,8 @@ pub enum TunnelState {
     Active,
     /// Its hub is shutting down: open streams finish, new ones go elsewhere.
     Draining,
+    /// Its hub went silent or left an open unconfirmed: new streams go elsewhere.
+    Suspect,
 }
 
 impl TunnelState {
@@ -32,6 +34,7 @@ impl TunnelState {
         match self {
             TunnelState::Active => "active",
             TunnelState::Draining => "draining",
+            TunnelState::Suspect => "suspect",
         }
     }
 }
@@ -84,6 +87,14 @@ impl Entry {
     fn hub(&self) -> &str {
         hub_name(self.hub_id.as_deref(), &self.address)
     }
+
+    /// Its state, suspect as soon as the session says so (before its slot has heard).
+    fn state(&self) -> TunnelState {
+        match self.state {
+            TunnelState::Active if self.session.is_suspect() => TunnelState::Suspect,
+            state => state,
+        }
+    }
 }
 
 /// The tunnel chosen for a new stream or UDP session.
@@ -100,15 +111,37 @@ pub(crate) struct Tunnels {
     next_key: AtomicU64,
     /// Where the choice of a tunnel for each client is announced.
     events: broadcast::Sender<EdgeEvent>,
+    /// How long an open may stay unconfirmed before it moves to another tunnel (at least).
+    confirm_within: Duration,
+    /// Opens moved to another tunnel.
+    opens_retried: prometheus::IntCounter,
 }
 
 impl Tunnels {
-    pub(crate) fn new(events: broadcast::Sender<EdgeEvent>) -> Self {
+    /// No tunnels yet; opens move after `confirm_within` without confirmation, counted in
+    /// `opens_retried`.
+    pub(crate) fn new(
+        events: broadcast::Sender<EdgeEvent>,
+        confirm_within: Duration,
+        opens_retried: prometheus::IntCounter,
+    ) -> Self {
         Self {
             entries: Mutex::default(),
             next_key: AtomicU64::new(0),
             events,
+            confirm_within,
+            opens_retried,
         }
+    }
+
+    /// How long an open may stay unconfirmed before it moves (at least).
+    pub(crate) fn confirm_within(&self) -> Duration {
+        self.confirm_within
+    }
+
+    /// Counts an open moved to another tunnel.
+    pub(crate) fn open_retried(&self) {
+        self.opens_retried.inc();
     }
 
     /// Announces a client's stream (TCP) or session (UDP) opened on the `picked` tunnel.
@@ -144,7 +177,7 @@ impl Tunnels {
         let hub = hub_name(hub_id, address);
         if entries
             .iter()
-            .any(|entry| entry.hub() == hub && entry.state == TunnelState::Active)
+            .any(|entry| entry.hub() == hub && entry.state() == TunnelState::Active)
         {
             return None;
         }
@@ -167,25 +200,34 @@ impl Tunnels {
         entries.len()
     }
 
-    /// Takes a tunnel out of the choice for new streams.
-    pub(crate) fn set_draining(&self, key: TunnelKey) {
+    /// Takes a tunnel out of the choice for new streams, as `state` says why.
+    pub(crate) fn retire(&self, key: TunnelKey, state: TunnelState) {
         if let Some(entry) = self.entries().iter_mut().find(|entry| entry.key == key) {
-            entry.state = TunnelState::Draining;
+            entry.state = state;
         }
     }
 
     /// The tunnel for a new stream or UDP session: the open active one with the least load,
-    /// else an open draining one (its hub still serves streams for its grace period).
+    /// else an open draining one (its hub still serves streams for its grace period), else a
+    /// suspect one.
     pub(crate) fn pick(&self) -> Option<Picked> {
+        self.pick_except(&[])
+    }
+
+    /// As [`Self::pick`], among the tunnels not in `tried`.
+    pub(crate) fn pick_except(&self, tried: &[TunnelKey]) -> Option<Picked> {
         let entries = self.entries();
-        let open = entries.iter().filter(|entry| !entry.session.is_closed());
+        let open = entries
+            .iter()
+            .filter(|entry| !entry.session.is_closed() && !tried.contains(&entry.key));
         let best = |state| {
             open.clone()
-                .filter(|entry| entry.state == state)
+                .filter(|entry| entry.state() == state)
                 .min_by_key(|entry| entry.load())
         };
         best(TunnelState::Active)
             .or_else(|| best(TunnelState::Draining))
+            .or_else(|| best(TunnelState::Suspect))
             .map(|entry| Picked {
                 key: entry.key,
                 session: entry.session.clone(),
@@ -197,7 +239,7 @@ impl Tunnels {
     pub(crate) fn holds_address(&self, address: &str) -> bool {
         self.entries()
             .iter()
-            .any(|entry| entry.address == address && entry.state == TunnelState::Active)
+            .any(|entry| entry.address == address && entry.state() == TunnelState::Active)
     }
 
     /// The sessions of all tunnels.
@@ -216,7 +258,7 @@ impl Tunnels {
                 hub_id: entry.hub_id.clone(),
                 address: entry.address.clone(),
                 transport: entry.session.transport(),
-                state: entry.state,
+                state: entry.state(),
                 active_streams: entry.session.active_streams(),
                 active_udp_sessions: entry.session.stats().udp_sessions.load(Ordering::Relaxed),
                 udp_dropped: entry.session.stats().udp_dropped.load(Ordering::Relaxed),
@@ -250,7 +292,8 @@ mod tests {
 
     #[tokio::test]
     async fn new_streams_go_to_the_least_loaded_active_tunnel() {
-        let tunnels = Tunnels::new(broadcast::channel(1).0);
+        let retried = prometheus::IntCounter::new("retried", "retried").unwrap();
+        let tunnels = Tunnels::new(broadcast::channel(1).0, Duration::from_secs(1), retried);
         assert!(tunnels.pick().is_none());
         let (a, _peer_a) = session();
         let (b, _peer_b) = session();
@@ -269,7 +312,7 @@ mod tests {
 
         a.stats().udp_sessions.store(3, Ordering::Relaxed);
         assert_eq!(tunnels.pick().map(|picked| picked.key), Some(key_b));
-        tunnels.set_draining(key_b);
+        tunnels.retire(key_b, TunnelState::Draining);
         assert_eq!(tunnels.pick().map(|picked| picked.key), Some(key_a));
         a.close("gone");
         assert_eq!(

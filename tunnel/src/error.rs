@@ -125,7 +125,7 @@ pub enum ProtocolViolation {
     /// An EXTENSIONS frame that is not a JSON list of names, or a second one.
     #[error("{0}")]
     Extensions(String),
-    /// A QUIC UDP_CLOSE message without its 4-byte session id.
-    #[error("UDP_CLOSE without a session id")]
-    UdpCloseWithoutId,
+    /// A QUIC control message (UDP_CLOSE, OPENED) without its 4-byte session or stream id.
+    #[error("control message without its 4-byte id")]
+    ControlMessageWithoutId,
 }

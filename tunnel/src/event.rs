@@ -25,6 +25,9 @@ pub enum SessionEvent {
     Config(Bytes),
     /// Edge: the hub asks for no new streams on this tunnel (it is shutting down).
     Drain,
+    /// Edge: the hub went silent past two probe intervals, or left an open unconfirmed; new
+    /// streams should go elsewhere and a replacement tunnel be dialled. Reported once.
+    Suspect,
     /// Hub: the edge acknowledged a configuration (JSON).
     ConfigAck(Bytes),
     /// Hub: the tunnel's round trip was measured.

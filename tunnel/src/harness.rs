@@ -122,8 +122,9 @@ impl Pair {
         };
         let (edge_link, (hub_link, rest)) =
             within("QUIC setup", async { tokio::join!(connect, accept) }).await;
+        let agreed = options.extensions;
         Self::new(
-            edge_link.into_session(Bytes::new(), Role::Edge, options.clone(), Extensions::NONE),
+            edge_link.into_session(Bytes::new(), Role::Edge, options.clone(), agreed),
             hub_link.into_session(rest, Role::Hub, options, Extensions::NONE),
             Some((server, dir)),
         )

@@ -6,7 +6,7 @@
 //! [`options`], [`error`] and `clock` (what a session is, why it ends, its time); `lifecycle`
 //! (what every session shares); each transport's shared state and stream halves (`mux::shared`,
 //! `mux::stream`, `quic::shared`, `quic::stream`); `stream` and `event` (transport-neutral
-//! halves and events); each transport's tasks and session (`mux`, [`quic`]); `session`
+//! halves and events); `liveness` (the edge's watch on silence); each transport's tasks and session (`mux`, [`quic`]); `session`
 //! ([`SessionHandle`]); [`link`] (the handshake's connection); [`pipe`].
 
 mod clock;
@@ -19,6 +19,7 @@ mod lifecycle;
 pub mod line;
 pub mod link;
 mod listen;
+mod liveness;
 mod mux;
 pub mod options;
 pub mod pipe;
@@ -35,7 +36,7 @@ pub use event::SessionEvent;
 pub use lifecycle::SessionStats;
 pub use link::{Link, LinkError};
 pub use listen::{listen_tcp, tcp_socket_for, BACKLOG};
-pub use options::{Role, SessionOptions, Transport, DEFAULT_QUIC_MIN_MTU};
+pub use options::{Role, SessionOptions, Transport, DEFAULT_QUIC_MIN_MTU, ORIGINAL_HUB_SILENCE};
 pub use pipe::{pipe, Piped};
 pub use resolve::{resolve, ResolveError};
 pub use session::{spawn_session, SessionHandle};

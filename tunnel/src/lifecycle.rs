@@ -65,6 +65,7 @@ impl SessionStats {
 pub(crate) struct Agreed {
     reset: AtomicBool,
     drain: AtomicBool,
+    liveness: AtomicBool,
 }
 
 impl Agreed {
@@ -72,6 +73,7 @@ impl Agreed {
         Self {
             reset: AtomicBool::new(agreed.reset),
             drain: AtomicBool::new(agreed.drain),
+            liveness: AtomicBool::new(agreed.liveness),
         }
     }
 
@@ -80,6 +82,7 @@ impl Agreed {
         Extensions {
             reset: self.reset.load(Ordering::Relaxed),
             drain: self.drain.load(Ordering::Relaxed),
+            liveness: self.liveness.load(Ordering::Relaxed),
         }
     }
 
@@ -87,6 +90,7 @@ impl Agreed {
     pub(crate) fn set(&self, agreed: Extensions) {
         self.reset.store(agreed.reset, Ordering::Relaxed);
         self.drain.store(agreed.drain, Ordering::Relaxed);
+        self.liveness.store(agreed.liveness, Ordering::Relaxed);
     }
 }
 
@@ -101,6 +105,10 @@ pub(crate) struct Lifecycle {
     budget: AtomicU64,
     pub(crate) stats: SessionStats,
     pub(crate) agreed: Agreed,
+    /// Reads from the peer so far (TLS transport): their count changing means it is alive.
+    heard: AtomicU64,
+    /// The peer went silent or left an open unconfirmed: new streams should go elsewhere.
+    suspect: AtomicBool,
 }
 
 impl Lifecycle {
@@ -115,6 +123,8 @@ impl Lifecycle {
             budget: AtomicU64::new(options.budget),
             stats: SessionStats::default(),
             agreed: Agreed::new(agreed),
+            heard: AtomicU64::new(0),
+            suspect: AtomicBool::new(false),
         }
     }
 
@@ -165,6 +175,26 @@ impl Lifecycle {
         self.budget.store(bytes, Ordering::Relaxed);
     }
 
+    /// Counts a read from the peer.
+    pub(crate) fn heard_from_peer(&self) {
+        self.heard.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Reads from the peer so far.
+    pub(crate) fn heard(&self) -> u64 {
+        self.heard.load(Ordering::Relaxed)
+    }
+
+    /// Marks the session suspect; true for the call that did.
+    pub(crate) fn mark_suspect(&self) -> bool {
+        !self.suspect.swap(true, Ordering::Relaxed)
+    }
+
+    /// True once the session is suspect.
+    pub(crate) fn is_suspect(&self) -> bool {
+        self.suspect.load(Ordering::Relaxed)
+    }
+
     /// Streams open now.
     pub(crate) fn active(&self) -> usize {
         self.active.load(Ordering::Relaxed)
@@ -202,6 +232,18 @@ impl Lifecycle {
 pub(crate) trait SessionCore: Send + Sync + 'static {
     /// The shared lifecycle.
     fn lifecycle(&self) -> &Lifecycle;
+
+    /// The session's limits and timers.
+    fn options(&self) -> &SessionOptions;
+
+    /// A count that changes whenever something arrives from the peer.
+    fn heard(&self) -> u64 {
+        self.lifecycle().heard()
+    }
+
+    /// Whether a live peer is sure to be heard from every probe interval, so that silence
+    /// means something (on the edge; the hub always probes).
+    fn probes_answered(&self) -> bool;
 
     /// Ends the session with `reason` (the first reason wins) and releases what the transport
     /// holds: waiting streams are woken, the connection is closed.

@@ -57,9 +57,12 @@ pub struct SessionOptions {
     pub budget: u64,
     /// Most concurrent streams; an OPEN past it is refused at once.
     pub max_streams: usize,
-    /// A peer silent for this long is gone.
+    /// A peer silent for this long is dead: the liveness deadline. It also bounds how long sent
+    /// data may stay unacknowledged (TLS: `TCP_USER_TIMEOUT`; QUIC: the idle timeout).
     pub idle_timeout: Duration,
-    /// Interval between PINGs (sent by the hub only).
+    /// Interval of liveness probes: the hub PINGs every interval; the edge PINGs a hub that
+    /// answers them (extension `liveness`) when it has heard nothing for an interval; QUIC
+    /// sends keep-alives. A tunnel silent for two intervals is suspect.
     pub ping_interval: Duration,
     /// Bounds of the writer's lanes.
     pub lanes: LaneLimits,
@@ -71,6 +74,10 @@ pub struct SessionOptions {
     pub quic_min_mtu: u16,
 }
 
+/// How long an edge waits on a silent hub that cannot be probed: an original hub PINGs only
+/// every 15 s, so a shorter deadline would end healthy tunnels.
+pub const ORIGINAL_HUB_SILENCE: Duration = Duration::from_secs(45);
+
 /// Default of [`SessionOptions::quic_min_mtu`]: room for a 1,200-byte datagram (a QUIC client's
 /// packet, say) with the tunnel's headers, on any path whose MTU is 1,328 bytes or more.
 pub const DEFAULT_QUIC_MIN_MTU: u16 = 1_280;
@@ -80,8 +87,8 @@ impl Default for SessionOptions {
         Self {
             budget: DEFAULT_BUDGET,
             max_streams: 10_000,
-            idle_timeout: Duration::from_secs(45),
-            ping_interval: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(3),
+            ping_interval: Duration::from_secs(1),
             lanes: LaneLimits::default(),
             extensions: Extensions::ALL,
             quic_min_mtu: DEFAULT_QUIC_MIN_MTU,

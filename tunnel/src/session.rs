@@ -180,6 +180,26 @@ impl SessionHandle {
         }
     }
 
+    /// Marks the tunnel suspect (an open it carried was not confirmed in time): it reports
+    /// [`SessionEvent::Suspect`](crate::SessionEvent::Suspect) if it has not yet.
+    pub fn mark_suspect(&self) {
+        self.lifecycle().mark_suspect();
+    }
+
+    /// True once the tunnel is suspect: its hub went silent or left an open unconfirmed.
+    pub fn is_suspect(&self) -> bool {
+        self.lifecycle().is_suspect()
+    }
+
+    /// Whether the hub has said it confirms opens from now on (QUIC edge).
+    #[cfg(test)]
+    pub(crate) fn hub_confirms_opens(&self) -> bool {
+        match &self.session {
+            Session::Quic(session) => session.shared.confirms_opens(),
+            Session::Mux(_) => false,
+        }
+    }
+
     /// Streams open now.
     pub fn active_streams(&self) -> usize {
         self.lifecycle().active()

@@ -59,6 +59,16 @@ impl StreamReader {
         }
     }
 
+    /// A token cancelled once the hub has confirmed the stream's open (extension `liveness`):
+    /// until then the edge may retry the open on another tunnel. Cancelled from the start
+    /// where no confirmation will come (a hub without the extension; the hub's own halves).
+    pub fn open_confirmed(&self) -> CancellationToken {
+        match &self.kind {
+            ReaderKind::Mux(reader) => reader.confirmed(),
+            ReaderKind::Quic(reader) => reader.confirmed(),
+        }
+    }
+
     /// Reports `len` bytes written onward (returns credit on the TLS transport).
     pub async fn consumed(&mut self, len: usize) {
         match &mut self.kind {

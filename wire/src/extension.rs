@@ -8,6 +8,10 @@ use thiserror::Error;
 pub const RESET: &str = "reset";
 /// Name of the DRAIN extension (DRAIN frames, 0x11, hub to edge).
 pub const DRAIN: &str = "drain";
+/// Name of the LIVENESS extension: the hub answers the edge's PINGs (so the edge learns within
+/// seconds that a hub went silent) and confirms every OPEN with an OPENED frame (0x13; on QUIC a
+/// control message naming the stream), so the edge may retry an unconfirmed open elsewhere.
+pub const LIVENESS: &str = "liveness";
 
 /// A set of extensions.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -16,6 +20,8 @@ pub struct Extensions {
     pub reset: bool,
     /// DRAIN: the hub asks the edge to open no new streams on this tunnel.
     pub drain: bool,
+    /// LIVENESS: the edge probes the hub too, and the hub confirms every open.
+    pub liveness: bool,
 }
 
 /// Why an EXTENSIONS payload was refused.
@@ -28,11 +34,13 @@ impl Extensions {
     pub const ALL: Extensions = Extensions {
         reset: true,
         drain: true,
+        liveness: true,
     };
     /// None: the original protocol.
     pub const NONE: Extensions = Extensions {
         reset: false,
         drain: false,
+        liveness: false,
     };
 
     /// The extensions named in `names`; names this build does not know are ignored.
@@ -42,6 +50,7 @@ impl Extensions {
             match name {
                 RESET => extensions.reset = true,
                 DRAIN => extensions.drain = true,
+                LIVENESS => extensions.liveness = true,
                 _ => {}
             }
         }
@@ -50,10 +59,14 @@ impl Extensions {
 
     /// The names of the extensions in the set.
     pub fn names(self) -> Vec<&'static str> {
-        [(self.reset, RESET), (self.drain, DRAIN)]
-            .into_iter()
-            .filter_map(|(on, name)| on.then_some(name))
-            .collect()
+        [
+            (self.reset, RESET),
+            (self.drain, DRAIN),
+            (self.liveness, LIVENESS),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
     }
 
     /// The extensions in both sets.
@@ -61,6 +74,7 @@ impl Extensions {
         Self {
             reset: self.reset && other.reset,
             drain: self.drain && other.drain,
+            liveness: self.liveness && other.liveness,
         }
     }
 
@@ -88,10 +102,13 @@ mod tests {
 
     #[test]
     fn payload_round_trip_and_unknown_names() {
-        assert_eq!(Extensions::ALL.to_payload(), b"[\"reset\",\"drain\"]");
+        assert_eq!(
+            Extensions::ALL.to_payload(),
+            b"[\"reset\",\"drain\",\"liveness\"]"
+        );
         assert_eq!(Extensions::NONE.to_payload(), b"[]");
         assert_eq!(
-            Extensions::parse(b"[\"drain\",\"teleport\",\"reset\"]"),
+            Extensions::parse(b"[\"drain\",\"teleport\",\"liveness\",\"reset\"]"),
             Ok(Extensions::ALL)
         );
         assert_eq!(

@@ -32,9 +32,9 @@ pub enum FrameType {
     CloseBack = 0x05,
     /// Hub → edge: JSON edge configuration.
     Config = 0x06,
-    /// Hub → edge: liveness probe with 8 opaque bytes.
+    /// Hub → edge (either way with extension `liveness`): liveness probe with 8 opaque bytes.
     Ping = 0x07,
-    /// Edge → hub: the probe's 8 bytes echoed.
+    /// Edge → hub (either way with extension `liveness`): the probe's 8 bytes echoed.
     Pong = 0x08,
     /// Edge → hub: credit for DATA_BACK (u32 BE bytes).
     WindowUpdate = 0x09,
@@ -57,11 +57,14 @@ pub enum FrameType {
     Drain = 0x11,
     /// Edge → hub, stream 0: the JSON list of the hub's announced extensions the edge uses.
     Extensions = 0x12,
+    /// Hub → edge, extension `liveness`: the hub has the stream (sent at once for every OPEN),
+    /// so the edge may stop keeping the client's first bytes for another tunnel.
+    Opened = 0x13,
 }
 
 impl FrameType {
     /// Every frame type, in wire order.
-    pub const ALL: [FrameType; 18] = [
+    pub const ALL: [FrameType; 19] = [
         FrameType::Open,
         FrameType::Data,
         FrameType::Close,
@@ -80,6 +83,7 @@ impl FrameType {
         FrameType::Reset,
         FrameType::Drain,
         FrameType::Extensions,
+        FrameType::Opened,
     ];
 
     /// The frame type for a wire value, if it is one.
@@ -102,7 +106,8 @@ impl FrameType {
             | FrameType::CloseBack
             | FrameType::UdpClose
             | FrameType::Reset
-            | FrameType::Drain => Some(0),
+            | FrameType::Drain
+            | FrameType::Opened => Some(0),
             FrameType::WindowUpdate | FrameType::WindowUpdateBack => Some(4),
             FrameType::Ping | FrameType::Pong => Some(8),
             _ => None,
@@ -466,8 +471,8 @@ mod tests {
     #[test]
     fn rejects_from_the_header_alone() {
         let mut decoder = FrameDecoder::new();
-        decoder.feed(b"\x00\x00\x00\x01\x13\x00\x00\x00\x00");
-        assert_eq!(decoder.next_frame(), Err(FrameError::UnknownType(0x13)));
+        decoder.feed(b"\x00\x00\x00\x01\x14\x00\x00\x00\x00");
+        assert_eq!(decoder.next_frame(), Err(FrameError::UnknownType(0x14)));
 
         let mut decoder = FrameDecoder::new();
         decoder.feed(b"\x00\x00\x00\x01\x02\x01\x00\x00\x01");

@@ -245,7 +245,7 @@ mod tests {
         let line = accept_reply(&config, Extensions::ALL, "hub-a");
         assert!(line.ends_with('\n'));
         assert!(
-            line.contains("\"hubId\":\"hub-a\",\"extensions\":[\"reset\",\"drain\"]"),
+            line.contains("\"hubId\":\"hub-a\",\"extensions\":[\"reset\",\"drain\",\"liveness\"]"),
             "{line}"
         );
         assert_eq!(

@@ -4,6 +4,8 @@
 //! per-stream credit ([`stream`]) over the state they share ([`shared`]).
 
 mod batch;
+#[cfg(test)]
+mod liveness_tests;
 mod ping;
 mod reader;
 #[cfg(test)]
@@ -27,6 +29,7 @@ use tokio::sync::mpsc;
 use crate::error::SessionError;
 use crate::event::{SessionEvent, EVENT_QUEUE};
 use crate::lifecycle::spawn_task;
+use crate::liveness;
 use crate::options::{Role, SessionOptions};
 use crate::stream::{StreamReader, StreamWriter};
 use shared::{send_soon, udp_data_out, Outgoing, Shared, StreamSlot};
@@ -59,9 +62,15 @@ where
     let shared = Arc::new(Shared::new(role, options, senders, agreed));
     let (read_half, write_half) = tokio::io::split(io);
     tokio::spawn(writer::write_task(write_half, lanes, shared.clone()));
+    if role == Role::Edge && agreed.liveness {
+        spawn_task(
+            &shared,
+            liveness::watch_silence(shared.clone(), events_tx.clone()),
+        );
+    }
     let reader = reader::Reader::new(shared.clone(), events_tx);
     spawn_task(&shared, reader.run(read_half, initial));
-    if role == Role::Hub {
+    if role == Role::Hub || agreed.liveness {
         spawn_task(&shared, ping::ping_loop(shared.clone()));
     }
     (MuxSession { shared }, events_rx)
@@ -79,7 +88,7 @@ impl MuxSession {
         let mut next_id = shared.next_id.lock().await;
         let id = *next_id;
         *next_id = id.checked_add(1).ok_or(SessionError::StreamIdsExhausted)?;
-        let slot = StreamSlot::new(id, &shared.lifecycle);
+        let slot = StreamSlot::new(id, &shared.lifecycle, shared.liveness_agreed());
         let raise = shared.register(&slot);
         shared.last_opened.store(id, Ordering::Relaxed);
         send(Frame::new(id, FrameType::Open, header))

@@ -1,5 +1,6 @@
-//! The hub's pinger: a PING every interval, at most one unanswered, and the round trip its
-//! PONG measures.
+//! The pinger: the hub PINGs every interval; an edge whose hub answers (extension `liveness`)
+//! PINGs when it has heard nothing for an interval. At most one PING is unanswered, and its
+//! PONG measures the round trip.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -11,13 +12,20 @@ use super::shared::{Outgoing, Shared};
 use crate::clock::now;
 use crate::error::{CloseReason, ProtocolViolation};
 use crate::lifecycle::TaskEnd;
+use crate::options::Role;
 
-/// Sends a PING every interval unless the last one is still unanswered (hub).
+/// Sends a PING every interval unless the last one is still unanswered or, on the edge, the
+/// hub was heard from during the interval.
 pub(crate) async fn ping_loop(shared: Arc<Shared>) -> TaskEnd {
     let mut interval = tokio::time::interval(shared.options.ping_interval);
     interval.tick().await;
+    let mut heard = shared.lifecycle.heard();
     loop {
         interval.tick().await;
+        let heard_before = std::mem::replace(&mut heard, shared.lifecycle.heard());
+        if shared.role == Role::Edge && heard != heard_before {
+            continue;
+        }
         // The payload is opaque to the protocol; ours carries the last round trip for the edge.
         let token = shared.rtt_micros().to_be_bytes();
         let due = {
@@ -39,7 +47,7 @@ pub(crate) async fn ping_loop(shared: Arc<Shared>) -> TaskEnd {
     }
 }
 
-/// Records the round trip a PONG answers (hub); a PONG without its PING breaks the protocol.
+/// Records the round trip a PONG answers; a PONG without its PING breaks the protocol.
 pub(crate) fn pong_received(
     shared: &Shared,
     token: Option<[u8; 8]>,

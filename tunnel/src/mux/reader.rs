@@ -101,7 +101,7 @@ impl Reader {
         tokio::pin!(io);
         let mut decoder = FrameDecoder::new();
         decoder.feed(&initial);
-        let idle = self.shared.options.idle_timeout;
+        let idle = self.shared.silence_limit();
         let mut scratch = ReadBuffer::default();
         let mut last_read = tokio::time::Instant::now();
         loop {
@@ -120,6 +120,7 @@ impl Reader {
                 Ok(Ok(0)) => return Err(CloseReason::PeerClosed),
                 Ok(Ok(n)) => {
                     last_read = tokio::time::Instant::now();
+                    self.shared.lifecycle.heard_from_peer();
                     decoder.feed(scratch.filled(n));
                 }
             }
@@ -145,18 +146,26 @@ impl Reader {
             FrameType::Open if role == Role::Hub => self.on_open(frame).await,
             FrameType::Reset if self.shared.reset_agreed() => self.on_reset(&frame),
             FrameType::Extensions if role == Role::Hub => self.on_extensions(&frame),
-            FrameType::Ping if role == Role::Edge => {
+            FrameType::Ping if role == Role::Edge || self.shared.liveness_agreed() => {
                 let token = frame.ping_token().unwrap_or_default();
                 let reported = u64::from_be_bytes(token);
-                if reported > 0 {
+                if role == Role::Edge && reported > 0 {
                     self.shared.rtt_us.store(reported, Ordering::Relaxed);
                 }
                 self.shared
                     .send_control_now(Outgoing::Frame(Frame::ping(FrameType::Pong, token)))
             }
-            FrameType::Pong if role == Role::Hub => {
+            FrameType::Pong if role == Role::Hub || self.shared.liveness_agreed() => {
                 let rtt = pong_received(&self.shared, frame.ping_token())?;
-                let _ = self.events.try_send(SessionEvent::RoundTrip(rtt));
+                if role == Role::Hub {
+                    let _ = self.events.try_send(SessionEvent::RoundTrip(rtt));
+                }
+                Ok(())
+            }
+            FrameType::Opened if role == Role::Edge && self.shared.liveness_agreed() => {
+                if let Some(slot) = self.live_slot(&frame)? {
+                    slot.confirm();
+                }
                 Ok(())
             }
             FrameType::Config if role == Role::Edge => self
@@ -213,6 +222,7 @@ impl Reader {
 
     fn on_reset(&self, frame: &Frame) -> Dispatched {
         if let Some(slot) = self.live_slot(frame)? {
+            slot.confirm();
             self.shared.abort_stream(&slot);
         }
         Ok(())
@@ -234,7 +244,7 @@ impl Reader {
     /// lane is full: we stop reading the tunnel rather than count it as abuse. A peer that
     /// reads nothing for the idle timeout is gone.
     async fn answer(&self, outgoing: Outgoing) -> Dispatched {
-        let idle = self.shared.options.idle_timeout;
+        let idle = self.shared.silence_limit();
         match tokio::time::timeout(idle, self.shared.lanes.control.send(outgoing)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(CloseReason::Local("tunnel writer stopped".into())),
@@ -249,6 +259,7 @@ impl Reader {
         let Some(slot) = self.live_slot(frame)? else {
             return Ok(());
         };
+        slot.confirm();
         let mut state = slot.lock();
         if state.aborted {
             return Ok(());
@@ -277,6 +288,7 @@ impl Reader {
                 .into())
             };
         };
+        slot.confirm();
         slot.lock()
             .send
             .grant(increment)
@@ -320,6 +332,7 @@ impl Reader {
         let Some(slot) = self.live_slot(&frame)? else {
             return Ok(());
         };
+        slot.confirm();
         let stats = &self.shared.lifecycle.stats;
         stats.received(len);
         let discarded = {
@@ -374,7 +387,11 @@ impl Reader {
         if shared.streams().len() >= shared.options.max_streams * 2 {
             return Err(ProtocolViolation::RefusedStreamsIgnored.into());
         }
-        let slot = StreamSlot::new(id, &shared.lifecycle);
+        let slot = StreamSlot::new(id, &shared.lifecycle, false);
+        if shared.liveness_agreed() {
+            let opened = Frame::empty(id, FrameType::Opened);
+            self.answer(Outgoing::Frame(opened)).await?;
+        }
         if let Some(increment) = shared.register(&slot) {
             self.answer(shared.window_update(id, increment)).await?;
         }

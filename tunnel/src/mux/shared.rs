@@ -4,7 +4,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use remoteingress_wire::extension::Extensions;
@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::now;
 use crate::error::{CloseReason, ProtocolViolation};
 use crate::lifecycle::{Lifecycle, SessionCore};
-use crate::options::{Role, SessionOptions};
+use crate::options::{Role, SessionOptions, ORIGINAL_HUB_SILENCE};
 
 /// The frame types a role sends for its streams and UDP sessions.
 pub(crate) fn data_out(role: Role) -> FrameType {
@@ -133,12 +133,20 @@ pub(crate) struct StreamSlot {
     pub(crate) writable: Notify,
     /// Cancelled when the stream is aborted: reset by either side, or the session ended.
     pub(crate) abort: CancellationToken,
+    /// Cancelled once the hub has answered the open (edge), at once where it never will.
+    pub(crate) confirmed: CancellationToken,
 }
 
 impl StreamSlot {
-    pub(crate) fn new(id: u32, lifecycle: &Lifecycle) -> Arc<Self> {
+    /// A stream's slot; `awaits_confirmation` for an edge's stream whose hub confirms opens.
+    pub(crate) fn new(id: u32, lifecycle: &Lifecycle, awaits_confirmation: bool) -> Arc<Self> {
+        let confirmed = CancellationToken::new();
+        if !awaits_confirmation {
+            confirmed.cancel();
+        }
         Arc::new(Self {
             id,
+            confirmed,
             abort: lifecycle.cancellation(),
             state: Mutex::new(StreamState {
                 inbox: VecDeque::new(),
@@ -153,6 +161,13 @@ impl StreamSlot {
             readable: Notify::new(),
             writable: Notify::new(),
         })
+    }
+
+    /// Records that the hub answered the open: any frame of the stream from it does.
+    pub(crate) fn confirm(&self) {
+        if !self.confirmed.is_cancelled() {
+            self.confirmed.cancel();
+        }
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, StreamState> {
@@ -180,9 +195,10 @@ pub(crate) struct Shared {
     pub(crate) last_udp_opened: AtomicU32,
     pub(crate) lanes: LaneSenders,
     pub(crate) lifecycle: Lifecycle,
-    /// The PING in flight (hub): its token and when it was sent.
+    /// The PING in flight (the hub's, or the edge's with extension `liveness`): its token and
+    /// when it was sent.
     pub(crate) ping_sent: Mutex<Option<([u8; 8], Instant)>>,
-    /// Last round trip in µs: measured (hub) or as the hub reported it in its PING (edge).
+    /// Last round trip in µs: measured by our PING, or as the hub reported it in its PING.
     pub(crate) rtt_us: AtomicU64,
 }
 
@@ -198,6 +214,14 @@ impl std::fmt::Debug for Shared {
 impl SessionCore for Shared {
     fn lifecycle(&self) -> &Lifecycle {
         &self.lifecycle
+    }
+
+    fn options(&self) -> &SessionOptions {
+        &self.options
+    }
+
+    fn probes_answered(&self) -> bool {
+        self.liveness_agreed()
     }
 
     fn close(&self, reason: CloseReason) {
@@ -307,6 +331,22 @@ impl Shared {
     /// Whether both sides confirmed the `drain` extension.
     pub(crate) fn drain_agreed(&self) -> bool {
         self.lifecycle.agreed.get().drain
+    }
+
+    /// Whether both sides confirmed the `liveness` extension: the edge probes the hub too,
+    /// and the hub confirms every open.
+    pub(crate) fn liveness_agreed(&self) -> bool {
+        self.lifecycle.agreed.get().liveness
+    }
+
+    /// How long the peer may be silent before the tunnel is dead: the deadline, except on an
+    /// edge whose hub cannot be probed (an original hub PINGs only every 15 s).
+    pub(crate) fn silence_limit(&self) -> Duration {
+        let deadline = self.options.idle_timeout;
+        match self.role {
+            Role::Edge if !self.liveness_agreed() => deadline.max(ORIGINAL_HUB_SILENCE),
+            _ => deadline,
+        }
     }
 
     /// A WINDOW_UPDATE(_BACK) returning `increment` bytes of credit on stream `id`.

@@ -65,6 +65,11 @@ impl MuxReader {
         self.slot.abort.clone()
     }
 
+    /// Cancelled once the hub has answered the stream's open (edge).
+    pub(crate) fn confirmed(&self) -> CancellationToken {
+        self.slot.confirmed.clone()
+    }
+
     /// Reports `len` bytes written onward, returning credit to the peer when due.
     pub(crate) async fn consumed(&self, len: usize) {
         let increment = {

@@ -348,12 +348,12 @@ async fn a_peer_that_floods_pings_without_reading_is_closed() {
 }
 
 #[tokio::test]
-async fn a_silent_peer_is_gone_after_the_idle_timeout() {
+async fn a_silent_edge_is_gone_after_the_deadline() {
     let options = SessionOptions {
         idle_timeout: std::time::Duration::from_millis(100),
         ..SessionOptions::default()
     };
-    let peer = RawPeer::new(Role::Edge, options, 1024);
+    let peer = RawPeer::new(Role::Hub, options, 1024);
     assert_eq!(
         peer.close_reason().await,
         CloseReason::Idle(std::time::Duration::from_millis(100))

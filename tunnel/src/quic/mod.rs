@@ -23,6 +23,7 @@ use tokio::sync::mpsc;
 use crate::error::SessionError;
 use crate::event::{SessionEvent, EVENT_QUEUE};
 use crate::lifecycle::spawn_task;
+use crate::liveness;
 use crate::options::{Role, SessionOptions};
 use crate::stream::{StreamReader, StreamWriter};
 use shared::{QuicShared, StreamGuard, Unconfirmed};
@@ -69,12 +70,15 @@ pub(crate) fn start(
         &shared,
         tasks::read_datagrams(shared.clone(), events_tx.clone()),
     );
-    if role == Role::Hub {
-        spawn_task(
-            &shared,
-            tasks::accept_streams(shared.clone(), events_tx.clone()),
-        );
-        spawn_task(&shared, tasks::report_rtt(shared.clone(), events_tx));
+    match role {
+        Role::Hub => {
+            spawn_task(
+                &shared,
+                tasks::accept_streams(shared.clone(), events_tx.clone()),
+            );
+            spawn_task(&shared, tasks::report_rtt(shared.clone(), events_tx));
+        }
+        Role::Edge => spawn_task(&shared, liveness::watch_silence(shared.clone(), events_tx)),
     }
     spawn_task(&shared, tasks::watch_connection(shared.clone()));
     (QuicSession { shared }, events_rx)
@@ -93,10 +97,11 @@ impl QuicSession {
             .open_bi()
             .await
             .map_err(|_| SessionError::Closed)?;
+        let guard = StreamGuard::opened(shared, send.id().index() as u32);
         send.write_all(&header)
             .await
             .map_err(|_| SessionError::Closed)?;
-        let (reader, writer) = stream::halves(send, recv, StreamGuard::new(shared));
+        let (reader, writer) = stream::halves(send, recv, guard);
         Ok((StreamReader::quic(reader), StreamWriter::quic(writer)))
     }
 

@@ -1,7 +1,7 @@
 //! State that every task and stream of a QUIC session shares.
 
 use std::collections::HashMap;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -28,6 +28,11 @@ pub(crate) struct QuicShared {
     /// UDP sessions the hub has not answered yet (edge): their opens are repeated, spaced out,
     /// until it has, so a lost open never black-holes a session.
     unconfirmed_udp: Mutex<HashMap<u32, Unconfirmed>>,
+    /// Streams whose open the hub has not confirmed yet (edge), by stream index.
+    unconfirmed_streams: Mutex<HashMap<u32, CancellationToken>>,
+    /// The hub confirms opens (edge): it echoed EXTENSIONS with `liveness`. Streams can
+    /// overtake the control stream, so the agreement alone does not tell when this starts.
+    confirms_opens: AtomicBool,
 }
 
 /// A UDP session whose open the hub has not confirmed by a reply.
@@ -62,6 +67,19 @@ impl SessionCore for QuicShared {
         &self.lifecycle
     }
 
+    fn options(&self) -> &SessionOptions {
+        &self.options
+    }
+
+    /// Keep-alives make a live peer acknowledge something every interval.
+    fn heard(&self) -> u64 {
+        self.connection.stats().udp_rx.datagrams
+    }
+
+    fn probes_answered(&self) -> bool {
+        true
+    }
+
     fn close(&self, reason: CloseReason) {
         let message = reason.to_string();
         if self.lifecycle.close(reason) {
@@ -87,6 +105,8 @@ impl QuicShared {
             control_tx,
             next_udp_id: AtomicU32::new(1),
             unconfirmed_udp: Mutex::new(HashMap::new()),
+            unconfirmed_streams: Mutex::new(HashMap::new()),
+            confirms_opens: AtomicBool::new(false),
         }
     }
 
@@ -95,6 +115,30 @@ impl QuicShared {
         self.unconfirmed_udp
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unconfirmed_streams(&self) -> MutexGuard<'_, HashMap<u32, CancellationToken>> {
+        self.unconfirmed_streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// From now on the hub confirms every open (edge).
+    pub(crate) fn hub_confirms_opens(&self) {
+        self.confirms_opens.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the hub confirms opens from now on (edge).
+    #[cfg(test)]
+    pub(crate) fn confirms_opens(&self) -> bool {
+        self.confirms_opens.load(Ordering::Relaxed)
+    }
+
+    /// The hub confirmed the open of stream `index` (edge).
+    pub(crate) fn stream_confirmed(&self, index: u32) {
+        if let Some(confirmed) = self.unconfirmed_streams().remove(&index) {
+            confirmed.cancel();
+        }
     }
 
     /// Sends a datagram if it fits the connection and its send queue now; a datagram that does
@@ -115,26 +159,56 @@ impl QuicShared {
     }
 }
 
-/// Counts a stream as active until both of its halves are gone, and signals its abort.
+/// Counts a stream as active until both of its halves are gone, and signals its abort and the
+/// hub's confirmation of its open.
 #[derive(Debug)]
 pub(crate) struct StreamGuard {
     pub(crate) shared: Arc<QuicShared>,
     /// Cancelled when the stream is aborted: reset either way, or the connection lost.
     pub(crate) abort: CancellationToken,
+    /// Cancelled once the hub has confirmed the open; at once where it never will.
+    pub(crate) confirmed: CancellationToken,
+    /// The stream's index while its confirmation is awaited.
+    awaiting: Option<u32>,
 }
 
 impl StreamGuard {
+    /// The guard of a stream the peer opened (hub).
     pub(crate) fn new(shared: &Arc<QuicShared>) -> Arc<Self> {
+        Self::with(shared, None)
+    }
+
+    /// The guard of stream `index`, just opened here (edge).
+    pub(crate) fn opened(shared: &Arc<QuicShared>, index: u32) -> Arc<Self> {
+        Self::with(shared, Some(index))
+    }
+
+    fn with(shared: &Arc<QuicShared>, index: Option<u32>) -> Arc<Self> {
         shared.lifecycle.stream_opened();
+        let confirmed = CancellationToken::new();
+        let awaiting = index.filter(|_| shared.confirms_opens.load(Ordering::Relaxed));
+        match awaiting {
+            Some(index) => {
+                shared
+                    .unconfirmed_streams()
+                    .insert(index, confirmed.clone());
+            }
+            None => confirmed.cancel(),
+        }
         Arc::new(Self {
             shared: shared.clone(),
             abort: shared.lifecycle.cancellation(),
+            confirmed,
+            awaiting,
         })
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        if let Some(index) = self.awaiting {
+            self.shared.unconfirmed_streams().remove(&index);
+        }
         self.shared.lifecycle.stream_released();
     }
 }

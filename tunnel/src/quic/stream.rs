@@ -95,6 +95,11 @@ impl QuicReader {
         self.guard.abort.clone()
     }
 
+    /// Cancelled once the hub has confirmed the stream's open (edge).
+    pub(crate) fn confirmed(&self) -> CancellationToken {
+        self.guard.confirmed.clone()
+    }
+
     /// Reports `len` bytes written onward (QUIC returns credit by itself).
     pub(crate) fn consumed(&mut self, len: usize) {
         self.unconsumed = self.unconsumed.saturating_sub(len as u64);

@@ -54,6 +54,14 @@ pub(crate) async fn write_control(
     Err(CloseReason::Local("the control queue closed".into()))
 }
 
+/// The 4-byte id a control message (UDP_CLOSE, OPENED) carries.
+fn u32_id(payload: &[u8]) -> Result<u32, ProtocolViolation> {
+    let id: [u8; 4] = payload
+        .try_into()
+        .map_err(|_| ProtocolViolation::ControlMessageWithoutId)?;
+    Ok(u32::from_be_bytes(id))
+}
+
 /// Reads control messages and reports them as events.
 pub(crate) async fn read_control(
     mut recv: RecvStream,
@@ -78,15 +86,27 @@ pub(crate) async fn read_control(
                     shared
                         .lifecycle
                         .confirm(confirmed, shared.options.extensions);
+                    // Echoed, so that the edge knows from when on its opens are confirmed.
+                    let agreed = Bytes::from(shared.lifecycle.agreed.get().to_payload());
+                    let _ = shared.control_tx.try_send((FrameType::Extensions, agreed));
+                    continue;
+                }
+                (FrameType::Extensions, Role::Edge) if !extensions_seen => {
+                    extensions_seen = true;
+                    let echoed = Extensions::parse(&payload)
+                        .map_err(|e| ProtocolViolation::Extensions(e.to_string()))?;
+                    if echoed.liveness && shared.lifecycle.agreed.get().liveness {
+                        shared.hub_confirms_opens();
+                    }
+                    continue;
+                }
+                (FrameType::Opened, Role::Edge) if shared.lifecycle.agreed.get().liveness => {
+                    shared.stream_confirmed(u32_id(&payload)?);
                     continue;
                 }
                 (FrameType::ConfigAck, Role::Hub) => SessionEvent::ConfigAck(payload),
                 (FrameType::UdpClose, _) => {
-                    let id: [u8; 4] = payload
-                        .as_ref()
-                        .try_into()
-                        .map_err(|_| ProtocolViolation::UdpCloseWithoutId)?;
-                    let id = u32::from_be_bytes(id);
+                    let id = u32_id(&payload)?;
                     shared.unconfirmed().remove(&id);
                     SessionEvent::UdpClose { id }
                 }
@@ -191,7 +211,16 @@ pub(crate) async fn accept_streams(
                 .set_max_concurrent_bi_streams(stream_limit(limit));
         }
         let events = events.clone();
+        let shared = shared.clone();
         tokio::spawn(async move {
+            if shared.lifecycle.agreed.get().liveness {
+                let index = recv.id().index() as u32;
+                let opened = (
+                    FrameType::Opened,
+                    Bytes::copy_from_slice(&index.to_be_bytes()),
+                );
+                let _ = shared.control_tx.send(opened).await;
+            }
             let header =
                 match tokio::time::timeout(PROXY_LINE_DEADLINE, read_proxy_line(&mut recv)).await {
                     Ok(Ok(header)) => header,

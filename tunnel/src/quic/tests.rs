@@ -256,3 +256,31 @@ async fn a_read_takes_every_packet_that_has_arrived_at_once() {
     }
     assert_eq!(Bytes::from(received), data);
 }
+
+#[tokio::test]
+async fn the_hub_confirms_each_open_once_it_has_echoed_the_extensions() {
+    let mut pair = Pair::quic(SessionOptions::default()).await;
+    let edge = pair.edge.session.clone();
+    eventually("the hub's echo of the extensions", || {
+        edge.hub_confirms_opens()
+    })
+    .await;
+    let stream = pair.open().await;
+    within(
+        "the hub's OPENED",
+        stream.edge_reader.open_confirmed().cancelled(),
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn an_edge_that_confirmed_no_extension_waits_for_no_confirmation() {
+    let options = SessionOptions {
+        extensions: Extensions::NONE,
+        ..SessionOptions::default()
+    };
+    let mut pair = Pair::quic(options).await;
+    let stream = pair.open().await;
+    assert!(stream.edge_reader.open_confirmed().is_cancelled());
+    assert!(!pair.edge.session.hub_confirms_opens());
+}

@@ -90,6 +90,9 @@ const (
 	TunnelState_TUNNEL_STATE_ACTIVE TunnelState = 1
 	// Its hub is shutting down: open streams finish, new ones go to other tunnels.
 	TunnelState_TUNNEL_STATE_DRAINING TunnelState = 2
+	// Its hub went silent or left an open unconfirmed: new streams go to other tunnels and a
+	// replacement is dialled; it ends at the liveness deadline unless its streams finish first.
+	TunnelState_TUNNEL_STATE_SUSPECT TunnelState = 3
 )
 
 // Enum value maps for TunnelState.
@@ -98,11 +101,13 @@ var (
 		0: "TUNNEL_STATE_UNSPECIFIED",
 		1: "TUNNEL_STATE_ACTIVE",
 		2: "TUNNEL_STATE_DRAINING",
+		3: "TUNNEL_STATE_SUSPECT",
 	}
 	TunnelState_value = map[string]int32{
 		"TUNNEL_STATE_UNSPECIFIED": 0,
 		"TUNNEL_STATE_ACTIVE":      1,
 		"TUNNEL_STATE_DRAINING":    2,
+		"TUNNEL_STATE_SUSPECT":     3,
 	}
 )
 
@@ -1377,11 +1382,12 @@ const file_remoteingress_v1_edge_proto_rawDesc = "" +
 	"\x1aFIREWALL_STATE_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16FIREWALL_STATE_APPLIED\x10\x01\x12\x1e\n" +
 	"\x1aFIREWALL_STATE_UNAVAILABLE\x10\x02\x12\x18\n" +
-	"\x14FIREWALL_STATE_ERROR\x10\x03*_\n" +
+	"\x14FIREWALL_STATE_ERROR\x10\x03*y\n" +
 	"\vTunnelState\x12\x1c\n" +
 	"\x18TUNNEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n" +
 	"\x13TUNNEL_STATE_ACTIVE\x10\x01\x12\x19\n" +
-	"\x15TUNNEL_STATE_DRAINING\x10\x022\xe8\x01\n" +
+	"\x15TUNNEL_STATE_DRAINING\x10\x02\x12\x18\n" +
+	"\x14TUNNEL_STATE_SUSPECT\x10\x032\xe8\x01\n" +
 	"\n" +
 	"EdgeStatus\x12h\n" +
 	"\tGetStatus\x12,.remoteingress.v1.EdgeStatusGetStatusRequest\x1a-.remoteingress.v1.EdgeStatusGetStatusResponse\x12p\n" +

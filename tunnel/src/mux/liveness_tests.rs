@@ -1,0 +1,122 @@
+//! Liveness on the TLS transport: an edge probes a hub that answers (extension `liveness`),
+//! reports a silent one suspect before the deadline ends it, gives an original hub the old
+//! silence, and learns from the hub that each open arrived.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use remoteingress_wire::extension::Extensions;
+use remoteingress_wire::frame::FrameType;
+
+use crate::error::{CloseReason, ProtocolViolation};
+use crate::event::SessionEvent;
+use crate::harness::{within, Pair, RawPeer};
+use crate::options::{Role, SessionOptions, ORIGINAL_HUB_SILENCE};
+
+const OPEN_LINE: &[u8] = b"PROXY TCP4 192.0.2.1 198.51.100.1 40000 80\r\n";
+
+fn quick() -> SessionOptions {
+    SessionOptions {
+        ping_interval: Duration::from_millis(20),
+        idle_timeout: Duration::from_millis(300),
+        ..SessionOptions::default()
+    }
+}
+
+#[tokio::test]
+async fn an_edge_probes_a_silent_hub_reports_it_suspect_and_ends_it_at_the_deadline() {
+    let mut hub = RawPeer::agreeing(Role::Edge, quick(), 1 << 16, Extensions::ALL);
+    assert_eq!(hub.next_frame().await.unwrap().kind, FrameType::Extensions);
+    hub.next_of(FrameType::Ping).await;
+    loop {
+        let event = within("the edge's report", hub.events.recv()).await;
+        if let Some(SessionEvent::Suspect) = event {
+            break;
+        }
+    }
+    assert!(hub.session.is_suspect());
+    assert!(
+        !hub.session.is_closed(),
+        "suspect comes before the deadline"
+    );
+    assert_eq!(
+        hub.close_reason().await,
+        CloseReason::Idle(Duration::from_millis(300))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_original_hub_gets_the_silence_it_was_always_given() {
+    let hub = RawPeer::new(Role::Edge, SessionOptions::default(), 1 << 16);
+    tokio::time::sleep(ORIGINAL_HUB_SILENCE - Duration::from_secs(1)).await;
+    assert!(
+        !hub.session.is_closed(),
+        "an original hub PINGs only every 15 s"
+    );
+    assert!(!hub.session.is_suspect());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        hub.session.close_reason(),
+        Some(CloseReason::Idle(ORIGINAL_HUB_SILENCE))
+    );
+}
+
+#[tokio::test]
+async fn a_hub_answers_the_pings_and_confirms_the_opens_of_an_edge_that_agreed() {
+    let mut edge = RawPeer::new(Role::Hub, SessionOptions::default(), 1 << 16);
+    edge.send(0, FrameType::Extensions, b"[\"liveness\"]").await;
+    edge.send(0, FrameType::Ping, &[7; 8]).await;
+    assert_eq!(&edge.next_of(FrameType::Pong).await.payload[..], &[7; 8]);
+    edge.send(1, FrameType::Open, OPEN_LINE).await;
+    assert_eq!(edge.next_of(FrameType::Opened).await.stream_id, 1);
+
+    let edge = RawPeer::new(Role::Hub, SessionOptions::default(), 1 << 16);
+    let mut edge = edge;
+    edge.send(0, FrameType::Ping, &[7; 8]).await;
+    assert_eq!(
+        edge.close_reason().await,
+        CloseReason::Protocol(ProtocolViolation::UnexpectedFrame {
+            kind: FrameType::Ping,
+            from: Role::Edge
+        }),
+        "an edge that did not agree may not probe"
+    );
+}
+
+#[tokio::test]
+async fn any_answer_of_the_hub_confirms_an_open() {
+    let mut pair = Pair::mux(SessionOptions::default());
+    let stream = pair.open().await;
+    within(
+        "the hub's confirmation",
+        stream.edge_reader.open_confirmed().cancelled(),
+    )
+    .await;
+
+    let mut hub = RawPeer::agreeing(
+        Role::Edge,
+        SessionOptions::default(),
+        1 << 16,
+        Extensions::ALL,
+    );
+    let session = hub.session.clone();
+    let (first, _first_writer) = session.open(OPEN_LINE.into()).await.unwrap();
+    let (second, _second_writer) = session.open(OPEN_LINE.into()).await.unwrap();
+    let confirmed = [first.open_confirmed(), second.open_confirmed()];
+    hub.next_of(FrameType::Open).await;
+    assert!(!confirmed[0].is_cancelled(), "not before the hub answers");
+    hub.send(1, FrameType::WindowUpdateBack, &1000u32.to_be_bytes())
+        .await;
+    within("credit confirms", confirmed[0].cancelled()).await;
+    assert!(!confirmed[1].is_cancelled());
+    hub.send(2, FrameType::Opened, b"").await;
+    within("OPENED confirms", confirmed[1].cancelled()).await;
+
+    let hub = RawPeer::new(Role::Edge, SessionOptions::default(), 1 << 16);
+    let (original, _writer) = hub.session.open(OPEN_LINE.into()).await.unwrap();
+    assert!(
+        original.open_confirmed().is_cancelled(),
+        "an original hub never confirms: nothing to wait for"
+    );
+}
