@@ -10,7 +10,7 @@ mod common;
 
 for_each_transport!(a_drained_tunnel_finishes_its_streams_while_new_ones_go_elsewhere);
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -34,6 +34,22 @@ struct HubSpec {
     metrics_port: u16,
     admin_port: u16,
     edges_file: PathBuf,
+    /// The network namespace it runs in; the test's own when `None`.
+    network: Option<Arc<HubNetwork>>,
+}
+
+impl HubSpec {
+    /// The address it listens on, as the edge and the test reach it.
+    fn host(&self) -> IpAddr {
+        self.network
+            .as_ref()
+            .map_or(LOCALHOST.into(), |network| network.address)
+    }
+
+    /// Its metrics endpoint.
+    fn metrics(&self) -> SocketAddr {
+        SocketAddr::new(self.host(), self.metrics_port)
+    }
 }
 
 /// A running hub process.
@@ -47,11 +63,18 @@ struct Tier {
     dir: tempfile::TempDir,
     pin: String,
     target: EchoTarget,
+    /// Where the edge listens for clients.
+    edge_ip: IpAddr,
     edge_port: u16,
 }
 
 impl Tier {
     async fn new() -> Self {
+        Self::with(LOCALHOST.into(), EDGE_IP).await
+    }
+
+    /// A tier whose target listens on `target_ip` and whose edge on `edge_ip`.
+    async fn with(target_ip: IpAddr, edge_ip: IpAddr) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let pin = remoteingress_tunnel::HubIdentity::load_or_generate(dir.path())
             .unwrap()
@@ -59,8 +82,9 @@ impl Tier {
         Self {
             dir,
             pin,
-            target: echo_target().await,
-            edge_port: free_port(EDGE_IP),
+            target: echo_target_on(target_ip).await,
+            edge_ip,
+            edge_port: free_port(edge_ip),
         }
     }
 
@@ -76,6 +100,16 @@ impl Tier {
     }
 
     async fn hub(&self, id: &str, edges_file: PathBuf) -> HubProcess {
+        self.hub_in(id, edges_file, None).await
+    }
+
+    /// A hub in `network` (the test's own when `None`).
+    async fn hub_in(
+        &self,
+        id: &str,
+        edges_file: PathBuf,
+        network: Option<Arc<HubNetwork>>,
+    ) -> HubProcess {
         let localhost = LOCALHOST.into();
         self.start(HubSpec {
             id: id.to_owned(),
@@ -83,29 +117,36 @@ impl Tier {
             metrics_port: free_port(localhost),
             admin_port: free_port(localhost),
             edges_file,
+            network,
         })
         .await
     }
 
     /// Starts (or starts again) a hub process and waits until it is ready.
     async fn start(&self, hub: HubSpec) -> HubProcess {
-        let process = spawn_binary(
+        let host = hub.host();
+        let wrapper = hub
+            .network
+            .as_ref()
+            .map(|network| network.wrapper())
+            .unwrap_or_default();
+        let process = spawn_binary_under(
+            &wrapper,
             &[
                 "hub".into(),
-                "--listen-address=127.0.0.1".into(),
+                format!("--listen-address={host}"),
                 format!("--tunnel-port={}", hub.tunnel_port),
                 format!("--admin-addr=127.0.0.1:{}", hub.admin_port),
-                format!("--metrics-addr=127.0.0.1:{}", hub.metrics_port),
+                format!("--metrics-addr={}", hub.metrics()),
                 format!("--state-dir={}", self.dir.path().display()),
                 format!("--edges-file={}", hub.edges_file.display()),
                 format!("--hub-id={}", hub.id),
-                "--no-quic".into(),
-                "--liveness-interval-ms=1000".into(),
+                format!("--target-host={}", self.target.addr.ip()),
                 "--shutdown-grace-secs=20".into(),
             ],
             &[],
         );
-        let metrics = SocketAddr::from((LOCALHOST, hub.metrics_port));
+        let metrics = hub.metrics();
         eventually(&format!("{} to be ready", hub.id), || async {
             match TcpStream::connect(metrics).await {
                 Ok(_) => (http_get(metrics, "/readyz").await.0 == 200).then_some(()),
@@ -125,7 +166,7 @@ impl Tier {
             "--edge-id=e1".into(),
             format!("--secret={SECRET}"),
             format!("--hub-pin={}", self.pin),
-            format!("--bind-address={EDGE_IP}"),
+            format!("--bind-address={}", self.edge_ip),
             format!("--status-addr=127.0.0.1:{}", free_port(localhost)),
             format!("--metrics-addr={metrics}"),
             "--firewall=off".into(),
@@ -175,7 +216,7 @@ impl EdgeProcess {
 fn hub_flags(hubs: &[&HubProcess], connections: usize) -> Vec<String> {
     let mut flags: Vec<String> = hubs
         .iter()
-        .map(|hub| format!("--hub=127.0.0.1:{}", hub.spec.tunnel_port))
+        .map(|hub| format!("--hub={}:{}", hub.spec.host(), hub.spec.tunnel_port))
         .collect();
     flags.push(format!("--hub-connections={connections}"));
     flags
@@ -224,13 +265,23 @@ async fn long_transfer(addr: SocketAddr) -> bool {
     written.is_ok() && read.is_ok() && received == data
 }
 
+/// One connection of a [`Load`].
+struct Outcome {
+    /// When it started.
+    at: Instant,
+    /// How long its exchange took.
+    took: Duration,
+    /// Whether all its bytes came back.
+    ok: bool,
+}
+
 /// New connections at about 200 per second (4 workers, each every 20 ms), until stopped.
 struct Load {
     stop: Arc<AtomicBool>,
     /// While set, workers start no connection.
     paused: Arc<AtomicBool>,
     started: Arc<AtomicUsize>,
-    workers: Vec<tokio::task::JoinHandle<Vec<(Instant, bool)>>>,
+    workers: Vec<tokio::task::JoinHandle<Vec<Outcome>>>,
 }
 
 const WORKERS: usize = 4;
@@ -253,7 +304,12 @@ impl Load {
                         }
                         let n = started.fetch_add(1, Ordering::Relaxed);
                         let at = Instant::now();
-                        outcomes.push((at, short_exchange(addr, n).await));
+                        let ok = short_exchange(addr, n).await;
+                        outcomes.push(Outcome {
+                            at,
+                            took: at.elapsed(),
+                            ok,
+                        });
                     }
                     outcomes
                 })
@@ -285,8 +341,8 @@ impl Load {
         .await;
     }
 
-    /// Stops and returns every connection's start time and success.
-    async fn finish(self) -> Vec<(Instant, bool)> {
+    /// Stops and returns every connection's outcome.
+    async fn finish(self) -> Vec<Outcome> {
         self.stop.store(true, Ordering::Relaxed);
         let mut all = Vec::new();
         for worker in self.workers {
@@ -316,8 +372,11 @@ async fn killing_one_hub_costs_only_its_own_streams() {
     load.run_for(200).await;
     let outcomes = load.finish().await;
 
-    let failed: Vec<&(Instant, bool)> = outcomes.iter().filter(|(_, ok)| !ok).collect();
-    let failed_after = failed.iter().filter(|(at, _)| *at >= noticed).count();
+    let failed: Vec<&Outcome> = outcomes.iter().filter(|outcome| !outcome.ok).collect();
+    let failed_after = failed
+        .iter()
+        .filter(|outcome| outcome.at >= noticed)
+        .count();
     println!(
         "kill -9 of one hub: {} connections, {} failed (at most the {WORKERS} in flight), \
          edge routed around it within {:?}",
@@ -334,7 +393,13 @@ async fn killing_one_hub_costs_only_its_own_streams() {
         "only connections in flight on the killed hub may fail: {} did",
         failed.len()
     );
-    assert!(outcomes.iter().filter(|(at, _)| *at >= noticed).count() >= 150);
+    assert!(
+        outcomes
+            .iter()
+            .filter(|outcome| outcome.at >= noticed)
+            .count()
+            >= 150
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -398,7 +463,7 @@ async fn a_rolling_restart_of_every_hub_loses_no_connection() {
         load.run_for(50).await;
     }
     let outcomes = load.finish().await;
-    let failed = outcomes.iter().filter(|(_, ok)| !ok).count();
+    let failed = outcomes.iter().filter(|outcome| !outcome.ok).count();
     println!(
         "rolling restart of 2 hubs: {} connections, {failed} failed",
         outcomes.len()
@@ -679,4 +744,260 @@ async fn a_drained_tunnel_finishes_its_streams_while_new_ones_go_elsewhere(
     assert_eq!(drained.drain_pending(), 0);
     assert_eq!(round_trip(addr, &data).await, data);
     edge.shutdown().await;
+}
+
+/// The address the target listens on in the test's namespace; each hub namespace routes it
+/// through its veth pair.
+const TARGET_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 9, 0, 1));
+/// The address the edge listens on in the test's namespace: not loopback, since the edge's
+/// tunnels no longer come from loopback and the hubs refuse loopback clients from elsewhere.
+const PUBLIC_IP: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 8, 0, 1));
+
+/// Runs `test` on a runtime whose threads live in a new network namespace (loopback up, the
+/// target's address on it): the edge, its clients and the target run there. The operator
+/// tests do the same; creating namespaces needs root, as CI has.
+fn in_private_network<F, Fut>(test: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let thread = std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("a private network namespace (these tests run as root, as CI does)");
+        run(&[], "ip", &["link", "set", "lo", "up"]);
+        for address in [TARGET_IP, PUBLIC_IP] {
+            run(
+                &[],
+                "ip",
+                &["addr", "add", &format!("{address}/32"), "dev", "lo"],
+            );
+        }
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(test());
+    });
+    if let Err(panic) = thread.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Runs `program` with `args` under `wrapper` (a namespace's `nsenter`, or nothing).
+fn run(wrapper: &[String], program: &str, args: &[&str]) {
+    let mut command = Command::new(wrapper.first().map_or(program, String::as_str));
+    if !wrapper.is_empty() {
+        command.args(&wrapper[1..]).arg(program);
+    }
+    let status = command.args(args).status().unwrap();
+    assert!(status.success(), "{program} {args:?}");
+}
+
+/// A hub's own network namespace, joined to the test's by a veth pair: the hub is 10.`n`.0.2,
+/// the test's end 10.`n`.0.1. Its path can be blackholed with nftables: every packet on the
+/// veth dropped both ways, so neither side ever sees a FIN or RST.
+struct HubNetwork {
+    /// Holds the namespace open.
+    holder: Process,
+    link: String,
+    address: IpAddr,
+}
+
+impl HubNetwork {
+    fn new(n: u8) -> Arc<Self> {
+        let holder = Process(
+            Command::new("unshare")
+                .args(["-n", "sleep", "infinity"])
+                .spawn()
+                .expect("unshare (util-linux) runs"),
+        );
+        let pid = holder.0.id();
+        let ours = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+        while std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .ok()
+            .as_ref()
+            == Some(&ours)
+        {
+            std::thread::yield_now();
+        }
+        let network = Self {
+            holder,
+            link: format!("ri-hub{n}"),
+            address: IpAddr::from([10, n, 0, 2]),
+        };
+        let ours = format!("ri-edge{n}");
+        let theirs = &network.link;
+        run(
+            &[],
+            "ip",
+            &[
+                "link",
+                "add",
+                &ours,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                theirs,
+                "netns",
+                &pid.to_string(),
+            ],
+        );
+        run(
+            &[],
+            "ip",
+            &["addr", "add", &format!("10.{n}.0.1/24"), "dev", &ours],
+        );
+        run(&[], "ip", &["link", "set", &ours, "up"]);
+        let inside = network.wrapper();
+        run(&inside, "ip", &["link", "set", "lo", "up"]);
+        run(
+            &inside,
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", network.address),
+                "dev",
+                theirs,
+            ],
+        );
+        run(&inside, "ip", &["link", "set", theirs, "up"]);
+        run(
+            &inside,
+            "ip",
+            &[
+                "route",
+                "add",
+                &format!("{TARGET_IP}/32"),
+                "via",
+                &format!("10.{n}.0.1"),
+            ],
+        );
+        Arc::new(network)
+    }
+
+    /// The command prefix that runs a program inside.
+    fn wrapper(&self) -> Vec<String> {
+        ["nsenter", "-t", &self.holder.0.id().to_string(), "-n", "--"]
+            .map(String::from)
+            .to_vec()
+    }
+
+    /// Drops every packet on the path both ways, except the hub's metrics (`keep`), which the
+    /// test reads.
+    fn blackhole(&self, keep: u16) {
+        let link = &self.link;
+        let rules = format!(
+            "table inet blackhole {{
+               chain input {{ type filter hook input priority -300; iifname \"{link}\" tcp dport {keep} accept; iifname \"{link}\" drop; }}
+               chain output {{ type filter hook output priority -300; oifname \"{link}\" tcp sport {keep} accept; oifname \"{link}\" drop; }}
+             }}"
+        );
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), rules).unwrap();
+        run(
+            &self.wrapper(),
+            "nft",
+            &["-f", &file.path().display().to_string()],
+        );
+    }
+
+    /// Lets the path carry packets again.
+    fn restore(&self) {
+        run(
+            &self.wrapper(),
+            "nft",
+            &["delete", "table", "inet", "blackhole"],
+        );
+    }
+}
+
+/// The value of one sample at a metrics endpoint, if it is there.
+async fn sample(metrics: SocketAddr, name: &str) -> Option<f64> {
+    TcpStream::connect(metrics).await.ok()?;
+    let (_, body) = http_get(metrics, "/metrics").await;
+    body.lines()
+        .find_map(|line| line.strip_prefix(name)?.trim().parse().ok())
+}
+
+/// Connects to `addr` and holds the connection open, echoing once first: a stream the hub
+/// holds when its path goes dark.
+async fn held_connection(addr: SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(b"held").await.unwrap();
+    let mut echo = [0; 4];
+    stream.read_exact(&mut echo).await.unwrap();
+    stream
+}
+
+/// One hub of two loses its path without a word (real processes; each hub in a network
+/// namespace of its own) while about 200 new connections per second go through the edge: no
+/// new connection fails, the blackholed hub releases its side within the deadline, and the
+/// edge is back on both hubs once the path returns.
+async fn a_blackholed_hub_costs_no_connection(transport: &'static str) {
+    let tier = Tier::with(TARGET_IP, PUBLIC_IP).await;
+    let file = tier.edges_file("edges.json", 1, tier.edge_port);
+    let dark = HubNetwork::new(1);
+    let a = tier.hub_in("hub-a", file.clone(), Some(dark.clone())).await;
+    let b = tier.hub_in("hub-b", file, Some(HubNetwork::new(2))).await;
+    let mut flags = hub_flags(&[&a, &b], 2);
+    flags.push(format!("--transport-mode={transport}"));
+    let edge = tier.edge(&flags).await;
+    edge.wait_tunnels(&["hub-a", "hub-b"]).await;
+    let addr = SocketAddr::new(tier.edge_ip, tier.edge_port);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(held_connection(addr).await);
+    }
+    let streams_on_a = "remoteingress_streams_active{edge=\"e1\"}";
+    eventually("hub-a to hold streams", || async {
+        (sample(a.spec.metrics(), streams_on_a).await? > 0.0).then_some(())
+    })
+    .await;
+
+    let load = Load::start(addr);
+    load.run_for(100).await;
+    let dark_since = Instant::now();
+    dark.blackhole(a.spec.metrics_port);
+    load.run_for(600).await;
+    eventually("hub-a to release the silent edge", || async {
+        let connected = sample(a.spec.metrics(), "remoteingress_edges_connected").await?;
+        let streams = sample(a.spec.metrics(), streams_on_a).await.unwrap_or(0.0);
+        (connected == 0.0 && streams == 0.0).then_some(())
+    })
+    .await;
+    let released = dark_since.elapsed();
+    dark.restore();
+    edge.wait_tunnels(&["hub-a", "hub-b"]).await;
+    let back = dark_since.elapsed();
+    load.run_for(100).await;
+    let outcomes = load.finish().await;
+
+    let after: Vec<&Outcome> = outcomes
+        .iter()
+        .filter(|outcome| outcome.at >= dark_since)
+        .collect();
+    let failed = outcomes.iter().filter(|outcome| !outcome.ok).count();
+    let slowest = after.iter().map(|outcome| outcome.took).max();
+    let retried = edge.metric("remoteingress_opens_retried_total").await;
+    println!(
+        "{transport}, one of two hubs blackholed: {} connections ({} after), {failed} failed, \
+         slowest after {slowest:?}, {retried:?} opens moved; hub released the edge after \
+         {released:?}; edge on both hubs again {back:?} after the blackhole began",
+        outcomes.len(),
+        after.len(),
+    );
+    assert_eq!(failed, 0, "no new connection is lost to the silent hub");
+}
+
+#[test]
+fn a_blackholed_hub_costs_no_connection_over_tls() {
+    in_private_network(|| a_blackholed_hub_costs_no_connection("tcpTls"));
+}
+
+#[test]
+fn a_blackholed_hub_costs_no_connection_over_quic() {
+    in_private_network(|| a_blackholed_hub_costs_no_connection("quic"));
 }

@@ -337,8 +337,18 @@ impl Drop for Process {
 
 /// Starts the remoteingress binary with `args` and extra environment.
 pub fn spawn_binary(args: &[String], env: &[(&str, &str)]) -> Process {
+    spawn_binary_under(&[], args, env)
+}
+
+/// Starts the remoteingress binary under `wrapper` (a command and its arguments that run the
+/// rest, such as `nsenter … --`), with `args` and extra environment.
+pub fn spawn_binary_under(wrapper: &[String], args: &[String], env: &[(&str, &str)]) -> Process {
+    let binary = env!("CARGO_BIN_EXE_remoteingress").to_owned();
+    let mut command = wrapper.iter().chain(std::iter::once(&binary));
+    let program = command.next().expect("a program");
     Process(
-        std::process::Command::new(env!("CARGO_BIN_EXE_remoteingress"))
+        std::process::Command::new(program)
+            .args(command)
             .args(args)
             .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
