@@ -1,4 +1,5 @@
-//! Idle edges: many light edges connected to one hub, for the hub's memory per connected edge.
+//! Idle edges: many light edges connected to one hub, for the hub's memory and CPU (its
+//! liveness probes) per connected edge.
 //! Each is a session of the tunnel crate that has done the edge's handshake and then only
 //! answers the hub's PINGs, so the edge side costs the bench little.
 
@@ -15,11 +16,13 @@ use rustls::pki_types::ServerName;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsConnector;
 
-use crate::processes::{rss_bytes, Hub};
+use crate::processes::{cpu_seconds, rss_bytes, Hub};
 use crate::Row;
 
 /// Secret every idle edge shares.
 const SECRET: &str = "bench-idle-edge";
+/// How long the hub's CPU is measured with every idle edge connected.
+const CPU_WINDOW: Duration = Duration::from_secs(5);
 /// Longest hub reply read.
 const MAX_REPLY: usize = 1024 * 1024;
 
@@ -60,6 +63,9 @@ pub async fn hub_memory_per_idle_edge(
         );
     }
     let rss_held = settled_rss(hub.process.pid()).await?;
+    let cpu_before = cpu_seconds(&[hub.process.pid()])?;
+    tokio::time::sleep(CPU_WINDOW).await;
+    let cpu = cpu_seconds(&[hub.process.pid()])? - cpu_before;
     drop(held);
     let per_edge = rss_held.saturating_sub(rss_before) as f64 / count as f64 / 1024.0;
     let mib = |bytes: u64| bytes as f64 / 1048576.0;
@@ -68,6 +74,12 @@ pub async fn hub_memory_per_idle_edge(
         Row::new("hub RSS, no edge", "MiB", None, mib(rss_before)),
         Row::new("hub RSS, idle edges connected", "MiB", None, mib(rss_held)),
         Row::new("hub RSS per idle edge", "KiB", None, per_edge),
+        Row::new(
+            "hub CPU per 1,000 idle edges (liveness probes)",
+            "% of a core",
+            None,
+            cpu / CPU_WINDOW.as_secs_f64() * 100.0 * 1000.0 / count as f64,
+        ),
     ])
 }
 

@@ -5,6 +5,7 @@
 pub mod edges;
 pub mod frp;
 pub mod iperf;
+pub mod loss;
 pub mod peers;
 pub mod preauth;
 pub mod processes;
@@ -42,6 +43,9 @@ pub enum Section {
     Udp,
     /// Hub memory per idle connected edge, and under unauthenticated QUIC peers (QUIC only).
     Edges,
+    /// Goodput, new connections and p99 with 0, 1 and 5 % of the tunnel's packets dropped.
+    /// Only when asked for: it needs root (a network namespace of its own, nftables).
+    Loss,
 }
 
 /// What to run.
@@ -108,11 +112,12 @@ impl BenchConfig {
 }
 
 impl Section {
-    /// Every section.
+    /// Every section but [`Section::Loss`], which runs only when asked for.
     pub fn all() -> BTreeSet<Section> {
         <Section as clap::ValueEnum>::value_variants()
             .iter()
             .copied()
+            .filter(|section| *section != Section::Loss)
             .collect()
     }
 }
@@ -137,7 +142,7 @@ pub struct Row {
 }
 
 impl Row {
-    fn new(name: &str, unit: &str, direct: Option<f64>, tunnel: f64) -> Self {
+    pub(crate) fn new(name: &str, unit: &str, direct: Option<f64>, tunnel: f64) -> Self {
         Self {
             name: name.to_owned(),
             unit: unit.to_owned(),
@@ -243,6 +248,9 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
             row.name = format!("{} [{transport}]", row.name);
         }
         rows.extend(measured);
+    }
+    if config.sections.contains(&Section::Loss) {
+        rows.extend(loss::lossy_path(config, &targets).await?);
     }
     Ok(rows)
 }

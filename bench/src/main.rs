@@ -68,6 +68,9 @@ fn main() -> Result<()> {
     if !args.only.is_empty() {
         config.sections = args.only.into_iter().collect();
     }
+    if config.sections.contains(&Section::Loss) {
+        remoteingress_bench::loss::enter_private_network()?;
+    }
     let rows = tokio::runtime::Runtime::new()?.block_on(run(&config))?;
     print!("{}", table(&rows));
     std::fs::write(&args.json, serde_json::to_vec_pretty(&rows)?)

@@ -9,6 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// A child process killed when dropped.
 #[derive(Debug)]
@@ -175,6 +176,8 @@ pub struct Tunnel {
     pub hub: Hub,
     /// Edge process.
     pub edge: Process,
+    /// The edge's metrics endpoint.
+    pub edge_metrics: SocketAddr,
 }
 
 /// Address the edge's public listeners bind to.
@@ -194,6 +197,7 @@ impl Tunnel {
                 .map(|(k, v)| (k.to_string(), v)).collect::<BTreeMap<_, _>>(),
         }]);
         let hub = Hub::start(binary, &edges).await?;
+        let edge_metrics = SocketAddr::from(([127, 0, 0, 1], free_port("127.0.0.1")?));
         let edge = Command::new(binary)
             .args(["--log-level", "warn", "edge", "--hub-host", "127.0.0.1"])
             .args(["--hub-port", &hub.tunnel_port.to_string()])
@@ -210,10 +214,7 @@ impl Tunnel {
                 "--status-addr",
                 &format!("127.0.0.1:{}", free_port("127.0.0.1")?),
             ])
-            .args([
-                "--metrics-addr",
-                &format!("127.0.0.1:{}", free_port("127.0.0.1")?),
-            ])
+            .args(["--metrics-addr", &edge_metrics.to_string()])
             .args(["--max-connections", "30000", "--max-streams", "30000"])
             .args([
                 "--firewall",
@@ -230,7 +231,24 @@ impl Tunnel {
         for port in ports.tcp.keys() {
             wait_accepting(SocketAddr::new(EDGE_IP.parse()?, *port)).await?;
         }
-        Ok(Self { hub, edge })
+        Ok(Self {
+            hub,
+            edge,
+            edge_metrics,
+        })
+    }
+
+    /// The value of one sample (name with labels, as Prometheus prints it) the edge reports.
+    pub async fn edge_metric(&self, sample: &str) -> Option<f64> {
+        let mut socket = tokio::net::TcpStream::connect(self.edge_metrics)
+            .await
+            .ok()?;
+        let request = "GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n";
+        socket.write_all(request.as_bytes()).await.ok()?;
+        let mut body = String::new();
+        socket.read_to_string(&mut body).await.ok()?;
+        body.lines()
+            .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
     }
 }
 

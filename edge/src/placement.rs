@@ -150,7 +150,7 @@ pub(crate) async fn place(client: &TcpStream, header: &Bytes, tunnels: &Tunnels)
                 return None;
             }
             Waited::Unconfirmed => {
-                tracing::debug!(hub = %picked.hub, "open not confirmed in time; moving it to another tunnel");
+                tracing::debug!(hub = %picked.hub, stream = reader.id(), "open not confirmed in time; moving it to another tunnel");
                 writer.reset();
             }
         }

@@ -175,7 +175,9 @@ async fn serve_tunnel(
                 retire(inner, tunnel, events, TunnelState::Draining);
                 return Ended::Retired;
             }
-            Some(SessionEvent::Suspect) => {
+            Some(SessionEvent::Suspect { silent }) => {
+                let silent_ms = silent.as_millis() as u64;
+                tracing::warn!(address = %tunnel.address, hub_id = ?tunnel.hub_id, silent_ms, "tunnel suspect: its hub was silent for two probe intervals, or left an open unconfirmed (silent briefly); new streams go elsewhere and a replacement is dialled");
                 retire(inner, tunnel, events, TunnelState::Suspect);
                 return Ended::Retired;
             }
@@ -221,7 +223,6 @@ fn retire(
     state: TunnelState,
 ) {
     if state == TunnelState::Suspect {
-        tracing::warn!(address = %tunnel.address, hub_id = ?tunnel.hub_id, "hub went silent or left an open unconfirmed; new streams go elsewhere and a replacement is dialled");
         inner.metrics.tunnels_suspect.inc();
     } else {
         tracing::info!(address = %tunnel.address, hub_id = ?tunnel.hub_id, "hub is draining this tunnel; new streams go elsewhere");

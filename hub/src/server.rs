@@ -270,7 +270,7 @@ async fn dispatch(
         SessionEvent::UdpDatagram { id, payload } => udp.datagram(id, payload),
         SessionEvent::UdpClose { id } => udp.close(inner, id),
         // Only an edge receives these.
-        SessionEvent::Config(_) | SessionEvent::Drain | SessionEvent::Suspect => {}
+        SessionEvent::Config(_) | SessionEvent::Drain | SessionEvent::Suspect { .. } => {}
     }
 }
 

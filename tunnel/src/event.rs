@@ -27,7 +27,10 @@ pub enum SessionEvent {
     Drain,
     /// Edge: the hub went silent past two probe intervals, or left an open unconfirmed; new
     /// streams should go elsewhere and a replacement tunnel be dialled. Reported once.
-    Suspect,
+    Suspect {
+        /// How long nothing had arrived from the hub (short when an open went unconfirmed).
+        silent: Duration,
+    },
     /// Hub: the edge acknowledged a configuration (JSON).
     ConfigAck(Bytes),
     /// Hub: the tunnel's round trip was measured.

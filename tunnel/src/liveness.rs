@@ -40,8 +40,7 @@ pub(crate) async fn watch_silence<S: SessionCore>(
         let lifecycle = core.lifecycle();
         if lifecycle.is_suspect() || (core.probes_answered() && silent >= threshold) {
             lifecycle.mark_suspect();
-            tracing::debug!(silent_ms = silent.as_millis() as u64, "tunnel suspect");
-            let _ = events.send(SessionEvent::Suspect).await;
+            let _ = events.send(SessionEvent::Suspect { silent }).await;
             return std::future::pending().await;
         }
     }

@@ -31,7 +31,11 @@ async fn an_edge_probes_a_silent_hub_reports_it_suspect_and_ends_it_at_the_deadl
     hub.next_of(FrameType::Ping).await;
     loop {
         let event = within("the edge's report", hub.events.recv()).await;
-        if let Some(SessionEvent::Suspect) = event {
+        if let Some(SessionEvent::Suspect { silent }) = event {
+            assert!(
+                silent >= Duration::from_millis(40),
+                "two intervals: {silent:?}"
+            );
             break;
         }
     }

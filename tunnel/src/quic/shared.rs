@@ -1,6 +1,6 @@
 //! State that every task and stream of a QUIC session shares.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -28,8 +28,8 @@ pub(crate) struct QuicShared {
     /// UDP sessions the hub has not answered yet (edge): their opens are repeated, spaced out,
     /// until it has, so a lost open never black-holes a session.
     unconfirmed_udp: Mutex<HashMap<u32, Unconfirmed>>,
-    /// Streams whose open the hub has not confirmed yet (edge), by stream index.
-    unconfirmed_streams: Mutex<HashMap<u32, CancellationToken>>,
+    /// Streams whose open the hub has not confirmed yet (edge).
+    open_confirmations: Mutex<OpenConfirmations>,
     /// The hub confirms opens (edge): it echoed EXTENSIONS with `liveness`. Streams can
     /// overtake the control stream, so the agreement alone does not tell when this starts.
     confirms_opens: AtomicBool,
@@ -105,7 +105,7 @@ impl QuicShared {
             control_tx,
             next_udp_id: AtomicU32::new(1),
             unconfirmed_udp: Mutex::new(HashMap::new()),
-            unconfirmed_streams: Mutex::new(HashMap::new()),
+            open_confirmations: Mutex::default(),
             confirms_opens: AtomicBool::new(false),
         }
     }
@@ -117,8 +117,8 @@ impl QuicShared {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn unconfirmed_streams(&self) -> MutexGuard<'_, HashMap<u32, CancellationToken>> {
-        self.unconfirmed_streams
+    fn open_confirmations(&self) -> MutexGuard<'_, OpenConfirmations> {
+        self.open_confirmations
             .lock()
             .unwrap_or_else(|p| p.into_inner())
     }
@@ -136,9 +136,7 @@ impl QuicShared {
 
     /// The hub confirmed the open of stream `index` (edge).
     pub(crate) fn stream_confirmed(&self, index: u32) {
-        if let Some(confirmed) = self.unconfirmed_streams().remove(&index) {
-            confirmed.cancel();
-        }
+        self.open_confirmations().confirm(index);
     }
 
     /// Sends a datagram if it fits the connection and its send queue now; a datagram that does
@@ -156,6 +154,50 @@ impl QuicShared {
             self.lifecycle.stats.udp_drop();
         }
         sent
+    }
+}
+
+/// The hub's confirmations of the edge's opens, by stream index. A confirmation may come
+/// before its stream is expected: QUIC opens every lower-numbered stream implicitly, so the hub
+/// can see (and confirm) stream n once stream n+1 has data, while the task that opened n has not
+/// yet recorded it. Such early confirmations are kept, a bounded number of them.
+#[derive(Debug, Default)]
+struct OpenConfirmations {
+    awaited: HashMap<u32, CancellationToken>,
+    early: HashSet<u32>,
+}
+
+impl OpenConfirmations {
+    /// Most early confirmations kept; past it they are forgotten (an open then waits in vain
+    /// and moves to another tunnel, as if unconfirmed).
+    const MAX_EARLY: usize = 1024;
+
+    /// Records that stream `index` waits for `confirmed`, cancelling it if it came already.
+    fn expect(&mut self, index: u32, confirmed: &CancellationToken) {
+        if self.early.remove(&index) {
+            confirmed.cancel();
+        } else {
+            self.awaited.insert(index, confirmed.clone());
+        }
+    }
+
+    /// The hub confirmed stream `index`.
+    fn confirm(&mut self, index: u32) {
+        match self.awaited.remove(&index) {
+            Some(confirmed) => confirmed.cancel(),
+            None => {
+                if self.early.len() >= Self::MAX_EARLY {
+                    self.early.clear();
+                }
+                self.early.insert(index);
+            }
+        }
+    }
+
+    /// Stream `index` is gone.
+    fn forget(&mut self, index: u32) {
+        self.awaited.remove(&index);
+        self.early.remove(&index);
     }
 }
 
@@ -188,11 +230,7 @@ impl StreamGuard {
         let confirmed = CancellationToken::new();
         let awaiting = index.filter(|_| shared.confirms_opens.load(Ordering::Relaxed));
         match awaiting {
-            Some(index) => {
-                shared
-                    .unconfirmed_streams()
-                    .insert(index, confirmed.clone());
-            }
+            Some(index) => shared.open_confirmations().expect(index, &confirmed),
             None => confirmed.cancel(),
         }
         Arc::new(Self {
@@ -207,8 +245,32 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         if let Some(index) = self.awaiting {
-            self.shared.unconfirmed_streams().remove(&index);
+            self.shared.open_confirmations().forget(index);
         }
         self.shared.lifecycle.stream_released();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_confirmation_may_come_before_its_stream_is_expected() {
+        let mut confirmations = OpenConfirmations::default();
+        let (early, late) = (CancellationToken::new(), CancellationToken::new());
+        confirmations.confirm(8);
+        confirmations.expect(8, &early);
+        assert!(early.is_cancelled(), "kept until its stream is expected");
+        confirmations.expect(9, &late);
+        assert!(!late.is_cancelled());
+        confirmations.confirm(9);
+        assert!(late.is_cancelled());
+        for index in 0..=OpenConfirmations::MAX_EARLY as u32 * 2 {
+            confirmations.confirm(1000 + index);
+        }
+        assert!(confirmations.early.len() <= OpenConfirmations::MAX_EARLY);
+        confirmations.forget(1000 + OpenConfirmations::MAX_EARLY as u32 * 2);
+        assert!(confirmations.awaited.is_empty());
     }
 }
