@@ -14,8 +14,9 @@ use crate::error::{CloseReason, ProtocolViolation};
 use crate::lifecycle::TaskEnd;
 use crate::options::Role;
 
-/// Sends a PING every interval unless the last one is still unanswered or, on the edge, the
-/// hub was heard from during the interval.
+/// Sends a PING every interval unless the last one is still unanswered or, where the peer
+/// probes too (the edge; the hub of an edge that agreed `liveness`), the peer was heard from
+/// during the interval: an idle pair then exchanges about one PING a second between them.
 pub(crate) async fn ping_loop(shared: Arc<Shared>) -> TaskEnd {
     let mut interval = tokio::time::interval(shared.options.ping_interval);
     interval.tick().await;
@@ -23,7 +24,8 @@ pub(crate) async fn ping_loop(shared: Arc<Shared>) -> TaskEnd {
     loop {
         interval.tick().await;
         let heard_before = std::mem::replace(&mut heard, shared.lifecycle.heard());
-        if shared.role == Role::Edge && heard != heard_before {
+        let peer_probes = shared.role == Role::Edge || shared.liveness_agreed();
+        if peer_probes && heard != heard_before {
             continue;
         }
         // The payload is opaque to the protocol; ours carries the last round trip for the edge.

@@ -28,6 +28,9 @@ const QUIET_READ_CHUNK: usize = 2 * 1024;
 /// A tunnel that has read nothing for this long gives its large read buffer back, so that idle
 /// edges cost the hub little.
 pub(crate) const RELEASE_IDLE_BUFFERS: Duration = Duration::from_secs(1);
+/// How often the hub's owner is told the round trip at most (its metric and status): PINGs
+/// come every second, the owner's bookkeeping need not.
+const RTT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// Consecutive empty DATA frames tolerated.
 const MAX_EMPTY_DATA_RUN: u32 = 100;
 /// DATA payloads smaller than this are copied out of the read buffer so that a few stalled
@@ -42,6 +45,8 @@ pub(crate) struct Reader {
     last_udp_id: u32,
     empty_data_run: u32,
     extensions_seen: bool,
+    /// When the owner was last told the round trip.
+    rtt_reported: Option<std::time::Instant>,
 }
 
 type Dispatched = Result<(), CloseReason>;
@@ -92,6 +97,7 @@ impl Reader {
             last_udp_id: 0,
             empty_data_run: 0,
             extensions_seen: false,
+            rtt_reported: None,
         }
     }
 
@@ -157,7 +163,11 @@ impl Reader {
             }
             FrameType::Pong if role == Role::Hub || self.shared.liveness_agreed() => {
                 let rtt = pong_received(&self.shared, frame.ping_token())?;
-                if role == Role::Hub {
+                let due = self
+                    .rtt_reported
+                    .is_none_or(|at| at.elapsed() >= RTT_REPORT_INTERVAL);
+                if role == Role::Hub && due {
+                    self.rtt_reported = Some(std::time::Instant::now());
                     let _ = self.events.try_send(SessionEvent::RoundTrip(rtt));
                 }
                 Ok(())

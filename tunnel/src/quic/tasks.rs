@@ -23,6 +23,8 @@ use crate::line::LineError;
 use crate::options::Role;
 use crate::stream::{StreamReader, StreamWriter};
 
+/// How often the hub's owner is told the round trip.
+const RTT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// Time a new stream has to deliver its PROXY line.
 const PROXY_LINE_DEADLINE: Duration = Duration::from_secs(10);
 
@@ -238,12 +240,12 @@ pub(crate) async fn accept_streams(
     }
 }
 
-/// Reports QUIC's round-trip estimate every ping interval (hub).
+/// Reports QUIC's round-trip estimate every few seconds (hub).
 pub(crate) async fn report_rtt(
     shared: Arc<QuicShared>,
     events: mpsc::Sender<SessionEvent>,
 ) -> TaskEnd {
-    let mut interval = tokio::time::interval(shared.options.ping_interval);
+    let mut interval = tokio::time::interval(RTT_REPORT_INTERVAL);
     loop {
         interval.tick().await;
         let _ = events.try_send(SessionEvent::RoundTrip(shared.connection.rtt()));
