@@ -161,7 +161,7 @@ const TUNNEL_STREAMS: (&str, &str) = (
 );
 const TUNNELS: (&str, &str) = (
     "remoteingress_tunnels",
-    "Tunnels up, by state (active, draining)",
+    "Tunnels up, by state (active, draining, suspect)",
 );
 
 /// Reads the current tunnel at scrape time.
@@ -199,7 +199,11 @@ impl Collector for LiveCollector {
             let tunnel_streams =
                 IntGaugeVec::new(Opts::new(TUNNEL_STREAMS.0, TUNNEL_STREAMS.1), &["hub"])?;
             let tunnels = IntGaugeVec::new(Opts::new(TUNNELS.0, TUNNELS.1), &["state"])?;
-            for state in [TunnelState::Active, TunnelState::Draining] {
+            for state in [
+                TunnelState::Active,
+                TunnelState::Draining,
+                TunnelState::Suspect,
+            ] {
                 tunnels.with_label_values(&[state.as_str()]).set(0);
             }
             let mut totals = *edge.ended.lock().unwrap_or_else(|p| p.into_inner());
