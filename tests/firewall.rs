@@ -34,9 +34,18 @@ impl Netns {
         })
         .await;
         let netns = Self { holder };
+        // `unshare -r` maps our user into the namespace only after creating it: until then
+        // entering it fails, so the first command is retried.
+        eventually("the namespace to take commands", || {
+            let up = netns
+                .run(&["ip", "link", "set", "lo", "up"])
+                .status
+                .success();
+            async move { up.then_some(()) }
+        })
+        .await;
         for args in [
-            &["ip", "link", "set", "lo", "up"][..],
-            &["ip", "addr", "add", "10.1.0.1/32", "dev", "lo"],
+            &["ip", "addr", "add", "10.1.0.1/32", "dev", "lo"][..],
             &["ip", "addr", "add", "10.2.0.1/32", "dev", "lo"],
         ] {
             assert!(netns.run(args).status.success(), "{args:?}");

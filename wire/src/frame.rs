@@ -435,6 +435,10 @@ mod tests {
                 Frame::new(0, FrameType::Extensions, &b"[\"reset\"]"[..]),
                 b"\x00\x00\x00\x00\x12\x00\x00\x00\x09[\"reset\"]",
             ),
+            (
+                Frame::empty(5, FrameType::Opened),
+                b"\x00\x00\x00\x05\x13\x00\x00\x00\x00",
+            ),
         ];
         assert_eq!(cases.len(), FrameType::ALL.len());
         for (frame, bytes) in cases {

@@ -78,8 +78,8 @@ export interface TunnelInfo {
   address: string;
   /** Its transport. */
   transport: TransportName;
-  /** Whether it takes new streams (`active`) or its hub is shutting down (`draining`). */
-  state: "active" | "draining" | "";
+  /** Whether it takes new streams (`active`), its hub is shutting down (`draining`), or its hub went silent or left an open unconfirmed (`suspect`). */
+  state: "active" | "draining" | "suspect" | "";
   /** TCP streams open on it. */
   activeStreams: number;
   /** UDP sessions open on it. */
@@ -165,6 +165,7 @@ const TUNNEL_STATES: Record<TunnelState, TunnelInfo["state"]> = {
   [TunnelState.UNSPECIFIED]: "",
   [TunnelState.ACTIVE]: "active",
   [TunnelState.DRAINING]: "draining",
+  [TunnelState.SUSPECT]: "suspect",
 };
 
 /** The plain form of an edge's GetStatus answer. */
