@@ -8,7 +8,10 @@
 
 mod common;
 
-for_each_transport!(a_drained_tunnel_finishes_its_streams_while_new_ones_go_elsewhere);
+for_each_transport!(
+    a_drained_tunnel_finishes_its_streams_while_new_ones_go_elsewhere,
+    killing_one_hub_costs_only_its_own_streams,
+);
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -265,6 +268,15 @@ async fn long_transfer(addr: SocketAddr) -> bool {
     written.is_ok() && read.is_ok() && received == data
 }
 
+/// The edge's `--transport-mode` value for `transport`.
+fn mode_name(transport: TransportMode) -> &'static str {
+    match transport {
+        TransportMode::TcpTls => "tcpTls",
+        TransportMode::Quic => "quic",
+        TransportMode::QuicWithFallback => "quicWithFallback",
+    }
+}
+
 /// One connection of a [`Load`].
 struct Outcome {
     /// When it started.
@@ -352,13 +364,16 @@ impl Load {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn killing_one_hub_costs_only_its_own_streams() {
+/// A hub process killed: over TLS the kernel resets its connections at once; over QUIC
+/// nothing is sent, and the edge notices the silence at the liveness deadline.
+async fn killing_one_hub_costs_only_its_own_streams(transport: TransportMode) {
     let tier = Tier::new().await;
     let file = tier.edges_file("edges.json", 1, tier.edge_port);
     let a = tier.hub("hub-a", file.clone()).await;
     let b = tier.hub("hub-b", file).await;
-    let edge = tier.edge(&hub_flags(&[&a, &b], 2)).await;
+    let mut flags = hub_flags(&[&a, &b], 2);
+    flags.push(format!("--transport-mode={}", mode_name(transport)));
+    let edge = tier.edge(&flags).await;
     edge.wait_tunnels(&["hub-a", "hub-b"]).await;
     let addr = SocketAddr::new(EDGE_IP, tier.edge_port);
 
@@ -378,8 +393,9 @@ async fn killing_one_hub_costs_only_its_own_streams() {
         .filter(|outcome| outcome.at >= noticed)
         .count();
     println!(
-        "kill -9 of one hub: {} connections, {} failed (at most the {WORKERS} in flight), \
+        "kill -9 of one hub, {}: {} connections, {} failed (at most the {WORKERS} in flight), \
          edge routed around it within {:?}",
+        mode_name(transport),
         outcomes.len(),
         failed.len(),
         noticed - killed
