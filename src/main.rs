@@ -415,8 +415,9 @@ struct EdgeArgs {
     #[arg(long, env = "REMOTEINGRESS_QUIC_FALLBACK_SECS", default_value_t = 5)]
     quic_fallback_secs: u64,
     /// With quicWithFallback: after falling back to TLS for a hub, seconds its reconnects use
-    /// TLS alone (a path that blocks UDP costs the fallback delay once) before QUIC is tried
-    /// again.
+    /// TLS alone (a path that blocks UDP costs the fallback delay once); as often, a QUIC
+    /// handshake is tried in the background, and once it succeeds a QUIC tunnel replaces the
+    /// TLS one.
     #[arg(
         long,
         env = "REMOTEINGRESS_QUIC_RETRY_AFTER_SECS",

@@ -238,3 +238,105 @@ async fn after_a_fallback_reconnects_go_straight_to_tls() {
     edge.shutdown().await;
     hub.shutdown().await;
 }
+
+/// A relay on one port for TCP and UDP in front of the hub's tunnel port; its UDP can be
+/// blocked (datagrams dropped both ways) and opened again. It serves one edge.
+struct PathToHub {
+    port: u16,
+    udp_blocked: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PathToHub {
+    async fn start(hub: SocketAddr) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+        let port = free_port([127, 0, 0, 1].into());
+        let tcp = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut edge, _)) = tcp.accept().await {
+                tokio::spawn(async move {
+                    let mut hub = tokio::net::TcpStream::connect(hub).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut edge, &mut hub).await;
+                });
+            }
+        });
+        let udp_blocked = Arc::new(AtomicBool::new(true));
+        let outside = Arc::new(
+            tokio::net::UdpSocket::bind(("127.0.0.1", port))
+                .await
+                .unwrap(),
+        );
+        let inside = Arc::new(tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap());
+        inside.connect(hub).await.unwrap();
+        let edge: Arc<Mutex<Option<SocketAddr>>> = Arc::default();
+        let (blocked, from_edge, to_hub, last) = (
+            udp_blocked.clone(),
+            outside.clone(),
+            inside.clone(),
+            edge.clone(),
+        );
+        tokio::spawn(async move {
+            let mut buf = vec![0; 65_536];
+            while let Ok((n, from)) = from_edge.recv_from(&mut buf).await {
+                *last.lock().unwrap() = Some(from);
+                if !blocked.load(Ordering::Relaxed) {
+                    let _ = to_hub.send(&buf[..n]).await;
+                }
+            }
+        });
+        let blocked = udp_blocked.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0; 65_536];
+            while let Ok(n) = inside.recv(&mut buf).await {
+                let to = *edge.lock().unwrap();
+                if let (Some(to), false) = (to, blocked.load(Ordering::Relaxed)) {
+                    let _ = outside.send_to(&buf[..n], to).await;
+                }
+            }
+        });
+        Self { port, udp_blocked }
+    }
+
+    fn open_udp(&self) {
+        self.udp_blocked
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_fallback_the_edge_returns_to_quic_once_the_path_carries_udp_again() {
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let hub = start_hub_with(state.path(), hub_options(0)).await;
+    let port = free_port(EDGE_IP);
+    hub.update_allowed_edges(vec![allowed(
+        "e1",
+        &[(port, echo_target().await.addr.port())],
+    )])
+    .await
+    .unwrap();
+    let path = PathToHub::start(hub.local_addr()).await;
+    let mut options = edge_options(&hub, "e1", SECRET);
+    options.hubs = vec![remoteingress_edge::HubAddress::new("127.0.0.1", path.port)];
+    options.transport = TransportMode::QuicWithFallback;
+    options.quic_fallback_after = Duration::from_millis(500);
+    options.quic_retry_after = Duration::from_millis(300);
+    let edge = Edge::start(options).await.unwrap();
+    wait_listening(&edge, port).await;
+    assert_eq!(edge.status().transport, Some(Transport::TcpTls));
+
+    path.open_udp();
+    eventually("the edge to be back on QUIC", || async {
+        (edge.status().transport == Some(Transport::Quic)).then_some(())
+    })
+    .await;
+    let data = pattern(20_000, 5);
+    assert_eq!(
+        round_trip(SocketAddr::new(EDGE_IP, port), &data).await,
+        data
+    );
+    edge.shutdown().await;
+    hub.shutdown().await;
+}

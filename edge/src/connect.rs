@@ -141,14 +141,7 @@ async fn connect_over(
     let server_name = hub.server_name().ok_or(ConnectError::HubHost)?;
     let mut link = match transport {
         Transport::TcpTls => Link::connect_tls(&inner.tls, server_name, host, port).await?,
-        Transport::Quic => {
-            let endpoint = quic::client_endpoint(&options.trust, &options.session)?;
-            let server_name = match &server_name {
-                ServerName::DnsName(name) => name.as_ref().to_owned(),
-                _ => "remoteingress-hub".to_owned(),
-            };
-            Link::connect_quic(&endpoint, host, port, &server_name).await?
-        }
+        Transport::Quic => connect_quic(inner, hub, &server_name).await?,
     };
     link.write_line(&inner.hello.to_line()).await?;
     let (line, rest) = link.read_line(MAX_REPLY_LEN).await?;
@@ -156,4 +149,31 @@ async fn connect_over(
     let agreed = reply.offered.intersect(options.session.extensions);
     let (session, events) = link.into_session(rest, Role::Edge, options.session.clone(), agreed);
     Ok((session, events, reply))
+}
+
+/// A QUIC connection to `hub` (verified as `server_name`), before any handshake line.
+async fn connect_quic(
+    inner: &EdgeInner,
+    hub: &HubAddress,
+    server_name: &ServerName<'static>,
+) -> Result<Link, ConnectError> {
+    let endpoint = quic::client_endpoint(&inner.options.trust, &inner.options.session)?;
+    let server_name = match server_name {
+        ServerName::DnsName(name) => name.as_ref().to_owned(),
+        _ => "remoteingress-hub".to_owned(),
+    };
+    Ok(Link::connect_quic(&endpoint, &hub.host, hub.port, &server_name).await?)
+}
+
+/// Whether QUIC reaches `hub` now: a QUIC handshake within the fallback delay, closed at once
+/// (the hub sees a connection that never authenticates, which costs it nothing lasting).
+pub(crate) async fn quic_reaches(inner: &EdgeInner, hub: &HubAddress) -> bool {
+    let Some(server_name) = hub.server_name() else {
+        return false;
+    };
+    let attempt = connect_quic(inner, hub, &server_name);
+    matches!(
+        tokio::time::timeout(inner.options.quic_fallback_after, attempt).await,
+        Ok(Ok(_))
+    )
 }

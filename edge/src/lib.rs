@@ -95,7 +95,8 @@ pub struct EdgeOptions {
     /// With `QuicWithFallback`: how long QUIC may take before TLS is tried.
     pub quic_fallback_after: Duration,
     /// With `QuicWithFallback`: after falling back to TLS for a hub, how long its reconnects
-    /// use TLS alone before QUIC is tried again.
+    /// use TLS alone; as often, a QUIC handshake is tried in the background, and once it
+    /// succeeds a QUIC tunnel replaces the TLS one.
     pub quic_retry_after: Duration,
     /// A new client connection's open that its hub has not confirmed within this long (or four
     /// round trips, if longer) moves to another tunnel with the client's first bytes, and its

@@ -12,11 +12,11 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::apply::{offer, reject, report_disagreement, Ack, ApplyError, Serving};
 use crate::backoff::Backoff;
-use crate::connect::{connect, HubAddress};
+use crate::connect::{connect, quic_reaches, HubAddress};
 use crate::ports::PortSet;
 use crate::tunnels::{hub_name, TunnelKey, TunnelState};
 use crate::udp::UdpPorts;
-use crate::{metrics, report_public_ip, EdgeEvent, EdgeInner};
+use crate::{metrics, report_public_ip, EdgeEvent, EdgeInner, Transport, TransportMode};
 
 /// How often a drained tunnel is checked for open streams.
 const DRAIN_POLL: Duration = Duration::from_millis(50);
@@ -144,21 +144,30 @@ async fn attempt_tunnel(
         hub_id: reply.hub_id,
         address,
     };
-    serve_tunnel(inner, tunnel, events, reply.config).await
+    serve_tunnel(inner, hub, tunnel, events, reply.config).await
 }
 
-/// Serves one tunnel's events until it ends or its hub drains it.
+/// Serves one tunnel's events until it ends or is retired: its hub drains it, it turns
+/// suspect, or QUIC reaches its hub again after a fallback to TLS.
 async fn serve_tunnel(
     inner: &Arc<EdgeInner>,
+    hub: &HubAddress,
     tunnel: Tunnel,
     mut events: mpsc::Receiver<SessionEvent>,
     config: EdgeConfig,
 ) -> Ended {
     let started = Instant::now();
     tunnel_up(inner, &tunnel, &config).await;
+    let quic_back = quic_returns(inner, hub, tunnel.session.transport());
+    tokio::pin!(quic_back);
     loop {
         let event = tokio::select! {
             event = events.recv() => event,
+            () = &mut quic_back => {
+                inner.quic_fallbacks.quic_worked(&tunnel.address);
+                retire(inner, tunnel, events, Retirement::BackToQuic);
+                return Ended::Retired;
+            }
             () = inner.shutdown.cancelled() => {
                 tunnel.session.close("edge shutting down");
                 tunnel_down(inner, &tunnel, "edge shutting down".into()).await;
@@ -172,13 +181,13 @@ async fn serve_tunnel(
             }
             Some(SessionEvent::UdpClose { id }) => inner.udp.closed_by_hub(tunnel.key, id),
             Some(SessionEvent::Drain) => {
-                retire(inner, tunnel, events, TunnelState::Draining);
+                retire(inner, tunnel, events, Retirement::Drain);
                 return Ended::Retired;
             }
             Some(SessionEvent::Suspect { silent }) => {
                 let silent_ms = silent.as_millis() as u64;
                 tracing::warn!(address = %tunnel.address, hub_id = ?tunnel.hub_id, silent_ms, "tunnel suspect: its hub was silent for two probe intervals, or left an open unconfirmed (silent briefly); new streams go elsewhere and a replacement is dialled");
-                retire(inner, tunnel, events, TunnelState::Suspect);
+                retire(inner, tunnel, events, Retirement::Suspect);
                 return Ended::Retired;
             }
             Some(_) => {}
@@ -212,6 +221,34 @@ async fn configure(inner: &EdgeInner, tunnel: &Tunnel, json: &[u8]) {
     ack.send().await;
 }
 
+/// Why a tunnel takes no new streams while its open ones finish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retirement {
+    /// Its hub is shutting down (DRAIN).
+    Drain,
+    /// Its hub went silent or left an open unconfirmed.
+    Suspect,
+    /// It fell back to TLS and QUIC reaches its hub again: a QUIC tunnel replaces it.
+    BackToQuic,
+}
+
+/// Resolves once QUIC reaches `hub` again, for a tunnel that fell back to TLS
+/// (`quicWithFallback`): a QUIC handshake is tried every `--quic-retry-after-secs` while the TLS
+/// tunnel serves. Never resolves for other tunnels.
+async fn quic_returns(inner: &EdgeInner, hub: &HubAddress, transport: Transport) {
+    if inner.options.transport != TransportMode::QuicWithFallback || transport != Transport::TcpTls
+    {
+        return std::future::pending().await;
+    }
+    loop {
+        tokio::time::sleep(inner.options.quic_retry_after).await;
+        if quic_reaches(inner, hub).await {
+            return;
+        }
+        tracing::debug!(%hub, "QUIC still does not reach the hub; staying on TLS");
+    }
+}
+
 /// Takes a drained or suspect tunnel out of the choice for new streams, ends its UDP sessions
 /// (their clients' next datagrams open sessions elsewhere), and lets its open streams finish in
 /// the background, within the drain grace, before closing it. A suspect tunnel whose hub is
@@ -220,17 +257,27 @@ fn retire(
     inner: &Arc<EdgeInner>,
     tunnel: Tunnel,
     mut events: mpsc::Receiver<SessionEvent>,
-    state: TunnelState,
+    why: Retirement,
 ) {
-    if state == TunnelState::Suspect {
-        inner.metrics.tunnels_suspect.inc();
-    } else {
-        tracing::info!(address = %tunnel.address, hub_id = ?tunnel.hub_id, "hub is draining this tunnel; new streams go elsewhere");
-        inner.emit(EdgeEvent::TunnelDraining {
-            hub_id: tunnel.hub_id.clone(),
-            address: tunnel.address.clone(),
-        });
-    }
+    let (address, hub_id) = (&tunnel.address, &tunnel.hub_id);
+    let state = match why {
+        Retirement::Drain => {
+            tracing::info!(%address, ?hub_id, "hub is draining this tunnel; new streams go elsewhere");
+            inner.emit(EdgeEvent::TunnelDraining {
+                hub_id: hub_id.clone(),
+                address: address.clone(),
+            });
+            TunnelState::Draining
+        }
+        Retirement::Suspect => {
+            inner.metrics.tunnels_suspect.inc();
+            TunnelState::Suspect
+        }
+        Retirement::BackToQuic => {
+            tracing::info!(%address, ?hub_id, "QUIC reaches the hub again; a QUIC tunnel replaces this TLS one");
+            TunnelState::Draining
+        }
+    };
     inner.tunnels.retire(tunnel.key, state);
     inner.udp.end_tunnel(tunnel.key);
     let state = state.as_str();
