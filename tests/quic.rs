@@ -13,7 +13,7 @@ use tokio::io::AsyncReadExt;
 use common::*;
 use remoteingress_bench::ready_now;
 use remoteingress_edge::{Edge, Transport, TransportMode};
-use remoteingress_hub::Hub;
+use remoteingress_hub::{Hub, HubHandle};
 use remoteingress_tunnel::{quic, HubIdentity, HubTrust, Link, SessionOptions};
 
 async fn fallback_lands_on(quic_enabled: bool) -> Transport {
@@ -187,6 +187,18 @@ async fn an_unauthenticated_quic_peer_gets_one_stream_and_a_small_window() {
 }
 
 /// Datagrams waiting on `socket` now.
+/// Allows edge `e1` on a free edge port that leads to an echo target; that port.
+async fn allow_e1_to_an_echo(hub: &HubHandle) -> u16 {
+    let port = free_port(EDGE_IP);
+    hub.update_allowed_edges(vec![allowed(
+        "e1",
+        &[(port, echo_target().await.addr.port())],
+    )])
+    .await
+    .unwrap();
+    port
+}
+
 fn drain(socket: &std::net::UdpSocket) -> usize {
     let mut buf = [0u8; 2048];
     std::iter::from_fn(|| socket.recv(&mut buf).ok()).count()
@@ -205,13 +217,7 @@ async fn after_a_fallback_reconnects_go_straight_to_tls() {
     let mut options = hub_options(hub_port);
     options.quic = false;
     let hub = start_hub_with(state.path(), options).await;
-    let port = free_port(EDGE_IP);
-    hub.update_allowed_edges(vec![allowed(
-        "e1",
-        &[(port, echo_target().await.addr.port())],
-    )])
-    .await
-    .unwrap();
+    let port = allow_e1_to_an_echo(&hub).await;
     let mut options = edge_options(&hub, "e1", SECRET);
     options.transport = TransportMode::QuicWithFallback;
     options.quic_fallback_after = Duration::from_millis(500);
@@ -310,13 +316,7 @@ async fn after_a_fallback_the_edge_returns_to_quic_once_the_path_carries_udp_aga
     init_logs();
     let state = tempfile::tempdir().unwrap();
     let hub = start_hub_with(state.path(), hub_options(0)).await;
-    let port = free_port(EDGE_IP);
-    hub.update_allowed_edges(vec![allowed(
-        "e1",
-        &[(port, echo_target().await.addr.port())],
-    )])
-    .await
-    .unwrap();
+    let port = allow_e1_to_an_echo(&hub).await;
     let path = PathToHub::start(hub.local_addr()).await;
     let mut options = edge_options(&hub, "e1", SECRET);
     options.hubs = vec![remoteingress_edge::HubAddress::new("127.0.0.1", path.port)];
