@@ -232,6 +232,14 @@ enum Retirement {
     BackToQuic,
 }
 
+impl Retirement {
+    /// Whether the tunnel stays until another one is up, so that the edge's listeners never
+    /// close in between: only its hub's drain ends it regardless.
+    fn waits_for_replacement(self) -> bool {
+        self != Retirement::Drain
+    }
+}
+
 /// Resolves once QUIC reaches `hub` again, for a tunnel that fell back to TLS
 /// (`quicWithFallback`): a QUIC handshake is tried every `--quic-retry-after-secs` while the TLS
 /// tunnel serves. Never resolves for other tunnels.
@@ -251,8 +259,9 @@ async fn quic_returns(inner: &EdgeInner, hub: &HubAddress, transport: Transport)
 
 /// Takes a drained or suspect tunnel out of the choice for new streams, ends its UDP sessions
 /// (their clients' next datagrams open sessions elsewhere), and lets its open streams finish in
-/// the background, within the drain grace, before closing it. A suspect tunnel whose hub is
-/// gone ends sooner, at the liveness deadline.
+/// the background, within the drain grace, before closing it (unless drained by its hub, not
+/// before another tunnel is up). A suspect tunnel whose hub is gone ends sooner, at the
+/// liveness deadline.
 fn retire(
     inner: &Arc<EdgeInner>,
     tunnel: Tunnel,
@@ -287,7 +296,8 @@ fn retire(
         tokio::pin!(deadline);
         let mut poll = tokio::time::interval(DRAIN_POLL);
         let reason = loop {
-            if tunnel.session.active_streams() == 0 {
+            let replaced = !why.waits_for_replacement() || inner.tunnels.has_other(tunnel.key);
+            if tunnel.session.active_streams() == 0 && replaced {
                 break "drained".to_owned();
             }
             tokio::select! {

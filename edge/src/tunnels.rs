@@ -235,6 +235,13 @@ impl Tunnels {
             })
     }
 
+    /// True if an open tunnel other than `key` is up.
+    pub(crate) fn has_other(&self, key: TunnelKey) -> bool {
+        self.entries()
+            .iter()
+            .any(|entry| entry.key != key && !entry.session.is_closed())
+    }
+
     /// True if an active tunnel dialled this address.
     pub(crate) fn holds_address(&self, address: &str) -> bool {
         self.entries()
@@ -308,6 +315,7 @@ mod tests {
         let key_original = tunnels.add(&original, None, "h:9").unwrap();
         assert_eq!(tunnels.add(&original, None, "h:9"), None);
         assert!(tunnels.holds_address("h:9"));
+        assert!(tunnels.has_other(key_original));
         tunnels.remove(key_original);
 
         a.stats().udp_sessions.store(3, Ordering::Relaxed);
