@@ -126,52 +126,43 @@ pub(crate) async fn place(client: &TcpStream, header: &Bytes, tunnels: &Tunnels)
             }
         }
         let deadline = confirmation_deadline(tunnels.confirm_within(), picked.session.rtt());
-        match confirmation(
-            client,
-            &reader,
-            &mut writer,
-            &mut kept,
-            &picked,
-            tunnels,
-            &tried,
-            deadline,
-        )
-        .await
-        {
-            Waited::Confirmed => {
-                return Some(Placed {
-                    picked,
-                    reader,
-                    writer,
-                })
-            }
+        let mut attempt = Placed {
+            picked,
+            reader,
+            writer,
+        };
+        let elsewhere = || tunnels.pick_except(&tried).is_some();
+        match confirmation(client, &mut attempt, &mut kept, deadline, elsewhere).await {
+            Waited::Confirmed => return Some(attempt),
             Waited::ClientGone => {
-                writer.reset();
+                attempt.writer.reset();
                 return None;
             }
             Waited::Unconfirmed => {
-                tracing::debug!(hub = %picked.hub, stream = reader.id(), "open not confirmed in time; moving it to another tunnel");
-                writer.reset();
+                let (hub, stream) = (&attempt.picked.hub, attempt.reader.id());
+                tracing::debug!(%hub, stream, "open not confirmed in time; moving it to another tunnel");
+                attempt.writer.reset();
             }
         }
     }
     None
 }
 
-/// Waits for the hub to confirm the open, forwarding (and keeping) what the client sends
-/// meanwhile. Past `deadline` the tunnel is suspect; the stream moves if another tunnel is
-/// there to take it, else it keeps waiting here.
-#[allow(clippy::too_many_arguments)]
+/// Waits for the hub to confirm `attempt`'s open, forwarding (and keeping) what the client
+/// sends meanwhile. Past `deadline` the tunnel is suspect; the stream moves if another tunnel
+/// is there to take it (`elsewhere`), else it keeps waiting here.
 async fn confirmation(
     client: &TcpStream,
-    reader: &StreamReader,
-    writer: &mut StreamWriter,
+    attempt: &mut Placed,
     kept: &mut Kept,
-    picked: &Picked,
-    tunnels: &Tunnels,
-    tried: &[TunnelKey],
     deadline: Duration,
+    elsewhere: impl Fn() -> bool,
 ) -> Waited {
+    let Placed {
+        picked,
+        reader,
+        writer,
+    } = attempt;
     let confirmed = reader.open_confirmed();
     let aborted = reader.abort_signal();
     let mut due = Instant::now() + deadline;
@@ -189,7 +180,7 @@ async fn confirmation(
             }
             () = tokio::time::sleep_until(due) => {
                 picked.session.mark_suspect();
-                if tunnels.pick_except(tried).is_some() {
+                if elsewhere() {
                     return Waited::Unconfirmed;
                 }
                 due += deadline;
@@ -218,7 +209,96 @@ async fn ready_to_read(client: &TcpStream, writer: &StreamWriter) -> Option<usiz
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+    use remoteingress_tunnel::{spawn_session, Role, SessionEvent, SessionOptions};
+    use remoteingress_wire::extension::Extensions;
+    use tokio::io::AsyncWriteExt;
+    use tokio::sync::broadcast;
+
+    /// An edge session that agreed every extension, and the raw other end of its connection.
+    fn edge_session() -> (remoteingress_tunnel::SessionHandle, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(1 << 16);
+        let options = SessionOptions::default();
+        let (session, events) =
+            spawn_session(ours, Bytes::new(), Role::Edge, options, Extensions::ALL);
+        std::mem::forget(events);
+        (session, theirs)
+    }
+
+    #[tokio::test]
+    async fn an_unconfirmed_open_moves_to_another_tunnel_with_the_clients_first_bytes() {
+        let retried = prometheus::IntCounter::new("retried", "retried").unwrap();
+        let tunnels = Tunnels::new(
+            broadcast::channel(1).0,
+            Duration::from_millis(50),
+            retried.clone(),
+        );
+        // The first tunnel's hub never answers; the second is a hub session that confirms.
+        let (silent, mut silent_io) = edge_session();
+        let (live, hub_io) = edge_session();
+        let (_hub, mut hub_events) = spawn_session(
+            hub_io,
+            Bytes::new(),
+            Role::Hub,
+            SessionOptions::default(),
+            Extensions::NONE,
+        );
+        let silent_key = tunnels.add(&silent, Some("silent"), "h:1").unwrap();
+        tunnels.add(&live, Some("live"), "h:2").unwrap();
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        client.write_all(b"first bytes").await.unwrap();
+        let header = Bytes::from_static(b"PROXY TCP4 192.0.2.1 198.51.100.1 40000 80\r\n");
+        let placed = place(&accepted, &header, &tunnels).await.unwrap();
+
+        assert_eq!(placed.picked.hub, "live");
+        assert!(silent.is_suspect(), "the tunnel that left it unconfirmed");
+        assert_eq!(retried.get(), 1);
+        let Some(SessionEvent::Opened { mut reader, .. }) = hub_events.recv().await else {
+            panic!("the live hub gets the stream");
+        };
+        let mut received = Vec::new();
+        let receive = async {
+            while received.len() < b"first bytes".len() {
+                received.extend_from_slice(&reader.recv().await.unwrap().unwrap());
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), receive)
+            .await
+            .expect("the first bytes reach the live hub");
+        assert_eq!(received, b"first bytes", "replayed on the new tunnel");
+        assert_ne!(tunnels.pick().map(|picked| picked.key), Some(silent_key));
+        assert!(
+            sent_data(&mut silent_io)
+                .await
+                .windows(11)
+                .any(|w| w == b"first bytes"),
+            "the bytes went to the silent hub first, so the live one got them replayed"
+        );
+    }
+
+    /// The payloads of the DATA frames a session wrote so far.
+    async fn sent_data(io: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        use remoteingress_wire::frame::{FrameDecoder, FrameType};
+        use tokio::io::AsyncReadExt;
+        let mut decoder = FrameDecoder::new();
+        let mut buf = vec![0; 1 << 16];
+        let n = io.read(&mut buf).await.unwrap();
+        decoder.feed(&buf[..n]);
+        let mut data = Vec::new();
+        while let Ok(Some(frame)) = decoder.next_frame() {
+            if frame.kind == FrameType::Data {
+                data.extend_from_slice(&frame.payload);
+            }
+        }
+        data
+    }
 
     #[test]
     fn the_deadline_grows_with_a_long_round_trip() {

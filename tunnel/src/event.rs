@@ -6,6 +6,9 @@ use bytes::Bytes;
 
 use crate::stream::{StreamReader, StreamWriter};
 
+/// How often a hub session tells its owner the round trip at most: probes come every
+/// second, the owner's bookkeeping (metric, status) need not.
+pub(crate) const RTT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// Events a session queues for its owner before it stops reading the tunnel.
 pub(crate) const EVENT_QUEUE: usize = 1024;
 

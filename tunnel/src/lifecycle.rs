@@ -185,9 +185,9 @@ impl Lifecycle {
         self.heard.load(Ordering::Relaxed)
     }
 
-    /// Marks the session suspect; true for the call that did.
-    pub(crate) fn mark_suspect(&self) -> bool {
-        !self.suspect.swap(true, Ordering::Relaxed)
+    /// Marks the session suspect.
+    pub(crate) fn mark_suspect(&self) {
+        self.suspect.store(true, Ordering::Relaxed);
     }
 
     /// True once the session is suspect.

@@ -3,7 +3,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use remoteingress_wire::extension::Extensions;
@@ -16,7 +16,7 @@ use super::shared::{close_out, data_out, udp_data_out, window_out, Outgoing, Sha
 use super::stream::halves;
 use crate::clock::now;
 use crate::error::{CloseReason, ProtocolViolation};
-use crate::event::SessionEvent;
+use crate::event::{SessionEvent, RTT_REPORT_INTERVAL};
 use crate::lifecycle::TaskEnd;
 use crate::options::Role;
 use crate::stream::{StreamReader, StreamWriter};
@@ -28,9 +28,6 @@ const QUIET_READ_CHUNK: usize = 2 * 1024;
 /// A tunnel that has read nothing for this long gives its large read buffer back, so that idle
 /// edges cost the hub little.
 pub(crate) const RELEASE_IDLE_BUFFERS: Duration = Duration::from_secs(1);
-/// How often the hub's owner is told the round trip at most (its metric and status): PINGs
-/// come every second, the owner's bookkeeping need not.
-const RTT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// Consecutive empty DATA frames tolerated.
 const MAX_EMPTY_DATA_RUN: u32 = 100;
 /// DATA payloads smaller than this are copied out of the read buffer so that a few stalled
@@ -46,7 +43,7 @@ pub(crate) struct Reader {
     empty_data_run: u32,
     extensions_seen: bool,
     /// When the owner was last told the round trip.
-    rtt_reported: Option<std::time::Instant>,
+    rtt_reported: Option<Instant>,
 }
 
 type Dispatched = Result<(), CloseReason>;
@@ -165,9 +162,9 @@ impl Reader {
                 let rtt = pong_received(&self.shared, frame.ping_token())?;
                 let due = self
                     .rtt_reported
-                    .is_none_or(|at| at.elapsed() >= RTT_REPORT_INTERVAL);
+                    .is_none_or(|at| now().saturating_duration_since(at) >= RTT_REPORT_INTERVAL);
                 if role == Role::Hub && due {
-                    self.rtt_reported = Some(std::time::Instant::now());
+                    self.rtt_reported = Some(now());
                     let _ = self.events.try_send(SessionEvent::RoundTrip(rtt));
                 }
                 Ok(())

@@ -17,14 +17,12 @@ use super::endpoint::{initial_stream_limit, next_stream_limit, stream_limit};
 use super::shared::{QuicShared, StreamGuard};
 use super::stream::halves;
 use crate::error::{CloseReason, ProtocolViolation};
-use crate::event::SessionEvent;
+use crate::event::{SessionEvent, RTT_REPORT_INTERVAL};
 use crate::lifecycle::TaskEnd;
 use crate::line::LineError;
 use crate::options::Role;
 use crate::stream::{StreamReader, StreamWriter};
 
-/// How often the hub's owner is told the round trip.
-const RTT_REPORT_INTERVAL: Duration = Duration::from_secs(5);
 /// Time a new stream has to deliver its PROXY line.
 const PROXY_LINE_DEADLINE: Duration = Duration::from_secs(10);
 
