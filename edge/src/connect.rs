@@ -157,7 +157,7 @@ async fn connect_quic(
     hub: &HubAddress,
     server_name: &ServerName<'static>,
 ) -> Result<Link, ConnectError> {
-    let endpoint = quic::client_endpoint(&inner.options.trust, &inner.options.session)?;
+    let endpoint = quic::client_endpoint_with(inner.quic.clone())?;
     let server_name = match server_name {
         ServerName::DnsName(name) => name.as_ref().to_owned(),
         _ => "remoteingress-hub".to_owned(),

@@ -286,7 +286,10 @@ pub struct EdgeStatus {
 struct EdgeInner {
     options: EdgeOptions,
     hello: EdgeHello,
+    /// The TLS and QUIC client configurations, kept for every connection: the session tickets
+    /// they hold let reconnects resume.
     tls: TlsConnector,
+    quic: quinn::ClientConfig,
     events: broadcast::Sender<EdgeEvent>,
     status: Mutex<EdgeStatus>,
     tunnels: Arc<Tunnels>,
@@ -343,6 +346,7 @@ impl Edge {
             }
         };
         let tls = TlsConnector::from(client_config(&options.trust)?);
+        let quic = remoteingress_tunnel::quic::client_config(&options.trust, &options.session)?;
         if options.hubs.is_empty() {
             return Err(EdgeError::NoHub);
         }
@@ -380,6 +384,7 @@ impl Edge {
             options,
             hello,
             tls,
+            quic,
             events,
             status: Mutex::new(EdgeStatus {
                 running: true,

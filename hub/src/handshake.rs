@@ -12,7 +12,7 @@ use remoteingress_wire::handshake::{
 use remoteingress_wire::EdgeConfig;
 use thiserror::Error;
 use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::ServerConfig;
 
 use crate::admission::Admission;
 use crate::{HubEvent, HubInner};
@@ -26,9 +26,13 @@ pub enum AuthFailure {
     /// This address failed to authenticate too often lately.
     #[error("too many failed authentications from this address")]
     RateLimited,
-    /// The hub was full and a newer connection took this one's slot.
-    #[error("evicted by newer connections while the hub was full")]
+    /// The hub was full and a newer connection took the slot of this one, which had not begun
+    /// its handshake.
+    #[error("evicted while idle: the hub was full and had not received its ClientHello")]
     Evicted,
+    /// Every slot held a handshake in progress (the other transport's listener took the last).
+    #[error("every unauthenticated slot holds a handshake in progress")]
+    Full,
     /// TLS or QUIC failed, or the handshake line could not be read or answered.
     #[error(transparent)]
     Link(#[from] LinkError),
@@ -50,6 +54,7 @@ impl AuthFailure {
             AuthFailure::Limit => "limit",
             AuthFailure::RateLimited => "rate_limited",
             AuthFailure::Evicted => "evicted",
+            AuthFailure::Full => "full",
             AuthFailure::Link(LinkError::Line(_)) | AuthFailure::Malformed(_) => "malformed",
             AuthFailure::Link(_) => "tls",
             AuthFailure::BadCredentials(_) => "bad_credentials",
@@ -61,7 +66,7 @@ impl AuthFailure {
 /// A tunnel connection on its way in, before TLS or QUIC has completed.
 pub(crate) enum Incoming {
     /// A TCP connection for the TLS transport.
-    Tls(TcpStream, TlsAcceptor),
+    Tls(TcpStream, Arc<ServerConfig>),
     /// A QUIC connection attempt.
     Quic(Box<quinn::Incoming>),
 }
@@ -86,7 +91,7 @@ pub(crate) fn auth_failed(inner: &HubInner, remote_addr: SocketAddr, failure: &A
     );
     if !matches!(
         failure,
-        AuthFailure::Limit | AuthFailure::RateLimited | AuthFailure::Evicted
+        AuthFailure::Limit | AuthFailure::RateLimited | AuthFailure::Evicted | AuthFailure::Full
     ) {
         inner
             .admissions
@@ -110,10 +115,17 @@ pub(crate) async fn authenticate(
     remote_addr: SocketAddr,
     admission: &Admission,
 ) -> Option<Authenticated> {
+    let begun = || {
+        admission.started();
+        inner.metrics.handshakes.inc();
+    };
     let handshake = async {
         let mut link = match incoming {
-            Incoming::Tls(tcp, acceptor) => Link::accept_tls(&acceptor, tcp).await?,
-            Incoming::Quic(incoming) => Link::accept_quic(*incoming).await?,
+            Incoming::Tls(tcp, config) => Link::accept_tls(tcp, config, begun).await?,
+            Incoming::Quic(incoming) => {
+                begun();
+                Link::accept_quic(*incoming).await?
+            }
         };
         let (line, rest) = link.read_line(MAX_LINE_LEN).await?;
         Ok::<_, AuthFailure>((link, line, rest))

@@ -465,6 +465,8 @@ pub(crate) struct HubInner {
     metrics: metrics::HubMetrics,
     /// Slots for unauthenticated tunnel connections, over both transports.
     admissions: Arc<admission::Admissions>,
+    /// Handshakes that resumed a session (counted by the identity's ticketer).
+    resumed: Arc<std::sync::atomic::AtomicU64>,
     /// The hub-wide UDP session cap: one permit per session.
     udp_slots: Arc<tokio::sync::Semaphore>,
     /// The hub-wide cap on connections to targets: one permit per stream.
@@ -532,6 +534,7 @@ impl Hub {
                     .min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
             metrics: hub_metrics,
+            resumed: identity.resumed_handshakes(),
             options,
             local_addr,
             pin: identity.pin(),

@@ -25,6 +25,7 @@ pub(crate) struct HubMetrics {
     pub(crate) tunnel_rtt: prometheus::GaugeVec,
     pub(crate) config_reloads: IntCounterVec,
     pub(crate) config_reload_ok: IntGauge,
+    pub(crate) handshakes: prometheus::IntCounter,
 }
 
 fn counter(
@@ -63,6 +64,11 @@ impl HubMetrics {
         )?;
         registry.register(Box::new(config_reload_ok.clone()))?;
         config_reload_ok.set(1);
+        let handshakes = prometheus::IntCounter::new(
+            "remoteingress_tunnel_handshakes_total",
+            "TLS or QUIC handshakes the hub began (a ClientHello arrived), whatever came of them",
+        )?;
+        registry.register(Box::new(handshakes.clone()))?;
         Ok(Self {
             edge_connections: counter(
                 registry,
@@ -124,6 +130,7 @@ impl HubMetrics {
                 &["result"],
             )?,
             config_reload_ok,
+            handshakes,
         })
     }
 }
@@ -172,15 +179,26 @@ const STALLS: (&str, &str) = (
     "remoteingress_flow_control_stalls_total",
     "Times a stream waited for credit from the edge",
 );
+const RESUMED: (&str, &str) = (
+    "remoteingress_tunnel_handshakes_resumed_total",
+    "Handshakes that resumed an earlier session from its ticket instead of a full handshake",
+);
 
 impl LiveCollector {
     pub(crate) fn new(hub: Weak<HubInner>) -> Self {
-        let descs = [EDGES_CONNECTED, STREAMS_ACTIVE, UDP_ACTIVE, BYTES, STALLS]
-            .iter()
-            .filter_map(|(name, help)| {
-                Desc::new((*name).into(), (*help).into(), vec![], HashMap::new()).ok()
-            })
-            .collect();
+        let descs = [
+            EDGES_CONNECTED,
+            STREAMS_ACTIVE,
+            UDP_ACTIVE,
+            BYTES,
+            STALLS,
+            RESUMED,
+        ]
+        .iter()
+        .filter_map(|(name, help)| {
+            Desc::new((*name).into(), (*help).into(), vec![], HashMap::new()).ok()
+        })
+        .collect();
         Self { hub, descs }
     }
 }
@@ -201,6 +219,8 @@ impl Collector for LiveCollector {
             let udp = IntGaugeVec::new(Opts::new(UDP_ACTIVE.0, UDP_ACTIVE.1), &["edge"])?;
             let bytes = IntCounterVec::new(Opts::new(BYTES.0, BYTES.1), &["edge", "direction"])?;
             let stalls = IntCounterVec::new(Opts::new(STALLS.0, STALLS.1), &["edge"])?;
+            let resumed = prometheus::IntCounter::new(RESUMED.0, RESUMED.1)?;
+            resumed.inc_by(hub.resumed.load(Ordering::Relaxed));
             let registry = hub.registry();
             connected.set(registry.connected_edge_count() as i64);
             for (edge, live, totals) in registry.traffic() {
@@ -225,6 +245,7 @@ impl Collector for LiveCollector {
                 udp.collect(),
                 bytes.collect(),
                 stalls.collect(),
+                resumed.collect(),
             ]
             .concat())
         };

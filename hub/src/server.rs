@@ -15,7 +15,6 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_rustls::rustls::ServerConfig;
-use tokio_rustls::TlsAcceptor;
 
 use crate::admission::Refusal;
 use crate::handshake::{auth_failed, authenticate, AuthFailure, Authenticated, Incoming};
@@ -30,15 +29,19 @@ pub(crate) async fn accept_loop(
     listener: TcpListener,
     tls: Arc<ServerConfig>,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
     loop {
+        // While every slot holds a handshake worth finishing, new connections wait in the
+        // kernel's backlog rather than being accepted only to be reset.
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = async {
+                inner.admissions.room().await;
+                listener.accept().await
+            } => accepted,
             () = inner.accepting.cancelled() => return,
         };
         match accepted {
             Ok((tcp, remote_addr)) => {
-                admit(&inner, Incoming::Tls(tcp, acceptor.clone()), remote_addr);
+                admit(&inner, Incoming::Tls(tcp, tls.clone()), remote_addr);
             }
             Err(e) => {
                 // Out of file descriptors and the like: pause instead of spinning.
@@ -68,6 +71,10 @@ pub(crate) async fn quic_accept_loop(inner: Arc<HubInner>, endpoint: quinn::Endp
             continue;
         }
         let remote_addr = incoming.remote_address();
+        tokio::select! {
+            () = inner.admissions.room() => {}
+            () = inner.accepting.cancelled() => break,
+        }
         admit(&inner, Incoming::Quic(Box::new(incoming)), remote_addr);
     }
     // No new tunnels (a drain); the open ones carry on until shutdown.
@@ -77,18 +84,21 @@ pub(crate) async fn quic_accept_loop(inner: Arc<HubInner>, endpoint: quinn::Endp
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), endpoint.wait_idle()).await;
 }
 
-/// Takes an unauthenticated slot for a new tunnel connection and serves it, or refuses it when
-/// its address is over its limits (the same limits for both transports).
+/// Takes an unauthenticated slot for a new tunnel connection and serves it, or refuses it
+/// before any handshake when its address is over its limits (the same limits for both
+/// transports). A QUIC connection's handshake has begun already: its Initial carries it.
 fn admit(inner: &Arc<HubInner>, incoming: Incoming, remote_addr: SocketAddr) {
+    let started = matches!(incoming, Incoming::Quic(_));
     let admitted = inner
         .admissions
-        .admit(remote_addr.ip(), std::time::Instant::now());
+        .admit(remote_addr.ip(), started, std::time::Instant::now());
     let admission = match admitted {
         Ok(admission) => admission,
         Err(refusal) => {
             let failure = match refusal {
                 Refusal::SourceLimit => AuthFailure::Limit,
                 Refusal::FailureBudget => AuthFailure::RateLimited,
+                Refusal::Full => AuthFailure::Full,
             };
             auth_failed(inner, remote_addr, &failure);
             if let Incoming::Quic(incoming) = incoming {

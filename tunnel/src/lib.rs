@@ -27,6 +27,7 @@ pub mod quic;
 mod resolve;
 mod session;
 mod stream;
+mod tickets;
 pub mod tls;
 pub mod warn;
 

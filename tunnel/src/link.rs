@@ -2,6 +2,8 @@
 //! connection with its control stream. Hub and edge run the one-line handshake over either in
 //! the same way, then turn the link into a session.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use quinn::{Connection, RecvStream, SendStream};
 use remoteingress_wire::extension::Extensions;
@@ -10,7 +12,9 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_rustls::rustls::pki_types::ServerName;
-use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
+use tokio_rustls::rustls::server::Acceptor;
+use tokio_rustls::rustls::ServerConfig;
+use tokio_rustls::{LazyConfigAcceptor, TlsConnector, TlsStream};
 
 use crate::event::SessionEvent;
 use crate::line::{read_line, LineError};
@@ -64,10 +68,19 @@ pub enum Link {
 }
 
 impl Link {
-    /// Hub: completes the TLS handshake of an accepted TCP connection.
-    pub async fn accept_tls(acceptor: &TlsAcceptor, tcp: TcpStream) -> Result<Self, LinkError> {
+    /// Hub: completes the TLS handshake of an accepted TCP connection; `hello` is told when
+    /// the peer's ClientHello has arrived, the point from which the handshake costs the hub.
+    pub async fn accept_tls(
+        tcp: TcpStream,
+        config: Arc<ServerConfig>,
+        hello: impl FnOnce(),
+    ) -> Result<Self, LinkError> {
         let _ = tcp.set_nodelay(true);
-        let tls = acceptor.accept(tcp).await.map_err(LinkError::Tls)?;
+        let start = LazyConfigAcceptor::new(Acceptor::default(), tcp)
+            .await
+            .map_err(LinkError::Tls)?;
+        hello();
+        let tls = start.into_stream(config).await.map_err(LinkError::Tls)?;
         Ok(Link::Tls(Box::new(TlsStream::Server(tls))))
     }
 

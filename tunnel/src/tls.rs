@@ -4,6 +4,7 @@
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -13,6 +14,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
+
+use crate::tickets::StableTicketer;
 
 /// ALPN protocol id of the TLS tunnel.
 pub const ALPN: &[u8] = b"remoteingress/1";
@@ -66,6 +69,8 @@ fn provider() -> Arc<CryptoProvider> {
 pub struct HubIdentity {
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
+    /// Handshakes that resumed a session from a ticket, over both transports.
+    resumed: Arc<AtomicU64>,
 }
 
 impl HubIdentity {
@@ -88,6 +93,7 @@ impl HubIdentity {
         Ok(Self {
             certs,
             key: key_der,
+            resumed: Arc::default(),
         })
     }
 
@@ -113,14 +119,25 @@ impl HubIdentity {
         certificate_pin(&self.certs[0])
     }
 
-    /// A TLS 1.3 server configuration for the tunnel listener.
+    /// A TLS 1.3 server configuration for the tunnel listener. Its session tickets outlive a
+    /// restart of the hub and are read by every hub with this identity, so a reconnecting edge
+    /// resumes instead of paying (and making the hub pay) for a full handshake.
     pub fn server_config(&self) -> Result<Arc<ServerConfig>, TlsError> {
         let mut config = ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_no_client_auth()
             .with_single_cert(self.certs.clone(), self.key.clone_key())?;
         config.alpn_protocols = vec![ALPN.to_vec()];
+        config.ticketer = Arc::new(StableTicketer::new(
+            self.key.secret_der(),
+            self.resumed.clone(),
+        ));
         Ok(Arc::new(config))
+    }
+
+    /// Handshakes so far that resumed a session instead of a full handshake.
+    pub fn resumed_handshakes(&self) -> Arc<AtomicU64> {
+        self.resumed.clone()
     }
 }
 

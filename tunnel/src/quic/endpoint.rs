@@ -9,7 +9,7 @@ use quinn::{TransportConfig, VarInt};
 
 use crate::datagrams::batch_state;
 use crate::options::SessionOptions;
-use crate::tls::{client_config, HubIdentity, HubTrust, TlsError};
+use crate::tls::{client_config as tls_client_config, HubIdentity, HubTrust, TlsError};
 
 /// ALPN of the QUIC tunnel.
 pub const QUIC_ALPN: &[u8] = b"remoteingress-quic/1";
@@ -139,12 +139,13 @@ fn endpoint_on(
         .map_err(udp_socket_error(what))
 }
 
-/// An edge's QUIC endpoint trusting the hub as `trust` says.
-pub fn client_endpoint(
+/// An edge's QUIC client configuration, trusting the hub as `trust` says. An edge keeps one
+/// for all its connections: the session tickets it holds let a reconnect resume.
+pub fn client_config(
     trust: &HubTrust,
     options: &SessionOptions,
-) -> Result<quinn::Endpoint, TlsError> {
-    let mut tls = (*client_config(trust)?).clone();
+) -> Result<quinn::ClientConfig, TlsError> {
+    let mut tls = (*tls_client_config(trust)?).clone();
     tls.alpn_protocols = vec![QUIC_ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Rustls(rustls::Error::General(e.to_string())))?;
@@ -153,11 +154,24 @@ pub fn client_endpoint(
     // The hub never opens streams.
     transport.max_concurrent_bidi_streams(VarInt::from_u32(0));
     config.transport_config(Arc::new(transport));
+    Ok(config)
+}
+
+/// A QUIC endpoint on a UDP socket of its own that connects with `config`.
+pub fn client_endpoint_with(config: quinn::ClientConfig) -> Result<quinn::Endpoint, TlsError> {
     let socket = std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))
         .map_err(udp_socket_error("udp client socket"))?;
     let mut endpoint = endpoint_on(socket, None, "udp client socket")?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// An endpoint with a configuration of its own (no tickets from earlier connections).
+pub fn client_endpoint(
+    trust: &HubTrust,
+    options: &SessionOptions,
+) -> Result<quinn::Endpoint, TlsError> {
+    client_endpoint_with(client_config(trust, options)?)
 }
 
 #[cfg(test)]

@@ -28,7 +28,10 @@ use crate::options::{Role, SessionOptions};
 use crate::stream::{StreamReader, StreamWriter};
 use shared::{QuicShared, StreamGuard, Unconfirmed};
 
-pub use endpoint::{client_endpoint, server_endpoint, QUIC_ALPN, UNAUTHENTICATED_WINDOW};
+pub use endpoint::{
+    client_config, client_endpoint, client_endpoint_with, server_endpoint, QUIC_ALPN,
+    UNAUTHENTICATED_WINDOW,
+};
 
 /// A running QUIC session.
 #[derive(Clone, Debug)]
