@@ -20,19 +20,19 @@ use crate::processes::{cpu_seconds, rss_bytes, Hub};
 use crate::Row;
 
 /// Secret every idle edge shares.
-const SECRET: &str = "bench-idle-edge";
+pub(crate) const SECRET: &str = "bench-idle-edge";
 /// How long the hub's CPU is measured with every idle edge connected.
 const CPU_WINDOW: Duration = Duration::from_secs(5);
 /// Longest hub reply read.
 const MAX_REPLY: usize = 1024 * 1024;
 
 /// The idle edge `n`'s id.
-fn edge_id(n: usize) -> String {
+pub(crate) fn edge_id(n: usize) -> String {
     format!("idle-{n:05}")
 }
 
 /// A connected light edge: its session and the events nobody reads (an idle edge gets few).
-type IdleEdge = (SessionHandle, mpsc::Receiver<SessionEvent>);
+pub(crate) type IdleEdge = (SessionHandle, mpsc::Receiver<SessionEvent>);
 
 /// Hub RSS before and with `count` idle edges connected over `transport`, and per edge.
 pub async fn hub_memory_per_idle_edge(
@@ -84,7 +84,7 @@ pub async fn hub_memory_per_idle_edge(
 }
 
 /// The edge's handshake on `link` as `id`, and the session that follows.
-async fn handshake(mut link: Link, id: &str) -> Result<IdleEdge> {
+pub(crate) async fn handshake(mut link: Link, id: &str) -> Result<IdleEdge> {
     link.write_line(&EdgeHello::new(id, SECRET)?.to_line())
         .await?;
     let (line, rest) = link.read_line(MAX_REPLY).await?;

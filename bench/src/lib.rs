@@ -11,6 +11,7 @@ pub mod preauth;
 pub mod processes;
 pub mod rathole;
 pub mod relay;
+pub mod storm;
 pub mod targets;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -43,6 +44,9 @@ pub enum Section {
     Udp,
     /// Hub memory per idle connected edge, and under unauthenticated QUIC peers (QUIC only).
     Edges,
+    /// Reconnect storms: light edges all connecting at once to a fresh hub and to it restarted;
+    /// the hub's CPU per full and per resumed handshake.
+    Storm,
     /// Goodput, new connections and p99 with 0, 1 and 5 % of the tunnel's packets dropped.
     /// Only when asked for: it needs root (a network namespace of its own, nftables).
     Loss,
@@ -71,6 +75,8 @@ pub struct BenchConfig {
     pub idle_connections: usize,
     /// Idle edges connected for the edges run.
     pub idle_edges: usize,
+    /// Edges of each reconnect storm.
+    pub storm_edges: Vec<usize>,
     /// Offered rates of the UDP loss curve, datagrams per second.
     pub udp_rates: Vec<u64>,
     /// Whether the throughput rows include iperf3's (when it is on PATH).
@@ -89,6 +95,7 @@ impl BenchConfig {
             connect_secs: 5.0,
             idle_connections: 10_000,
             idle_edges: 1_000,
+            storm_edges: vec![1_000, 5_000, 10_000],
             udp_rates: vec![50_000, 100_000, 200_000],
             iperf3: true,
         }
@@ -105,6 +112,7 @@ impl BenchConfig {
             connect_secs: 0.5,
             idle_connections: 200,
             idle_edges: 20,
+            storm_edges: vec![50],
             udp_rates: vec![5_000],
             iperf3: false,
         }
@@ -248,6 +256,15 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
             row.name = format!("{} [{transport}]", row.name);
         }
         rows.extend(measured);
+    }
+    if config.sections.contains(&Section::Storm) {
+        rows.extend(storm::reconnect_storms(&config.binary, &config.storm_edges).await?);
+        for transport in TRANSPORTS {
+            for mut row in storm::handshake_cost(&config.binary, transport).await? {
+                row.name = format!("{} [{transport}]", row.name);
+                rows.push(row);
+            }
+        }
     }
     if config.sections.contains(&Section::Loss) {
         rows.extend(loss::lossy_path(config, &targets).await?);

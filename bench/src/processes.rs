@@ -116,9 +116,30 @@ impl Hub {
         options: &[&str],
     ) -> Result<Self> {
         let state = tempfile::tempdir()?;
+        std::fs::write(state.path().join("edges.json"), edges.to_string())?;
+        Self::start_in(binary, state, free_port("127.0.0.1")?, options).await
+    }
+
+    /// Kills the hub and starts it again on the same port with the same state (identity,
+    /// edges), as a restart does.
+    pub async fn restart(self, binary: &Path) -> Result<Self> {
+        let Self {
+            process,
+            tunnel_port,
+            _state: state,
+            ..
+        } = self;
+        drop(process);
+        Self::start_in(binary, state, tunnel_port, &[]).await
+    }
+
+    async fn start_in(
+        binary: &Path,
+        state: tempfile::TempDir,
+        tunnel_port: u16,
+        options: &[&str],
+    ) -> Result<Self> {
         let edges_file = state.path().join("edges.json");
-        std::fs::write(&edges_file, edges.to_string())?;
-        let tunnel_port = free_port("127.0.0.1")?;
         let mut hub = Command::new(binary)
             .args([
                 "--log-level",
