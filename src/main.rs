@@ -226,8 +226,9 @@ struct HubArgs {
         default_value_t = 10
     )]
     handshake_timeout_secs: u64,
-    /// Tunnel connections that may be authenticating at once; a new one past it evicts the
-    /// oldest.
+    /// Tunnel connections that may be authenticating at once. Past it, new connections wait
+    /// in the listen backlog; one that has not begun its handshake within 250 ms gives its
+    /// slot to the next.
     #[arg(long, env = "REMOTEINGRESS_MAX_UNAUTHENTICATED", default_value_t = 256)]
     max_unauthenticated: usize,
     /// Tunnel connections one address may have authenticating at once.
@@ -269,6 +270,15 @@ struct HubArgs {
         default_value_t = 65_536
     )]
     max_target_connections: usize,
+    /// Edges this hub serves at once (0: no limit); a new edge past it is refused as busy and
+    /// told when to come back, and goes to another hub meanwhile.
+    #[arg(long, env = "REMOTEINGRESS_MAX_EDGES", default_value_t = 0)]
+    max_edges: usize,
+    /// After a restart, readiness waits at most this long for the edges the hub held when it
+    /// last drained to come back, so that a rolling restart does not drain the next hub
+    /// before them (0: ready as soon as it accepts).
+    #[arg(long, env = "REMOTEINGRESS_FLEET_WAIT_SECS", default_value_t = 60)]
+    fleet_wait_secs: u64,
     /// Address of the gRPC admin API.
     #[arg(
         long,
@@ -601,6 +611,8 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         refuse_private_clients: args.refuse_private_clients,
         max_tunnels_per_edge: args.max_tunnels_per_edge.max(1),
         max_target_connections: args.max_target_connections,
+        max_edges: args.max_edges,
+        fleet_wait: Duration::from_secs(args.fleet_wait_secs),
         registry: prometheus::Registry::new(),
         quic: !args.no_quic,
         hub_id: args.hub_id.unwrap_or_else(random_hub_id),

@@ -20,19 +20,19 @@ use crate::processes::{cpu_seconds, rss_bytes, Hub};
 use crate::Row;
 
 /// Secret every idle edge shares.
-pub(crate) const SECRET: &str = "bench-idle-edge";
+pub const SECRET: &str = "bench-idle-edge";
 /// How long the hub's CPU is measured with every idle edge connected.
 const CPU_WINDOW: Duration = Duration::from_secs(5);
 /// Longest hub reply read.
 const MAX_REPLY: usize = 1024 * 1024;
 
 /// The idle edge `n`'s id.
-pub(crate) fn edge_id(n: usize) -> String {
+pub fn edge_id(n: usize) -> String {
     format!("idle-{n:05}")
 }
 
 /// A connected light edge: its session and the events nobody reads (an idle edge gets few).
-pub(crate) type IdleEdge = (SessionHandle, mpsc::Receiver<SessionEvent>);
+pub type IdleEdge = (SessionHandle, mpsc::Receiver<SessionEvent>);
 
 /// Hub RSS before and with `count` idle edges connected over `transport`, and per edge.
 pub async fn hub_memory_per_idle_edge(

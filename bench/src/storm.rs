@@ -20,7 +20,8 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpSocket;
 use tokio_rustls::{TlsConnector, TlsStream};
 
-use crate::edges::{edge_id, handshake, settled_rss, IdleEdge, SECRET};
+pub use crate::edges::{edge_id, IdleEdge, SECRET};
+use crate::edges::{handshake, settled_rss};
 use crate::processes::{cpu_seconds, Hub};
 use crate::Row;
 
@@ -47,13 +48,50 @@ fn source(n: usize) -> SocketAddr {
 }
 
 /// What one edge went through in a storm.
-#[derive(Default)]
-struct Outcome {
+#[derive(Debug, Default)]
+pub struct Outcome {
     /// Since the storm began, once connected.
-    connected_after: Option<Duration>,
-    attempts: u32,
+    pub connected_after: Option<Duration>,
+    /// Connection attempts made.
+    pub attempts: u32,
     /// Attempts refused or reset after the TLS handshake had completed: work the hub wasted.
-    wasted: u32,
+    pub wasted: u32,
+}
+
+/// One TLS connector per light edge `0..count` trusting the hub pinned as `pin`, each keeping
+/// its own session tickets, as separate edges do.
+pub fn connectors(pin: &str, count: usize) -> Result<Vec<TlsConnector>> {
+    let base = client_config(&HubTrust::Pin(pin.to_owned()))?;
+    Ok((0..count)
+        .map(|_| {
+            let mut config = (*base).clone();
+            config.resumption = Resumption::in_memory_sessions(4);
+            TlsConnector::from(Arc::new(config))
+        })
+        .collect())
+}
+
+/// Light edge `n` of `connectors` connects (as `edge-n` of [`edge_id`], with [`SECRET`]) to
+/// the hub at `tunnel`, all at once, each retrying until connected or two minutes are over.
+/// The sessions of the connected edges are returned with the outcomes.
+pub async fn connect_all(
+    tunnel: SocketAddr,
+    connectors: &[TlsConnector],
+) -> Result<(Vec<Outcome>, Vec<IdleEdge>)> {
+    let began = Instant::now();
+    let tasks: Vec<_> = connectors
+        .iter()
+        .enumerate()
+        .map(|(n, connector)| tokio::spawn(storm_edge(n, tunnel, connector.clone(), began)))
+        .collect();
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    let mut held = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let (outcome, session) = task.await.context("storm edge task")?;
+        outcomes.push(outcome);
+        held.extend(session);
+    }
+    Ok((outcomes, held))
 }
 
 /// Rows for storms of each of `counts` edges over TLS: to a fresh hub, and to it restarted.
@@ -65,17 +103,13 @@ pub async fn reconnect_storms(binary: &Path, counts: &[usize]) -> Result<Vec<Row
             .collect();
         let edges = serde_json::Value::Array(edges);
         let hub = Hub::start(binary, &edges).await?;
-        let base = client_config(&HubTrust::Pin(hub.pin.clone()))?;
-        // Each edge keeps its own tickets, as separate edges do.
-        let configs: Vec<_> = (0..count)
-            .map(|_| {
-                let mut config = (*base).clone();
-                config.resumption = Resumption::in_memory_sessions(4);
-                TlsConnector::from(Arc::new(config))
-            })
-            .collect();
+        let configs = connectors(&hub.pin, count)?;
         let fresh = storm(&hub, &configs).await?;
-        rows.extend(storm_rows(&format!("storm of {count} edges, fresh hub"), count, &fresh));
+        rows.extend(storm_rows(
+            &format!("storm of {count} edges, fresh hub"),
+            count,
+            &fresh,
+        ));
         drop(fresh);
         let hub = hub.restart(binary).await?;
         let restarted = storm(&hub, &configs).await?;
@@ -101,19 +135,7 @@ async fn storm(hub: &Hub, configs: &[TlsConnector]) -> Result<Storm> {
     let tunnel = SocketAddr::from(([127, 0, 0, 1], hub.tunnel_port));
     let pid = hub.process.pid();
     let cpu_before = cpu_seconds(&[pid])?;
-    let began = Instant::now();
-    let tasks: Vec<_> = configs
-        .iter()
-        .enumerate()
-        .map(|(n, connector)| tokio::spawn(storm_edge(n, tunnel, connector.clone(), began)))
-        .collect();
-    let mut outcomes = Vec::with_capacity(tasks.len());
-    let mut held = Vec::with_capacity(tasks.len());
-    for task in tasks {
-        let (outcome, session) = task.await.context("storm edge task")?;
-        outcomes.push(outcome);
-        held.extend(session);
-    }
+    let (outcomes, held) = connect_all(tunnel, configs).await?;
     let hub_cpu = cpu_seconds(&[pid])? - cpu_before;
     let hub_rss = settled_rss(pid).await?;
     Ok(Storm {
@@ -162,7 +184,10 @@ async fn attempt(
 ) -> Result<IdleEdge, Attempt> {
     let socket = TcpSocket::new_v4().map_err(|_| Attempt::BeforeTls)?;
     socket.bind(source(n)).map_err(|_| Attempt::BeforeTls)?;
-    let tcp = socket.connect(tunnel).await.map_err(|_| Attempt::BeforeTls)?;
+    let tcp = socket
+        .connect(tunnel)
+        .await
+        .map_err(|_| Attempt::BeforeTls)?;
     let _ = tcp.set_nodelay(true);
     let name = ServerName::try_from("127.0.0.1").map_err(|_| Attempt::BeforeTls)?;
     let tls = connector
@@ -192,11 +217,26 @@ fn storm_rows(name: &str, count: usize, storm: &Storm) -> Vec<Row> {
     let wasted: u32 = storm.outcomes.iter().map(|o| o.wasted).sum();
     let per_edge = |total: f64| total / count as f64;
     vec![
-        Row::new(&format!("{name}: connected"), "edges", None, times.len() as f64),
+        Row::new(
+            &format!("{name}: connected"),
+            "edges",
+            None,
+            times.len() as f64,
+        ),
         Row::new(&format!("{name}: time to connect, p50"), "s", None, at(0.5)),
-        Row::new(&format!("{name}: time to connect, p99"), "s", None, at(0.99)),
+        Row::new(
+            &format!("{name}: time to connect, p99"),
+            "s",
+            None,
+            at(0.99),
+        ),
         Row::new(&format!("{name}: time to connect, max"), "s", None, at(1.0)),
-        Row::new(&format!("{name}: retries"), "per edge", None, per_edge(f64::from(retries))),
+        Row::new(
+            &format!("{name}: retries"),
+            "per edge",
+            None,
+            per_edge(f64::from(retries)),
+        ),
         Row::new(
             &format!("{name}: handshakes wasted (reset or refused after TLS)"),
             "% of edges",

@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::apply::{offer, reject, report_disagreement, Ack, ApplyError, Serving};
 use crate::backoff::Backoff;
-use crate::connect::{connect, quic_reaches, HubAddress};
+use crate::connect::{connect, quic_reaches, ConnectError, HubAddress};
 use crate::ports::PortSet;
 use crate::tunnels::{hub_name, TunnelKey, TunnelState};
 use crate::udp::UdpPorts;
@@ -38,8 +38,9 @@ impl Tunnel {
 
 /// How one attempt ended.
 enum Ended {
-    /// No tunnel: the hub could not be reached, refused, or is one the edge already has.
-    Failed,
+    /// No tunnel: the hub could not be reached, refused (saying when to come back, if it
+    /// did), or is one the edge already has.
+    Failed(Option<Duration>),
     /// The tunnel was up for this long and is gone.
     Lost(Duration),
     /// The hub drained the tunnel, or it became suspect: it finishes its streams in the
@@ -92,13 +93,16 @@ async fn keep_tunnel(inner: Arc<EdgeInner>, slot: usize, first_attempt: oneshot:
         if let Some(first) = first_attempt.take() {
             let _ = first.send(());
         }
-        match ended {
+        let hint = match ended {
             Ended::Shutdown => return,
             Ended::Retired => continue,
-            Ended::Lost(lasted) => backoff.connection_ended(lasted),
-            Ended::Failed => {}
-        }
-        let delay = backoff.next_delay(rand::random::<f64>());
+            Ended::Lost(lasted) => {
+                backoff.connection_ended(lasted);
+                None
+            }
+            Ended::Failed(hint) => hint,
+        };
+        let delay = backoff.next_delay(rand::random::<f64>(), hint);
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = inner.shutdown.cancelled() => return,
@@ -121,9 +125,13 @@ async fn attempt_tunnel(
     let (session, events, reply) = match connected {
         Ok(connected) => connected,
         Err(error) => {
-            tracing::warn!(%hub, %error, "cannot reach the hub");
+            let retry_after = match &error {
+                ConnectError::Refused(refusal) => refusal.retry_after(),
+                _ => None,
+            };
+            tracing::warn!(%hub, %error, ?retry_after, "cannot reach the hub");
             inner.update(|s| s.last_error = Some(error.to_string()));
-            return Ended::Failed;
+            return Ended::Failed(retry_after);
         }
     };
     let address = hub.to_string();
@@ -133,7 +141,7 @@ async fn attempt_tunnel(
     else {
         tracing::debug!(%hub, hub_id = ?reply.hub_id, slot, "reached a hub this edge already has a tunnel to");
         session.close("already connected to this hub");
-        return Ended::Failed;
+        return Ended::Failed(None);
     };
     if let Some(first) = first_attempt.take() {
         let _ = first.send(());

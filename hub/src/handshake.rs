@@ -7,7 +7,8 @@ use std::sync::Arc;
 use bytes::Bytes;
 use remoteingress_tunnel::{Link, LinkError};
 use remoteingress_wire::handshake::{
-    accept_reply, error_reply, EdgeHello, HandshakeError, MAX_LINE_LEN, UNAUTHORIZED,
+    accept_reply, error_reply, retry_reply, EdgeHello, HandshakeError, BUSY, MAX_LINE_LEN,
+    UNAUTHORIZED,
 };
 use remoteingress_wire::EdgeConfig;
 use thiserror::Error;
@@ -30,6 +31,10 @@ pub enum AuthFailure {
     /// its handshake.
     #[error("evicted while idle: the hub was full and had not received its ClientHello")]
     Evicted,
+    /// The peer closed the connection before it began a handshake: it cost the hub nothing and
+    /// spends no failure budget.
+    #[error("closed before its handshake began")]
+    Abandoned,
     /// Every slot held a handshake in progress (the other transport's listener took the last).
     #[error("every unauthenticated slot holds a handshake in progress")]
     Full,
@@ -42,6 +47,10 @@ pub enum AuthFailure {
     /// Unknown edge or wrong secret (which of the two is never told).
     #[error("bad credentials for edge {0:?}")]
     BadCredentials(String),
+    /// The hub serves as many edges as it may (`max_edges`); the edge was told when to come
+    /// back.
+    #[error("the hub serves as many edges as it may")]
+    Busy,
     /// The handshake did not finish within the deadline.
     #[error("handshake not finished in time")]
     Timeout,
@@ -55,6 +64,8 @@ impl AuthFailure {
             AuthFailure::RateLimited => "rate_limited",
             AuthFailure::Evicted => "evicted",
             AuthFailure::Full => "full",
+            AuthFailure::Abandoned => "abandoned",
+            AuthFailure::Busy => "busy",
             AuthFailure::Link(LinkError::Line(_)) | AuthFailure::Malformed(_) => "malformed",
             AuthFailure::Link(_) => "tls",
             AuthFailure::BadCredentials(_) => "bad_credentials",
@@ -91,7 +102,12 @@ pub(crate) fn auth_failed(inner: &HubInner, remote_addr: SocketAddr, failure: &A
     );
     if !matches!(
         failure,
-        AuthFailure::Limit | AuthFailure::RateLimited | AuthFailure::Evicted | AuthFailure::Full
+        AuthFailure::Limit
+            | AuthFailure::RateLimited
+            | AuthFailure::Evicted
+            | AuthFailure::Full
+            | AuthFailure::Busy
+            | AuthFailure::Abandoned
     ) {
         inner
             .admissions
@@ -115,7 +131,9 @@ pub(crate) async fn authenticate(
     remote_addr: SocketAddr,
     admission: &Admission,
 ) -> Option<Authenticated> {
+    let began = std::sync::atomic::AtomicBool::new(false);
     let begun = || {
+        began.store(true, std::sync::atomic::Ordering::Relaxed);
         admission.started();
         inner.metrics.handshakes.inc();
     };
@@ -134,6 +152,9 @@ pub(crate) async fn authenticate(
     let result = tokio::select! {
         finished = handshake => match finished {
             Ok(Ok((link, line, rest))) => check_hello(inner, link, &line, rest).await,
+            Ok(Err(AuthFailure::Link(_))) if !began.load(std::sync::atomic::Ordering::Relaxed) => {
+                Err(AuthFailure::Abandoned)
+            }
             Ok(Err(failure)) => Err(failure),
             Err(_) => Err(AuthFailure::Timeout),
         },
@@ -146,6 +167,18 @@ pub(crate) async fn authenticate(
             None
         }
     }
+}
+
+/// How long a hub at its edge limit tells a new edge to stay away (the edge adds up to as much
+/// again at random, and tries its other hubs meanwhile).
+const BUSY_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether taking `edge_id` would exceed the hub's edge limit (an edge already here may always
+/// add a tunnel).
+fn over_capacity(inner: &HubInner, edge_id: &str) -> bool {
+    let max = inner.options.max_edges;
+    let registry = inner.registry();
+    max > 0 && !registry.is_connected(edge_id) && registry.connected_edge_count() >= max
 }
 
 /// Checks a handshake line against the allowed edges and answers it.
@@ -175,6 +208,10 @@ async fn check_hello(
         link.refuse(&error_reply(UNAUTHORIZED)).await;
         return Err(AuthFailure::BadCredentials(hello.edge_id));
     };
+    if over_capacity(inner, &hello.edge_id) {
+        link.refuse(&retry_reply(BUSY, BUSY_RETRY_AFTER)).await;
+        return Err(AuthFailure::Busy);
+    }
     link.write_line(&accept_reply(
         &config,
         inner.options.session.extensions,

@@ -7,6 +7,7 @@
 mod admission;
 mod edges;
 mod edges_file;
+mod fleet;
 mod handshake;
 mod metrics;
 mod push;
@@ -153,6 +154,12 @@ pub struct HubOptions {
     pub max_tunnels_per_edge: usize,
     /// Connections to targets of all edges together; streams past it are refused (and counted).
     pub max_target_connections: usize,
+    /// Edges this hub serves at once (0: no limit); a new edge past it is refused as busy and
+    /// told when to come back, so that it goes to another hub meanwhile.
+    pub max_edges: usize,
+    /// After a restart, readiness waits at most this long for the edges the hub held when it
+    /// last began to drain (recorded beside the state file) to come back.
+    pub fleet_wait: Duration,
 }
 
 impl HubOptions {
@@ -221,6 +228,8 @@ impl Default for HubOptions {
             refuse_private_clients: false,
             max_tunnels_per_edge: 8,
             max_target_connections: 65_536,
+            max_edges: 0,
+            fleet_wait: Duration::from_secs(60),
             listen_addr: SocketAddr::from(([0, 0, 0, 0], 8443)),
             target_host: "127.0.0.1".to_owned(),
             handshake_timeout: Duration::from_secs(10),
@@ -467,6 +476,8 @@ pub(crate) struct HubInner {
     admissions: Arc<admission::Admissions>,
     /// Handshakes that resumed a session (counted by the identity's ticketer).
     resumed: Arc<std::sync::atomic::AtomicU64>,
+    /// The edges readiness waits for after a restart.
+    fleet: fleet::FleetWait,
     /// The hub-wide UDP session cap: one permit per session.
     udp_slots: Arc<tokio::sync::Semaphore>,
     /// The hub-wide cap on connections to targets: one permit per stream.
@@ -513,6 +524,8 @@ impl Hub {
                 message,
             })?;
         let registry = Registry::new(allowed);
+        let expected = options.state_file.as_deref().and_then(fleet::take);
+        let fleet = fleet::FleetWait::new(expected, options.fleet_wait, std::time::Instant::now());
         let (listener, quic_socket, local_addr) = bind_tunnel(options.listen_addr, options.quic)?;
         let (events, _) = broadcast::channel(4096);
         let hub_metrics = metrics::HubMetrics::register(&options.registry)?;
@@ -535,6 +548,7 @@ impl Hub {
             )),
             metrics: hub_metrics,
             resumed: identity.resumed_handshakes(),
+            fleet,
             options,
             local_addr,
             pin: identity.pin(),
@@ -570,6 +584,13 @@ impl Hub {
             )));
         }
         tracing::info!(addr = %local_addr, pin = %inner.pin, "hub listening for edges");
+        if let Some(expected) = inner.fleet.expected() {
+            tracing::info!(
+                expected,
+                wait_secs = inner.options.fleet_wait.as_secs(),
+                "ready once the edges held at the last drain are back"
+            );
+        }
         Ok(HubHandle { inner })
     }
 }
@@ -688,9 +709,15 @@ impl HubHandle {
         }
     }
 
-    /// True while the listener is bound and the state loaded (until shutdown begins).
+    /// True while the hub accepts tunnels and, after a restart, once the edges it held when it
+    /// drained are back (or `fleet_wait` is over): what a rolling restart waits for.
     pub fn is_ready(&self) -> bool {
+        let connected = self.inner.registry().connected_edge_count();
         !self.inner.accepting.is_cancelled()
+            && self
+                .inner
+                .fleet
+                .is_back(connected, std::time::Instant::now())
     }
 
     /// Stops accepting new tunnels (releasing the listener); open tunnels carry on.
@@ -704,6 +731,10 @@ impl HubHandle {
     /// Returns how many tunnels were asked.
     pub async fn drain(&self) -> usize {
         self.stop_accepting();
+        if let Some(state_file) = &self.inner.options.state_file {
+            let held = self.inner.registry().connected_edge_count();
+            fleet::record(state_file, held);
+        }
         let sessions = self.inner.registry().sessions();
         tracing::info!(
             tunnels = sessions.len(),

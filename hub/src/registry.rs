@@ -411,6 +411,11 @@ impl Registry {
         }
     }
 
+    /// Whether `id` has a live tunnel.
+    pub(crate) fn is_connected(&self, id: &str) -> bool {
+        self.connections.contains_key(id)
+    }
+
     /// Edges with at least one live tunnel.
     pub(crate) fn connected_edge_count(&self) -> usize {
         self.connections.len()

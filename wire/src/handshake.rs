@@ -1,5 +1,8 @@
 //! The tunnel handshake: the edge's `EDGE <edgeId> <secret>\n` line and the hub's one-line JSON
-//! reply (the edge's configuration, or `{"error":"…"}`).
+//! reply (the edge's configuration, or `{"error":"…"}`, with `"retryAfterMs"` when the refusal
+//! is temporary: a key an original edge ignores).
+
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -15,6 +18,10 @@ pub const MAX_EDGE_ID_LEN: usize = 128;
 pub const MAX_REPLY_LEN: usize = 1024 * 1024;
 /// The reply the hub sends for any authentication failure.
 pub const UNAUTHORIZED: &str = "unauthorized";
+/// The reply of a hub that serves as many edges as it may: try again later, or another hub.
+pub const BUSY: &str = "busy";
+/// The longest retry hint an edge honours.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(600);
 
 /// Why a handshake line or reply was refused.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
@@ -31,9 +38,14 @@ pub enum HandshakeError {
     /// The secret is empty or has whitespace or control characters.
     #[error("secret must be non-empty printable ASCII without spaces")]
     BadSecret,
-    /// The hub refused the edge.
-    #[error("hub refused the edge: {0}")]
-    Rejected(String),
+    /// The hub refused the edge; a temporary refusal says when to come back.
+    #[error("hub refused the edge: {reason}")]
+    Rejected {
+        /// The hub's reason.
+        reason: String,
+        /// Come back no sooner than this (at most [`MAX_RETRY_AFTER`]).
+        retry_after: Option<Duration>,
+    },
     /// The hub's reply is not the expected JSON.
     #[error("hub reply is not valid: {0}")]
     BadReply(String),
@@ -156,12 +168,33 @@ pub fn error_reply(reason: &str) -> String {
     line
 }
 
+/// The hub's reply to a handshake it refuses for now: the edge should come back after
+/// `retry_after`.
+pub fn retry_reply(reason: &str, retry_after: Duration) -> String {
+    let retry_after_ms = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
+    let mut line =
+        serde_json::json!({ "error": reason, "retryAfterMs": retry_after_ms }).to_string();
+    line.push('\n');
+    line
+}
+
+impl HandshakeError {
+    /// When a refused edge may come back, if the hub said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            HandshakeError::Rejected { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
 /// Interprets the hub's reply line on the edge.
 pub fn parse_reply(line: &[u8]) -> Result<HubReply, HandshakeError> {
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Envelope {
         error: Option<String>,
+        retry_after_ms: Option<u64>,
         #[serde(default)]
         extensions: Vec<String>,
         hub_id: Option<String>,
@@ -169,7 +202,12 @@ pub fn parse_reply(line: &[u8]) -> Result<HubReply, HandshakeError> {
     let bad = |e: serde_json::Error| HandshakeError::BadReply(e.to_string());
     let envelope = serde_json::from_slice::<Envelope>(line).map_err(bad)?;
     if let Some(reason) = envelope.error {
-        return Err(HandshakeError::Rejected(reason));
+        return Err(HandshakeError::Rejected {
+            reason,
+            retry_after: envelope
+                .retry_after_ms
+                .map(|ms| Duration::from_millis(ms).min(MAX_RETRY_AFTER)),
+        });
     }
     Ok(HubReply {
         config: serde_json::from_slice(line).map_err(bad)?,
@@ -263,7 +301,22 @@ mod tests {
         assert_eq!(error_reply(UNAUTHORIZED), "{\"error\":\"unauthorized\"}\n");
         assert_eq!(
             parse_reply(error_reply(UNAUTHORIZED).as_bytes()),
-            Err(HandshakeError::Rejected("unauthorized".into()))
+            Err(HandshakeError::Rejected {
+                reason: "unauthorized".into(),
+                retry_after: None
+            })
+        );
+        let busy = retry_reply(BUSY, Duration::from_millis(2500));
+        assert_eq!(busy, "{\"error\":\"busy\",\"retryAfterMs\":2500}\n");
+        assert_eq!(
+            parse_reply(busy.as_bytes()).unwrap_err().retry_after(),
+            Some(Duration::from_millis(2500))
+        );
+        let forever = retry_reply(BUSY, Duration::from_secs(86_400));
+        assert_eq!(
+            parse_reply(forever.as_bytes()).unwrap_err().retry_after(),
+            Some(MAX_RETRY_AFTER),
+            "a hint is bounded"
         );
         assert!(matches!(
             parse_reply(b"nope"),
