@@ -612,6 +612,7 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         max_tunnels_per_edge: args.max_tunnels_per_edge.max(1),
         max_target_connections: args.max_target_connections,
         max_edges: args.max_edges,
+        fleet_record: Some(args.state_dir.join("fleet.json")),
         fleet_wait: Duration::from_secs(args.fleet_wait_secs),
         registry: prometheus::Registry::new(),
         quic: !args.no_quic,

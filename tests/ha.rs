@@ -21,8 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use remoteingress_edge::{Edge, EdgeEvent, HubAddress, TransportMode, TunnelState};
+use remoteingress_edge::{Edge, EdgeEvent, EdgeOptions, HubAddress, TransportMode, TunnelState};
 use remoteingress_hub::HubEvent;
+use remoteingress_tunnel::HubTrust;
 use remoteingress_wire::frame::FrameType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -485,6 +486,94 @@ async fn a_rolling_restart_of_every_hub_loses_no_connection() {
         outcomes.len()
     );
     assert_eq!(failed, 0, "no connection fails during a rolling restart");
+}
+
+/// Edges beside the measured one in the fleet test.
+const FLEET: usize = 1_999;
+
+/// A rolling restart as an orchestrator does it, trusting readiness alone: each restarted hub
+/// reports ready only once the whole fleet (2,000 edges) is back on it, so the next hub is never
+/// drained while an edge has no other tunnel; the measured edge's clients lose nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rolling_restart_waits_for_2000_edges_to_come_back_and_loses_no_connection() {
+    let tier = Tier::new().await;
+    let path = tier.dir.path().join("fleet-edges.json");
+    let mut edges = vec![allowed("e1", &[(tier.edge_port, tier.target.addr.port())])];
+    edges.extend((0..FLEET).map(|n| allowed(&format!("fleet-{n}"), &[])));
+    let file = serde_json::json!({"generation": 1, "edges": edges});
+    std::fs::write(&path, file.to_string()).unwrap();
+    let mut hubs = vec![
+        tier.hub("hub-a", path.clone()).await,
+        tier.hub("hub-b", path).await,
+    ];
+    let edge = tier.edge(&hub_flags(&[&hubs[0], &hubs[1]], 2)).await;
+    let mut fleet = Vec::with_capacity(FLEET);
+    for n in 0..FLEET {
+        let mut options = EdgeOptions::new(
+            "127.0.0.1",
+            hubs[0].spec.tunnel_port,
+            &format!("fleet-{n}"),
+            SECRET,
+            HubTrust::Pin(tier.pin.clone()),
+        );
+        options.hubs = hubs
+            .iter()
+            .map(|hub| HubAddress::new("127.0.0.1", hub.spec.tunnel_port))
+            .collect();
+        options.hub_connections = 2;
+        options.backoff.max = Duration::from_secs(2);
+        options.firewall = remoteingress_edge::FirewallMode::Off;
+        options.stun_servers.clear();
+        fleet.push(Edge::start(options).await.unwrap());
+    }
+    let all = (FLEET + 1) as f64;
+    for hub in &hubs {
+        eventually_within(
+            Duration::from_secs(60),
+            &format!("the fleet on {}", hub.spec.id),
+            || async {
+                let connected = sample(hub.spec.metrics(), "remoteingress_edges_connected").await?;
+                (connected == all).then_some(())
+            },
+        )
+        .await;
+    }
+    edge.wait_tunnels(&["hub-a", "hub-b"]).await;
+    let addr = SocketAddr::new(EDGE_IP, tier.edge_port);
+
+    let load = Load::start(addr);
+    load.run_for(50).await;
+    for i in 0..hubs.len() {
+        let mut hub = hubs.remove(i);
+        signal(&hub, "-TERM");
+        let id = hub.spec.id.clone();
+        eventually(&format!("{id} to exit after draining"), || {
+            let exited = hub.process.0.try_wait().unwrap().map(|_| ());
+            async move { exited }
+        })
+        .await;
+        // `start` returns once /readyz says ready: by then the fleet must be back.
+        let restarted = tier.start(hub.spec.clone()).await;
+        let connected = sample(restarted.spec.metrics(), "remoteingress_edges_connected").await;
+        assert_eq!(
+            connected,
+            Some(all),
+            "{id} is ready only with every edge back"
+        );
+        hubs.insert(i, restarted);
+        load.run_for(50).await;
+    }
+    let outcomes = load.finish().await;
+    let failed = outcomes.iter().filter(|outcome| !outcome.ok).count();
+    println!(
+        "rolling restart of 2 hubs with {} edges: {} connections, {failed} failed",
+        FLEET + 1,
+        outcomes.len()
+    );
+    assert_eq!(failed, 0, "no connection fails during a rolling restart");
+    for edge in fleet {
+        edge.shutdown().await;
+    }
 }
 
 /// A TCP relay that sends connection `n` to `backends[(n / 2) % len]`: the edge's first two

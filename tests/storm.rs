@@ -127,3 +127,42 @@ async fn a_quic_reconnect_resumes_its_session_even_on_a_restarted_hub() {
         "resumed on the restarted hub"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_at_its_edge_limit_refuses_a_new_edge_as_busy_and_says_when_to_come_back() {
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let registry = prometheus::Registry::new();
+    let mut options = storm_options(&registry);
+    options.max_edges = 1;
+    let hub = start_hub_with(state.path(), options).await;
+    allow_fleet(&hub, 2).await;
+    let fleet = connectors(hub.pin(), 2).unwrap();
+    let (_, first) = connect_all(hub.local_addr(), &fleet[..1]).await.unwrap();
+    assert_eq!(first.len(), 1);
+
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let port = hub.local_addr().port();
+    let mut link = Link::connect_tls(&fleet[1], name, "127.0.0.1", port)
+        .await
+        .unwrap();
+    link.write_line(&format!("EDGE {} {SECRET}\n", edge_id(1)))
+        .await
+        .unwrap();
+    let (reply, _) = link.read_line(4096).await.unwrap();
+    let refusal = remoteingress_wire::handshake::parse_reply(&reply).unwrap_err();
+    assert_eq!(
+        refusal.retry_after(),
+        Some(Duration::from_secs(5)),
+        "{refusal}"
+    );
+    assert_eq!(
+        metric(
+            &registry,
+            "remoteingress_auth_failures_total",
+            &[("reason", "busy")]
+        ),
+        Some(1.0)
+    );
+    hub.shutdown().await;
+}

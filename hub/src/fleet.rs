@@ -1,29 +1,21 @@
 //! The fleet a restarted hub waits for before it calls itself ready: the edges it held when it
-//! last began to drain, recorded next to its state file and read (and removed) at start. So a
-//! rolling restart does not drain the next hub while edges still depend on it.
+//! last began to drain, recorded in a file of its state directory and read (and removed) at
+//! start. So a rolling restart does not drain the next hub while edges still depend on it.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
-
-/// The record's file name, in the state file's directory.
-const FILE_NAME: &str = "fleet.json";
 
 #[derive(Serialize, Deserialize)]
 struct Record {
     edges: usize,
 }
 
-fn record_path(state_file: &Path) -> PathBuf {
-    state_file.with_file_name(FILE_NAME)
-}
-
 /// Records that the hub held `edges` as it began to drain. A failure is logged: the restarted
 /// hub then does not wait for its fleet.
-pub(crate) fn record(state_file: &Path, edges: usize) {
-    let path = record_path(state_file);
+pub(crate) fn record(path: &Path, edges: usize) {
     let written = serde_json::to_vec(&Record { edges })
         .map_err(std::io::Error::other)
         .and_then(|json| std::fs::write(&path, json));
@@ -34,10 +26,9 @@ pub(crate) fn record(state_file: &Path, edges: usize) {
 
 /// The edges recorded at the last drain, if any; the record is removed, so that a later crash
 /// does not reuse it.
-pub(crate) fn take(state_file: &Path) -> Option<usize> {
-    let path = record_path(state_file);
-    let text = std::fs::read(&path).ok()?;
-    if let Err(error) = std::fs::remove_file(&path) {
+pub(crate) fn take(path: &Path) -> Option<usize> {
+    let text = std::fs::read(path).ok()?;
+    if let Err(error) = std::fs::remove_file(path) {
         tracing::warn!(path = %path.display(), %error, "cannot remove the fleet record");
     }
     serde_json::from_slice::<Record>(&text)
@@ -88,7 +79,7 @@ mod tests {
     #[test]
     fn a_recorded_fleet_is_read_once() {
         let dir = tempfile::tempdir().unwrap();
-        let state = dir.path().join("allowed-edges.json");
+        let state = dir.path().join("fleet.json");
         assert_eq!(take(&state), None);
         record(&state, 2_000);
         assert_eq!(take(&state), Some(2_000));

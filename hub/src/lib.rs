@@ -157,8 +157,10 @@ pub struct HubOptions {
     /// Edges this hub serves at once (0: no limit); a new edge past it is refused as busy and
     /// told when to come back, so that it goes to another hub meanwhile.
     pub max_edges: usize,
-    /// After a restart, readiness waits at most this long for the edges the hub held when it
-    /// last began to drain (recorded beside the state file) to come back.
+    /// Where the hub records the edges it holds when it begins to drain, and reads them back
+    /// at start (see `fleet_wait`); `None`: no record, readiness never waits for edges.
+    pub fleet_record: Option<PathBuf>,
+    /// After a restart, readiness waits at most this long for the recorded edges to come back.
     pub fleet_wait: Duration,
 }
 
@@ -229,6 +231,7 @@ impl Default for HubOptions {
             max_tunnels_per_edge: 8,
             max_target_connections: 65_536,
             max_edges: 0,
+            fleet_record: None,
             fleet_wait: Duration::from_secs(60),
             listen_addr: SocketAddr::from(([0, 0, 0, 0], 8443)),
             target_host: "127.0.0.1".to_owned(),
@@ -524,7 +527,7 @@ impl Hub {
                 message,
             })?;
         let registry = Registry::new(allowed);
-        let expected = options.state_file.as_deref().and_then(fleet::take);
+        let expected = options.fleet_record.as_deref().and_then(fleet::take);
         let fleet = fleet::FleetWait::new(expected, options.fleet_wait, std::time::Instant::now());
         let (listener, quic_socket, local_addr) = bind_tunnel(options.listen_addr, options.quic)?;
         let (events, _) = broadcast::channel(4096);
@@ -731,9 +734,9 @@ impl HubHandle {
     /// Returns how many tunnels were asked.
     pub async fn drain(&self) -> usize {
         self.stop_accepting();
-        if let Some(state_file) = &self.inner.options.state_file {
+        if let Some(path) = &self.inner.options.fleet_record {
             let held = self.inner.registry().connected_edge_count();
-            fleet::record(state_file, held);
+            fleet::record(path, held);
         }
         let sessions = self.inner.registry().sessions();
         tracing::info!(
