@@ -18,7 +18,7 @@ struct Record {
 pub(crate) fn record(path: &Path, edges: usize) {
     let written = serde_json::to_vec(&Record { edges })
         .map_err(std::io::Error::other)
-        .and_then(|json| std::fs::write(&path, json));
+        .and_then(|json| std::fs::write(path, json));
     if let Err(error) = written {
         tracing::warn!(path = %path.display(), %error, "cannot record the fleet for the restart; the next start will not wait for it");
     }
