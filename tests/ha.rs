@@ -226,6 +226,19 @@ fn hub_flags(hubs: &[&HubProcess], connections: usize) -> Vec<String> {
     flags
 }
 
+/// Sends SIGTERM to `hub` and waits until it has drained and exited; its spec, to start it
+/// again.
+async fn stop_gracefully(mut hub: HubProcess) -> HubSpec {
+    signal(&hub, "-TERM");
+    let id = hub.spec.id.clone();
+    eventually(&format!("{id} to exit after draining"), || {
+        let exited = hub.process.0.try_wait().unwrap().map(|_| ());
+        async move { exited }
+    })
+    .await;
+    hub.spec
+}
+
 fn signal(hub: &HubProcess, signal: &str) {
     let pid = hub.process.0.id().to_string();
     assert!(Command::new("kill")
@@ -459,14 +472,7 @@ async fn a_rolling_restart_of_every_hub_loses_no_connection() {
         })
         .await;
         load.resume();
-        let mut hub = hubs.remove(i);
-        signal(&hub, "-TERM");
-        let id = hub.spec.id.clone();
-        eventually(&format!("{id} to exit after draining"), || {
-            let exited = hub.process.0.try_wait().unwrap().map(|_| ());
-            async move { exited }
-        })
-        .await;
+        let hub = stop_gracefully(hubs.remove(i)).await;
         assert!(
             first.await.unwrap(),
             "a transfer in flight survives the drain"
@@ -475,7 +481,7 @@ async fn a_rolling_restart_of_every_hub_loses_no_connection() {
             second.await.unwrap(),
             "a transfer in flight survives the drain"
         );
-        hubs.insert(i, tier.start(hub.spec.clone()).await);
+        hubs.insert(i, tier.start(hub).await);
         edge.wait_tunnels(&["hub-a", "hub-b"]).await;
         load.run_for(50).await;
     }
@@ -544,16 +550,10 @@ async fn a_rolling_restart_waits_for_2000_edges_to_come_back_and_loses_no_connec
     let load = Load::start(addr);
     load.run_for(50).await;
     for i in 0..hubs.len() {
-        let mut hub = hubs.remove(i);
-        signal(&hub, "-TERM");
-        let id = hub.spec.id.clone();
-        eventually(&format!("{id} to exit after draining"), || {
-            let exited = hub.process.0.try_wait().unwrap().map(|_| ());
-            async move { exited }
-        })
-        .await;
+        let hub = stop_gracefully(hubs.remove(i)).await;
+        let id = hub.id.clone();
         // `start` returns once /readyz says ready: by then the fleet must be back.
-        let restarted = tier.start(hub.spec.clone()).await;
+        let restarted = tier.start(hub).await;
         let connected = sample(restarted.spec.metrics(), "remoteingress_edges_connected").await;
         assert_eq!(
             connected,

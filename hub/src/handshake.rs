@@ -131,9 +131,7 @@ pub(crate) async fn authenticate(
     remote_addr: SocketAddr,
     admission: &Admission,
 ) -> Option<Authenticated> {
-    let began = std::sync::atomic::AtomicBool::new(false);
     let begun = || {
-        began.store(true, std::sync::atomic::Ordering::Relaxed);
         admission.started();
         inner.metrics.handshakes.inc();
     };
@@ -152,9 +150,7 @@ pub(crate) async fn authenticate(
     let result = tokio::select! {
         finished = handshake => match finished {
             Ok(Ok((link, line, rest))) => check_hello(inner, link, &line, rest).await,
-            Ok(Err(AuthFailure::Link(_))) if !began.load(std::sync::atomic::Ordering::Relaxed) => {
-                Err(AuthFailure::Abandoned)
-            }
+            Ok(Err(AuthFailure::Link(LinkError::Abandoned))) => Err(AuthFailure::Abandoned),
             Ok(Err(failure)) => Err(failure),
             Err(_) => Err(AuthFailure::Timeout),
         },

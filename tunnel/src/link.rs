@@ -37,6 +37,9 @@ pub enum LinkError {
     /// The TLS handshake failed.
     #[error("TLS: {0}")]
     Tls(std::io::Error),
+    /// The peer closed the connection before sending anything of a handshake.
+    #[error("closed before its handshake began")]
+    Abandoned,
     /// The QUIC connection could not be started.
     #[error("QUIC: {0}")]
     QuicConnect(#[from] quinn::ConnectError),
@@ -78,7 +81,12 @@ impl Link {
         let _ = tcp.set_nodelay(true);
         let start = LazyConfigAcceptor::new(Acceptor::default(), tcp)
             .await
-            .map_err(LinkError::Tls)?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::UnexpectedEof
+                | std::io::ErrorKind::ConnectionReset
+                | std::io::ErrorKind::ConnectionAborted => LinkError::Abandoned,
+                _ => LinkError::Tls(e),
+            })?;
         hello();
         let tls = start.into_stream(config).await.map_err(LinkError::Tls)?;
         Ok(Link::Tls(Box::new(TlsStream::Server(tls))))

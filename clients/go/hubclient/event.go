@@ -60,8 +60,8 @@ type Event struct {
 	// Reason says why a tunnel ended or failed to authenticate.
 	Reason string `json:"reason,omitempty"`
 	// AuthFailure is the stable label of an authentication failure, as in the metric
-	// auth_failures_total: bad_credentials, malformed, timeout, tls, limit, rate_limited or
-	// evicted.
+	// auth_failures_total: bad_credentials, malformed, timeout, tls, limit, rate_limited,
+	// evicted, abandoned, full or busy.
 	AuthFailure string `json:"authFailure,omitempty"`
 	// StreamID is the stream's id within its tunnel.
 	StreamID uint32 `json:"streamId,omitempty"`

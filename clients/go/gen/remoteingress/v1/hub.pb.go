@@ -1470,7 +1470,7 @@ type AuthFailed struct {
 	// What was wrong.
 	Reason string `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
 	// Stable label of the failure, as in the metric auth_failures_total: bad_credentials,
-	// malformed, timeout, tls, limit, rate_limited or evicted.
+	// malformed, timeout, tls, limit, rate_limited, evicted, abandoned, full or busy.
 	Kind          string `protobuf:"bytes,3,opt,name=kind,proto3" json:"kind,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

@@ -768,7 +768,7 @@ export type AuthFailed = Message<"remoteingress.v1.AuthFailed"> & {
 
   /**
    * Stable label of the failure, as in the metric auth_failures_total: bad_credentials,
-   * malformed, timeout, tls, limit, rate_limited or evicted.
+   * malformed, timeout, tls, limit, rate_limited, evicted, abandoned, full or busy.
    *
    * @generated from field: string kind = 3;
    */
