@@ -271,7 +271,7 @@ struct HubArgs {
     )]
     max_target_connections: usize,
     /// Edges this hub serves at once (0: no limit); a new edge past it is refused as busy and
-    /// told when to come back, and goes to another hub meanwhile.
+    /// told when to come back (it dials its next hub address then).
     #[arg(long, env = "REMOTEINGRESS_MAX_EDGES", default_value_t = 0)]
     max_edges: usize,
     /// After a restart, readiness waits at most this long for the edges the hub held when it

@@ -77,6 +77,8 @@ pub struct BenchConfig {
     pub idle_edges: usize,
     /// Edges of each reconnect storm.
     pub storm_edges: Vec<usize>,
+    /// Handshakes of each kind for the hub's CPU per full and per resumed handshake.
+    pub cost_handshakes: usize,
     /// Offered rates of the UDP loss curve, datagrams per second.
     pub udp_rates: Vec<u64>,
     /// Whether the throughput rows include iperf3's (when it is on PATH).
@@ -96,6 +98,7 @@ impl BenchConfig {
             idle_connections: 10_000,
             idle_edges: 1_000,
             storm_edges: vec![1_000, 5_000, 10_000],
+            cost_handshakes: 500,
             udp_rates: vec![50_000, 100_000, 200_000],
             iperf3: true,
         }
@@ -113,6 +116,7 @@ impl BenchConfig {
             idle_connections: 200,
             idle_edges: 20,
             storm_edges: vec![50],
+            cost_handshakes: 20,
             udp_rates: vec![5_000],
             iperf3: false,
         }
@@ -260,7 +264,8 @@ pub async fn run(config: &BenchConfig) -> Result<Vec<Row>> {
     if config.sections.contains(&Section::Storm) {
         rows.extend(storm::reconnect_storms(&config.binary, &config.storm_edges).await?);
         for transport in TRANSPORTS {
-            for mut row in storm::handshake_cost(&config.binary, transport).await? {
+            let cost = storm::handshake_cost(&config.binary, transport, config.cost_handshakes);
+            for mut row in cost.await? {
                 row.name = format!("{} [{transport}]", row.name);
                 rows.push(row);
             }

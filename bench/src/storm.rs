@@ -32,8 +32,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The edge's backoff: first and largest nominal delay.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Handshakes per kind for the CPU cost of one.
-const COST_HANDSHAKES: usize = 500;
 
 /// The address light edge `n` connects from.
 fn source(n: usize) -> SocketAddr {
@@ -259,8 +257,8 @@ fn storm_rows(name: &str, count: usize, storm: &Storm) -> Vec<Row> {
 }
 
 /// Hub CPU per full and per resumed handshake (with the handshake line and the session's
-/// start and end, the same for both), over `transport`.
-pub async fn handshake_cost(binary: &Path, transport: &str) -> Result<Vec<Row>> {
+/// start and end, the same for both), over `transport`, from `count` handshakes of each.
+pub async fn handshake_cost(binary: &Path, transport: &str, count: usize) -> Result<Vec<Row>> {
     let edges = serde_json::json!([{"id": edge_id(0), "secret": SECRET}]);
     let hub = Hub::start(binary, &edges).await?;
     let trust = HubTrust::Pin(hub.pin.clone());
@@ -297,7 +295,7 @@ pub async fn handshake_cost(binary: &Path, transport: &str) -> Result<Vec<Row>> 
         };
         connect(false).await?;
         let before = cpu_seconds(&[pid])?;
-        for _ in 0..COST_HANDSHAKES {
+        for _ in 0..count {
             connect(!resumed).await?;
         }
         let cpu = cpu_seconds(&[pid])? - before;
@@ -306,7 +304,7 @@ pub async fn handshake_cost(binary: &Path, transport: &str) -> Result<Vec<Row>> 
             &format!("hub CPU per {kind} handshake"),
             "ms",
             None,
-            cpu / COST_HANDSHAKES as f64 * 1000.0,
+            cpu / count.max(1) as f64 * 1000.0,
         ));
     }
     Ok(rows)

@@ -166,7 +166,7 @@ pub(crate) async fn authenticate(
 }
 
 /// How long a hub at its edge limit tells a new edge to stay away (the edge adds up to as much
-/// again at random, and tries its other hubs meanwhile).
+/// again at random, then dials its next hub address).
 const BUSY_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Whether taking `edge_id` would exceed the hub's edge limit (an edge already here may always

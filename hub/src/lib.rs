@@ -155,7 +155,7 @@ pub struct HubOptions {
     /// Connections to targets of all edges together; streams past it are refused (and counted).
     pub max_target_connections: usize,
     /// Edges this hub serves at once (0: no limit); a new edge past it is refused as busy and
-    /// told when to come back, so that it goes to another hub meanwhile.
+    /// told when to come back (it dials its next hub address then).
     pub max_edges: usize,
     /// Where the hub records the edges it holds when it begins to drain, and reads them back
     /// at start (see `fleet_wait`); `None`: no record, readiness never waits for edges.
