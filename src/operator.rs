@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use remoteingress_operator::OperatorOptions;
+use remoteingress_operator::{OperatorOptions, TargetPolicy};
 use tokio_util::sync::CancellationToken;
 
 /// Flags of `remoteingress operator`.
@@ -40,6 +40,11 @@ pub struct OperatorArgs {
     /// Seconds between full reconciles and hub report refreshes when nothing changes.
     #[arg(long, env = "REMOTEINGRESS_RESYNC_SECS", default_value_t = 10)]
     resync_secs: u64,
+    /// Let Edges name any host in `targetHosts`. By default an Edge may only target Services
+    /// of its own namespace, so that no team can expose another's Services, the cloud
+    /// metadata address or the hub's own loopback.
+    #[arg(long, env = "REMOTEINGRESS_UNRESTRICTED_TARGETS")]
+    unrestricted_targets: bool,
 }
 
 /// Runs the operator (or prints the CRDs) until SIGTERM or Ctrl-C.
@@ -58,6 +63,11 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         hub_admin_port: args.hub_admin_port,
         hub_token: args.admin_token,
         resync: Duration::from_secs(args.resync_secs.max(1)),
+        targets: if args.unrestricted_targets {
+            TargetPolicy::Any
+        } else {
+            TargetPolicy::OwnNamespace
+        },
     };
     let client = kube::Client::try_default()
         .await

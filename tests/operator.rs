@@ -630,7 +630,7 @@ async fn every_hub_replica_gets_the_same_config_and_a_restarted_one_is_resynced(
     let _operator = operator(&operator_kubeconfig);
     for name in ["e1", "e2"] {
         cluster.apply(&format!(
-            "apiVersion: remoteingress.dev/v1alpha1\nkind: Edge\nmetadata: {{name: {name}, namespace: default}}\nspec: {{listenPorts: [80, 443], targetHosts: {{\"443\": 10.0.0.9}}}}\n"
+            "apiVersion: remoteingress.dev/v1alpha1\nkind: Edge\nmetadata: {{name: {name}, namespace: default}}\nspec: {{listenPorts: [80, 443], targetHosts: {{\"443\": web}}}}\n"
         ));
     }
     let same = |hubs: Vec<Vec<remoteingress_controlplane::pb::EdgeInfo>>| {
@@ -661,7 +661,7 @@ async fn every_hub_replica_gets_the_same_config_and_a_restarted_one_is_resynced(
         || async { same(vec![a.edges().await, b.edges().await]).filter(|view| view.len() == 2) },
     )
     .await;
-    assert_eq!(before[0].3, vec![(443, "10.0.0.9".to_owned())]);
+    assert_eq!(before[0].3, vec![(443, "web.default.svc".to_owned())]);
 
     // A hub that restarts empty is re-synced at once.
     std::fs::remove_dir_all(a.state.path()).unwrap();
@@ -697,4 +697,191 @@ async fn every_hub_replica_gets_the_same_config_and_a_restarted_one_is_resynced(
     let kept = same(vec![a.edges().await, b.edges().await]).unwrap();
     assert_eq!(kept.len(), 1);
     assert_eq!(kept[0].1, vec![80, 443]);
+}
+
+/// An Edge in `namespace` named `name` with `spec` (flow-style YAML without braces).
+fn edge_yaml(namespace: &str, name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: remoteingress.dev/v1alpha1\nkind: Edge\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec: {{{spec}}}\n"
+    )
+}
+
+/// The generation the hub holds for `id`, if it holds it.
+async fn hub_generation(hub: &Hub, id: &str) -> Option<u64> {
+    hub.edges()
+        .await
+        .into_iter()
+        .find(|e| e.id == id)
+        .map(|e| e.generation)
+}
+
+/// Two teams share a cluster: neither can take the other's edge id, expose the other's
+/// Services, overwrite a Secret that is not its Edge's, or make a hub go back to an older
+/// configuration by recreating an Edge or losing its status.
+#[tokio::test]
+async fn in_a_shared_cluster_one_edge_cannot_hurt_another() {
+    private_network(&["10.244.0.1", "10.244.0.2"]);
+    let cluster = Cluster::start();
+    let operator_kubeconfig = cluster.operator_kubeconfig();
+    let a = Hub::start("hub-a", "10.244.0.1:18444".parse().unwrap(), true).await;
+    let b = Hub::start("hub-b", "10.244.0.2:18444".parse().unwrap(), true).await;
+    cluster.apply(&hub_slice(&[&a, &b]));
+    for team in ["team-a", "team-b"] {
+        cluster.kubectl(&["create", "namespace", team], None);
+    }
+    let _operator = operator(&operator_kubeconfig);
+    let condition_of = |namespace: &'static str, name: &'static str, kind: &'static str| {
+        let cluster = &cluster;
+        async move {
+            let edge = cluster.get(&["edge", "-n", namespace, name])?;
+            condition(&edge, kind)
+        }
+    };
+
+    // An edge id belongs to the oldest Edge, whatever the namespaces' names.
+    cluster.apply(&edge_yaml(
+        "team-b",
+        "first",
+        "edgeId: shared, listenPorts: [8001]",
+    ));
+    eventually_within(API_DEADLINE, "team-b's edge on both hubs", || async {
+        let on_a = hub_generation(&a, "shared").await?;
+        let on_b = hub_generation(&b, "shared").await?;
+        (on_a == on_b).then_some(())
+    })
+    .await;
+    cluster.apply(&edge_yaml(
+        "team-a",
+        "second",
+        "edgeId: shared, listenPorts: [9001]",
+    ));
+    eventually_within(API_DEADLINE, "the younger Edge in conflict", || async {
+        let (status, reason) = condition_of("team-a", "second", "Conflict").await?;
+        (status == "True" && reason == "Conflict").then_some(())
+    })
+    .await;
+    let (applied, why) = condition_of("team-a", "second", "ConfigApplied")
+        .await
+        .unwrap();
+    assert_eq!((applied.as_str(), why.as_str()), ("False", "Conflict"));
+    let events = cluster.get(&["events", "-n", "team-a"]).unwrap();
+    assert!(
+        events["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| { e["involvedObject"]["name"] == "second" && e["reason"] == "Conflict" }),
+        "a Conflict event on team-a/second: {events}"
+    );
+    for hub in [&a, &b] {
+        let shared: Vec<_> = hub
+            .edges()
+            .await
+            .into_iter()
+            .filter(|e| e.id == "shared")
+            .collect();
+        assert_eq!(shared.len(), 1, "one entry per edge id");
+        assert_eq!(shared[0].listen_ports, vec![8001], "the older Edge's");
+    }
+    let (status, _) = condition_of("team-b", "first", "Conflict").await.unwrap();
+    assert_eq!(status, "False", "the owner is not in conflict");
+
+    // Targets stay in the Edge's namespace.
+    cluster.apply(&edge_yaml(
+        "team-a",
+        "peeker",
+        "listenPorts: [9002], targetHosts: {\"9002\": db.team-b.svc}",
+    ));
+    eventually_within(API_DEADLINE, "a foreign target refused", || async {
+        let (status, reason) = condition_of("team-a", "peeker", "ConfigApplied").await?;
+        (status == "False" && reason == "Invalid").then_some(())
+    })
+    .await;
+    assert_eq!(hub_generation(&a, "peeker").await, None);
+
+    // A Secret named like an Edge's token Secret, but not made for it, is left alone.
+    cluster.apply(
+        "apiVersion: v1\nkind: Secret\nmetadata: {name: github-token, namespace: team-a}\n\
+         stringData: {token: not-yours}\n",
+    );
+    cluster.apply(&edge_yaml("team-a", "github", "listenPorts: [9003]"));
+    eventually_within(API_DEADLINE, "the token Secret conflict", || async {
+        let (status, reason) = condition_of("team-a", "github", "Conflict").await?;
+        (status == "True" && reason == "Conflict").then_some(())
+    })
+    .await;
+    let foreign = cluster
+        .get(&["secret", "-n", "team-a", "github-token"])
+        .unwrap();
+    assert_eq!(foreign["data"]["token"], "bm90LXlvdXJz", "untouched");
+    assert!(
+        foreign["metadata"]["ownerReferences"].is_null(),
+        "{foreign}"
+    );
+    assert!(
+        hub_generation(&a, "github").await.is_some(),
+        "the edge itself is served"
+    );
+
+    // A recreated Edge, and one whose status is lost, never go back to an older generation.
+    cluster.apply(&edge_yaml("team-b", "phoenix", "listenPorts: [8002]"));
+    let first_life = eventually_within(API_DEADLINE, "phoenix on the hubs", || async {
+        hub_generation(&a, "phoenix").await
+    })
+    .await;
+    cluster.kubectl(&["delete", "edge", "-n", "team-b", "phoenix"], None);
+    // What the garbage collector does in a real cluster (this API server runs without one):
+    // the Edge's own Secrets go with it.
+    cluster.kubectl(
+        &[
+            "delete",
+            "secret",
+            "--ignore-not-found",
+            "-n",
+            "team-b",
+            "phoenix-secret",
+            "phoenix-token",
+        ],
+        None,
+    );
+    eventually_within(API_DEADLINE, "phoenix gone", || async {
+        hub_generation(&a, "phoenix").await.is_none().then_some(())
+    })
+    .await;
+    cluster.apply(&edge_yaml("team-b", "phoenix", "listenPorts: [8003]"));
+    let second_life =
+        eventually_within(API_DEADLINE, "phoenix back with its new ports", || async {
+            let edge = a.edges().await.into_iter().find(|e| e.id == "phoenix")?;
+            (edge.listen_ports == vec![8003]).then_some(edge.generation)
+        })
+        .await;
+    assert!(second_life > first_life, "{second_life} > {first_life}");
+
+    cluster.kubectl(
+        &[
+            "patch",
+            "edge",
+            "-n",
+            "team-b",
+            "phoenix",
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            r#"{"status":{"configGeneration":0,"configDigest":null}}"#,
+        ],
+        None,
+    );
+    cluster.apply(&edge_yaml("team-b", "phoenix", "listenPorts: [8004]"));
+    eventually_within(
+        API_DEADLINE,
+        "phoenix's change reaches both hubs",
+        || async {
+            for hub in [&a, &b] {
+                let edge = hub.edges().await.into_iter().find(|e| e.id == "phoenix")?;
+                (edge.listen_ports == vec![8004] && edge.generation > second_life).then_some(())?;
+            }
+            Some(())
+        },
+    )
+    .await;
 }

@@ -1,12 +1,14 @@
 //! From Kubernetes objects to the hubs' edge set: each Edge's own spec, plus the ports of the
-//! `LoadBalancer` Services exposed through it, with port clashes found and refused. Pure: the
-//! objects and secrets in, the composition out.
+//! `LoadBalancer` Services exposed through it, with port clashes found and refused. An edge id
+//! belongs to the oldest Edge that asks for it, and an Edge's targets stay in its namespace
+//! unless the platform allows more. Pure: the objects and secrets in, the composition out.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 
 use k8s_openapi::api::core::v1::Service;
 use kube::ResourceExt;
 use remoteingress_hub::AllowedEdge;
+use remoteingress_wire::config::PortTargets;
 use sha2::{Digest, Sha256};
 
 use crate::crd::Edge;
@@ -21,13 +23,42 @@ pub const EDGE_SELECTOR_ANNOTATION: &str = "remoteingress.dev/edge-selector";
 /// An Edge object's place: namespace and name.
 pub type ObjectKey = (String, String);
 
+/// Why an Edge is not pushed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refused {
+    /// Another object holds what it asks for (its edge id, the name of a Secret it needs):
+    /// nothing of it reaches the hubs.
+    Conflict(String),
+    /// It cannot be built now (a missing Secret, a bad field, a target it may not use); an
+    /// edge that was running keeps its last good configuration.
+    Invalid(String),
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Conflict(why) | Refused::Invalid(why) => f.write_str(why),
+        }
+    }
+}
+
+/// Which hosts an Edge may name in `targetHosts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TargetPolicy {
+    /// Only Services of the Edge's own namespace (`web`, `web.<ns>`, `web.<ns>.svc…`); a bare
+    /// name is qualified with the namespace, so the hub never resolves it in its own.
+    OwnNamespace,
+    /// Any host (the platform team's explicit opt-in).
+    Any,
+}
+
 /// One Edge as the hubs get it, or why it cannot be pushed.
 #[derive(Debug, Clone)]
 pub struct ComposedEdge {
     /// The Edge object.
     pub key: ObjectKey,
     /// The edge as pushed (generation not yet set), if it is valid.
-    pub edge: Result<AllowedEdge, String>,
+    pub edge: Result<AllowedEdge, Refused>,
     /// A digest of everything but the secret, to tell when the configuration changes.
     pub digest: String,
 }
@@ -74,38 +105,54 @@ pub fn edge_id(edge: &Edge) -> String {
 }
 
 /// Composes the edge set. `secret` gives each Edge's shared secret, or why it has none.
-/// Services claim ports oldest first; of two created in the same second, one in `exposed`
-/// (exposed by the previous composition) goes first, so a port never moves between them.
+/// An edge id belongs to the oldest Edge asking for it (creation time; of two created in the
+/// same second, the one in `owners` — the owners of the previous composition — then the
+/// smaller uid); the others are refused as conflicting. Services claim ports oldest first; of two created in the same
+/// second, one in `exposed` (exposed by the previous composition) goes first, so a port never
+/// moves between them.
 pub fn compose(
     edges: &[&Edge],
     services: &[&Service],
     exposed: &HashSet<ObjectKey>,
-    secret: impl Fn(&Edge) -> Result<String, String>,
+    owners: &HashSet<ObjectKey>,
+    targets: TargetPolicy,
+    secret: impl Fn(&Edge) -> Result<String, Refused>,
 ) -> Composition {
     let mut edges: Vec<&Edge> = edges.to_vec();
-    edges.sort_by_key(|e| key_of(*e));
-    let mut allowed: BTreeMap<ObjectKey, Result<AllowedEdge, String>> = BTreeMap::new();
-    let mut owners: HashMap<String, ObjectKey> = HashMap::new();
+    edges.sort_by_key(|e| {
+        let key = key_of(*e);
+        (
+            e.metadata.creation_timestamp.clone(),
+            !owners.contains(&key),
+            e.uid(),
+            key,
+        )
+    });
+    let mut allowed: BTreeMap<ObjectKey, Result<AllowedEdge, Refused>> = BTreeMap::new();
+    let mut owner_of: HashMap<String, ObjectKey> = HashMap::new();
     for edge in &edges {
         let key = key_of(*edge);
         let id = edge_id(edge);
-        let composed = match owners.get(&id) {
-            Some(first) => Err(format!(
-                "edge id {id:?} is already used by Edge {}/{}",
-                first.0, first.1
-            )),
+        let composed = match owner_of.get(&id) {
+            Some(owner) => Err(Refused::Conflict(format!(
+                "edge id {id:?} belongs to the older Edge {}/{}",
+                owner.0, owner.1
+            ))),
             None => {
-                owners.insert(id.clone(), key.clone());
-                secret(edge).map(|secret| AllowedEdge {
-                    id,
-                    secret,
-                    config: edge.spec.config.clone(),
-                    targets: edge.spec.targets.clone(),
+                owner_of.insert(id.clone(), key.clone());
+                own_targets(edge, targets).and_then(|targets| {
+                    secret(edge).map(|secret| AllowedEdge {
+                        id,
+                        secret,
+                        config: edge.spec.config.clone(),
+                        targets,
+                    })
                 })
             }
         };
         allowed.insert(key, composed);
     }
+    edges.sort_by_key(|e| key_of(*e));
 
     let mut services: Vec<&Service> = services.iter().copied().filter(|s| is_ours(s)).collect();
     services.sort_by_key(|s| {
@@ -126,7 +173,8 @@ pub fn compose(
         .into_iter()
         .map(|(key, edge)| {
             let edge = edge.and_then(|edge| {
-                edge.validate().map_err(|e| e.to_string())?;
+                edge.validate()
+                    .map_err(|e| Refused::Invalid(e.to_string()))?;
                 Ok(edge)
             });
             let digest = digest(&edge);
@@ -140,7 +188,7 @@ pub fn compose(
 fn expose(
     service: &Service,
     edges: &[&Edge],
-    allowed: &mut BTreeMap<ObjectKey, Result<AllowedEdge, String>>,
+    allowed: &mut BTreeMap<ObjectKey, Result<AllowedEdge, Refused>>,
     claims: &mut HashMap<ObjectKey, HashMap<u16, String>>,
 ) -> Exposure {
     let key = key_of(service);
@@ -255,20 +303,50 @@ fn chosen_edges<'a>(service: &Service, edges: &[&'a Edge]) -> Vec<&'a Edge> {
         .collect()
 }
 
+/// The Edge's own targets under `policy`: bare Service names qualified with its namespace,
+/// anything outside its namespace refused unless the policy allows any host.
+fn own_targets(edge: &Edge, policy: TargetPolicy) -> Result<PortTargets, Refused> {
+    let mut targets = edge.spec.targets.clone();
+    if policy == TargetPolicy::Any {
+        return Ok(targets);
+    }
+    let namespace = edge.namespace().unwrap_or_default();
+    for (port, host) in targets.hosts.iter_mut() {
+        let name = host.trim_end_matches('.');
+        let labels: Vec<&str> = name.split('.').collect();
+        let in_namespace = name.parse::<std::net::IpAddr>().is_err()
+            && match labels.as_slice() {
+                [_] => true,
+                [_, ns] | [_, ns, "svc", ..] => *ns == namespace,
+                _ => false,
+            };
+        if !in_namespace {
+            return Err(Refused::Invalid(format!(
+                "targetHosts[{port}]: {host} is not a Service of namespace {namespace}; other \
+                 targets need the platform's opt-in (operator --unrestricted-targets)"
+            )));
+        }
+        if labels.len() == 1 {
+            *host = format!("{name}.{namespace}.svc");
+        }
+    }
+    Ok(targets)
+}
+
 /// The namespace and name of an object.
 pub fn key_of(object: &impl ResourceExt) -> ObjectKey {
     (object.namespace().unwrap_or_default(), object.name_any())
 }
 
 /// A digest of the edge without its secret (or of its error).
-fn digest(edge: &Result<AllowedEdge, String>) -> String {
+fn digest(edge: &Result<AllowedEdge, Refused>) -> String {
     let text = match edge {
         Ok(edge) => serde_json::to_string(&AllowedEdge {
             secret: String::new(),
             ..edge.clone()
         })
         .unwrap_or_default(),
-        Err(error) => error.clone(),
+        Err(error) => error.to_string(),
     };
     hex::encode(&Sha256::digest(text.as_bytes())[..12])
 }
@@ -329,9 +407,11 @@ mod tests {
         }
     }
 
-    fn secret(_: &Edge) -> Result<String, String> {
+    fn secret(_: &Edge) -> Result<String, Refused> {
         Ok("s".into())
     }
+
+    const OWN: TargetPolicy = TargetPolicy::OwnNamespace;
 
     fn allowed(composition: &Composition, name: &str) -> AllowedEdge {
         composition
@@ -346,7 +426,14 @@ mod tests {
     fn a_service_adds_its_ports_with_its_cluster_ip_to_every_edge_of_its_namespace() {
         let (a, b) = (edge("a", &[22]), edge("b", &[]));
         let web = service("web", 5, &[("TCP", 80), ("UDP", 53)], &[]);
-        let composition = compose(&[&a, &b], &[&web], &HashSet::new(), secret);
+        let composition = compose(
+            &[&a, &b],
+            &[&web],
+            &HashSet::new(),
+            &HashSet::new(),
+            OWN,
+            secret,
+        );
         for name in ["a", "b"] {
             let edge = allowed(&composition, name);
             assert!(edge.config.listen_ports.contains(&80));
@@ -368,7 +455,14 @@ mod tests {
             &[("TCP", 81)],
             &[(EDGE_SELECTOR_ANNOTATION, "tier=public")],
         );
-        let composition = compose(&[&a, &b], &[&named, &selected], &HashSet::new(), secret);
+        let composition = compose(
+            &[&a, &b],
+            &[&named, &selected],
+            &HashSet::new(),
+            &HashSet::new(),
+            OWN,
+            secret,
+        );
         assert_eq!(allowed(&composition, "a").config.listen_ports, vec![80]);
         assert_eq!(allowed(&composition, "b").config.listen_ports, vec![81]);
     }
@@ -379,7 +473,14 @@ mod tests {
         let old = service("old", 1, &[("TCP", 80)], &[]);
         let young = service("young", 2, &[("TCP", 80)], &[(EDGES_ANNOTATION, "a,b")]);
         let own = service("own", 3, &[("TCP", 443)], &[(EDGES_ANNOTATION, "a")]);
-        let composition = compose(&[&a, &b], &[&young, &own, &old], &HashSet::new(), secret);
+        let composition = compose(
+            &[&a, &b],
+            &[&young, &own, &old],
+            &HashSet::new(),
+            &HashSet::new(),
+            OWN,
+            secret,
+        );
         let refused: Vec<_> = composition
             .exposures
             .iter()
@@ -424,7 +525,14 @@ mod tests {
             service("a-second", 1, &[("TCP", 80)], &[]),
         );
         let exposed = HashSet::from([("ns".to_owned(), "b-first".to_owned())]);
-        let composition = compose(&[&a], &[&a_second, &b_first], &exposed, secret);
+        let composition = compose(
+            &[&a],
+            &[&a_second, &b_first],
+            &exposed,
+            &HashSet::new(),
+            OWN,
+            secret,
+        );
         let refused: Vec<_> = composition
             .exposures
             .iter()
@@ -441,11 +549,23 @@ mod tests {
         twin.spec.edge_id = Some("a".into());
         let mut bad = edge("bad", &[]);
         bad.spec.targets.hosts.insert(80, "not a host".into());
-        let composition = compose(&[&twin, &a, &bad], &[], &HashSet::new(), secret);
+        let composition = compose(
+            &[&twin, &a, &bad],
+            &[],
+            &HashSet::new(),
+            &HashSet::new(),
+            OWN,
+            secret,
+        );
         let errors: Vec<_> = composition
             .edges
             .iter()
-            .map(|e| (e.key.1.as_str(), e.edge.as_ref().err().cloned()))
+            .map(|e| {
+                (
+                    e.key.1.as_str(),
+                    e.edge.as_ref().err().map(Refused::to_string),
+                )
+            })
             .collect();
         assert_eq!(errors[0], ("a", None));
         assert!(
@@ -457,7 +577,7 @@ mod tests {
                 .1
                 .as_ref()
                 .unwrap()
-                .contains("already used by Edge ns/a"),
+                .contains("belongs to the older Edge ns/a"),
             "{errors:?}"
         );
     }
@@ -465,17 +585,122 @@ mod tests {
     #[test]
     fn the_digest_changes_with_the_config_not_with_the_secret() {
         let a = edge("a", &[80]);
-        let first = compose(&[&a], &[], &HashSet::new(), secret).edges[0]
+        let first = compose(&[&a], &[], &HashSet::new(), &HashSet::new(), OWN, secret).edges[0]
             .digest
             .clone();
-        let other_secret = compose(&[&a], &[], &HashSet::new(), |_| Ok("t".into())).edges[0]
+        let other_secret = compose(&[&a], &[], &HashSet::new(), &HashSet::new(), OWN, |_| {
+            Ok("t".into())
+        })
+        .edges[0]
             .digest
             .clone();
         let b = edge("a", &[81]);
-        let changed = compose(&[&b], &[], &HashSet::new(), secret).edges[0]
+        let changed = compose(&[&b], &[], &HashSet::new(), &HashSet::new(), OWN, secret).edges[0]
             .digest
             .clone();
         assert_eq!(first, other_secret);
         assert_ne!(first, changed);
+    }
+
+    fn created(mut edge: Edge, namespace: &str, at: i64, uid: &str) -> Edge {
+        edge.metadata.namespace = Some(namespace.into());
+        edge.metadata.creation_timestamp = Some(Time(
+            k8s_openapi::chrono::DateTime::from_timestamp(1_700_000_000 + at, 0).unwrap(),
+        ));
+        edge.metadata.uid = Some(uid.into());
+        edge
+    }
+
+    #[test]
+    fn an_edge_id_belongs_to_the_oldest_edge_whatever_the_names() {
+        let mut first = created(edge("first", &[80]), "zz", 1, "u-2");
+        first.spec.edge_id = Some("shared".into());
+        let mut second = created(edge("second", &[81]), "aa", 2, "u-1");
+        second.spec.edge_id = Some("shared".into());
+        let mut same_second = created(edge("same-second", &[82]), "aa", 1, "u-3");
+        same_second.spec.edge_id = Some("shared".into());
+        let composition = compose(
+            &[&second, &same_second, &first],
+            &[],
+            &HashSet::new(),
+            &HashSet::new(),
+            OWN,
+            secret,
+        );
+        let owner: Vec<_> = composition
+            .edges
+            .iter()
+            .filter(|e| e.edge.is_ok())
+            .map(|e| e.key.clone())
+            .collect();
+        assert_eq!(owner, vec![("zz".to_owned(), "first".to_owned())]);
+        // Of two of the same second, the owner so far keeps the id.
+        let owners = HashSet::from([("aa".to_owned(), "same-second".to_owned())]);
+        let kept = compose(
+            &[&first, &same_second],
+            &[],
+            &HashSet::new(),
+            &owners,
+            OWN,
+            secret,
+        );
+        assert!(kept
+            .edges
+            .iter()
+            .any(|e| e.key.1 == "same-second" && e.edge.is_ok()));
+        for loser in ["second", "same-second"] {
+            let refused = composition.edges.iter().find(|e| e.key.1 == loser).unwrap();
+            assert!(
+                matches!(&refused.edge, Err(Refused::Conflict(why)) if why.contains("zz/first")),
+                "{refused:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn targets_stay_in_the_edges_namespace_unless_the_platform_allows_more() {
+        let with_target = |host: &str| {
+            let mut edge = edge("a", &[80]);
+            edge.spec.targets.hosts.insert(80, host.into());
+            edge
+        };
+        for (host, pushed) in [
+            ("web", "web.ns.svc"),
+            ("web.ns", "web.ns"),
+            ("web.ns.svc", "web.ns.svc"),
+            ("web.ns.svc.cluster.local", "web.ns.svc.cluster.local"),
+        ] {
+            let edge = with_target(host);
+            let composition = compose(&[&edge], &[], &HashSet::new(), &HashSet::new(), OWN, secret);
+            assert_eq!(
+                allowed(&composition, "a").targets.host(80),
+                Some(pushed),
+                "{host}"
+            );
+        }
+        for host in [
+            "db.other",
+            "db.other.svc",
+            "169.254.169.254",
+            "127.0.0.1",
+            "example.com",
+        ] {
+            let edge = with_target(host);
+            let composition = compose(&[&edge], &[], &HashSet::new(), &HashSet::new(), OWN, secret);
+            assert!(
+                matches!(&composition.edges[0].edge, Err(Refused::Invalid(why)) if why.contains("not a Service of namespace ns")),
+                "{host}: {:?}",
+                composition.edges[0].edge
+            );
+            let any = compose(
+                &[&edge],
+                &[],
+                &HashSet::new(),
+                &HashSet::new(),
+                TargetPolicy::Any,
+                secret,
+            );
+            assert_eq!(allowed(&any, "a").targets.host(80), Some(host), "{host}");
+        }
     }
 }

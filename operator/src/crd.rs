@@ -58,7 +58,7 @@ pub struct SecretKeyRef {
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct EdgeStatus {
-    /// `Connected` and `ConfigApplied`.
+    /// `Connected`, `ConfigApplied` and `Conflict`.
     #[serde(default)]
     pub conditions: Vec<Condition>,
     /// The edge id the hubs know it by.
@@ -95,7 +95,7 @@ pub struct EdgeStatus {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Connected` or `ConfigApplied`.
+    /// `Connected`, `ConfigApplied` or `Conflict`.
     #[serde(rename = "type")]
     pub kind: String,
     /// `True`, `False` or `Unknown`.
@@ -107,6 +107,9 @@ pub struct Condition {
     pub message: String,
     /// When the status last changed (RFC 3339).
     pub last_transition_time: String,
+    /// The Edge's `metadata.generation` this condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// The CRDs as YAML documents, for `deploy/crds/` and the Helm chart.

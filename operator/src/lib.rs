@@ -26,8 +26,8 @@ use thiserror::Error;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-pub use compose::LOAD_BALANCER_CLASS;
-use compose::{compose, key_of, Composition, ObjectKey};
+use compose::{compose, key_of, Composition, ObjectKey, Refused};
+pub use compose::{TargetPolicy, LOAD_BALANCER_CLASS};
 use crd::{Edge, EdgeStatus};
 use hubs::{BearerToken, DesiredEdges, HubSync, Reports};
 
@@ -49,6 +49,8 @@ pub struct OperatorOptions {
     pub hub_token: Option<String>,
     /// How often everything is reconciled and hub reports refreshed without a change.
     pub resync: Duration,
+    /// Which hosts an Edge may name in `targetHosts` (by default Services of its namespace).
+    pub targets: TargetPolicy,
 }
 
 /// Why the operator stopped.
@@ -116,9 +118,11 @@ pub async fn run(
         sync,
         hubs: HashMap::new(),
         tokens: HashMap::new(),
+        token_conflicts: HashMap::new(),
         told: HashSet::new(),
         pushed: HashMap::new(),
         exposed: HashSet::new(),
+        owners: HashSet::new(),
     };
     loop {
         operator.reconcile().await;
@@ -206,12 +210,16 @@ struct Operator {
     hubs: HashMap<SocketAddr, CancellationToken>,
     /// The secret digest each Edge's token Secret was last written for.
     tokens: HashMap<ObjectKey, String>,
+    /// Edges whose token Secret's name is taken by a Secret that is not theirs.
+    token_conflicts: HashMap<ObjectKey, Refused>,
     /// Events already published (object uid and message), so each is told once.
     told: HashSet<(String, String)>,
     /// The configuration last pushed for each Edge.
     pushed: HashMap<ObjectKey, pb::Edge>,
     /// The Services that had ports on an edge after the last pass.
     exposed: HashSet<ObjectKey>,
+    /// The Edges that owned their edge id after the last pass.
+    owners: HashSet<ObjectKey>,
 }
 
 impl Operator {
@@ -233,11 +241,13 @@ impl Operator {
             &edges.iter().map(|e| e.as_ref()).collect::<Vec<_>>(),
             &services.iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
             &self.exposed,
+            &self.owners,
+            self.options.targets,
             |edge| {
                 secrets
                     .get(&key_of(edge))
                     .cloned()
-                    .unwrap_or_else(|| Err("no secret".into()))
+                    .unwrap_or_else(|| Err(Refused::Invalid("no secret".into())))
             },
         );
         self.exposed = composition
@@ -246,15 +256,16 @@ impl Operator {
             .filter(|e| e.placements.iter().any(|p| p.refused.is_none()))
             .map(|e| e.service.clone())
             .collect();
+        self.owners = composition
+            .edges
+            .iter()
+            .filter(|c| !matches!(c.edge, Err(Refused::Conflict(_))))
+            .map(|c| c.key.clone())
+            .collect();
         let objects: HashMap<ObjectKey, &Edge> = edges
             .iter()
             .map(|e| (key_of(e.as_ref()), e.as_ref()))
             .collect();
-        let Some(generations) = self.generations(&objects, &composition).await else {
-            return;
-        };
-        self.push(&composition, &generations);
-        self.follow_hubs();
         let reports: Vec<hubs::HubReport> = self
             .sync
             .reports
@@ -263,10 +274,21 @@ impl Operator {
             .values()
             .cloned()
             .collect();
+        let Some(generations) = self.generations(&objects, &composition, &reports).await else {
+            return;
+        };
+        self.push(&composition, &generations);
+        self.follow_hubs();
+        let uids: HashSet<String> = edges
+            .iter()
+            .filter_map(|e| e.uid())
+            .chain(services.iter().filter_map(|s| s.uid()))
+            .collect();
+        self.told.retain(|(uid, _)| uids.contains(uid));
+        self.write_tokens(&objects, &composition, &secrets).await;
         let statuses = self
             .write_edge_statuses(&objects, &composition, &generations, &reports)
             .await;
-        self.write_tokens(&objects, &composition, &secrets).await;
         self.write_service_statuses(&services, &composition, &statuses)
             .await;
     }
@@ -319,12 +341,20 @@ impl Operator {
     }
 
     /// Each Edge's config generation: its status's, raised (and recorded first) when the
-    /// composed configuration changed.
+    /// composed configuration changed. A raised generation is above the status's, above any
+    /// the hubs report for the edge id and at least the time in milliseconds, so it never goes
+    /// backwards for an edge id: not when its Edge is recreated, nor when its status is lost.
     async fn generations(
         &self,
         objects: &HashMap<ObjectKey, &Edge>,
         composition: &Composition,
+        reports: &[hubs::HubReport],
     ) -> Option<HashMap<ObjectKey, u64>> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            });
         let mut generations = HashMap::new();
         for composed in &composition.edges {
             let Some(edge) = objects.get(&composed.key) else {
@@ -334,7 +364,15 @@ impl Operator {
             let mut generation = status.config_generation;
             if status.config_digest.as_deref() != Some(composed.digest.as_str()) || generation == 0
             {
-                let next = generation + 1;
+                let id = compose::edge_id(edge);
+                let reported = reports
+                    .iter()
+                    .flat_map(|r| &r.edges)
+                    .filter(|e| e.id == id)
+                    .map(|e| e.generation)
+                    .max()
+                    .unwrap_or(0);
+                let next = (generation.max(reported) + 1).max(now_ms);
                 let status =
                     serde_json::json!({"configGeneration": next, "configDigest": composed.digest});
                 match patch_status(&self.edge_api(&composed.key), &composed.key.1, status).await {
@@ -353,10 +391,16 @@ impl Operator {
     /// Publishes the desired edge set (valid edges with a recorded generation).
     /// An Edge that cannot be composed now (its Secret deleted, an update the hub would
     /// refuse) keeps its last pushed configuration, so its edge stays up.
+    /// An Edge in conflict has nothing pushed at all, and no edge id is ever pushed twice: an
+    /// Edge's kept configuration gives way to the Edge that owns its id now.
     fn push(&mut self, composition: &Composition, generations: &HashMap<ObjectKey, u64>) {
-        self.pushed
-            .retain(|key, _| composition.edges.iter().any(|c| &c.key == key));
-        let mut edges = Vec::new();
+        self.pushed.retain(|key, _| {
+            composition
+                .edges
+                .iter()
+                .any(|c| &c.key == key && !matches!(c.edge, Err(Refused::Conflict(_))))
+        });
+        let mut by_id: std::collections::BTreeMap<String, pb::Edge> = Default::default();
         for composed in &composition.edges {
             let fresh = composed
                 .edge
@@ -366,11 +410,20 @@ impl Operator {
             if let Some((edge, generation)) = fresh {
                 let mut edge = edge_to_proto(edge);
                 edge.generation = Some(*generation);
-                self.pushed.insert(composed.key.clone(), edge);
+                self.pushed.insert(composed.key.clone(), edge.clone());
+                by_id.insert(edge.id.clone(), edge);
             }
-            edges.extend(self.pushed.get(&composed.key).cloned());
         }
-        edges.sort_by(|a, b| a.id.cmp(&b.id));
+        for (key, kept) in &self.pushed {
+            let current = composition
+                .edges
+                .iter()
+                .any(|c| &c.key == key && c.edge.is_ok());
+            if !current {
+                by_id.entry(kept.id.clone()).or_insert_with(|| kept.clone());
+            }
+        }
+        let edges: Vec<pb::Edge> = by_id.into_values().collect();
         self.desired.send_if_modified(|current| {
             let changed = current.as_slice() != edges.as_slice();
             if changed {
@@ -381,7 +434,7 @@ impl Operator {
     }
 
     async fn write_edge_statuses(
-        &self,
+        &mut self,
         objects: &HashMap<ObjectKey, &Edge>,
         composition: &Composition,
         generations: &HashMap<ObjectKey, u64>,
@@ -397,8 +450,17 @@ impl Operator {
                 continue;
             };
             let previous = edge.status.clone().unwrap_or_default();
-            let mut status = status::edge_status(composed, *generation, &previous, reports, &now);
-            if composed.edge.is_ok() {
+            let token_conflict = self.token_conflicts.get(&composed.key).cloned();
+            let observed = status::Observed {
+                generation: *generation,
+                object_generation: edge.metadata.generation,
+                previous: &previous,
+                reports,
+                token_conflict: token_conflict.as_ref(),
+                now: &now,
+            };
+            let mut status = status::edge_status(composed, &observed);
+            if composed.edge.is_ok() && token_conflict.is_none() {
                 status.token_secret = Some(secrets::token_secret_name(&composed.key.1));
             }
             if status != previous {
@@ -412,6 +474,12 @@ impl Operator {
                     tracing::warn!(edge = %composed.key.1, %error, "writing status");
                 }
             }
+            let conflicts = [composed.edge.as_ref().err(), token_conflict.as_ref()];
+            for conflict in conflicts.into_iter().flatten() {
+                if let Refused::Conflict(why) = conflict {
+                    self.tell(*edge, "Conflict", "Compose", why.clone()).await;
+                }
+            }
             statuses.insert(composed.key.clone(), status);
         }
         statuses
@@ -422,7 +490,7 @@ impl Operator {
         &mut self,
         objects: &HashMap<ObjectKey, &Edge>,
         composition: &Composition,
-        secrets: &HashMap<ObjectKey, Result<String, String>>,
+        secrets: &HashMap<ObjectKey, Result<String, Refused>>,
     ) {
         let Some((addr, known)) = self.ready_hub() else {
             return;
@@ -450,14 +518,19 @@ impl Operator {
             {
                 Ok(()) => {
                     self.tokens.insert(composed.key.clone(), digest);
+                    self.token_conflicts.remove(&composed.key);
                 }
-                Err(error) => {
+                Err(secrets::TokenError::Foreign(conflict)) => {
+                    self.token_conflicts.insert(composed.key.clone(), conflict);
+                }
+                Err(secrets::TokenError::Failed(error)) => {
                     tracing::warn!(edge = %edge.id, %error, "writing the connection token")
                 }
             }
         }
-        self.tokens
-            .retain(|key, _| composition.edges.iter().any(|c| &c.key == key));
+        let current = |key: &ObjectKey| composition.edges.iter().any(|c| &c.key == key);
+        self.tokens.retain(|key, _| current(key));
+        self.token_conflicts.retain(|key, _| current(key));
     }
 
     /// A hub that answered its last call, with the edge ids it holds.
@@ -476,8 +549,6 @@ impl Operator {
         composition: &Composition,
         statuses: &HashMap<ObjectKey, EdgeStatus>,
     ) {
-        let uids: HashSet<String> = services.iter().filter_map(|s| s.uid()).collect();
-        self.told.retain(|(uid, _)| uids.contains(uid));
         for exposure in &composition.exposures {
             let Some(service) = services
                 .iter()
@@ -516,30 +587,30 @@ impl Operator {
                     ))
                 }));
             for (reason, message) in problems.collect::<Vec<_>>() {
-                self.tell(service, reason, message).await;
+                self.tell(service.as_ref(), reason, "Expose", message).await;
             }
         }
     }
 
-    /// Publishes a warning Event on the Service, once per message.
-    async fn tell(&mut self, service: &Service, reason: &str, message: String) {
-        let uid = service.uid().unwrap_or_default();
+    /// Publishes a warning Event on `object`, once per message.
+    async fn tell<K>(&mut self, object: &K, reason: &str, action: &str, message: String)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let uid = object.meta().uid.clone().unwrap_or_default();
         if !self.told.insert((uid, message.clone())) {
             return;
         }
-        tracing::warn!(service = %service.name_any(), %message, "service not exposed");
+        let name = object.meta().name.clone().unwrap_or_default();
+        tracing::warn!(object = %name, reason, %message, "warning event");
         let event = Event {
             type_: EventType::Warning,
             reason: reason.into(),
             note: Some(message),
-            action: "Expose".into(),
+            action: action.into(),
             secondary: None,
         };
-        if let Err(error) = self
-            .recorder
-            .publish(&event, &service.object_ref(&()))
-            .await
-        {
+        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
             tracing::warn!(%error, "publishing an event");
         }
     }

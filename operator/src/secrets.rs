@@ -13,7 +13,7 @@ use rand::RngCore;
 use remoteingress_controlplane::pb;
 use sha2::{Digest, Sha256};
 
-use crate::compose::ObjectKey;
+use crate::compose::{ObjectKey, Refused};
 use crate::crd::Edge;
 use crate::hubs::{connect, BearerToken};
 
@@ -37,13 +37,13 @@ pub fn digest(secret: &str) -> String {
     hex::encode(&Sha256::digest(secret.as_bytes())[..12])
 }
 
-/// Each Edge's shared secret, or why it has none (missing, unusable); an Edge without a
-/// reference gets a random one, created here once. An API failure fails the whole read, so
-/// that no edge is ever dropped for a moment's error.
+/// Each Edge's shared secret, or why it has none (missing, unusable, a Secret of that name
+/// that is not the Edge's); an Edge without a reference gets a random one, created here once.
+/// An API failure fails the whole read, so that no edge is ever dropped for a moment's error.
 pub async fn edge_secrets(
     client: &Client,
     edges: &[Arc<Edge>],
-) -> Result<HashMap<ObjectKey, Result<String, String>>, kube::Error> {
+) -> Result<HashMap<ObjectKey, Result<String, Refused>>, kube::Error> {
     let mut secrets = HashMap::new();
     for edge in edges {
         let namespace = edge.namespace().unwrap_or_default();
@@ -51,7 +51,9 @@ pub async fn edge_secrets(
         let secret = match &edge.spec.secret_ref {
             Some(reference) => {
                 let key = reference.key.as_deref().unwrap_or(SECRET_KEY);
-                read(&api, &reference.name, key).await?
+                read(&api, &reference.name, key)
+                    .await?
+                    .map_err(Refused::Invalid)
             }
             None => generated(&api, edge).await?,
         };
@@ -82,11 +84,31 @@ fn text(secret: &Secret, name: &str, key: &str) -> Result<String, String> {
     String::from_utf8(value.0.clone()).map_err(|_| format!("Secret {name} key {key:?} is not text"))
 }
 
-/// The Edge's generated secret, created with a random value if it does not exist yet.
-async fn generated(api: &Api<Secret>, edge: &Edge) -> Result<Result<String, String>, kube::Error> {
+/// Whether `secret` is controlled by `edge` (made for it by the operator).
+fn owned_by(secret: &Secret, edge: &Edge) -> bool {
+    let uid = edge.uid();
+    secret
+        .owner_references()
+        .iter()
+        .any(|owner| owner.controller == Some(true) && Some(&owner.uid) == uid.as_ref())
+}
+
+/// The conflict of an Edge with a Secret of the name it needs that is not its own.
+fn foreign(name: &str) -> Refused {
+    Refused::Conflict(format!(
+        "Secret {name} exists and does not belong to this Edge; it is left untouched"
+    ))
+}
+
+/// The Edge's generated secret, created with a random value if it does not exist yet. A
+/// Secret of that name that is not the Edge's is never read.
+async fn generated(api: &Api<Secret>, edge: &Edge) -> Result<Result<String, Refused>, kube::Error> {
     let name = secret_name(&edge.name_any());
     if let Some(secret) = api.get_opt(&name).await? {
-        return Ok(text(&secret, &name, SECRET_KEY));
+        if !owned_by(&secret, edge) {
+            return Ok(Err(foreign(&name)));
+        }
+        return Ok(text(&secret, &name, SECRET_KEY).map_err(Refused::Invalid));
     }
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
@@ -118,7 +140,17 @@ fn owned_secret(edge: &Edge, name: &str, key: &str, value: &str) -> Secret {
     }
 }
 
-/// Asks the hub at `addr` for the edge's connection token and writes it to the token Secret.
+/// Why a connection token was not written.
+#[derive(Debug)]
+pub enum TokenError {
+    /// A Secret of the token's name exists that is not the Edge's: left untouched.
+    Foreign(Refused),
+    /// The hub or the API failed; tried again later.
+    Failed(String),
+}
+
+/// Asks the hub at `addr` for the edge's connection token and writes it to the token Secret,
+/// creating it, or updating it if it is the Edge's own; a foreign Secret is never touched.
 pub async fn write_token(
     client: &Client,
     addr: SocketAddr,
@@ -126,27 +158,47 @@ pub async fn write_token(
     edge: &Edge,
     edge_id: &str,
     secret: &str,
-) -> Result<(), String> {
+) -> Result<(), TokenError> {
+    let namespace = edge.namespace().unwrap_or_default();
+    let name = token_secret_name(&edge.name_any());
+    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let failed = |what: String| TokenError::Failed(what);
+    let existing = api
+        .get_opt(&name)
+        .await
+        .map_err(|e| failed(format!("reading Secret {name}: {e}")))?;
+    if existing
+        .as_ref()
+        .is_some_and(|secret| !owned_by(secret, edge))
+    {
+        return Err(TokenError::Foreign(foreign(&name)));
+    }
     let mut admin = connect(addr, token)
         .await
-        .map_err(|e| format!("connecting to hub {addr}: {e}"))?;
+        .map_err(|e| failed(format!("connecting to hub {addr}: {e}")))?;
     let connection_token = admin
         .create_connection_token(pb::CreateConnectionTokenRequest {
             edge_id: edge_id.to_owned(),
             secret: secret.to_owned(),
         })
         .await
-        .map_err(|e| format!("hub {addr}: {}", e.message()))?
+        .map_err(|e| failed(format!("hub {addr}: {}", e.message())))?
         .into_inner()
         .token;
-    let namespace = edge.namespace().unwrap_or_default();
-    let name = token_secret_name(&edge.name_any());
-    let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let object = owned_secret(edge, &name, TOKEN_KEY, &connection_token);
-    let params = PatchParams::apply(crate::MANAGER).force();
-    api.patch(&name, &params, &Patch::Apply(&object))
-        .await
-        .map_err(|e| format!("writing Secret {name}: {e}"))?;
+    let written = match existing {
+        // Created only if still absent: a Secret made meanwhile by someone else is kept.
+        None => api.create(&PostParams::default(), &object).await.map(drop),
+        Some(_) => api
+            .patch(
+                &name,
+                &PatchParams::apply(crate::MANAGER).force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .map(drop),
+    };
+    written.map_err(|e| failed(format!("writing Secret {name}: {e}")))?;
     tracing::info!(edge = %edge_id, secret = %name, "wrote the connection token");
     Ok(())
 }

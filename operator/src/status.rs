@@ -6,22 +6,40 @@ use std::collections::BTreeSet;
 use k8s_openapi::api::core::v1::LoadBalancerIngress;
 use remoteingress_controlplane::pb;
 
-use crate::compose::{ComposedEdge, Exposure, ObjectKey};
+use crate::compose::{ComposedEdge, Exposure, ObjectKey, Refused};
 use crate::crd::{Condition, EdgeStatus};
 use crate::hubs::HubReport;
 
 /// `True`/`False`/`Unknown`, reason and message of one condition.
 type Verdict = (&'static str, &'static str, String);
 
-/// The status an Edge should have, given its composition, its generation and the reports.
-/// Transition times are kept from `previous` where a condition did not change.
-pub fn edge_status(
-    composed: &ComposedEdge,
-    generation: u64,
-    previous: &EdgeStatus,
-    reports: &[HubReport],
-    now: &str,
-) -> EdgeStatus {
+/// What an Edge's status is computed from besides its composition.
+#[derive(Clone, Copy)]
+pub struct Observed<'a> {
+    /// The generation of its configuration on the hubs.
+    pub generation: u64,
+    /// The Edge object's `metadata.generation` this status answers.
+    pub object_generation: Option<i64>,
+    /// Its current status.
+    pub previous: &'a EdgeStatus,
+    /// What the hubs report.
+    pub reports: &'a [HubReport],
+    /// A conflict found outside the composition (its token Secret's name is taken).
+    pub token_conflict: Option<&'a Refused>,
+    /// Now, RFC 3339.
+    pub now: &'a str,
+}
+
+/// The status an Edge should have, given its composition and what was observed.
+/// Transition times are kept from the previous status where a condition did not change.
+pub fn edge_status(composed: &ComposedEdge, observed: &Observed<'_>) -> EdgeStatus {
+    let Observed {
+        generation,
+        previous,
+        reports,
+        token_conflict,
+        ..
+    } = *observed;
     let edge = composed.edge.as_ref();
     let id = edge.map(|e| e.id.clone()).ok();
     let on_hubs: Vec<(
@@ -75,10 +93,18 @@ pub fn edge_status(
         ),
     };
 
+    let conflict: Verdict = match (&composed.edge, token_conflict) {
+        (Err(Refused::Conflict(why)), _) | (_, Some(Refused::Conflict(why))) => {
+            ("True", "Conflict", why.clone())
+        }
+        _ => ("False", "NoConflict", String::new()),
+    };
+
     let refusal = reports.iter().find_map(|r| r.refused.clone());
     let mut applied_generation = previous.applied_generation;
     let applied: Verdict = match &composed.edge {
-        Err(error) => ("False", "Invalid", error.clone()),
+        Err(Refused::Conflict(why)) => ("False", "Conflict", why.clone()),
+        Err(Refused::Invalid(why)) => ("False", "Invalid", why.clone()),
         Ok(_) => match refusal {
             Some(error) => ("False", "HubRefused", error),
             None => {
@@ -127,10 +153,14 @@ pub fn edge_status(
         })
         .unwrap_or_default();
     EdgeStatus {
-        conditions: vec![
-            condition("Connected", connected, previous, now),
-            condition("ConfigApplied", applied, previous, now),
-        ],
+        conditions: [
+            ("Connected", connected),
+            ("ConfigApplied", applied),
+            ("Conflict", conflict),
+        ]
+        .into_iter()
+        .map(|(kind, verdict)| condition(kind, verdict, observed))
+        .collect(),
         edge_id: id,
         config_generation: generation,
         config_digest: Some(composed.digest.clone()),
@@ -143,13 +173,9 @@ pub fn edge_status(
     }
 }
 
-fn condition(
-    kind: &str,
-    (status, reason, message): Verdict,
-    previous: &EdgeStatus,
-    now: &str,
-) -> Condition {
-    let kept = previous
+fn condition(kind: &str, (status, reason, message): Verdict, observed: &Observed<'_>) -> Condition {
+    let kept = observed
+        .previous
         .conditions
         .iter()
         .find(|c| c.kind == kind && c.status == status)
@@ -159,7 +185,8 @@ fn condition(
         status: status.to_owned(),
         reason: reason.to_owned(),
         message,
-        last_transition_time: kept.unwrap_or_else(|| now.to_owned()),
+        last_transition_time: kept.unwrap_or_else(|| observed.now.to_owned()),
+        observed_generation: observed.object_generation,
     }
 }
 
