@@ -224,9 +224,11 @@ struct Operator {
 
 impl Operator {
     /// One pass: desired set, hubs, statuses, tokens, Services.
-    /// A pass that cannot read a Secret or record a generation pushes nothing (the hubs keep
-    /// what they have) and is retried at the next wake-up or resync. Hub tasks start only after
-    /// the first complete push, so a hub never gets a set that is not the whole truth.
+    /// A pass that cannot read the Secrets pushes nothing (the hubs keep what they have) and is
+    /// retried at the next wake-up or resync; an Edge whose generation cannot be recorded keeps
+    /// its last pushed configuration while the others go on (an Edge that has none yet holds
+    /// the push back). Hub tasks start only after the
+    /// first complete push, so a hub never gets a set that is not the whole truth.
     async fn reconcile(&mut self) {
         let edges = self.edge_store.state();
         let services = self.service_store.state();
@@ -274,9 +276,15 @@ impl Operator {
             .values()
             .cloned()
             .collect();
-        let Some(generations) = self.generations(&objects, &composition, &reports).await else {
+        let generations = self.generations(&objects, &composition, &reports).await;
+        // An Edge with neither a generation now nor a configuration pushed before would be
+        // missing from the set, and the hubs would drop its edge: push nothing this pass.
+        let incomplete = composition.edges.iter().any(|c| {
+            c.edge.is_ok() && !generations.contains_key(&c.key) && !self.pushed.contains_key(&c.key)
+        });
+        if incomplete {
             return;
-        };
+        }
         self.push(&composition, &generations);
         self.follow_hubs();
         let uids: HashSet<String> = edges
@@ -341,7 +349,8 @@ impl Operator {
     }
 
     /// Each Edge's config generation: its status's, raised (and recorded first) when the
-    /// composed configuration changed. A raised generation is above the status's, above any
+    /// composed configuration changed; an Edge whose new generation cannot be recorded now is
+    /// left out of this pass (it keeps its last pushed configuration), the others go on. A raised generation is above the status's, above any
     /// the hubs report for the edge id and at least the time in milliseconds, so it never goes
     /// backwards for an edge id: not when its Edge is recreated, nor when its status is lost.
     async fn generations(
@@ -349,7 +358,7 @@ impl Operator {
         objects: &HashMap<ObjectKey, &Edge>,
         composition: &Composition,
         reports: &[hubs::HubReport],
-    ) -> Option<HashMap<ObjectKey, u64>> {
+    ) -> HashMap<ObjectKey, u64> {
         let now_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |since| {
@@ -378,14 +387,15 @@ impl Operator {
                 match patch_status(&self.edge_api(&composed.key), &composed.key.1, status).await {
                     Ok(_) => generation = next,
                     Err(error) => {
+                        // This Edge alone waits for the next pass, keeping what it has.
                         tracing::warn!(edge = %composed.key.1, %error, "recording the config generation; retrying");
-                        return None;
+                        continue;
                     }
                 }
             }
             generations.insert(composed.key.clone(), generation);
         }
-        Some(generations)
+        generations
     }
 
     /// Publishes the desired edge set (valid edges with a recorded generation).
@@ -401,6 +411,7 @@ impl Operator {
                 .any(|c| &c.key == key && !matches!(c.edge, Err(Refused::Conflict(_))))
         });
         let mut by_id: std::collections::BTreeMap<String, pb::Edge> = Default::default();
+        let mut fresh_keys = HashSet::new();
         for composed in &composition.edges {
             let fresh = composed
                 .edge
@@ -411,15 +422,12 @@ impl Operator {
                 let mut edge = edge_to_proto(edge);
                 edge.generation = Some(*generation);
                 self.pushed.insert(composed.key.clone(), edge.clone());
+                fresh_keys.insert(composed.key.clone());
                 by_id.insert(edge.id.clone(), edge);
             }
         }
         for (key, kept) in &self.pushed {
-            let current = composition
-                .edges
-                .iter()
-                .any(|c| &c.key == key && c.edge.is_ok());
-            if !current {
+            if !fresh_keys.contains(key) {
                 by_id.entry(kept.id.clone()).or_insert_with(|| kept.clone());
             }
         }
