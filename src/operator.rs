@@ -1,10 +1,11 @@
 //! `remoteingress operator`: its flags and how they become the operator's options.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use remoteingress_operator::{OperatorOptions, TargetPolicy};
+use remoteingress_operator::{HubTransport, OperatorOptions, TargetPolicy};
 use tokio_util::sync::CancellationToken;
 
 /// Flags of `remoteingress operator`.
@@ -34,6 +35,22 @@ pub struct OperatorArgs {
         default_value = "admin"
     )]
     hub_admin_port: String,
+    /// CA certificate (PEM) that the hubs' admin TLS certificate must chain to; the chart
+    /// passes its admin TLS Secret's `ca.crt`.
+    #[arg(long, env = "REMOTEINGRESS_HUB_CA_FILE")]
+    hub_ca_file: Option<PathBuf>,
+    /// The name the hubs' admin certificate must carry (default: the hub Service's DNS name,
+    /// `<hub-service>.<hub-namespace>.svc`).
+    #[arg(long, env = "REMOTEINGRESS_HUB_TLS_SERVER_NAME")]
+    hub_tls_server_name: Option<String>,
+    /// Reach the hubs' admin API over plain HTTP/2: the admin token and every edge's secret
+    /// then cross the pod network in clear. Only for a network you trust.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_HUB_PLAINTEXT",
+        conflicts_with = "hub_ca_file"
+    )]
+    hub_plaintext: bool,
     /// Bearer token of the hubs' admin API (the chart passes it from the admin token Secret).
     #[arg(long, env = "REMOTEINGRESS_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
@@ -53,12 +70,28 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         print!("{}", remoteingress_operator::crd::crds_yaml()?);
         return Ok(());
     }
+    let hub_namespace = args
+        .hub_namespace
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .unwrap_or_else(|| "default".into());
+    let hub_transport = match (args.hub_ca_file, args.hub_plaintext) {
+        (Some(path), _) => HubTransport::Tls {
+            ca: std::fs::read(&path)
+                .with_context(|| format!("reading the hub CA file {}", path.display()))?,
+            server_name: args
+                .hub_tls_server_name
+                .unwrap_or_else(|| format!("{}.{hub_namespace}.svc", args.hub_service)),
+        },
+        (None, true) => HubTransport::Plaintext,
+        (None, false) => anyhow::bail!(
+            "the hubs' admin API carries every edge's secret: give --hub-ca-file to reach it \
+             over verified TLS (the Helm chart does), or allow plain HTTP with --hub-plaintext"
+        ),
+    };
     let options = OperatorOptions {
         namespace: args.namespace,
-        hub_namespace: args
-            .hub_namespace
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .unwrap_or_else(|| "default".into()),
+        hub_namespace,
+        hub_transport,
         hub_service: args.hub_service,
         hub_admin_port: args.hub_admin_port,
         hub_token: args.admin_token,

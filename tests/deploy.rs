@@ -168,8 +168,15 @@ fn the_helm_chart_lints_renders_and_matches_the_binary() {
             assert!(found, "secret {secret:?} with key {key:?} is not rendered");
         }
     }
-    let config_map = kind(&docs, "ConfigMap")[0];
-    assert!(config_map["data"]["edges.json"]
+    assert!(
+        kind(&docs, "ConfigMap").is_empty(),
+        "edge secrets stay in Secrets"
+    );
+    let edges = kind(&docs, "Secret")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "t-remoteingress-edges")
+        .expect("the edges file's Secret");
+    assert!(edges["stringData"]["edges.json"]
         .as_str()
         .unwrap()
         .contains("\"e1\""));
@@ -239,6 +246,30 @@ fn the_chart_runs_the_operator_against_its_own_hubs_with_settings_the_binary_rea
             "{name} is not an operator setting"
         );
     }
+    // It reaches the hubs over TLS, verified with the CA of the hubs' admin certificate.
+    let setting = |name: &str| {
+        env.iter()
+            .find(|v| v["name"] == name)
+            .map(|v| v["value"].clone())
+    };
+    assert_eq!(
+        setting("REMOTEINGRESS_HUB_CA_FILE").unwrap(),
+        "/etc/remoteingress/hub-ca/ca.crt"
+    );
+    assert!(setting("REMOTEINGRESS_HUB_PLAINTEXT").is_none());
+    let admin_tls = kind(&docs, "Secret")
+        .into_iter()
+        .find(|s| s["metadata"]["name"] == "t-remoteingress-admin-tls")
+        .expect("the admin TLS Secret");
+    for key in ["tls.crt", "tls.key", "ca.crt"] {
+        assert!(admin_tls["data"][key].is_string(), "{key}");
+    }
+    let hub = kind(&docs, "StatefulSet")[0];
+    assert!(containers(hub)[0]["env"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .any(|v| v["name"] == "REMOTEINGRESS_ADMIN_TLS_CERT"));
     // It finds the hubs through the admin Service, whose port it names.
     let hub_service = env
         .iter()
@@ -329,6 +360,8 @@ fn the_kustomize_manifests_render_and_match_the_chart() {
             "adminToken.existingSecret=remoteingress-admin",
             "--set",
             "tunnelTls.secretName=remoteingress-tunnel-tls",
+            "--set",
+            "adminTls.secretName=remoteingress-admin-tls",
         ],
     ));
     assert!(

@@ -222,6 +222,37 @@ fn helm() -> PathBuf {
         .expect("helm is installed by ./scripts/test")
 }
 
+/// The name the hubs' admin certificate carries: their Service's, as the operator checks it.
+const HUB_SERVER_NAME: &str = "t-remoteingress-admin.remoteingress.svc";
+
+/// A CA and an admin certificate it signed for [`HUB_SERVER_NAME`], as PEM files.
+struct AdminTls {
+    dir: tempfile::TempDir,
+}
+
+impl AdminTls {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![HUB_SERVER_NAME.to_owned()])
+            .unwrap()
+            .signed_by(&key, &ca, &ca_key)
+            .unwrap();
+        std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
+        Self { dir }
+    }
+
+    fn file(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
 /// A hub process whose admin API listens on `admin` (a non-loopback address of the namespace).
 struct Hub {
     admin: SocketAddr,
@@ -229,17 +260,29 @@ struct Hub {
     state: tempfile::TempDir,
     id: String,
     replica: bool,
+    /// The admin API's TLS (CA directory), or plain HTTP.
+    tls: Option<std::sync::Arc<AdminTls>>,
     process: Option<Process>,
 }
 
 impl Hub {
     async fn start(id: &str, admin: SocketAddr, replica: bool) -> Self {
+        Self::start_with_tls(id, admin, replica, None).await
+    }
+
+    async fn start_with_tls(
+        id: &str,
+        admin: SocketAddr,
+        replica: bool,
+        tls: Option<std::sync::Arc<AdminTls>>,
+    ) -> Self {
         let mut hub = Self {
             admin,
             tunnel_port: free_port(IpAddr::from([127, 0, 0, 1])),
             state: tempfile::tempdir().unwrap(),
             id: id.to_owned(),
             replica,
+            tls,
             process: None,
         };
         hub.restart().await;
@@ -266,6 +309,13 @@ impl Hub {
         if self.replica {
             args.push("--replica".into());
         }
+        if let Some(tls) = &self.tls {
+            args.push(format!(
+                "--admin-tls-cert={}",
+                tls.file("tls.crt").display()
+            ));
+            args.push(format!("--admin-tls-key={}", tls.file("tls.key").display()));
+        }
         self.process = Some(spawn_binary(
             &args,
             &[("REMOTEINGRESS_ADMIN_TOKEN", ADMIN_TOKEN)],
@@ -279,11 +329,22 @@ impl Hub {
 
     /// The hub's edges, from its admin API.
     async fn edges(&self) -> Vec<remoteingress_controlplane::pb::EdgeInfo> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", self.admin))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
+        let endpoint = match &self.tls {
+            Some(tls) => {
+                let ca = std::fs::read(tls.file("ca.crt")).unwrap();
+                let config = tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+                    .domain_name(HUB_SERVER_NAME);
+                tonic::transport::Endpoint::from_shared(format!("https://{}", self.admin))
+                    .unwrap()
+                    .tls_config(config)
+                    .unwrap()
+            }
+            None => {
+                tonic::transport::Endpoint::from_shared(format!("http://{}", self.admin)).unwrap()
+            }
+        };
+        let channel = endpoint.connect().await.unwrap();
         let mut admin =
             remoteingress_controlplane::pb::hub_admin_client::HubAdminClient::with_interceptor(
                 channel,
@@ -328,13 +389,20 @@ fn hub_slice(hubs: &[&Hub]) -> String {
     )
 }
 
+/// The operator, reaching the hubs over plain HTTP/2 (explicitly allowed).
 fn operator(kubeconfig: &Path) -> Process {
+    operator_with(kubeconfig, "--hub-plaintext".into())
+}
+
+/// The operator with `hub_access`: `--hub-plaintext` or `--hub-ca-file=…`.
+fn operator_with(kubeconfig: &Path, hub_access: String) -> Process {
     spawn_binary(
         &[
             "operator".into(),
             format!("--hub-namespace={HUB_NAMESPACE}"),
             "--hub-service=t-remoteingress-admin".into(),
             "--resync-secs=1".into(),
+            hub_access,
         ],
         &[
             ("KUBECONFIG", kubeconfig.to_str().unwrap()),
@@ -717,19 +785,37 @@ async fn hub_generation(hub: &Hub, id: &str) -> Option<u64> {
 
 /// Two teams share a cluster: neither can take the other's edge id, expose the other's
 /// Services, overwrite a Secret that is not its Edge's, or make a hub go back to an older
-/// configuration by recreating an Edge or losing its status.
+/// configuration by recreating an Edge or losing its status. The operator reaches the hubs
+/// over TLS it verifies.
 #[tokio::test]
 async fn in_a_shared_cluster_one_edge_cannot_hurt_another() {
     private_network(&["10.244.0.1", "10.244.0.2"]);
     let cluster = Cluster::start();
     let operator_kubeconfig = cluster.operator_kubeconfig();
-    let a = Hub::start("hub-a", "10.244.0.1:18444".parse().unwrap(), true).await;
-    let b = Hub::start("hub-b", "10.244.0.2:18444".parse().unwrap(), true).await;
+    // The hubs' admin API speaks TLS, and the operator verifies it.
+    let tls = std::sync::Arc::new(AdminTls::new());
+    let a = Hub::start_with_tls(
+        "hub-a",
+        "10.244.0.1:18444".parse().unwrap(),
+        true,
+        Some(tls.clone()),
+    )
+    .await;
+    let b = Hub::start_with_tls(
+        "hub-b",
+        "10.244.0.2:18444".parse().unwrap(),
+        true,
+        Some(tls.clone()),
+    )
+    .await;
     cluster.apply(&hub_slice(&[&a, &b]));
     for team in ["team-a", "team-b"] {
         cluster.kubectl(&["create", "namespace", team], None);
     }
-    let _operator = operator(&operator_kubeconfig);
+    let _operator = operator_with(
+        &operator_kubeconfig,
+        format!("--hub-ca-file={}", tls.file("ca.crt").display()),
+    );
     let condition_of = |namespace: &'static str, name: &'static str, kind: &'static str| {
         let cluster = &cluster;
         async move {

@@ -12,7 +12,7 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Status};
 
 /// The edge set every hub must hold (generations set).
@@ -70,17 +70,54 @@ impl tonic::service::Interceptor for BearerToken {
     }
 }
 
+/// How the hubs' admin API is reached.
+#[derive(Debug, Clone)]
+pub enum HubTransport {
+    /// TLS, verifying the hub's certificate against `ca` (PEM) for `server_name`: hubs are
+    /// dialled by pod address, so the name checked is their Service's.
+    Tls {
+        /// The CA certificate(s), PEM.
+        ca: Vec<u8>,
+        /// The name the hubs' certificate must carry.
+        server_name: String,
+    },
+    /// Plain HTTP/2 (explicitly allowed): the token and every edge secret cross the network in
+    /// clear.
+    Plaintext,
+}
+
+/// What a call to a hub needs: its transport and the bearer token.
+#[derive(Clone)]
+pub struct HubAccess {
+    /// How to reach it.
+    pub transport: HubTransport,
+    /// The admin token.
+    pub token: BearerToken,
+}
+
 /// Connects to a hub's admin API.
 pub async fn connect(
     addr: SocketAddr,
-    token: &BearerToken,
+    access: &HubAccess,
 ) -> Result<Admin, tonic::transport::Error> {
-    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+    let endpoint = match &access.transport {
+        HubTransport::Tls { ca, server_name } => {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(server_name);
+            Endpoint::from_shared(format!("https://{addr}"))?.tls_config(tls)?
+        }
+        HubTransport::Plaintext => Endpoint::from_shared(format!("http://{addr}"))?,
+    };
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(15))
         .connect()
         .await?;
-    Ok(HubAdminClient::with_interceptor(channel, token.clone()))
+    Ok(HubAdminClient::with_interceptor(
+        channel,
+        access.token.clone(),
+    ))
 }
 
 /// Everything a hub task needs.
@@ -92,8 +129,8 @@ pub struct HubSync {
     pub reports: Reports,
     /// Woken when a report changes.
     pub changed: Arc<Notify>,
-    /// The admin token.
-    pub token: BearerToken,
+    /// How the hubs are reached.
+    pub access: HubAccess,
     /// How often the report is refreshed without an event.
     pub refresh: Duration,
 }
@@ -133,7 +170,7 @@ impl HubSync {
 
     /// One connection: push, then follow events and changes until the hub goes away.
     async fn session(&mut self, addr: SocketAddr) -> Result<(), String> {
-        let mut admin = connect(addr, &self.token)
+        let mut admin = connect(addr, &self.access)
             .await
             .map_err(|e| format!("connecting: {e}"))?;
         let kinds = [

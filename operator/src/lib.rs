@@ -29,7 +29,8 @@ use tokio_util::sync::CancellationToken;
 use compose::{compose, key_of, Composition, ObjectKey, Refused};
 pub use compose::{TargetPolicy, LOAD_BALANCER_CLASS};
 use crd::{Edge, EdgeStatus};
-use hubs::{BearerToken, DesiredEdges, HubSync, Reports};
+pub use hubs::HubTransport;
+use hubs::{BearerToken, DesiredEdges, HubAccess, HubSync, Reports};
 
 /// The field manager and event reporter name.
 const MANAGER: &str = "remoteingress-operator";
@@ -47,6 +48,8 @@ pub struct OperatorOptions {
     pub hub_admin_port: String,
     /// The hubs' admin bearer token.
     pub hub_token: Option<String>,
+    /// How the hubs' admin API is reached: TLS verified by a CA, or plain when allowed.
+    pub hub_transport: HubTransport,
     /// How often everything is reconciled and hub reports refreshed without a change.
     pub resync: Duration,
     /// Which hosts an Edge may name in `targetHosts` (by default Services of its namespace).
@@ -70,7 +73,10 @@ pub async fn run(
     options: OperatorOptions,
     stop: CancellationToken,
 ) -> Result<(), OperatorError> {
-    let token = BearerToken::new(options.hub_token.as_deref())?;
+    let access = HubAccess {
+        transport: options.hub_transport.clone(),
+        token: BearerToken::new(options.hub_token.as_deref())?,
+    };
     let wake = Arc::new(Notify::new());
     let edges: Api<Edge> = scoped(&client, options.namespace.as_deref());
     let services: Api<Service> = scoped(&client, options.namespace.as_deref());
@@ -98,7 +104,7 @@ pub async fn run(
         desired: desired_rx,
         reports: Reports::default(),
         changed: wake.clone(),
-        token,
+        access,
         refresh: options.resync,
     };
     let mut operator = Operator {
@@ -517,7 +523,7 @@ impl Operator {
             match secrets::write_token(
                 &self.client,
                 addr,
-                &self.sync.token,
+                &self.sync.access,
                 object,
                 &edge.id,
                 secret,

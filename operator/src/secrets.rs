@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::compose::{ObjectKey, Refused};
 use crate::crd::Edge;
-use crate::hubs::{connect, BearerToken};
+use crate::hubs::{connect, HubAccess};
 
 /// The key of a shared secret when a reference names none, and of generated secrets.
 const SECRET_KEY: &str = "secret";
@@ -154,7 +154,7 @@ pub enum TokenError {
 pub async fn write_token(
     client: &Client,
     addr: SocketAddr,
-    token: &BearerToken,
+    access: &HubAccess,
     edge: &Edge,
     edge_id: &str,
     secret: &str,
@@ -173,7 +173,7 @@ pub async fn write_token(
     {
         return Err(TokenError::Foreign(foreign(&name)));
     }
-    let mut admin = connect(addr, token)
+    let mut admin = connect(addr, access)
         .await
         .map_err(|e| failed(format!("connecting to hub {addr}: {e}")))?;
     let connection_token = admin

@@ -21,3 +21,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "remoteingress.adminSecret" -}}
 {{- default (printf "%s-admin" (include "remoteingress.fullname" .)) .Values.adminToken.existingSecret -}}
 {{- end -}}
+
+{{- define "remoteingress.adminTlsSecret" -}}
+{{- default (printf "%s-admin-tls" (include "remoteingress.fullname" .)) .Values.adminTls.secretName -}}
+{{- end -}}
