@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use remoteingress_operator::leader::LeaderElection;
 use remoteingress_operator::{HubTransport, OperatorOptions, TargetPolicy};
 use tokio_util::sync::CancellationToken;
 
@@ -62,6 +63,17 @@ pub struct OperatorArgs {
     /// metadata address or the hub's own loopback.
     #[arg(long, env = "REMOTEINGRESS_UNRESTRICTED_TARGETS")]
     unrestricted_targets: bool,
+    /// Run only while holding a Lease in the hub namespace, so that several replicas can run:
+    /// one writes, the others take over within 15 s when it stops.
+    #[arg(long, env = "REMOTEINGRESS_LEADER_ELECTION")]
+    leader_election: bool,
+    /// Name of that Lease.
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_LEADER_LEASE",
+        default_value = "remoteingress-operator"
+    )]
+    leader_lease: String,
 }
 
 /// Runs the operator (or prints the CRDs) until SIGTERM or Ctrl-C.
@@ -88,7 +100,16 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
              over verified TLS (the Helm chart does), or allow plain HTTP with --hub-plaintext"
         ),
     };
+    let leader_election = args.leader_election.then(|| LeaderElection {
+        namespace: hub_namespace.clone(),
+        name: args.leader_lease,
+        identity: std::env::var("POD_NAME").unwrap_or_else(|_| {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        }),
+    });
     let options = OperatorOptions {
+        leader_election,
         namespace: args.namespace,
         hub_namespace,
         hub_transport,

@@ -231,6 +231,7 @@ fn the_chart_runs_the_operator_against_its_own_hubs_with_settings_the_binary_rea
         .find(|d| d["metadata"]["name"] == "t-remoteingress-operator")
         .expect("the operator Deployment");
     assert_hardened(deployment);
+    assert_eq!(deployment["spec"]["replicas"], 2, "a leader and a stand-by");
     let operator = &containers(deployment)[0];
     assert_eq!(operator["args"][0], "operator");
     let help = ok(Command::new(env!("CARGO_BIN_EXE_remoteingress"))
@@ -257,6 +258,7 @@ fn the_chart_runs_the_operator_against_its_own_hubs_with_settings_the_binary_rea
         "/etc/remoteingress/hub-ca/ca.crt"
     );
     assert!(setting("REMOTEINGRESS_HUB_PLAINTEXT").is_none());
+    assert_eq!(setting("REMOTEINGRESS_LEADER_ELECTION").unwrap(), "true");
     let admin_tls = kind(&docs, "Secret")
         .into_iter()
         .find(|s| s["metadata"]["name"] == "t-remoteingress-admin-tls")

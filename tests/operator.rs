@@ -396,19 +396,24 @@ fn operator(kubeconfig: &Path) -> Process {
 
 /// The operator with `hub_access`: `--hub-plaintext` or `--hub-ca-file=…`.
 fn operator_with(kubeconfig: &Path, hub_access: String) -> Process {
-    spawn_binary(
-        &[
-            "operator".into(),
-            format!("--hub-namespace={HUB_NAMESPACE}"),
-            "--hub-service=t-remoteingress-admin".into(),
-            "--resync-secs=1".into(),
-            hub_access,
-        ],
-        &[
-            ("KUBECONFIG", kubeconfig.to_str().unwrap()),
-            ("REMOTEINGRESS_ADMIN_TOKEN", ADMIN_TOKEN),
-        ],
-    )
+    operator_as(kubeconfig, &[hub_access], &[])
+}
+
+/// The operator with more `args` and `env`.
+fn operator_as(kubeconfig: &Path, args: &[String], env: &[(&str, &str)]) -> Process {
+    let mut all = vec![
+        "operator".into(),
+        format!("--hub-namespace={HUB_NAMESPACE}"),
+        "--hub-service=t-remoteingress-admin".into(),
+        "--resync-secs=1".into(),
+    ];
+    all.extend_from_slice(args);
+    let mut environment = vec![
+        ("KUBECONFIG", kubeconfig.to_str().unwrap()),
+        ("REMOTEINGRESS_ADMIN_TOKEN", ADMIN_TOKEN),
+    ];
+    environment.extend_from_slice(env);
+    spawn_binary(&all, &environment)
 }
 
 /// What must be the same on every hub: id, ports, generation, target hosts.
@@ -969,5 +974,54 @@ async fn in_a_shared_cluster_one_edge_cannot_hurt_another() {
             Some(())
         },
     )
+    .await;
+}
+
+/// Two operator replicas with leader election: one leads and serves, the other stands by and
+/// takes over (within the lease's 15 s) when the leader dies without a word.
+#[tokio::test]
+async fn of_two_operator_replicas_one_leads_and_the_other_takes_over() {
+    private_network(&["10.244.0.1"]);
+    let cluster = Cluster::start();
+    let operator_kubeconfig = cluster.operator_kubeconfig();
+    let hub = Hub::start("hub-a", "10.244.0.1:18444".parse().unwrap(), true).await;
+    cluster.apply(&hub_slice(&[&hub]));
+    let elected = |identity: &str| {
+        operator_as(
+            &operator_kubeconfig,
+            &["--hub-plaintext".into(), "--leader-election".into()],
+            &[("POD_NAME", identity)],
+        )
+    };
+    let holder = || {
+        let lease = cluster.get(&["lease", "-n", HUB_NAMESPACE, "remoteingress-operator"]);
+        lease.and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
+    };
+    let first = elected("operator-1");
+    eventually_within(API_DEADLINE, "operator-1 to lead", || async {
+        (holder()? == "operator-1").then_some(())
+    })
+    .await;
+    let _second = elected("operator-2");
+    cluster.apply(&edge_yaml("default", "e1", "listenPorts: [8001]"));
+    eventually_within(API_DEADLINE, "the leader to serve e1", || async {
+        hub_generation(&hub, "e1").await.map(|_| ())
+    })
+    .await;
+    assert_eq!(
+        holder().as_deref(),
+        Some("operator-1"),
+        "operator-2 stands by"
+    );
+
+    drop(first);
+    eventually_within(API_DEADLINE, "operator-2 to take over", || async {
+        (holder()? == "operator-2").then_some(())
+    })
+    .await;
+    cluster.apply(&edge_yaml("default", "e2", "listenPorts: [8002]"));
+    eventually_within(API_DEADLINE, "the new leader to serve e2", || async {
+        hub_generation(&hub, "e2").await.map(|_| ())
+    })
     .await;
 }

@@ -5,6 +5,7 @@
 pub mod compose;
 pub mod crd;
 mod hubs;
+pub mod leader;
 mod secrets;
 mod status;
 
@@ -54,6 +55,8 @@ pub struct OperatorOptions {
     pub resync: Duration,
     /// Which hosts an Edge may name in `targetHosts` (by default Services of its namespace).
     pub targets: TargetPolicy,
+    /// Run only while holding this Lease (several replicas); `None`: always (one replica).
+    pub leader_election: Option<leader::LeaderElection>,
 }
 
 /// Why the operator stopped.
@@ -65,14 +68,25 @@ pub enum OperatorError {
     /// The Kubernetes API failed.
     #[error("kubernetes: {0}")]
     Kube(#[from] kube::Error),
+    /// Another replica holds the leader Lease now.
+    #[error("lost the leader lease; stopping so that only the new leader writes")]
+    LostLeadership,
 }
 
-/// Runs the operator until `stop`.
+/// Runs the operator until `shutdown` — with leader election, from when it holds the Lease
+/// until then, or until it loses the Lease (an error).
 pub async fn run(
     client: Client,
     options: OperatorOptions,
-    stop: CancellationToken,
+    shutdown: CancellationToken,
 ) -> Result<(), OperatorError> {
+    let stop = match &options.leader_election {
+        Some(election) => match election.lead(&client, &shutdown).await {
+            Some(leading) => leading,
+            None => return Ok(()),
+        },
+        None => shutdown.clone(),
+    };
     let access = HubAccess {
         transport: options.hub_transport.clone(),
         token: BearerToken::new(options.hub_token.as_deref())?,
@@ -143,7 +157,11 @@ pub async fn run(
     for hub in operator.hubs.values() {
         hub.cancel();
     }
-    Ok(())
+    if shutdown.is_cancelled() {
+        Ok(())
+    } else {
+        Err(OperatorError::LostLeadership)
+    }
 }
 
 /// Merge-patches an object's status subresource with `status`.
