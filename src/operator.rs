@@ -6,6 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Args;
 use remoteingress_operator::leader::LeaderElection;
+use remoteingress_operator::metrics::{Health, OperatorMetrics};
 use remoteingress_operator::{HubTransport, OperatorOptions, TargetPolicy};
 use tokio_util::sync::CancellationToken;
 
@@ -67,6 +68,13 @@ pub struct OperatorArgs {
     /// one writes, the others take over within 15 s when it stops.
     #[arg(long, env = "REMOTEINGRESS_LEADER_ELECTION")]
     leader_election: bool,
+    /// Address of /metrics, /healthz and /readyz (ready: its watches work, or it stands by).
+    #[arg(
+        long,
+        env = "REMOTEINGRESS_METRICS_ADDR",
+        default_value = "0.0.0.0:9464"
+    )]
+    metrics_addr: std::net::SocketAddr,
     /// Name of that Lease.
     #[arg(
         long,
@@ -108,7 +116,13 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
             format!("{}-{}", host.trim(), std::process::id())
         }),
     });
+    let registry = prometheus::Registry::new();
+    let metrics = OperatorMetrics::register(&registry)?;
+    let health = Health::default();
+    let ready = health.clone();
     let options = OperatorOptions {
+        metrics,
+        health,
         leader_election,
         namespace: args.namespace,
         hub_namespace,
@@ -127,6 +141,14 @@ pub async fn run(args: OperatorArgs) -> Result<()> {
         .await
         .context("connecting to Kubernetes (in-cluster, or KUBECONFIG)")?;
     let stop = CancellationToken::new();
+    let served = remoteingress_controlplane::serve_metrics(
+        registry,
+        args.metrics_addr,
+        std::sync::Arc::new(move || ready.is_ready()),
+        stop.clone(),
+    )
+    .await?;
+    println!("metrics on http://{}/metrics", served.local_addr);
     let mut operator = tokio::spawn(remoteingress_operator::run(client, options, stop.clone()));
     tokio::select! {
         signal = crate::shutdown_signal() => {

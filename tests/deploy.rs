@@ -259,6 +259,9 @@ fn the_chart_runs_the_operator_against_its_own_hubs_with_settings_the_binary_rea
     );
     assert!(setting("REMOTEINGRESS_HUB_PLAINTEXT").is_none());
     assert_eq!(setting("REMOTEINGRESS_LEADER_ELECTION").unwrap(), "true");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(operator[probe]["httpGet"]["port"], "metrics", "{probe}");
+    }
     let admin_tls = kind(&docs, "Secret")
         .into_iter()
         .find(|s| s["metadata"]["name"] == "t-remoteingress-admin-tls")

@@ -396,16 +396,18 @@ fn operator(kubeconfig: &Path) -> Process {
 
 /// The operator with `hub_access`: `--hub-plaintext` or `--hub-ca-file=…`.
 fn operator_with(kubeconfig: &Path, hub_access: String) -> Process {
-    operator_as(kubeconfig, &[hub_access], &[])
+    operator_as(kubeconfig, &[hub_access], &[]).0
 }
 
-/// The operator with more `args` and `env`.
-fn operator_as(kubeconfig: &Path, args: &[String], env: &[(&str, &str)]) -> Process {
+/// The operator with more `args` and `env`, and the address of its metrics and probes.
+fn operator_as(kubeconfig: &Path, args: &[String], env: &[(&str, &str)]) -> (Process, SocketAddr) {
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port(IpAddr::from([127, 0, 0, 1]))));
     let mut all = vec![
         "operator".into(),
         format!("--hub-namespace={HUB_NAMESPACE}"),
         "--hub-service=t-remoteingress-admin".into(),
         "--resync-secs=1".into(),
+        format!("--metrics-addr={metrics}"),
     ];
     all.extend_from_slice(args);
     let mut environment = vec![
@@ -413,7 +415,7 @@ fn operator_as(kubeconfig: &Path, args: &[String], env: &[(&str, &str)]) -> Proc
         ("REMOTEINGRESS_ADMIN_TOKEN", ADMIN_TOKEN),
     ];
     environment.extend_from_slice(env);
-    spawn_binary(&all, &environment)
+    (spawn_binary(&all, &environment), metrics)
 }
 
 /// What must be the same on every hub: id, ports, generation, target hosts.
@@ -997,12 +999,12 @@ async fn of_two_operator_replicas_one_leads_and_the_other_takes_over() {
         let lease = cluster.get(&["lease", "-n", HUB_NAMESPACE, "remoteingress-operator"]);
         lease.and_then(|l| l["spec"]["holderIdentity"].as_str().map(str::to_owned))
     };
-    let first = elected("operator-1");
+    let (first, first_metrics) = elected("operator-1");
     eventually_within(API_DEADLINE, "operator-1 to lead", || async {
         (holder()? == "operator-1").then_some(())
     })
     .await;
-    let _second = elected("operator-2");
+    let (_second, second_metrics) = elected("operator-2");
     cluster.apply(&edge_yaml("default", "e1", "listenPorts: [8001]"));
     eventually_within(API_DEADLINE, "the leader to serve e1", || async {
         hub_generation(&hub, "e1").await.map(|_| ())
@@ -1013,6 +1015,35 @@ async fn of_two_operator_replicas_one_leads_and_the_other_takes_over() {
         Some("operator-1"),
         "operator-2 stands by"
     );
+
+    // Both are ready (the leader's watches work; the other stands by); the metrics say who
+    // leads, which hubs answer and how the Edges are.
+    let sample = |metrics: SocketAddr, name: &'static str| async move {
+        let (_, body) = http_get(metrics, "/metrics").await;
+        body.lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+    };
+    eventually_within(API_DEADLINE, "the leader's metrics", || async {
+        let reachable = sample(
+            first_metrics,
+            "remoteingress_operator_hubs{state=\"reachable\"}",
+        )
+        .await?;
+        let no_conflict = sample(
+            first_metrics,
+            "remoteingress_operator_edges{condition=\"Conflict\",status=\"False\"}",
+        )
+        .await?;
+        (reachable == 1.0 && no_conflict == 1.0).then_some(())
+    })
+    .await;
+    for (metrics, leading) in [(first_metrics, 1.0), (second_metrics, 0.0)] {
+        assert_eq!(http_get(metrics, "/readyz").await.0, 200);
+        assert_eq!(
+            sample(metrics, "remoteingress_operator_leader").await,
+            Some(leading)
+        );
+    }
 
     drop(first);
     eventually_within(API_DEADLINE, "operator-2 to take over", || async {

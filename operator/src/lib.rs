@@ -6,6 +6,7 @@ pub mod compose;
 pub mod crd;
 mod hubs;
 pub mod leader;
+pub mod metrics;
 mod secrets;
 mod status;
 
@@ -57,6 +58,10 @@ pub struct OperatorOptions {
     pub targets: TargetPolicy,
     /// Run only while holding this Lease (several replicas); `None`: always (one replica).
     pub leader_election: Option<leader::LeaderElection>,
+    /// Where passes, failures, hubs and Edges are counted.
+    pub metrics: metrics::OperatorMetrics,
+    /// What the readiness probe reports.
+    pub health: metrics::Health,
 }
 
 /// Why the operator stopped.
@@ -80,6 +85,8 @@ pub async fn run(
     options: OperatorOptions,
     shutdown: CancellationToken,
 ) -> Result<(), OperatorError> {
+    // A stand-by replica is ready: it works, and waits to take over.
+    options.health.set(true);
     let stop = match &options.leader_election {
         Some(election) => match election.lead(&client, &shutdown).await {
             Some(leading) => leading,
@@ -87,6 +94,8 @@ pub async fn run(
         },
         None => shutdown.clone(),
     };
+    options.health.set(false);
+    options.metrics.leading(true);
     let access = HubAccess {
         transport: options.hub_transport.clone(),
         token: BearerToken::new(options.hub_token.as_deref())?,
@@ -99,9 +108,15 @@ pub async fn run(
         "kubernetes.io/service-name={}",
         options.hub_service
     ));
-    let edge_store = mirror(edges, watcher::Config::default(), &wake, &stop);
-    let service_store = mirror(services, watcher::Config::default(), &wake, &stop);
-    let slice_store = mirror(slices, slice_config, &wake, &stop);
+    let watching = Watching {
+        wake: wake.clone(),
+        health: options.health.clone(),
+        synced: Arc::default(),
+        stop: stop.clone(),
+    };
+    let edge_store = mirror(edges, watcher::Config::default(), &watching);
+    let service_store = mirror(services, watcher::Config::default(), &watching);
+    let slice_store = mirror(slices, slice_config, &watching);
     for ready in [
         edge_store.wait_until_ready().await,
         service_store.wait_until_ready().await,
@@ -111,6 +126,10 @@ pub async fn run(
             OperatorError::Config(format!("a watch ended before it was ready: {e}"))
         })?;
     }
+    watching
+        .synced
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    options.health.set(true);
     tracing::info!(namespace = ?options.namespace, hub_service = %options.hub_service, "operator watching");
 
     let (desired, desired_rx) = watch::channel(DesiredEdges::default());
@@ -157,6 +176,7 @@ pub async fn run(
     for hub in operator.hubs.values() {
         hub.cancel();
     }
+    operator.options.metrics.leading(false);
     if shutdown.is_cancelled() {
         Ok(())
     } else {
@@ -179,28 +199,43 @@ where
         .map(drop)
 }
 
-/// A cache of `api`'s objects, kept current by a watch; each change wakes the operator.
-fn mirror<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    wake: &Arc<Notify>,
-    stop: &CancellationToken,
-) -> Store<K>
+/// What every watch shares: whom a change wakes, where its health goes, when it stops.
+struct Watching {
+    wake: Arc<Notify>,
+    health: metrics::Health,
+    /// Set once every cache is filled; until then no event makes the operator ready.
+    synced: Arc<std::sync::atomic::AtomicBool>,
+    stop: CancellationToken,
+}
+
+/// A cache of `api`'s objects, kept current by a watch; each change wakes the operator, and a
+/// watch error makes it unready until the next event.
+fn mirror<K>(api: Api<K>, config: watcher::Config, watching: &Watching) -> Store<K>
 where
     K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (store, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, config).default_backoff());
-    let wake = wake.clone();
-    let stop = stop.clone();
+    let wake = watching.wake.clone();
+    let health = watching.health.clone();
+    let stop = watching.stop.clone();
+    let synced = watching.synced.clone();
     tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         loop {
             tokio::select! {
                 item = stream.next() => match item {
-                    Some(Ok(_)) => wake.notify_one(),
-                    Some(Err(error)) => tracing::warn!(%error, "watch"),
+                    Some(Ok(_)) => {
+                        if synced.load(std::sync::atomic::Ordering::Relaxed) {
+                            health.set(true);
+                        }
+                        wake.notify_one();
+                    }
+                    Some(Err(error)) => {
+                        health.set(false);
+                        tracing::warn!(%error, "watch");
+                    }
                     None => break,
                 },
                 () = stop.cancelled() => break,
@@ -254,11 +289,13 @@ impl Operator {
     /// the push back). Hub tasks start only after the
     /// first complete push, so a hub never gets a set that is not the whole truth.
     async fn reconcile(&mut self) {
+        let _timer = self.options.metrics.pass();
         let edges = self.edge_store.state();
         let services = self.service_store.state();
         let secrets = match secrets::edge_secrets(&self.client, &edges).await {
             Ok(secrets) => secrets,
             Err(error) => {
+                self.options.metrics.failed("secrets");
                 tracing::warn!(%error, "reading the edges' Secrets; retrying");
                 return;
             }
@@ -300,6 +337,7 @@ impl Operator {
             .values()
             .cloned()
             .collect();
+        self.options.metrics.hubs(&reports);
         let generations = self.generations(&objects, &composition, &reports).await;
         // An Edge with neither a generation now nor a configuration pushed before would be
         // missing from the set, and the hubs would drop its edge: push nothing this pass.
@@ -321,6 +359,7 @@ impl Operator {
         let statuses = self
             .write_edge_statuses(&objects, &composition, &generations, &reports)
             .await;
+        self.options.metrics.edges(statuses.values());
         self.write_service_statuses(&services, &composition, &statuses)
             .await;
     }
@@ -412,6 +451,7 @@ impl Operator {
                     Ok(_) => generation = next,
                     Err(error) => {
                         // This Edge alone waits for the next pass, keeping what it has.
+                        self.options.metrics.failed("generation");
                         tracing::warn!(edge = %composed.key.1, %error, "recording the config generation; retrying");
                         continue;
                     }
@@ -503,6 +543,7 @@ impl Operator {
                 )
                 .await;
                 if let Err(error) = written {
+                    self.options.metrics.failed("status");
                     tracing::warn!(edge = %composed.key.1, %error, "writing status");
                 }
             }
@@ -556,6 +597,7 @@ impl Operator {
                     self.token_conflicts.insert(composed.key.clone(), conflict);
                 }
                 Err(secrets::TokenError::Failed(error)) => {
+                    self.options.metrics.failed("token");
                     tracing::warn!(edge = %edge.id, %error, "writing the connection token")
                 }
             }
