@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -117,10 +117,14 @@ pub async fn run(
     let edge_store = mirror(edges, watcher::Config::default(), &watching);
     let service_store = mirror(services, watcher::Config::default(), &watching);
     let slice_store = mirror(slices, slice_config, &watching);
+    let secrets_api: Api<Secret> = scoped(&client, options.namespace.as_deref());
+    let secret_config = watcher::Config::default().labels(secrets::SECRET_LABEL);
+    let secret_store = mirror(secrets_api, secret_config, &watching);
     for ready in [
         edge_store.wait_until_ready().await,
         service_store.wait_until_ready().await,
         slice_store.wait_until_ready().await,
+        secret_store.wait_until_ready().await,
     ] {
         ready.map_err(|e| {
             OperatorError::Config(format!("a watch ended before it was ready: {e}"))
@@ -153,6 +157,7 @@ pub async fn run(
         edge_store,
         service_store,
         slice_store,
+        secret_store,
         desired,
         sync,
         hubs: HashMap::new(),
@@ -263,6 +268,8 @@ struct Operator {
     edge_store: Store<Edge>,
     service_store: Store<Service>,
     slice_store: Store<EndpointSlice>,
+    /// The Secrets labelled for the operator.
+    secret_store: Store<Secret>,
     desired: watch::Sender<DesiredEdges>,
     sync: HubSync,
     /// A task per hub admin address.
@@ -292,7 +299,7 @@ impl Operator {
         let _timer = self.options.metrics.pass();
         let edges = self.edge_store.state();
         let services = self.service_store.state();
-        let secrets = match secrets::edge_secrets(&self.client, &edges).await {
+        let secrets = match secrets::edge_secrets(&self.client, &edges, &self.secret_store).await {
             Ok(secrets) => secrets,
             Err(error) => {
                 self.options.metrics.failed("secrets");

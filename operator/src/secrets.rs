@@ -8,6 +8,7 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::ByteString;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use rand::RngCore;
 use remoteingress_controlplane::pb;
@@ -19,6 +20,9 @@ use crate::hubs::{connect, HubAccess};
 
 /// The key of a shared secret when a reference names none, and of generated secrets.
 const SECRET_KEY: &str = "secret";
+/// The label of every Secret the operator reads (its own, and those `secretRef` names): it
+/// watches only these, instead of reading a Secret per Edge on every pass.
+pub const SECRET_LABEL: &str = "remoteingress.dev/secret";
 /// The key of the connection token in the token Secret.
 const TOKEN_KEY: &str = "token";
 
@@ -37,41 +41,49 @@ pub fn digest(secret: &str) -> String {
     hex::encode(&Sha256::digest(secret.as_bytes())[..12])
 }
 
-/// Each Edge's shared secret, or why it has none (missing, unusable, a Secret of that name
-/// that is not the Edge's); an Edge without a reference gets a random one, created here once.
-/// An API failure fails the whole read, so that no edge is ever dropped for a moment's error.
+/// Each Edge's shared secret from the watched Secrets, or why it has none (missing, unusable,
+/// not labelled, a Secret of that name that is not the Edge's); an Edge without a reference
+/// gets a random one, created here once. An API failure fails the whole read, so that no edge
+/// is ever dropped for a moment's error.
 pub async fn edge_secrets(
     client: &Client,
     edges: &[Arc<Edge>],
+    watched: &Store<Secret>,
 ) -> Result<HashMap<ObjectKey, Result<String, Refused>>, kube::Error> {
     let mut secrets = HashMap::new();
     for edge in edges {
         let namespace = edge.namespace().unwrap_or_default();
-        let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+        let find = |name: &str| watched.get(&ObjectRef::new(name).within(&namespace));
         let secret = match &edge.spec.secret_ref {
             Some(reference) => {
                 let key = reference.key.as_deref().unwrap_or(SECRET_KEY);
-                read(&api, &reference.name, key)
-                    .await?
-                    .map_err(Refused::Invalid)
+                let name = &reference.name;
+                match find(name) {
+                    Some(secret) => text(&secret, name, key),
+                    None => Err(format!(
+                        "Secret {name} does not exist or lacks the label {SECRET_LABEL} (the \
+                         operator reads only Secrets that carry it)"
+                    )),
+                }
+                .map_err(Refused::Invalid)
             }
-            None => generated(&api, edge).await?,
+            None => {
+                let name = secret_name(&edge.name_any());
+                match find(&name) {
+                    Some(secret) if owned_by(&secret, edge) => {
+                        text(&secret, &name, SECRET_KEY).map_err(Refused::Invalid)
+                    }
+                    Some(_) => Err(foreign(&name)),
+                    None => {
+                        let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+                        generated(&api, edge).await?
+                    }
+                }
+            }
         };
         secrets.insert(crate::compose::key_of(edge.as_ref()), secret);
     }
     Ok(secrets)
-}
-
-/// The text under `key` of Secret `name`, or why there is none.
-async fn read(
-    api: &Api<Secret>,
-    name: &str,
-    key: &str,
-) -> Result<Result<String, String>, kube::Error> {
-    Ok(match api.get_opt(name).await? {
-        Some(secret) => text(&secret, name, key),
-        None => Err(format!("Secret {name} does not exist")),
-    })
 }
 
 /// The text under `key` of a Secret.
@@ -100,7 +112,8 @@ fn foreign(name: &str) -> Refused {
     ))
 }
 
-/// The Edge's generated secret, created with a random value if it does not exist yet. A
+/// The Edge's generated secret, not among the watched Secrets: created with a random value,
+/// or — made by an earlier version without the label — labelled now if it is the Edge's. A
 /// Secret of that name that is not the Edge's is never read.
 async fn generated(api: &Api<Secret>, edge: &Edge) -> Result<Result<String, Refused>, kube::Error> {
     let name = secret_name(&edge.name_any());
@@ -108,6 +121,9 @@ async fn generated(api: &Api<Secret>, edge: &Edge) -> Result<Result<String, Refu
         if !owned_by(&secret, edge) {
             return Ok(Err(foreign(&name)));
         }
+        let label = serde_json::json!({"metadata": {"labels": {SECRET_LABEL: "true"}}});
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&label))
+            .await?;
         return Ok(text(&secret, &name, SECRET_KEY).map_err(Refused::Invalid));
     }
     let mut bytes = [0u8; 32];
@@ -126,10 +142,13 @@ fn owned_secret(edge: &Edge, name: &str, key: &str, value: &str) -> Secret {
             name: Some(name.to_owned()),
             namespace: edge.namespace(),
             owner_references: edge.controller_owner_ref(&()).map(|o| vec![o]),
-            labels: Some(BTreeMap::from([(
-                "app.kubernetes.io/managed-by".to_owned(),
-                crate::MANAGER.to_owned(),
-            )])),
+            labels: Some(BTreeMap::from([
+                (
+                    "app.kubernetes.io/managed-by".to_owned(),
+                    crate::MANAGER.to_owned(),
+                ),
+                (SECRET_LABEL.to_owned(), "true".to_owned()),
+            ])),
             ..ObjectMeta::default()
         },
         data: Some(BTreeMap::from([(
