@@ -1056,3 +1056,121 @@ async fn of_two_operator_replicas_one_leads_and_the_other_takes_over() {
     })
     .await;
 }
+
+/// Requests the API server has served so far (`apiserver_request_total`, all verbs).
+fn api_requests(cluster: &Cluster) -> f64 {
+    let metrics = cluster.kubectl(&["get", "--raw", "/metrics"], None);
+    metrics
+        .lines()
+        .filter(|line| line.starts_with("apiserver_request_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The scale run of docs/kubernetes.md, by hand (`cargo test --test operator -- --ignored`):
+/// 1,000 Edges and 500 LoadBalancer Services against a real API server and a hub; prints the
+/// time from a Service change to the hub holding the edge's new port (p50, p99), the API
+/// requests per minute at rest and the operator's memory. Figures, not assertions.
+#[tokio::test]
+#[ignore = "a measurement of a few minutes; run by hand"]
+async fn scale_1000_edges_and_500_services() {
+    const EDGES: usize = 1_000;
+    const SERVICES: usize = 500;
+    const CHANGES: usize = 40;
+    private_network(&["10.244.0.1"]);
+    let cluster = Cluster::start();
+    let operator_kubeconfig = cluster.operator_kubeconfig();
+    let hub = Hub::start("hub-a", "10.244.0.1:18444".parse().unwrap(), true).await;
+    cluster.apply(&hub_slice(&[&hub]));
+    let (operator, _) = operator_as(&operator_kubeconfig, &["--hub-plaintext".into()], &[]);
+    cluster.kubectl(&["create", "namespace", "scale"], None);
+    let window = std::time::Duration::from_secs(60);
+    let requests_at_rest = || async {
+        let before = api_requests(&cluster);
+        tokio::time::sleep(window).await;
+        api_requests(&cluster) - before
+    };
+    let empty = requests_at_rest().await;
+    println!(
+        "scale: {empty:.0} API requests in {} s at rest with no Edge",
+        window.as_secs()
+    );
+    for batch in (0..EDGES).collect::<Vec<_>>().chunks(100) {
+        let docs: Vec<String> = batch
+            .iter()
+            .map(|n| {
+                edge_yaml(
+                    "scale",
+                    &format!("edge-{n}"),
+                    &format!("listenPorts: [{}]", 20_000 + n),
+                )
+            })
+            .collect();
+        cluster.apply(&docs.join("---\n"));
+    }
+    let service = |n: usize, port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{n}, namespace: scale, annotations: {{remoteingress.dev/edges: edge-{n}}}}}\n\
+             spec: {{type: LoadBalancer, loadBalancerClass: {}, ports: [{{port: {port}, targetPort: 8080}}]}}\n",
+            remoteingress_operator::LOAD_BALANCER_CLASS
+        )
+    };
+    for batch in (0..SERVICES).collect::<Vec<_>>().chunks(100) {
+        let docs: Vec<String> = batch.iter().map(|n| service(*n, 80)).collect();
+        cluster.apply(&docs.join("---\n"));
+    }
+    let started = std::time::Instant::now();
+    let port_on = |edges: &[remoteingress_controlplane::pb::EdgeInfo], n: usize, port: u32| {
+        edges
+            .iter()
+            .any(|e| e.id == format!("edge-{n}") && e.listen_ports.contains(&port))
+    };
+    eventually_within(
+        std::time::Duration::from_secs(600),
+        "every edge and Service on the hub",
+        || async {
+            let edges = hub.edges().await;
+            (edges.len() == EDGES && (0..SERVICES).all(|n| port_on(&edges, n, 80))).then_some(())
+        },
+    )
+    .await;
+    println!(
+        "scale: {EDGES} Edges and {SERVICES} Services on the hub after {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let rss = || {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", operator.0.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+            / 1024.0
+    };
+    let at_rest = requests_at_rest().await;
+    println!(
+        "scale: {at_rest:.0} API requests in {} s at rest; operator RSS {:.0} MiB",
+        window.as_secs(),
+        rss()
+    );
+
+    let mut delays = Vec::new();
+    for n in 0..CHANGES {
+        let changed = std::time::Instant::now();
+        cluster.apply(&service(n, 81));
+        eventually_within(API_DEADLINE, "the changed port on the hub", || async {
+            port_on(&hub.edges().await, n, 81).then_some(())
+        })
+        .await;
+        delays.push(changed.elapsed().as_secs_f64());
+    }
+    delays.sort_by(f64::total_cmp);
+    let at = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "scale: Service change to the hub holding the new port over {CHANGES} changes: p50 {:.2} s, p99 {:.2} s; operator RSS {:.0} MiB",
+        at(0.5),
+        at(0.99),
+        rss()
+    );
+}
