@@ -781,6 +781,21 @@ fn edge_yaml(namespace: &str, name: &str, spec: &str) -> String {
     )
 }
 
+/// Waits until Edge `(namespace, name)` has condition `kind` with `(status, reason)`.
+async fn wait_condition(
+    cluster: &Cluster,
+    (namespace, name): (&str, &str),
+    kind: &str,
+    (status, reason): (&str, &str),
+    what: &str,
+) {
+    eventually_within(API_DEADLINE, what, || async {
+        let edge = cluster.get(&["edge", "-n", namespace, name])?;
+        (condition(&edge, kind)? == (status.to_owned(), reason.to_owned())).then_some(())
+    })
+    .await;
+}
+
 /// The generation the hub holds for `id`, if it holds it.
 async fn hub_generation(hub: &Hub, id: &str) -> Option<u64> {
     hub.edges()
@@ -848,10 +863,13 @@ async fn in_a_shared_cluster_one_edge_cannot_hurt_another() {
         "second",
         "edgeId: shared, listenPorts: [9001]",
     ));
-    eventually_within(API_DEADLINE, "the younger Edge in conflict", || async {
-        let (status, reason) = condition_of("team-a", "second", "Conflict").await?;
-        (status == "True" && reason == "Conflict").then_some(())
-    })
+    wait_condition(
+        &cluster,
+        ("team-a", "second"),
+        "Conflict",
+        ("True", "Conflict"),
+        "the younger Edge in conflict",
+    )
     .await;
     let (applied, why) = condition_of("team-a", "second", "ConfigApplied")
         .await
@@ -885,10 +903,13 @@ async fn in_a_shared_cluster_one_edge_cannot_hurt_another() {
         "peeker",
         "listenPorts: [9002], targetHosts: {\"9002\": db.team-b.svc}",
     ));
-    eventually_within(API_DEADLINE, "a foreign target refused", || async {
-        let (status, reason) = condition_of("team-a", "peeker", "ConfigApplied").await?;
-        (status == "False" && reason == "Invalid").then_some(())
-    })
+    wait_condition(
+        &cluster,
+        ("team-a", "peeker"),
+        "ConfigApplied",
+        ("False", "Invalid"),
+        "a foreign target refused",
+    )
     .await;
     assert_eq!(hub_generation(&a, "peeker").await, None);
 
@@ -898,10 +919,13 @@ async fn in_a_shared_cluster_one_edge_cannot_hurt_another() {
          stringData: {token: not-yours}\n",
     );
     cluster.apply(&edge_yaml("team-a", "github", "listenPorts: [9003]"));
-    eventually_within(API_DEADLINE, "the token Secret conflict", || async {
-        let (status, reason) = condition_of("team-a", "github", "Conflict").await?;
-        (status == "True" && reason == "Conflict").then_some(())
-    })
+    wait_condition(
+        &cluster,
+        ("team-a", "github"),
+        "Conflict",
+        ("True", "Conflict"),
+        "the token Secret conflict",
+    )
     .await;
     let foreign = cluster
         .get(&["secret", "-n", "team-a", "github-token"])
