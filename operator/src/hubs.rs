@@ -114,10 +114,13 @@ pub async fn connect(
         .timeout(Duration::from_secs(15))
         .connect()
         .await?;
-    Ok(HubAdminClient::with_interceptor(
-        channel,
-        access.token.clone(),
-    ))
+    // The hub's answers (ListEdges, GetStatus) and our pushes grow with the edge set: allow
+    // what the hub's API allows for the largest set we support, not tonic's 4 MiB.
+    Ok(
+        HubAdminClient::with_interceptor(channel, access.token.clone())
+            .max_decoding_message_size(remoteingress_controlplane::MAX_MESSAGE_LEN)
+            .max_encoding_message_size(remoteingress_controlplane::MAX_MESSAGE_LEN),
+    )
 }
 
 /// Everything a hub task needs.
