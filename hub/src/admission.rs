@@ -366,17 +366,20 @@ mod tests {
     async fn a_listener_waits_for_room_until_a_handshake_ends() {
         let admissions = Admissions::new(limits(1, 1));
         let held = admissions.admit(A, true, Instant::now()).unwrap();
-        let waiting = Duration::from_millis(50);
-        assert!(
-            tokio::time::timeout(waiting, admissions.room())
-                .await
-                .is_err(),
-            "no room while the handshake goes on"
-        );
-        let room = admissions.room();
-        tokio::pin!(room);
-        let ended = async move { drop(held) };
-        tokio::join!(room, ended);
+        let waiting = admissions.clone();
+        let listener = tokio::spawn(async move { waiting.room().await });
+        // The listener has looked and gone to sleep: only the end of the handshake wakes it.
+        let asleep = tokio::time::timeout(Duration::from_millis(50), async {
+            while !listener.is_finished() {
+                tokio::task::yield_now().await;
+            }
+        });
+        assert!(asleep.await.is_err(), "no room while the handshake goes on");
+        drop(held);
+        tokio::time::timeout(Duration::from_secs(10), listener)
+            .await
+            .expect("the end of the handshake wakes the listener")
+            .unwrap();
     }
 
     #[test]

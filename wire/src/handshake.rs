@@ -163,17 +163,19 @@ pub struct HubReply {
 
 /// The hub's reply to a refused handshake.
 pub fn error_reply(reason: &str) -> String {
-    let mut line = serde_json::json!({ "error": reason }).to_string();
-    line.push('\n');
-    line
+    reply_line(&serde_json::json!({ "error": reason }))
 }
 
 /// The hub's reply to a handshake it refuses for now: the edge should come back after
 /// `retry_after`.
 pub fn retry_reply(reason: &str, retry_after: Duration) -> String {
     let retry_after_ms = u64::try_from(retry_after.as_millis()).unwrap_or(u64::MAX);
-    let mut line =
-        serde_json::json!({ "error": reason, "retryAfterMs": retry_after_ms }).to_string();
+    reply_line(&serde_json::json!({ "error": reason, "retryAfterMs": retry_after_ms }))
+}
+
+/// `reply` as one line of JSON.
+fn reply_line(reply: &serde_json::Value) -> String {
+    let mut line = reply.to_string();
     line.push('\n');
     line
 }
