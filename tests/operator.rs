@@ -1028,7 +1028,7 @@ async fn of_two_operator_replicas_one_leads_and_the_other_takes_over() {
         (holder()? == "operator-1").then_some(())
     })
     .await;
-    let (_second, second_metrics) = elected("operator-2");
+    let (mut second, second_metrics) = elected("operator-2");
     cluster.apply(&edge_yaml("default", "e1", "listenPorts: [8001]"));
     eventually_within(API_DEADLINE, "the leader to serve e1", || async {
         hub_generation(&hub, "e1").await.map(|_| ())
@@ -1077,6 +1077,29 @@ async fn of_two_operator_replicas_one_leads_and_the_other_takes_over() {
     cluster.apply(&edge_yaml("default", "e2", "listenPorts: [8002]"));
     eventually_within(API_DEADLINE, "the new leader to serve e2", || async {
         hub_generation(&hub, "e2").await.map(|_| ())
+    })
+    .await;
+
+    // A leader stopped cleanly gives the lease up as it exits, for a stand-by to take at once.
+    let (_third, _) = elected("operator-3");
+    let pid = second.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    eventually_within(API_DEADLINE, "operator-2 to exit", || {
+        let exited = second.0.try_wait().unwrap().map(|_| ());
+        async move { exited }
+    })
+    .await;
+    assert_ne!(
+        holder().as_deref(),
+        Some("operator-2"),
+        "released on the way out"
+    );
+    eventually_within(API_DEADLINE, "operator-3 to lead", || async {
+        (holder()? == "operator-3").then_some(())
     })
     .await;
 }

@@ -183,6 +183,9 @@ pub async fn run(
     }
     operator.options.metrics.leading(false);
     if shutdown.is_cancelled() {
+        if let Some(election) = &operator.options.leader_election {
+            election.release(&operator.client).await;
+        }
         Ok(())
     } else {
         Err(OperatorError::LostLeadership)
