@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -1104,14 +1105,28 @@ async fn of_two_operator_replicas_one_leads_and_the_other_takes_over() {
     .await;
 }
 
-/// Requests the API server has served so far (`apiserver_request_total`, all verbs).
-fn api_requests(cluster: &Cluster) -> f64 {
+/// Requests the API server has served so far (`apiserver_request_total`), by verb and resource.
+fn api_requests(cluster: &Cluster) -> BTreeMap<String, f64> {
     let metrics = cluster.kubectl(&["get", "--raw", "/metrics"], None);
-    metrics
-        .lines()
-        .filter(|line| line.starts_with("apiserver_request_total{"))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    let mut counts = BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(labels) = line.strip_prefix("apiserver_request_total{") else {
+            continue;
+        };
+        let Some(count) = line.rsplit(' ').next().and_then(|c| c.parse::<f64>().ok()) else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .split(',')
+                .find_map(|l| l.strip_prefix(&format!("{name}=\"")))
+                .map_or("", |v| v.trim_end_matches(['"', '}']))
+                .to_owned()
+        };
+        let kind = format!("{} {}/{}", label("verb"), label("resource"), label("subresource"));
+        *counts.entry(kind).or_default() += count;
+    }
+    counts
 }
 
 /// The scale run of docs/kubernetes.md, by hand (`cargo test --test operator -- --ignored`):
@@ -1135,7 +1150,16 @@ async fn scale_1000_edges_and_500_services() {
     let requests_at_rest = || async {
         let before = api_requests(&cluster);
         tokio::time::sleep(window).await;
-        api_requests(&cluster) - before
+        let after = api_requests(&cluster);
+        let by_kind: Vec<String> = after
+            .iter()
+            .filter_map(|(kind, n)| {
+                let delta = n - before.get(kind).unwrap_or(&0.0);
+                (delta > 0.0).then(|| format!("{kind}: {delta:.0}"))
+            })
+            .collect();
+        println!("scale: requests at rest by kind: {}", by_kind.join("; "));
+        after.values().sum::<f64>() - before.values().sum::<f64>()
     };
     let empty = requests_at_rest().await;
     println!(
@@ -1195,6 +1219,31 @@ async fn scale_1000_edges_and_500_services() {
             .unwrap_or(0.0)
             / 1024.0
     };
+    // At rest: once a quarter minute passes without the operator writing anything (the API
+    // server's own endpoint and lease writes aside).
+    let settling = std::time::Instant::now();
+    loop {
+        let before = api_requests(&cluster);
+        tokio::time::sleep(std::time::Duration::from_secs(15)).await;
+        let after = api_requests(&cluster);
+        let writes: f64 = after
+            .iter()
+            .filter(|(kind, _)| !kind.starts_with("GET") && !kind.starts_with("WATCH"))
+            .filter(|(kind, _)| !kind.contains("endpoints/") && !kind.contains("leases/"))
+            .map(|(kind, n)| n - before.get(kind).unwrap_or(&0.0))
+            .sum();
+        if writes == 0.0 {
+            break;
+        }
+        assert!(
+            settling.elapsed() < std::time::Duration::from_secs(600),
+            "the operator still writes after 10 minutes"
+        );
+    }
+    println!(
+        "scale: settled {:.1} s after all were on the hub",
+        settling.elapsed().as_secs_f64()
+    );
     let at_rest = requests_at_rest().await;
     println!(
         "scale: {at_rest:.0} API requests in {} s at rest; operator RSS {:.0} MiB",

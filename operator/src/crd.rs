@@ -60,6 +60,7 @@ pub struct SecretKeyRef {
 pub struct EdgeStatus {
     /// `Connected`, `ConfigApplied` and `Conflict`.
     #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// The edge id the hubs know it by.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,6 +7,7 @@ pub mod crd;
 mod hubs;
 pub mod leader;
 pub mod metrics;
+mod plan;
 mod secrets;
 mod status;
 
@@ -22,15 +23,15 @@ use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
-use kube::{Api, Client, Resource, ResourceExt};
-use remoteingress_controlplane::{edge_to_proto, pb};
+use kube::{Api, Client, Resource};
 use thiserror::Error;
 use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 
-use compose::{compose, key_of, Composition, ObjectKey, Refused};
+use compose::ObjectKey;
 pub use compose::{TargetPolicy, LOAD_BALANCER_CLASS};
-use crd::{Edge, EdgeStatus};
+use crd::Edge;
+use plan::{IngressWrite, Memory, Plan, PlannedStatus, Seen, TokenWrite, Warning, Write};
 pub use hubs::HubTransport;
 use hubs::{BearerToken, DesiredEdges, HubAccess, HubSync, Reports};
 
@@ -161,12 +162,7 @@ pub async fn run(
         desired,
         sync,
         hubs: HashMap::new(),
-        tokens: HashMap::new(),
-        token_conflicts: HashMap::new(),
-        told: HashSet::new(),
-        pushed: HashMap::new(),
-        exposed: HashSet::new(),
-        owners: HashSet::new(),
+        memory: Memory::default(),
     };
     loop {
         operator.reconcile().await;
@@ -192,17 +188,18 @@ pub async fn run(
     }
 }
 
-/// Merge-patches an object's status subresource with `status`.
-async fn patch_status<K>(
-    api: &Api<K>,
-    name: &str,
-    status: serde_json::Value,
-) -> Result<(), kube::Error>
+/// Writes an object's status by server-side apply, as the operator's field manager: fields it
+/// wrote before and leaves out now are removed.
+async fn apply_status<K>(api: &Api<K>, name: &str, status: serde_json::Value) -> Result<(), kube::Error>
 where
-    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let patch = serde_json::json!({ "status": status });
-    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+    let patch = serde_json::json!({
+        "apiVersion": K::api_version(&()),
+        "kind": K::kind(&()),
+        "status": status,
+    });
+    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
         .await
         .map(drop)
 }
@@ -277,27 +274,19 @@ struct Operator {
     sync: HubSync,
     /// A task per hub admin address.
     hubs: HashMap<SocketAddr, CancellationToken>,
-    /// The secret digest each Edge's token Secret was last written for.
-    tokens: HashMap<ObjectKey, String>,
-    /// Edges whose token Secret's name is taken by a Secret that is not theirs.
-    token_conflicts: HashMap<ObjectKey, Refused>,
-    /// Events already published (object uid and message), so each is told once.
-    told: HashSet<(String, String)>,
-    /// The configuration last pushed for each Edge.
-    pushed: HashMap<ObjectKey, pb::Edge>,
-    /// The Services that had ports on an edge after the last pass.
-    exposed: HashSet<ObjectKey>,
-    /// The Edges that owned their edge id after the last pass.
-    owners: HashSet<ObjectKey>,
+    /// What earlier passes did.
+    memory: Memory,
 }
 
+/// How many writes of one kind a pass has in flight at once.
+const CONCURRENT_WRITES: usize = 16;
+
 impl Operator {
-    /// One pass: desired set, hubs, statuses, tokens, Services.
+    /// One pass: reads the Secrets, plans (`plan::plan`) and executes the plan: statuses that
+    /// record new generations, the push, tokens, the other statuses, Services and Events.
     /// A pass that cannot read the Secrets pushes nothing (the hubs keep what they have) and is
-    /// retried at the next wake-up or resync; an Edge whose generation cannot be recorded keeps
-    /// its last pushed configuration while the others go on (an Edge that has none yet holds
-    /// the push back). Hub tasks start only after the
-    /// first complete push, so a hub never gets a set that is not the whole truth.
+    /// retried at the next wake-up or resync. Hub tasks start only after the first complete
+    /// push, so a hub never gets a set that is not the whole truth.
     async fn reconcile(&mut self) {
         let _timer = self.options.metrics.pass();
         let edges = self.edge_store.state();
@@ -310,68 +299,50 @@ impl Operator {
                 return;
             }
         };
-        let composition = compose(
-            &edges.iter().map(|e| e.as_ref()).collect::<Vec<_>>(),
-            &services.iter().map(|s| s.as_ref()).collect::<Vec<_>>(),
-            &self.exposed,
-            &self.owners,
-            self.options.targets,
-            |edge| {
-                secrets
-                    .get(&key_of(edge))
-                    .cloned()
-                    .unwrap_or_else(|| Err(Refused::Invalid("no secret".into())))
-            },
-        );
-        self.exposed = composition
-            .exposures
-            .iter()
-            .filter(|e| e.placements.iter().any(|p| p.refused.is_none()))
-            .map(|e| e.service.clone())
-            .collect();
-        self.owners = composition
-            .edges
-            .iter()
-            .filter(|c| !matches!(c.edge, Err(Refused::Conflict(_))))
-            .map(|c| c.key.clone())
-            .collect();
-        let objects: HashMap<ObjectKey, &Edge> = edges
-            .iter()
-            .map(|e| (key_of(e.as_ref()), e.as_ref()))
-            .collect();
-        let reports: Vec<hubs::HubReport> = self
+        let hubs = self
             .sync
             .reports
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .cloned()
-            .collect();
-        self.options.metrics.hubs(&reports);
-        let generations = self.generations(&objects, &composition, &reports).await;
-        // An Edge with neither a generation now nor a configuration pushed before would be
-        // missing from the set, and the hubs would drop its edge: push nothing this pass.
-        let incomplete = composition.edges.iter().any(|c| {
-            c.edge.is_ok() && !generations.contains_key(&c.key) && !self.pushed.contains_key(&c.key)
-        });
-        if incomplete {
+            .clone();
+        self.options.metrics.hubs(hubs.values());
+        let now = k8s_openapi::chrono::Utc::now();
+        let plan = plan::plan(
+            &Seen {
+                edges: &edges,
+                services: &services,
+                secrets: &secrets,
+                hubs: &hubs,
+                targets: self.options.targets,
+                now_ms: u64::try_from(now.timestamp_millis()).unwrap_or(0),
+                now: &now.to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Secs, true),
+            },
+            &self.memory,
+        );
+        self.memory.follow(&plan);
+        let unrecorded = self.write_statuses(&plan, Write::First).await;
+        let Some(push) = plan.push(&unrecorded, &self.memory.pushed) else {
             return;
-        }
-        self.push(&composition, &generations);
+        };
+        self.memory.pushed = push.pushed;
+        let edges = push.edges;
+        self.desired.send_if_modified(|current| {
+            let changed = current.as_slice() != edges.as_slice();
+            if changed {
+                *current = Arc::new(edges);
+            }
+            changed
+        });
         self.follow_hubs();
-        let uids: HashSet<String> = edges
-            .iter()
-            .filter_map(|e| e.uid())
-            .chain(services.iter().filter_map(|s| s.uid()))
-            .collect();
-        self.told.retain(|(uid, _)| uids.contains(uid));
-        self.write_tokens(&objects, &composition, &secrets).await;
-        let statuses = self
-            .write_edge_statuses(&objects, &composition, &generations, &reports)
-            .await;
-        self.options.metrics.edges(statuses.values());
-        self.write_service_statuses(&services, &composition, &statuses)
-            .await;
+        self.write_statuses(&plan, Write::Then).await;
+        self.write_tokens(plan.tokens).await;
+        self.options
+            .metrics
+            .edges(plan.statuses.iter().map(|s| &s.status));
+        self.write_ingresses(&plan.ingresses).await;
+        for warning in plan.events {
+            self.tell(warning).await;
+        }
     }
 
     /// Starts a task for each ready hub endpoint and stops those of vanished ones.
@@ -421,280 +392,88 @@ impl Operator {
         }
     }
 
-    /// Each Edge's config generation: its status's, raised (and recorded first) when the
-    /// composed configuration changed; an Edge whose new generation cannot be recorded now is
-    /// left out of this pass (it keeps its last pushed configuration), the others go on. A raised generation is above the status's, above any
-    /// the hubs report for the edge id and at least the time in milliseconds, so it never goes
-    /// backwards for an edge id: not when its Edge is recreated, nor when its status is lost.
-    async fn generations(
-        &self,
-        objects: &HashMap<ObjectKey, &Edge>,
-        composition: &Composition,
-        reports: &[hubs::HubReport],
-    ) -> HashMap<ObjectKey, u64> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |since| {
-                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-            });
-        let mut generations = HashMap::new();
-        for composed in &composition.edges {
-            let Some(edge) = objects.get(&composed.key) else {
-                continue;
-            };
-            let status = edge.status.clone().unwrap_or_default();
-            let mut generation = status.config_generation;
-            if status.config_digest.as_deref() != Some(composed.digest.as_str()) || generation == 0
-            {
-                let id = compose::edge_id(edge);
-                let reported = reports
-                    .iter()
-                    .flat_map(|r| &r.edges)
-                    .filter(|e| e.id == id)
-                    .map(|e| e.generation)
-                    .max()
-                    .unwrap_or(0);
-                let next = (generation.max(reported) + 1).max(now_ms);
-                let status =
-                    serde_json::json!({"configGeneration": next, "configDigest": composed.digest});
-                match patch_status(&self.edge_api(&composed.key), &composed.key.1, status).await {
-                    Ok(_) => generation = next,
-                    Err(error) => {
-                        // This Edge alone waits for the next pass, keeping what it has.
-                        self.options.metrics.failed("generation");
-                        tracing::warn!(edge = %composed.key.1, %error, "recording the config generation; retrying");
-                        continue;
-                    }
-                }
-            }
-            generations.insert(composed.key.clone(), generation);
+    /// Writes the planned statuses due at `when`, a few at a time; returns the Edges whose
+    /// status could not be written.
+    async fn write_statuses(&self, plan: &Plan, when: Write) -> HashSet<ObjectKey> {
+        let mut writes = Vec::new();
+        for planned in plan.statuses.iter().filter(|s| s.write == when) {
+            writes.push(self.write_status(planned));
         }
-        generations
+        let results: Vec<_> = futures::stream::iter(writes)
+            .buffer_unordered(CONCURRENT_WRITES)
+            .collect()
+            .await;
+        let mut failed = HashSet::new();
+        for (key, error) in results.into_iter().filter_map(Result::err) {
+            self.options.metrics.failed("status");
+            tracing::warn!(edge = %key.1, %error, "writing the status; retrying next pass");
+            failed.insert(key);
+        }
+        failed
     }
 
-    /// Publishes the desired edge set (valid edges with a recorded generation).
-    /// An Edge that cannot be composed now (its Secret deleted, an update the hub would
-    /// refuse) keeps its last pushed configuration, so its edge stays up.
-    /// An Edge in conflict has nothing pushed at all, and no edge id is ever pushed twice: an
-    /// Edge's kept configuration gives way to the Edge that owns its id now.
-    fn push(&mut self, composition: &Composition, generations: &HashMap<ObjectKey, u64>) {
-        self.pushed.retain(|key, _| {
-            composition
-                .edges
-                .iter()
-                .any(|c| &c.key == key && !matches!(c.edge, Err(Refused::Conflict(_))))
-        });
-        let mut by_id: std::collections::BTreeMap<String, pb::Edge> = Default::default();
-        let mut fresh_keys = HashSet::new();
-        for composed in &composition.edges {
-            let fresh = composed
-                .edge
-                .clone()
-                .ok()
-                .zip(generations.get(&composed.key));
-            if let Some((edge, generation)) = fresh {
-                let mut edge = edge_to_proto(edge);
-                edge.generation = Some(*generation);
-                self.pushed.insert(composed.key.clone(), edge.clone());
-                fresh_keys.insert(composed.key.clone());
-                by_id.insert(edge.id.clone(), edge);
-            }
-        }
-        for (key, kept) in &self.pushed {
-            if !fresh_keys.contains(key) {
-                by_id.entry(kept.id.clone()).or_insert_with(|| kept.clone());
-            }
-        }
-        let edges: Vec<pb::Edge> = by_id.into_values().collect();
-        self.desired.send_if_modified(|current| {
-            let changed = current.as_slice() != edges.as_slice();
-            if changed {
-                *current = Arc::new(edges);
-            }
-            changed
-        });
-    }
-
-    async fn write_edge_statuses(
-        &mut self,
-        objects: &HashMap<ObjectKey, &Edge>,
-        composition: &Composition,
-        generations: &HashMap<ObjectKey, u64>,
-        reports: &[hubs::HubReport],
-    ) -> HashMap<ObjectKey, EdgeStatus> {
-        let now = k8s_openapi::chrono::Utc::now()
-            .to_rfc3339_opts(k8s_openapi::chrono::SecondsFormat::Secs, true);
-        let mut statuses = HashMap::new();
-        for composed in &composition.edges {
-            let (Some(edge), Some(generation)) =
-                (objects.get(&composed.key), generations.get(&composed.key))
-            else {
-                continue;
-            };
-            let previous = edge.status.clone().unwrap_or_default();
-            let token_conflict = self.token_conflicts.get(&composed.key).cloned();
-            let observed = status::Observed {
-                generation: *generation,
-                object_generation: edge.metadata.generation,
-                previous: &previous,
-                reports,
-                token_conflict: token_conflict.as_ref(),
-                now: &now,
-            };
-            let mut status = status::edge_status(composed, &observed);
-            if composed.edge.is_ok() && token_conflict.is_none() {
-                status.token_secret = Some(secrets::token_secret_name(&composed.key.1));
-            }
-            if status != previous {
-                let written = patch_status(
-                    &self.edge_api(&composed.key),
-                    &composed.key.1,
-                    serde_json::json!(status),
-                )
-                .await;
-                if let Err(error) = written {
-                    self.options.metrics.failed("status");
-                    tracing::warn!(edge = %composed.key.1, %error, "writing status");
-                }
-            }
-            let conflicts = [composed.edge.as_ref().err(), token_conflict.as_ref()];
-            for conflict in conflicts.into_iter().flatten() {
-                if let Refused::Conflict(why) = conflict {
-                    self.tell(*edge, "Conflict", "Compose", why.clone()).await;
-                }
-            }
-            statuses.insert(composed.key.clone(), status);
-        }
-        statuses
-    }
-
-    /// Writes each pushed edge's connection token into its Secret, made by a hub that has it.
-    async fn write_tokens(
-        &mut self,
-        objects: &HashMap<ObjectKey, &Edge>,
-        composition: &Composition,
-        secrets: &HashMap<ObjectKey, Result<String, Refused>>,
-    ) {
-        let Some((addr, known)) = self.ready_hub() else {
-            return;
-        };
-        for composed in &composition.edges {
-            let (Ok(edge), Some(Ok(secret))) = (&composed.edge, secrets.get(&composed.key)) else {
-                continue;
-            };
-            let Some(object) = objects.get(&composed.key) else {
-                continue;
-            };
-            let digest = secrets::digest(secret);
-            if !known.contains(&edge.id) || self.tokens.get(&composed.key) == Some(&digest) {
-                continue;
-            }
-            match secrets::write_token(
-                &self.client,
-                addr,
-                &self.sync.access,
-                object,
-                &edge.id,
-                secret,
-            )
+    async fn write_status(&self, planned: &PlannedStatus) -> Result<(), (ObjectKey, kube::Error)> {
+        let api = self.edge_api(&planned.key);
+        apply_status(&api, &planned.key.1, serde_json::json!(planned.status))
             .await
-            {
+            .map_err(|error| (planned.key.clone(), error))
+    }
+
+    /// Writes each planned connection token into its Edge's Secret, a few at a time.
+    async fn write_tokens(&mut self, tokens: Vec<TokenWrite>) {
+        let (client, store, access) = (&self.client, &self.secret_store, &self.sync.access);
+        let mut writes = Vec::new();
+        for token in tokens {
+            writes.push(async move {
+                let written = secrets::write_token(client, store, access, &token).await;
+                (token, written)
+            });
+        }
+        let results: Vec<_> = futures::stream::iter(writes)
+            .buffer_unordered(CONCURRENT_WRITES)
+            .collect()
+            .await;
+        for (token, written) in results {
+            match written {
                 Ok(()) => {
-                    self.tokens.insert(composed.key.clone(), digest);
-                    self.token_conflicts.remove(&composed.key);
+                    self.memory.tokens.insert(token.key(), token.digest());
+                    self.memory.token_conflicts.remove(&token.key());
                 }
                 Err(secrets::TokenError::Foreign(conflict)) => {
-                    self.token_conflicts.insert(composed.key.clone(), conflict);
+                    self.memory.token_conflicts.insert(token.key(), conflict);
                 }
                 Err(secrets::TokenError::Failed(error)) => {
                     self.options.metrics.failed("token");
-                    tracing::warn!(edge = %edge.id, %error, "writing the connection token")
+                    tracing::warn!(edge = %token.edge_id, %error, "writing the connection token");
                 }
             }
         }
-        let current = |key: &ObjectKey| composition.edges.iter().any(|c| &c.key == key);
-        self.tokens.retain(|key, _| current(key));
-        self.token_conflicts.retain(|key, _| current(key));
     }
 
-    /// A hub that answered its last call, with the edge ids it holds.
-    fn ready_hub(&self) -> Option<(SocketAddr, HashSet<String>)> {
-        let reports = self.sync.reports.lock().unwrap_or_else(|p| p.into_inner());
-        reports
-            .iter()
-            .find(|(_, r)| r.unreachable.is_none() && r.refused.is_none())
-            .map(|(addr, r)| (*addr, r.edges.iter().map(|e| e.id.clone()).collect()))
-    }
-
-    /// Sets each exposed Service's ingress to its edges' public IPs and tells it of refusals.
-    async fn write_service_statuses(
-        &mut self,
-        services: &[Arc<Service>],
-        composition: &Composition,
-        statuses: &HashMap<ObjectKey, EdgeStatus>,
-    ) {
-        for exposure in &composition.exposures {
-            let Some(service) = services
-                .iter()
-                .find(|s| key_of(s.as_ref()) == exposure.service)
-            else {
-                continue;
-            };
-            let ingress = status::service_ingress(exposure, |edge| {
-                statuses.get(edge).and_then(|s| s.public_ip.clone())
-            });
-            let current = service
-                .status
-                .as_ref()
-                .and_then(|s| s.load_balancer.as_ref())
-                .and_then(|lb| lb.ingress.clone())
-                .unwrap_or_default();
-            let ips = |ingress: &[k8s_openapi::api::core::v1::LoadBalancerIngress]| {
-                ingress.iter().map(|i| i.ip.clone()).collect::<Vec<_>>()
-            };
-            if ips(&current) != ips(&ingress) {
-                let api: Api<Service> = Api::namespaced(self.client.clone(), &exposure.service.0);
-                let status = serde_json::json!({"loadBalancer": {"ingress": ingress}});
-                if let Err(error) = patch_status(&api, &exposure.service.1, status).await {
-                    tracing::warn!(service = %exposure.service.1, %error, "writing the load balancer status");
-                }
-            }
-            let problems = exposure
-                .problem
-                .iter()
-                .map(|problem| ("NotExposed", problem.clone()))
-                .chain(exposure.placements.iter().filter_map(|p| {
-                    let why = p.refused.as_ref()?;
-                    Some((
-                        "PortClash",
-                        format!("not exposed on Edge {}: {why}", p.edge.1),
-                    ))
-                }));
-            for (reason, message) in problems.collect::<Vec<_>>() {
-                self.tell(service.as_ref(), reason, "Expose", message).await;
+    /// Sets exposed Services' ingress to their edges' public IPs.
+    async fn write_ingresses(&self, ingresses: &[IngressWrite]) {
+        for write in ingresses {
+            let api: Api<Service> = Api::namespaced(self.client.clone(), &write.service.0);
+            let status = serde_json::json!({"loadBalancer": {"ingress": write.ingress}});
+            if let Err(error) = apply_status(&api, &write.service.1, status).await {
+                self.options.metrics.failed("service");
+                tracing::warn!(service = %write.service.1, %error, "writing the load balancer status");
             }
         }
     }
 
-    /// Publishes a warning Event on `object`, once per message.
-    async fn tell<K>(&mut self, object: &K, reason: &str, action: &str, message: String)
-    where
-        K: Resource<DynamicType = ()>,
-    {
-        let uid = object.meta().uid.clone().unwrap_or_default();
-        if !self.told.insert((uid, message.clone())) {
-            return;
-        }
-        let name = object.meta().name.clone().unwrap_or_default();
-        tracing::warn!(object = %name, reason, %message, "warning event");
+    /// Publishes a warning Event (each is told once).
+    async fn tell(&mut self, warning: Warning) {
+        self.memory.told.insert(warning.told());
+        tracing::warn!(object = ?warning.object.name, reason = warning.reason, message = %warning.message, "warning event");
         let event = Event {
             type_: EventType::Warning,
-            reason: reason.into(),
-            note: Some(message),
-            action: action.into(),
+            reason: warning.reason.into(),
+            note: Some(warning.message),
+            action: warning.action.into(),
             secondary: None,
         };
-        if let Err(error) = self.recorder.publish(&event, &object.object_ref(&())).await {
+        if let Err(error) = self.recorder.publish(&event, &warning.object).await {
             tracing::warn!(%error, "publishing an event");
         }
     }

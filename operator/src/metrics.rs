@@ -91,8 +91,8 @@ impl OperatorMetrics {
     }
 
     /// The hubs' states from their reports.
-    pub(crate) fn hubs(&self, reports: &[HubReport]) {
-        let count = |state: fn(&HubReport) -> bool| reports.iter().filter(|r| state(r)).count();
+    pub(crate) fn hubs<'a>(&self, reports: impl Iterator<Item = &'a HubReport> + Clone) {
+        let count = |state: fn(&HubReport) -> bool| reports.clone().filter(|r| state(r)).count();
         for (state, n) in [
             ("reachable", count(|r| r.unreachable.is_none())),
             ("unreachable", count(|r| r.unreachable.is_some())),

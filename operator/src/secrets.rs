@@ -2,7 +2,6 @@
 //! token the operator writes for whoever runs the edge.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Secret;
@@ -17,6 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::compose::{ObjectKey, Refused};
 use crate::crd::Edge;
 use crate::hubs::{connect, HubAccess};
+use crate::plan::TokenWrite;
 
 /// The key of a shared secret when a reference names none, and of generated secrets.
 const SECRET_KEY: &str = "secret";
@@ -113,26 +113,35 @@ fn foreign(name: &str) -> Refused {
 }
 
 /// The Edge's generated secret, not among the watched Secrets: created with a random value,
-/// or — made by an earlier version without the label — labelled now if it is the Edge's. A
-/// Secret of that name that is not the Edge's is never read.
+/// or, if a Secret of that name exists (made by an earlier version without the label, or not
+/// yet seen by the watch), labelled and read if it is the Edge's. A Secret of that name that
+/// is not the Edge's is never read.
 async fn generated(api: &Api<Secret>, edge: &Edge) -> Result<Result<String, Refused>, kube::Error> {
     let name = secret_name(&edge.name_any());
-    if let Some(secret) = api.get_opt(&name).await? {
-        if !owned_by(&secret, edge) {
-            return Ok(Err(foreign(&name)));
-        }
-        let label = serde_json::json!({"metadata": {"labels": {SECRET_LABEL: "true"}}});
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&label))
-            .await?;
-        return Ok(text(&secret, &name, SECRET_KEY).map_err(Refused::Invalid));
-    }
     let mut bytes = [0u8; 32];
     rand::rng().fill_bytes(&mut bytes);
     let secret = hex::encode(bytes);
     let object = owned_secret(edge, &name, SECRET_KEY, &secret);
-    api.create(&PostParams::default(), &object).await?;
-    tracing::info!(edge = %edge.name_any(), secret = %name, "generated the edge's secret");
-    Ok(Ok(secret))
+    match api.create(&PostParams::default(), &object).await {
+        Ok(_) => {
+            tracing::info!(edge = %edge.name_any(), secret = %name, "generated the edge's secret");
+            return Ok(Ok(secret));
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {}
+        Err(error) => return Err(error),
+    }
+    let Some(existing) = api.get_opt(&name).await? else {
+        return Ok(Err(Refused::Invalid(format!(
+            "Secret {name} was deleted while being created; retrying"
+        ))));
+    };
+    if !owned_by(&existing, edge) {
+        return Ok(Err(foreign(&name)));
+    }
+    let label = serde_json::json!({"metadata": {"labels": {SECRET_LABEL: "true"}}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&label))
+        .await?;
+    Ok(text(&existing, &name, SECRET_KEY).map_err(Refused::Invalid))
 }
 
 /// A Secret owned by the Edge (deleted with it), holding `value` under `key`.
@@ -168,56 +177,70 @@ pub enum TokenError {
     Failed(String),
 }
 
-/// Asks the hub at `addr` for the edge's connection token and writes it to the token Secret,
+/// Asks the token's hub for the edge's connection token and writes it to the token Secret,
 /// creating it, or updating it if it is the Edge's own; a foreign Secret is never touched.
+/// The watched Secrets tell which exist: the Edge's own carry the label.
 pub async fn write_token(
     client: &Client,
-    addr: SocketAddr,
+    watched: &Store<Secret>,
     access: &HubAccess,
-    edge: &Edge,
-    edge_id: &str,
-    secret: &str,
+    token: &TokenWrite,
 ) -> Result<(), TokenError> {
+    let edge = token.edge.as_ref();
     let namespace = edge.namespace().unwrap_or_default();
     let name = token_secret_name(&edge.name_any());
     let api: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let failed = |what: String| TokenError::Failed(what);
-    let existing = api
-        .get_opt(&name)
-        .await
-        .map_err(|e| failed(format!("reading Secret {name}: {e}")))?;
+    let existing = watched.get(&ObjectRef::new(&name).within(&namespace));
     if existing
         .as_ref()
         .is_some_and(|secret| !owned_by(secret, edge))
     {
         return Err(TokenError::Foreign(foreign(&name)));
     }
-    let mut admin = connect(addr, access)
+    let hub = token.hub;
+    let mut admin = connect(hub, access)
         .await
-        .map_err(|e| failed(format!("connecting to hub {addr}: {e}")))?;
+        .map_err(|e| failed(format!("connecting to hub {hub}: {e}")))?;
     let connection_token = admin
         .create_connection_token(pb::CreateConnectionTokenRequest {
-            edge_id: edge_id.to_owned(),
-            secret: secret.to_owned(),
+            edge_id: token.edge_id.clone(),
+            secret: token.secret.clone(),
         })
         .await
-        .map_err(|e| failed(format!("hub {addr}: {}", e.message())))?
+        .map_err(|e| failed(format!("hub {hub}: {}", e.message())))?
         .into_inner()
         .token;
     let object = owned_secret(edge, &name, TOKEN_KEY, &connection_token);
     let written = match existing {
-        // Created only if still absent: a Secret made meanwhile by someone else is kept.
-        None => api.create(&PostParams::default(), &object).await.map(drop),
-        Some(_) => api
-            .patch(
-                &name,
-                &PatchParams::apply(crate::MANAGER).force(),
-                &Patch::Apply(&object),
-            )
-            .await
-            .map(drop),
+        // Created only if absent: a Secret of that name not among the watched ones (no
+        // label: someone else's, or ours not yet seen) is looked at, never overwritten.
+        None => match api.create(&PostParams::default(), &object).await {
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                match api.get_opt(&name).await {
+                    Ok(Some(secret)) if !owned_by(&secret, edge) => {
+                        return Err(TokenError::Foreign(foreign(&name)))
+                    }
+                    Ok(_) => apply(&api, &name, &object).await,
+                    Err(error) => Err(error),
+                }
+            }
+            other => other.map(drop),
+        },
+        Some(_) => apply(&api, &name, &object).await,
     };
     written.map_err(|e| failed(format!("writing Secret {name}: {e}")))?;
-    tracing::info!(edge = %edge_id, secret = %name, "wrote the connection token");
+    tracing::info!(edge = %token.edge_id, secret = %name, "wrote the connection token");
     Ok(())
+}
+
+/// Writes one of the Edge's own Secrets by server-side apply.
+async fn apply(api: &Api<Secret>, name: &str, object: &Secret) -> Result<(), kube::Error> {
+    api.patch(
+        name,
+        &PatchParams::apply(crate::MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map(drop)
 }
