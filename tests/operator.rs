@@ -1166,6 +1166,7 @@ async fn scale_1000_edges_and_500_services() {
         "scale: {empty:.0} API requests in {} s at rest with no Edge",
         window.as_secs()
     );
+    let started = std::time::Instant::now();
     for batch in (0..EDGES).collect::<Vec<_>>().chunks(100) {
         let docs: Vec<String> = batch
             .iter()
@@ -1190,7 +1191,7 @@ async fn scale_1000_edges_and_500_services() {
         let docs: Vec<String> = batch.iter().map(|n| service(*n, 80)).collect();
         cluster.apply(&docs.join("---\n"));
     }
-    let started = std::time::Instant::now();
+    let applied = started.elapsed();
     let port_on = |edges: &[remoteingress_controlplane::pb::EdgeInfo], n: usize, port: u32| {
         edges
             .iter()
@@ -1206,8 +1207,10 @@ async fn scale_1000_edges_and_500_services() {
     )
     .await;
     println!(
-        "scale: {EDGES} Edges and {SERVICES} Services on the hub after {:.1} s",
-        started.elapsed().as_secs_f64()
+        "scale: {EDGES} Edges and {SERVICES} Services on the hub {:.1} s after the first \
+         `kubectl apply` (the applies took {:.1} s)",
+        started.elapsed().as_secs_f64(),
+        applied.as_secs_f64()
     );
 
     let rss = || {

@@ -263,3 +263,93 @@ impl HubSync {
         self.changed.notify_one();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+    use remoteingress_controlplane::{serve_hub_admin, AdminOptions, ApiLimits};
+    use remoteingress_hub::{Hub, HubOptions};
+    use remoteingress_tunnel::HubIdentity;
+
+    const TOKEN: &str = "admin-token";
+    /// The largest set we support (docs/security.md): 10,000 edges.
+    const EDGES: u32 = 10_000;
+
+    /// An edge as large as we support: 100 TCP and 100 UDP ports, each with its own target,
+    /// and a few firewall entries.
+    fn largest_edge(n: u32) -> pb::Edge {
+        let ports: Vec<u32> = (20_000..20_100).collect();
+        pb::Edge {
+            id: format!("edge-{n:05}"),
+            secret: format!("{n:064x}"),
+            listen_ports: ports.clone(),
+            listen_ports_udp: ports.clone(),
+            target_ports: ports.iter().map(|p| (*p, p - 12_000)).collect(),
+            target_hosts: ports
+                .iter()
+                .map(|p| (*p, format!("svc-{p}.team-{n}.svc")))
+                .collect(),
+            stun_interval_secs: 300,
+            firewall_config: Some(pb::FirewallConfig {
+                blocked_ips: (0..5).map(|i| format!("198.51.100.{i}/32")).collect(),
+                ..pb::FirewallConfig::default()
+            }),
+            generation: Some(1_800_000_000_000 + u64::from(n)),
+        }
+    }
+
+    /// The operator's admin client pushes the largest set to a hub and reads it back: both
+    /// messages are larger than gRPC's usual 4 MiB and within both sides' limit.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_largest_supported_edge_set_passes_both_ways() {
+        let state = tempfile::tempdir().unwrap();
+        let identity = HubIdentity::load_or_generate(state.path()).unwrap();
+        let options = HubOptions {
+            listen_addr: "127.0.0.1:0".parse().unwrap(),
+            ..HubOptions::default()
+        };
+        let hub = Hub::start(options, &identity).await.unwrap();
+        let stop = CancellationToken::new();
+        let admin = AdminOptions {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            token: Some(TOKEN.into()),
+            tls: None,
+            public_host: None,
+            public_port: 443,
+            peers: Vec::new(),
+            edges_file_mode: false,
+            limits: ApiLimits::default(),
+            registry: prometheus::Registry::new(),
+        };
+        let served = serve_hub_admin(hub.clone(), admin, stop.clone())
+            .await
+            .unwrap();
+        let access = HubAccess {
+            transport: HubTransport::Plaintext,
+            token: BearerToken::new(Some(TOKEN)).unwrap(),
+        };
+        let mut client = connect(served.local_addr, &access).await.unwrap();
+
+        let request = pb::UpdateAllowedEdgesRequest {
+            edges: (0..EDGES).map(largest_edge).collect(),
+        };
+        let pushed = request.encoded_len();
+        assert!(pushed > 4 << 20 && pushed < remoteingress_controlplane::MAX_MESSAGE_LEN);
+        client.update_allowed_edges(request).await.unwrap();
+        let listed = client
+            .list_edges(pb::ListEdgesRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(listed.edges.len(), EDGES as usize);
+        assert!(listed.encoded_len() > 4 << 20, "{} bytes", listed.encoded_len());
+        println!(
+            "{EDGES} edges: pushed {pushed} bytes, listed {} bytes (limit {})",
+            listed.encoded_len(),
+            remoteingress_controlplane::MAX_MESSAGE_LEN
+        );
+        stop.cancel();
+        hub.shutdown().await;
+    }
+}
