@@ -390,7 +390,9 @@ struct EdgeArgs {
     /// Edge secret.
     #[arg(long, env = "REMOTEINGRESS_SECRET", hide_env_values = true)]
     secret: Option<String>,
-    /// SHA-256 pin of the hub certificate (overrides the token's).
+    /// SHA-256 pin of the hub certificate (overrides the token's). With no pin and no
+    /// --ca-file, the hub's certificate must be trusted by the system's trust store for the hub's
+    /// host name (SSL_CERT_FILE and SSL_CERT_DIR name another store).
     #[arg(long, env = "REMOTEINGRESS_HUB_PIN")]
     hub_pin: Option<String>,
     /// PEM file of CAs that sign the hub certificate (instead of a pin).
@@ -704,10 +706,7 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
         (Some(ca), _, _) => HubTrust::CaFile(ca),
         (None, Some(pin), _) => HubTrust::Pin(pin),
         (None, None, true) => HubTrust::Insecure,
-        (None, None, false) => bail!(
-            "refusing to send the secret to an unverified hub: give --hub-pin (or a token with a pin), \
-             --ca-file, or --insecure for tests"
-        ),
+        (None, None, false) => HubTrust::System,
     };
     let mut options = EdgeOptions::new(&hubs[0].host, hubs[0].port, &edge_id, &secret, trust);
     options.hubs = hubs;

@@ -226,34 +226,6 @@ fn helm() -> PathBuf {
 /// The name the hubs' admin certificate carries: their Service's, as the operator checks it.
 const HUB_SERVER_NAME: &str = "t-remoteingress-admin.remoteingress.svc";
 
-/// A CA and an admin certificate it signed for [`HUB_SERVER_NAME`], as PEM files.
-struct AdminTls {
-    dir: tempfile::TempDir,
-}
-
-impl AdminTls {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let ca_key = rcgen::KeyPair::generate().unwrap();
-        let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
-        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        let ca = ca_params.self_signed(&ca_key).unwrap();
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![HUB_SERVER_NAME.to_owned()])
-            .unwrap()
-            .signed_by(&key, &ca, &ca_key)
-            .unwrap();
-        std::fs::write(dir.path().join("ca.crt"), ca.pem()).unwrap();
-        std::fs::write(dir.path().join("tls.crt"), cert.pem()).unwrap();
-        std::fs::write(dir.path().join("tls.key"), key.serialize_pem()).unwrap();
-        Self { dir }
-    }
-
-    fn file(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-}
-
 /// A hub process whose admin API listens on `admin` (a non-loopback address of the namespace).
 struct Hub {
     admin: SocketAddr,
@@ -262,7 +234,7 @@ struct Hub {
     id: String,
     replica: bool,
     /// The admin API's TLS (CA directory), or plain HTTP.
-    tls: Option<std::sync::Arc<AdminTls>>,
+    tls: Option<std::sync::Arc<TestCa>>,
     process: Option<Process>,
 }
 
@@ -275,7 +247,7 @@ impl Hub {
         id: &str,
         admin: SocketAddr,
         replica: bool,
-        tls: Option<std::sync::Arc<AdminTls>>,
+        tls: Option<std::sync::Arc<TestCa>>,
     ) -> Self {
         let mut hub = Self {
             admin,
@@ -816,7 +788,7 @@ async fn in_a_shared_cluster_one_edge_cannot_hurt_another() {
     let cluster = Cluster::start();
     let operator_kubeconfig = cluster.operator_kubeconfig();
     // The hubs' admin API speaks TLS, and the operator verifies it.
-    let tls = std::sync::Arc::new(AdminTls::new());
+    let tls = std::sync::Arc::new(TestCa::new(&[HUB_SERVER_NAME]));
     let a = Hub::start_with_tls(
         "hub-a",
         "10.244.0.1:18444".parse().unwrap(),

@@ -81,6 +81,15 @@ pub enum ConnectError {
     /// The attempt took longer than allowed.
     #[error("connecting to the hub timed out")]
     Timeout,
+    /// The hub's certificate does not verify against the system's trust store, and the edge
+    /// was given nothing else to verify it with.
+    #[error(
+        "{0}: the hub's certificate is not trusted by this machine's trust store, and no pin or \
+         CA file was given. Add the hub's certificate pin (a token with a pin, made by \
+         `remoteingress token encode --pin` or a hub's createConnectionToken, or --hub-pin), or \
+         give --ca-file with the CA that signed the hub's certificate"
+    )]
+    Untrusted(LinkError),
     /// The hub's host is not a valid TLS server name.
     #[error("the hub host is not a valid host name or address")]
     HubHost,
@@ -139,10 +148,20 @@ async fn connect_over(
     let options = &inner.options;
     let (host, port) = (hub.host.as_str(), hub.port);
     let server_name = hub.server_name().ok_or(ConnectError::HubHost)?;
-    let mut link = match transport {
-        Transport::TcpTls => Link::connect_tls(&inner.tls, server_name, host, port).await?,
-        Transport::Quic => connect_quic(inner, hub, &server_name).await?,
+    let link = match transport {
+        Transport::TcpTls => Link::connect_tls(&inner.tls, server_name, host, port)
+            .await
+            .map_err(ConnectError::Link),
+        Transport::Quic => connect_quic(inner, hub, &server_name).await,
     };
+    let mut link = link.map_err(|error| match error {
+        ConnectError::Link(link)
+            if options.trust == HubTrust::System && link.is_untrusted_certificate() =>
+        {
+            ConnectError::Untrusted(link)
+        }
+        other => other,
+    })?;
     link.write_line(&inner.hello.to_line()).await?;
     let (line, rest) = link.read_line(MAX_REPLY_LEN).await?;
     let reply = parse_reply(&line)?;

@@ -54,6 +54,28 @@ pub enum LinkError {
     Write(std::io::Error),
 }
 
+impl LinkError {
+    /// Whether the hub's certificate was refused (not trusted, expired, for another name), as
+    /// opposed to the connection failing.
+    pub fn is_untrusted_certificate(&self) -> bool {
+        /// TLS alerts for a refused certificate: bad, unsupported, revoked, expired, unknown, and
+        /// unknown CA.
+        const CERTIFICATE_ALERTS: [u8; 6] = [42, 43, 44, 45, 46, 48];
+        match self {
+            LinkError::Tls(error) => error
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<tokio_rustls::rustls::Error>())
+                .is_some_and(|error| {
+                    matches!(error, tokio_rustls::rustls::Error::InvalidCertificate(_))
+                }),
+            LinkError::Quic(quinn::ConnectionError::TransportError(error)) => CERTIFICATE_ALERTS
+                .iter()
+                .any(|alert| error.code == quinn::TransportErrorCode::crypto(*alert)),
+            _ => false,
+        }
+    }
+}
+
 /// A connected, encrypted tunnel connection before its session starts.
 #[derive(Debug)]
 pub enum Link {

@@ -51,6 +51,12 @@ pub enum TlsError {
     /// A pin that is not 64 hex digits.
     #[error("hub pin must be 64 hex digits (SHA-256 of the certificate)")]
     BadPin,
+    /// The system's trust store holds no CA certificate.
+    #[error(
+        "no CA certificate found in the system's trust store ({0}): install ca-certificates, \
+         set SSL_CERT_FILE to a CA bundle, or give the hub's pin or --ca-file"
+    )]
+    NoSystemRoots(String),
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
@@ -166,6 +172,10 @@ pub enum HubTrust {
     Pin(String),
     /// The hub's certificate must chain to a CA in this PEM file and match the host name.
     CaFile(PathBuf),
+    /// The hub's certificate must chain to a CA of the system's trust store and match the host
+    /// name, as a browser checks a web site: a hub with a publicly trusted certificate.
+    /// `SSL_CERT_FILE` and `SSL_CERT_DIR` name another store, as they do for OpenSSL.
+    System,
     /// No verification at all (explicit `--insecure`).
     Insecure,
 }
@@ -193,6 +203,9 @@ pub fn client_config(trust: &HubTrust) -> Result<Arc<ClientConfig>, TlsError> {
             }
             builder.with_root_certificates(roots).with_no_client_auth()
         }
+        HubTrust::System => builder
+            .with_root_certificates(system_roots()?)
+            .with_no_client_auth(),
         HubTrust::Pin(pin) => {
             let pin =
                 remoteingress_wire::token::normalize_pin(pin).map_err(|_| TlsError::BadPin)?;
@@ -214,6 +227,23 @@ pub fn client_config(trust: &HubTrust) -> Result<Arc<ClientConfig>, TlsError> {
     };
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// The CA certificates of the system's trust store (`SSL_CERT_FILE`/`SSL_CERT_DIR` when set).
+fn system_roots() -> Result<RootCertStore, TlsError> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = RootCertStore::empty();
+    roots.add_parsable_certificates(found.certs);
+    if roots.is_empty() {
+        let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
+        let why = if errors.is_empty() {
+            "no certificates".to_owned()
+        } else {
+            errors.join("; ")
+        };
+        return Err(TlsError::NoSystemRoots(why));
+    }
+    Ok(roots)
 }
 
 /// Accepts exactly the certificate with the pinned hash (or, without a pin, any certificate),
