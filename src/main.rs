@@ -518,12 +518,28 @@ fn main() -> Result<()> {
             let token = ConnectionToken::decode(&token)?;
             println!("{}", serde_json::to_string_pretty(&token_json(&token))?);
         }
-        Command::Hub(args) => runtime(cli.worker_threads)?.block_on(run_hub(args))?,
-        Command::Edge(args) => runtime(cli.worker_threads)?.block_on(run_edge(args))?,
-        Command::Demo(args) => runtime(cli.worker_threads)?.block_on(demo::run(args))?,
-        Command::Operator(args) => runtime(cli.worker_threads)?.block_on(operator::run(args))?,
+        Command::Hub(args) => run_to_end(cli.worker_threads, run_hub(args))?,
+        Command::Edge(args) => run_to_end(cli.worker_threads, run_edge(args))?,
+        Command::Demo(args) => run_to_end(cli.worker_threads, demo::run(args))?,
+        Command::Operator(args) => run_to_end(cli.worker_threads, operator::run(args))?,
     }
     Ok(())
+}
+
+/// How long blocking work may go on once a command has finished.
+const BLOCKING_WORK_GRACE: Duration = Duration::from_secs(2);
+
+/// Runs `command` on a new runtime, then stops the runtime without waiting on a blocking read
+/// that never ends by itself (standard input, kept open by a supervisor, under
+/// `--exit-on-stdin-close`): blocking work gets `BLOCKING_WORK_GRACE` to finish.
+fn run_to_end(
+    worker_threads: usize,
+    command: impl std::future::Future<Output = Result<()>>,
+) -> Result<()> {
+    let runtime = runtime(worker_threads)?;
+    let result = runtime.block_on(command);
+    runtime.shutdown_timeout(BLOCKING_WORK_GRACE);
+    result
 }
 
 fn runtime(worker_threads: usize) -> Result<tokio::runtime::Runtime> {

@@ -487,6 +487,42 @@ async fn sigterm_lets_an_open_connection_finish() {
     drop(deployment.hub);
 }
 
+/// A supervisor (the npm package) keeps the binary's standard input open to stop it when the
+/// supervisor dies; SIGTERM must still end it, not leave it waiting on that input.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_ends_a_hub_whose_standard_input_stays_open() {
+    let state = tempfile::tempdir().unwrap();
+    let localhost = "127.0.0.1".parse().unwrap();
+    let metrics = free_port(localhost);
+    let mut hub = Command::new(env!("CARGO_BIN_EXE_remoteingress"))
+        .args([
+            "hub".to_owned(),
+            "--tunnel-port=0".into(),
+            "--admin-addr=127.0.0.1:0".into(),
+            format!("--metrics-addr=127.0.0.1:{metrics}"),
+            format!("--state-dir={}", state.path().display()),
+            "--exit-on-stdin-close".into(),
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _input = hub.stdin.take();
+    wait_port(metrics).await;
+    assert!(Command::new("kill")
+        .args(["-TERM", &hub.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let exited = eventually("the hub to exit", || {
+        let status = hub.try_wait().unwrap();
+        async move { status }
+    })
+    .await;
+    assert!(exited.success(), "{exited:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_are_json_and_never_carry_secrets() {
     let state = tempfile::tempdir().unwrap();
