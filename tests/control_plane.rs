@@ -257,11 +257,12 @@ async fn every_admin_rpc_against_a_live_hub_and_edge() {
     assert_eq!(connected.transport, pb::Transport::TcpTls as i32);
     assert!(connected.bytes_in >= 3000 && connected.bytes_out >= 3000);
 
+    assert_eq!(status.pin, cp.hub.pin(), "the status carries the pin");
     let token = cp
         .admin
         .create_connection_token(pb::CreateConnectionTokenRequest {
             edge_id: "e1".into(),
-            secret: String::new(),
+            ..pb::CreateConnectionTokenRequest::default()
         })
         .await
         .unwrap()
@@ -271,6 +272,23 @@ async fn every_admin_rpc_against_a_live_hub_and_edge() {
     assert_eq!(decoded.hub_port, 443);
     assert_eq!(decoded.secret, SECRET);
     assert_eq!(decoded.pin.as_deref(), Some(cp.hub.pin()));
+    let named = cp
+        .admin
+        .create_connection_token(pb::CreateConnectionTokenRequest {
+            edge_id: "e1".into(),
+            hub_host: "hub-2.example.com".into(),
+            hub_port: 8443,
+            ..pb::CreateConnectionTokenRequest::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let decoded = ConnectionToken::decode(&named.token).unwrap();
+    assert_eq!(
+        (decoded.hub_host.as_str(), decoded.hub_port),
+        ("hub-2.example.com", 8443),
+        "the request's host and port win over --public-host"
+    );
 
     let disconnected = cp
         .admin
@@ -401,6 +419,7 @@ async fn the_allowed_set_survives_a_restart_without_plaintext_secrets() {
     let request = |secret: &str| pb::CreateConnectionTokenRequest {
         edge_id: "e1".into(),
         secret: secret.into(),
+        ..pb::CreateConnectionTokenRequest::default()
     };
     let error = admin
         .create_connection_token(request(""))

@@ -1095,7 +1095,12 @@ fn api_requests(cluster: &Cluster) -> BTreeMap<String, f64> {
                 .map_or("", |v| v.trim_end_matches(['"', '}']))
                 .to_owned()
         };
-        let kind = format!("{} {}/{}", label("verb"), label("resource"), label("subresource"));
+        let kind = format!(
+            "{} {}/{}",
+            label("verb"),
+            label("resource"),
+            label("subresource")
+        );
         *counts.entry(kind).or_default() += count;
     }
     counts

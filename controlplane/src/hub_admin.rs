@@ -112,6 +112,7 @@ impl HubAdmin for HubAdminService {
                 .collect(),
             hub_id: status.hub_id,
             draining: status.draining,
+            pin: self.hub.pin().to_owned(),
         }))
     }
 
@@ -152,9 +153,20 @@ impl HubAdmin for HubAdminService {
         request: Request<pb::CreateConnectionTokenRequest>,
     ) -> Result<Response<pb::CreateConnectionTokenResponse>, Status> {
         let request = request.into_inner();
-        let hub_host = self.public_host.clone().ok_or_else(|| {
-            Status::failed_precondition("start the hub with --public-host so tokens can name it")
-        })?;
+        let hub_host = Some(request.hub_host.clone())
+            .filter(|host| !host.is_empty())
+            .or_else(|| self.public_host.clone())
+            .ok_or_else(|| {
+                Status::failed_precondition(
+                    "name the hub's host: give hubHost in the request, or start the hub with \
+                     --public-host",
+                )
+            })?;
+        let hub_port = match request.hub_port {
+            0 => self.public_port,
+            port => u16::try_from(port)
+                .map_err(|_| Status::invalid_argument(format!("hubPort {port} is not a port")))?,
+        };
         let given = Some(request.secret.as_str()).filter(|s| !s.is_empty());
         let secret = self
             .hub
@@ -163,7 +175,7 @@ impl HubAdmin for HubAdminService {
         let pin = self.hub.pin().to_owned();
         let token = ConnectionToken {
             hub_host: hub_host.clone(),
-            hub_port: self.public_port,
+            hub_port,
             edge_id: request.edge_id,
             secret,
             pin: Some(pin.clone()),
@@ -172,7 +184,7 @@ impl HubAdmin for HubAdminService {
         Ok(Response::new(pb::CreateConnectionTokenResponse {
             token: token.encode(),
             hub_host,
-            hub_port: u32::from(self.public_port),
+            hub_port: u32::from(hub_port),
             pin,
         }))
     }

@@ -343,7 +343,11 @@ mod tests {
             .unwrap()
             .into_inner();
         assert_eq!(listed.edges.len(), EDGES as usize);
-        assert!(listed.encoded_len() > 4 << 20, "{} bytes", listed.encoded_len());
+        assert!(
+            listed.encoded_len() > 4 << 20,
+            "{} bytes",
+            listed.encoded_len()
+        );
         println!(
             "{EDGES} edges: pushed {pushed} bytes, listed {} bytes (limit {})",
             listed.encoded_len(),

@@ -31,9 +31,9 @@ use tokio_util::sync::CancellationToken;
 use compose::ObjectKey;
 pub use compose::{TargetPolicy, LOAD_BALANCER_CLASS};
 use crd::Edge;
-use plan::{IngressWrite, Memory, Plan, PlannedStatus, Seen, TokenWrite, Warning, Write};
 pub use hubs::HubTransport;
 use hubs::{BearerToken, DesiredEdges, HubAccess, HubSync, Reports};
+use plan::{IngressWrite, Memory, Plan, PlannedStatus, Seen, TokenWrite, Warning, Write};
 
 /// The field manager and event reporter name.
 const MANAGER: &str = "remoteingress-operator";
@@ -190,7 +190,11 @@ pub async fn run(
 
 /// Writes an object's status by server-side apply, as the operator's field manager: fields it
 /// wrote before and leaves out now are removed.
-async fn apply_status<K>(api: &Api<K>, name: &str, status: serde_json::Value) -> Result<(), kube::Error>
+async fn apply_status<K>(
+    api: &Api<K>,
+    name: &str,
+    status: serde_json::Value,
+) -> Result<(), kube::Error>
 where
     K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -199,9 +203,13 @@ where
         "kind": K::kind(&()),
         "status": status,
     });
-    api.patch_status(name, &PatchParams::apply(MANAGER).force(), &Patch::Apply(&patch))
-        .await
-        .map(drop)
+    api.patch_status(
+        name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(drop)
 }
 
 /// What every watch shares: whom a change wakes, where its health goes, when it stops.

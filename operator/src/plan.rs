@@ -207,9 +207,7 @@ impl Plan {
         }
         for (key, kept) in &pushed {
             if !fresh.contains(key) {
-                by_id
-                    .entry(kept.id.clone())
-                    .or_insert_with(|| kept.clone());
+                by_id.entry(kept.id.clone()).or_insert_with(|| kept.clone());
             }
         }
         Some(Push {
@@ -327,8 +325,9 @@ pub fn plan(seen: &Seen<'_>, memory: &Memory) -> Plan {
         let Some(service) = services_by_key.get(&exposure.service) else {
             continue;
         };
-        let ingress =
-            status::service_ingress(exposure, |edge| public_ips.get(edge).map(|ip| (*ip).clone()));
+        let ingress = status::service_ingress(exposure, |edge| {
+            public_ips.get(edge).map(|ip| (*ip).clone())
+        });
         let current = service
             .status
             .as_ref()
@@ -542,7 +541,12 @@ mod tests {
 
     #[test]
     fn a_new_edge_records_its_generation_before_its_configuration_is_pushed() {
-        let world = World::new(vec![edge("team", "a", 0, serde_json::json!({"listenPorts": [80]}))]);
+        let world = World::new(vec![edge(
+            "team",
+            "a",
+            0,
+            serde_json::json!({"listenPorts": [80]}),
+        )]);
         let plan = world.plan(&Memory::default());
         let a = planned(&plan, "a");
         assert_eq!(a.write, Write::First);
@@ -563,8 +567,12 @@ mod tests {
 
     #[test]
     fn an_unchanged_edge_keeps_its_generation_and_writes_nothing() {
-        let mut world =
-            World::new(vec![edge("team", "a", 0, serde_json::json!({"listenPorts": [80]}))]);
+        let mut world = World::new(vec![edge(
+            "team",
+            "a",
+            0,
+            serde_json::json!({"listenPorts": [80]}),
+        )]);
         let first = world.plan(&Memory::default());
         world.written(&first);
         let again = world.plan(&Memory::default());
@@ -575,7 +583,11 @@ mod tests {
         world.hubs = hub(&[("a", NOW_MS)], &[("a", "203.0.113.9")]);
         let connected = world.plan(&Memory::default());
         let a = planned(&connected, "a");
-        assert_eq!(a.write, Write::Then, "the status changed, not the configuration");
+        assert_eq!(
+            a.write,
+            Write::Then,
+            "the status changed, not the configuration"
+        );
         assert_eq!(a.status.public_ip.as_deref(), Some("203.0.113.9"));
     }
 
@@ -589,8 +601,12 @@ mod tests {
 
     #[test]
     fn an_edge_whose_record_failed_keeps_its_last_pushed_configuration() {
-        let mut world =
-            World::new(vec![edge("team", "a", 0, serde_json::json!({"listenPorts": [80]}))]);
+        let mut world = World::new(vec![edge(
+            "team",
+            "a",
+            0,
+            serde_json::json!({"listenPorts": [80]}),
+        )]);
         let first = world.plan(&Memory::default());
         let pushed = first.push(&HashSet::new(), &HashMap::new()).unwrap().pushed;
         world.written(&first);
@@ -644,12 +660,22 @@ mod tests {
         assert_eq!(plan.tokens.len(), 1);
         let token = &plan.tokens[0];
         assert_eq!(token.hub, HUB.parse().unwrap());
-        assert_eq!((token.edge_id.as_str(), token.secret.as_str()), ("a", "s3cret"));
+        assert_eq!(
+            (token.edge_id.as_str(), token.secret.as_str()),
+            ("a", "s3cret")
+        );
         memory.tokens.insert(token.key(), token.digest());
-        assert!(world.plan(&memory).tokens.is_empty(), "written for this secret");
+        assert!(
+            world.plan(&memory).tokens.is_empty(),
+            "written for this secret"
+        );
 
         world.secrets.insert(key("team", "a"), Ok("rotated".into()));
-        assert_eq!(world.plan(&memory).tokens.len(), 1, "a new secret, a new token");
+        assert_eq!(
+            world.plan(&memory).tokens.len(),
+            1,
+            "a new secret, a new token"
+        );
     }
 
     #[test]
@@ -659,7 +685,11 @@ mod tests {
         let plan = world.plan(&Memory::default());
         assert!(plan.ingresses.is_empty(), "no public IP known yet");
         assert_eq!(
-            planned(&plan, "a").configuration.as_ref().unwrap().listen_ports,
+            planned(&plan, "a")
+                .configuration
+                .as_ref()
+                .unwrap()
+                .listen_ports,
             vec![80]
         );
 

@@ -206,6 +206,7 @@ pub async fn write_token(
         .create_connection_token(pb::CreateConnectionTokenRequest {
             edge_id: token.edge_id.clone(),
             secret: token.secret.clone(),
+            ..pb::CreateConnectionTokenRequest::default()
         })
         .await
         .map_err(|e| failed(format!("hub {hub}: {}", e.message())))?
@@ -216,15 +217,13 @@ pub async fn write_token(
         // Created only if absent: a Secret of that name not among the watched ones (no
         // label: someone else's, or ours not yet seen) is looked at, never overwritten.
         None => match api.create(&PostParams::default(), &object).await {
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                match api.get_opt(&name).await {
-                    Ok(Some(secret)) if !owned_by(&secret, edge) => {
-                        return Err(TokenError::Foreign(foreign(&name)))
-                    }
-                    Ok(_) => apply(&api, &name, &object).await,
-                    Err(error) => Err(error),
+            Err(kube::Error::Api(status)) if status.code == 409 => match api.get_opt(&name).await {
+                Ok(Some(secret)) if !owned_by(&secret, edge) => {
+                    return Err(TokenError::Foreign(foreign(&name)))
                 }
-            }
+                Ok(_) => apply(&api, &name, &object).await,
+                Err(error) => Err(error),
+            },
             other => other.map(drop),
         },
         Some(_) => apply(&api, &name, &object).await,

@@ -50,6 +50,16 @@ export interface RemoteIngressHubClientOptions extends ConnectionOptions {
   watchEdgeId?: string;
 }
 
+/** What {@link RemoteIngressHubClient.createConnectionToken} may be told besides the edge id. */
+export interface TokenOptions {
+  /** The edge's secret: needed after a hub restart, since the hub keeps only its hash. */
+  secret?: string;
+  /** The host edges reach the hub by; default the hub's `--public-host` (required without one). */
+  hubHost?: string;
+  /** The port edges reach the hub by; default the hub's public port (its tunnel port). */
+  hubPort?: number;
+}
+
 /** A connection token and what it carries, from {@link RemoteIngressHubClient.createConnectionToken}. */
 export interface CreatedToken {
   /** The token for `remoteingress edge --token`. */
@@ -107,11 +117,13 @@ export class RemoteIngressHubClient extends StreamingClient<HubEvents, WatchEven
   }
 
   /**
-   * The token an edge starts with. `secret` is needed when the hub no longer knows it in clear
-   * (after a restart it keeps only its hash).
+   * The token an edge starts with, carrying the hub's certificate pin. `options` is the edge's
+   * secret, or {@link TokenOptions}: the secret (needed when the hub no longer knows it in clear:
+   * after a restart it keeps only its hash) and the host and port edges reach the hub by.
    */
-  async createConnectionToken(edgeId: string, secret = ""): Promise<CreatedToken> {
-    const created = await call(() => this.raw.createConnectionToken({ edgeId, secret }));
+  async createConnectionToken(edgeId: string, options: string | TokenOptions = {}): Promise<CreatedToken> {
+    const { secret = "", hubHost = "", hubPort = 0 } = typeof options === "string" ? { secret: options } : options;
+    const created = await call(() => this.raw.createConnectionToken({ edgeId, secret, hubHost, hubPort }));
     return { token: created.token, hubHost: created.hubHost, hubPort: created.hubPort, pin: created.pin };
   }
 

@@ -8,10 +8,19 @@ export { RemoteIngressHub } from "./managed-hub.js";
 export type { IHubConfig, ManagedHubEvents } from "./managed-hub.js";
 export { RemoteIngressEdge } from "./managed-edge.js";
 export type { EdgeStartConfig, IEdgeConfig, ManagedEdgeEvents } from "./managed-edge.js";
-export type { CrashRecovered, CrashRecoveryFailed, SupervisorEvents, SupervisorOptions } from "./supervisor.js";
-export { BinaryNotFoundError, findBinary } from "./binary.js";
+export type {
+  CrashRecovered,
+  CrashRecoveryFailed,
+  Logger,
+  LogLevel,
+  LogRecord,
+  SupervisorEvents,
+  SupervisorOptions,
+} from "./supervisor.js";
+export { parseLogLine } from "./supervisor.js";
+export { BinaryNotFoundError, findBinary, packagedBinary } from "./binary.js";
 export { RemoteIngressHubClient } from "./hub.js";
-export type { CreatedToken, HubEventBase, HubEvents, RemoteIngressHubClientOptions } from "./hub.js";
+export type { CreatedToken, HubEventBase, HubEvents, RemoteIngressHubClientOptions, TokenOptions } from "./hub.js";
 export { RemoteIngressEdgeClient } from "./edge.js";
 export type { EdgeEventBase, EdgeEvents } from "./edge.js";
 export { transportName } from "./status.js";

@@ -1,11 +1,11 @@
 import { randomBytes } from "node:crypto";
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import type { EventEmitter } from "node:events";
-import { tmpdir } from "node:os";
+import { hostname, tmpdir } from "node:os";
 import { join } from "node:path";
 
 import type { EdgeDefinition } from "./edges.js";
-import { RemoteIngressHubClient, type CreatedToken, type HubEvents } from "./hub.js";
+import { RemoteIngressHubClient, type CreatedToken, type HubEvents, type TokenOptions } from "./hub.js";
 import { stoppedHubStatus, type HubStatus } from "./status.js";
 import { SupervisedBinary } from "./supervised.js";
 import { freePort, type SupervisorEvents, type SupervisorOptions } from "./supervisor.js";
@@ -64,6 +64,7 @@ export class RemoteIngressHub extends SupervisedBinary<RemoteIngressHubClient, M
   private tunnelPort = 8443;
   private stateDir?: { path: string; temporary: boolean };
   private allowedEdges?: EdgeDefinition[];
+  private certificatePin?: string;
 
   constructor(options: SupervisorOptions = {}) {
     super(options, "hub");
@@ -107,9 +108,29 @@ export class RemoteIngressHub extends SupervisedBinary<RemoteIngressHubClient, M
     return client ? client.getStatus() : stoppedHubStatus(this.tunnelPort);
   }
 
-  /** The token an edge starts with (`edge.start({ token })`), carrying the hub's certificate pin. */
-  async createConnectionToken(edgeId: string, secret = ""): Promise<CreatedToken> {
-    return this.client.createConnectionToken(edgeId, secret);
+  /**
+   * SHA-256 of the hub's certificate, lowercase hex, once it has started: add it as `pin` to a
+   * token made with `encodeConnectionToken` so that the edge verifies this hub.
+   */
+  get pin(): string | undefined {
+    return this.certificatePin;
+  }
+
+  /**
+   * The token an edge starts with (`edge.start({ token })`), carrying the hub's certificate pin.
+   * The host in it is, in order: `options.hubHost`, `publicHost` of `start()`, its
+   * `listenAddress` when that is one address, else this machine's host name.
+   */
+  async createConnectionToken(edgeId: string, options: string | TokenOptions = {}): Promise<CreatedToken> {
+    const given = typeof options === "string" ? { secret: options } : options;
+    const hubHost = given.hubHost ?? this.config.publicHost ?? this.defaultHost();
+    return this.client.createConnectionToken(edgeId, { ...given, hubHost });
+  }
+
+  private defaultHost(): string {
+    const listen = this.config.listenAddress;
+    const wildcard = listen === undefined || listen === "0.0.0.0" || listen === "::" || listen === "[::]";
+    return wildcard ? hostname() : listen;
   }
 
   protected override async prepare() {
@@ -143,7 +164,7 @@ export class RemoteIngressHub extends SupervisedBinary<RemoteIngressHubClient, M
   }
 
   protected override async probe(client: RemoteIngressHubClient): Promise<void> {
-    await client.getStatus();
+    this.certificatePin = (await client.getStatus()).pin;
   }
 
   protected override async attach(client: RemoteIngressHubClient, restart: boolean): Promise<void> {

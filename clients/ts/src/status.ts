@@ -68,6 +68,8 @@ export interface HubStatus {
   hubId: string;
   /** True once the hub has begun draining. */
   draining: boolean;
+  /** SHA-256 of the hub's certificate, lowercase hex: the pin a connection token carries. */
+  pin: string;
 }
 
 /** One of an edge's tunnels, in {@link EdgeStatusInfo.tunnels}. */
@@ -136,6 +138,7 @@ export function hubStatusFromProto(response: GetStatusResponse): HubStatus {
     connectedEdges: response.connectedEdges.map(connectedEdgeFromProto),
     hubId: response.hubId,
     draining: response.draining,
+    pin: response.pin,
   };
 }
 
@@ -202,7 +205,7 @@ function tunnelFromProto(tunnel: Tunnel): TunnelInfo {
 
 /** A hub's status while its binary is not running. */
 export function stoppedHubStatus(tunnelPort: number): HubStatus {
-  return { running: false, tunnelPort, connectedEdges: [], hubId: "", draining: false };
+  return { running: false, tunnelPort, connectedEdges: [], hubId: "", draining: false, pin: "" };
 }
 
 /** An edge's status while its binary is not running. */

@@ -1,5 +1,6 @@
 import { spawn, type ChildProcess } from "node:child_process";
 import { createServer } from "node:net";
+import { createInterface } from "node:readline";
 
 import { findBinary } from "./binary.js";
 import { sleep } from "./watch.js";
@@ -23,6 +24,31 @@ export interface SupervisorOptions {
   stopTimeoutMs?: number;
   /** Extra environment for the binary (e.g. `REMOTEINGRESS_LOG_LEVEL`). */
   env?: Record<string, string>;
+  /**
+   * Receives each of the binary's log records (which are also emitted as `log` events), by
+   * level: `console` works, as does any object with some of these methods.
+   */
+  logger?: Logger;
+}
+
+/** The binary's log levels, most severe first. */
+export type LogLevel = "error" | "warn" | "info" | "debug" | "trace";
+
+/** Where {@link SupervisorOptions.logger} sends records: a method per level, each optional. */
+export type Logger = Partial<Record<LogLevel, (message: string, fields: Record<string, unknown>) => void>>;
+
+/** One log line of the binary, parsed. */
+export interface LogRecord {
+  /** Its level. */
+  level: LogLevel;
+  /** The message. */
+  message: string;
+  /** Its structured fields (`edgeId`-style keys as the binary names them, e.g. `edge_id`). */
+  fields: Record<string, unknown>;
+  /** The Rust module that logged it (empty for plain output lines). */
+  target: string;
+  /** When it was logged. */
+  time: Date;
 }
 
 /** Payload of `crashRecovered`: how the binary ended, and the restarts it took to come back. */
@@ -49,6 +75,8 @@ export interface SupervisorEvents {
   crashRecovered: [CrashRecovered];
   /** The binary crashed and every restart failed; it is not running. */
   crashRecoveryFailed: [CrashRecoveryFailed];
+  /** The binary logged a line. */
+  log: [LogRecord];
 }
 
 /** One launch of the binary: its arguments, environment, and the client that reaches it. */
@@ -157,19 +185,33 @@ export class Supervisor<C extends { close(): Promise<void> }> {
     // The binary shuts down when its standard input ends: this process holds the only write end,
     // so however this process ends (even by SIGKILL), the binary ends with it.
     const child = spawn(binary, args, {
-      env: { ...process.env, ...this.options.env, ...env, REMOTEINGRESS_EXIT_ON_STDIN_CLOSE: "true" },
+      env: {
+        ...process.env,
+        ...this.options.env,
+        ...env,
+        REMOTEINGRESS_EXIT_ON_STDIN_CLOSE: "true",
+        REMOTEINGRESS_LOG_FORMAT: "json",
+      },
       stdio: ["pipe", "pipe", "pipe"],
     });
     this.output = { head: "", tail: "" };
-    const keep = (chunk: Buffer) => {
+    const keep = (text: string) => {
       const output = this.output;
-      const text = chunk.toString();
       const room = OUTPUT_HEAD - output.head.length;
       output.head += text.slice(0, Math.max(room, 0));
       output.tail = (output.tail + text.slice(Math.max(room, 0))).slice(-OUTPUT_TAIL);
     };
-    child.stdout?.on("data", keep);
-    child.stderr?.on("data", keep);
+    const log = (line: string) => {
+      const record = parseLogLine(line);
+      keep(`${formatRecord(record)}\n`);
+      this.kind.emit("log", record);
+      this.options.logger?.[record.level]?.(record.message, record.fields);
+    };
+    for (const stream of [child.stdout, child.stderr]) {
+      if (stream) {
+        createInterface({ input: stream, crlfDelay: Infinity }).on("line", log);
+      }
+    }
     const exited = new Promise<Exit>((resolve) => {
       child.once("exit", (code, signal) => resolve({ code, signal }));
       child.once("error", (error) => resolve({ code: null, signal: null, error }));
@@ -255,6 +297,42 @@ export class Supervisor<C extends { close(): Promise<void> }> {
     const output = (tail.length < OUTPUT_TAIL ? head + tail : `${head}\n[…]\n${tail}`).trim();
     return output ? `\n--- its output:\n${output}` : "";
   }
+}
+
+const LEVELS: readonly string[] = ["error", "warn", "info", "debug", "trace"] satisfies LogLevel[];
+
+/**
+ * A line of the binary's output: a JSON log record (`--log-format json`, which the package sets)
+ * or, for what it prints for people (its pin, its addresses), plain text logged as `info`.
+ */
+export function parseLogLine(line: string): LogRecord {
+  try {
+    const parsed: unknown = JSON.parse(line);
+    if (typeof parsed === "object" && parsed !== null && "level" in parsed) {
+      const json = parsed as { level?: unknown; fields?: unknown; target?: unknown; timestamp?: unknown };
+      const { message, ...fields } =
+        typeof json.fields === "object" && json.fields !== null ? (json.fields as Record<string, unknown>) : {};
+      const level = String(json.level).toLowerCase();
+      const time = typeof json.timestamp === "string" ? new Date(json.timestamp) : new Date();
+      return {
+        level: LEVELS.includes(level) ? (level as LogLevel) : "info",
+        message: typeof message === "string" ? message : JSON.stringify(message ?? ""),
+        fields,
+        target: typeof json.target === "string" ? json.target : "",
+        time: Number.isNaN(time.getTime()) ? new Date() : time,
+      };
+    }
+  } catch {
+    // Not JSON: a line printed for people.
+  }
+  return { level: "info", message: line, fields: {}, target: "", time: new Date() };
+}
+
+/** A record as one line of text, for error messages. */
+function formatRecord(record: LogRecord): string {
+  const fields = Object.entries(record.fields).map(([key, value]) => ` ${key}=${JSON.stringify(value)}`);
+  const target = record.target ? ` ${record.target}:` : "";
+  return `${record.level.toUpperCase()}${target} ${record.message}${fields.join("")}`;
 }
 
 function describeExit(exit: Exit): string {

@@ -896,7 +896,9 @@ type GetStatusResponse struct {
 	// This hub instance's id, as edges see it.
 	HubId string `protobuf:"bytes,4,opt,name=hub_id,json=hubId,proto3" json:"hub_id,omitempty"`
 	// True once the hub has begun draining.
-	Draining      bool `protobuf:"varint,5,opt,name=draining,proto3" json:"draining,omitempty"`
+	Draining bool `protobuf:"varint,5,opt,name=draining,proto3" json:"draining,omitempty"`
+	// SHA-256 of the hub's tunnel certificate, lowercase hex: what a connection token's pin holds.
+	Pin           string `protobuf:"bytes,6,opt,name=pin,proto3" json:"pin,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -964,6 +966,13 @@ func (x *GetStatusResponse) GetDraining() bool {
 		return x.Draining
 	}
 	return false
+}
+
+func (x *GetStatusResponse) GetPin() string {
+	if x != nil {
+		return x.Pin
+	}
+	return ""
 }
 
 // Request of WatchEvents.
@@ -2004,7 +2013,11 @@ type CreateConnectionTokenRequest struct {
 	// Edge id.
 	EdgeId string `protobuf:"bytes,1,opt,name=edge_id,json=edgeId,proto3" json:"edge_id,omitempty"`
 	// The edge's secret; needed after a hub restart, since the hub keeps only its hash.
-	Secret        string `protobuf:"bytes,2,opt,name=secret,proto3" json:"secret,omitempty"`
+	Secret string `protobuf:"bytes,2,opt,name=secret,proto3" json:"secret,omitempty"`
+	// Host to put into the token instead of the hub's --public-host (required when it has none).
+	HubHost string `protobuf:"bytes,3,opt,name=hub_host,json=hubHost,proto3" json:"hub_host,omitempty"`
+	// Port to put into the token instead of the hub's public port (0: that port).
+	HubPort       uint32 `protobuf:"varint,4,opt,name=hub_port,json=hubPort,proto3" json:"hub_port,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2051,6 +2064,20 @@ func (x *CreateConnectionTokenRequest) GetSecret() string {
 		return x.Secret
 	}
 	return ""
+}
+
+func (x *CreateConnectionTokenRequest) GetHubHost() string {
+	if x != nil {
+		return x.HubHost
+	}
+	return ""
+}
+
+func (x *CreateConnectionTokenRequest) GetHubPort() uint32 {
+	if x != nil {
+		return x.HubPort
+	}
+	return 0
 }
 
 // Response of CreateConnectionToken.
@@ -2465,14 +2492,15 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\tbytes_out\x18\b \x01(\x04R\bbytesOut\x12\x1b\n" +
 	"\tpublic_ip\x18\t \x01(\tR\bpublicIp\x12+\n" +
 	"\x03rtt\x18\n" +
-	" \x01(\v2\x19.google.protobuf.DurationR\x03rtt\"\xcb\x01\n" +
+	" \x01(\v2\x19.google.protobuf.DurationR\x03rtt\"\xdd\x01\n" +
 	"\x11GetStatusResponse\x12\x18\n" +
 	"\arunning\x18\x01 \x01(\bR\arunning\x12\x1f\n" +
 	"\vtunnel_port\x18\x02 \x01(\rR\n" +
 	"tunnelPort\x12H\n" +
 	"\x0fconnected_edges\x18\x03 \x03(\v2\x1f.remoteingress.v1.ConnectedEdgeR\x0econnectedEdges\x12\x15\n" +
 	"\x06hub_id\x18\x04 \x01(\tR\x05hubId\x12\x1a\n" +
-	"\bdraining\x18\x05 \x01(\bR\bdraining\"`\n" +
+	"\bdraining\x18\x05 \x01(\bR\bdraining\x12\x10\n" +
+	"\x03pin\x18\x06 \x01(\tR\x03pin\"`\n" +
 	"\x12WatchEventsRequest\x12\x17\n" +
 	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\x121\n" +
 	"\x05kinds\x18\x02 \x03(\x0e2\x1b.remoteingress.v1.EventKindR\x05kinds\"k\n" +
@@ -2543,10 +2571,12 @@ const file_remoteingress_v1_hub_proto_rawDesc = "" +
 	"\revents_missed\x18\f \x01(\v2\x1e.remoteingress.v1.EventsMissedH\x00R\feventsMissed\x12B\n" +
 	"\fopen_refused\x18\r \x01(\v2\x1d.remoteingress.v1.OpenRefusedH\x00R\vopenRefused\x12K\n" +
 	"\x0fconfig_reloaded\x18\x0e \x01(\v2 .remoteingress.v1.ConfigReloadedH\x00R\x0econfigReloadedB\a\n" +
-	"\x05event\"O\n" +
+	"\x05event\"\x85\x01\n" +
 	"\x1cCreateConnectionTokenRequest\x12\x17\n" +
 	"\aedge_id\x18\x01 \x01(\tR\x06edgeId\x12\x16\n" +
-	"\x06secret\x18\x02 \x01(\tR\x06secret\"}\n" +
+	"\x06secret\x18\x02 \x01(\tR\x06secret\x12\x19\n" +
+	"\bhub_host\x18\x03 \x01(\tR\ahubHost\x12\x19\n" +
+	"\bhub_port\x18\x04 \x01(\rR\ahubPort\"}\n" +
 	"\x1dCreateConnectionTokenResponse\x12\x14\n" +
 	"\x05token\x18\x01 \x01(\tR\x05token\x12\x19\n" +
 	"\bhub_host\x18\x02 \x01(\tR\ahubHost\x12\x19\n" +
