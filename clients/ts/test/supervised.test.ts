@@ -21,7 +21,6 @@ import { BINARY, EDGE_IP, eventually, freePort } from "./harness.js";
 Object.assign(process.env, {
   REMOTEINGRESS_BIN: BINARY,
   REMOTEINGRESS_LISTEN_ADDRESS: "127.0.0.1",
-  REMOTEINGRESS_PUBLIC_HOST: "127.0.0.1",
   REMOTEINGRESS_BIND_ADDRESS: EDGE_IP,
   REMOTEINGRESS_FIREWALL: "off",
   REMOTEINGRESS_NO_STUN: "true",
@@ -122,7 +121,8 @@ test("the original README's hub and edge examples, run as written", async () => 
     { id: "edge-nyc-01", secret: SECRET, listenPorts: [publicPort], targetPorts: { [publicPort]: target.port } },
   ]);
 
-  const { token } = await hub.createConnectionToken("edge-nyc-01");
+  // Started as in the original README, without publicHost: the caller names the host.
+  const { token } = await hub.createConnectionToken("edge-nyc-01", { hubHost: "127.0.0.1" });
   edge = new RemoteIngressEdge();
   edge.on("tunnelConnected", () => events.push("tunnelConnected"));
   edge.on("portsAssigned", ({ listenPorts }) => events.push(`portsAssigned ${listenPorts}`));
@@ -206,7 +206,7 @@ test("stop() ends both binaries, and a second stop() is harmless", async () => {
     pids.map((pid) => alive(pid)),
     [false, false],
   );
-  assert.deepEqual(await hub.getStatus(), { running: false, tunnelPort, connectedEdges: [], hubId: "", draining: false });
+  assert.deepEqual(await hub.getStatus(), { running: false, tunnelPort, connectedEdges: [], hubId: "", draining: false, pin: "" });
   assert.equal((await edge.getStatus()).running, false);
 });
 
