@@ -310,8 +310,9 @@ export function parseLogLine(line: string): LogRecord {
     const parsed: unknown = JSON.parse(line);
     if (typeof parsed === "object" && parsed !== null && "level" in parsed) {
       const json = parsed as { level?: unknown; fields?: unknown; target?: unknown; timestamp?: unknown };
-      const { message, ...fields } =
+      const all: Record<string, unknown> =
         typeof json.fields === "object" && json.fields !== null ? (json.fields as Record<string, unknown>) : {};
+      const { message, ...fields } = all;
       const level = String(json.level).toLowerCase();
       const time = typeof json.timestamp === "string" ? new Date(json.timestamp) : new Date();
       return {
