@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::OnceLock;
 
-use common::{eventually, Process};
+use common::{eventually, namespace_holder, Process};
 use remoteingress_tunnel::HubIdentity;
 use remoteingress_wire::token::ConnectionToken;
 
@@ -123,21 +123,7 @@ struct Netns {
 
 impl Netns {
     async fn new() -> Self {
-        let holder = Process(
-            Command::new("unshare")
-                .args(["--net", "sleep", "3600"])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("unshare (util-linux) runs"),
-        );
-        let own = std::fs::read_link("/proc/self/ns/net").unwrap();
-        let pid = holder.0.id();
-        eventually("the namespace to exist", || {
-            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
-            let apart = theirs.is_some_and(|ns| ns != own);
-            async move { apart.then_some(()) }
-        })
-        .await;
+        let holder = namespace_holder("--net").await;
         let netns = Self { holder };
         assert!(netns
             .run(&["ip", "link", "set", "lo", "up"])

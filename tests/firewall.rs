@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use common::*;
 use remoteingress_edge::{Edge, Firewall, FirewallMode, FirewallState};
@@ -18,21 +18,7 @@ struct Netns {
 
 impl Netns {
     async fn new() -> Self {
-        let holder = Process(
-            Command::new("unshare")
-                .args(["-rn", "sleep", "3600"])
-                .stdout(Stdio::null())
-                .spawn()
-                .expect("unshare (util-linux) runs"),
-        );
-        let pid = holder.0.id();
-        let own = std::fs::read_link("/proc/self/ns/net").unwrap();
-        eventually("the namespace to exist", || {
-            let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
-            let ready = theirs.is_some_and(|ns| ns != own);
-            async move { ready.then_some(()) }
-        })
-        .await;
+        let holder = namespace_holder("-rn").await;
         let netns = Self { holder };
         // `unshare -r` maps our user into the namespace only after creating it: until then
         // entering it fails, so the first command is retried.

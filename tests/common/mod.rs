@@ -607,3 +607,24 @@ impl TestCa {
         self.dir.path().join(name)
     }
 }
+
+/// A process sleeping in a new network namespace (`unshare` with `flags`, e.g. `--net`, or
+/// `-rn` to map the user too), once the namespace exists: it holds the namespace open.
+pub async fn namespace_holder(flags: &str) -> Process {
+    let holder = Process(
+        std::process::Command::new("unshare")
+            .args([flags, "sleep", "3600"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("unshare (util-linux) runs"),
+    );
+    let own = std::fs::read_link("/proc/self/ns/net").unwrap();
+    let pid = holder.0.id();
+    eventually("the namespace to exist", || {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/net")).ok();
+        let apart = theirs.is_some_and(|ns| ns != own);
+        async move { apart.then_some(()) }
+    })
+    .await;
+    holder
+}
