@@ -174,16 +174,21 @@ impl Netns {
         String::from_utf8_lossy(&output.stdout).trim().to_owned()
     }
 
-    /// A target on 127.0.0.1:`port` that answers each connection with the first line it got.
+    /// A target on 127.0.0.1:`port` that answers each connection, once the client's line has
+    /// come too, with the first line it got: the PROXY line.
     fn proxy_line_target(&self, port: u16) -> Process {
         let script = format!(
-            "import socket\n\
+            "import socket, threading\n\
+             def serve(conn):\n\
+             \x20   lines = conn.makefile('rb')\n\
+             \x20   proxy = lines.readline()\n\
+             \x20   lines.readline()\n\
+             \x20   conn.sendall(proxy)\n\
+             \x20   conn.close()\n\
              server = socket.create_server(('127.0.0.1', {port}))\n\
              while True:\n\
              \x20   conn, _ = server.accept()\n\
-             \x20   line = conn.makefile('rb').readline()\n\
-             \x20   conn.sendall(line)\n\
-             \x20   conn.close()\n"
+             \x20   threading.Thread(target=serve, args=(conn,)).start()\n"
         );
         Process(
             self.command(&["python3", "-c", &script])
@@ -191,6 +196,37 @@ impl Netns {
                 .spawn()
                 .unwrap(),
         )
+    }
+
+    /// A connection from 127.0.0.3 to `addr` held open, its line sent only once the file `go`
+    /// exists; the reply goes to the file `reply`.
+    fn held_request(&self, addr: (&str, u16), go: &Path, reply: &Path) -> Process {
+        let script = format!(
+            "import os, socket, time\n\
+             s = socket.create_connection(('{}', {}), timeout=60, source_address=('127.0.0.3', 0))\n\
+             while not os.path.exists('{}'):\n\
+             \x20   time.sleep(0.05)\n\
+             s.sendall(b'late\\r\\n')\n\
+             open('{}', 'w').write(s.makefile('rb').readline().decode())\n",
+            addr.0,
+            addr.1,
+            go.display(),
+            reply.display()
+        );
+        Process(
+            self.command(&["python3", "-c", &script])
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    /// A sample of the metrics served on `addr` inside the namespace, if present.
+    fn metric(&self, addr: &str, sample: &str) -> Option<f64> {
+        let output = self.run(&["curl", "-sf", &format!("http://{addr}/metrics")]);
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
     }
 }
 
@@ -334,9 +370,36 @@ async fn hub_and_edge_run_from_the_image_as_the_chart_runs_them() {
     })
     .await;
 
-    // SIGTERM drains and ends both as on the host, with success.
+    // SIGTERM drains the edge as on the host: new connections are refused, an open one
+    // finishes, then it exits with success. Then the hub.
+    let files = tempfile::tempdir().unwrap();
+    let (go, reply) = (files.path().join("go"), files.path().join("reply"));
+    let _held = netns.held_request(("127.0.0.2", PUBLIC_PORT), &go, &reply);
+    eventually("the held connection through the tunnel", || {
+        let open = netns.metric(EDGE_METRICS, "remoteingress_streams_active");
+        async move { (open == Some(1.0)).then_some(()) }
+    })
+    .await;
+    podman.ok(&["kill", "--signal=TERM", &edge]);
+    eventually("new connections refused while the edge drains", || {
+        let refused = netns.request(("127.0.0.2", PUBLIC_PORT)).is_empty();
+        async move { refused.then_some(()) }
+    })
+    .await;
+    std::fs::write(&go, "").unwrap();
+    let line = eventually("the held connection's reply", || {
+        let line = std::fs::read_to_string(&reply).unwrap_or_default();
+        async move { (!line.is_empty()).then_some(line) }
+    })
+    .await;
+    assert!(
+        line.starts_with("PROXY TCP4 127.0.0.3 127.0.0.2 "),
+        "the open connection finished through the draining edge: {line}"
+    );
     for name in [&edge, &hub] {
-        podman.ok(&["kill", "--signal=TERM", name]);
+        if *name == hub {
+            podman.ok(&["kill", "--signal=TERM", name]);
+        }
         let code = podman.ok(&["wait", name]);
         assert_eq!(code, "0", "{name} exit code\n{}", podman.logs(name));
     }
