@@ -291,7 +291,7 @@ const CONCURRENT_WRITES: usize = 16;
 
 impl Operator {
     /// One pass: reads the Secrets, plans (`plan::plan`) and executes the plan: statuses that
-    /// record new generations, the push, tokens, the other statuses, Services and Events.
+    /// record new generations, the push, the other statuses, tokens, Services and Events.
     /// A pass that cannot read the Secrets pushes nothing (the hubs keep what they have) and is
     /// retried at the next wake-up or resync. Hub tasks start only after the first complete
     /// push, so a hub never gets a set that is not the whole truth.
