@@ -237,7 +237,13 @@ pub fn plan(seen: &Seen<'_>, memory: &Memory) -> Plan {
                 .unwrap_or_else(|| Err(Refused::Invalid("no secret".into())))
         },
     );
-    let reports: Vec<HubReport> = seen.hubs.values().cloned().collect();
+    let reports: Vec<status::HubView> = seen.hubs.values().map(status::HubView::new).collect();
+    // The highest generation any hub holds for each edge id.
+    let mut reported: HashMap<&str, u64> = HashMap::new();
+    for info in seen.hubs.values().flat_map(|r| &r.edges) {
+        let highest = reported.entry(info.id.as_str()).or_default();
+        *highest = (*highest).max(info.generation);
+    }
     let objects: HashMap<ObjectKey, &Arc<Edge>> =
         seen.edges.iter().map(|e| (key_of(e.as_ref()), e)).collect();
     let mut events = Vec::new();
@@ -262,15 +268,11 @@ pub fn plan(seen: &Seen<'_>, memory: &Memory) -> Plan {
         let changed = previous.config_digest.as_deref() != Some(composed.digest.as_str())
             || previous.config_generation == 0;
         let generation = if changed {
-            let id = compose::edge_id(edge);
-            let reported = reports
-                .iter()
-                .flat_map(|r| &r.edges)
-                .filter(|e| e.id == id)
-                .map(|e| e.generation)
-                .max()
+            let held = reported
+                .get(compose::edge_id(edge).as_str())
+                .copied()
                 .unwrap_or(0);
-            (previous.config_generation.max(reported) + 1).max(seen.now_ms)
+            (previous.config_generation.max(held) + 1).max(seen.now_ms)
         } else {
             previous.config_generation
         };
@@ -366,6 +368,7 @@ pub fn plan(seen: &Seen<'_>, memory: &Memory) -> Plan {
         .find(|(_, r)| r.unreachable.is_none() && r.refused.is_none());
     let mut tokens = Vec::new();
     if let Some((hub, report)) = ready_hub {
+        let held: HashSet<&str> = report.edges.iter().map(|e| e.id.as_str()).collect();
         for composed in &composition.edges {
             let (Ok(allowed), Some(Ok(secret)), Some(edge)) = (
                 &composed.edge,
@@ -374,9 +377,8 @@ pub fn plan(seen: &Seen<'_>, memory: &Memory) -> Plan {
             ) else {
                 continue;
             };
-            let held = report.edges.iter().any(|e| e.id == allowed.id);
             let written = memory.tokens.get(&composed.key) == Some(&secrets::digest(secret));
-            if held && !written {
+            if held.contains(allowed.id.as_str()) && !written {
                 tokens.push(TokenWrite {
                     edge: Arc::clone(edge),
                     hub: *hub,

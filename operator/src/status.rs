@@ -1,7 +1,7 @@
 //! What the hubs report, folded into each Edge's status and each exposed Service's
 //! `status.loadBalancer.ingress`. Pure: reports in, statuses out.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use k8s_openapi::api::core::v1::LoadBalancerIngress;
 use remoteingress_controlplane::pb;
@@ -13,6 +13,31 @@ use crate::hubs::HubReport;
 /// `True`/`False`/`Unknown`, reason and message of one condition.
 type Verdict = (&'static str, &'static str, String);
 
+/// A hub's report with its edges and tunnels indexed by edge id, made once a pass so that each
+/// Edge's status is a lookup, not a scan of every hub's edges.
+pub struct HubView<'a> {
+    /// The report.
+    pub report: &'a HubReport,
+    edges: HashMap<&'a str, &'a pb::EdgeInfo>,
+    /// The first tunnel of each edge (an edge may have several to one hub).
+    tunnels: HashMap<&'a str, &'a pb::ConnectedEdge>,
+}
+
+impl<'a> HubView<'a> {
+    /// Indexes `report`.
+    pub fn new(report: &'a HubReport) -> Self {
+        let mut tunnels = HashMap::new();
+        for tunnel in &report.connected {
+            tunnels.entry(tunnel.id.as_str()).or_insert(tunnel);
+        }
+        Self {
+            report,
+            edges: report.edges.iter().map(|e| (e.id.as_str(), e)).collect(),
+            tunnels,
+        }
+    }
+}
+
 /// What an Edge's status is computed from besides its composition.
 #[derive(Clone, Copy)]
 pub struct Observed<'a> {
@@ -23,7 +48,7 @@ pub struct Observed<'a> {
     /// Its current status.
     pub previous: &'a EdgeStatus,
     /// What the hubs report.
-    pub reports: &'a [HubReport],
+    pub reports: &'a [HubView<'a>],
     /// A conflict found outside the composition (its token Secret's name is taken).
     pub token_conflict: Option<&'a Refused>,
     /// Now, RFC 3339.
@@ -48,13 +73,13 @@ pub fn edge_status(composed: &ComposedEdge, observed: &Observed<'_>) -> EdgeStat
         Option<&pb::ConnectedEdge>,
     )> = reports
         .iter()
-        .filter(|r| !r.hub_id.is_empty())
-        .map(|r| {
+        .filter(|view| !view.report.hub_id.is_empty())
+        .map(|view| {
             let id = id.as_deref().unwrap_or_default();
             (
-                r,
-                r.edges.iter().find(|e| e.id == id),
-                r.connected.iter().find(|c| c.id == id),
+                view.report,
+                view.edges.get(id).copied(),
+                view.tunnels.get(id).copied(),
             )
         })
         .collect();
@@ -81,7 +106,7 @@ pub fn edge_status(composed: &ComposedEdge, observed: &Observed<'_>) -> EdgeStat
             "TunnelUp",
             format!("tunnels to hub(s) {}", hubs.join(", ")),
         ),
-        (Ok(_), true) if reports.iter().all(|r| r.unreachable.is_some()) => (
+        (Ok(_), true) if reports.iter().all(|v| v.report.unreachable.is_some()) => (
             "Unknown",
             "NoHub",
             "no hub replica is reachable (check the hub admin Service's endpoints)".into(),
@@ -100,7 +125,7 @@ pub fn edge_status(composed: &ComposedEdge, observed: &Observed<'_>) -> EdgeStat
         _ => ("False", "NoConflict", String::new()),
     };
 
-    let refusal = reports.iter().find_map(|r| r.refused.clone());
+    let refusal = reports.iter().find_map(|v| v.report.refused.clone());
     let mut applied_generation = previous.applied_generation;
     let applied: Verdict = match &composed.edge {
         Err(Refused::Conflict(why)) => ("False", "Conflict", why.clone()),
