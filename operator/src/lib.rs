@@ -343,7 +343,7 @@ impl Operator {
         });
         self.follow_hubs();
         self.write_statuses(&plan, Write::Then).await;
-        self.write_tokens(plan.tokens).await;
+        self.write_tokens(plan.tokens, plan.token_hub).await;
         self.options
             .metrics
             .edges(plan.statuses.iter().map(|s| &s.status));
@@ -428,12 +428,25 @@ impl Operator {
     }
 
     /// Writes each planned connection token into its Edge's Secret, a few at a time.
-    async fn write_tokens(&mut self, tokens: Vec<TokenWrite>) {
-        let (client, store, access) = (&self.client, &self.secret_store, &self.sync.access);
+    async fn write_tokens(&mut self, tokens: Vec<TokenWrite>, hub: Option<SocketAddr>) {
+        let Some(hub) = hub.filter(|_| !tokens.is_empty()) else {
+            return;
+        };
+        // One connection to the hub for all of the pass's tokens.
+        let admin = match hubs::connect(hub, &self.sync.access).await {
+            Ok(admin) => admin,
+            Err(error) => {
+                self.options.metrics.failed("token");
+                tracing::warn!(%hub, %error, "connecting to the hub for connection tokens");
+                return;
+            }
+        };
+        let (client, store) = (&self.client, &self.secret_store);
         let mut writes = Vec::new();
         for token in tokens {
+            let admin = admin.clone();
             writes.push(async move {
-                let written = secrets::write_token(client, store, access, &token).await;
+                let written = secrets::write_token(client, store, admin, &token).await;
                 (token, written)
             });
         }

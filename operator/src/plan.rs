@@ -115,8 +115,6 @@ impl Warning {
 pub struct TokenWrite {
     /// The Edge.
     pub edge: Arc<Edge>,
-    /// The hub to ask, one that answered its last call and holds the edge.
-    pub hub: SocketAddr,
     /// The edge id.
     pub edge_id: String,
     /// The edge's shared secret.
@@ -153,8 +151,10 @@ pub struct Plan {
     pub ingresses: Vec<IngressWrite>,
     /// Warnings not told before.
     pub events: Vec<Warning>,
-    /// Connection tokens to write.
+    /// Connection tokens to write, each made by `token_hub`.
     pub tokens: Vec<TokenWrite>,
+    /// A hub that answered its last call: it makes the tokens of the edges it holds.
+    pub token_hub: Option<SocketAddr>,
     /// The Services with ports on an edge.
     exposed: HashSet<ObjectKey>,
     /// The Edges that own their edge id (all but those in conflict).
@@ -367,7 +367,7 @@ pub fn plan(seen: &Seen<'_>, memory: &Memory) -> Plan {
         .iter()
         .find(|(_, r)| r.unreachable.is_none() && r.refused.is_none());
     let mut tokens = Vec::new();
-    if let Some((hub, report)) = ready_hub {
+    if let Some((_, report)) = ready_hub {
         let held: HashSet<&str> = report.edges.iter().map(|e| e.id.as_str()).collect();
         for composed in &composition.edges {
             let (Ok(allowed), Some(Ok(secret)), Some(edge)) = (
@@ -381,7 +381,6 @@ pub fn plan(seen: &Seen<'_>, memory: &Memory) -> Plan {
             if held.contains(allowed.id.as_str()) && !written {
                 tokens.push(TokenWrite {
                     edge: Arc::clone(edge),
-                    hub: *hub,
                     edge_id: allowed.id.clone(),
                     secret: secret.clone(),
                 });
@@ -411,6 +410,7 @@ pub fn plan(seen: &Seen<'_>, memory: &Memory) -> Plan {
         ingresses,
         events,
         tokens,
+        token_hub: ready_hub.map(|(hub, _)| *hub),
         exposed,
         owners,
         uids,
@@ -661,7 +661,7 @@ mod tests {
         let plan = world.plan(&memory);
         assert_eq!(plan.tokens.len(), 1);
         let token = &plan.tokens[0];
-        assert_eq!(token.hub, HUB.parse().unwrap());
+        assert_eq!(plan.token_hub, Some(HUB.parse().unwrap()));
         assert_eq!(
             (token.edge_id.as_str(), token.secret.as_str()),
             ("a", "s3cret")

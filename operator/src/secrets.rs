@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::compose::{ObjectKey, Refused};
 use crate::crd::Edge;
-use crate::hubs::{connect, HubAccess};
+use crate::hubs::Admin;
 use crate::plan::TokenWrite;
 
 /// The key of a shared secret when a reference names none, and of generated secrets.
@@ -177,13 +177,13 @@ pub enum TokenError {
     Failed(String),
 }
 
-/// Asks the token's hub for the edge's connection token and writes it to the token Secret,
+/// Asks the hub (`admin`) for the edge's connection token and writes it to the token Secret,
 /// creating it, or updating it if it is the Edge's own; a foreign Secret is never touched.
 /// The watched Secrets tell which exist: the Edge's own carry the label.
 pub async fn write_token(
     client: &Client,
     watched: &Store<Secret>,
-    access: &HubAccess,
+    mut admin: Admin,
     token: &TokenWrite,
 ) -> Result<(), TokenError> {
     let edge = token.edge.as_ref();
@@ -198,10 +198,6 @@ pub async fn write_token(
     {
         return Err(TokenError::Foreign(foreign(&name)));
     }
-    let hub = token.hub;
-    let mut admin = connect(hub, access)
-        .await
-        .map_err(|e| failed(format!("connecting to hub {hub}: {e}")))?;
     let connection_token = admin
         .create_connection_token(pb::CreateConnectionTokenRequest {
             edge_id: token.edge_id.clone(),
@@ -209,7 +205,7 @@ pub async fn write_token(
             ..pb::CreateConnectionTokenRequest::default()
         })
         .await
-        .map_err(|e| failed(format!("hub {hub}: {}", e.message())))?
+        .map_err(|e| failed(format!("the hub: {}", e.message())))?
         .into_inner()
         .token;
     let object = owned_secret(edge, &name, TOKEN_KEY, &connection_token);
