@@ -58,9 +58,10 @@ impl LinkError {
     /// Whether the hub's certificate was refused (not trusted, expired, for another name), as
     /// opposed to the connection failing.
     pub fn is_untrusted_certificate(&self) -> bool {
-        /// TLS alerts for a refused certificate: bad, unsupported, revoked, expired, unknown, and
-        /// unknown CA.
-        const CERTIFICATE_ALERTS: [u8; 6] = [42, 43, 44, 45, 46, 48];
+        /// TLS alerts for a refused certificate: bad, unsupported, revoked, expired, unknown,
+        /// unknown CA, and decrypt error (rustls's alert for a certificate whose signature does
+        /// not verify, e.g. one issued under a trusted CA's name by someone else).
+        const CERTIFICATE_ALERTS: [u8; 7] = [42, 43, 44, 45, 46, 48, 51];
         match self {
             LinkError::Tls(error) => error
                 .get_ref()
