@@ -24,6 +24,7 @@ use common::*;
 use remoteingress_edge::{Edge, EdgeEvent, EdgeOptions, HubAddress, TransportMode, TunnelState};
 use remoteingress_hub::HubEvent;
 use remoteingress_tunnel::HubTrust;
+use remoteingress_wire::extension::Extensions;
 use remoteingress_wire::frame::FrameType;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -231,11 +232,16 @@ fn hub_flags(hubs: &[&HubProcess], connections: usize) -> Vec<String> {
 async fn stop_gracefully(mut hub: HubProcess) -> HubSpec {
     signal(&hub, "-TERM");
     let id = hub.spec.id.clone();
+    let began = Instant::now();
     eventually(&format!("{id} to exit after draining"), || {
         let exited = hub.process.0.try_wait().unwrap().map(|_| ());
         async move { exited }
     })
     .await;
+    println!(
+        "{id} drained and exited {:?} after SIGTERM",
+        began.elapsed()
+    );
     hub.spec
 }
 
@@ -725,6 +731,48 @@ async fn an_edge_of_the_original_protocol_is_never_sent_a_drain() {
         }
     }
     eventually("the stream to end", || async {
+        (hub.drain_pending() == 0).then_some(())
+    })
+    .await;
+    hub.shutdown().await;
+}
+
+/// A drain also reaches the tunnels it could not ask when it began: one whose edge had not
+/// confirmed its extensions yet, and one whose handshake was still under way. Neither holds the
+/// drain up until its grace period ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_reaches_tunnels_that_could_not_be_asked_when_it_began() {
+    let state = tempfile::tempdir().unwrap();
+    let hub = start_hub(state.path(), 0).await;
+    hub.update_allowed_edges(vec![allowed("e1", &[]), allowed("e2", &[])])
+        .await
+        .unwrap();
+    let unconfirmed = RawEdge::connect(&hub, "e1").await;
+    eventually("e1's tunnel to be registered", || async {
+        (hub.status().connected_edges.len() == 1).then_some(())
+    })
+    .await;
+    let handshaking = RawEdge::dial(&hub).await;
+    assert_eq!(
+        hub.drain().await,
+        0,
+        "no tunnel knew DRAIN when the drain began"
+    );
+    let late = RawEdge::authenticate(handshaking, "e2").await;
+    let all = Extensions::ALL.to_payload();
+    for mut edge in [unconfirmed, late] {
+        edge.send(&[(0, FrameType::Extensions, &all)]).await;
+        let frame = tokio::time::timeout(Duration::from_secs(20), edge.next_frame())
+            .await
+            .expect("DRAIN once the edge confirmed it")
+            .expect("the tunnel stays up");
+        assert_eq!(
+            frame.kind,
+            FrameType::Drain,
+            "asked once it confirmed DRAIN"
+        );
+    }
+    eventually("the drain to have nothing left to wait for", || async {
         (hub.drain_pending() == 0).then_some(())
     })
     .await;

@@ -300,6 +300,7 @@ fn retire(
     let state = state.as_str();
     let inner = inner.clone();
     tokio::spawn(async move {
+        let mut why = why;
         let deadline = tokio::time::sleep(inner.options.drain_grace);
         tokio::pin!(deadline);
         let mut poll = tokio::time::interval(DRAIN_POLL);
@@ -309,8 +310,12 @@ fn retire(
                 break "drained".to_owned();
             }
             tokio::select! {
-                event = events.recv() => if event.is_none() {
-                    break format!("tunnel closed while {state}");
+                event = events.recv() => match event {
+                    // Its hub is going away too: waiting for a replacement would only hold
+                    // up the hub's drain.
+                    Some(SessionEvent::Drain) => why = Retirement::Drain,
+                    Some(_) => {}
+                    None => break format!("tunnel closed while {state}"),
                 },
                 _ = poll.tick() => {}
                 () = &mut deadline => break "drain grace period over".to_owned(),

@@ -598,11 +598,16 @@ impl Hub {
     }
 }
 
-/// Sends DRAIN on every session whose edge knows it; how many were asked.
+/// Sends DRAIN on every session whose edge knows it, all at once so that an edge slow to read
+/// holds up no other; how many were asked.
 async fn ask_to_drain(sessions: Vec<remoteingress_tunnel::SessionHandle>) -> usize {
+    let mut asking: tokio::task::JoinSet<bool> = sessions
+        .into_iter()
+        .map(|session| async move { session.drain().await })
+        .collect();
     let mut asked = 0;
-    for session in sessions {
-        asked += usize::from(session.drain().await);
+    while let Some(done) = asking.join_next().await {
+        asked += usize::from(done.unwrap_or(false));
     }
     asked
 }

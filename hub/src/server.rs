@@ -151,6 +151,11 @@ async fn run_session(inner: &Arc<HubInner>, authenticated: Authenticated, remote
         session.close("edge removed or its secret changed during the handshake");
         return;
     };
+    // A handshake that was under way when a drain began ends in a tunnel the drain's list of
+    // tunnels did not hold: it is asked at once (or once the edge confirms DRAIN).
+    if inner.accepting.is_cancelled() {
+        session.drain().await;
+    }
     let transport = session.transport();
     tracing::info!(edge = %edge_id, %remote_addr, %transport, "edge connected");
     inner

@@ -431,14 +431,26 @@ pub struct RawEdge {
 impl RawEdge {
     /// Authenticates as `id` (with [`SECRET`]); the reply must accept it.
     pub async fn connect(hub: &HubHandle, id: &str) -> Self {
+        Self::authenticate(Self::dial(hub).await, id).await
+    }
+
+    /// A TLS connection to `hub` that has not sent its handshake line yet.
+    pub async fn dial(hub: &HubHandle) -> tokio_rustls::client::TlsStream<TcpStream> {
         let config =
             remoteingress_tunnel::tls::client_config(&HubTrust::Pin(hub.pin().to_owned())).unwrap();
         let tcp = TcpStream::connect(hub.local_addr()).await.unwrap();
         let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(config)
+        tokio_rustls::TlsConnector::from(config)
             .connect(name, tcp)
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// Sends the handshake line for `id` on a dialled connection; the reply must accept it.
+    pub async fn authenticate(
+        mut tls: tokio_rustls::client::TlsStream<TcpStream>,
+        id: &str,
+    ) -> Self {
         let hello = remoteingress_wire::handshake::EdgeHello::new(id, SECRET).unwrap();
         tls.write_all(hello.to_line().as_bytes()).await.unwrap();
         let (reply, rest) = remoteingress_tunnel::line::read_line(&mut tls, 1 << 20)

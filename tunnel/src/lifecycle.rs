@@ -89,9 +89,23 @@ impl Agreed {
     /// Records the extensions both sides confirmed.
     pub(crate) fn set(&self, agreed: Extensions) {
         self.reset.store(agreed.reset, Ordering::Relaxed);
-        self.drain.store(agreed.drain, Ordering::Relaxed);
+        // Ordered against `DrainRequest::wanted`: a drain asked while the confirmation arrives
+        // is seen by one side or the other.
+        self.drain.store(agreed.drain, Ordering::SeqCst);
         self.liveness.store(agreed.liveness, Ordering::Relaxed);
     }
+
+    fn drain(&self) -> bool {
+        self.drain.load(Ordering::SeqCst)
+    }
+}
+
+/// A drain asked of the session (hub): DRAIN goes out once the edge has confirmed the
+/// extension, which the hub learns only after the session started, and goes out once.
+#[derive(Debug, Default)]
+struct DrainRequest {
+    wanted: AtomicBool,
+    sent: AtomicBool,
 }
 
 /// The lifecycle of one session: open until the first close reason is recorded.
@@ -109,6 +123,7 @@ pub(crate) struct Lifecycle {
     heard: AtomicU64,
     /// The peer went silent or left an open unconfirmed: new streams should go elsewhere.
     suspect: AtomicBool,
+    drain: DrainRequest,
 }
 
 impl Lifecycle {
@@ -125,6 +140,7 @@ impl Lifecycle {
             agreed: Agreed::new(agreed),
             heard: AtomicU64::new(0),
             suspect: AtomicBool::new(false),
+            drain: DrainRequest::default(),
         }
     }
 
@@ -211,9 +227,28 @@ impl Lifecycle {
         Ok(())
     }
 
-    /// Records the extensions the edge confirmed (hub), within what this side `offered`.
-    pub(crate) fn confirm(&self, confirmed: Extensions, offered: Extensions) {
+    /// Records the extensions the edge confirmed (hub), within what this side `offered`; true
+    /// if a drain asked before the confirmation is now due (the caller sends DRAIN).
+    #[must_use]
+    pub(crate) fn confirm(&self, confirmed: Extensions, offered: Extensions) -> bool {
         self.agreed.set(confirmed.intersect(offered));
+        self.drain_due()
+    }
+
+    /// Records that the hub wants the edge to drain this session; true if DRAIN is due now
+    /// (the caller sends it). Otherwise it is sent on the edge's confirmation, or never for an
+    /// edge without the extension, or was sent already.
+    #[must_use]
+    pub(crate) fn want_drain(&self) -> bool {
+        self.drain.wanted.store(true, Ordering::SeqCst);
+        self.drain_due()
+    }
+
+    /// True once, when a drain is wanted and agreed and DRAIN was not sent yet.
+    fn drain_due(&self) -> bool {
+        self.drain.wanted.load(Ordering::SeqCst)
+            && self.agreed.drain()
+            && !self.drain.sent.swap(true, Ordering::SeqCst)
     }
 
     /// Counts a newly opened stream.

@@ -131,14 +131,17 @@ impl SessionHandle {
         self.lifecycle().agreed.get()
     }
 
-    /// Asks the edge (hub) to open no new streams on this tunnel and to connect elsewhere;
-    /// false if the edge does not know DRAIN or the tunnel is gone.
+    /// Asks the edge (hub) to open no new streams on this tunnel and to connect elsewhere: now,
+    /// or as soon as the edge confirms DRAIN if it has not confirmed its extensions yet. True if
+    /// the edge has been asked; false if it does not know DRAIN (yet) or the tunnel is gone.
     pub async fn drain(&self) -> bool {
-        self.agreed().drain
-            && self
+        if self.lifecycle().want_drain() {
+            return self
                 .send_control(FrameType::Drain, Bytes::new())
                 .await
-                .is_ok()
+                .is_ok();
+        }
+        self.agreed().drain && !self.is_closed()
     }
 
     /// Ends the session from our side, with `reason`.

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use remoteingress_wire::extension::Extensions;
-use remoteingress_wire::frame::{Frame, FrameDecoder, FrameType};
+use remoteingress_wire::frame::{Frame, FrameDecoder, FrameType, CONTROL_STREAM};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 
@@ -148,7 +148,7 @@ impl Reader {
             kind if kind == window_out(peer) => self.on_window_update(&frame),
             FrameType::Open if role == Role::Hub => self.on_open(frame).await,
             FrameType::Reset if self.shared.reset_agreed() => self.on_reset(&frame),
-            FrameType::Extensions if role == Role::Hub => self.on_extensions(&frame),
+            FrameType::Extensions if role == Role::Hub => self.on_extensions(&frame).await,
             FrameType::Ping if role == Role::Edge || self.shared.liveness_agreed() => {
                 let token = frame.ping_token().unwrap_or_default();
                 let reported = u64::from_be_bytes(token);
@@ -235,15 +235,20 @@ impl Reader {
         Ok(())
     }
 
-    fn on_extensions(&mut self, frame: &Frame) -> Dispatched {
+    async fn on_extensions(&mut self, frame: &Frame) -> Dispatched {
         if std::mem::replace(&mut self.extensions_seen, true) {
             return Err(ProtocolViolation::Extensions("second EXTENSIONS frame".into()).into());
         }
         let confirmed = Extensions::parse(&frame.payload)
             .map_err(|e| ProtocolViolation::Extensions(e.to_string()))?;
-        self.shared
+        let drain_due = self
+            .shared
             .lifecycle
             .confirm(confirmed, self.shared.options.extensions);
+        if drain_due {
+            let drain = Frame::new(CONTROL_STREAM, FrameType::Drain, Bytes::new());
+            self.answer(Outgoing::Frame(drain)).await?;
+        }
         Ok(())
     }
 
