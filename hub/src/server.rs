@@ -31,13 +31,15 @@ pub(crate) async fn accept_loop(
 ) {
     loop {
         // While every slot holds a handshake worth finishing, new connections wait in the
-        // kernel's backlog rather than being accepted only to be reset.
+        // kernel's backlog rather than being accepted only to be reset. Once a drain has
+        // begun, nothing more is accepted, even what waits in the backlog.
         let accepted = tokio::select! {
+            biased;
+            () = inner.accepting.cancelled() => return,
             accepted = async {
                 inner.admissions.room().await;
                 listener.accept().await
             } => accepted,
-            () = inner.accepting.cancelled() => return,
         };
         match accepted {
             Ok((tcp, remote_addr)) => {
@@ -55,11 +57,12 @@ pub(crate) async fn accept_loop(
 pub(crate) async fn quic_accept_loop(inner: Arc<HubInner>, endpoint: quinn::Endpoint) {
     loop {
         let incoming = tokio::select! {
+            biased;
+            () = inner.accepting.cancelled() => break,
             incoming = endpoint.accept() => match incoming {
                 Some(incoming) => incoming,
                 None => break,
             },
-            () = inner.accepting.cancelled() => break,
         };
         // Nothing is charged to an address, nor a slot taken, before the peer has shown that
         // it receives at that address: a Retry (one round trip) makes it echo a token first,
@@ -72,8 +75,9 @@ pub(crate) async fn quic_accept_loop(inner: Arc<HubInner>, endpoint: quinn::Endp
         }
         let remote_addr = incoming.remote_address();
         tokio::select! {
-            () = inner.admissions.room() => {}
+            biased;
             () = inner.accepting.cancelled() => break,
+            () = inner.admissions.room() => {}
         }
         admit(&inner, Incoming::Quic(Box::new(incoming)), remote_addr);
     }
