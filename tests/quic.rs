@@ -12,7 +12,7 @@ use tokio::io::AsyncReadExt;
 
 use common::*;
 use remoteingress_bench::ready_now;
-use remoteingress_edge::{Edge, Transport, TransportMode};
+use remoteingress_edge::{Edge, HubAddress, Transport, TransportMode};
 use remoteingress_hub::{Hub, HubHandle};
 use remoteingress_tunnel::{quic, HubIdentity, HubTrust, Link, SessionOptions};
 
@@ -49,6 +49,31 @@ async fn fallback_lands_on(quic_enabled: bool) -> Transport {
 async fn with_fallback_an_edge_uses_quic_when_it_can_and_tls_when_it_cannot() {
     assert_eq!(fallback_lands_on(true).await, Transport::Quic);
     assert_eq!(fallback_lands_on(false).await, Transport::TcpTls);
+}
+
+/// A hub at an IPv6 address is reached over QUIC as over TLS (the edge's QUIC socket was
+/// IPv4-only, so QUIC refused every IPv6 address, such as a `localhost` that resolves to ::1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_reaches_a_hub_at_an_ipv6_address_over_quic() {
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let mut options = hub_options(0);
+    options.listen_addr = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0));
+    let hub = start_hub_with(state.path(), options).await;
+    let port = allow_e1_to_an_echo(&hub).await;
+    let mut edge_options = edge_options(&hub, "e1", SECRET);
+    edge_options.hubs = vec![HubAddress::new("::1", hub.local_addr().port())];
+    edge_options.transport = TransportMode::Quic;
+    let edge = Edge::start(edge_options).await.unwrap();
+    wait_listening(&edge, port).await;
+    let data = pattern(20_000, 4);
+    assert_eq!(
+        round_trip(SocketAddr::new(EDGE_IP, port), &data).await,
+        data
+    );
+    assert_eq!(edge.status().transport, Some(Transport::Quic));
+    edge.shutdown().await;
+    hub.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -186,7 +211,6 @@ async fn an_unauthenticated_quic_peer_gets_one_stream_and_a_small_window() {
     hub.shutdown().await;
 }
 
-/// Datagrams waiting on `socket` now.
 /// Allows edge `e1` on a free edge port that leads to an echo target; that port.
 async fn allow_e1_to_an_echo(hub: &HubHandle) -> u16 {
     let port = free_port(EDGE_IP);
@@ -199,6 +223,7 @@ async fn allow_e1_to_an_echo(hub: &HubHandle) -> u16 {
     port
 }
 
+/// Datagrams waiting on `socket` now.
 fn drain(socket: &std::net::UdpSocket) -> usize {
     let mut buf = [0u8; 2048];
     std::iter::from_fn(|| socket.recv(&mut buf).ok()).count()

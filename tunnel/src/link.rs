@@ -19,7 +19,7 @@ use tokio_rustls::{LazyConfigAcceptor, TlsConnector, TlsStream};
 use crate::event::SessionEvent;
 use crate::line::{read_line, LineError};
 use crate::options::{Role, SessionOptions};
-use crate::resolve::{resolve, ResolveError};
+use crate::resolve::{connect_first, ResolveError};
 use crate::session::{spawn_quic_session, spawn_session, SessionHandle};
 
 /// Time a refused peer has to take our reply before the connection is closed.
@@ -133,9 +133,12 @@ impl Link {
         host: &str,
         port: u16,
     ) -> Result<Self, LinkError> {
-        let tcp = TcpStream::connect((host, port))
-            .await
-            .map_err(LinkError::Connect)?;
+        let tcp = connect_first(host, port, |address| async move {
+            TcpStream::connect(address)
+                .await
+                .map_err(LinkError::Connect)
+        })
+        .await?;
         let _ = tcp.set_nodelay(true);
         let tls = connector
             .connect(server_name, tcp)
@@ -151,9 +154,15 @@ impl Link {
         port: u16,
         server_name: &str,
     ) -> Result<Self, LinkError> {
-        let hub = resolve(host, port).await?;
-        let connection = endpoint.connect(hub, server_name)?.await?;
-        let (send, recv) = connection.open_bi().await?;
+        let (connection, (send, recv)) = connect_first(host, port, |address| {
+            let connecting = endpoint.connect(address, server_name);
+            async move {
+                let connection = connecting?.await?;
+                let control = connection.open_bi().await?;
+                Ok::<_, LinkError>((connection, control))
+            }
+        })
+        .await?;
         Ok(Link::Quic {
             connection,
             send,

@@ -159,11 +159,26 @@ pub fn client_config(
 
 /// A QUIC endpoint on a UDP socket of its own that connects with `config`.
 pub fn client_endpoint_with(config: quinn::ClientConfig) -> Result<quinn::Endpoint, TlsError> {
-    let socket = std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))
-        .map_err(udp_socket_error("udp client socket"))?;
+    let socket = client_socket().map_err(udp_socket_error("udp client socket"))?;
     let mut endpoint = endpoint_on(socket, None, "udp client socket")?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// A UDP socket for an edge's QUIC connections: it reaches IPv6 and IPv4 addresses alike
+/// (a hub's name may resolve to either) where the host has IPv6, IPv4 alone where it has not.
+fn client_socket() -> std::io::Result<std::net::UdpSocket> {
+    let dual_stack = || {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        socket.set_only_v6(false)?;
+        socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())?;
+        Ok::<_, std::io::Error>(std::net::UdpSocket::from(socket))
+    };
+    dual_stack().or_else(|_| std::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))))
 }
 
 /// An endpoint with a configuration of its own (no tickets from earlier connections).
