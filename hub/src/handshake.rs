@@ -169,14 +169,6 @@ pub(crate) async fn authenticate(
 /// again at random, then dials its next hub address).
 const BUSY_RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Whether taking `edge_id` would exceed the hub's edge limit (an edge already here may always
-/// add a tunnel).
-fn over_capacity(inner: &HubInner, edge_id: &str) -> bool {
-    let max = inner.options.max_edges;
-    let registry = inner.registry();
-    max > 0 && !registry.is_connected(edge_id) && registry.connected_edge_count() >= max
-}
-
 /// Checks a handshake line against the allowed edges and answers it.
 async fn check_hello(
     inner: &HubInner,
@@ -204,16 +196,26 @@ async fn check_hello(
         link.refuse(&error_reply(UNAUTHORIZED)).await;
         return Err(AuthFailure::BadCredentials(hello.edge_id));
     };
-    if over_capacity(inner, &hello.edge_id) {
+    // The place is taken before the accept line, so that edges accepted at once never take
+    // the hub past its limit.
+    let placed = inner
+        .registry()
+        .take_place(&hello.edge_id, inner.options.max_edges);
+    if !placed {
         link.refuse(&retry_reply(BUSY, BUSY_RETRY_AFTER)).await;
         return Err(AuthFailure::Busy);
     }
-    link.write_line(&accept_reply(
-        &config,
-        inner.options.session.extensions,
-        &inner.options.hub_id,
-    ))
-    .await?;
+    let accepted = link
+        .write_line(&accept_reply(
+            &config,
+            inner.options.session.extensions,
+            &inner.options.hub_id,
+        ))
+        .await;
+    if let Err(error) = accepted {
+        inner.registry().give_place_back(&hello.edge_id);
+        return Err(error.into());
+    }
     Ok(Authenticated {
         link,
         hello,

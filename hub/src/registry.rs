@@ -275,6 +275,9 @@ pub(crate) struct Registry {
     ended: HashMap<String, Totals>,
     /// What each edge with tunnels (or with streams still ending) holds across them.
     quotas: HashMap<String, Arc<EdgeQuota>>,
+    /// Tunnels accepted by their handshake and not attached yet, per edge: they count
+    /// towards the hub's edge limit from the accept line on.
+    arriving: HashMap<String, usize>,
 }
 
 /// A tunnel the registry took in.
@@ -411,14 +414,39 @@ impl Registry {
         }
     }
 
-    /// Whether `id` has a live tunnel.
-    pub(crate) fn is_connected(&self, id: &str) -> bool {
-        self.connections.contains_key(id)
-    }
-
     /// Edges with at least one live tunnel.
     pub(crate) fn connected_edge_count(&self) -> usize {
         self.connections.len()
+    }
+
+    /// Takes a place for a tunnel of `edge_id` whose handshake is about to be accepted; false
+    /// if that would make the hub serve more than `max_edges` edges (0: no limit). An edge
+    /// already here, or arriving, may always add a tunnel. The place is given back by
+    /// [`Registry::attach`] or [`Registry::give_place_back`].
+    pub(crate) fn take_place(&mut self, edge_id: &str, max_edges: usize) -> bool {
+        let known = self.connections.contains_key(edge_id) || self.arriving.contains_key(edge_id);
+        if max_edges > 0 && !known {
+            let new_arrivals = self
+                .arriving
+                .keys()
+                .filter(|id| !self.connections.contains_key(*id))
+                .count();
+            if self.connections.len() + new_arrivals >= max_edges {
+                return false;
+            }
+        }
+        *self.arriving.entry(edge_id.to_owned()).or_default() += 1;
+        true
+    }
+
+    /// Gives back the place of a tunnel of `edge_id` that will not be attached.
+    pub(crate) fn give_place_back(&mut self, edge_id: &str) {
+        if let Some(count) = self.arriving.get_mut(edge_id) {
+            *count -= 1;
+            if *count == 0 {
+                self.arriving.remove(edge_id);
+            }
+        }
     }
 
     /// Per edge with traffic: what is open now, and all traffic so far.
@@ -471,6 +499,7 @@ impl Registry {
         sent_version: u64,
         limits: EdgeLimits,
     ) -> Result<Attached, ()> {
+        self.give_place_back(edge_id);
         let record = self.allowed.edges.get(edge_id).ok_or(())?;
         if !record.secret.matches(secret) {
             return Err(());
@@ -773,6 +802,33 @@ mod tests {
         replace_all(&mut registry, vec![edge("b", "s", &[])]);
         assert!(registry.authenticate("a", "s").is_none(), "a was replaced");
         assert!(registry.authenticate("b", "s").is_some());
+    }
+
+    #[tokio::test]
+    async fn edges_count_towards_the_edge_limit_from_their_accept_line_on() {
+        let mut registry = Registry::default();
+        for id in ["a", "b"] {
+            upsert(&mut registry, edge(id, "s", &[]));
+        }
+        assert!(registry.take_place("a", 1));
+        assert!(
+            !registry.take_place("b", 1),
+            "a, not attached yet, holds the only place"
+        );
+        assert!(
+            registry.take_place("a", 1),
+            "an edge arriving may add a tunnel"
+        );
+        registry.give_place_back("a");
+        let (session, _peer) = live_session();
+        attached(&mut registry, "a", &session);
+        assert!(!registry.take_place("b", 1), "a, attached, still holds it");
+        registry.disconnect("a", "gone");
+        assert!(
+            registry.take_place("b", 1),
+            "a's place is free once it is gone"
+        );
+        assert!(registry.take_place("c", 0), "no limit");
     }
 
     #[test]
