@@ -12,26 +12,27 @@ use tokio::io::AsyncReadExt;
 
 use common::*;
 use remoteingress_bench::ready_now;
-use remoteingress_edge::{Edge, HubAddress, Transport, TransportMode};
+use remoteingress_edge::{Edge, EdgeOptions, HubAddress, Transport, TransportMode};
 use remoteingress_hub::{Hub, HubHandle};
 use remoteingress_tunnel::{quic, HubIdentity, HubTrust, Link, SessionOptions};
 
 async fn fallback_lands_on(quic_enabled: bool) -> Transport {
     init_logs();
     let state = tempfile::tempdir().unwrap();
-    let identity = HubIdentity::load_or_generate(state.path()).unwrap();
     let mut options = hub_options(0);
     options.quic = quic_enabled;
-    let hub = Hub::start(options, &identity).await.unwrap();
-    let target = echo_target().await;
-    let port = free_port(EDGE_IP);
-    hub.update_allowed_edges(vec![allowed("e1", &[(port, target.addr.port())])])
-        .await
-        .unwrap();
+    let hub = start_hub_with(state.path(), options).await;
     let mut edge_options = edge_options(&hub, "e1", SECRET);
     edge_options.transport = TransportMode::QuicWithFallback;
     edge_options.quic_fallback_after = Duration::from_millis(500);
-    let edge = Edge::start(edge_options).await.unwrap();
+    transport_carrying_a_round_trip(hub, edge_options).await
+}
+
+/// Starts an edge `e1` with `options` towards `hub`, sends a round trip through it, and
+/// returns the transport its tunnel uses (the hub agreeing); stops both.
+async fn transport_carrying_a_round_trip(hub: HubHandle, options: EdgeOptions) -> Transport {
+    let port = allow_e1_to_an_echo(&hub).await;
+    let edge = Edge::start(options).await.unwrap();
     wait_listening(&edge, port).await;
     let data = pattern(20_000, 3);
     assert_eq!(
@@ -60,20 +61,13 @@ async fn an_edge_reaches_a_hub_at_an_ipv6_address_over_quic() {
     let mut options = hub_options(0);
     options.listen_addr = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 0));
     let hub = start_hub_with(state.path(), options).await;
-    let port = allow_e1_to_an_echo(&hub).await;
     let mut edge_options = edge_options(&hub, "e1", SECRET);
     edge_options.hubs = vec![HubAddress::new("::1", hub.local_addr().port())];
     edge_options.transport = TransportMode::Quic;
-    let edge = Edge::start(edge_options).await.unwrap();
-    wait_listening(&edge, port).await;
-    let data = pattern(20_000, 4);
     assert_eq!(
-        round_trip(SocketAddr::new(EDGE_IP, port), &data).await,
-        data
+        transport_carrying_a_round_trip(hub, edge_options).await,
+        Transport::Quic
     );
-    assert_eq!(edge.status().transport, Some(Transport::Quic));
-    edge.shutdown().await;
-    hub.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
