@@ -779,6 +779,81 @@ async fn a_drain_reaches_tunnels_that_could_not_be_asked_when_it_began() {
     hub.shutdown().await;
 }
 
+/// A tunnel the edge retired as suspect, whose hub then drains it, closes once its streams
+/// are done instead of waiting for a replacement that a draining hub does not give (which held
+/// the hub's drain up until the edge's drain grace was over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_suspect_tunnel_that_its_hub_drains_closes_without_waiting_for_a_replacement() {
+    init_logs();
+    let state = tempfile::tempdir().unwrap();
+    let identity = remoteingress_tunnel::HubIdentity::load_or_generate(state.path()).unwrap();
+    let listener = TcpListener::bind(SocketAddr::from((LOCALHOST, 0)))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let acceptor = tokio_rustls::TlsAcceptor::from(identity.server_config().unwrap());
+    let (wake, woken) = tokio::sync::oneshot::channel::<()>();
+    // A hub with one tunnel (it takes no other, as while draining) that stays silent until told,
+    // then sends DRAIN and answers every PING until the edge closes the tunnel.
+    let hub = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.unwrap();
+        drop(listener);
+        let mut tls = acceptor.accept(tcp).await.unwrap();
+        remoteingress_tunnel::line::read_line(&mut tls, 4096)
+            .await
+            .unwrap();
+        let names = serde_json::to_string(&Extensions::ALL.names()).unwrap();
+        let reply = format!("{{\"listenPorts\":[],\"hubId\":\"quiet\",\"extensions\":{names}}}\n");
+        tls.write_all(reply.as_bytes()).await.unwrap();
+        woken.await.unwrap();
+        tls.write_all(&frames(&[(0, FrameType::Drain, b"")]))
+            .await
+            .unwrap();
+        let mut decoder = remoteingress_wire::frame::FrameDecoder::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => decoder.feed(&buf[..n]),
+            }
+            while let Some(frame) = decoder.next_frame().unwrap() {
+                if frame.kind == FrameType::Ping {
+                    let pong = frames(&[(0, FrameType::Pong, &frame.payload[..])]);
+                    tls.write_all(&pong).await.unwrap();
+                }
+            }
+        }
+    });
+    let mut options = EdgeOptions::new(
+        "127.0.0.1",
+        port,
+        "e1",
+        SECRET,
+        HubTrust::Pin(identity.pin()),
+    );
+    options.bind_address = EDGE_IP;
+    options.firewall = remoteingress_edge::FirewallMode::Off;
+    options.stun_servers.clear();
+    options.session.ping_interval = Duration::from_millis(200);
+    options.session.idle_timeout = Duration::from_secs(5);
+    options.drain_grace = Duration::from_secs(120);
+    let edge = Edge::start(options).await.unwrap();
+    eventually("the silent hub's tunnel to turn suspect", || async {
+        let tunnels = edge.status().tunnels;
+        tunnels
+            .iter()
+            .any(|tunnel| tunnel.state == TunnelState::Suspect)
+            .then_some(())
+    })
+    .await;
+    wake.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(20), hub)
+        .await
+        .expect("the edge closes the drained tunnel (its grace is two minutes)")
+        .unwrap();
+    edge.shutdown().await;
+}
+
 /// Two in-process hubs with one certificate, one edge with a tunnel to each (library level:
 /// here the test can see which hub each stream reaches).
 async fn a_drained_tunnel_finishes_its_streams_while_new_ones_go_elsewhere(
