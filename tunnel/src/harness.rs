@@ -329,6 +329,28 @@ pub(crate) mod checks {
         .await;
     }
 
+    /// A drain asked before the edge's confirmation of its extensions has arrived is sent once
+    /// it arrives (the hub learns the agreement only after the session started), and once only.
+    pub(crate) async fn a_drain_asked_before_the_confirmation_is_sent_once_it_arrives(
+        mut pair: Pair,
+    ) {
+        assert!(
+            !pair.hub.session.drain().await,
+            "the edge has not confirmed DRAIN yet"
+        );
+        within("the edge to be asked to drain", async {
+            loop {
+                match pair.edge.events.recv().await {
+                    Some(SessionEvent::Drain) => return,
+                    Some(_) => {}
+                    None => panic!("the session ended"),
+                }
+            }
+        })
+        .await;
+        assert!(pair.hub.session.drain().await, "asked already");
+    }
+
     /// Closing one side ends every stream on both sides and the peer's session, which learns
     /// that its peer closed.
     pub(crate) async fn shutdown_releases_every_stream_on_both_sides(mut pair: Pair) {

@@ -405,6 +405,12 @@ async fn half_close_works_in_both_directions() {
 }
 
 #[tokio::test]
+async fn a_drain_asked_before_the_confirmation_is_sent_once_it_arrives() {
+    let pair = Pair::mux(SessionOptions::default());
+    checks::a_drain_asked_before_the_confirmation_is_sent_once_it_arrives(pair).await;
+}
+
+#[tokio::test]
 async fn shutdown_releases_every_stream_on_both_sides() {
     checks::shutdown_releases_every_stream_on_both_sides(Pair::mux(SessionOptions::default()))
         .await;

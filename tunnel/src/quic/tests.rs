@@ -59,6 +59,12 @@ async fn half_close_works_in_both_directions() {
 }
 
 #[tokio::test]
+async fn a_drain_asked_before_the_confirmation_is_sent_once_it_arrives() {
+    let pair = Pair::quic(SessionOptions::default()).await;
+    checks::a_drain_asked_before_the_confirmation_is_sent_once_it_arrives(pair).await;
+}
+
+#[tokio::test]
 async fn shutdown_releases_every_stream_on_both_sides() {
     let pair = Pair::quic(SessionOptions::default()).await;
     checks::shutdown_releases_every_stream_on_both_sides(pair).await;
