@@ -62,6 +62,27 @@ fn u32_id(payload: &[u8]) -> Result<u32, ProtocolViolation> {
     Ok(u32::from_be_bytes(id))
 }
 
+/// Hub: records the extensions the edge confirmed and echoes them, so that the edge knows from
+/// when on its opens are confirmed; then sends a drain asked before they arrived.
+async fn on_confirmation(shared: &QuicShared, payload: &[u8]) -> Result<(), CloseReason> {
+    let confirmed =
+        Extensions::parse(payload).map_err(|e| ProtocolViolation::Extensions(e.to_string()))?;
+    let drain_due = shared
+        .lifecycle
+        .confirm(confirmed, shared.options.extensions);
+    let agreed = Bytes::from(shared.lifecycle.agreed.get().to_payload());
+    let _ = shared.control_tx.try_send((FrameType::Extensions, agreed));
+    if drain_due {
+        let drain = (FrameType::Drain, Bytes::new());
+        shared
+            .control_tx
+            .send(drain)
+            .await
+            .map_err(|_| CloseReason::Local("the control queue closed".into()))?;
+    }
+    Ok(())
+}
+
 /// Reads control messages and reports them as events.
 pub(crate) async fn read_control(
     mut recv: RecvStream,
@@ -74,54 +95,40 @@ pub(crate) async fn read_control(
     let mut extensions_seen = false;
     loop {
         while let Some((kind, payload)) = decoder.next_message().map_err(ProtocolViolation::from)? {
-            let event =
-                match (kind, shared.role) {
-                    (FrameType::Config, Role::Edge) => SessionEvent::Config(payload),
-                    (FrameType::Drain, Role::Edge) if shared.lifecycle.agreed.get().drain => {
-                        SessionEvent::Drain
+            let event = match (kind, shared.role) {
+                (FrameType::Config, Role::Edge) => SessionEvent::Config(payload),
+                (FrameType::Drain, Role::Edge) if shared.lifecycle.agreed.get().drain => {
+                    SessionEvent::Drain
+                }
+                (FrameType::Extensions, Role::Hub) if !extensions_seen => {
+                    extensions_seen = true;
+                    on_confirmation(&shared, &payload).await?;
+                    continue;
+                }
+                (FrameType::Extensions, Role::Edge) if !extensions_seen => {
+                    extensions_seen = true;
+                    let echoed = Extensions::parse(&payload)
+                        .map_err(|e| ProtocolViolation::Extensions(e.to_string()))?;
+                    if echoed.liveness && shared.lifecycle.agreed.get().liveness {
+                        shared.hub_confirms_opens();
                     }
-                    (FrameType::Extensions, Role::Hub) if !extensions_seen => {
-                        extensions_seen = true;
-                        let confirmed = Extensions::parse(&payload)
-                            .map_err(|e| ProtocolViolation::Extensions(e.to_string()))?;
-                        let drain_due = shared
-                            .lifecycle
-                            .confirm(confirmed, shared.options.extensions);
-                        // Echoed, so that the edge knows from when on its opens are confirmed.
-                        let agreed = Bytes::from(shared.lifecycle.agreed.get().to_payload());
-                        let _ = shared.control_tx.try_send((FrameType::Extensions, agreed));
-                        if drain_due {
-                            let drain = (FrameType::Drain, Bytes::new());
-                            shared.control_tx.send(drain).await.map_err(|_| {
-                                CloseReason::Local("the control queue closed".into())
-                            })?;
-                        }
-                        continue;
-                    }
-                    (FrameType::Extensions, Role::Edge) if !extensions_seen => {
-                        extensions_seen = true;
-                        let echoed = Extensions::parse(&payload)
-                            .map_err(|e| ProtocolViolation::Extensions(e.to_string()))?;
-                        if echoed.liveness && shared.lifecycle.agreed.get().liveness {
-                            shared.hub_confirms_opens();
-                        }
-                        continue;
-                    }
-                    (FrameType::Opened, Role::Edge) if shared.lifecycle.agreed.get().liveness => {
-                        shared.stream_confirmed(u32_id(&payload)?);
-                        continue;
-                    }
-                    (FrameType::ConfigAck, Role::Hub) => SessionEvent::ConfigAck(payload),
-                    (FrameType::UdpClose, _) => {
-                        let id = u32_id(&payload)?;
-                        shared.unconfirmed().remove(&id);
-                        SessionEvent::UdpClose { id }
-                    }
-                    (kind, role) => {
-                        let from = role.peer();
-                        return Err(ProtocolViolation::UnexpectedFrame { kind, from }.into());
-                    }
-                };
+                    continue;
+                }
+                (FrameType::Opened, Role::Edge) if shared.lifecycle.agreed.get().liveness => {
+                    shared.stream_confirmed(u32_id(&payload)?);
+                    continue;
+                }
+                (FrameType::ConfigAck, Role::Hub) => SessionEvent::ConfigAck(payload),
+                (FrameType::UdpClose, _) => {
+                    let id = u32_id(&payload)?;
+                    shared.unconfirmed().remove(&id);
+                    SessionEvent::UdpClose { id }
+                }
+                (kind, role) => {
+                    let from = role.peer();
+                    return Err(ProtocolViolation::UnexpectedFrame { kind, from }.into());
+                }
+            };
             events
                 .send(event)
                 .await
