@@ -89,6 +89,24 @@ async fn a_hub_answers_the_pings_and_confirms_the_opens_of_an_edge_that_agreed()
 }
 
 #[tokio::test]
+async fn a_hub_learns_the_round_trip_an_edge_that_probes_measured() {
+    let mut edge = RawPeer::new(Role::Hub, SessionOptions::default(), 1 << 16);
+    edge.send(0, FrameType::Extensions, b"[\"liveness\"]").await;
+    edge.send(0, FrameType::Ping, &1234u64.to_be_bytes()).await;
+    edge.next_of(FrameType::Pong).await;
+    loop {
+        match within("the round trip", edge.events.recv()).await {
+            Some(SessionEvent::RoundTrip(rtt)) => {
+                assert_eq!(rtt, Duration::from_micros(1234));
+                break;
+            }
+            Some(_) => {}
+            None => panic!("the session ended"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn any_answer_of_the_hub_confirms_an_open() {
     let mut pair = Pair::mux(SessionOptions::default());
     let stream = pair.open().await;
@@ -123,4 +141,79 @@ async fn any_answer_of_the_hub_confirms_an_open() {
         original.open_confirmed().is_cancelled(),
         "an original hub never confirms: nothing to wait for"
     );
+}
+
+/// When the edge received something from the hub, over a path that delays every write by
+/// `delay` each way; the ends of that path, the edge's first.
+type Arrivals = std::sync::Arc<std::sync::Mutex<Vec<tokio::time::Instant>>>;
+
+fn slow_path(delay: Duration) -> (tokio::io::DuplexStream, tokio::io::DuplexStream, Arrivals) {
+    let (edge_io, edge_end) = tokio::io::duplex(1 << 16);
+    let (hub_end, hub_io) = tokio::io::duplex(1 << 16);
+    let (edge_read, edge_write) = tokio::io::split(edge_end);
+    let (hub_read, hub_write) = tokio::io::split(hub_end);
+    let arrivals = Arrivals::default();
+    let paths = [
+        (edge_read, hub_write, None),
+        (hub_read, edge_write, Some(arrivals.clone())),
+    ];
+    for (mut from, mut to, record) in paths {
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = vec![0u8; 1 << 16];
+            while let Ok(n @ 1..) = from.read(&mut buf).await {
+                tokio::time::sleep(delay).await;
+                if to.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+                if let Some(record) = &record {
+                    record.lock().unwrap().push(tokio::time::Instant::now());
+                }
+            }
+        });
+    }
+    (edge_io, hub_io, arrivals)
+}
+
+/// An idle edge hears from its hub at least every interval and a half, whatever the phase
+/// between their probe timers, so an idle tunnel never comes near the suspect threshold (two
+/// intervals). When both sides skipped their probe after hearing from the other, the gap
+/// reached two intervals plus a round trip, and idle tunnels were replaced every few minutes.
+#[tokio::test(start_paused = true)]
+async fn an_idle_edge_hears_from_its_hub_every_interval_and_a_half_whatever_the_phase() {
+    let options = SessionOptions::default();
+    let longest_allowed = options.ping_interval * 3 / 2;
+    for offset in (0..1_000).step_by(50).map(Duration::from_millis) {
+        let (edge_io, hub_io, arrivals) = slow_path(Duration::from_millis(20));
+        let agreed = options.extensions;
+        let (edge, _edge_events) = crate::session::spawn_session(
+            edge_io,
+            bytes::Bytes::new(),
+            Role::Edge,
+            options.clone(),
+            agreed,
+        );
+        tokio::time::sleep(offset).await;
+        let (hub, _hub_events) = crate::session::spawn_session(
+            hub_io,
+            bytes::Bytes::new(),
+            Role::Hub,
+            options.clone(),
+            Extensions::NONE,
+        );
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        let arrivals = arrivals.lock().unwrap().clone();
+        let longest = arrivals
+            .windows(2)
+            .map(|pair| pair[1] - pair[0])
+            .max()
+            .unwrap();
+        assert!(
+            longest <= longest_allowed,
+            "{longest:?} without a word from the hub, which started {offset:?} after the edge"
+        );
+        assert!(!edge.is_suspect() && !edge.is_closed());
+        edge.close("done");
+        hub.close("done");
+    }
 }

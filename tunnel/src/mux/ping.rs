@@ -1,6 +1,6 @@
-//! The pinger: the hub PINGs every interval; an edge whose hub answers (extension `liveness`)
-//! PINGs when it has heard nothing for an interval. At most one PING is unanswered, and its
-//! PONG measures the round trip.
+//! The pinger: an edge whose hub answers (extension `liveness`) PINGs every interval, and its
+//! hub PINGs only when it heard nothing from the edge for an interval; a hub PINGs an original
+//! edge every interval. At most one PING is unanswered, and its PONG measures the round trip.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -14,9 +14,11 @@ use crate::error::{CloseReason, ProtocolViolation};
 use crate::lifecycle::TaskEnd;
 use crate::options::Role;
 
-/// Sends a PING every interval unless the last one is still unanswered or, where the peer
-/// probes too (the edge; the hub of an edge that agreed `liveness`), the peer was heard from
-/// during the interval: an idle pair then exchanges about one PING a second between them.
+/// Sends a PING every interval unless the last one is still unanswered or, on the hub of an
+/// edge that probes (it agreed `liveness`), the edge was heard from during the interval: an
+/// idle pair exchanges about one PING a second, and the edge hears from its hub at least every
+/// interval. (When the edge skipped its probe too after hearing the hub's, the two took turns
+/// and the edge could wait two intervals, its suspect threshold, for a word.)
 pub(crate) async fn ping_loop(shared: Arc<Shared>) -> TaskEnd {
     let mut interval = tokio::time::interval(shared.options.ping_interval);
     interval.tick().await;
@@ -24,8 +26,8 @@ pub(crate) async fn ping_loop(shared: Arc<Shared>) -> TaskEnd {
     loop {
         interval.tick().await;
         let heard_before = std::mem::replace(&mut heard, shared.lifecycle.heard());
-        let peer_probes = shared.role == Role::Edge || shared.liveness_agreed();
-        if peer_probes && heard != heard_before {
+        let edge_probes = shared.role == Role::Hub && shared.liveness_agreed();
+        if edge_probes && heard != heard_before {
             continue;
         }
         // The payload is opaque to the protocol; ours carries the last round trip for the edge.

@@ -150,23 +150,21 @@ impl Reader {
             FrameType::Reset if self.shared.reset_agreed() => self.on_reset(&frame),
             FrameType::Extensions if role == Role::Hub => self.on_extensions(&frame).await,
             FrameType::Ping if role == Role::Edge || self.shared.liveness_agreed() => {
+                // Our PINGs carry the round trip their sender measured last: the edge learns
+                // the hub's, and the hub of an edge that probes (it PINGs that edge only when
+                // it heard nothing) learns the edge's.
                 let token = frame.ping_token().unwrap_or_default();
                 let reported = u64::from_be_bytes(token);
-                if role == Role::Edge && reported > 0 {
+                if reported > 0 {
                     self.shared.rtt_us.store(reported, Ordering::Relaxed);
+                    self.report_round_trip(Duration::from_micros(reported));
                 }
                 self.shared
                     .send_control_now(Outgoing::Frame(Frame::ping(FrameType::Pong, token)))
             }
             FrameType::Pong if role == Role::Hub || self.shared.liveness_agreed() => {
                 let rtt = pong_received(&self.shared, frame.ping_token())?;
-                let due = self
-                    .rtt_reported
-                    .is_none_or(|at| now().saturating_duration_since(at) >= RTT_REPORT_INTERVAL);
-                if role == Role::Hub && due {
-                    self.rtt_reported = Some(now());
-                    let _ = self.events.try_send(SessionEvent::RoundTrip(rtt));
-                }
+                self.report_round_trip(rtt);
                 Ok(())
             }
             FrameType::Opened if role == Role::Edge && self.shared.liveness_agreed() => {
@@ -233,6 +231,18 @@ impl Reader {
             self.shared.abort_stream(&slot);
         }
         Ok(())
+    }
+
+    /// Hub: tells the session's owner the tunnel's round trip, at most every
+    /// [`RTT_REPORT_INTERVAL`].
+    fn report_round_trip(&mut self, rtt: Duration) {
+        let due = self
+            .rtt_reported
+            .is_none_or(|at| now().saturating_duration_since(at) >= RTT_REPORT_INTERVAL);
+        if self.shared.role == Role::Hub && due {
+            self.rtt_reported = Some(now());
+            let _ = self.events.try_send(SessionEvent::RoundTrip(rtt));
+        }
     }
 
     async fn on_extensions(&mut self, frame: &Frame) -> Dispatched {
