@@ -30,7 +30,7 @@ pub(crate) async fn ping_loop(shared: Arc<Shared>) -> TaskEnd {
         if edge_probes && heard != heard_before {
             continue;
         }
-        // The payload is opaque to the protocol; ours carries the last round trip for the edge.
+        // The payload is opaque to the protocol; ours carries the last round trip for the peer.
         let token = shared.rtt_micros().to_be_bytes();
         let due = {
             let mut sent = shared.ping_sent.lock().unwrap_or_else(|p| p.into_inner());
