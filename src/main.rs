@@ -88,17 +88,17 @@ enum Command {
 
 #[derive(Args)]
 struct TunnelTimers {
-    /// Liveness probe interval in ms: the hub PINGs every interval; an edge PINGs a hub that
-    /// answers (ours) when it heard nothing for an interval; QUIC sends keep-alives. A tunnel
-    /// silent for two intervals is suspect: the edge moves new connections off it and dials a
-    /// replacement.
+    /// Liveness probe interval in ms: an edge PINGs a hub that answers (ours) every interval,
+    /// and that hub PINGs it only after an interval without a word (an original edge every
+    /// interval); QUIC sends keep-alives. A tunnel silent for two intervals is suspect: the edge
+    /// moves new connections off it and dials a replacement.
     #[arg(long, env = "REMOTEINGRESS_LIVENESS_INTERVAL_MS", default_value_t = 1_000,
           value_parser = clap::value_parser!(u64).range(10..))]
     liveness_interval_ms: u64,
     /// Liveness deadline in ms: a peer silent this long is dead and its tunnel closed, its
     /// streams, target sockets and UDP sessions released; data unacknowledged this long fails
-    /// the tunnel too. An edge whose hub cannot be probed (an original hub) waits at least
-    /// 45 s.
+    /// the tunnel too. At least twice the interval. An edge whose hub cannot be probed (an
+    /// original hub) waits at least 45 s.
     #[arg(long, env = "REMOTEINGRESS_LIVENESS_DEADLINE_MS", default_value_t = 3_000,
           value_parser = clap::value_parser!(u64).range(100..))]
     liveness_deadline_ms: u64,
@@ -118,15 +118,24 @@ struct TunnelTimers {
 }
 
 impl TunnelTimers {
-    fn session(&self) -> SessionOptions {
-        SessionOptions {
+    /// The session options, once the deadline is known to leave a live peer time to answer.
+    fn session(&self) -> Result<SessionOptions> {
+        let (interval, deadline) = (self.liveness_interval_ms, self.liveness_deadline_ms);
+        if deadline < interval.saturating_mul(2) {
+            bail!(
+                "--liveness-deadline-ms ({deadline}) must be at least twice \
+                 --liveness-interval-ms ({interval}): a live peer is heard from about once an \
+                 interval, and a tunnel is suspect after two"
+            );
+        }
+        Ok(SessionOptions {
             budget: self.flow_budget_mib * 1024 * 1024,
             max_streams: self.max_streams,
             idle_timeout: Duration::from_millis(self.liveness_deadline_ms),
             ping_interval: Duration::from_millis(self.liveness_interval_ms),
             quic_min_mtu: self.quic_min_mtu,
             ..SessionOptions::default()
-        }
+        })
     }
 }
 
@@ -622,7 +631,7 @@ async fn run_hub(args: HubArgs) -> Result<()> {
         max_unauthenticated: args.max_unauthenticated,
         max_unauthenticated_per_source: args.max_unauthenticated_per_source,
         failed_auths_per_minute: args.failed_auths_per_minute,
-        session: args.timers.session(),
+        session: args.timers.session()?,
         udp_idle_timeout: args.udp.idle_timeout(),
         udp_max_sessions: args.udp.udp_max_sessions,
         udp_max_sessions_total: args.udp_max_sessions_total,
@@ -735,7 +744,7 @@ async fn run_edge(args: EdgeArgs) -> Result<()> {
         max: Duration::from_secs(args.reconnect_max_secs.max(1)),
         ..BackoffPolicy::default()
     };
-    options.session = args.timers.session();
+    options.session = args.timers.session()?;
     options.open_confirm_timeout = Duration::from_millis(args.open_confirm_timeout_ms);
     options.udp_idle_timeout = args.udp.idle_timeout();
     options.udp_max_sessions = args.udp.udp_max_sessions;
@@ -894,4 +903,44 @@ pub(crate) async fn shutdown_signal() -> Result<()> {
     tokio::signal::ctrl_c().await?;
     tracing::info!("shutting down");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    /// The liveness timers of `remoteingress edge` given `flags`.
+    fn timers(flags: &[&str]) -> TunnelTimers {
+        let args = [&["remoteingress", "edge"], flags].concat();
+        match Cli::parse_from(args).command {
+            Command::Edge(edge) => edge.timers,
+            _ => unreachable!("parsed as an edge"),
+        }
+    }
+
+    #[test]
+    fn a_liveness_deadline_shorter_than_two_intervals_is_refused() {
+        assert!(timers(&[]).session().is_ok(), "the defaults");
+        let error = timers(&["--liveness-interval-ms", "5000"])
+            .session()
+            .unwrap_err();
+        assert!(error.to_string().contains("at least twice"), "{error}");
+        let session = timers(&[
+            "--liveness-interval-ms",
+            "500",
+            "--liveness-deadline-ms",
+            "1000",
+        ])
+        .session()
+        .unwrap();
+        assert_eq!(session.ping_interval, Duration::from_millis(500));
+        assert_eq!(session.idle_timeout, Duration::from_secs(1));
+    }
 }
